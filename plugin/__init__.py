@@ -1,0 +1,1 @@
+"""eqattn simulator adapters: neighbour lists, ASE calculator, JAX-MD energy functions."""

@@ -1,0 +1,19 @@
+"""eqattn core: E(3)-equivariant layers and the self-attention energy model (pure JAX + flax).
+
+This package imports neither ASE nor JAX-MD; the simulator adapters live in ``plugin``.
+"""
+
+from . import so3
+from .attention import SelfAttention
+from .layers import (Dense, Embed, FusedTensor, Gate, Tensor, change_max_degree_or_type,
+                     max_degree_of)
+from .radial import (basis, bessel, cosine_cutoff, gaussian, reciprocal_bernstein,
+                     smooth_cutoff)
+from .so3 import clebsch_gordan, solid_harmonics, spherical_harmonics, wigner_d
+
+__all__ = [
+    "SelfAttention", "Dense", "Embed", "FusedTensor", "Gate", "Tensor",
+    "change_max_degree_or_type", "max_degree_of", "basis", "bessel", "cosine_cutoff",
+    "gaussian", "reciprocal_bernstein", "smooth_cutoff", "clebsch_gordan",
+    "solid_harmonics", "spherical_harmonics", "wigner_d", "so3",
+]

@@ -1,0 +1,242 @@
+"""Equivariant multi-head self-attention over pairs (``potentials.SelfAttention``).
+
+Constructor arguments, defaults and the call signature are those of
+``e3x.nn.modules.SelfAttention``, so the layer is a drop-in replacement; the implementation is
+our own and differs where the usual one fails:
+
+* the softmax is stabilised with the per-centre maximum of ``logit + log(cutoff_value)``, i.e.
+  only over pairs that carry weight, so a zero-weight pair with a huge logit cannot push the
+  real pairs into underflow;
+* a centre with no (weighted) pairs gets an exact zero message, and its gradient is zero, not
+  NaN;
+* padded pairs (index ``N``) and masked pairs are inert in values and gradients;
+* normalisation divides once per centre after the sum over pairs, not once per pair.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from . import so3
+from .layers import (Dense, Dtype, InitializerFn, change_max_degree_or_type, default_kernel_init,
+                     make_tensor, max_degree_of)
+
+
+def _flatten_batch(x: Optional[jax.Array], nbatch: int, keep: int) -> Optional[jax.Array]:
+  if x is None or nbatch == 0:
+    return x
+  return x.reshape((-1,) + x.shape[x.ndim - keep:])
+
+
+def _pair_scalar(c: jax.Array, pair_shape) -> jax.Array:
+  """Reduce a broadcastable cutoff array (..., P[, 1, 1, 1]) to one value per pair (..., P)."""
+  extra = c.ndim - len(pair_shape)
+  if extra < 0 or any(s != 1 for s in c.shape[len(pair_shape):]):
+    raise ValueError(f"cutoff_value of shape {c.shape} does not give one value per pair "
+                     f"(pairs shape {tuple(pair_shape)})")
+  return jnp.broadcast_to(c.reshape(c.shape[:len(pair_shape)]), pair_shape)
+
+
+def _flat_indices(idx: jax.Array, batch_shape, n: int) -> jax.Array:
+  """Offset per-system indices into a flat batch; out-of-range (padding) maps to B*n."""
+  nb = math.prod(batch_shape)
+  offsets = (jnp.arange(nb, dtype=idx.dtype) * n).reshape(batch_shape + (1,))
+  flat = jnp.where(idx < n, idx + offsets, nb * n)
+  return flat.reshape(-1)
+
+
+class SelfAttention(nn.Module):
+  """Equivariant multi-head self-attention.
+
+  Each centre ``i`` (receiver, ``dst_idx``) attends over its pairs ``k = (i, j)`` with one
+  softmax per head:
+
+  ``w_k = c_k exp(a_k) / sum_{k' in i} c_k' exp(a_k')`` with
+  ``a_k = <q_i, k_j>_rpe / sqrt(depth)`` and ``c_k = cutoff_value``,
+
+  where the dot product runs over parity, degree and the head's features, modulated per
+  (parity, degree, feature) by a learned linear function of the l=0 basis component when
+  ``use_relative_positional_encoding_qk``. Messages are the neighbour's values ``v_j``, coupled
+  with a learned filter of the basis through a tensor product when
+  ``use_relative_positional_encoding_v``; ``out_i = Dense(sum_k w_k message_k)``.
+
+  Shapes: ``inputs (..., N, P, (L+1)**2, F)``; sparse pairs ``basis (..., pairs, 1, Q_b, K)``,
+  ``cutoff_value (..., pairs)`` (trailing size-1 axes allowed), ``dst_idx/src_idx (..., pairs)``
+  with padding index ``N``; or dense pairs ``basis (..., N, M, 1, Q_b, K)``,
+  ``adj_idx (..., N, M)`` and ``where (..., N, M)``. Returns
+  ``(..., N, 1 or 2, (max_degree+1)**2, out_features)``.
+  """
+  max_degree: Optional[int] = None
+  use_basis_bias: bool = False
+  include_pseudotensors: bool = True
+  cartesian_order: bool = True
+  use_fused_tensor: bool = False
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  precision: Any = None
+  dense_kernel_init: InitializerFn = default_kernel_init
+  dense_bias_init: InitializerFn = nn.initializers.zeros
+  tensor_kernel_init: Optional[InitializerFn] = None
+  num_heads: Optional[int] = 1
+  qkv_features: Optional[int] = None
+  out_features: Optional[int] = None
+  use_relative_positional_encoding_qk: bool = True
+  use_relative_positional_encoding_v: bool = True
+  query_kernel_init: InitializerFn = default_kernel_init
+  query_bias_init: InitializerFn = nn.initializers.zeros
+  query_use_bias: bool = False
+  key_kernel_init: InitializerFn = default_kernel_init
+  key_bias_init: InitializerFn = nn.initializers.zeros
+  key_use_bias: bool = False
+  value_kernel_init: InitializerFn = default_kernel_init
+  value_bias_init: InitializerFn = nn.initializers.zeros
+  value_use_bias: bool = False
+  output_kernel_init: InitializerFn = default_kernel_init
+  output_bias_init: InitializerFn = nn.initializers.zeros
+  output_use_bias: bool = True
+
+  @nn.compact
+  def __call__(
+      self,
+      inputs: jax.Array,
+      basis: Optional[jax.Array] = None,
+      cutoff_value: Optional[jax.Array] = None,
+      *,
+      adj_idx: Optional[jax.Array] = None,
+      where: Optional[jax.Array] = None,
+      dst_idx: Optional[jax.Array] = None,
+      src_idx: Optional[jax.Array] = None,
+      num_segments: Optional[int] = None,
+      indices_are_sorted: bool = False,
+  ) -> jax.Array:
+    use_rpe = self.use_relative_positional_encoding_qk or self.use_relative_positional_encoding_v
+    if use_rpe and basis is None:
+      raise TypeError("relative positional encodings need 'basis', received basis=None")
+    L_in = max_degree_of(inputs.shape)
+    N = inputs.shape[-4]
+    batch_shape = inputs.shape[:-4]
+    nb = len(batch_shape)
+
+    # ---- normalise the pair format to flat sparse lists over (batch * N) centres
+    if adj_idx is not None:
+      if dst_idx is not None or src_idx is not None:
+        raise ValueError("give either adj_idx (dense) or dst_idx/src_idx (sparse), not both")
+      M = adj_idx.shape[-1]
+      if adj_idx.shape[:-1] != batch_shape + (N,):
+        raise ValueError(f"adj_idx shape {adj_idx.shape} does not match inputs {inputs.shape}")
+      if where is None:
+        where = adj_idx < N
+      dst = jnp.broadcast_to(jnp.arange(N, dtype=adj_idx.dtype)[:, None], adj_idx.shape)
+      dst = dst.reshape(batch_shape + (N * M,))
+      src = adj_idx.reshape(batch_shape + (N * M,))
+      mask = where.reshape(batch_shape + (N * M,))
+      if basis is not None:
+        basis = basis.reshape(batch_shape + (N * M,) + basis.shape[-3:])
+      if cutoff_value is not None:
+        cutoff_value = cutoff_value.reshape(batch_shape + (N * M,) + cutoff_value.shape[nb + 2:])
+      sorted_ = True
+    else:
+      if dst_idx is None or src_idx is None:
+        raise RuntimeError("either adj_idx or both dst_idx and src_idx must be given")
+      dst, src = dst_idx, src_idx
+      mask = where
+      sorted_ = indices_are_sorted
+    if num_segments is not None and num_segments != N:
+      raise ValueError(f"num_segments ({num_segments}) must equal the number of inputs ({N})")
+    if dst.shape != src.shape or dst.shape[:-1] != batch_shape:
+      raise ValueError(f"index shapes {dst.shape}/{src.shape} do not match inputs {inputs.shape}")
+    pair_shape = dst.shape
+    valid = (dst < N) & (src < N) & (dst >= 0) & (src >= 0)
+    if mask is not None:
+      valid = valid & jnp.broadcast_to(mask, pair_shape)
+    cut = None if cutoff_value is None else _pair_scalar(cutoff_value, pair_shape)
+    if nb:
+      dst = _flat_indices(dst, batch_shape, N)
+      src = _flat_indices(src, batch_shape, N)
+      sorted_ = False
+    x = _flatten_batch(inputs, nb, 4)
+    valid = valid.reshape(-1)
+    basis = _flatten_batch(basis, nb, 4)
+    cut = None if cut is None else cut.reshape(-1)
+    n_tot = x.shape[0]
+
+    # ---- projections
+    heads = self.num_heads or 1
+    qkv = x.shape[-1] if self.qkv_features is None else self.qkv_features
+    out_features = x.shape[-1] if self.out_features is None else self.out_features
+    if qkv % heads:
+      raise ValueError(f"qkv_features ({qkv}) must be divisible by num_heads ({heads})")
+    dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    q = Dense(qkv, use_bias=self.query_use_bias, kernel_init=self.query_kernel_init,
+              bias_init=self.query_bias_init, name="query", **dense)(x)
+    k = Dense(qkv, use_bias=self.key_use_bias, kernel_init=self.key_kernel_init,
+              bias_init=self.key_bias_init, name="key", **dense)(x)
+    v = Dense(qkv, use_bias=self.value_use_bias, kernel_init=self.value_kernel_init,
+              bias_init=self.value_bias_init, name="value", **dense)(x)
+    P = x.shape[-3]
+    dt = q.dtype
+
+    # ---- logits per pair and head
+    # Gather per pair; out-of-range (padding) rows read as zeros.
+    q_i = jnp.take(q, dst, axis=0, mode="fill", fill_value=0)
+    k_j = jnp.take(k, src, axis=0, mode="fill", fill_value=0)
+    prod = q_i * k_j  # (pairs, P, Q, F)
+    if L_in > 0:  # sum over orders m within each degree -> (pairs, P, L+1, F)
+      seg = jax.nn.one_hot(so3.degree_of_index(L_in), L_in + 1, dtype=dt)
+      prod = jnp.einsum("epqf,ql->eplf", prod, seg, precision=self.precision)
+    if self.use_relative_positional_encoding_qk:
+      rpe = nn.Dense(P * (L_in + 1) * qkv, use_bias=self.use_basis_bias,
+                     kernel_init=self.dense_kernel_init, bias_init=self.dense_bias_init,
+                     name="relative_positional_encoding", **dense)(basis[..., 0, 0, :])
+      prod = prod * rpe.reshape(prod.shape).astype(dt)
+    depth = P * (L_in + 1) ** 2 * (qkv // heads)
+    logits = prod.reshape(prod.shape[0], -1, heads, qkv // heads).sum(axis=(1, 3))
+    logits = logits / jnp.sqrt(jnp.asarray(depth, dt))  # (pairs, H)
+
+    # ---- softmax over each centre's pairs, weighted by the cutoff before normalising
+    if cut is None:
+      active = valid
+      log_w = logits
+    else:
+      cut = cut.astype(dt)
+      active = valid & (cut > 0)
+      tiny = jnp.finfo(dt).tiny  # clamp keeps d log(c)/dc finite for subnormal c
+      log_w = logits + jnp.log(jnp.where(active, jnp.maximum(cut, tiny), 1))[:, None]
+    log_w = jnp.where(active[:, None], log_w, -jnp.inf)
+    shift = jax.ops.segment_max(jax.lax.stop_gradient(log_w), dst, num_segments=n_tot,
+                                indices_are_sorted=sorted_)
+    shift = jnp.where(jnp.isfinite(shift), shift, 0)
+    shift_k = jnp.take(shift, dst, axis=0, mode="fill", fill_value=0)
+    u = jnp.exp(jnp.where(active[:, None], log_w - shift_k, -jnp.inf))  # (pairs, H), <= 1
+    denom = jax.ops.segment_sum(u, dst, num_segments=n_tot, indices_are_sorted=sorted_)
+    has = denom > 0
+    inv = jnp.where(has, 1 / jnp.where(has, denom, 1), 0)  # (N, H); 0 for lonely centres
+
+    # ---- weighted messages, summed per centre, normalised once per centre
+    v_j = jnp.take(v, src, axis=0, mode="fill", fill_value=0)
+    u_f = jnp.repeat(u, qkv // heads, axis=-1)[:, None, None, :]
+    msg = v_j * u_f
+    L_out = self.max_degree
+    if self.use_relative_positional_encoding_v:
+      L_b = max_degree_of(basis.shape)
+      if L_out is None:
+        L_out = max(L_in, L_b)
+      filt = Dense(qkv, use_bias=self.use_basis_bias, kernel_init=self.dense_kernel_init,
+                   bias_init=self.dense_bias_init, name="filter", **dense)(basis)
+      tkw = {} if self.tensor_kernel_init is None else {"kernel_init": self.tensor_kernel_init}
+      msg = make_tensor(self.use_fused_tensor, max_degree=L_out,
+                        include_pseudotensors=self.include_pseudotensors,
+                        cartesian_order=self.cartesian_order, name="tensor", **dense,
+                        **tkw)(filt, msg)
+    agg = jax.ops.segment_sum(msg, dst, num_segments=n_tot, indices_are_sorted=sorted_)
+    agg = agg * jnp.repeat(inv, qkv // heads, axis=-1)[:, None, None, :]
+    if L_out is not None:
+      agg = change_max_degree_or_type(agg, L_out)
+    out = Dense(out_features, use_bias=self.output_use_bias, kernel_init=self.output_kernel_init,
+                bias_init=self.output_bias_init, name="out", **dense)(agg)
+    return out.reshape(batch_shape + out.shape[-4:]) if nb else out
