@@ -69,6 +69,20 @@ def _blockwise_init(init: InitializerFn, num_blocks: int) -> InitializerFn:
 
 
 # ----------------------------------------------------------------------------- Dense
+def dense_apply(x: jax.Array, kernel: jax.Array, precision: Any = None) -> jax.Array:
+  """``x (..., P, (L+1)**2, F) @ kernel (P, L+1, F, O)`` per (parity, degree) block.
+
+  One plain matmul per block (rows x F @ F x O): XLA runs these without the transposes a
+  batched-over-degree contraction needs.
+  """
+  L = max_degree_of(x.shape)
+  blocks = [jnp.einsum("...qf,fo->...qo", x[..., p, l * l:(l + 1) ** 2, :], kernel[p, l],
+                       precision=precision)
+            for p in range(x.shape[-3]) for l in range(L + 1)]
+  y = jnp.concatenate(blocks, axis=-2) if len(blocks) > 1 else blocks[0]
+  return y.reshape(*y.shape[:-2], x.shape[-3], (L + 1) ** 2, kernel.shape[-1])
+
+
 class Dense(nn.Module):
   """Linear map per (parity channel, degree); equivariant because it mixes features only.
 
@@ -94,13 +108,7 @@ class Dense(nn.Module):
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    if L == 0:
-      y = jnp.einsum("...pqf,pfo->...pqo", x, kernel[:, 0], precision=self.precision)
-    else:
-      # One matmul per degree block; cheaper than expanding the kernel over m.
-      blocks = [jnp.einsum("...pqf,pfo->...pqo", x[..., l * l:(l + 1) ** 2, :], kernel[:, l],
-                           precision=self.precision) for l in range(L + 1)]
-      y = jnp.concatenate(blocks, axis=-2)
+    y = dense_apply(x, kernel, self.precision)
     if bias is not None:
       y = y.at[..., 0, 0, :].add(bias)
     return y
@@ -115,38 +123,79 @@ def _output_parity(p1: int, L1: int, p2: int, L2: int, L3: int, include_pseudote
   return 1 if natural else 2
 
 
-def _couple(x1: jax.Array, x2: jax.Array, path, cartesian_order: bool, precision) -> jax.Array:
-  """Unweighted coupling of one path: blocks (..., 2l1+1, F) x (..., 2l2+1, F) -> (..., 2l3+1, F)."""
-  (i1, l1), (i2, l2), (_, l3) = path
-  a = x1[..., i1, l1 * l1:(l1 + 1) ** 2, :]
-  b = x2[..., i2, l2 * l2:(l2 + 1) ** 2, :]
-  if l1 == 0:  # C(0, l, l) is the identity
-    return a * b
-  if l2 == 0:
-    return a * b
-  c = jnp.asarray(so3.clebsch_gordan(l1, l2, l3, cartesian_order), dtype=x1.dtype)
-  return jnp.einsum("...af,...bf,abc->...cf", a, b, c, precision=precision)
-
-
-def _assemble(blocks: dict, P3: int, L3: int, like: jax.Array) -> jax.Array:
-  """Stack per-(parity, degree) blocks into (..., P3, (L3+1)**2, F), zeros where absent."""
-  channels = []
-  for i3 in range(P3):
-    parts = []
-    for l3 in range(L3 + 1):
-      blk = blocks.get((i3, l3))
-      if blk is None:
-        blk = jnp.zeros((*like.shape[:-2], 2 * l3 + 1, like.shape[-1]), like.dtype)
-      parts.append(blk)
-    channels.append(jnp.concatenate(parts, axis=-2) if len(parts) > 1 else parts[0])
-  return jnp.stack(channels, axis=-3)
-
-
 def _path_counts(paths) -> dict:
   counts: dict = {}
   for _, _, out in paths:
     counts[out] = counts.get(out, 0) + 1
   return counts
+
+
+def _pad_rows(x: jax.Array, lo: int, total: int) -> jax.Array:
+  pad = [(0, 0)] * x.ndim
+  pad[-2] = (lo, total - lo - x.shape[-2])
+  return jnp.pad(x, pad)
+
+
+def _expand_weights(weights: jax.Array, rows: dict, total: int) -> jax.Array:
+  """(num_paths, F) path weights -> (total, F): row q gets the weight of path rows[deg(q)]."""
+  wz = jnp.concatenate([weights, jnp.zeros_like(weights[:1])])
+  zero = weights.shape[0]
+  idx = np.full(total, zero)
+  for l, n in rows.items():
+    idx[l * l:(l + 1) ** 2] = n
+  return wz[idx]
+
+
+def tensor_product(x1: jax.Array, x2: jax.Array, weights: jax.Array, paths: list, P3: int,
+                   L3: int, cartesian_order: bool = True, precision: Any = None) -> jax.Array:
+  """Weighted sum over coupling paths; ``weights (num_paths, F)`` follow ``paths``' order.
+
+  Paths with a scalar (l=0) operand are a broadcast product, merged per parity combination into
+  one elementwise op over the whole degree axis; the others are grouped per (l1, l2) into one
+  contraction with their coupling blocks stacked over l3. Every group's result is zero-padded to
+  the full degree axis and summed, which XLA fuses into few loops (no slice/concat chains).
+  """
+  L1, L2 = max_degree_of(x1.shape), max_degree_of(x2.shape)
+  Q3 = (L3 + 1) ** 2
+  groups: dict = {}
+  for n, ((i1, l1), (i2, l2), (i3, l3)) in enumerate(paths):
+    if l2 == 0:
+      key = ("x1", i1, i2, i3)
+      groups.setdefault(key, {})[l1] = n
+    elif l1 == 0:
+      key = ("x2", i1, i2, i3)
+      groups.setdefault(key, {})[l2] = n
+    else:
+      groups.setdefault((i1, l1, i2, l2, i3), {})[l3] = n
+  out = [None] * P3
+
+  def add(i3, term, lo):
+    term = _pad_rows(term, lo, Q3)
+    out[i3] = term if out[i3] is None else out[i3] + term
+
+  for key, rows in groups.items():
+    if key[0] in ("x1", "x2"):
+      kind, i1, i2, i3 = key
+      vec, sca = (x1[..., i1, :, :], x2[..., i2, :1, :]) if kind == "x1" else (
+          x2[..., i2, :, :], x1[..., i1, :1, :])
+      top = max(rows)
+      vec = vec[..., : (top + 1) ** 2, :]
+      add(i3, vec * sca * _expand_weights(weights, rows, (top + 1) ** 2), 0)
+      continue
+    i1, l1, i2, l2, i3 = key
+    lo, hi = min(rows) ** 2, (max(rows) + 1) ** 2
+    cg = np.zeros((2 * l1 + 1, 2 * l2 + 1, hi - lo))
+    for l3 in rows:
+      cg[:, :, l3 * l3 - lo:(l3 + 1) ** 2 - lo] = so3.clebsch_gordan(l1, l2, l3, cartesian_order)
+    a = x1[..., i1, l1 * l1:(l1 + 1) ** 2, :]
+    b = x2[..., i2, l2 * l2:(l2 + 1) ** 2, :]
+    term = jnp.einsum("...af,...bf,abc->...cf", a, b, jnp.asarray(cg, dtype=x1.dtype),
+                      precision=precision)
+    w = _expand_weights(weights, {l: n for l, n in rows.items()}, hi)[lo:]
+    add(i3, term * w, lo)
+  shape = jnp.broadcast_shapes(x1.shape[:-3], x2.shape[:-3]) + (Q3, x1.shape[-1])
+  return jnp.stack([jnp.zeros(shape, x1.dtype) if o is None else jnp.broadcast_to(o, shape)
+                    for o in out], axis=-3)
 
 
 class Tensor(nn.Module):
@@ -181,23 +230,16 @@ class Tensor(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (len(paths), F), self.param_dtype)
     x1, x2, kernel = nn.dtypes.promote_dtype(x1, x2, kernel, dtype=self.dtype)
     counts = _path_counts(paths)
-    blocks: dict = {}
-    for n, path in enumerate(paths):
-      out = path[2]
-      term = _couple(x1, x2, path, self.cartesian_order, self.precision) * (
-          kernel[n] / math.sqrt(counts[out]))
-      blocks[out] = term if out not in blocks else blocks[out] + term
-    like = jnp.broadcast_to(x1[..., :1, :1, :], jnp.broadcast_shapes(
-        x1.shape[:-3], x2.shape[:-3]) + (1, 1, F))
-    return _assemble(blocks, P3, L3, like[..., 0, :, :])
+    norm = np.asarray([1 / math.sqrt(counts[p[2]]) for p in paths])[:, None]
+    return tensor_product(x1, x2, kernel * norm.astype(kernel.dtype), paths, P3, L3,
+                          self.cartesian_order, self.precision)
 
 
 class FusedTensor(nn.Module):
   """Tensor product with path weights factorised as ``w1[p1,l1] * w2[p2,l2] * w3[p3,l3]``.
 
   Same shapes and path set as :class:`Tensor`, with ``O(L F)`` instead of ``O(L**3 F)``
-  parameters: inputs are scaled per block, all paths into an output block are summed without
-  weights, then the output block is scaled.
+  parameters; the product of the three factors is each path's weight.
 
   Parameters: ``kernel1 (P1, L1+1, F)``, ``kernel2 (P2, L2+1, F)``, ``kernel3 (P3, L3+1, F)``.
   """
@@ -220,18 +262,10 @@ class FusedTensor(nn.Module):
     k2 = self.param("kernel2", self.kernel_init, (p2, L2 + 1, F), self.param_dtype)
     k3 = self.param("kernel3", self.kernel_init, (P3, L3 + 1, F), self.param_dtype)
     x1, x2, k1, k2, k3 = nn.dtypes.promote_dtype(x1, x2, k1, k2, k3, dtype=self.dtype)
-    x1 = x1 * k1[:, so3.degree_of_index(L1)]
-    x2 = x2 * k2[:, so3.degree_of_index(L2)]
     counts = _path_counts(paths)
-    blocks: dict = {}
-    for path in paths:
-      out = path[2]
-      term = _couple(x1, x2, path, self.cartesian_order, self.precision)
-      blocks[out] = term if out not in blocks else blocks[out] + term
-    blocks = {out: b * (k3[out[0], out[1]] / math.sqrt(counts[out])) for out, b in blocks.items()}
-    like = jnp.broadcast_to(x1[..., :1, :1, :], jnp.broadcast_shapes(
-        x1.shape[:-3], x2.shape[:-3]) + (1, 1, F))
-    return _assemble(blocks, P3, L3, like[..., 0, :, :])
+    weights = jnp.stack([k1[i1, l1] * k2[i2, l2] * k3[i3, l3] / math.sqrt(counts[(i3, l3)])
+                         for (i1, l1), (i2, l2), (i3, l3) in paths])
+    return tensor_product(x1, x2, weights, paths, P3, L3, self.cartesian_order, self.precision)
 
 
 def make_tensor(use_fused_tensor: bool, **kwargs) -> nn.Module:
