@@ -50,6 +50,44 @@ def _flat_indices(idx: jax.Array, batch_shape, n: int) -> jax.Array:
   return flat.reshape(-1)
 
 
+def segment_softmax(logits: jax.Array, weights: Optional[jax.Array], valid: jax.Array,
+                    segment_ids: jax.Array, num_segments: int, *,
+                    indices_are_sorted: bool = False):
+  """Softmax of ``logits`` within segments, each term multiplied by ``weights`` first.
+
+  Returns ``(u, inv)`` with ``u (pairs, H)`` unnormalised terms (each <= 1) and
+  ``inv (num_segments, H)`` the reciprocal of each segment's sum, so the normalised weight of
+  pair k is ``u[k] * inv[segment_ids[k]]``. A segment with no active pair has ``inv = 0``.
+
+  Pairs with ``valid == False`` or ``weights <= 0`` are inactive: they neither contribute nor
+  set the stabilising shift, which is the per-segment maximum of ``logits + log(weights)``
+  over active pairs (so a zero-weight pair with a huge logit cannot underflow the others).
+  Gradients are finite everywhere: the shift is a constant (it cancels), inactive pairs get
+  exactly zero, and ``log`` is never evaluated at 0 (weights below the dtype's smallest normal
+  number are clamped to it).
+  """
+  dt = logits.dtype
+  if weights is None:
+    active = valid
+    log_w = logits
+  else:
+    weights = weights.astype(dt)
+    active = valid & (weights > 0)
+    tiny = jnp.finfo(dt).tiny
+    log_w = logits + jnp.log(jnp.where(active, jnp.maximum(weights, tiny), 1))[:, None]
+  log_w = jnp.where(active[:, None], log_w, -jnp.inf)
+  shift = jax.ops.segment_max(jax.lax.stop_gradient(log_w), segment_ids,
+                              num_segments=num_segments, indices_are_sorted=indices_are_sorted)
+  shift = jnp.where(jnp.isfinite(shift), shift, 0)
+  shift_k = jnp.take(shift, segment_ids, axis=0, mode="fill", fill_value=0)
+  u = jnp.exp(jnp.where(active[:, None], log_w - shift_k, -jnp.inf))
+  denom = jax.ops.segment_sum(u, segment_ids, num_segments=num_segments,
+                              indices_are_sorted=indices_are_sorted)
+  has = denom > 0
+  inv = jnp.where(has, 1 / jnp.where(has, denom, 1), 0)
+  return u, inv
+
+
 class SelfAttention(nn.Module):
   """Equivariant multi-head self-attention.
 
@@ -159,9 +197,9 @@ class SelfAttention(nn.Module):
       dst = _flat_indices(dst, batch_shape, N)
       src = _flat_indices(src, batch_shape, N)
       sorted_ = False
-    x = _flatten_batch(inputs, nb, 4)
+    x = _flatten_batch(inputs, nb, 3)
     valid = valid.reshape(-1)
-    basis = _flatten_batch(basis, nb, 4)
+    basis = _flatten_batch(basis, nb, 3)
     cut = None if cut is None else cut.reshape(-1)
     n_tot = x.shape[0]
 
@@ -195,27 +233,11 @@ class SelfAttention(nn.Module):
                      name="relative_positional_encoding", **dense)(basis[..., 0, 0, :])
       prod = prod * rpe.reshape(prod.shape).astype(dt)
     depth = P * (L_in + 1) ** 2 * (qkv // heads)
-    logits = prod.reshape(prod.shape[0], -1, heads, qkv // heads).sum(axis=(1, 3))
+    logits = prod.reshape(prod.shape[0], P * (L_in + 1), heads, qkv // heads).sum(axis=(1, 3))
     logits = logits / jnp.sqrt(jnp.asarray(depth, dt))  # (pairs, H)
 
     # ---- softmax over each centre's pairs, weighted by the cutoff before normalising
-    if cut is None:
-      active = valid
-      log_w = logits
-    else:
-      cut = cut.astype(dt)
-      active = valid & (cut > 0)
-      tiny = jnp.finfo(dt).tiny  # clamp keeps d log(c)/dc finite for subnormal c
-      log_w = logits + jnp.log(jnp.where(active, jnp.maximum(cut, tiny), 1))[:, None]
-    log_w = jnp.where(active[:, None], log_w, -jnp.inf)
-    shift = jax.ops.segment_max(jax.lax.stop_gradient(log_w), dst, num_segments=n_tot,
-                                indices_are_sorted=sorted_)
-    shift = jnp.where(jnp.isfinite(shift), shift, 0)
-    shift_k = jnp.take(shift, dst, axis=0, mode="fill", fill_value=0)
-    u = jnp.exp(jnp.where(active[:, None], log_w - shift_k, -jnp.inf))  # (pairs, H), <= 1
-    denom = jax.ops.segment_sum(u, dst, num_segments=n_tot, indices_are_sorted=sorted_)
-    has = denom > 0
-    inv = jnp.where(has, 1 / jnp.where(has, denom, 1), 0)  # (N, H); 0 for lonely centres
+    u, inv = segment_softmax(logits, cut, valid, dst, n_tot, indices_are_sorted=sorted_)
 
     # ---- weighted messages, summed per centre, normalised once per centre
     v_j = jnp.take(v, src, axis=0, mode="fill", fill_value=0)
@@ -239,4 +261,4 @@ class SelfAttention(nn.Module):
       agg = change_max_degree_or_type(agg, L_out)
     out = Dense(out_features, use_bias=self.output_use_bias, kernel_init=self.output_kernel_init,
                 bias_init=self.output_bias_init, name="out", **dense)(agg)
-    return out.reshape(batch_shape + out.shape[-4:]) if nb else out
+    return out.reshape(batch_shape + (N,) + out.shape[-3:]) if nb else out

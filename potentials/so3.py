@@ -282,15 +282,19 @@ def clebsch_gordan(l1: int, l2: int, l3: int, cartesian_order: bool = True) -> n
     return np.zeros(dims)
   j1, j2, j3 = (_generators(l, cartesian_order) for l in (l1, l2, l3))
   i1, i2, i3 = (np.eye(d) for d in dims)
-  rows = [np.kron(np.kron(j1[a].T, i2), i3) + np.kron(np.kron(i1, j2[a].T), i3)
-          - np.kron(np.kron(i1, i2), j3[a]) for a in range(3)]
-  _, s, vt = np.linalg.svd(np.concatenate(rows), full_matrices=True)
-  s = np.concatenate([s, np.zeros(vt.shape[0] - len(s))])
-  if s[-1] > 1e-6 or (len(s) > 1 and s[-2] < 1e-3):
-    raise RuntimeError(f"coupling ({l1},{l2},{l3}) is not one-dimensional: {s[-2:]}")
-  c = vt[-1].reshape(dims)
+  gram = np.zeros((math.prod(dims),) * 2)
+  for a in range(3):
+    m = (np.kron(np.kron(j1[a].T, i2), i3) + np.kron(np.kron(i1, j2[a].T), i3)
+         - np.kron(np.kron(i1, i2), j3[a]))
+    gram += m.T @ m
+  # The invariant is the null vector of sum_a M_a^T M_a (eigh of a d x d matrix is cheap).
+  evals, evecs = np.linalg.eigh(gram)
+  if evals[0] > 1e-8 or (len(evals) > 1 and evals[1] < 1e-4):
+    raise RuntimeError(f"coupling ({l1},{l2},{l3}) is not one-dimensional: {evals[:2]}")
+  c = evecs[:, 0].reshape(dims)
   c *= math.sqrt(dims[2]) / np.linalg.norm(c)
   c[np.abs(c) < 1e-12] = 0.0
+  c += 0.0  # no negative zeros
   first = c.ravel()[np.argmax(np.abs(c.ravel()) > 1e-6)]
   return c * np.sign(first)
 

@@ -1,0 +1,33 @@
+"""Shared fixtures. Tests run with float64 enabled; float32 paths cast explicitly."""
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_enable_x64", True)
+
+
+def random_cluster(n: int, seed: int = 0, box: float = 4.0) -> np.ndarray:
+  """n atoms in a box with no two closer than 0.8 Å."""
+  rng = np.random.default_rng(seed)
+  pos = []
+  while len(pos) < n:
+    p = rng.uniform(0, box, 3)
+    if all(np.linalg.norm(p - q) > 0.8 for q in pos):
+      pos.append(p)
+  return np.asarray(pos)
+
+
+def all_pairs(pos: np.ndarray, cutoff: float):
+  """Full directed pair list (dst sorted) of all pairs closer than cutoff."""
+  n = len(pos)
+  d = np.linalg.norm(pos[:, None] - pos[None], axis=-1)
+  dst, src = np.nonzero((d < cutoff) & ~np.eye(n, dtype=bool))
+  return dst.astype(np.int32), src.astype(np.int32)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+  pos = random_cluster(7, seed=3)
+  dst, src = all_pairs(pos, 3.5)
+  return pos, dst, src
