@@ -10,10 +10,15 @@ from .layers import (Dense, Embed, FusedTensor, Gate, Tensor, change_max_degree_
 from .radial import (basis, bessel, cosine_cutoff, gaussian, reciprocal_bernstein,
                      smooth_cutoff)
 from .so3 import clebsch_gordan, solid_harmonics, spherical_harmonics, wigner_d
+from .model import EnergyModel, ModelConfig
+from .potential import Potential, UnknownElementError, pair_vectors
+from .io import ModelFileError, load, save, shipped_models
 
 __all__ = [
     "SelfAttention", "Dense", "Embed", "FusedTensor", "Gate", "Tensor",
     "change_max_degree_or_type", "max_degree_of", "basis", "bessel", "cosine_cutoff",
     "gaussian", "reciprocal_bernstein", "smooth_cutoff", "clebsch_gordan",
-    "solid_harmonics", "spherical_harmonics", "wigner_d", "so3",
+    "solid_harmonics", "spherical_harmonics", "wigner_d", "so3", "EnergyModel", "ModelConfig",
+    "Potential", "UnknownElementError", "pair_vectors", "ModelFileError", "load", "save",
+    "shipped_models",
 ]

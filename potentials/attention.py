@@ -221,8 +221,11 @@ class SelfAttention(nn.Module):
 
     # ---- logits per pair and head
     # Gather per pair; out-of-range (padding) rows read as zeros.
+    # Keys and values are gathered by the same index: one gather (and one scatter-add in the
+    # backward pass) instead of two.
     q_i = jnp.take(q, dst, axis=0, mode="fill", fill_value=0)
-    k_j = jnp.take(k, src, axis=0, mode="fill", fill_value=0)
+    kv_j = jnp.take(jnp.concatenate([k, v], axis=-1), src, axis=0, mode="fill", fill_value=0)
+    k_j, v_j = kv_j[..., :qkv], kv_j[..., qkv:]
     prod = q_i * k_j  # (pairs, P, Q, F)
     if L_in > 0:  # sum over orders m within each degree -> (pairs, P, L+1, F)
       seg = jax.nn.one_hot(so3.degree_of_index(L_in), L_in + 1, dtype=dt)
@@ -240,7 +243,6 @@ class SelfAttention(nn.Module):
     u, inv = segment_softmax(logits, cut, valid, dst, n_tot, indices_are_sorted=sorted_)
 
     # ---- weighted messages, summed per centre, normalised once per centre
-    v_j = jnp.take(v, src, axis=0, mode="fill", fill_value=0)
     u_f = jnp.repeat(u, qkv // heads, axis=-1)[:, None, None, :]
     msg = v_j * u_f
     L_out = self.max_degree

@@ -1,0 +1,191 @@
+"""The equivariant self-attention energy model and its configuration.
+
+``EnergyModel`` maps (species indices, pair vectors, pair list) to per-atom energies. It is a
+pure flax module; :class:`potentials.Potential` bundles it with parameters, species and
+metadata. Units: eV and Å.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import radial as radial_lib
+from .attention import SelfAttention
+from .layers import Dense, Embed, Gate, change_max_degree_or_type
+from .so3 import safe_norm
+
+RADIAL_FUNCTIONS = ("reciprocal_bernstein", "bessel", "gaussian")
+CUTOFF_FUNCTIONS = ("smooth", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hyperparameters of :class:`EnergyModel` (every field is stored in model files).
+
+  Attributes:
+    cutoff: pair cutoff radius in Å; the energy is C-infinity in positions for the 'smooth'
+      cutoff function (C1 for 'cosine').
+    features: feature channels per irrep.
+    max_degree: highest degree l of equivariant features and of the angular basis.
+    num_iterations: number of (SelfAttention + residual + equivariant MLP) blocks.
+    num_heads: attention heads (must divide ``features``).
+    num_basis: radial basis functions.
+    radial: radial basis: 'reciprocal_bernstein', 'bessel' or 'gaussian'.
+    cutoff_function: 'smooth' (exp(1 - 1/(1 - (r/rc)^2))) or 'cosine'.
+    include_pseudotensors: keep odd-parity (pseudotensor) channels (P = 2; about 2x cost).
+    use_fused_tensor: factorised tensor-product weights in attention (fewer parameters).
+    repulsion: add a ZBL screened nuclear repulsion, switched off smoothly at
+      ``repulsion_cutoff``, so MD stays stable when atoms get closer than in any training data.
+    repulsion_cutoff: where the repulsion reaches zero (Å).
+  """
+  cutoff: float = 5.0
+  features: int = 32
+  max_degree: int = 2
+  num_iterations: int = 3
+  num_heads: int = 2
+  num_basis: int = 16
+  radial: str = "reciprocal_bernstein"
+  cutoff_function: str = "smooth"
+  include_pseudotensors: bool = False
+  use_fused_tensor: bool = False
+  repulsion: bool = True
+  repulsion_cutoff: float = 1.0
+
+  def __post_init__(self):
+    checks = [
+        (self.cutoff > 0, f"cutoff must be > 0 Å, got {self.cutoff}"),
+        (self.features > 0, f"features must be > 0, got {self.features}"),
+        (self.max_degree >= 0, f"max_degree must be >= 0, got {self.max_degree}"),
+        (self.num_iterations >= 1, f"num_iterations must be >= 1, got {self.num_iterations}"),
+        (self.num_heads >= 1 and self.features % self.num_heads == 0,
+         f"num_heads ({self.num_heads}) must divide features ({self.features})"),
+        (self.num_basis >= 1, f"num_basis must be >= 1, got {self.num_basis}"),
+        (self.radial in RADIAL_FUNCTIONS, f"radial must be one of {RADIAL_FUNCTIONS}"),
+        (self.cutoff_function in CUTOFF_FUNCTIONS,
+         f"cutoff_function must be one of {CUTOFF_FUNCTIONS}"),
+        (not self.repulsion or 0 < self.repulsion_cutoff <= self.cutoff,
+         "repulsion_cutoff must be in (0, cutoff]"),
+    ]
+    for ok, msg in checks:
+      if not ok:
+        raise ValueError(msg)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "ModelConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+      raise ValueError(f"unknown model config keys {sorted(unknown)}; this eqattn knows "
+                       f"{sorted(known)} (is the model file from a newer eqattn?)")
+    return cls(**d)
+
+  def radial_fn(self):
+    if self.radial == "reciprocal_bernstein":
+      return radial_lib.reciprocal_bernstein
+    fn = {"bessel": radial_lib.bessel, "gaussian": radial_lib.gaussian}[self.radial]
+    return functools.partial(fn, cutoff=self.cutoff)
+
+  def cutoff_fn(self):
+    fn = {"smooth": radial_lib.smooth_cutoff, "cosine": radial_lib.cosine_cutoff}
+    return functools.partial(fn[self.cutoff_function], cutoff=self.cutoff)
+
+
+# ZBL universal screening function: sum_i c_i exp(-d_i r/a).
+_ZBL_C = (0.18175, 0.50986, 0.28022, 0.02817)
+_ZBL_D = (3.19980, 0.94229, 0.40290, 0.20162)
+_COULOMB = 14.399645  # e^2 / (4 pi eps0) in eV Å
+
+
+def zbl_pair_energy(r: jax.Array, z1: jax.Array, z2: jax.Array, r_off: float) -> jax.Array:
+  """ZBL repulsion between nuclear charges z1, z2 at distance r (eV), times a smooth switch
+  that is 1 at r = 0 and reaches 0 (with all derivatives) at ``r_off``. Finite at r = 0 pairs
+  only because callers never pass real pairs at r = 0; padded pairs are masked by callers."""
+  a = 0.46850 / (z1**0.23 + z2**0.23)
+  safe_r = jnp.where(r > 0, r, 1.0)
+  x = safe_r / a
+  phi = sum(c * jnp.exp(-d * x) for c, d in zip(_ZBL_C, _ZBL_D))
+  e = _COULOMB * z1 * z2 / safe_r * phi
+  return jnp.where(r > 0, e * radial_lib.smooth_cutoff(safe_r, r_off), 0.0)
+
+
+class EnergyModel(nn.Module):
+  """Per-atom energies from species and pairs.
+
+  ``E_i = scale[s_i] * (f(i) - f(lone atom of species s_i)) + shift[s_i]``, so ``shift`` is the
+  energy of an isolated atom and ``scale`` the energy scale of the learned part.
+
+  Inputs: ``species (N,)`` indices into the model's species list, ``atomic_numbers (S,)``
+  (constant table, for the repulsion), ``r (pairs, 3)`` pair vectors ``R[src] - R[dst]``,
+  ``dst_idx``/``src_idx (pairs,)`` with padding index N, ``atom_mask (N,)`` (False for padded
+  atoms). Output: ``(N,)`` per-atom energies (eV); padded atoms get exactly 0.
+  """
+  config: ModelConfig
+  num_species: int
+
+  @nn.compact
+  def __call__(self, species, r, dst_idx, src_idx, atom_mask=None, atomic_numbers=None,
+               indices_are_sorted: bool = False):
+    cfg = self.config
+    n = species.shape[0]
+    valid = (dst_idx < n) & (src_idx < n)
+    basis, cut = radial_lib.basis(r, max_degree=cfg.max_degree, num=cfg.num_basis,
+                                  radial_fn=cfg.radial_fn(), cutoff_fn=cfg.cutoff_fn(),
+                                  return_cutoff=True)
+    cut = jnp.where(valid, cut, 0)
+    pair_kw = dict(dst_idx=dst_idx, src_idx=src_idx, num_segments=n,
+                   indices_are_sorted=indices_are_sorted)
+    embed = Embed(self.num_species, cfg.features, name="embed")
+    blocks = []
+    for it in range(cfg.num_iterations):
+      last = it == cfg.num_iterations - 1
+      degree = 0 if last else cfg.max_degree  # only scalars are read after the last block
+      blocks.append((
+          degree,
+          SelfAttention(max_degree=degree, num_heads=cfg.num_heads,
+                        include_pseudotensors=cfg.include_pseudotensors and not last,
+                        use_fused_tensor=cfg.use_fused_tensor, name=f"attention_{it}"),
+          Dense(cfg.features, name=f"mlp_{it}_in"), Gate(name=f"mlp_{it}_gate"),
+          Dense(cfg.features, name=f"mlp_{it}_out")))
+    hidden = nn.Dense(cfg.features, name="readout_hidden")
+    readout = nn.Dense(1, name="readout")
+
+    def network(species, basis, cut, **kw):
+      x = embed(species).astype(r.dtype)
+      for degree, attention, mlp_in, gate, mlp_out in blocks:
+        y = attention(x, basis, cut, **kw)
+        x = change_max_degree_or_type(x, degree, y.shape[-3] == 2) + y
+        x = x + mlp_out(gate(mlp_in(x)))
+      return readout(nn.silu(hidden(x[:, 0, 0, :])))[:, 0]
+
+    e = network(species, basis, cut, **pair_kw)
+    # The same network on one lone atom per species (no pairs): subtracting its output makes
+    # an isolated atom's energy exactly its element's shift, the reference energy.
+    none = jnp.zeros((0,), dst_idx.dtype)
+    e_iso = network(jnp.arange(self.num_species), basis[:0], cut[:0], dst_idx=none,
+                    src_idx=none, num_segments=self.num_species)
+    scale = self.param("scale", nn.initializers.ones, (self.num_species,), jnp.float32)
+    shift = self.param("shift", nn.initializers.zeros, (self.num_species,), jnp.float32)
+    e = (e - e_iso[species]) * jnp.asarray(scale, e.dtype)[species]
+    e = e + jnp.asarray(shift, e.dtype)[species]
+    if cfg.repulsion and atomic_numbers is not None:
+      z = jnp.asarray(atomic_numbers, r.dtype)[species]
+      zi = jnp.take(z, dst_idx, mode="fill", fill_value=1.0)
+      zj = jnp.take(z, src_idx, mode="fill", fill_value=1.0)
+      e_pair = zbl_pair_energy(safe_norm(r), zi, zj, cfg.repulsion_cutoff)
+      e_pair = jnp.where(valid, e_pair, 0.0)
+      # Full list: each unordered pair appears twice; half of it goes to each centre.
+      e = e + 0.5 * jax.ops.segment_sum(e_pair, dst_idx, num_segments=n,
+                                        indices_are_sorted=indices_are_sorted)
+    if atom_mask is not None:
+      e = jnp.where(atom_mask, e, 0.0)
+    return e
