@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from . import so3
-from .layers import (Dense, Dtype, InitializerFn, change_max_degree_or_type, default_kernel_init,
-                     make_tensor, max_degree_of)
+from .layers import (Dense, Dtype, InitializerFn, _output_parity, change_max_degree_or_type,
+                     default_kernel_init, make_tensor, map_blocks, max_degree_of, merge_blocks,
+                     split_blocks)
 
 
 def _flatten_batch(x: Optional[jax.Array], nbatch: int, keep: int) -> Optional[jax.Array]:
@@ -79,7 +80,7 @@ def segment_softmax(logits: jax.Array, weights: Optional[jax.Array], valid: jax.
   shift = jax.ops.segment_max(jax.lax.stop_gradient(log_w), segment_ids,
                               num_segments=num_segments, indices_are_sorted=indices_are_sorted)
   shift = jnp.where(jnp.isfinite(shift), shift, 0)
-  shift_k = jnp.take(shift, segment_ids, axis=0, mode="fill", fill_value=0)
+  shift_k = jnp.take(shift, segment_ids, axis=0, mode="clip")
   u = jnp.exp(jnp.where(active[:, None], log_w - shift_k, -jnp.inf))
   denom = jax.ops.segment_sum(u, segment_ids, num_segments=num_segments,
                               indices_are_sorted=indices_are_sorted)
@@ -203,61 +204,68 @@ class SelfAttention(nn.Module):
     cut = None if cut is None else cut.reshape(-1)
     n_tot = x.shape[0]
 
-    # ---- projections
+    # ---- projections (per atom), then per-pair work on blocks {(p, l): (pairs, 2l+1, F)}
     heads = self.num_heads or 1
     qkv = x.shape[-1] if self.qkv_features is None else self.qkv_features
     out_features = x.shape[-1] if self.out_features is None else self.out_features
     if qkv % heads:
       raise ValueError(f"qkv_features ({qkv}) must be divisible by num_heads ({heads})")
     dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    xb = split_blocks(x)
     q = Dense(qkv, use_bias=self.query_use_bias, kernel_init=self.query_kernel_init,
-              bias_init=self.query_bias_init, name="query", **dense)(x)
+              bias_init=self.query_bias_init, name="query", **dense)(xb)
     k = Dense(qkv, use_bias=self.key_use_bias, kernel_init=self.key_kernel_init,
-              bias_init=self.key_bias_init, name="key", **dense)(x)
+              bias_init=self.key_bias_init, name="key", **dense)(xb)
     v = Dense(qkv, use_bias=self.value_use_bias, kernel_init=self.value_kernel_init,
-              bias_init=self.value_bias_init, name="value", **dense)(x)
+              bias_init=self.value_bias_init, name="value", **dense)(xb)
     P = x.shape[-3]
-    dt = q.dtype
+    dt = q[(0, 0)][0].dtype
 
     # ---- logits per pair and head
-    # Gather per pair; out-of-range (padding) rows read as zeros.
-    # Keys and values are gathered by the same index: one gather (and one scatter-add in the
-    # backward pass) instead of two.
-    q_i = jnp.take(q, dst, axis=0, mode="fill", fill_value=0)
-    kv_j = jnp.take(jnp.concatenate([k, v], axis=-1), src, axis=0, mode="fill", fill_value=0)
-    k_j, v_j = kv_j[..., :qkv], kv_j[..., qkv:]
-    prod = q_i * k_j  # (pairs, P, Q, F)
-    if L_in > 0:  # sum over orders m within each degree -> (pairs, P, L+1, F)
-      seg = jax.nn.one_hot(so3.degree_of_index(L_in), L_in + 1, dtype=dt)
-      prod = jnp.einsum("epqf,ql->eplf", prod, seg, precision=self.precision)
+    # Padding indices are clipped to a real row (much faster than a filling gather on CPU);
+    # those pairs are inactive, so their logits and messages are masked below.
+    take = lambda t, idx: jnp.take(t, idx, axis=0, mode="clip")
     if self.use_relative_positional_encoding_qk:
       rpe = nn.Dense(P * (L_in + 1) * qkv, use_bias=self.use_basis_bias,
                      kernel_init=self.dense_kernel_init, bias_init=self.dense_bias_init,
                      name="relative_positional_encoding", **dense)(basis[..., 0, 0, :])
-      prod = prod * rpe.reshape(prod.shape).astype(dt)
+      rpe = rpe.reshape(rpe.shape[0], P, L_in + 1, qkv).astype(dt)
+    dots = 0
+    for (p, l), qb in q.items():
+      d = sum(take(qc, dst) * take(kc, src) for qc, kc in zip(qb, k[(p, l)]))  # (pairs, F)
+      if self.use_relative_positional_encoding_qk:
+        d = d * rpe[:, p, l, :]
+      dots = dots + d
     depth = P * (L_in + 1) ** 2 * (qkv // heads)
-    logits = prod.reshape(prod.shape[0], P * (L_in + 1), heads, qkv // heads).sum(axis=(1, 3))
+    logits = dots.reshape(dots.shape[0], heads, qkv // heads).sum(-1)
     logits = logits / jnp.sqrt(jnp.asarray(depth, dt))  # (pairs, H)
 
     # ---- softmax over each centre's pairs, weighted by the cutoff before normalising
     u, inv = segment_softmax(logits, cut, valid, dst, n_tot, indices_are_sorted=sorted_)
 
     # ---- weighted messages, summed per centre, normalised once per centre
-    u_f = jnp.repeat(u, qkv // heads, axis=-1)[:, None, None, :]
-    msg = v_j * u_f
+    u_f = jnp.repeat(u, qkv // heads, axis=-1)
+    msg = map_blocks(lambda c: take(c, src) * u_f, v)
     L_out = self.max_degree
+    P_out = P
     if self.use_relative_positional_encoding_v:
       L_b = max_degree_of(basis.shape)
       if L_out is None:
         L_out = max(L_in, L_b)
       filt = Dense(qkv, use_bias=self.use_basis_bias, kernel_init=self.dense_kernel_init,
-                   bias_init=self.dense_bias_init, name="filter", **dense)(basis)
+                   bias_init=self.dense_bias_init, name="filter", **dense)(split_blocks(basis))
       tkw = {} if self.tensor_kernel_init is None else {"kernel_init": self.tensor_kernel_init}
-      msg = make_tensor(self.use_fused_tensor, max_degree=L_out,
-                        include_pseudotensors=self.include_pseudotensors,
-                        cartesian_order=self.cartesian_order, name="tensor", **dense,
-                        **tkw)(filt, msg)
-    agg = jax.ops.segment_sum(msg, dst, num_segments=n_tot, indices_are_sorted=sorted_)
+      tensor = make_tensor(self.use_fused_tensor, max_degree=L_out,
+                           include_pseudotensors=self.include_pseudotensors,
+                           cartesian_order=self.cartesian_order, name="tensor", **dense, **tkw)
+      msg = tensor(filt, msg)
+      P_out = _output_parity(1, L_b, P, L_in, L_out, self.include_pseudotensors)
+    L_msg = L_in if not self.use_relative_positional_encoding_v else L_out
+    agg = map_blocks(lambda c: jax.ops.segment_sum(c, dst, num_segments=n_tot,
+                                                   indices_are_sorted=sorted_), msg)
+    if not agg:
+      agg = {(0, 0): (jnp.zeros((n_tot, qkv), dt),)}
+    agg = merge_blocks(agg, P_out, L_msg)
     agg = agg * jnp.repeat(inv, qkv // heads, axis=-1)[:, None, None, :]
     if L_out is not None:
       agg = change_max_degree_or_type(agg, L_out)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -68,26 +68,69 @@ def _blockwise_init(init: InitializerFn, num_blocks: int) -> InitializerFn:
   return wrapped
 
 
+# ----------------------------------------------------------------------------- blocks
+# Inside layers that work per pair, features are kept as components: a dict
+# {(parity index p, degree l): tuple of 2l+1 arrays (..., F)}, one array per order m.
+# Per-pair arrays are large and memory bound on CPU. With one array per component, the
+# tensor product and the attention dot products are plain elementwise code, and so are their
+# gradients: no per-pair slicing, padding, concatenation or transposition ever runs (XLA fuses
+# those into gathers and matmul operands, and such fusions run 10-100x slower). Components are
+# stacked back into (..., P, (L+1)**2, F) only for per-atom arrays.
+Blocks = Dict[Tuple[int, int], Tuple[jax.Array, ...]]
+
+
+def split_blocks(x: jax.Array) -> Blocks:
+  """``(..., P, (L+1)**2, F) -> {(p, l): ((..., F),) * (2l+1)}``."""
+  L = max_degree_of(x.shape)
+  return {(p, l): tuple(x[..., p, q, :] for q in range(l * l, (l + 1) ** 2))
+          for p in range(x.shape[-3]) for l in range(L + 1)}
+
+
+def merge_blocks(blocks: Blocks, P: int, L: int) -> jax.Array:
+  """Inverse of :func:`split_blocks`; missing blocks are zeros."""
+  comps = [c for b in blocks.values() for c in b]
+  lead = jnp.broadcast_shapes(*(c.shape[:-1] for c in comps))
+  zero = jnp.zeros(lead + comps[0].shape[-1:], comps[0].dtype)
+  rows = []
+  for p in range(P):
+    for l in range(L + 1):
+      b = blocks.get((p, l))
+      rows += [zero] * (2 * l + 1) if b is None else [jnp.broadcast_to(c, zero.shape) for c in b]
+  return jnp.stack(rows, axis=-2).reshape(lead + (P, (L + 1) ** 2, zero.shape[-1]))
+
+
+def blocks_layout(blocks: Blocks) -> Tuple[int, int]:
+  """(P, L) of a block dict."""
+  return max(p for p, _ in blocks) + 1, max(l for _, l in blocks)
+
+
+def map_blocks(fn: Callable[[jax.Array], jax.Array], blocks: Blocks) -> Blocks:
+  """Apply ``fn`` to every component."""
+  return {k: tuple(fn(c) for c in b) for k, b in blocks.items()}
+
+
 # ----------------------------------------------------------------------------- Dense
 def dense_apply(x: jax.Array, kernel: jax.Array, precision: Any = None) -> jax.Array:
   """``x (..., P, (L+1)**2, F) @ kernel (P, L+1, F, O)`` per (parity, degree) block.
 
-  One plain matmul per block (rows x F @ F x O): XLA runs these without the transposes a
-  batched-over-degree contraction needs.
+  One contraction with the kernel expanded over m: a single output array.
   """
   L = max_degree_of(x.shape)
-  blocks = [jnp.einsum("...qf,fo->...qo", x[..., p, l * l:(l + 1) ** 2, :], kernel[p, l],
-                       precision=precision)
-            for p in range(x.shape[-3]) for l in range(L + 1)]
-  y = jnp.concatenate(blocks, axis=-2) if len(blocks) > 1 else blocks[0]
-  return y.reshape(*y.shape[:-2], x.shape[-3], (L + 1) ** 2, kernel.shape[-1])
+  return jnp.einsum("...pqf,pqfo->...pqo", x, kernel[:, so3.degree_of_index(L)],
+                    precision=precision)
+
+
+def dense_blocks(blocks: Blocks, kernel: jax.Array, precision: Any = None) -> Blocks:
+  """The same on components: one plain matmul (rows x F @ F x O) per component."""
+  return {(p, l): tuple(jnp.dot(c, kernel[p, l], precision=precision) for c in b)
+          for (p, l), b in blocks.items()}
 
 
 class Dense(nn.Module):
   """Linear map per (parity channel, degree); equivariant because it mixes features only.
 
-  ``(..., P, (L+1)**2, F_in) -> (..., P, (L+1)**2, features)``. The bias is added to the
-  0+ channel only (any other bias would break equivariance).
+  ``(..., P, (L+1)**2, F_in) -> (..., P, (L+1)**2, features)``, or block dict to block dict.
+  The bias is added to the 0+ channel only (any other bias would break equivariance).
 
   Parameters: ``kernel (P, L+1, F_in, features)``, ``bias (features,)``.
   """
@@ -100,13 +143,23 @@ class Dense(nn.Module):
   bias_init: InitializerFn = nn.initializers.zeros
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    L = max_degree_of(x.shape)
-    P, F = x.shape[-3], x.shape[-1]
+  def __call__(self, x):
+    if isinstance(x, dict):
+      P, L = blocks_layout(x)
+      F = next(iter(x.values()))[0].shape[-1]
+    else:
+      L = max_degree_of(x.shape)
+      P, F = x.shape[-3], x.shape[-1]
     kernel = self.param("kernel", _blockwise_init(self.kernel_init, P * (L + 1)),
                         (P, L + 1, F, self.features), self.param_dtype)
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
+    if isinstance(x, dict):
+      dt = self.dtype or jnp.result_type(*(c for b in x.values() for c in b), kernel)
+      y = dense_blocks(map_blocks(lambda c: c.astype(dt), x), kernel.astype(dt), self.precision)
+      if bias is not None:
+        y[(0, 0)] = (y[(0, 0)][0] + bias.astype(dt),)
+      return y
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     y = dense_apply(x, kernel, self.precision)
     if bias is not None:
@@ -130,72 +183,73 @@ def _path_counts(paths) -> dict:
   return counts
 
 
-def _pad_rows(x: jax.Array, lo: int, total: int) -> jax.Array:
-  pad = [(0, 0)] * x.ndim
-  pad[-2] = (lo, total - lo - x.shape[-2])
-  return jnp.pad(x, pad)
+@functools.lru_cache(maxsize=None)
+def _sparse_cg(l1: int, l2: int, l3: int, cartesian_order: bool):
+  """Nonzero coupling terms grouped by output order: ((c, ((a, b, value), ...)), ...)."""
+  cg = so3.clebsch_gordan(l1, l2, l3, cartesian_order)
+  return tuple((c, tuple((a, b, float(cg[a, b, c])) for a, b in zip(*np.nonzero(cg[:, :, c]))))
+               for c in range(2 * l3 + 1))
 
 
-def _expand_weights(weights: jax.Array, rows: dict, total: int) -> jax.Array:
-  """(num_paths, F) path weights -> (total, F): row q gets the weight of path rows[deg(q)]."""
-  wz = jnp.concatenate([weights, jnp.zeros_like(weights[:1])])
-  zero = weights.shape[0]
-  idx = np.full(total, zero)
-  for l, n in rows.items():
-    idx[l * l:(l + 1) ** 2] = n
-  return wz[idx]
+def tensor_product_blocks(b1: Blocks, b2: Blocks, weights: jax.Array, paths: list,
+                          cartesian_order: bool = True) -> Blocks:
+  """Weighted sum over coupling paths on component dicts; ``weights (num_paths, F)``.
+
+  Written out term by term from the nonzero coupling coefficients (real Clebsch-Gordan
+  tensors are sparse: a few terms per output order) as elementwise products of components,
+  which XLA fuses into a few loops, forwards and backwards. A path with a scalar operand is a
+  broadcast product.
+  """
+  out: Dict[Tuple[int, int], list] = {}
+  for n, ((i1, l1), (i2, l2), (i3, l3)) in enumerate(paths):
+    if (i1, l1) not in b1 or (i2, l2) not in b2:
+      continue  # an absent block is zero
+    x, y, w = b1[(i1, l1)], b2[(i2, l2)], weights[n]
+    if l1 == 0:
+      terms = [x[0] * c * w for c in y]
+    elif l2 == 0:
+      terms = [c * y[0] * w for c in x]
+    else:
+      terms = []
+      for _, coupling in _sparse_cg(l1, l2, l3, cartesian_order):
+        acc = None
+        for a, b, v in coupling:
+          t = x[a] * y[b] * v
+          acc = t if acc is None else acc + t
+        terms.append(acc * w)
+    key = (i3, l3)
+    out[key] = terms if key not in out else [o + t for o, t in zip(out[key], terms)]
+  return {k: tuple(v) for k, v in out.items()}
 
 
 def tensor_product(x1: jax.Array, x2: jax.Array, weights: jax.Array, paths: list, P3: int,
                    L3: int, cartesian_order: bool = True, precision: Any = None) -> jax.Array:
-  """Weighted sum over coupling paths; ``weights (num_paths, F)`` follow ``paths``' order.
+  """Array form of :func:`tensor_product_blocks`: ``(..., P, Q, F)`` in and out."""
+  del precision  # elementwise products only
+  out = tensor_product_blocks(split_blocks(x1), split_blocks(x2), weights, paths, cartesian_order)
+  lead = jnp.broadcast_shapes(x1.shape[:-3], x2.shape[:-3])
+  if not out:
+    return jnp.zeros(lead + (P3, (L3 + 1) ** 2, x1.shape[-1]), x1.dtype)
+  return merge_blocks(out, P3, L3)
 
-  Paths with a scalar (l=0) operand are a broadcast product, merged per parity combination into
-  one elementwise op over the whole degree axis; the others are grouped per (l1, l2) into one
-  contraction with their coupling blocks stacked over l3. Every group's result is zero-padded to
-  the full degree axis and summed, which XLA fuses into few loops (no slice/concat chains).
-  """
-  L1, L2 = max_degree_of(x1.shape), max_degree_of(x2.shape)
-  Q3 = (L3 + 1) ** 2
-  groups: dict = {}
-  for n, ((i1, l1), (i2, l2), (i3, l3)) in enumerate(paths):
-    if l2 == 0:
-      key = ("x1", i1, i2, i3)
-      groups.setdefault(key, {})[l1] = n
-    elif l1 == 0:
-      key = ("x2", i1, i2, i3)
-      groups.setdefault(key, {})[l2] = n
-    else:
-      groups.setdefault((i1, l1, i2, l2, i3), {})[l3] = n
-  out = [None] * P3
 
-  def add(i3, term, lo):
-    term = _pad_rows(term, lo, Q3)
-    out[i3] = term if out[i3] is None else out[i3] + term
+def _layout(x) -> Tuple[int, int, int]:
+  """(P, L, F) of an array or block dict."""
+  if isinstance(x, dict):
+    P, L = blocks_layout(x)
+    return P, L, next(iter(x.values()))[0].shape[-1]
+  return x.shape[-3], max_degree_of(x.shape), x.shape[-1]
 
-  for key, rows in groups.items():
-    if key[0] in ("x1", "x2"):
-      kind, i1, i2, i3 = key
-      vec, sca = (x1[..., i1, :, :], x2[..., i2, :1, :]) if kind == "x1" else (
-          x2[..., i2, :, :], x1[..., i1, :1, :])
-      top = max(rows)
-      vec = vec[..., : (top + 1) ** 2, :]
-      add(i3, vec * sca * _expand_weights(weights, rows, (top + 1) ** 2), 0)
-      continue
-    i1, l1, i2, l2, i3 = key
-    lo, hi = min(rows) ** 2, (max(rows) + 1) ** 2
-    cg = np.zeros((2 * l1 + 1, 2 * l2 + 1, hi - lo))
-    for l3 in rows:
-      cg[:, :, l3 * l3 - lo:(l3 + 1) ** 2 - lo] = so3.clebsch_gordan(l1, l2, l3, cartesian_order)
-    a = x1[..., i1, l1 * l1:(l1 + 1) ** 2, :]
-    b = x2[..., i2, l2 * l2:(l2 + 1) ** 2, :]
-    term = jnp.einsum("...af,...bf,abc->...cf", a, b, jnp.asarray(cg, dtype=x1.dtype),
-                      precision=precision)
-    w = _expand_weights(weights, {l: n for l, n in rows.items()}, hi)[lo:]
-    add(i3, term * w, lo)
-  shape = jnp.broadcast_shapes(x1.shape[:-3], x2.shape[:-3]) + (Q3, x1.shape[-1])
-  return jnp.stack([jnp.zeros(shape, x1.dtype) if o is None else jnp.broadcast_to(o, shape)
-                    for o in out], axis=-3)
+
+def _tensor_apply(x1, x2, weights, paths, P3, L3, cartesian_order):
+  if isinstance(x1, dict) != isinstance(x2, dict):
+    raise TypeError("both tensor-product inputs must be arrays, or both block dicts")
+  if isinstance(x1, dict):
+    dt = jnp.result_type(*(c for b in [*x1.values(), *x2.values()] for c in b), weights)
+    return tensor_product_blocks(x1, x2, weights.astype(dt), paths, cartesian_order)
+  dt = jnp.result_type(x1, x2, weights)
+  return tensor_product(x1.astype(dt), x2.astype(dt), weights.astype(dt), paths, P3, L3,
+                        cartesian_order)
 
 
 class Tensor(nn.Module):
@@ -218,21 +272,20 @@ class Tensor(nn.Module):
   kernel_init: InitializerFn = nn.initializers.normal(stddev=1.0)
 
   @nn.compact
-  def __call__(self, x1: jax.Array, x2: jax.Array) -> jax.Array:
-    L1, L2 = max_degree_of(x1.shape), max_degree_of(x2.shape)
-    if x1.shape[-1] != x2.shape[-1]:
-      raise ValueError(f"feature dimensions differ: {x1.shape} vs {x2.shape}")
+  def __call__(self, x1, x2):
+    (p1, L1, F), (p2, L2, F2) = _layout(x1), _layout(x2)
+    if F != F2:
+      raise ValueError(f"feature dimensions differ: {F} vs {F2}")
     L3 = max(L1, L2) if self.max_degree is None else self.max_degree
-    p1, p2 = x1.shape[-3], x2.shape[-3]
     P3 = _output_parity(p1, L1, p2, L2, L3, self.include_pseudotensors)
     paths = so3.coupling_paths(p1, L1, p2, L2, L3, P3)
-    F = x1.shape[-1]
     kernel = self.param("kernel", self.kernel_init, (len(paths), F), self.param_dtype)
-    x1, x2, kernel = nn.dtypes.promote_dtype(x1, x2, kernel, dtype=self.dtype)
     counts = _path_counts(paths)
     norm = np.asarray([1 / math.sqrt(counts[p[2]]) for p in paths])[:, None]
-    return tensor_product(x1, x2, kernel * norm.astype(kernel.dtype), paths, P3, L3,
-                          self.cartesian_order, self.precision)
+    weights = kernel * norm.astype(kernel.dtype)
+    if self.dtype is not None:
+      weights = weights.astype(self.dtype)
+    return _tensor_apply(x1, x2, weights, paths, P3, L3, self.cartesian_order)
 
 
 class FusedTensor(nn.Module):
@@ -252,20 +305,20 @@ class FusedTensor(nn.Module):
   kernel_init: InitializerFn = nn.initializers.normal(stddev=1.0)
 
   @nn.compact
-  def __call__(self, x1: jax.Array, x2: jax.Array) -> jax.Array:
-    L1, L2 = max_degree_of(x1.shape), max_degree_of(x2.shape)
+  def __call__(self, x1, x2):
+    (p1, L1, F), (p2, L2, _) = _layout(x1), _layout(x2)
     L3 = max(L1, L2) if self.max_degree is None else self.max_degree
-    p1, p2, F = x1.shape[-3], x2.shape[-3], x1.shape[-1]
     P3 = _output_parity(p1, L1, p2, L2, L3, self.include_pseudotensors)
     paths = so3.coupling_paths(p1, L1, p2, L2, L3, P3)
     k1 = self.param("kernel1", self.kernel_init, (p1, L1 + 1, F), self.param_dtype)
     k2 = self.param("kernel2", self.kernel_init, (p2, L2 + 1, F), self.param_dtype)
     k3 = self.param("kernel3", self.kernel_init, (P3, L3 + 1, F), self.param_dtype)
-    x1, x2, k1, k2, k3 = nn.dtypes.promote_dtype(x1, x2, k1, k2, k3, dtype=self.dtype)
     counts = _path_counts(paths)
     weights = jnp.stack([k1[i1, l1] * k2[i2, l2] * k3[i3, l3] / math.sqrt(counts[(i3, l3)])
                          for (i1, l1), (i2, l2), (i3, l3) in paths])
-    return tensor_product(x1, x2, weights, paths, P3, L3, self.cartesian_order, self.precision)
+    if self.dtype is not None:
+      weights = weights.astype(self.dtype)
+    return _tensor_apply(x1, x2, weights, paths, P3, L3, self.cartesian_order)
 
 
 def make_tensor(use_fused_tensor: bool, **kwargs) -> nn.Module:

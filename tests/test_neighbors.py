@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import ase
 import ase.build
@@ -27,8 +28,9 @@ from plugin.neighbors import (
 def _keyed(i, j, shifts, dist):
     """{(i, j, shift tuple): distance}, failing on duplicates."""
     out = {}
-    for a, b, s, d in zip(np.asarray(i).tolist(), np.asarray(j).tolist(),
-                          np.rint(np.asarray(shifts)).astype(int).tolist(), np.asarray(dist).tolist()):
+    shifts = np.rint(np.asarray(shifts)).astype(int).tolist()
+    for a, b, s, d in zip(np.asarray(i).tolist(), np.asarray(j).tolist(), shifts,
+                          np.asarray(dist).tolist()):
         key = (a, b, tuple(s))
         assert key not in out, f"duplicate pair {key}"
         out[key] = d
@@ -182,6 +184,14 @@ def test_sorted_even_when_vesin_is_not():
     np.testing.assert_array_equal(dst, raw_i[order])
 
 
+@pytest.mark.parametrize("num_atoms", [1, 1000, 70_000, 3_000_000])
+def test_stable_order_matches_numpy(num_atoms):
+    from plugin.neighbors import _stable_order
+
+    keys = np.random.default_rng(num_atoms).integers(0, num_atoms, 200_000).astype(np.int32)
+    np.testing.assert_array_equal(_stable_order(keys, num_atoms), np.argsort(keys, kind="stable"))
+
+
 def test_shift_dtypes_and_integrality():
     atoms = _cu()
     _, _, s64 = neighbor_pairs_from_atoms(atoms, 5.0)
@@ -235,6 +245,68 @@ def test_very_long_wire():
     assert_matches_ase(atoms, 5.0, min_pairs=2)
 
 
+@pytest.mark.parametrize("rotate", [False, True])
+def test_slab_with_molecule_far_above(rotate):
+    # raw vesin takes hours here (its mixed-pbc search is quadratic in the open-direction grid)
+    slab = ase.build.fcc111("Cu", (2, 2, 3), vacuum=5.0)
+    slab.rattle(0.05, seed=1)
+    slab += ase.Atoms("H2", positions=[[1.0, 1.0, 5e5], [1.5, 1.0, 5e5 + 0.7]])
+    if rotate:
+        slab.set_cell(slab.cell.array @ _rotation(3).T, scale_atoms=True)
+    t0 = time.perf_counter()
+    neighbor_pairs_from_atoms(slab, 5.0)
+    assert time.perf_counter() - t0 < 2.0
+    ours = assert_matches_ase(slab, 5.0, min_pairs=100)
+    assert (12, 13, (0, 0, 0)) in ours
+
+
+def test_wire_with_clusters_far_apart():
+    # raw vesin: ~45 s for this 200-atom system (pbc along x only, clusters 1000 A apart in y, z)
+    rng = np.random.default_rng(0)
+    pos = rng.uniform(0, 10, (200, 3))
+    pos[:100, 2] += 1000.0
+    pos[:50, 1] += 1000.0
+    atoms = ase.Atoms("H200", positions=pos, cell=np.diag([10.0, 10.0, 10.0]),
+                      pbc=[True, False, False])
+    t0 = time.perf_counter()
+    neighbor_pairs_from_atoms(atoms, 5.0)
+    assert time.perf_counter() - t0 < 2.0
+    assert_matches_ase(atoms, 5.0, min_pairs=1000)
+
+
+def test_huge_coordinates_along_open_directions():
+    mol = _random_molecule(25, 7.0, seed=8)
+    slab, _ = SYSTEMS["slab_mixed_pbc"]
+    for atoms, offset in [(mol, [3e10, -2e10, 1e10]), (slab, [0.0, 0.0, -4e10])]:
+        ref = set(_ours(atoms, 4.0)[3])
+        moved = atoms.copy()
+        moved.positions += offset
+        got = set(_ours(moved, 4.0)[3])
+        assert got == ref and len(ref) > 2 * len(atoms)
+
+
+def test_close_gaps_keeps_pairs_and_shrinks_extent():
+    from plugin.neighbors import _close_gaps, _open_directions
+
+    rng = np.random.default_rng(3)
+    pos = rng.uniform(0, 8, (60, 3))
+    pos[:20] += [1e6, 0, 0]
+    pos[20:30] += [0, -3e7, 2e5]
+    for pbc, cell in [([False] * 3, np.zeros((3, 3))),
+                      ([False, True, True], np.array([[0, 0, 0], [1.0, 9.0, 0], [0, 2.0, 8.0]]))]:
+        pbc = np.array(pbc)
+        dirs = _open_directions(cell, pbc)
+        closed = _close_gaps(pos, dirs, 6.0)
+        assert np.ptp(closed @ dirs.T, axis=0).max() < 100.0
+        # moves are perpendicular to the periodic vectors
+        np.testing.assert_allclose((closed - pos) @ cell[pbc].T, 0.0, atol=1e-6)
+        a = neighbor_pairs(pos, cell, pbc, 3.0)
+        b = neighbor_pairs(closed, cell, pbc, 3.0)
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+        assert len(a[0]) > 50
+
+
 def test_huge_unwrapped_coordinates():
     # raw vesin silently drops pairs for atoms ~1e10 A outside the cell (int32 cell index)
     atoms = _cu((2, 2, 2), cubic=True, rattle=0.1, seed=6)
@@ -246,8 +318,10 @@ def test_huge_unwrapped_coordinates():
     moved = atoms.copy()
     moved.positions += n @ cell
     dst, src, sh = neighbor_pairs_from_atoms(moved, 5.0, shift_dtype=np.int64)
-    got = {(a, b, tuple(s)) for a, b, s in zip(dst.tolist(), src.tolist(), (sh + n[src] - n[dst]).tolist())}
-    ref = {(a, b, tuple(s)) for a, b, s in zip(dst0.tolist(), src0.tolist(), sh0.astype(int).tolist())}
+    back = (sh + n[src] - n[dst]).tolist()  # shifts relative to the original positions
+    got = {(a, b, tuple(s)) for a, b, s in zip(dst.tolist(), src.tolist(), back)}
+    orig = sh0.astype(int).tolist()
+    ref = {(a, b, tuple(s)) for a, b, s in zip(dst0.tolist(), src0.tolist(), orig)}
     assert got == ref
 
 
@@ -305,7 +379,8 @@ def test_bad_cells(cell, pbc, match):
 def test_degenerate_open_rows_are_fine():
     # rows of non-periodic directions are ignored, even if zero or dependent
     pos = [[0.0, 0, 0], [1.0, 0.5, 0.2]]
-    dst, _, shifts = neighbor_pairs(pos, [[3.0, 0, 0], [3.0, 0, 0], [0, 0, 0]], [True, False, False], 2.5)
+    cell = [[3.0, 0, 0], [3.0, 0, 0], [0, 0, 0]]
+    dst, _, shifts = neighbor_pairs(pos, cell, [True, False, False], 2.5)
     assert len(dst) == 4 and np.all(shifts[:, 1:] == 0)
 
 
@@ -313,6 +388,7 @@ def test_degenerate_open_rows_are_fine():
     (dict(positions=np.zeros((4, 2))), r"shape \(N, 3\)"),
     (dict(positions=np.zeros(3)), r"shape \(N, 3\)"),
     (dict(positions=[["a", "b", "c"]]), "positions"),
+    (dict(positions=np.zeros((2, 3)) + 1j), "real"),
     (dict(cell=np.eye(2)), r"\(3, 3\)"),
     (dict(pbc=[True, False]), "pbc"),
     (dict(pbc="yes"), "pbc"),
@@ -375,7 +451,8 @@ def test_bucket_ladder():
     # the ladder does not depend on n: every value returned is a rung
     assert bucket_capacity(rungs[5]) in rungs and bucket_capacity(12345, headroom=0) in [
         bucket_capacity(k, headroom=0) for k in range(12345, 20000)]
-    assert bucket_capacity(1000, growth=1.5, minimum=10, headroom=0, align=1) == 1298  # ceil(10 * 1.5**12)
+    # ceil(10 * 1.5**12) = 1298 is the first rung >= 1000
+    assert bucket_capacity(1000, growth=1.5, minimum=10, headroom=0, align=1) == 1298
     for bad in [dict(growth=1.0), dict(minimum=0), dict(headroom=-0.1)]:
         with pytest.raises(ValueError):
             bucket_capacity(10, **bad)
@@ -425,7 +502,8 @@ def test_builder_grows_geometrically_and_never_shrinks():
     assert small.capacity == bucket_capacity(42, 16, 1.5, 0.0) < caps[-1]
     assert small.resized and builder.capacity_changes == 4
     builder.reset_capacity(10_000)
-    assert builder.capacity == bucket_capacity(10_000, 16, 1.5, 0.0) and builder.capacity_changes == 5
+    assert builder.capacity == bucket_capacity(10_000, 16, 1.5, 0.0)
+    assert builder.capacity_changes == 5
 
 
 def test_builder_rejects_bad_input_without_changing_state():
