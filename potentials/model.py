@@ -127,14 +127,16 @@ class EnergyModel(nn.Module):
   Inputs: ``species (N,)`` indices into the model's species list, ``atomic_numbers (S,)``
   (constant table, for the repulsion), ``r (pairs, 3)`` pair vectors ``R[src] - R[dst]``,
   ``dst_idx``/``src_idx (pairs,)`` with padding index N, ``atom_mask (N,)`` (False for padded
-  atoms). Output: ``(N,)`` per-atom energies (eV); padded atoms get exactly 0.
+  atoms). Output: ``(N,)`` per-atom energies (eV); padded atoms get exactly 0. With
+  ``include_shift=False`` the per-element shifts are left out (add ``shift[species]`` in
+  float64 to keep float32 runs from rounding energies of ~1e3 eV per atom).
   """
   config: ModelConfig
   num_species: int
 
   @nn.compact
   def __call__(self, species, r, dst_idx, src_idx, atom_mask=None, atomic_numbers=None,
-               indices_are_sorted: bool = False):
+               indices_are_sorted: bool = False, include_shift: bool = True):
     cfg = self.config
     n = species.shape[0]
     valid = (dst_idx < n) & (src_idx < n)
@@ -176,7 +178,8 @@ class EnergyModel(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (self.num_species,), jnp.float32)
     shift = self.param("shift", nn.initializers.zeros, (self.num_species,), jnp.float32)
     e = (e - e_iso[species]) * jnp.asarray(scale, e.dtype)[species]
-    e = e + jnp.asarray(shift, e.dtype)[species]
+    if include_shift:  # callers that sum in float64 add the (large) shifts themselves
+      e = e + jnp.asarray(shift, e.dtype)[species]
     if cfg.repulsion and atomic_numbers is not None:
       z = jnp.asarray(atomic_numbers, r.dtype)[species]
       zi = jnp.take(z, dst_idx, mode="fill", fill_value=1.0)

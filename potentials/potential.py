@@ -133,20 +133,29 @@ class Potential:
     return idx.astype(np.int32)
 
   # ------------------------------------------------------------------ pure functions
-  def pair_energies_fn(self) -> Callable:
-    """``f(params, species, r, dst, src, atom_mask=None, indices_are_sorted=False) -> (N,)``."""
+  def pair_energies_fn(self, include_shift: bool = True) -> Callable:
+    """``f(params, species, r, dst, src, atom_mask=None, indices_are_sorted=False) -> (N,)``.
+
+    With ``include_shift=False`` the per-element reference energies are left out; add
+    ``self.element_shifts[species]`` in float64 on the host (float32 runs keep their precision).
+    """
     model = self.model
     zs = jnp.asarray(self.species)
 
     def f(params, species, r, dst, src, atom_mask=None, indices_are_sorted=False):
       return model.apply({"params": params}, species, r, dst, src, atom_mask, zs,
-                         indices_are_sorted)
+                         indices_are_sorted, include_shift)
     return f
 
-  def atomic_energies_fn(self) -> Callable:
+  @property
+  def element_shifts(self) -> np.ndarray:
+    """Per-species reference energies (eV, float64): an isolated atom's energy."""
+    return np.asarray(self.params["shift"], np.float64)
+
+  def atomic_energies_fn(self, include_shift: bool = True) -> Callable:
     """``f(params, species, positions, dst, src, shifts=None, cell=None, atom_mask=None,
     indices_are_sorted=False) -> (N,)`` per-atom energies (eV)."""
-    pair_fn = self.pair_energies_fn()
+    pair_fn = self.pair_energies_fn(include_shift)
 
     def f(params, species, positions, dst, src, shifts=None, cell=None, atom_mask=None,
           indices_are_sorted=False):
