@@ -1,0 +1,357 @@
+"""JAX-MD energy functions for eqattn potentials, fed by JAX-MD's own neighbour list.
+
+Shaped like JAX-MD's ``energy.*_neighbor_list`` functions::
+
+    displacement_fn, shift_fn = space.periodic_general(box)      # fractional coordinates
+    neighbor_fn, energy_fn = plugin.jax_md.neighbor_list(
+        potential, displacement_fn, box, species=atomic_numbers, fractional_coordinates=True)
+    nbrs = neighbor_fn.allocate(R)
+    E = energy_fn(R, nbrs)                    # eV; forces: -jax.grad(energy_fn)(R, nbrs)
+    init_fn, apply_fn = simulate.nve(energy_fn, shift_fn, dt)   # metal units: Å, eV, amu
+
+Conventions (``/work/shared/DESIGN.md``)
+----------------------------------------
+* **Rows of ``idx``.** JAX-MD's ``Sparse`` list has ``idx`` of shape ``(2, capacity)``; both
+  directions of every pair are present and unused slots hold ``N``. JAX-MD builds it by
+  flattening an ``(N, candidates)`` table row by row, where the row number is written into
+  ``idx[1]`` and the candidate into ``idx[0]``, then compacting the valid entries in order
+  (``partition.prune_*_sparse``). So ``idx[1]`` is non-decreasing over the valid entries and is
+  followed by the padding ``N``. We take ``dst = idx[1]`` (centre, receives the message) and
+  ``src = idx[0]`` (neighbour), which makes ``indices_are_sorted=True`` valid for the model's
+  ``segment_sum`` over ``dst``. One corner case: when the capacity equals the whole candidate
+  table, JAX-MD's compaction can leave ``(N, k)`` with ``k < N`` in the last slot; we map every
+  pair with either end ``== N`` to ``(N, N)``, which keeps ``dst`` sorted in all cases.
+* **Pair vectors** come from the user's displacement function: JAX-MD's ``displacement(Ra, Rb)``
+  is ``Ra - Rb`` (minimum image), so ``r = displacement(R[src], R[dst]) = R[src] - R[dst]``,
+  the model's convention. Keyword arguments of ``energy_fn`` (``box=``, ``perturbation=``,
+  ``new_box=`` ...) are passed to the displacement function exactly as JAX-MD's ``smap`` does,
+  which is what ``quantity.stress`` and ``simulate.npt_nose_hoover`` rely on.
+* **Padding.** Padded pairs are gathered with a clipped index and their vector is replaced by a
+  finite vector beyond the cutoff with ``jnp.where``, so they cannot create NaN in values or
+  gradients; the model also masks them (``dst == src == N``).
+* **Forces** are ``-jax.grad(energy_fn)(R, nbrs)``. With fractional coordinates JAX-MD's
+  ``periodic_general`` defines the derivative of the displacement so that this gradient is
+  already the real-space (Cartesian) gradient, which is what its integrators expect.
+* **Units.** Å, eV, amu: JAX-MD's ``units.metal_unit_system`` (time unit ~10.18 fs).
+* **Stress.** ``quantity.stress(energy_fn, R, box, neighbor=nbrs)`` returns JAX-MD's sign
+  convention ``sigma = -(1/V) dE/d(eps)`` (plus the kinetic term when velocities are given),
+  i.e. the *negative* of ASE's ``atoms.get_stress()`` (``+(1/V) dE/d(eps)``), as a 3x3 matrix.
+
+Small boxes
+-----------
+JAX-MD's neighbour list and displacement functions use the minimum image convention. With the
+list cutoff ``rc + dr_threshold``, that is exact only when every perpendicular width of the box is
+at least ``2 * (rc + dr_threshold)``; below that, pairs with an atom's periodic images are missed
+silently. :func:`neighbor_list` refuses such boxes with a ``ValueError`` that names the width,
+the width needed and the supercell that fixes it. Boxes that change during a run (NPT) are
+checked inside the compiled step: ``energy_fn(..., box=b)`` returns NaN when ``b`` is narrower
+than ``2 * rc`` (the energy would be wrong; a jitted function cannot raise), and
+``nbrs.update(R, box=b)`` sets JAX-MD's ``cell_size_too_small`` error bit when ``b`` is narrower
+than ``2 * (rc + dr_threshold)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax_md import dataclasses as jmd_dataclasses
+from jax_md import partition, space
+
+import potentials
+
+__all__ = ["neighbor_list", "box_matrix", "box_widths", "check_box"]
+
+Array = jax.Array
+Box = Any  # scalar, (3,) side lengths, or (3, 3) upper-triangular matrix (columns = vectors)
+DisplacementFn = Callable[..., Array]
+EnergyFn = Callable[..., Array]
+
+
+# --------------------------------------------------------------------------------------------
+# boxes
+
+
+def box_matrix(box: Box) -> np.ndarray:
+  """JAX-MD box (scalar, ``(3,)`` or ``(3, 3)``) as a float64 ``(3, 3)`` matrix whose *columns*
+  are the lattice vectors (``x = box @ u`` for fractional ``u``; ASE's ``cell.T``)."""
+  b = np.asarray(box, dtype=np.float64)
+  if b.ndim == 0:
+    b = np.full(3, float(b))
+  if b.ndim == 1:
+    if b.shape != (3,):
+      raise ValueError(f"box side lengths must have shape (3,), got {b.shape}")
+    b = np.diag(b)
+  if b.shape != (3, 3):
+    raise ValueError(f"box must be a scalar, a (3,) vector or a (3, 3) matrix; got shape "
+                     f"{b.shape} (eqattn's JAX-MD plugin is three-dimensional)")
+  if not np.all(np.isfinite(b)):
+    raise ValueError(f"box contains non-finite values:\n{b}")
+  return b
+
+
+def box_widths(box: Box) -> np.ndarray:
+  """Perpendicular widths ``(3,)`` (Å) of the box: the distance between opposite faces, i.e.
+  ``V / |a_j x a_k|`` = ``1 / |row i of box^-1|``. Zero for a singular box."""
+  b = box_matrix(box)
+  if abs(np.linalg.det(b)) <= 1e-12 * max(np.abs(b).max(), 1e-300) ** 3:
+    return np.zeros(3)
+  return 1.0 / np.linalg.norm(np.linalg.inv(b), axis=1)
+
+
+def _box_widths_jnp(box: Array) -> Array:
+  """Traceable :func:`box_widths` for a box passed at call time (NPT changes it every step)."""
+  box = jnp.asarray(box)
+  if box.ndim == 0:
+    return jnp.full((3,), box)
+  if box.ndim == 1:
+    return box
+  return 1.0 / jnp.linalg.norm(jnp.linalg.inv(box), axis=1)
+
+
+def check_box(box: Box, cutoff: float, dr_threshold: float = 0.0) -> None:
+  """Raise ``ValueError`` unless every perpendicular width of ``box`` is at least
+  ``2 * (cutoff + dr_threshold)``, the limit of JAX-MD's minimum image convention."""
+  widths = box_widths(box)
+  need = 2.0 * (cutoff + dr_threshold)
+  if np.all(widths >= need):
+    return
+  if np.any(widths <= 0):
+    raise ValueError(f"box is singular (zero volume):\n{box_matrix(box)}")
+  axis = int(np.argmin(widths))
+  reps = tuple(max(1, math.ceil(need / w)) for w in widths)
+  raise ValueError(
+      f"box too small for JAX-MD's minimum image convention: its perpendicular width across "
+      f"lattice vector {axis} (the distance between the two faces that vector crosses) is "
+      f"{widths[axis]:.4g} Å, but 2 * (cutoff {cutoff:g} Å + "
+      f"dr_threshold {dr_threshold:g} Å) = {need:.4g} Å is needed (widths: "
+      f"{np.array2string(widths, precision=4)} Å). Pairs with periodic images would be missed "
+      f"silently. Fix: simulate a supercell, e.g. atoms.repeat({reps}) in ASE, replicating "
+      f"positions and species accordingly (or use a smaller dr_threshold if that suffices).")
+
+
+# --------------------------------------------------------------------------------------------
+# checks of the user's space
+
+
+def _probe_space(displacement_fn: DisplacementFn, box: np.ndarray,
+                 fractional_coordinates: bool) -> bool:
+  """Whether ``displacement_fn`` is periodic, found by evaluating it on two probe vectors per
+  axis; also catches a ``fractional_coordinates`` flag that does not match the space.
+
+  A vector of 1/4 of a lattice vector is its own minimum image; in fractional coordinates
+  the displacement of ``u = e_i / 4`` has length ``|a_i| / 4``, in real coordinates the
+  displacement of ``x = e_i / 4`` has length 1/4. A vector of 3/4 of a lattice vector wraps to
+  1/4 of it in a periodic space and stays 3/4 long in free space.
+  """
+  lengths = np.linalg.norm(box, axis=0)
+  zero = jnp.zeros(3)
+  periodic = []
+  for i in range(3):
+    e = np.eye(3)[i]
+    # The 1/4 probe is unambiguous only if 1/4 Å is its own image (boxes that thin are
+    # refused by check_box anyway) and |a_i| is not ~1 Å.
+    if box_widths(box).min() >= 1.0:
+      quarter = float(np.linalg.norm(displacement_fn(zero, jnp.asarray(0.25 * e))))
+      frac_like = abs(quarter - 0.25 * lengths[i]) <= 1e-4 * lengths[i]
+      real_like = abs(quarter - 0.25) <= 1e-4
+      if fractional_coordinates and real_like and not frac_like:
+        raise ValueError("fractional_coordinates=True, but displacement_fn treats positions as "
+                         "real coordinates; build it with space.periodic_general(box, "
+                         "fractional_coordinates=True) or pass fractional_coordinates=False")
+      if not fractional_coordinates and frac_like and not real_like:
+        raise ValueError("fractional_coordinates=False, but displacement_fn treats positions "
+                         "as fractional coordinates; pass fractional_coordinates=True")
+    probe = 0.75 * (e if fractional_coordinates else box[:, i])
+    d = float(np.linalg.norm(displacement_fn(zero, jnp.asarray(probe))))
+    periodic.append(d < 0.5 * lengths[i])
+  if len(set(periodic)) != 1:
+    raise ValueError("displacement_fn is periodic along some box axes only; JAX-MD spaces are "
+                     "periodic along all axes (space.periodic, space.periodic_general) or none "
+                     "(space.free)")
+  return periodic[0]
+
+
+def _check_positions(R: Any, n: int, box: np.ndarray, periodic: bool,
+                     fractional_coordinates: bool) -> None:
+  """Shape, finiteness and (periodic spaces) inside-the-box checks of concrete positions."""
+  try:
+    R = np.asarray(R)
+  except jax.errors.TracerArrayConversionError:
+    return  # traced: nothing concrete to check (JAX-MD's allocate is not jittable anyway)
+  if R.shape != (n, 3):
+    raise ValueError(f"positions must have shape ({n}, 3) (one row per species entry), "
+                     f"got {R.shape}")
+  if not np.issubdtype(R.dtype, np.floating):
+    raise ValueError(f"positions must be floating point, got {R.dtype}")
+  bad = ~np.isfinite(R).all(axis=1)
+  if bad.any():
+    i = int(np.argmax(bad))
+    raise ValueError(f"positions of atom {i} are not finite: {R[i]} "
+                     f"({int(bad.sum())} atom(s) with NaN/inf positions)")
+  if periodic:
+    # JAX-MD's cell list bins by int(position / cell_size); atoms outside the box land in the
+    # wrong cell and pairs can be missed silently. Its shift_fn keeps them inside afterwards.
+    u = R if fractional_coordinates else np.linalg.solve(box, R.T.astype(np.float64)).T
+    tol = 1e-6
+    if np.any(u < -tol) or np.any(u > 1 + tol):
+      i = int(np.argmax(((u < -tol) | (u > 1 + tol)).any(axis=1)))
+      what = "fractional coordinates" if fractional_coordinates else "positions"
+      raise ValueError(f"{what} must lie inside the box for JAX-MD's neighbour list; atom {i} "
+                       f"is at fractional position {u[i]}. Wrap them first (e.g. "
+                       f"atoms.wrap() in ASE, or R % 1 for fractional coordinates).")
+
+
+# --------------------------------------------------------------------------------------------
+# the public constructor
+
+
+def neighbor_list(
+    potential: potentials.Potential,
+    displacement_fn: DisplacementFn,
+    box: Box,
+    *,
+    species: Sequence[int],
+    dr_threshold: float = 0.5,
+    capacity_multiplier: float = 1.25,
+    fractional_coordinates: bool = False,
+    per_particle: bool = False,
+    format: partition.NeighborListFormat = partition.Sparse,
+    **neighbor_kwargs,
+) -> Tuple[partition.NeighborListFns, EnergyFn]:
+  """JAX-MD neighbour list and energy function of an eqattn potential.
+
+  Args:
+    potential: the :class:`potentials.Potential` (its ``cutoff`` is the list's ``r_cutoff``).
+    displacement_fn: from ``jax_md.space`` (``free``, ``periodic``, ``periodic_general``).
+    box: the box given to JAX-MD's neighbour list: scalar, ``(3,)`` or upper-triangular
+      ``(3, 3)`` with lattice vectors as columns. Periodic boxes must be at least
+      ``2 * (cutoff + dr_threshold)`` wide in every direction (else ``ValueError``); for
+      ``space.free`` it is only the cell-list region.
+    species: ``(N,)`` atomic numbers, one per atom (unknown elements raise
+      :class:`potentials.UnknownElementError`).
+    dr_threshold: skin (Å); the list is rebuilt when an atom moved more than half of it.
+    capacity_multiplier: extra room in the list, as in ``partition.neighbor_list``.
+    fractional_coordinates: positions in the unit cube (``space.periodic_general`` default);
+      needed for a box that changes (``box=``, NPT).
+    per_particle: if True, ``energy_fn`` returns per-atom energies ``(N,)`` instead of the total
+      (JAX-MD's ``per_particle`` flag of its ``energy.*_neighbor_list`` functions).
+    format: must be ``partition.Sparse`` (the model needs both directions of each pair).
+    **neighbor_kwargs: passed to ``partition.neighbor_list`` (e.g. ``disable_cell_list``).
+
+  Returns:
+    ``(neighbor_fn, energy_fn)``. ``neighbor_fn`` is a ``partition.NeighborListFns``
+    (``allocate(R)`` checks positions, ``update(R, nbrs)`` / ``nbrs.update(R)`` are jittable).
+    ``energy_fn(R, neighbor, **kwargs)`` takes ``R (N, 3)`` and a neighbour list from
+    ``neighbor_fn`` and returns the energy (eV): a scalar, or ``(N,)`` with ``per_particle``.
+    Keyword arguments go to ``displacement_fn`` (``box=``, ``perturbation=``), except
+    ``params=``, which replaces ``potential.params`` (e.g. to differentiate by parameters).
+    Other keywords (``kT``, ... passed on by ``simulate``) are ignored, as in JAX-MD.
+  """
+  if format is not partition.Sparse:
+    raise ValueError(f"format must be partition.Sparse (both directions of each pair, "
+                     f"idx of shape (2, capacity)); got {format}")
+  if not neighbor_kwargs.get("mask_self", True):
+    raise ValueError("mask_self=False would put zero-length self pairs into the list; "
+                     "the model needs them excluded")
+  if not (np.isfinite(dr_threshold) and dr_threshold >= 0):
+    raise ValueError(f"dr_threshold must be a finite number >= 0, got {dr_threshold}")
+  z = np.asarray(species)
+  if z.ndim != 1 or z.size == 0 or not np.issubdtype(z.dtype, np.integer):
+    raise ValueError(f"species must be a non-empty 1-D integer array of atomic numbers, got "
+                     f"{z.dtype} array of shape {z.shape}")
+  species_idx = jnp.asarray(potential.species_index(z))  # raises UnknownElementError
+  n = int(z.size)
+  cutoff = float(potential.cutoff)
+  bmat = box_matrix(box)
+  periodic = _probe_space(displacement_fn, bmat, fractional_coordinates)
+  if periodic:
+    check_box(bmat, cutoff, dr_threshold)
+
+  fns = partition.neighbor_list(
+      displacement_fn, box, cutoff, dr_threshold=dr_threshold,
+      capacity_multiplier=capacity_multiplier, fractional_coordinates=fractional_coordinates,
+      format=format, **neighbor_kwargs)
+  min_list_width = 2.0 * (cutoff + dr_threshold)
+
+  def update_fn(R: Array, neighbors: partition.NeighborList,
+                **kwargs) -> partition.NeighborList:
+    nbrs = fns.update(R, neighbors, **kwargs)
+    if periodic and "box" in kwargs:
+      # A shrinking box (NPT) can break the minimum image convention mid-run; report it with
+      # JAX-MD's own error bit, readable as nbrs.cell_size_too_small.
+      too_small = jnp.any(_box_widths_jnp(kwargs["box"]) < min_list_width)
+      nbrs = jmd_dataclasses.replace(
+          nbrs, error=nbrs.error.update(partition.PEC.CELL_SIZE_TOO_SMALL, too_small))
+    return nbrs
+
+  def allocate_fn(R: Array, extra_capacity: int = 0, **kwargs) -> partition.NeighborList:
+    b = box_matrix(kwargs["box"]) if "box" in kwargs else bmat
+    _check_positions(R, n, b, periodic, fractional_coordinates)
+    if periodic and "box" in kwargs:
+      check_box(b, cutoff, dr_threshold)
+    nbrs = fns.allocate(R, extra_capacity, **kwargs)
+    # With fractional coordinates JAX-MD keeps the cell size as a 0-d jax array in a static
+    # (pytree metadata) field. Recent JAX compares metadata while tracing, so a freshly
+    # allocated list meeting a cached trace of the same energy_fn (e.g. simulate's
+    # eval_shape inside jit) fails with "Exception raised while checking equality of metadata
+    # fields". A Python float has the same value and compares plainly.
+    cell_size = nbrs.cell_size
+    if cell_size is not None and np.ndim(cell_size) == 0:
+      cell_size = float(cell_size)
+    # Route nbrs.update(...) through update_fn, so its box check runs too.
+    return jmd_dataclasses.replace(nbrs, update_fn=update_fn, cell_size=cell_size)
+
+  neighbor_fn = partition.NeighborListFns(allocate_fn, update_fn)
+  energy_fn = _energy_fn(potential, displacement_fn, species_idx, periodic, per_particle)
+  return neighbor_fn, energy_fn
+
+
+def _energy_fn(potential: potentials.Potential, displacement_fn: DisplacementFn,
+               species_idx: Array, periodic: bool, per_particle: bool) -> EnergyFn:
+  pair_energies = potential.pair_energies_fn()
+  default_params = potential.params
+  cutoff = float(potential.cutoff)
+  n = int(species_idx.shape[0])
+
+  def energy_fn(R: Array, neighbor: Optional[partition.NeighborList] = None,
+                **kwargs) -> Array:
+    if neighbor is None:
+      raise TypeError("energy_fn needs a neighbour list: energy_fn(R, nbrs) or "
+                      "energy_fn(R, neighbor=nbrs), with nbrs = neighbor_fn.allocate(R)")
+    for key in ("per_particle", "per_atom"):
+      if key in kwargs:
+        raise TypeError(f"{key}= is not a call-time option; build the function with "
+                        f"neighbor_list(..., per_particle=True) for per-atom energies")
+    if "species" in kwargs:
+      raise TypeError("species are fixed when the energy function is built "
+                      "(neighbor_list(..., species=...)); build a new one for other species")
+    if R.shape != (n, 3):
+      raise ValueError(f"positions must have shape ({n}, 3) to match species, got {R.shape}")
+    if neighbor.format is not partition.Sparse:
+      raise ValueError(f"neighbour list format must be partition.Sparse, got {neighbor.format}")
+    params = kwargs.pop("params", default_params)
+
+    # dst = idx[1] (sorted by construction in JAX-MD, see module docstring), src = idx[0].
+    src_raw, dst_raw = neighbor.idx[0], neighbor.idx[1]
+    valid = (src_raw < n) & (dst_raw < n)
+    dst = jnp.where(valid, dst_raw, n)
+    src = jnp.where(valid, src_raw, n)
+    d = space.map_bond(lambda ra, rb: displacement_fn(ra, rb, **kwargs))
+    r = d(jnp.take(R, src, axis=0, mode="clip"), jnp.take(R, dst, axis=0, mode="clip"))
+    # Padded pairs: a finite vector beyond the cutoff; `where` also zeroes their gradients.
+    far = jnp.zeros_like(r).at[:, 0].set(2.0 * cutoff + 1.0)
+    r = jnp.where(valid[:, None], r, far)
+
+    e = pair_energies(params, species_idx, r, dst, src, None, True)
+    if periodic and "box" in kwargs:
+      # A box narrower than 2 * cutoff makes minimum-image pair vectors wrong; a jitted
+      # function cannot raise, so make it loud instead of silently wrong.
+      ok = jnp.all(_box_widths_jnp(kwargs["box"]) >= 2.0 * cutoff)
+      e = jnp.where(ok, e, jnp.nan)
+    return e if per_particle else jnp.sum(e)
+
+  return energy_fn
