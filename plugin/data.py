@@ -1,0 +1,58 @@
+"""Training data from any ASE-readable file: labelled frames with their pair lists."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.calculator import PropertyNotImplementedError
+
+from potentials.training import Frame
+
+from .neighbors import neighbor_pairs_from_atoms
+
+
+def _label(atoms: Atoms, name: str):
+  """A reference label from the attached (single-point) calculator, or None if absent."""
+  if atoms.calc is None:
+    return None
+  try:
+    if name == "energy":
+      return float(atoms.get_potential_energy())
+    if name == "forces":
+      return np.asarray(atoms.get_forces(), np.float64)
+    if name == "stress":
+      if not np.all(atoms.pbc):
+        return None
+      return np.asarray(atoms.get_stress(voigt=False), np.float64)
+  except (PropertyNotImplementedError, RuntimeError, KeyError):
+    return None
+  return None
+
+
+def frame_from_atoms(atoms: Atoms, cutoff: float) -> Frame:
+  """One :class:`potentials.training.Frame` (labels from ``atoms.calc``, pairs within cutoff)."""
+  dst, src, shifts = neighbor_pairs_from_atoms(atoms, cutoff)
+  return Frame(numbers=np.asarray(atoms.numbers), positions=np.asarray(atoms.positions, float),
+               cell=np.asarray(atoms.cell[:], float), pbc=np.asarray(atoms.pbc, bool),
+               dst=dst, src=src, shifts=np.asarray(shifts, float),
+               energy=_label(atoms, "energy"), forces=_label(atoms, "forces"),
+               stress=_label(atoms, "stress"))
+
+
+def read_frames(source: Union[str, Sequence[Atoms]], cutoff: float,
+                index: Union[str, slice] = ":") -> List[Frame]:
+  """Read labelled frames from a file (extxyz, ASE db, traj, ...) or a list of Atoms."""
+  if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
+    from ase.io import read
+    images = read(source, index=index)
+    images = images if isinstance(images, list) else [images]
+  else:
+    images = list(source)
+  if not images:
+    raise ValueError(f"no structures in {source!r}")
+  frames = [frame_from_atoms(a, cutoff) for a in images]
+  if not any(f.energy is not None or f.forces is not None for f in frames):
+    raise ValueError(f"{source!r} has no energy or force labels to train on")
+  return frames

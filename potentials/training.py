@@ -1,0 +1,410 @@
+"""Fitting a :class:`potentials.Potential` to energies, forces and stresses.
+
+The data side is neutral: a list of :class:`Frame` records (atomic numbers, positions, cell,
+periodicity, reference labels) with their pair lists already built (``plugin.data`` reads any
+ASE-readable file and builds them). Frames are packed into fixed-capacity padded batches (one
+compilation for the whole run), energies are fitted per atom, forces per component and
+stresses per component, with weights.
+
+Checkpoints are msgpack files (no pickle) holding parameters, optimiser state, epoch, best
+validation loss and the RNG state, so training resumes exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import struct
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization
+
+from .potential import Potential
+
+
+@dataclasses.dataclass
+class Frame:
+  """One labelled structure with its full pair list (``r = R[src] - R[dst] + shifts @ cell``).
+
+  ``energy`` in eV, ``forces`` (N, 3) eV/Å, ``stress`` (3, 3) eV/Å^3 in ASE's sign convention
+  (``(1/V) dE/dε``) or None where not labelled.
+  """
+  numbers: np.ndarray
+  positions: np.ndarray
+  cell: np.ndarray
+  pbc: np.ndarray
+  dst: np.ndarray
+  src: np.ndarray
+  shifts: np.ndarray
+  energy: Optional[float] = None
+  forces: Optional[np.ndarray] = None
+  stress: Optional[np.ndarray] = None
+
+  @property
+  def num_atoms(self) -> int:
+    return len(self.numbers)
+
+  @property
+  def volume(self) -> float:
+    return abs(float(np.linalg.det(self.cell))) if np.all(self.pbc) else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Training hyperparameters.
+
+  Attributes:
+    epochs: passes over the training set.
+    batch_size: frames per batch (batches are padded to a fixed atom and pair capacity).
+    learning_rate: peak learning rate (Adam); warm-up over ``warmup_epochs`` then cosine decay
+      to ``learning_rate * final_lr_fraction``.
+    energy_weight, forces_weight, stress_weight: loss weights for (per-atom energy error)^2 in
+      eV^2, (force component error)^2 in (eV/Å)^2 and (stress component error)^2 in
+      (eV/Å^3)^2 (stress errors are multiplied by 100 first so all terms are O(1)).
+    valid_fraction, test_fraction: split of the frames (fixed ``seed``).
+    clip_norm: global gradient-norm clipping.
+    seed: split, shuffling and initialisation.
+  """
+  epochs: int = 100
+  batch_size: int = 16
+  learning_rate: float = 2e-3
+  warmup_epochs: int = 2
+  final_lr_fraction: float = 0.01
+  energy_weight: float = 1.0
+  forces_weight: float = 10.0
+  stress_weight: float = 1.0
+  valid_fraction: float = 0.1
+  test_fraction: float = 0.1
+  clip_norm: float = 10.0
+  seed: int = 0
+
+
+# ----------------------------------------------------------------------------- batching
+@dataclasses.dataclass
+class Batch:
+  """Frames packed into one padded system (numpy; moved to the device per step)."""
+  species: np.ndarray     # (A,) int32
+  positions: np.ndarray   # (A, 3)
+  atom_frame: np.ndarray  # (A,) frame slot of each atom; padding -> B
+  atom_mask: np.ndarray   # (A,) bool
+  dst: np.ndarray         # (E,) int32, padding = A
+  src: np.ndarray
+  shifts: np.ndarray      # (E, 3)
+  pair_frame: np.ndarray  # (E,) frame slot of each pair's centre
+  cells: np.ndarray       # (B, 3, 3)
+  volumes: np.ndarray     # (B,) 0 for non-periodic
+  num_atoms: np.ndarray   # (B,) 0 for empty slots
+  energy: np.ndarray      # (B,)
+  forces: np.ndarray      # (A, 3)
+  stress: np.ndarray      # (B, 3, 3)
+  has_energy: np.ndarray  # (B,) bool
+  has_forces: np.ndarray  # (A,) bool
+  has_stress: np.ndarray  # (B,) bool
+
+
+def batch_capacity(frames: Sequence[Frame], batch_size: int) -> Tuple[int, int]:
+  """Atom and pair capacity that fits any ``batch_size`` frames of this set."""
+  atoms = sorted((f.num_atoms for f in frames), reverse=True)[:batch_size]
+  pairs = sorted((len(f.dst) for f in frames), reverse=True)[:batch_size]
+  return int(sum(atoms)) + 1, int(sum(pairs)) + 1
+
+
+def make_batch(frames: Sequence[Frame], potential: Potential, batch_size: int,
+               atom_capacity: int, pair_capacity: int) -> Batch:
+  """Pack up to ``batch_size`` frames into one padded system."""
+  A, E, B = atom_capacity, pair_capacity, batch_size
+  b = Batch(species=np.zeros(A, np.int32), positions=np.zeros((A, 3)),
+            atom_frame=np.full(A, B, np.int32), atom_mask=np.zeros(A, bool),
+            dst=np.full(E, A, np.int32), src=np.full(E, A, np.int32), shifts=np.zeros((E, 3)),
+            pair_frame=np.full(E, B, np.int32), cells=np.zeros((B, 3, 3)), volumes=np.zeros(B),
+            num_atoms=np.zeros(B), energy=np.zeros(B), forces=np.zeros((A, 3)),
+            stress=np.zeros((B, 3, 3)), has_energy=np.zeros(B, bool),
+            has_forces=np.zeros(A, bool), has_stress=np.zeros(B, bool))
+  a = e = 0
+  for k, f in enumerate(frames):
+    n, m = f.num_atoms, len(f.dst)
+    if a + n > A or e + m > E:
+      raise ValueError("batch capacity exceeded")
+    sl, pl = slice(a, a + n), slice(e, e + m)
+    b.species[sl] = potential.species_index(f.numbers)
+    b.positions[sl] = f.positions
+    b.atom_frame[sl] = k
+    b.atom_mask[sl] = True
+    b.dst[pl], b.src[pl] = f.dst + a, f.src + a
+    b.shifts[pl] = f.shifts
+    b.pair_frame[pl] = k
+    b.cells[k] = f.cell
+    b.volumes[k] = f.volume
+    b.num_atoms[k] = n
+    if f.energy is not None:
+      b.energy[k], b.has_energy[k] = f.energy, True
+    if f.forces is not None:
+      b.forces[sl], b.has_forces[sl] = f.forces, True
+    if f.stress is not None and f.volume > 0:
+      b.stress[k], b.has_stress[k] = f.stress, True
+    a, e = a + n, e + m
+  return b
+
+
+# ----------------------------------------------------------------------------- predictions
+def predict_fn(potential: Potential) -> Callable:
+  """``f(params, batch) -> (energy (B,), forces (A, 3), stress (B, 3, 3))`` for a Batch.
+
+  Stress is ``(1/V) dE/dε`` of a symmetric strain applied to each frame's positions and cell
+  (ASE's sign), 0 for non-periodic frames.
+  """
+  atomic = potential.pair_energies_fn(include_shift=True)
+
+  def energies(params, strain, bt):
+    B = bt["cells"].shape[0]
+    deform = jnp.eye(3, dtype=strain.dtype) + 0.5 * (strain + jnp.swapaxes(strain, 1, 2))
+    deform_pad = jnp.concatenate([deform, jnp.eye(3, dtype=strain.dtype)[None]])
+    pos = jnp.einsum("ai,aij->aj", bt["positions"], deform_pad[bt["atom_frame"]])
+    cells = jnp.einsum("bij,bjk->bik", bt["cells"], deform)
+    cells = jnp.concatenate([cells, jnp.zeros((1, 3, 3), cells.dtype)])
+    r = (jnp.take(pos, bt["src"], axis=0, mode="fill", fill_value=0)
+         - jnp.take(pos, bt["dst"], axis=0, mode="fill", fill_value=0)
+         + jnp.einsum("ei,eij->ej", bt["shifts"], cells[bt["pair_frame"]]))
+    e_atom = atomic(params, bt["species"], r, bt["dst"], bt["src"], bt["atom_mask"],
+                    indices_are_sorted=True)
+    return jax.ops.segment_sum(e_atom, bt["atom_frame"], num_segments=B)
+
+  def predict(params, bt):
+    B = bt["cells"].shape[0]
+    strain = jnp.zeros((B, 3, 3), bt["positions"].dtype)
+
+    def total(positions, strain):
+      e = energies(params, strain, {**bt, "positions": positions})
+      return jnp.sum(e), e
+    (_, e), (g_pos, g_strain) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(
+        bt["positions"], strain)
+    vol = jnp.where(bt["volumes"] > 0, bt["volumes"], 1.0)
+    stress = jnp.where((bt["volumes"] > 0)[:, None, None], g_strain / vol[:, None, None], 0.0)
+    return e, -g_pos, stress
+  return predict
+
+
+def _device_batch(b: Batch, dtype) -> dict:
+  out = {}
+  for k, v in dataclasses.asdict(b).items():
+    v = np.asarray(v)
+    out[k] = jnp.asarray(v, dtype) if v.dtype.kind == "f" else jnp.asarray(v)
+  return out
+
+
+def loss_fn(potential: Potential, config: TrainConfig) -> Callable:
+  predict = predict_fn(potential)
+
+  def loss(params, bt):
+    e, f, s = predict(params, bt)
+    n = jnp.maximum(bt["num_atoms"], 1)
+    de = jnp.where(bt["has_energy"], (e - bt["energy"]) / n, 0.0)
+    df = jnp.where(bt["has_forces"][:, None], f - bt["forces"], 0.0)
+    ds = jnp.where(bt["has_stress"][:, None, None], (s - bt["stress"]) * 100.0, 0.0)
+    le = jnp.sum(de**2) / jnp.maximum(jnp.sum(bt["has_energy"]), 1)
+    lf = jnp.sum(df**2) / jnp.maximum(3 * jnp.sum(bt["has_forces"]), 1)
+    ls = jnp.sum(ds**2) / jnp.maximum(9 * jnp.sum(bt["has_stress"]), 1)
+    total = config.energy_weight * le + config.forces_weight * lf + config.stress_weight * ls
+    return total, (e, f, s)
+  return loss
+
+
+# ----------------------------------------------------------------------------- shifts
+def fit_element_shifts(potential: Potential, frames: Sequence[Frame]) -> np.ndarray:
+  """Least-squares per-element energies ``E ≈ sum_s count_s * shift_s`` over ``frames``."""
+  rows, ys = [], []
+  for f in frames:
+    if f.energy is None:
+      continue
+    rows.append(np.bincount(potential.species_index(f.numbers), minlength=len(potential.species)))
+    ys.append(f.energy)
+  if not rows:
+    return np.zeros(len(potential.species))
+  a, y = np.asarray(rows, np.float64), np.asarray(ys)
+  # Minimum-norm least squares: species that always appear in the same ratio (one molecule)
+  # make the system rank deficient; the split between them is then arbitrary, the sum right.
+  return np.linalg.lstsq(a, y, rcond=None)[0]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+_CKPT_MAGIC = b"EQATTN-CKPT\n"
+
+
+def save_checkpoint(path, state: dict) -> None:
+  payload = serialization.msgpack_serialize(serialization.to_state_dict(state))
+  data = _CKPT_MAGIC + struct.pack("<Q", len(payload)) + hashlib.sha256(payload).digest() + payload
+  tmp = Path(str(path) + ".tmp")
+  tmp.write_bytes(data)
+  os.replace(tmp, path)
+
+
+def load_checkpoint(path, template: dict) -> dict:
+  data = Path(path).read_bytes()
+  head = len(_CKPT_MAGIC) + 8 + 32
+  if not data.startswith(_CKPT_MAGIC) or len(data) < head:
+    raise ValueError(f"{path} is not an eqattn training checkpoint")
+  (length,) = struct.unpack_from("<Q", data, len(_CKPT_MAGIC))
+  payload = data[head:]
+  if len(payload) != length or hashlib.sha256(payload).digest() != data[head - 32:head]:
+    raise ValueError(f"{path} is truncated or corrupt")
+  return serialization.from_state_dict(template, serialization.msgpack_restore(payload))
+
+
+# ----------------------------------------------------------------------------- metrics
+def evaluate(potential: Potential, frames: Sequence[Frame], batch_size: int = 16,
+             dtype=jnp.float32) -> Dict[str, float]:
+  """MAE/RMSE of energy (per atom and total, eV), forces (eV/Å) and stress (eV/Å^3)."""
+  if not frames:
+    return {}
+  predict = jax.jit(predict_fn(potential))
+  cap = batch_capacity(frames, batch_size)
+  err: Dict[str, List[np.ndarray]] = {"e": [], "e_atom": [], "f": [], "s": []}
+  for i in range(0, len(frames), batch_size):
+    chunk = frames[i:i + batch_size]
+    b = make_batch(chunk, potential, batch_size, *cap)
+    e, f, s = (np.asarray(x, np.float64) for x in predict(potential.params, _device_batch(b, dtype)))
+    k = len(chunk)
+    he = b.has_energy[:k]
+    err["e"].append((e[:k] - b.energy[:k])[he])
+    err["e_atom"].append(((e[:k] - b.energy[:k]) / np.maximum(b.num_atoms[:k], 1))[he])
+    err["f"].append((f - b.forces)[b.has_forces].ravel())
+    err["s"].append((s[:k] - b.stress[:k])[b.has_stress[:k]].ravel())
+  out = {}
+  names = {"e": "energy", "e_atom": "energy_per_atom", "f": "forces", "s": "stress"}
+  for key, vals in err.items():
+    v = np.concatenate(vals) if vals else np.zeros(0)
+    if v.size:
+      out[f"{names[key]}_mae"] = float(np.mean(np.abs(v)))
+      out[f"{names[key]}_rmse"] = float(np.sqrt(np.mean(v**2)))
+  return out
+
+
+def split_frames(n: int, config: TrainConfig) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Train / validation / test indices from a fixed seed."""
+  perm = np.random.default_rng(config.seed).permutation(n)
+  n_test = int(round(config.test_fraction * n))
+  n_valid = int(round(config.valid_fraction * n))
+  if n - n_test - n_valid < 1:
+    raise ValueError(f"{n} frames are too few for the requested validation/test split")
+  return perm[n_test + n_valid:], perm[n_test:n_test + n_valid], perm[:n_test]
+
+
+# ----------------------------------------------------------------------------- training
+@dataclasses.dataclass
+class TrainResult:
+  potential: Potential
+  history: List[dict]
+  metrics: Dict[str, Dict[str, float]]  # "train"/"valid"/"test" -> metric -> value
+  seconds: float
+
+
+def train(potential: Potential, frames: Sequence[Frame], config: TrainConfig = TrainConfig(), *,
+          checkpoint: Optional[str] = None, resume: bool = True, progress: bool = True,
+          dtype=jnp.float32, log: Optional[Callable[[dict], None]] = None) -> TrainResult:
+  """Fit ``potential`` (its config and species fixed) to ``frames``.
+
+  Per-element shifts are fitted by least squares before training and the energy scale is set
+  from the force RMS. The best parameters on the validation set are kept; with
+  ``checkpoint`` a checkpoint is written after every epoch and, with ``resume``, an existing
+  one is continued. Returns the best potential, with its test metrics in ``metadata``.
+  """
+  start = time.perf_counter()
+  frames = list(frames)
+  train_idx, valid_idx, test_idx = split_frames(len(frames), config)
+  train_set = [frames[i] for i in train_idx]
+  valid_set = [frames[i] for i in valid_idx]
+  test_set = [frames[i] for i in test_idx]
+
+  params = jax.tree_util.tree_map(jnp.asarray, potential.params)
+  shifts = fit_element_shifts(potential, train_set)
+  f_all = np.concatenate([f.forces.ravel() for f in train_set if f.forces is not None] or
+                         [np.ones(1)])
+  scale = max(float(np.sqrt(np.mean(f_all**2))), 1e-3)
+  params = {**params, "shift": jnp.asarray(shifts, jnp.float32),
+            "scale": jnp.full(len(potential.species), scale, jnp.float32)}
+
+  steps_per_epoch = max(1, math.ceil(len(train_set) / config.batch_size))
+  total_steps = steps_per_epoch * config.epochs
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, config.learning_rate, min(config.warmup_epochs * steps_per_epoch, total_steps - 1),
+      max(total_steps, 2), config.learning_rate * config.final_lr_fraction)
+  optimizer = optax.chain(optax.clip_by_global_norm(config.clip_norm), optax.adam(schedule))
+  opt_state = optimizer.init(params)
+  state = {"params": params, "opt_state": opt_state, "epoch": 0, "best_loss": np.inf,
+           "best_params": params, "history": "[]"}
+  if checkpoint and resume and Path(checkpoint).exists():
+    state = load_checkpoint(checkpoint, state)
+  history = json.loads(str(state["history"]))
+
+  loss = loss_fn(potential, config)
+
+  @jax.jit
+  def step(params, opt_state, bt):
+    (l, _), grads = jax.value_and_grad(loss, has_aux=True)(params, bt)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, l
+
+  eval_loss = jax.jit(lambda p, bt: loss(p, bt)[0])
+  cap = batch_capacity(frames, config.batch_size)
+  valid_batches = [_device_batch(make_batch(valid_set[i:i + config.batch_size], potential,
+                                            config.batch_size, *cap), dtype)
+                   for i in range(0, len(valid_set), config.batch_size)]
+  rng = np.random.default_rng(config.seed + 1)
+  for _ in range(state["epoch"]):  # replay the shuffles of completed epochs when resuming
+    rng.permutation(len(train_set))
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm  # only a display dependency
+    bar = tqdm(total=config.epochs, initial=int(state["epoch"]), unit="epoch", dynamic_ncols=True)
+  params, opt_state = state["params"], state["opt_state"]
+  for epoch in range(int(state["epoch"]), config.epochs):
+    order = rng.permutation(len(train_set))
+    losses = []
+    for i in range(0, len(order), config.batch_size):
+      chunk = [train_set[j] for j in order[i:i + config.batch_size]]
+      bt = _device_batch(make_batch(chunk, potential, config.batch_size, *cap), dtype)
+      params, opt_state, l = step(params, opt_state, bt)
+      losses.append(float(l))
+    v = (float(np.mean([float(eval_loss(params, bt)) for bt in valid_batches]))
+         if valid_batches else float(np.mean(losses)))
+    if not np.isfinite(v):
+      raise FloatingPointError(f"validation loss became {v} at epoch {epoch + 1}; lower the "
+                               "learning rate")
+    if v < state["best_loss"]:
+      state["best_loss"], state["best_params"] = v, params
+    record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "valid_loss": v,
+              "lr": float(schedule((epoch + 1) * steps_per_epoch))}
+    history.append(record)
+    state.update(params=params, opt_state=opt_state, epoch=epoch + 1,
+                 history=json.dumps(history))
+    if checkpoint:
+      save_checkpoint(checkpoint, state)
+    if log:
+      log(record)
+    if bar is not None:
+      bar.set_postfix(loss=f"{record['train_loss']:.4g}", valid=f"{v:.4g}")
+      bar.update(1)
+  if bar is not None:
+    bar.close()
+
+  best = potential.replace(params=jax.tree_util.tree_map(np.asarray, state["best_params"]))
+  metrics = {name: evaluate(best, subset, config.batch_size, dtype)
+             for name, subset in (("train", train_set), ("valid", valid_set), ("test", test_set))}
+  seconds = time.perf_counter() - start
+  meta = dict(best.metadata)
+  meta.update({"training": {"config": dataclasses.asdict(config), "frames": len(frames),
+                            "split": [len(train_set), len(valid_set), len(test_set)],
+                            "epochs_run": int(state["epoch"]), "seconds": seconds,
+                            "best_valid_loss": float(state["best_loss"])},
+               "test_metrics": metrics["test"]})
+  best = best.replace(metadata=meta)
+  return TrainResult(best, history, metrics, seconds)
