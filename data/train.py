@@ -1,0 +1,71 @@
+"""Train the shipped models from the datasets in this folder.
+
+    python data/train.py ethanol [--epochs N] [--checkpoint PATH]
+    python data/train.py copper
+
+Writes ``potentials/models/<name>.eqm`` (package data, loadable as ``potentials.load(name)``)
+with the training provenance and test-set metrics inside the file. Training resumes from the
+checkpoint if it exists (default ``out/<name>.ckpt``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import potentials
+from potentials import training
+from plugin.data import read_frames
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+RECIPES = {
+    "ethanol": dict(
+        data="ethanol.extxyz.gz", species=["H", "C", "O"],
+        model=dict(cutoff=5.0, features=32, max_degree=2, num_iterations=3, num_heads=2,
+                   num_basis=16),
+        train=dict(epochs=400, batch_size=16, learning_rate=2e-3, energy_weight=10.0,
+                   forces_weight=1.0, stress_weight=0.0)),
+    "copper": dict(
+        data="copper.extxyz.gz", species=["Cu"],
+        model=dict(cutoff=5.0, features=32, max_degree=2, num_iterations=3, num_heads=2,
+                   num_basis=16),
+        train=dict(epochs=300, batch_size=8, learning_rate=2e-3, energy_weight=10.0,
+                   forces_weight=1.0, stress_weight=1.0)),
+}
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("name", choices=sorted(RECIPES))
+  ap.add_argument("--epochs", type=int, default=None)
+  ap.add_argument("--checkpoint", default=None)
+  ap.add_argument("--out", default=None, help="model file (default: the package's models/)")
+  args = ap.parse_args(argv)
+  recipe = RECIPES[args.name]
+  frames = read_frames(str(HERE / recipe["data"]), recipe["model"]["cutoff"])
+  pot = potentials.Potential.create(0, species=recipe["species"], **recipe["model"])
+  tcfg = dict(recipe["train"])
+  if args.epochs:
+    tcfg["epochs"] = args.epochs
+  ckpt = Path(args.checkpoint or ROOT / "out" / f"{args.name}.ckpt")
+  ckpt.parent.mkdir(parents=True, exist_ok=True)
+  log = lambda rec: print(json.dumps(rec), flush=True)
+  result = training.train(pot, frames, training.TrainConfig(**tcfg), checkpoint=str(ckpt),
+                          progress=sys.stderr.isatty(), log=log)
+  meta = dict(result.potential.metadata)
+  meta["provenance"] = {"data": f"data/{recipe['data']}", "recipe": args.name,
+                        "command": f"python data/train.py {args.name}"}
+  pot = result.potential.replace(metadata=meta)
+  out = Path(args.out or ROOT / "potentials" / "models" / f"{args.name}.eqm")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  pot.save(out)
+  print(json.dumps({"model": str(out), "seconds": result.seconds, "metrics": result.metrics},
+                   indent=1))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,99 @@
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.calculators.emt import EMT
+
+from plugin import testing
+
+
+@pytest.fixture(scope="module")
+def copper():
+  return bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
+
+
+def test_drift_statistics_recovers_slope_and_error():
+  rng = np.random.default_rng(0)
+  t = np.linspace(0, 10, 400)
+  white = rng.normal(0, 1e-4, t.size)
+  slope, err, rms = testing.drift_statistics(t, 2e-5 * t + white)  # 0.02 meV/atom/ps
+  assert abs(slope - 0.02) < 4 * err and err < 0.01
+  assert rms == pytest.approx(0.1, rel=0.2)
+  # correlated noise (slow oscillation) must widen the error bar, not hide it
+  _, err_corr, _ = testing.drift_statistics(t, 2e-5 * t + 5e-4 * np.sin(2 * t))
+  assert err_corr > 3 * err
+
+
+def test_emt_conserves_energy_and_verlet_order(copper, tmp_path):
+  report = testing.assert_energy_conserved(
+      copper, EMT(), temperature=600, timestep=2.0, duration=0.6, warmup=0.1, max_drift=0.5,
+      order_range=(3.5, 4.5), plot=str(tmp_path / "nve.png"))
+  assert (tmp_path / "nve.png").stat().st_size > 10_000
+  assert 3.5 < report.order_ratio < 4.5
+  assert report.engine == "ase" and report.num_atoms == 32
+  assert 200 < report.mean_temperature < 450  # equipartition halves the initial 600 K
+
+
+class HeatingEMT(EMT):
+  """EMT whose forces are 5% too large: not the gradient of its energy."""
+
+  def calculate(self, *args, **kwargs):
+    super().calculate(*args, **kwargs)
+    self.results["forces"] = self.results["forces"] * 1.05
+
+
+def test_non_conservative_forces_fail_with_figures(copper):
+  with pytest.raises(AssertionError, match=r"energy not conserved: .*meV/atom"):
+    testing.assert_energy_conserved(copper, HeatingEMT(), temperature=600, timestep=2.0,
+                                    duration=0.6, warmup=0.1, max_drift=0.5, max_fluctuation=0.02)
+
+
+def test_bad_arguments(copper):
+  with pytest.raises(ValueError, match="calculator"):
+    testing.check_energy_conservation(copper.copy())
+  with pytest.raises(ValueError, match="warmup"):
+    testing.check_energy_conservation(copper, EMT(), duration=1.0, warmup=2.0)
+
+
+def test_jax_md_engine_with_neighbor_list():
+  import jax.numpy as jnp
+  from jax_md import space
+
+  import potentials
+  from plugin import jax_md as pj
+
+  atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
+  pot = potentials.Potential.create(0, species=["Cu"], cutoff=3.0, features=8, max_degree=1,
+                                    num_iterations=1, num_heads=2, num_basis=6)
+  box = jnp.asarray(np.diag(atoms.cell.lengths()))
+  displacement, shift = space.periodic(jnp.diag(box))
+  neighbor_fn, energy_fn = pj.neighbor_list(pot, displacement, jnp.diag(box),
+                                            species=atoms.numbers, dr_threshold=0.2)
+  atoms.rattle(0.05, seed=1)
+  atoms.wrap()
+  report = testing.check_energy_conservation(
+      atoms, energy_fn=energy_fn, neighbor_fn=neighbor_fn, shift_fn=shift, temperature=300,
+      timestep=1.0, duration=0.2, warmup=0.02, sample_interval=10, dtype=jnp.float64)
+  assert report.engine == "jax-md" and np.all(np.isfinite(report.total))
+  assert abs(report.drift) < 1.0 and report.fluctuation < 1.0
+
+
+def test_pytest_fixture_is_registered(tmp_path):
+  test = tmp_path / "test_user.py"
+  test.write_text(textwrap.dedent("""
+      from ase.build import bulk
+      from ase.calculators.emt import EMT
+
+      def test_user(energy_conservation):
+          atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
+          report = energy_conservation(atoms, EMT(), temperature=300, timestep=2.0,
+                                       duration=0.2, warmup=0.02)
+          assert report.drift_error >= 0
+  """))
+  out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        str(test)], capture_output=True, text=True, cwd=tmp_path)
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert "1 passed" in out.stdout
