@@ -1,0 +1,410 @@
+"""The ``eqattn`` command: MD, training, evaluation, conservation checks, model info.
+
+    eqattn md [STRUCTURE] [--model NAME|PATH] [--ensemble nve|nvt|npt] [--temperature K]
+              [--dt FS] [--steps N | --time PS] [--engine jax-md|ase] [--out FILE] [--plot PNG]
+    eqattn train DATA --species H C O [--epochs N] [--out MODEL]
+    eqattn eval MODEL DATA [--parity PNG]
+    eqattn check-conservation MODEL STRUCTURE [--temperature K] [--dt FS] [--time PS]
+    eqattn info MODEL
+
+Errors in user input (missing files, unreadable structures, unknown elements, bad option
+values) end with a one-line message and exit status 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+DEFAULT_MODEL = "ethanol"
+
+
+class UsageError(Exception):
+  """Bad user input: reported as one line, exit status 2."""
+
+
+def _positive(kind):
+  def parse(text):
+    try:
+      value = kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+    if not value > 0:
+      raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+  return parse
+
+
+def _load_model(name_or_path: str):
+  import potentials
+  try:
+    return potentials.load(name_or_path)
+  except FileNotFoundError as e:
+    raise UsageError(str(e)) from None
+  except potentials.ModelFileError as e:
+    raise UsageError(str(e)) from None
+
+
+def _read_structure(path: Optional[str]):
+  from ase.build import molecule
+  from ase.io import read
+  if path is None:
+    return molecule("CH3CH2OH")
+  if not Path(path).exists():
+    raise UsageError(f"structure file {path!r} does not exist")
+  try:
+    atoms = read(path)
+  except Exception as e:  # ASE raises many types for unreadable files
+    raise UsageError(f"cannot read structure {path!r}: {e}") from None
+  if len(atoms) == 0:
+    raise UsageError(f"structure {path!r} has no atoms")
+  return atoms
+
+
+def _check_species(pot, atoms):
+  import potentials
+  try:
+    pot.species_index(atoms.numbers)
+  except potentials.UnknownElementError as e:
+    raise UsageError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------- md
+def cmd_md(args) -> int:
+  from ase import units
+
+  pot = _load_model(args.model)
+  atoms = _read_structure(args.structure)
+  _check_species(pot, atoms)
+  steps = args.steps if args.steps else int(round(args.time * 1000.0 / args.dt))
+  if steps < 1:
+    raise UsageError("--time/--steps give no step to run")
+  if args.ensemble == "npt" and not all(atoms.pbc):
+    raise UsageError("--ensemble npt needs a periodic structure")
+  out = Path(args.out or "md.traj")
+  ensemble = {"nve": "nve", "nvt": "nvt_langevin", "npt": "npt"}[args.ensemble]
+  print(f"eqattn md: {len(atoms)} atoms ({atoms.get_chemical_formula()}), model "
+        f"{args.model!r}, {args.ensemble.upper()} {args.temperature:g} K, dt {args.dt:g} fs, "
+        f"{steps} steps ({steps * args.dt / 1000:.3g} ps), engine {args.engine}, "
+        f"trajectory {out}", flush=True)
+  bar = _progress_bar(steps, args.dt)
+  t0 = time.perf_counter()
+  if args.engine == "jax-md":
+    from plugin import md
+    result = md.run(atoms, pot, ensemble=ensemble, temperature=args.temperature,
+                    timestep=args.dt, steps=steps, traj=str(out), seed=args.seed,
+                    progress=bar.update_from_md)
+    log = result.log
+  else:
+    log = _run_ase_md(atoms, pot, ensemble, args, steps, out, bar)
+  bar.close()
+  wall = time.perf_counter() - t0
+  _summary(log, len(atoms), wall, steps, args.dt, args.ensemble == "nve")
+  if args.plot:
+    _plot_md(log, args.plot)
+    print(f"plot written to {args.plot}")
+  return 0
+
+
+class _Bar:
+  """tqdm bar showing steps/s, ns/day, temperature and energy."""
+
+  def __init__(self, steps: int, dt_fs: float):
+    from tqdm.auto import tqdm
+    self.dt = dt_fs
+    self.bar = tqdm(total=steps, unit="step", dynamic_ncols=True, mininterval=0.5)
+    self.t0 = time.perf_counter()
+
+  def update(self, step: int, temperature: float, energy: float):
+    self.bar.update(step - self.bar.n)
+    rate = self.bar.n / max(time.perf_counter() - self.t0, 1e-9)
+    ns_day = rate * self.dt * 1e-6 * 86400
+    self.bar.set_postfix_str(f"{ns_day:.3g} ns/day, T={temperature:.0f} K, E={energy:.4f} eV")
+
+  def update_from_md(self, info) -> None:
+    self.update(int(info["step"]), float(info["temperature"]), float(info["total_energy"]))
+
+  def close(self):
+    self.bar.close()
+
+
+def _progress_bar(steps, dt):
+  return _Bar(steps, dt)
+
+
+def _run_ase_md(atoms, pot, ensemble, args, steps, out, bar):
+  import numpy as np
+  from ase import units
+  from ase.io.trajectory import Trajectory
+  from ase.md.langevin import Langevin
+  from ase.md.verlet import VelocityVerlet
+
+  from plugin.ase import Calculator
+  from plugin.testing import _initial_velocities, degrees_of_freedom
+
+  atoms = atoms.copy()
+  atoms.calc = Calculator(pot)
+  if not atoms.get_velocities().any():
+    atoms.set_velocities(_initial_velocities(atoms, args.temperature, args.seed))
+  dt = args.dt * units.fs
+  if ensemble == "nve":
+    dyn = VelocityVerlet(atoms, timestep=dt)
+  elif ensemble == "nvt_langevin":
+    dyn = Langevin(atoms, timestep=dt, temperature_K=args.temperature, friction=0.01 / units.fs,
+                   rng=np.random.default_rng(args.seed))
+  else:
+    from ase.md.nptberendsen import NPTBerendsen
+    dyn = NPTBerendsen(atoms, timestep=dt, temperature_K=args.temperature,
+                       pressure_au=1.01325 * units.bar, taut=100 * units.fs,
+                       taup=1000 * units.fs, compressibility_au=1e-6 / units.bar)
+  traj = Trajectory(str(out), "w", atoms)
+  log = {"time_ps": [], "potential": [], "kinetic": [], "temperature": []}
+  dof = degrees_of_freedom(atoms)
+  interval = max(1, min(50, steps // 200 or 1))
+
+  def record():
+    ep, ek = atoms.get_potential_energy(), atoms.get_kinetic_energy()
+    log["time_ps"].append(dyn.get_number_of_steps() * args.dt / 1000.0)
+    log["potential"].append(ep)
+    log["kinetic"].append(ek)
+    log["temperature"].append(2 * ek / (dof * units.kB))
+    bar.update(dyn.get_number_of_steps(), log["temperature"][-1], ep + ek)
+  dyn.attach(record, interval=interval)
+  dyn.attach(traj.write, interval=interval)
+  try:
+    dyn.run(steps)
+  finally:
+    traj.close()
+  return {k: np.asarray(v) for k, v in log.items()}
+
+
+def _summary(log, n, wall, steps, dt, nve: bool):
+  import numpy as np
+  from plugin.testing import drift_statistics
+  t = np.asarray(log["time_ps"])
+  total = np.asarray(log["potential"]) + np.asarray(log["kinetic"])
+  line = (f"done: {steps} steps in {wall:.1f} s ({steps / wall:.1f} steps/s, "
+          f"{steps / wall * dt * 1e-6 * 86400:.3g} ns/day); mean T "
+          f"{np.mean(log['temperature']):.1f} K")
+  if nve and len(t) >= 3:
+    slope, err, rms = drift_statistics(t, total / n)
+    line += f"; total-energy drift {slope:+.3f} ± {err:.3f} meV/atom/ps, RMS {rms:.3f} meV/atom"
+  print(line)
+
+
+def _plot_md(log, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+  t = np.asarray(log["time_ps"])
+  fig, ax = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+  ep, ek = np.asarray(log["potential"]), np.asarray(log["kinetic"])
+  ax[0].plot(t, ep + ek, label="total")
+  ax[0].plot(t, ep, label="potential")
+  ax[0].set_ylabel("energy (eV)")
+  ax[0].legend()
+  ax[1].plot(t, log["temperature"])
+  ax[1].set_ylabel("T (K)")
+  ax[1].set_xlabel("time (ps)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- other commands
+def cmd_info(args) -> int:
+  pot = _load_model(args.model)
+  info = {"species": list(pot.symbols), "cutoff_A": pot.cutoff, "config": pot.config.to_dict(),
+          "element_shifts_eV": dict(zip(pot.symbols, map(float, pot.element_shifts))),
+          "metadata": dict(pot.metadata)}
+  print(json.dumps(info, indent=2, default=str))
+  return 0
+
+
+def cmd_eval(args) -> int:
+  from potentials import training
+  from plugin.data import read_frames
+  pot = _load_model(args.model)
+  if not Path(args.data).exists():
+    raise UsageError(f"data file {args.data!r} does not exist")
+  try:
+    frames = read_frames(args.data, pot.cutoff, index=args.index)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  for f in frames:
+    _check_species_numbers(pot, f.numbers)
+  metrics = training.evaluate(pot, frames)
+  print(f"{len(frames)} frames from {args.data}")
+  print("| quantity | MAE | RMSE | unit |")
+  print("|---|---|---|---|")
+  for key, unit, scale in (("energy", "meV", 1e3), ("energy_per_atom", "meV/atom", 1e3),
+                           ("forces", "meV/Å", 1e3), ("stress", "meV/Å³", 1e3)):
+    if f"{key}_mae" in metrics:
+      print(f"| {key} | {metrics[key + '_mae'] * scale:.3f} | "
+            f"{metrics[key + '_rmse'] * scale:.3f} | {unit} |")
+  if args.parity:
+    _parity_plot(pot, frames, args.parity)
+    print(f"parity plot written to {args.parity}")
+  return 0
+
+
+def _check_species_numbers(pot, numbers):
+  import potentials
+  try:
+    pot.species_index(numbers)
+  except potentials.UnknownElementError as e:
+    raise UsageError(str(e)) from None
+
+
+def _parity_plot(pot, frames, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+  ref_f, pred_f, ref_e, pred_e = [], [], [], []
+  for f in frames:
+    e, forces = pot.energy_and_forces(f.numbers, f.positions, f.dst, f.src, f.shifts, f.cell)
+    if f.forces is not None:
+      ref_f.append(f.forces.ravel())
+      pred_f.append(forces.ravel())
+    if f.energy is not None:
+      ref_e.append(f.energy / f.num_atoms)
+      pred_e.append(e / f.num_atoms)
+  fig, ax = plt.subplots(1, 2, figsize=(9, 4))
+  for a, (r, p, label) in zip(ax, ((ref_e, pred_e, "energy per atom (eV)"),
+                                   (ref_f, pred_f, "force component (eV/Å)"))):
+    if not r:
+      continue
+    r = np.concatenate([np.atleast_1d(x) for x in r])
+    p = np.concatenate([np.atleast_1d(x) for x in p])
+    a.plot(r, p, ".", ms=2)
+    lim = [min(r.min(), p.min()), max(r.max(), p.max())]
+    a.plot(lim, lim, "k--", lw=1)
+    a.set_xlabel(f"reference {label}")
+    a.set_ylabel(f"model {label}")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def cmd_train(args) -> int:
+  import potentials
+  from potentials import training
+  from plugin.data import read_frames
+  if not Path(args.data).exists():
+    raise UsageError(f"data file {args.data!r} does not exist")
+  hyper = json.loads(args.model_config) if args.model_config else {}
+  try:
+    pot = potentials.Potential.create(args.seed, species=args.species, cutoff=args.cutoff,
+                                      **hyper)
+    frames = read_frames(args.data, pot.cutoff)
+    for f in frames:
+      _check_species_numbers(pot, f.numbers)
+    tcfg = training.TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
+                                learning_rate=args.lr, seed=args.seed)
+  except (ValueError, TypeError) as e:
+    raise UsageError(str(e)) from None
+  result = training.train(pot, frames, tcfg, checkpoint=args.checkpoint,
+                          progress=True)
+  out = Path(args.out)
+  result.potential.replace(metadata={**result.potential.metadata,
+                                     "provenance": {"data": str(args.data)}}).save(out)
+  print(f"model written to {out} ({result.seconds:.0f} s); test metrics:")
+  print(json.dumps(result.metrics["test"], indent=1))
+  return 0
+
+
+def cmd_check_conservation(args) -> int:
+  from plugin.ase import Calculator
+  from plugin.testing import check_energy_conservation
+  pot = _load_model(args.model)
+  atoms = _read_structure(args.structure)
+  _check_species(pot, atoms)
+  report = check_energy_conservation(atoms, Calculator(pot), temperature=args.temperature,
+                                     timestep=args.dt, duration=args.time,
+                                     warmup=min(0.1 * args.time, 1.0),
+                                     check_order=args.order)
+  print(report.summary())
+  if args.plot:
+    report.plot(args.plot)
+    print(f"plot written to {args.plot}")
+  return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+  ap = argparse.ArgumentParser(prog="eqattn", description="E(3)-equivariant self-attention "
+                               "potentials: MD, training, evaluation.")
+  sub = ap.add_subparsers(dest="command", required=True)
+
+  md = sub.add_parser("md", help="run molecular dynamics (default: ethanol, 300 K)")
+  md.add_argument("structure", nargs="?", help="any ASE-readable file (default: ethanol)")
+  md.add_argument("--model", default=DEFAULT_MODEL, help="shipped model name or .eqm path")
+  md.add_argument("--ensemble", choices=["nve", "nvt", "npt"], default="nvt")
+  md.add_argument("--temperature", type=_positive(float), default=300.0, help="K")
+  md.add_argument("--dt", type=_positive(float), default=0.5, help="timestep in fs")
+  g = md.add_mutually_exclusive_group()
+  g.add_argument("--steps", type=_positive(int))
+  g.add_argument("--time", type=_positive(float), default=2.0, help="ps (default 2)")
+  md.add_argument("--engine", choices=["jax-md", "ase"], default="jax-md")
+  md.add_argument("--out", help="trajectory file (default md.traj)")
+  md.add_argument("--plot", help="write a PNG of energies and temperature")
+  md.add_argument("--seed", type=int, default=0)
+  md.set_defaults(func=cmd_md)
+
+  tr = sub.add_parser("train", help="fit a model to an ASE-readable dataset")
+  tr.add_argument("data")
+  tr.add_argument("--species", nargs="+", required=True, help="element symbols")
+  tr.add_argument("--cutoff", type=_positive(float), default=5.0)
+  tr.add_argument("--model-config", help='JSON of model hyperparameters, e.g. \'{"features": 32}\'')
+  tr.add_argument("--epochs", type=_positive(int), default=100)
+  tr.add_argument("--batch-size", type=_positive(int), default=16)
+  tr.add_argument("--lr", type=_positive(float), default=2e-3)
+  tr.add_argument("--seed", type=int, default=0)
+  tr.add_argument("--checkpoint", help="checkpoint file (resumed if it exists)")
+  tr.add_argument("--out", default="model.eqm")
+  tr.set_defaults(func=cmd_train)
+
+  ev = sub.add_parser("eval", help="MAE/RMSE of a model on a dataset")
+  ev.add_argument("model")
+  ev.add_argument("data")
+  ev.add_argument("--index", default=":", help="ASE index of frames to use (default all)")
+  ev.add_argument("--parity", help="write a parity plot PNG")
+  ev.set_defaults(func=cmd_eval)
+
+  cc = sub.add_parser("check-conservation", help="NVE energy-conservation report")
+  cc.add_argument("model")
+  cc.add_argument("structure")
+  cc.add_argument("--temperature", type=_positive(float), default=300.0)
+  cc.add_argument("--dt", type=_positive(float), default=0.5)
+  cc.add_argument("--time", type=_positive(float), default=2.0, help="ps")
+  cc.add_argument("--order", action="store_true", help="also check the dt-halving ratio")
+  cc.add_argument("--plot")
+  cc.set_defaults(func=cmd_check_conservation)
+
+  info = sub.add_parser("info", help="species, cutoff, hyperparameters and provenance")
+  info.add_argument("model")
+  info.set_defaults(func=cmd_info)
+  return ap
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    return args.func(args)
+  except UsageError as e:
+    print(f"eqattn {args.command}: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("\ninterrupted; files written so far are kept", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

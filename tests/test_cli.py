@@ -1,0 +1,76 @@
+import json
+
+import numpy as np
+import pytest
+from ase.build import molecule
+from ase.io import read, write
+
+import potentials
+from plugin import cli
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+  path = tmp_path_factory.mktemp("models") / "tiny.eqm"
+  pot = potentials.Potential.create(0, species=["H", "C", "O"], cutoff=3.0, features=8,
+                                    max_degree=1, num_iterations=1, num_heads=2, num_basis=4)
+  pot.replace(params={**pot.params, "scale": np.full(3, 5.0, np.float32)}).save(path)
+  return str(path)
+
+
+def test_info(tiny_model, capsys):
+  assert cli.main(["info", tiny_model]) == 0
+  info = json.loads(capsys.readouterr().out)
+  assert info["species"] == ["H", "C", "O"] and info["cutoff_A"] == 3.0
+
+
+def test_md_ase_engine_writes_trajectory_and_plot(tiny_model, tmp_path, capsys):
+  traj, png = tmp_path / "run.traj", tmp_path / "run.png"
+  assert cli.main(["md", "--model", tiny_model, "--engine", "ase", "--ensemble", "nve",
+                   "--steps", "40", "--dt", "0.25", "--out", str(traj), "--plot", str(png)]) == 0
+  out = capsys.readouterr().out
+  assert "steps/s" in out and "drift" in out
+  frames = read(traj, ":")
+  assert len(frames) >= 2 and frames[-1].get_chemical_formula() == "C2H6O"
+  assert png.stat().st_size > 5000
+
+
+def test_eval_prints_table(tiny_model, tmp_path, capsys):
+  assert cli.main(["eval", tiny_model, "data/ethanol.extxyz.gz", "--index", ":5"]) == 0
+  out = capsys.readouterr().out
+  assert "| forces |" in out and "5 frames" in out
+
+
+def test_check_conservation(tiny_model, tmp_path, capsys):
+  xyz = tmp_path / "eth.xyz"
+  write(xyz, molecule("CH3CH2OH"))
+  assert cli.main(["check-conservation", tiny_model, str(xyz), "--time", "0.05",
+                   "--dt", "0.25"]) == 0
+  assert "meV/atom/ps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["info", "no_such_model"], "no shipped model"),
+    (["md", "missing.xyz", "--model", "TINY"], "does not exist"),
+    (["md", "--model", "TINY", "--ensemble", "npt"], "needs a periodic"),
+    (["eval", "TINY", "missing.extxyz"], "does not exist"),
+])
+def test_usage_errors(tiny_model, argv, message, capsys):
+  argv = [tiny_model if a == "TINY" else a for a in argv]
+  assert cli.main(argv) == 2
+  assert message in capsys.readouterr().err
+
+
+def test_unknown_element_and_bad_values(tiny_model, tmp_path, capsys):
+  xyz = tmp_path / "cu.xyz"
+  write(xyz, molecule("H2O") + molecule("H2O"))
+  from ase import Atoms
+  write(xyz, Atoms("CuH", positions=[[0, 0, 0], [0, 0, 1.5]]))
+  assert cli.main(["md", str(xyz), "--model", tiny_model]) == 2
+  assert "Cu (Z=29)" in capsys.readouterr().err
+  bad = tmp_path / "bad.xyz"
+  bad.write_text("this is not a structure\n")
+  assert cli.main(["md", str(bad), "--model", tiny_model]) == 2
+  assert "cannot read structure" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    cli.main(["md", "--dt", "-1"])
