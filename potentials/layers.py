@@ -241,15 +241,20 @@ def _layout(x) -> Tuple[int, int, int]:
   return x.shape[-3], max_degree_of(x.shape), x.shape[-1]
 
 
-def _tensor_apply(x1, x2, weights, paths, P3, L3, cartesian_order):
+def _tensor_apply(x1, x2, weights, paths, P3, L3, cartesian_order, dtype=None, norm=None):
+  """Tensor product in the compute dtype; ``norm`` (constant per-path factors) is applied in
+  that dtype too, so float32 parameters do not round constants of a float64 computation."""
   if isinstance(x1, dict) != isinstance(x2, dict):
     raise TypeError("both tensor-product inputs must be arrays, or both block dicts")
+  leaves = ([c for b in [*x1.values(), *x2.values()] for c in b] if isinstance(x1, dict)
+            else [x1, x2])
+  dt = dtype or jnp.result_type(*leaves, weights)
+  weights = weights.astype(dt)
+  if norm is not None:
+    weights = weights * jnp.asarray(norm, dt)
   if isinstance(x1, dict):
-    dt = jnp.result_type(*(c for b in [*x1.values(), *x2.values()] for c in b), weights)
-    return tensor_product_blocks(x1, x2, weights.astype(dt), paths, cartesian_order)
-  dt = jnp.result_type(x1, x2, weights)
-  return tensor_product(x1.astype(dt), x2.astype(dt), weights.astype(dt), paths, P3, L3,
-                        cartesian_order)
+    return tensor_product_blocks(x1, x2, weights, paths, cartesian_order)
+  return tensor_product(x1.astype(dt), x2.astype(dt), weights, paths, P3, L3, cartesian_order)
 
 
 class Tensor(nn.Module):
@@ -282,10 +287,7 @@ class Tensor(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (len(paths), F), self.param_dtype)
     counts = _path_counts(paths)
     norm = np.asarray([1 / math.sqrt(counts[p[2]]) for p in paths])[:, None]
-    weights = kernel * norm.astype(kernel.dtype)
-    if self.dtype is not None:
-      weights = weights.astype(self.dtype)
-    return _tensor_apply(x1, x2, weights, paths, P3, L3, self.cartesian_order)
+    return _tensor_apply(x1, x2, kernel, paths, P3, L3, self.cartesian_order, self.dtype, norm)
 
 
 class FusedTensor(nn.Module):
@@ -314,11 +316,10 @@ class FusedTensor(nn.Module):
     k2 = self.param("kernel2", self.kernel_init, (p2, L2 + 1, F), self.param_dtype)
     k3 = self.param("kernel3", self.kernel_init, (P3, L3 + 1, F), self.param_dtype)
     counts = _path_counts(paths)
-    weights = jnp.stack([k1[i1, l1] * k2[i2, l2] * k3[i3, l3] / math.sqrt(counts[(i3, l3)])
-                         for (i1, l1), (i2, l2), (i3, l3) in paths])
-    if self.dtype is not None:
-      weights = weights.astype(self.dtype)
-    return _tensor_apply(x1, x2, weights, paths, P3, L3, self.cartesian_order)
+    weights = jnp.stack([k1[i1, l1] * k2[i2, l2] * k3[i3, l3] for (i1, l1), (i2, l2), (i3, l3)
+                         in paths])
+    norm = np.asarray([1 / math.sqrt(counts[p[2]]) for p in paths])[:, None]
+    return _tensor_apply(x1, x2, weights, paths, P3, L3, self.cartesian_order, self.dtype, norm)
 
 
 def make_tensor(use_fused_tensor: bool, **kwargs) -> nn.Module:
