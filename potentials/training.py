@@ -260,12 +260,24 @@ def load_checkpoint(path, template: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- metrics
+_PREDICT_CACHE: Dict[tuple, Callable] = {}
+
+
+def _jitted_predict(config, species) -> Callable:
+  """One jitted predictor per architecture (parameters are arguments): evaluating train,
+  validation and test sets, or several checkpoints, compiles once per batch shape."""
+  key = (config, tuple(species))
+  if key not in _PREDICT_CACHE:
+    _PREDICT_CACHE[key] = jax.jit(predict_fn(Potential(config, tuple(species), None)))
+  return _PREDICT_CACHE[key]
+
+
 def evaluate(potential: Potential, frames: Sequence[Frame], batch_size: int = 16,
              dtype=jnp.float32) -> Dict[str, float]:
   """MAE/RMSE of energy (per atom and total, eV), forces (eV/Å) and stress (eV/Å^3)."""
   if not frames:
     return {}
-  predict = jax.jit(predict_fn(potential))
+  predict = _jitted_predict(potential.config, potential.species)
   cap = batch_capacity(frames, batch_size)
   err: Dict[str, List[np.ndarray]] = {"e": [], "e_atom": [], "f": [], "s": []}
   for i in range(0, len(frames), batch_size):
