@@ -92,15 +92,26 @@ def cmd_md(args) -> int:
         f"{args.model!r}, {args.ensemble.upper()} {args.temperature:g} K, dt {args.dt:g} fs, "
         f"{steps} steps ({steps * args.dt / 1000:.3g} ps), engine {args.engine}, "
         f"trajectory {out}", flush=True)
+  if out.exists() and out.stat().st_size > 0 and not args.resume:
+    raise UsageError(f"{out} exists; pass --resume to continue it, or --out NEW_FILE")
   bar = _progress_bar(steps, args.dt)
   t0 = time.perf_counter()
   if args.engine == "jax-md":
     from plugin import md
-    result = md.run(atoms, pot, ensemble=ensemble, temperature=args.temperature,
-                    timestep=args.dt, steps=steps, traj=str(out), seed=args.seed,
-                    progress=bar.update_from_md)
-    log = result.log
+    try:
+      result = md.run(atoms, pot, ensemble=ensemble, temperature=args.temperature,
+                      timestep=args.dt, steps=steps, traj=str(out), resume=args.resume,
+                      log_file=str(out.with_suffix(".csv")), seed=args.seed,
+                      chunk=min(100, steps), progress=bar.update_from_md)
+    except ValueError as e:  # e.g. a periodic box narrower than twice the cutoff
+      bar.close()
+      raise UsageError(str(e)) from None
+    steps = result.steps  # a resumed run only runs the remaining steps
+    log = {"time_ps": result.log.time_ps, "potential": result.log.epot,
+           "kinetic": result.log.ekin, "temperature": result.log.temperature}
   else:
+    if args.resume:
+      raise UsageError("--resume is supported with --engine jax-md")
     log = _run_ase_md(atoms, pot, ensemble, args, steps, out, bar)
   bar.close()
   wall = time.perf_counter() - t0
@@ -127,7 +138,8 @@ class _Bar:
     self.bar.set_postfix_str(f"{ns_day:.3g} ns/day, T={temperature:.0f} K, E={energy:.4f} eV")
 
   def update_from_md(self, info) -> None:
-    self.update(int(info["step"]), float(info["temperature"]), float(info["total_energy"]))
+    """``progress`` callback of :func:`plugin.md.run`."""
+    self.update(int(info.step), float(info.temperature), float(info.etot))
 
   def close(self):
     self.bar.close()
@@ -356,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
   md.add_argument("--out", help="trajectory file (default md.traj)")
   md.add_argument("--plot", help="write a PNG of energies and temperature")
   md.add_argument("--seed", type=int, default=0)
+  md.add_argument("--resume", action="store_true",
+                  help="continue the trajectory in --out from its last frame (jax-md engine)")
   md.set_defaults(func=cmd_md)
 
   tr = sub.add_parser("train", help="fit a model to an ASE-readable dataset")
@@ -395,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+  import warnings
+  # jax-md's kinetic-energy sum asks for float64 and JAX (rightly) truncates it in float32 runs
+  warnings.filterwarnings("ignore", message="Explicitly requested dtype float64")
   args = build_parser().parse_args(argv)
   try:
     return args.func(args)
