@@ -74,3 +74,14 @@ def test_unknown_element_and_bad_values(tiny_model, tmp_path, capsys):
   assert "cannot read structure" in capsys.readouterr().err
   with pytest.raises(SystemExit):
     cli.main(["md", "--dt", "-1"])
+
+
+def test_md_jax_md_engine_and_resume(tiny_model, tmp_path, capsys):
+  traj = tmp_path / "run.traj"
+  argv = ["md", "--model", tiny_model, "--ensemble", "nve", "--dt", "0.25", "--out", str(traj)]
+  assert cli.main(argv + ["--steps", "40"]) == 0
+  assert "steps/s" in capsys.readouterr().out
+  assert cli.main(argv + ["--steps", "40"]) == 2  # never overwrites
+  assert "--resume" in capsys.readouterr().err
+  assert cli.main(argv + ["--steps", "80", "--resume"]) == 0
+  assert read(traj, -1).info["md_step"] == 80
