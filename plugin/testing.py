@@ -123,10 +123,13 @@ def degrees_of_freedom(atoms: Atoms) -> int:
 def _initial_velocities(atoms: Atoms, temperature: float, seed: int) -> np.ndarray:
   """Maxwell-Boltzmann velocities without net momentum (and rotation for molecules), scaled so
   the kinetic energy is exactly dof/2 kB T."""
-  from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+  from ase.md import velocitydistribution as vd
 
   a = atoms.copy()
-  MaxwellBoltzmannDistribution(a, temperature_K=temperature, rng=np.random.default_rng(seed))
+  # ASE >= 3.29 renamed MaxwellBoltzmannDistribution to thermalize_momenta
+  thermalize = getattr(vd, "thermalize_momenta", None) or vd.MaxwellBoltzmannDistribution
+  thermalize(a, temperature_K=temperature, rng=np.random.default_rng(seed))
+  Stationary, ZeroRotation = vd.Stationary, vd.ZeroRotation
   Stationary(a)
   if not np.any(a.pbc) and len(a) > 1:
     ZeroRotation(a)
