@@ -257,6 +257,19 @@ def _tensor_apply(x1, x2, weights, paths, P3, L3, cartesian_order, dtype=None, n
   return tensor_product(x1.astype(dt), x2.astype(dt), weights, paths, P3, L3, cartesian_order)
 
 
+def _plan(x1, x2, max_degree, include_pseudotensors):
+  """Layouts, output parity/degree, coupling paths and their 1/sqrt(paths per output) factors."""
+  (p1, L1, F), (p2, L2, F2) = _layout(x1), _layout(x2)
+  if F != F2:
+    raise ValueError(f"feature dimensions differ: {F} vs {F2}")
+  L3 = max(L1, L2) if max_degree is None else max_degree
+  P3 = _output_parity(p1, L1, p2, L2, L3, include_pseudotensors)
+  paths = so3.coupling_paths(p1, L1, p2, L2, L3, P3)
+  counts = _path_counts(paths)
+  norm = np.asarray([1 / math.sqrt(counts[p[2]]) for p in paths])[:, None]
+  return (p1, L1), (p2, L2), F, P3, L3, paths, norm
+
+
 class Tensor(nn.Module):
   """Equivariant tensor product of two irreps features with one learned weight per path.
 
@@ -278,15 +291,9 @@ class Tensor(nn.Module):
 
   @nn.compact
   def __call__(self, x1, x2):
-    (p1, L1, F), (p2, L2, F2) = _layout(x1), _layout(x2)
-    if F != F2:
-      raise ValueError(f"feature dimensions differ: {F} vs {F2}")
-    L3 = max(L1, L2) if self.max_degree is None else self.max_degree
-    P3 = _output_parity(p1, L1, p2, L2, L3, self.include_pseudotensors)
-    paths = so3.coupling_paths(p1, L1, p2, L2, L3, P3)
+    (p1, L1), (p2, L2), F, P3, L3, paths, norm = _plan(x1, x2, self.max_degree,
+                                                      self.include_pseudotensors)
     kernel = self.param("kernel", self.kernel_init, (len(paths), F), self.param_dtype)
-    counts = _path_counts(paths)
-    norm = np.asarray([1 / math.sqrt(counts[p[2]]) for p in paths])[:, None]
     return _tensor_apply(x1, x2, kernel, paths, P3, L3, self.cartesian_order, self.dtype, norm)
 
 
@@ -308,17 +315,13 @@ class FusedTensor(nn.Module):
 
   @nn.compact
   def __call__(self, x1, x2):
-    (p1, L1, F), (p2, L2, _) = _layout(x1), _layout(x2)
-    L3 = max(L1, L2) if self.max_degree is None else self.max_degree
-    P3 = _output_parity(p1, L1, p2, L2, L3, self.include_pseudotensors)
-    paths = so3.coupling_paths(p1, L1, p2, L2, L3, P3)
+    (p1, L1), (p2, L2), F, P3, L3, paths, norm = _plan(x1, x2, self.max_degree,
+                                                      self.include_pseudotensors)
     k1 = self.param("kernel1", self.kernel_init, (p1, L1 + 1, F), self.param_dtype)
     k2 = self.param("kernel2", self.kernel_init, (p2, L2 + 1, F), self.param_dtype)
     k3 = self.param("kernel3", self.kernel_init, (P3, L3 + 1, F), self.param_dtype)
-    counts = _path_counts(paths)
     weights = jnp.stack([k1[i1, l1] * k2[i2, l2] * k3[i3, l3] for (i1, l1), (i2, l2), (i3, l3)
                          in paths])
-    norm = np.asarray([1 / math.sqrt(counts[p[2]]) for p in paths])[:, None]
     return _tensor_apply(x1, x2, weights, paths, P3, L3, self.cartesian_order, self.dtype, norm)
 
 
