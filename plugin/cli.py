@@ -408,12 +408,21 @@ def build_parser() -> argparse.ArgumentParser:
   return ap
 
 
+def _check_plotting(args) -> None:
+  if getattr(args, "plot", None) or getattr(args, "parity", None):
+    try:
+      import matplotlib  # noqa: F401
+    except ImportError:
+      raise UsageError("plots need matplotlib: pip install 'eqattn[plot]'") from None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
   import warnings
   # jax-md's kinetic-energy sum asks for float64 and JAX (rightly) truncates it in float32 runs
   warnings.filterwarnings("ignore", message="Explicitly requested dtype float64")
   args = build_parser().parse_args(argv)
   try:
+    _check_plotting(args)
     return args.func(args)
   except UsageError as e:
     print(f"eqattn {args.command}: error: {e}", file=sys.stderr)
