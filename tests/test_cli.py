@@ -1,5 +1,7 @@
 import json
 
+import pathlib
+
 import numpy as np
 import pytest
 from ase.build import molecule
@@ -16,6 +18,8 @@ def tiny_model(tmp_path_factory):
                                     max_degree=1, num_iterations=1, num_heads=2, num_basis=4)
   pot.replace(params={**pot.params, "scale": np.full(3, 5.0, np.float32)}).save(path)
   return str(path)
+
+DATA = pathlib.Path(__file__).resolve().parents[1] / "data"
 
 
 def test_info(tiny_model, capsys):
@@ -36,7 +40,7 @@ def test_md_ase_engine_writes_trajectory_and_plot(tiny_model, tmp_path, capsys):
 
 
 def test_eval_prints_table(tiny_model, tmp_path, capsys):
-  assert cli.main(["eval", tiny_model, "data/ethanol.extxyz.gz", "--index", ":5"]) == 0
+  assert cli.main(["eval", tiny_model, str(DATA / "ethanol.extxyz.gz"), "--index", ":5"]) == 0
   out = capsys.readouterr().out
   assert "| forces |" in out and "5 frames" in out
 

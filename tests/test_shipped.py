@@ -1,11 +1,15 @@
 """The shipped models load by name and reproduce their recorded test accuracy."""
 
+import pathlib
+
 import numpy as np
 import pytest
 
 import potentials
 from potentials import training
 from plugin.data import read_frames
+
+DATA = pathlib.Path(__file__).resolve().parents[1] / "data"
 
 
 def test_shipped_models_listed():
@@ -18,7 +22,7 @@ def test_ethanol_reproduces_recorded_test_mae():
   recorded = meta["test_metrics"]
   assert recorded["forces_mae"] <= 0.025 and recorded["energy_mae"] <= 0.005  # issue targets
   cfg = training.TrainConfig(**meta["training"]["config"])
-  frames = read_frames("data/ethanol.extxyz.gz", pot.cutoff)
+  frames = read_frames(str(DATA / "ethanol.extxyz.gz"), pot.cutoff)
   _, _, test_idx = training.split_frames(len(frames), cfg)
   assert len(test_idx) == meta["training"]["split"][2]
   sample = [frames[i] for i in test_idx[:48]]  # a slice of the held-out frames
