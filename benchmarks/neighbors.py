@@ -30,7 +30,6 @@ from pathlib import Path
 import ase
 import ase.build
 import ase.neighborlist
-import numpy as np
 import vesin
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

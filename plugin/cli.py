@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -76,7 +75,6 @@ def _check_species(pot, atoms):
 
 # ----------------------------------------------------------------------------- md
 def cmd_md(args) -> int:
-  from ase import units
 
   pot = _load_model(args.model)
   atoms = _read_structure(args.structure)

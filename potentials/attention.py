@@ -22,7 +22,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from . import so3
 from .layers import (Dense, Dtype, InitializerFn, _output_parity, change_max_degree_or_type,
                      default_kernel_init, make_tensor, map_blocks, max_degree_of, merge_blocks,
                      split_blocks)

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import radial as radial_lib
 from .attention import SelfAttention

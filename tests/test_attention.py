@@ -236,10 +236,10 @@ def test_extreme_logits_in_layer_float32(cluster, feats):
   y64 = m64.apply(p64, x.astype(jnp.float64), b64, c64, dst_idx=dst, src_idx=src,
                   num_segments=7)
   y32 = module.apply(params, x, b, c, dst_idx=dst, src_idx=src, num_segments=7)
-  logits_spread = 100  # sanity: the initialisation really produces extreme logits
+  # (the explicit 150/200-apart logits are tested on segment_softmax above; here the large
+  # query/key weights make the layer's own logits spread widely)
   assert np.all(np.isfinite(np.asarray(y32)))
   np.testing.assert_allclose(y32, y64, atol=2e-3 * float(jnp.abs(y64).max()))
-  del logits_spread
 
 
 def test_continuity_across_cutoff():

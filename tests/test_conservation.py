@@ -5,7 +5,6 @@ Short runs are in the default selection; the long ones (>= 20 ps) are marked slo
 """
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from ase.build import molecule
 from jax_md import space
