@@ -26,6 +26,17 @@ def all_pairs(pos: np.ndarray, cutoff: float):
   return dst.astype(np.int32), src.astype(np.int32)
 
 
+def tiny_copper_potential(cutoff: float = 3.0):
+  """A small random Cu model scaled to forces of ~1 eV/Å (as in a real metal at room
+  temperature), so MD tests move atoms through a real landscape; shift = a lone atom's energy."""
+  import jax.numpy as jnp
+  import potentials
+  p = potentials.Potential.create(0, species=["Cu"], cutoff=cutoff, features=8, max_degree=1,
+                                  num_iterations=1, num_heads=2, num_basis=6)
+  return p.replace(params=dict(p.params, scale=jnp.array([20.0], jnp.float32),
+                               shift=jnp.array([-3.5], jnp.float32)))
+
+
 @pytest.fixture(scope="session")
 def cluster():
   pos = random_cluster(7, seed=3)

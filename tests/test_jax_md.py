@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_copper_potential
 from jax_md import partition, quantity, simulate, space, units
 
 import potentials
@@ -44,13 +45,7 @@ CELLS = {
 
 @pytest.fixture(scope="module")
 def pot():
-  p = potentials.Potential.create(0, species=["Cu"], cutoff=RC, features=8, max_degree=1,
-                                  num_iterations=1, num_heads=2, num_basis=6)
-  # Scale the random model to forces of ~1 eV/Å, as in a real metal at room temperature, so
-  # the MD tests move atoms through a real energy landscape; shift = a lone atom's energy.
-  params = dict(p.params, scale=jnp.array([20.0], jnp.float32),
-                shift=jnp.array([-3.5], jnp.float32))
-  return p.replace(params=params)
+  return tiny_copper_potential(RC)
 
 
 def fcc32(cell: np.ndarray, seed: int = 0, rattle: float = 0.08) -> ase.Atoms:

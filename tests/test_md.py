@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_copper_potential
 from ase.io.trajectory import Trajectory
 from jax_md import simulate, space
 from jax_md import units as jmd_units
@@ -38,12 +39,7 @@ SKIN = 0.2  # box widths >= 2 * (RC + SKIN) = 6.4 Å
 
 @pytest.fixture(scope="module")
 def pot():
-  p = potentials.Potential.create(0, species=["Cu"], cutoff=RC, features=8, max_degree=1,
-                                  num_iterations=1, num_heads=2, num_basis=6)
-  # Forces of ~1 eV/Å (as tests/test_jax_md.py), so atoms move through a real landscape.
-  params = dict(p.params, scale=jnp.array([20.0], jnp.float32),
-                shift=jnp.array([-3.5], jnp.float32))
-  return p.replace(params=params)
+  return tiny_copper_potential(RC)
 
 
 def cu32(a: float = 3.4, rattle: float = 0.15) -> ase.Atoms:
