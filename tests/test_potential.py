@@ -225,3 +225,21 @@ def test_config_validation():
     pt.ModelConfig.from_dict({"cutoff": 5.0, "bogus": 1})
   with pytest.raises(ValueError, match="species"):
     pt.Potential.create(0, species=["H", "H"])
+
+
+def test_density_features_option():
+  # files written before the option existed describe the model without it
+  assert pt.ModelConfig.from_dict({"cutoff": 5.0}).density_features is False
+  assert pt.ModelConfig().density_features is True
+  on = pt.Potential.create(0, species=["Cu"], cutoff=RC, features=8, max_degree=1,
+                           num_iterations=1, num_heads=1, num_basis=4)
+  off = pt.Potential.create(0, species=["Cu"], cutoff=RC, features=8, max_degree=1,
+                            num_iterations=1, num_heads=1, num_basis=4, density_features=False)
+  assert "density" in on.params and "density" not in off.params
+  # an atom with 1 vs 2 neighbours at the same distance on opposite sides: attention alone
+  # averages identical messages and cannot tell them apart; the density can
+  z = np.array([29, 29, 29])
+  three = np.array([[0.0, 0, 0], [2.5, 0, 0], [-2.5, 0, 0]])
+  centre = lambda p, pos: p.atomic_energies(z[:len(pos)], pos, *all_pairs(pos, RC))[0]
+  assert abs(centre(off, three) - centre(off, three[:2])) < 1e-6
+  assert abs(centre(on, three) - centre(on, three[:2])) > 1e-4
