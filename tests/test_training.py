@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -46,6 +48,18 @@ def test_element_shift_fit_is_exact_for_additive_energies():
                                  energy=-13.6 * nh - 2041.0 * no))
   np.testing.assert_allclose(training.fit_element_shifts(pot, frames), [-13.6, -2041.0])
 
+
+
+def test_refit_shifts_removes_a_uniform_energy_offset(copper_frames):
+  pot = pt.Potential.create(0, species=["Cu"], cutoff=3.0, **HYPER)
+  pred = training.predict_energies(pot, copper_frames, batch_size=8)
+  # references = this model's energies + 0.05 eV per atom: the best shift moves by +0.05
+  frames = [dataclasses.replace(f, energy=float(e) + 0.05 * f.num_atoms)
+            for f, e in zip(copper_frames, pred)]
+  fitted = training.refit_shifts(pot, frames, batch_size=8)
+  assert float(fitted.params["shift"][0] - pot.params["shift"][0]) == pytest.approx(0.05, abs=1e-5)
+  np.testing.assert_allclose(training.predict_energies(fitted, frames, batch_size=8),
+                             [f.energy for f in frames], atol=1e-4)
 
 def test_stress_prediction_matches_model_definition(copper_frames):
   # the batched predictor's stress equals a finite difference of the batched energy
