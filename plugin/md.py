@@ -887,6 +887,10 @@ def run(
   # Python-float leaves (JAX-MD stores e.g. the chains' tau so) come back from the jitted chunk
   # as arrays; make them arrays now, or the second chunk would compile again.
   state = jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x)), state)
+  # ... and every floating leaf in the run's dtype: under x64, JAX-MD builds thermostat and
+  # barostat variables in float64 for a float32 run, which breaks its own inner loops.
+  state = jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
   if saved_state is not None:
     state, ok = _restore_extended(state, saved_state)
     if not ok:

@@ -191,10 +191,12 @@ def _run_jax_md(atoms: Atoms, energy_fn, neighbor_fn, displacement_fn, shift_fn,
   def chunk(state, nbrs):
     def body(_, carry):
       state, nbrs = carry
+      # keep the run's dtype: a user's float64 box or shift under x64 would promote the state
+      keep = lambda new: jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), new, state)
       if nbrs is not None:
         nbrs = nbrs.update(state.position)
-        return apply(state, neighbor=nbrs), nbrs
-      return apply(state), nbrs
+        return keep(apply(state, neighbor=nbrs)), nbrs
+      return keep(apply(state)), nbrs
     state, nbrs = jax.lax.fori_loop(0, interval, body, (state, nbrs))
     return state, nbrs, energies(state, nbrs)
 
