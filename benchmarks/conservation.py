@@ -48,7 +48,7 @@ def engine_kwargs(engine, pot, atoms, dtype):
   if engine == "ase":
     return dict(calculator=Calculator(pot, dtype=dtype))
   if atoms.pbc.all():
-    box = jnp.asarray(atoms.cell.lengths())  # orthorhombic cells here
+    box = jnp.asarray(atoms.cell.lengths(), dtype)  # orthorhombic cells here
     displacement, shift = space.periodic(box)
   else:
     box, (displacement, shift) = 100.0, space.free()

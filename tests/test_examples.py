@@ -46,7 +46,7 @@ def test_jax_md_npt_copper(tmp_path):
   out = example_main("jax_md_npt_copper")(
       ["--steps", "20", "--out", str(traj), "--log", str(log)])
   assert 3.5 < out["lattice_constant"] < 3.75  # 20 steps of 2 fs barely move the box
-  assert 300 < out["temperature"] < 900
+  assert 150 < out["temperature"] < 900  # starts at 600 K on the lattice: equipartition halves it
   frames = read(traj, ":")
   assert len(frames[-1]) == 108 and frames[-1].info["md_step"] == 20
   assert log.read_text().count("\n") > 5
