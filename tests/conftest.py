@@ -28,11 +28,14 @@ def all_pairs(pos: np.ndarray, cutoff: float):
 
 def tiny_copper_potential(cutoff: float = 3.0):
   """A small random Cu model scaled to forces of ~1 eV/Å (as in a real metal at room
-  temperature), so MD tests move atoms through a real landscape; shift = a lone atom's energy."""
+  temperature), so MD tests move atoms through a real landscape; shift = a lone atom's energy.
+  Without density features: a random density term times the scale of 20 makes forces ~10x
+  larger than that (the model tests cover density features)."""
   import jax.numpy as jnp
   import potentials
   p = potentials.Potential.create(0, species=["Cu"], cutoff=cutoff, features=8, max_degree=1,
-                                  num_iterations=1, num_heads=2, num_basis=6)
+                                  num_iterations=1, num_heads=2, num_basis=6,
+                                  density_features=False)
   return p.replace(params=dict(p.params, scale=jnp.array([20.0], jnp.float32),
                                shift=jnp.array([-3.5], jnp.float32)))
 

@@ -24,7 +24,7 @@ def test_ase_md_ethanol(tmp_path, capsys):
       ["--nvt-steps", "10", "--nve-steps", "40", "--log-every", "10", "--out", str(out)])
   frames = read(out, ":")
   assert len(frames) == 2 + 5  # written at NVT steps 0, 10 and NVE steps 0, 10, ..., 40
-  assert summary["compilations"] == 1
+  assert summary["compilations"] <= 1  # 0 if an earlier test compiled this model already
   assert summary["fluctuation_mev_atom"] < 1.0  # 0.5 fs velocity Verlet: ~0.03 meV/atom
   assert "NVE: drift" in capsys.readouterr().out
 
