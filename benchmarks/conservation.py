@@ -95,7 +95,7 @@ def main(argv=None):
         rows.append(row)
         ratio = "—" if report.order_ratio is None else f"{report.order_ratio:.2f}"
         print(f"| {name} | {engine} | {dtype} | {spec['timestep']:g} | {duration:g} | "
-              f"{report.drift:+.4f} ± {report.drift_error:.4f} | {report.fluctuation:.4f} | "
+              f"{report.drift:+.5f} ± {report.drift_error:.5f} | {report.fluctuation:.4f} | "
               f"{report.mean_temperature:.0f} | {ratio} | {wall:.0f} |", flush=True)
   if args.json:
     with open(args.json, "w") as f:
