@@ -274,19 +274,24 @@ def _jitted_predict(config, species) -> Callable:
   return _PREDICT_CACHE[key]
 
 
+def _predictions(potential: Potential, frames: Sequence[Frame], batch_size: int, dtype):
+  """Yields ``(batch, frames in it, (energies, forces, stress))`` as float64 NumPy arrays."""
+  predict = _jitted_predict(potential.config, potential.species)
+  cap = batch_capacity(frames, batch_size)
+  for i in range(0, len(frames), batch_size):
+    chunk = frames[i:i + batch_size]
+    b = make_batch(chunk, potential, batch_size, *cap)
+    out = predict(potential.params, _device_batch(b, dtype))
+    yield b, len(chunk), tuple(np.asarray(x, np.float64) for x in out)
+
+
 def evaluate(potential: Potential, frames: Sequence[Frame], batch_size: int = 16,
              dtype=jnp.float32) -> Dict[str, float]:
   """MAE/RMSE of energy (per atom and total, eV), forces (eV/Å) and stress (eV/Å^3)."""
   if not frames:
     return {}
-  predict = _jitted_predict(potential.config, potential.species)
-  cap = batch_capacity(frames, batch_size)
   err: Dict[str, List[np.ndarray]] = {"e": [], "e_atom": [], "f": [], "s": []}
-  for i in range(0, len(frames), batch_size):
-    chunk = frames[i:i + batch_size]
-    b = make_batch(chunk, potential, batch_size, *cap)
-    e, f, s = (np.asarray(x, np.float64) for x in predict(potential.params, _device_batch(b, dtype)))
-    k = len(chunk)
+  for b, k, (e, f, s) in _predictions(potential, frames, batch_size, dtype):
     he = b.has_energy[:k]
     err["e"].append((e[:k] - b.energy[:k])[he])
     err["e_atom"].append(((e[:k] - b.energy[:k]) / np.maximum(b.num_atoms[:k], 1))[he])
@@ -305,14 +310,7 @@ def evaluate(potential: Potential, frames: Sequence[Frame], batch_size: int = 16
 def predict_energies(potential: Potential, frames: Sequence[Frame], batch_size: int = 16,
                      dtype=jnp.float32) -> np.ndarray:
   """``(len(frames),)`` model energies (eV)."""
-  predict = _jitted_predict(potential.config, potential.species)
-  cap = batch_capacity(frames, batch_size)
-  out = []
-  for i in range(0, len(frames), batch_size):
-    chunk = frames[i:i + batch_size]
-    b = make_batch(chunk, potential, batch_size, *cap)
-    out.append(np.asarray(predict(potential.params, _device_batch(b, dtype))[0],
-                          np.float64)[:len(chunk)])
+  out = [e[:k] for _, k, (e, _, _) in _predictions(potential, frames, batch_size, dtype)]
   return np.concatenate(out) if out else np.zeros(0)
 
 
