@@ -415,9 +415,6 @@ def _check_plotting(args) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-  import warnings
-  # jax-md's kinetic-energy sum asks for float64 and JAX (rightly) truncates it in float32 runs
-  warnings.filterwarnings("ignore", message="Explicitly requested dtype float64")
   args = build_parser().parse_args(argv)
   try:
     _check_plotting(args)

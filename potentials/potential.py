@@ -190,7 +190,9 @@ class Potential:
     if not np.all(np.isfinite(pos)):
       bad = int(np.argwhere(~np.isfinite(pos).all(axis=1))[0, 0])
       raise ValueError(f"positions of atom {bad} are not finite: {pos[bad]}")
-    dtype = pos.dtype if pos.dtype in (np.float32, np.float64) else np.float64
+    # float64 input without x64 runs in float32 (JAX's own rule, minus its warning)
+    dtype = jax.dtypes.canonicalize_dtype(pos.dtype if pos.dtype in (np.float32, np.float64)
+                                          else np.float64)
     dst = jnp.asarray(dst, jnp.int32)
     src = jnp.asarray(src, jnp.int32)
     if shifts is None:
