@@ -29,12 +29,10 @@ jax.config.update("jax_enable_x64", True)  # float64 rows; float32 rows cast exp
 
 import jax.numpy as jnp  # noqa: E402
 from ase.build import bulk, molecule  # noqa: E402
-from jax_md import space  # noqa: E402
 
 import potentials  # noqa: E402
-from plugin import jax_md as eq_jax_md  # noqa: E402
 from plugin.ase import Calculator  # noqa: E402
-from plugin.testing import check_energy_conservation  # noqa: E402
+from plugin.testing import check_energy_conservation, jax_md_functions  # noqa: E402
 
 SYSTEMS = {
     "ethanol": dict(model="ethanol", atoms=lambda: molecule("CH3CH2OH"), temperature=300.0,
@@ -47,16 +45,7 @@ SYSTEMS = {
 def engine_kwargs(engine, pot, atoms, dtype):
   if engine == "ase":
     return dict(calculator=Calculator(pot, dtype=dtype))
-  if atoms.pbc.all():
-    box = jnp.asarray(atoms.cell.lengths(), dtype)  # orthorhombic cells here
-    displacement, shift = space.periodic(box)
-  else:
-    box, (displacement, shift) = 100.0, space.free()
-  neighbor_fn, energy_fn = eq_jax_md.neighbor_list(pot, displacement, box, species=atoms.numbers,
-                                                    dr_threshold=0.5,
-                                                    disable_cell_list=not atoms.pbc.all())
-  return dict(energy_fn=energy_fn, neighbor_fn=neighbor_fn, shift_fn=shift,
-              dtype=jnp.dtype(dtype))
+  return dict(dtype=jnp.dtype(dtype), **jax_md_functions(pot, atoms, dtype))
 
 
 def main(argv=None):

@@ -219,6 +219,27 @@ def _run_jax_md(atoms: Atoms, energy_fn, neighbor_fn, displacement_fn, shift_fn,
   return np.array(t), np.array(epot), np.array(ekin)
 
 
+def jax_md_functions(potential, atoms: Atoms, dtype: Any = "float32",
+                     dr_threshold: float = 0.5) -> dict:
+  """``energy_fn``, ``neighbor_fn`` and ``shift_fn`` of an eqattn ``potential`` for ``atoms``
+  (orthorhombic periodic cell or free space), ready for the JAX-MD path of
+  :func:`check_energy_conservation`."""
+  import jax.numpy as jnp
+  from jax_md import space
+  from plugin import jax_md as eq_jax_md
+  periodic = bool(np.all(atoms.pbc))
+  if periodic:
+    box = jnp.asarray(atoms.cell.lengths(), dtype)
+    displacement, shift = space.periodic(box)
+  else:
+    box = 100.0  # free space: only the region of JAX-MD's cell list
+    displacement, shift = space.free()
+  neighbor_fn, energy_fn = eq_jax_md.neighbor_list(
+      potential, displacement, box, species=atoms.numbers, dr_threshold=dr_threshold,
+      disable_cell_list=not periodic)
+  return dict(energy_fn=energy_fn, neighbor_fn=neighbor_fn, shift_fn=shift)
+
+
 def check_energy_conservation(
     atoms: Atoms,
     calculator: Any = None,

@@ -7,10 +7,8 @@ Short runs are in the default selection; the long ones (>= 20 ps) are marked slo
 import jax.numpy as jnp
 import pytest
 from ase.build import bulk, molecule
-from jax_md import space
 
 import potentials
-from plugin import jax_md as pj
 from plugin import testing
 from plugin.ase import Calculator
 
@@ -30,22 +28,10 @@ def copper_cell():
   return bulk("Cu", "fcc", a=3.61, cubic=True).repeat(3)
 
 
-def _jax_md_args(pot, atoms, dtype="float32"):
-  if atoms.pbc.all():
-    box = jnp.asarray(atoms.cell.lengths(), dtype)
-    displacement, shift = space.periodic(box)
-  else:
-    box = 100.0
-    displacement, shift = space.free()
-  neighbor_fn, energy_fn = pj.neighbor_list(pot, displacement, box, species=atoms.numbers,
-                                            dr_threshold=0.5)
-  return dict(energy_fn=energy_fn, neighbor_fn=neighbor_fn, shift_fn=shift)
-
-
 def _engine_args(engine, pot, atoms, dtype="float32"):
   if engine == "ase":
     return dict(calculator=Calculator(pot, dtype=dtype))
-  return dict(dtype=jnp.dtype(dtype), **_jax_md_args(pot, atoms, dtype))
+  return dict(dtype=jnp.dtype(dtype), **testing.jax_md_functions(pot, atoms, dtype))
 
 
 def test_ethanol_ase_short(ethanol_model):
@@ -60,7 +46,7 @@ def test_ethanol_jax_md_short(ethanol_model):
   atoms = molecule("CH3CH2OH")
   report = testing.assert_energy_conserved(atoms, temperature=300, timestep=0.5, duration=0.5,
                                            warmup=0.05, max_drift=0.5, dtype=jnp.float32,
-                                           **_jax_md_args(ethanol_model, atoms))
+                                           **testing.jax_md_functions(ethanol_model, atoms))
   assert report.engine == "jax-md"
 
 
