@@ -86,60 +86,60 @@ _SHRINK_BELOW = 0.5
 
 
 def resolve_dtype(dtype: Any) -> np.dtype:
-    """``"float32"``/``"float64"``/``np.float32``/``jnp.float64``... as a NumPy dtype.
+  """``"float32"``/``"float64"``/``np.float32``/``jnp.float64``... as a NumPy dtype.
 
-    Raises ``ValueError`` for anything but float32 and float64, and for float64 when JAX's x64
-    mode is off (this module never flips global JAX flags).
-    """
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}") from None
-    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {dt.name}")
-    if dt == np.float64 and jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
-        raise ValueError(
-            "dtype='float64' needs JAX's 64-bit mode, which is off. Enable it at the start of "
-            "your program with jax.config.update('jax_enable_x64', True) (or set the "
-            "environment variable JAX_ENABLE_X64=1), or use dtype='float32'."
-        )
-    return dt
+  Raises ``ValueError`` for anything but float32 and float64, and for float64 when JAX's x64
+  mode is off (this module never flips global JAX flags).
+  """
+  try:
+    dt = np.dtype(dtype)
+  except TypeError:
+    raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}") from None
+  if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+    raise ValueError(f"dtype must be 'float32' or 'float64', got {dt.name}")
+  if dt == np.float64 and jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
+    raise ValueError(
+        "dtype='float64' needs JAX's 64-bit mode, which is off. Enable it at the start of "
+        "your program with jax.config.update('jax_enable_x64', True) (or set the "
+        "environment variable JAX_ENABLE_X64=1), or use dtype='float32'."
+    )
+  return dt
 
 
 class _Evaluator:
-    """The jitted model evaluation for one architecture and dtype, shared by calculators.
+  """The jitted model evaluation for one architecture and dtype, shared by calculators.
 
-    ``fn(params, species, positions, cell, dst, src, shifts, atom_mask)`` returns the per-atom
-    model energies (without element shifts), the forces, ``dE/dε`` (3, 3), and the squared
-    distance and index of the closest pair. ``traces`` counts traces, i.e. compilations.
-    """
+  ``fn(params, species, positions, cell, dst, src, shifts, atom_mask)`` returns the per-atom
+  model energies (without element shifts), the forces, ``dE/dε`` (3, 3), and the squared
+  distance and index of the closest pair. ``traces`` counts traces, i.e. compilations.
+  """
 
-    def __init__(self, potential: potentials.Potential, dtype: np.dtype) -> None:
-        self.traces = 0
-        pair_fn = potential.pair_energies_fn(include_shift=False)
+  def __init__(self, potential: potentials.Potential, dtype: np.dtype) -> None:
+    self.traces = 0
+    pair_fn = potential.pair_energies_fn(include_shift=False)
 
-        def evaluate(params, species, positions, cell, dst, src, shifts, atom_mask):
-            self.traces += 1  # a Python side effect runs once per trace, i.e. per compilation
-            n = positions.shape[0]
+    def evaluate(params, species, positions, cell, dst, src, shifts, atom_mask):
+      self.traces += 1  # a Python side effect runs once per trace, i.e. per compilation
+      n = positions.shape[0]
 
-            def total(positions, strain):
-                # A symmetric strain applied to positions and cell alike, R' = R (I + eps),
-                # cell' = cell (I + eps), is r' = r (I + eps) on every pair vector.
-                deform = jnp.eye(3, dtype=dtype) + 0.5 * (strain + strain.T)
-                r = pair_vectors(positions, dst, src, shifts, cell) @ deform
-                # pairs come sorted by dst from the neighbour list, padding (= n) last
-                e = pair_fn(params, species, r, dst, src, atom_mask, True)
-                return jnp.sum(e), (e, r)
+      def total(positions, strain):
+        # A symmetric strain applied to positions and cell alike, R' = R (I + eps),
+        # cell' = cell (I + eps), is r' = r (I + eps) on every pair vector.
+        deform = jnp.eye(3, dtype=dtype) + 0.5 * (strain + strain.T)
+        r = pair_vectors(positions, dst, src, shifts, cell) @ deform
+        # pairs come sorted by dst from the neighbour list, padding (= n) last
+        e = pair_fn(params, species, r, dst, src, atom_mask, True)
+        return jnp.sum(e), (e, r)
 
-            strain = jnp.zeros((3, 3), dtype)
-            (_, (energies, r)), (grad_positions, grad_strain) = jax.value_and_grad(
-                total, argnums=(0, 1), has_aux=True)(positions, strain)
-            # closest real pair, for the overlap check on the host
-            d2 = jnp.where(dst < n, jnp.sum(r * r, axis=-1), jnp.inf)
-            closest = jnp.argmin(d2)
-            return energies, -grad_positions, grad_strain, d2[closest], closest
+      strain = jnp.zeros((3, 3), dtype)
+      (_, (energies, r)), (grad_positions, grad_strain) = jax.value_and_grad(
+          total, argnums=(0, 1), has_aux=True)(positions, strain)
+      # closest real pair, for the overlap check on the host
+      d2 = jnp.where(dst < n, jnp.sum(r * r, axis=-1), jnp.inf)
+      closest = jnp.argmin(d2)
+      return energies, -grad_positions, grad_strain, d2[closest], closest
 
-        self.fn = jax.jit(evaluate)
+    self.fn = jax.jit(evaluate)
 
 
 # Keyed by what the compiled code depends on (not the parameters, which are arguments), so that
@@ -148,221 +148,221 @@ _EVALUATORS: dict[tuple, _Evaluator] = {}
 
 
 def _shared_evaluator(potential: potentials.Potential, dtype: np.dtype) -> _Evaluator:
-    key = (potential.config, tuple(potential.species), dtype.name)
-    if key not in _EVALUATORS:
-        _EVALUATORS[key] = _Evaluator(potential, dtype)
-    return _EVALUATORS[key]
+  key = (potential.config, tuple(potential.species), dtype.name)
+  if key not in _EVALUATORS:
+    _EVALUATORS[key] = _Evaluator(potential, dtype)
+  return _EVALUATORS[key]
 
 
 class Calculator(_AseCalculator):
-    """ASE calculator for an eqattn :class:`potentials.Potential`.
+  """ASE calculator for an eqattn :class:`potentials.Potential`.
 
-    Args:
-        potential: the model (``potentials.load(path)`` or ``potentials.Potential.create``).
-        dtype: floating-point type of the model evaluation, ``"float32"`` (default, fastest) or
-            ``"float64"`` (requires ``jax.config.update("jax_enable_x64", True)``).
-        min_distance: raise ``ValueError`` when two atoms (or an atom and a periodic image) are
-            closer than this (Å); the model is not meant for overlapping atoms. ``None`` or 0
-            disables the check.
-        **kwargs: passed to :class:`ase.calculators.calculator.Calculator` (``atoms``,
-            ``label``, ``directory``, ...).
+  Args:
+      potential: the model (``potentials.load(path)`` or ``potentials.Potential.create``).
+      dtype: floating-point type of the model evaluation, ``"float32"`` (default, fastest) or
+          ``"float64"`` (requires ``jax.config.update("jax_enable_x64", True)``).
+      min_distance: raise ``ValueError`` when two atoms (or an atom and a periodic image) are
+          closer than this (Å); the model is not meant for overlapping atoms. ``None`` or 0
+          disables the check.
+      **kwargs: passed to :class:`ase.calculators.calculator.Calculator` (``atoms``,
+          ``label``, ``directory``, ...).
 
-    Attributes:
-        potential, dtype, min_distance: as given (``dtype`` as a NumPy dtype).
-        num_compilations: XLA compilations of the (shared) energy function that this
-            calculator's calls triggered (see the module docstring).
-        neighbors: the `NeighborListBuilder` (its ``capacity`` is the current pair capacity).
-        atom_capacity: current length of the padded atom axis (``None`` before the first call).
-    """
+  Attributes:
+      potential, dtype, min_distance: as given (``dtype`` as a NumPy dtype).
+      num_compilations: XLA compilations of the (shared) energy function that this
+          calculator's calls triggered (see the module docstring).
+      neighbors: the `NeighborListBuilder` (its ``capacity`` is the current pair capacity).
+      atom_capacity: current length of the padded atom axis (``None`` before the first call).
+  """
 
-    implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
+  implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
 
-    def __init__(
-        self,
-        potential: potentials.Potential,
-        *,
-        dtype: Any = "float32",
-        min_distance: float | None = 0.1,
-        **kwargs: Any,
-    ) -> None:
-        if not isinstance(potential, potentials.Potential):
-            raise TypeError(
-                f"potential must be a potentials.Potential, got {type(potential).__name__}; "
-                "load one with potentials.load(path)"
-            )
-        self.potential = potential
-        self.dtype = resolve_dtype(dtype)
-        if min_distance is not None and not (math.isfinite(min_distance) and min_distance >= 0):
-            raise ValueError(f"min_distance must be a finite number >= 0 Å, got {min_distance!r}")
-        self.min_distance = float(min_distance or 0.0)
-        self.neighbors = NeighborListBuilder(potential.cutoff, shift_dtype=self.dtype)
-        self.atom_capacity: int | None = None
-        self._compilations = 0
-        # Parameters live on the device once, in the evaluation dtype, so that float64 runs are
-        # float64 end to end and no per-call conversion happens.
-        self._params = jax.tree_util.tree_map(
-            lambda p: jnp.asarray(p, self.dtype) if jnp.issubdtype(p.dtype, jnp.floating)
-            else jnp.asarray(p),
-            potential.params,
-        )
-        self._shifts = potential.element_shifts  # float64, added on the host
-        self._evaluator = _shared_evaluator(potential, self.dtype)
-        # per-structure cache: species and mask on the device, rebuilt when numbers change
-        self._numbers: np.ndarray | None = None
-        self._species_host: np.ndarray | None = None
-        self._species_dev: jax.Array | None = None
-        self._mask_dev: jax.Array | None = None
-        super().__init__(**kwargs)
+  def __init__(
+      self,
+      potential: potentials.Potential,
+      *,
+      dtype: Any = "float32",
+      min_distance: float | None = 0.1,
+      **kwargs: Any,
+  ) -> None:
+    if not isinstance(potential, potentials.Potential):
+      raise TypeError(
+          f"potential must be a potentials.Potential, got {type(potential).__name__}; "
+          "load one with potentials.load(path)"
+      )
+    self.potential = potential
+    self.dtype = resolve_dtype(dtype)
+    if min_distance is not None and not (math.isfinite(min_distance) and min_distance >= 0):
+      raise ValueError(f"min_distance must be a finite number >= 0 Å, got {min_distance!r}")
+    self.min_distance = float(min_distance or 0.0)
+    self.neighbors = NeighborListBuilder(potential.cutoff, shift_dtype=self.dtype)
+    self.atom_capacity: int | None = None
+    self._compilations = 0
+    # Parameters live on the device once, in the evaluation dtype, so that float64 runs are
+    # float64 end to end and no per-call conversion happens.
+    self._params = jax.tree_util.tree_map(
+        lambda p: jnp.asarray(p, self.dtype) if jnp.issubdtype(p.dtype, jnp.floating)
+        else jnp.asarray(p),
+        potential.params,
+    )
+    self._shifts = potential.element_shifts  # float64, added on the host
+    self._evaluator = _shared_evaluator(potential, self.dtype)
+    # per-structure cache: species and mask on the device, rebuilt when numbers change
+    self._numbers: np.ndarray | None = None
+    self._species_host: np.ndarray | None = None
+    self._species_dev: jax.Array | None = None
+    self._mask_dev: jax.Array | None = None
+    super().__init__(**kwargs)
 
-    # ------------------------------------------------------------------ public helpers
-    @property
-    def num_compilations(self) -> int:
-        """How many times the energy function was traced and compiled (one per input shape)."""
-        return self._compilations
+  # ------------------------------------------------------------------ public helpers
+  @property
+  def num_compilations(self) -> int:
+    """How many times the energy function was traced and compiled (one per input shape)."""
+    return self._compilations
 
-    def __repr__(self) -> str:
-        return (
-            f"Calculator(species={list(self.potential.symbols)}, cutoff={self.potential.cutoff}, "
-            f"dtype={self.dtype.name}, num_compilations={self.num_compilations})"
-        )
+  def __repr__(self) -> str:
+    return (
+        f"Calculator(species={list(self.potential.symbols)}, cutoff={self.potential.cutoff}, "
+        f"dtype={self.dtype.name}, num_compilations={self.num_compilations})"
+    )
 
-    # ------------------------------------------------------------------ ASE interface
-    def calculate(
-        self,
-        atoms: Atoms | None = None,
-        properties: Sequence[str] | None = None,
-        system_changes: Sequence[str] = all_changes,
-    ) -> None:
-        """Compute energy, free_energy, energies, forces and (periodic cells) stress at once."""
-        if properties is None:
-            properties = ["energy"]
-        super().calculate(atoms, properties, system_changes)
-        atoms = self.atoms  # the copy ASE keeps for check_state
-        self.results = {}
-        pbc = np.asarray(atoms.pbc, dtype=bool)
-        periodic = bool(pbc.all())
-        if "stress" in properties and not periodic:
-            raise PropertyNotImplementedError(
-                f"stress needs a fully periodic cell, but pbc = {pbc.tolist()}; set "
-                "atoms.pbc = True with a proper cell, or do not ask for stress (e.g. do not "
-                "use a cell filter or NPT on this system)"
-            )
-        try:
-            self.results = self._compute(atoms, periodic)
-        except Exception:
-            self.atoms = None  # nothing cached: the next call recomputes (and raises again)
-            raise
+  # ------------------------------------------------------------------ ASE interface
+  def calculate(
+      self,
+      atoms: Atoms | None = None,
+      properties: Sequence[str] | None = None,
+      system_changes: Sequence[str] = all_changes,
+  ) -> None:
+    """Compute energy, free_energy, energies, forces and (periodic cells) stress at once."""
+    if properties is None:
+      properties = ["energy"]
+    super().calculate(atoms, properties, system_changes)
+    atoms = self.atoms  # the copy ASE keeps for check_state
+    self.results = {}
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    periodic = bool(pbc.all())
+    if "stress" in properties and not periodic:
+      raise PropertyNotImplementedError(
+          f"stress needs a fully periodic cell, but pbc = {pbc.tolist()}; set "
+          "atoms.pbc = True with a proper cell, or do not ask for stress (e.g. do not "
+          "use a cell filter or NPT on this system)"
+      )
+    try:
+      self.results = self._compute(atoms, periodic)
+    except Exception:
+      self.atoms = None  # nothing cached: the next call recomputes (and raises again)
+      raise
 
-    def _compute(self, atoms: Atoms, periodic: bool) -> dict[str, Any]:
-        n = len(atoms)
-        cell = np.asarray(atoms.cell.array, dtype=np.float64)
-        if n == 0:
-            self.neighbors.build(np.zeros((0, 3)), cell, atoms.pbc)  # validates the cell
-            results = {"energy": 0.0, "free_energy": 0.0, "energies": np.zeros(0),
-                       "forces": np.zeros((0, 3))}
-            if periodic:
-                results["stress"] = np.zeros(6)
-            return results
+  def _compute(self, atoms: Atoms, periodic: bool) -> dict[str, Any]:
+    n = len(atoms)
+    cell = np.asarray(atoms.cell.array, dtype=np.float64)
+    if n == 0:
+      self.neighbors.build(np.zeros((0, 3)), cell, atoms.pbc)  # validates the cell
+      results = {"energy": 0.0, "free_energy": 0.0, "energies": np.zeros(0),
+                 "forces": np.zeros((0, 3))}
+      if periodic:
+        results["stress"] = np.zeros(6)
+      return results
 
-        species = self._prepare_species(atoms.numbers)
-        positions = self._reference_positions(atoms.positions, cell, atoms.pbc)
-        previous = self.atom_capacity
-        na = self._atom_capacity(n)
-        if previous is not None and na != previous:
-            # A different system size compiles anyway: let the pair capacity fit it too. With
-            # a fixed atom axis it only grows, so MD and NPT runs cannot flip between shapes.
-            self.neighbors.reset_capacity()
-        pairs = self.neighbors.build(positions, cell, atoms.pbc)  # validates positions and cell
-        if self._species_dev is None or self._species_dev.shape[0] != na:
-            padded = np.zeros(na, np.int32)
-            padded[:n] = species
-            self._species_dev = jnp.asarray(padded)
-            self._mask_dev = jnp.asarray(np.arange(na) < n)
+    species = self._prepare_species(atoms.numbers)
+    positions = self._reference_positions(atoms.positions, cell, atoms.pbc)
+    previous = self.atom_capacity
+    na = self._atom_capacity(n)
+    if previous is not None and na != previous:
+      # A different system size compiles anyway: let the pair capacity fit it too. With
+      # a fixed atom axis it only grows, so MD and NPT runs cannot flip between shapes.
+      self.neighbors.reset_capacity()
+    pairs = self.neighbors.build(positions, cell, atoms.pbc)  # validates positions and cell
+    if self._species_dev is None or self._species_dev.shape[0] != na:
+      padded = np.zeros(na, np.int32)
+      padded[:n] = species
+      self._species_dev = jnp.asarray(padded)
+      self._mask_dev = jnp.asarray(np.arange(na) < n)
 
-        pos = np.zeros((na, 3), self.dtype)
-        pos[:n] = positions
-        dst, src = pairs.dst, pairs.src
-        # The builder pads pairs with index n; with padded atoms the padding index is na.
-        dst[pairs.num_pairs:] = na
-        src[pairs.num_pairs:] = na
-        evaluator = self._evaluator
-        traces = evaluator.traces
-        out = evaluator.fn(self._params, self._species_dev, pos, cell.astype(self.dtype),
-                           dst, src, pairs.shifts, self._mask_dev)
-        self._compilations += evaluator.traces - traces
-        e_model, forces, virial, d2, closest = jax.device_get(out)
+    pos = np.zeros((na, 3), self.dtype)
+    pos[:n] = positions
+    dst, src = pairs.dst, pairs.src
+    # The builder pads pairs with index n; with padded atoms the padding index is na.
+    dst[pairs.num_pairs:] = na
+    src[pairs.num_pairs:] = na
+    evaluator = self._evaluator
+    traces = evaluator.traces
+    out = evaluator.fn(self._params, self._species_dev, pos, cell.astype(self.dtype),
+                       dst, src, pairs.shifts, self._mask_dev)
+    self._compilations += evaluator.traces - traces
+    e_model, forces, virial, d2, closest = jax.device_get(out)
 
-        if pairs.num_pairs and self.min_distance and d2 < self.min_distance**2:
-            self._raise_overlap(atoms, pairs, int(closest), float(np.sqrt(d2)))
-        energies = e_model[:n].astype(np.float64) + self._shifts[species]
-        forces = forces[:n].astype(np.float64)
-        energy = float(np.sum(energies))
-        if not (math.isfinite(energy) and np.isfinite(forces).all()):
-            raise FloatingPointError(
-                "the model returned a non-finite energy or forces for this structure; check it "
-                "for atoms far outside the training data (e.g. nearly overlapping atoms)"
-            )
-        results = {"energy": energy, "free_energy": energy, "energies": energies,
-                   "forces": forces}
-        if periodic:
-            volume = abs(float(np.linalg.det(cell)))
-            s = np.asarray(virial, np.float64) / volume
-            results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
-        return results
+    if pairs.num_pairs and self.min_distance and d2 < self.min_distance**2:
+      self._raise_overlap(atoms, pairs, int(closest), float(np.sqrt(d2)))
+    energies = e_model[:n].astype(np.float64) + self._shifts[species]
+    forces = forces[:n].astype(np.float64)
+    energy = float(np.sum(energies))
+    if not (math.isfinite(energy) and np.isfinite(forces).all()):
+      raise FloatingPointError(
+          "the model returned a non-finite energy or forces for this structure; check it "
+          "for atoms far outside the training data (e.g. nearly overlapping atoms)"
+      )
+    results = {"energy": energy, "free_energy": energy, "energies": energies,
+               "forces": forces}
+    if periodic:
+      volume = abs(float(np.linalg.det(cell)))
+      s = np.asarray(virial, np.float64) / volume
+      results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+    return results
 
-    # ------------------------------------------------------------------ host-side helpers
-    def _prepare_species(self, numbers: np.ndarray) -> np.ndarray:
-        """Species indices, cached while the atomic numbers stay the same."""
-        if self._numbers is None or not np.array_equal(numbers, self._numbers):
-            species = self.potential.species_index(np.asarray(numbers))  # unknown -> error
-            self._numbers = np.array(numbers, copy=True)
-            self._species_host = species
-            self._species_dev = None  # re-upload with the next atom capacity
-        return self._species_host
+  # ------------------------------------------------------------------ host-side helpers
+  def _prepare_species(self, numbers: np.ndarray) -> np.ndarray:
+    """Species indices, cached while the atomic numbers stay the same."""
+    if self._numbers is None or not np.array_equal(numbers, self._numbers):
+      species = self.potential.species_index(np.asarray(numbers))  # unknown -> error
+      self._numbers = np.array(numbers, copy=True)
+      self._species_host = species
+      self._species_dev = None  # re-upload with the next atom capacity
+    return self._species_host
 
-    def _atom_capacity(self, n: int) -> int:
-        """Padded length of the atom axis for ``n`` atoms: kept while ``n`` fits and uses at
-        least half of it, so small changes in the atom count keep the compiled shape."""
-        cap = self.atom_capacity
-        if cap is None or n > cap or n < _SHRINK_BELOW * cap:
-            cap = bucket_capacity(n, _ATOM_MINIMUM, _ATOM_GROWTH, 0.0)
-            if cap != self.atom_capacity:
-                self._species_dev = None
-            self.atom_capacity = cap
-        return cap
+  def _atom_capacity(self, n: int) -> int:
+    """Padded length of the atom axis for ``n`` atoms: kept while ``n`` fits and uses at
+    least half of it, so small changes in the atom count keep the compiled shape."""
+    cap = self.atom_capacity
+    if cap is None or n > cap or n < _SHRINK_BELOW * cap:
+      cap = bucket_capacity(n, _ATOM_MINIMUM, _ATOM_GROWTH, 0.0)
+      if cap != self.atom_capacity:
+        self._species_dev = None
+      self.atom_capacity = cap
+    return cap
 
-    @staticmethod
-    def _reference_positions(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray
-                             ) -> np.ndarray:
-        """Positions moved by lattice vectors into the cell (fully periodic) or centred on the
-        origin (fully open), which keeps float32 pair vectors precise for atoms that drifted
-        far. Neither move changes energy, forces or stress; the neighbour list is built from
-        the moved positions, so its shifts stay consistent."""
-        pos = np.asarray(positions, dtype=np.float64)
-        if not np.isfinite(pos).all():
-            return pos  # the neighbour list names the bad atom
-        if pbc.all():
-            det = np.linalg.det(cell) if np.isfinite(cell).all() else 0.0
-            if abs(det) > 1e-6 * max(np.abs(cell).max(), 1e-300) ** 3:
-                frac = pos @ np.linalg.inv(cell)
-                return pos - np.floor(frac) @ cell
-            return pos  # singular: the neighbour list raises the error
-        if not pbc.any():
-            return pos - pos.mean(axis=0)
-        return pos
+  @staticmethod
+  def _reference_positions(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray
+                           ) -> np.ndarray:
+    """Positions moved by lattice vectors into the cell (fully periodic) or centred on the
+    origin (fully open), which keeps float32 pair vectors precise for atoms that drifted
+    far. Neither move changes energy, forces or stress; the neighbour list is built from
+    the moved positions, so its shifts stay consistent."""
+    pos = np.asarray(positions, dtype=np.float64)
+    if not np.isfinite(pos).all():
+      return pos  # the neighbour list names the bad atom
+    if pbc.all():
+      det = np.linalg.det(cell) if np.isfinite(cell).all() else 0.0
+      if abs(det) > 1e-6 * max(np.abs(cell).max(), 1e-300) ** 3:
+        frac = pos @ np.linalg.inv(cell)
+        return pos - np.floor(frac) @ cell
+      return pos  # singular: the neighbour list raises the error
+    if not pbc.any():
+      return pos - pos.mean(axis=0)
+    return pos
 
-    def _raise_overlap(self, atoms: Atoms, pairs: Any, k: int, distance: float) -> None:
-        i, j = int(pairs.dst[k]), int(pairs.src[k])
-        zi, zj = element_symbol(int(atoms.numbers[i])), element_symbol(int(atoms.numbers[j]))
-        if i == j:
-            what = f"atom {i} ({zi}) and its own periodic image are"
-        elif np.any(pairs.shifts[k]):
-            what = f"atoms {i} ({zi}) and {j} ({zj}) (across the periodic boundary) are"
-        else:
-            what = f"atoms {i} ({zi}) and {j} ({zj}) are"
-        raise ValueError(
-            f"{what} only {distance:.3g} Å apart, closer than min_distance = "
-            f"{self.min_distance:g} Å; the model is not meant for overlapping atoms. Check the "
-            "structure (duplicated atoms? wrong units or cell?), or pass min_distance=None to "
-            "the Calculator to skip this check."
-        )
+  def _raise_overlap(self, atoms: Atoms, pairs: Any, k: int, distance: float) -> None:
+    i, j = int(pairs.dst[k]), int(pairs.src[k])
+    zi, zj = element_symbol(int(atoms.numbers[i])), element_symbol(int(atoms.numbers[j]))
+    if i == j:
+      what = f"atom {i} ({zi}) and its own periodic image are"
+    elif np.any(pairs.shifts[k]):
+      what = f"atoms {i} ({zi}) and {j} ({zj}) (across the periodic boundary) are"
+    else:
+      what = f"atoms {i} ({zi}) and {j} ({zj}) are"
+    raise ValueError(
+        f"{what} only {distance:.3g} Å apart, closer than min_distance = "
+        f"{self.min_distance:g} Å; the model is not meant for overlapping atoms. Check the "
+        "structure (duplicated atoms? wrong units or cell?), or pass min_distance=None to "
+        "the Calculator to skip this check."
+    )
