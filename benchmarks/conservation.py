@@ -27,12 +27,10 @@ import jax
 
 jax.config.update("jax_enable_x64", True)  # float64 rows; float32 rows cast explicitly
 
-import jax.numpy as jnp  # noqa: E402
 from ase.build import bulk, molecule  # noqa: E402
 
 import potentials  # noqa: E402
-from plugin.ase import Calculator  # noqa: E402
-from plugin.testing import check_energy_conservation, jax_md_functions  # noqa: E402
+from plugin.testing import check_energy_conservation, engine_kwargs  # noqa: E402
 
 SYSTEMS = {
     "ethanol": dict(model="ethanol", atoms=lambda: molecule("CH3CH2OH"), temperature=300.0,
@@ -40,12 +38,6 @@ SYSTEMS = {
     "copper": dict(model="copper", atoms=lambda: bulk("Cu", "fcc", a=3.61, cubic=True).repeat(3),
                    temperature=600.0, timestep=2.0),
 }
-
-
-def engine_kwargs(engine, pot, atoms, dtype):
-  if engine == "ase":
-    return dict(calculator=Calculator(pot, dtype=dtype))
-  return dict(dtype=jnp.dtype(dtype), **jax_md_functions(pot, atoms, dtype))
 
 
 def main(argv=None):

@@ -16,15 +16,13 @@ acceptable; a smooth conservative potential at a sensible timestep does far bett
 
 import os
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from ase.build import molecule
 from ase.io import read
-from jax_md import space
 
 import potentials
-from plugin import jax_md as eq_jax_md
+from plugin import testing
 from plugin.ase import Calculator
 
 MODEL = os.environ.get("EQATTN_MODEL", "ethanol")  # shipped name or .eqm path
@@ -55,16 +53,10 @@ def test_conserves_energy_with_ase(energy_conservation, potential, atoms):
 
 
 def test_conserves_energy_with_jax_md(energy_conservation, potential, atoms):
-  # A JAX-MD energy function works too: give it with its neighbour list and shift function.
-  if atoms.pbc.all():
-    box = jnp.asarray(atoms.cell.array.T)  # lattice vectors as columns
-    displacement, shift = space.periodic_general(box, fractional_coordinates=False)
-  else:
-    box = 100.0  # free space: only the region of JAX-MD's cell list
-    displacement, shift = space.free()
-  neighbor_fn, energy_fn = eq_jax_md.neighbor_list(potential, displacement, box,
-                                                    species=atoms.numbers, dr_threshold=0.5,
-                                                    disable_cell_list=not atoms.pbc.all())
+  # Any JAX-MD energy function works too, given with its neighbour list and shift function;
+  # plugin.testing.jax_md_functions builds the three for an eqattn model and this structure.
+  jm = testing.jax_md_functions(potential, atoms)
+  energy_fn, neighbor_fn, shift = jm["energy_fn"], jm["neighbor_fn"], jm["shift_fn"]
   energy_conservation(atoms, energy_fn=energy_fn, neighbor_fn=neighbor_fn, shift_fn=shift,
                       temperature=TEMPERATURE_K, timestep=TIMESTEP_FS, duration=DURATION_PS,
                       warmup=0.1 * DURATION_PS, max_drift=MAX_DRIFT)
