@@ -84,9 +84,9 @@ COPPER_FILE = "copper.extxyz.gz"
 
 # --------------------------------------------------------------------------------------------
 # ethanol settings
-ETH_TEMPS = (300.0, 450.0, 600.0)
-ETH_TRAJ_PER_T = 2
-ETH_FRAMES_PER_TRAJ = 334  # 3 * 2 * 334 = 2004 frames
+ETH_TEMPS = (300.0, 450.0, 600.0, 800.0)
+ETH_TRAJ_PER_T = 4  # whole trajectories can be held out: 2 train, 1 valid, 1 test per T
+ETH_FRAMES_PER_TRAJ = 200  # 4 * 4 * 200 = 3200 frames (5 ps per trajectory)
 ETH_DT_FS = 0.5
 ETH_EQUIL_STEPS = 2000  # 1 ps
 ETH_INTERVAL = 50  # 25 fs between frames
@@ -99,15 +99,18 @@ CU_DT_FS = 2.0
 CU_INTERVAL = 40  # 80 fs between frames
 CU_EQUIL_STEPS = 500  # 1 ps
 CU_STRAIN_EQUIL_STEPS = 200  # 0.4 ps, for the many short strained-cell runs
-CU_BULK_TEMPS = (300.0, 600.0, 900.0, 1200.0)
-CU_BULK_FRAMES = 60  # per (cell, T): 2 cells * 4 T * 60 = 480
+CU_BULK_TEMPS = (300.0, 600.0, 900.0, 1200.0, 1500.0, 1800.0)  # EMT Cu melts near 1300 K
+CU_BULK_TRAJ = 3  # per (cell, T): 6 trajectories per T, so whole ones can be held out
+CU_BULK_FRAMES = 20  # per trajectory: 2 cells * 6 T * 3 * 20 = 720
 CU_STRAIN_CELLS = 30  # per strain kind, 4 frames each: 3 * 30 * 4 = 360
 CU_STRAIN_FRAMES = 4
 CU_STRAIN_MAX = 0.05
 CU_VAC_TEMPS = (300.0, 600.0, 900.0, 1200.0)
-CU_VAC_FRAMES = 50  # 4 * 50 = 200
+CU_VAC_TRAJ = 2
+CU_VAC_FRAMES = 25  # 4 T * 2 * 25 = 200
 CU_SURF_TEMPS = (300.0, 600.0, 900.0)
-CU_SURF_FRAMES = 50  # 2 facets * 3 T * 50 = 300
+CU_SURF_TRAJ = 2
+CU_SURF_FRAMES = 25  # 2 facets * 3 T * 2 * 25 = 300
 CU_VACUUM = 7.5  # on each side -> 15 Angstrom gap
 CU_SOURCE = "EMT/ase"
 FRICTION = 0.01 / units.fs
@@ -212,7 +215,8 @@ def generate_ethanol(out_dir: str, seed: int) -> str:
             rng = np.random.default_rng([seed, 1, stream])
             stream += 1
             atoms = molecule("CH3CH2OH")
-            info = {"config_type": f"md_{int(temp)}K", "source": ETH_SOURCE}
+            info = {"config_type": f"md_{int(temp)}K", "source": ETH_SOURCE,
+                    "trajectory": f"md_{int(temp)}K/{traj}"}
             new = run_langevin(atoms, ethanol_calc(), temp, ETH_DT_FS, ETH_EQUIL_STEPS,
                                ETH_INTERVAL, ETH_FRAMES_PER_TRAJ, rng, info, stress=False,
                                molecule_=True)
@@ -281,9 +285,12 @@ def generate_copper(out_dir: str, seed: int) -> str:
     t0 = time.time()
     for cell_kind in ("cubic222", "prim333"):
         for temp in CU_BULK_TEMPS:
-            frames += run_langevin(cu_cell(cell_kind), copper_calc(), temp, CU_DT_FS,
-                                   CU_EQUIL_STEPS, CU_INTERVAL, CU_BULK_FRAMES, rng_next(),
-                                   dict(common, config_type="bulk_md"), stress=True)
+            for k in range(CU_BULK_TRAJ):
+                tag = f"bulk_md/{cell_kind}/{int(temp)}K/{k}"
+                frames += run_langevin(cu_cell(cell_kind), copper_calc(), temp, CU_DT_FS,
+                                       CU_EQUIL_STEPS, CU_INTERVAL, CU_BULK_FRAMES, rng_next(),
+                                       dict(common, config_type="bulk_md", trajectory=tag),
+                                       stress=True)
     log(f"  copper bulk_md: {time.time() - t0:.1f} s")
 
     # (ii) strained / sheared cells with thermal rattling
@@ -297,26 +304,32 @@ def generate_copper(out_dir: str, seed: int) -> str:
             temp = float(np.round(rng.uniform(300.0, 900.0), 1))
             frames += run_langevin(atoms, copper_calc(), temp, CU_DT_FS, CU_STRAIN_EQUIL_STEPS,
                                    CU_INTERVAL, CU_STRAIN_FRAMES, rng,
-                                   dict(common, config_type=kind), stress=True)
+                                   dict(common, config_type=kind, trajectory=f"{kind}/{i}"),
+                                   stress=True)
         log(f"  copper {kind}: {time.time() - t0:.1f} s")
 
     # (iii) vacancy
     t0 = time.time()
     for temp in CU_VAC_TEMPS:
-        atoms = cu_cell("cubic222")
-        del atoms[0]
-        frames += run_langevin(atoms, copper_calc(), temp, CU_DT_FS, CU_EQUIL_STEPS,
-                               CU_INTERVAL, CU_VAC_FRAMES, rng_next(),
-                               dict(common, config_type="vacancy"), stress=True)
+        for k in range(CU_VAC_TRAJ):
+            atoms = cu_cell("cubic222")
+            del atoms[0]
+            frames += run_langevin(atoms, copper_calc(), temp, CU_DT_FS, CU_EQUIL_STEPS,
+                                   CU_INTERVAL, CU_VAC_FRAMES, rng_next(),
+                                   dict(common, config_type="vacancy",
+                                        trajectory=f"vacancy/{int(temp)}K/{k}"), stress=True)
     log(f"  copper vacancy: {time.time() - t0:.1f} s")
 
     # (iv) surface slabs
     for facet in ("111", "100"):
         t0 = time.time()
         for temp in CU_SURF_TEMPS:
-            frames += run_langevin(cu_slab(facet), copper_calc(), temp, CU_DT_FS,
-                                   CU_EQUIL_STEPS, CU_INTERVAL, CU_SURF_FRAMES, rng_next(),
-                                   dict(common, config_type=f"surface_{facet}"), stress=True)
+            for k in range(CU_SURF_TRAJ):
+                kind = f"surface_{facet}"
+                frames += run_langevin(cu_slab(facet), copper_calc(), temp, CU_DT_FS,
+                                       CU_EQUIL_STEPS, CU_INTERVAL, CU_SURF_FRAMES, rng_next(),
+                                       dict(common, config_type=kind,
+                                            trajectory=f"{kind}/{int(temp)}K/{k}"), stress=True)
         log(f"  copper surface_{facet}: {time.time() - t0:.1f} s")
 
     log_kinetic_temperatures()
@@ -377,7 +390,7 @@ def check_file(path: str, calc_factory, expect_species, expect_stress: bool, see
         assert np.all(np.isfinite(f.positions))
         assert np.all(np.isfinite(f.get_forces()))
         assert np.isfinite(f.get_potential_energy())
-        assert "temperature_K" in f.info and "source" in f.info
+        assert "temperature_K" in f.info and "source" in f.info and "trajectory" in f.info
     log(f"{os.path.basename(path)}: {len(frames)} frames, {os.path.getsize(path) / 1e6:.2f} MB, "
         f"species {species}")
     for key in sorted(counts):

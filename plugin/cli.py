@@ -249,19 +249,33 @@ def cmd_eval(args) -> int:
     raise UsageError(str(e)) from None
   for f in frames:
     _check_species_numbers(pot, f.numbers)
-  metrics = training.evaluate(pot, frames)
   print(f"{len(frames)} frames from {args.data}")
-  print("| quantity | MAE | RMSE | unit |")
-  print("|---|---|---|---|")
-  for key, unit, scale in (("energy", "meV", 1e3), ("energy_per_atom", "meV/atom", 1e3),
-                           ("forces", "meV/Å", 1e3), ("stress", "meV/Å³", 1e3)):
-    if f"{key}_mae" in metrics:
-      print(f"| {key} | {metrics[key + '_mae'] * scale:.3f} | "
-            f"{metrics[key + '_rmse'] * scale:.3f} | {unit} |")
+  print("| frames | n | energy MAE (meV) | meV/atom | forces MAE (meV/Å) | forces RMSE "
+        "| stress MAE (meV/Å³) |")
+  print("|---|---|---|---|---|---|---|")
+  for label, subset in _eval_groups(pot, frames):
+    m = training.evaluate(pot, subset)
+    cell = lambda key: f"{m[key] * 1e3:.3f}" if key in m else "—"
+    print(f"| {label} | {len(subset)} | {cell('energy_mae')} | {cell('energy_per_atom_mae')} | "
+          f"{cell('forces_mae')} | {cell('forces_rmse')} | {cell('stress_mae')} |")
   if args.parity:
     _parity_plot(pot, frames, args.parity)
     print(f"parity plot written to {args.parity}")
   return 0
+
+
+def _eval_groups(pot, frames):
+  """All frames; then, where the model file records its held-out trajectories and the
+  frames carry trajectory tags, those never seen in training vs the rest; then per T."""
+  yield "all", frames
+  parts = pot.metadata.get("training", {}).get("split_parts", {})
+  seen = set(parts.get("train", {}).get("trajectories", []))
+  if seen and any(f.trajectory is not None for f in frames):
+    held = [f for f in frames if f.trajectory is not None and f.trajectory not in seen]
+    yield "held-out trajectories", held
+    yield "training trajectories", [f for f in frames if f.trajectory in seen]
+    for t in sorted({f.temperature for f in held if f.temperature is not None}):
+      yield f"held-out, {t:g} K", [f for f in held if f.temperature == t]
 
 
 def _check_species_numbers(pot, numbers):
@@ -316,8 +330,11 @@ def cmd_train(args) -> int:
     frames = read_frames(args.data, pot.cutoff)
     for f in frames:
       _check_species_numbers(pot, f.numbers)
-    tcfg = training.TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
-                                learning_rate=args.lr, seed=args.seed)
+    given = {"epochs": args.epochs, "time_limit": args.time_limit,
+             "batch_size": args.batch_size, "learning_rate": args.lr, "split": args.split}
+    extra = json.loads(args.train_config) if args.train_config else {}
+    tcfg = training.TrainConfig(**{**extra, **{k: v for k, v in given.items() if v is not None},
+                                   "seed": args.seed})
   except (ValueError, TypeError) as e:
     raise UsageError(str(e)) from None
   result = training.train(pot, frames, tcfg, checkpoint=args.checkpoint,
@@ -375,9 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
   tr.add_argument("--species", nargs="+", required=True, help="element symbols")
   tr.add_argument("--cutoff", type=_positive(float), default=5.0)
   tr.add_argument("--model-config", help='JSON of model hyperparameters, e.g. \'{"features": 32}\'')
-  tr.add_argument("--epochs", type=_positive(int), default=100)
-  tr.add_argument("--batch-size", type=_positive(int), default=16)
-  tr.add_argument("--lr", type=_positive(float), default=2e-3)
+  # training defaults live in potentials.training.TrainConfig; options only override them
+  tr.add_argument("--epochs", type=_positive(int), help="at most this many epochs")
+  tr.add_argument("--time-limit", type=_positive(float), metavar="MINUTES",
+                  help="wall-clock budget: stop cleanly with the best weights saved")
+  tr.add_argument("--batch-size", type=_positive(int))
+  tr.add_argument("--lr", type=_positive(float), help="peak learning rate")
+  tr.add_argument("--split", choices=["trajectory", "random"],
+                  help="hold out whole trajectories (default) or random frames")
+  tr.add_argument("--train-config", help='JSON of other TrainConfig fields, e.g. '
+                  '\'{"forces_weight": 10}\'')
   tr.add_argument("--seed", type=int, default=0)
   tr.add_argument("--checkpoint", help="checkpoint file (resumed if it exists)")
   tr.add_argument("--out", default="model.eqm")

@@ -31,14 +31,23 @@ def _label(atoms: Atoms, name: str):
   return None
 
 
+def _tag(atoms: Atoms, key: str, kind):
+  value = atoms.info.get(key)
+  return None if value is None else kind(value)
+
+
 def frame_from_atoms(atoms: Atoms, cutoff: float) -> Frame:
-  """One :class:`potentials.training.Frame` (labels from ``atoms.calc``, pairs within cutoff)."""
+  """One :class:`potentials.training.Frame` (labels from ``atoms.calc``, pairs within cutoff;
+  ``info`` keys ``trajectory``, ``config_type`` and ``temperature_K`` tag it for held-out
+  splits)."""
   dst, src, shifts = neighbor_pairs_from_atoms(atoms, cutoff)
   return Frame(numbers=np.asarray(atoms.numbers), positions=np.asarray(atoms.positions, float),
                cell=np.asarray(atoms.cell[:], float), pbc=np.asarray(atoms.pbc, bool),
                dst=dst, src=src, shifts=np.asarray(shifts, float),
                energy=_label(atoms, "energy"), forces=_label(atoms, "forces"),
-               stress=_label(atoms, "stress"))
+               stress=_label(atoms, "stress"), trajectory=_tag(atoms, "trajectory", str),
+               config_type=_tag(atoms, "config_type", str),
+               temperature=_tag(atoms, "temperature_K", float))
 
 
 def read_frames(source: Union[str, Sequence[Atoms]], cutoff: float,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from . import radial as radial_lib
 from .attention import SelfAttention
-from .layers import Dense, Embed, Gate, change_max_degree_or_type
+from .layers import Dense, Embed, Gate, Tensor, change_max_degree_or_type, max_degree_of
 from .so3 import safe_norm
 
 RADIAL_FUNCTIONS = ("reciprocal_bernstein", "bessel", "gaussian")
@@ -48,6 +48,11 @@ class ModelConfig:
       neighbours and so cannot count them; without this, energies of under-coordinated atoms
       (surfaces, vacancies) are off by ~10 meV/atom. Model files written before this option
       existed load with it off.
+    product: after each block's attention, add a learned equivariant tensor product of the
+      atom's features with themselves (``Dense(Tensor(Dense(z), Dense(z)))``, per atom). A
+      softmax average over neighbours is linear in the neighbours' values; the product
+      raises the body order of each block (as symmetric products do in MACE-class models).
+      Model files written before this option existed load with it off.
   """
   cutoff: float = 5.0
   features: int = 32
@@ -62,6 +67,7 @@ class ModelConfig:
   repulsion: bool = True
   repulsion_cutoff: float = 1.0
   density_features: bool = True
+  product: bool = True
 
   def __post_init__(self):
     checks = [
@@ -92,7 +98,8 @@ class ModelConfig:
     if unknown:
       raise ValueError(f"unknown model config keys {sorted(unknown)}; this eqattn knows "
                        f"{sorted(known)} (is the model file from a newer eqattn?)")
-    d = {"density_features": False, **d}  # files older than the option: the model without it
+    # files older than an option: the model without it
+    d = {"density_features": False, "product": False, **d}
     return cls(**d)
 
   def radial_fn(self):
@@ -122,6 +129,21 @@ def zbl_pair_energy(r: jax.Array, z1: jax.Array, z2: jax.Array, r_off: float) ->
   phi = sum(c * jnp.exp(-d * x) for c, d in zip(_ZBL_C, _ZBL_D))
   e = _COULOMB * z1 * z2 / safe_r * phi
   return jnp.where(r > 0, e * radial_lib.smooth_cutoff(safe_r, r_off), 0.0)
+
+
+class _Product(nn.Module):
+  """``z (N, P, (L+1)**2, F) -> Dense(Tensor(Dense(z), Dense(z)))`` truncated to
+  ``max_degree``: per-atom equivariant products (higher body order)."""
+  max_degree: int
+  include_pseudotensors: bool
+
+  @nn.compact
+  def __call__(self, z):
+    f = z.shape[-1]
+    t = Tensor(max_degree=self.max_degree, include_pseudotensors=self.include_pseudotensors,
+               name="tensor")(Dense(f, name="left")(z), Dense(f, name="right")(z))
+    # zero-initialised output: a new model starts as the one without products (stable start)
+    return Dense(f, use_bias=False, kernel_init=nn.initializers.zeros, name="out")(t)
 
 
 class EnergyModel(nn.Module):
@@ -163,7 +185,9 @@ class EnergyModel(nn.Module):
                         include_pseudotensors=cfg.include_pseudotensors and not last,
                         use_fused_tensor=cfg.use_fused_tensor, name=f"attention_{it}"),
           Dense(cfg.features, name=f"mlp_{it}_in"), Gate(name=f"mlp_{it}_gate"),
-          Dense(cfg.features, name=f"mlp_{it}_out")))
+          Dense(cfg.features, name=f"mlp_{it}_out"),
+          _Product(degree, cfg.include_pseudotensors and not last, name=f"product_{it}")
+          if cfg.product else None))
     hidden = nn.Dense(cfg.features, name="readout_hidden")
     readout = nn.Dense(1, name="readout")
     density = nn.Dense(cfg.features, use_bias=False, name="density") if cfg.density_features \
@@ -181,9 +205,16 @@ class EnergyModel(nn.Module):
         rho = jax.ops.segment_sum(per_pair, kw["dst_idx"], num_segments=kw["num_segments"],
                                   indices_are_sorted=kw["indices_are_sorted"])
         x = x.at[:, 0, 0, :].add(density(rho))
-      for degree, attention, mlp_in, gate, mlp_out in blocks:
+      for degree, attention, mlp_in, gate, mlp_out, product in blocks:
         y = attention(x, basis, cut, **kw)
-        x = change_max_degree_or_type(x, degree, y.shape[-3] == 2) + y
+        pseudo = y.shape[-3] == 2
+        if product is None:
+          x = change_max_degree_or_type(x, degree, pseudo) + y
+        else:  # the product reads all degrees, also in a last block that keeps only scalars
+          L_z = max(max_degree_of(x.shape), degree)
+          z = (change_max_degree_or_type(x, L_z, pseudo)
+               + change_max_degree_or_type(y, L_z, pseudo))
+          x = change_max_degree_or_type(z, degree) + product(z)
         x = x + mlp_out(gate(mlp_in(x)))
       return readout(nn.silu(hidden(x[:, 0, 0, :])))[:, 0]
 

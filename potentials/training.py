@@ -20,7 +20,7 @@ import os
 import struct
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,9 @@ class Frame:
   energy: Optional[float] = None
   forces: Optional[np.ndarray] = None
   stress: Optional[np.ndarray] = None
+  trajectory: Optional[str] = None    # id of the MD run the frame came from (held-out splits)
+  config_type: Optional[str] = None   # kind of structure; splits are stratified by it
+  temperature: Optional[float] = None  # thermostat target (K), to stratify and report by
 
   @property
   def num_atoms(self) -> int:
@@ -58,20 +61,38 @@ class Frame:
     return abs(float(np.linalg.det(self.cell))) if np.all(self.pbc) else 0.0
 
 
+SPLITS = ("trajectory", "random")
+MAX_SELECTION_FRAMES = 256  # validation frames read per epoch to pick the best weights
+OPTIMIZERS = ("adam", "amsgrad")
+LOSSES = ("mse", "huber")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Training hyperparameters.
+  """Training hyperparameters (every field is stored in model files).
 
   Attributes:
-    epochs: passes over the training set.
+    epochs: passes over the training set (an upper bound when ``time_limit`` is set).
     batch_size: frames per batch (batches are padded to a fixed atom and pair capacity).
-    learning_rate: peak learning rate (Adam); warm-up over ``warmup_epochs`` then cosine decay
-      to ``learning_rate * final_lr_fraction``.
+    learning_rate: peak learning rate; warm-up over ``warmup_epochs`` then cosine decay to
+      ``learning_rate * final_lr_fraction`` at the last epoch (or at the time limit).
     energy_weight, forces_weight, stress_weight: loss weights for (per-atom energy error)^2 in
       eV^2, (force component error)^2 in (eV/Å)^2 and (stress component error)^2 in
       (eV/Å^3)^2 (stress errors are multiplied by 100 first so all terms are O(1)).
+    late_energy_weight: energy weight for the last ``late_fraction`` of training (None: no
+      change); raising it late sharpens energies once forces have converged.
     valid_fraction, test_fraction: split of the frames (fixed ``seed``).
+    split: 'trajectory' holds out whole trajectories (``Frame.trajectory``; contiguous time
+      blocks where a kind of structure has too few), stratified by config_type and
+      temperature: frames of one MD run are correlated, so a random split leaks. 'random'
+      draws frames at random (for comparison with published random-split figures).
     clip_norm: global gradient-norm clipping.
+    optimizer: 'adam' or 'amsgrad'.
+    ema_decay: decay of the exponential moving average of the weights used for validation,
+      the kept best model and the saved model (0: no averaging).
+    loss: 'mse' or 'huber' (``huber_delta`` in the units of each weighted term's error).
+    time_limit: wall-clock budget in minutes (None: none). The schedule is fitted to it after
+      the first epoch, and training stops cleanly with the best weights when it runs out.
     seed: split, shuffling and initialisation.
   """
   epochs: int = 100
@@ -82,10 +103,36 @@ class TrainConfig:
   energy_weight: float = 1.0
   forces_weight: float = 10.0
   stress_weight: float = 1.0
+  late_energy_weight: Optional[float] = None
+  late_fraction: float = 0.2
   valid_fraction: float = 0.1
   test_fraction: float = 0.1
+  split: str = "trajectory"
   clip_norm: float = 10.0
+  optimizer: str = "adam"
+  ema_decay: float = 0.0
+  loss: str = "mse"
+  huber_delta: float = 0.01
+  time_limit: Optional[float] = None
   seed: int = 0
+
+  def __post_init__(self):
+    for name, value, allowed in (("split", self.split, SPLITS),
+                                 ("optimizer", self.optimizer, OPTIMIZERS),
+                                 ("loss", self.loss, LOSSES)):
+      if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    if not 0 <= self.ema_decay < 1:
+      raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+    if self.time_limit is not None and self.time_limit <= 0:
+      raise ValueError(f"time_limit must be > 0 minutes, got {self.time_limit}")
+    if not 0 <= self.late_fraction < 1:
+      raise ValueError(f"late_fraction must be in [0, 1), got {self.late_fraction}")
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "TrainConfig":
+    """From a stored config; files written before the split option used the random split."""
+    return cls(**{"split": "random", **d})
 
 
 # ----------------------------------------------------------------------------- batching
@@ -202,18 +249,24 @@ def _device_batch(b: Batch, dtype) -> dict:
 
 
 def loss_fn(potential: Potential, config: TrainConfig) -> Callable:
+  """``loss(params, batch, energy_weight=config.energy_weight) -> (total, (e, f, s))``."""
   predict = predict_fn(potential)
+  if config.loss == "huber":
+    d = config.huber_delta
+    penalty = lambda x: jnp.where(jnp.abs(x) < d, x**2, 2 * d * jnp.abs(x) - d**2)
+  else:
+    penalty = jnp.square
 
-  def loss(params, bt):
+  def loss(params, bt, energy_weight=config.energy_weight):
     e, f, s = predict(params, bt)
     n = jnp.maximum(bt["num_atoms"], 1)
     de = jnp.where(bt["has_energy"], (e - bt["energy"]) / n, 0.0)
     df = jnp.where(bt["has_forces"][:, None], f - bt["forces"], 0.0)
     ds = jnp.where(bt["has_stress"][:, None, None], (s - bt["stress"]) * 100.0, 0.0)
-    le = jnp.sum(de**2) / jnp.maximum(jnp.sum(bt["has_energy"]), 1)
-    lf = jnp.sum(df**2) / jnp.maximum(3 * jnp.sum(bt["has_forces"]), 1)
-    ls = jnp.sum(ds**2) / jnp.maximum(9 * jnp.sum(bt["has_stress"]), 1)
-    total = config.energy_weight * le + config.forces_weight * lf + config.stress_weight * ls
+    le = jnp.sum(penalty(de)) / jnp.maximum(jnp.sum(bt["has_energy"]), 1)
+    lf = jnp.sum(penalty(df)) / jnp.maximum(3 * jnp.sum(bt["has_forces"]), 1)
+    ls = jnp.sum(penalty(ds)) / jnp.maximum(9 * jnp.sum(bt["has_stress"]), 1)
+    total = energy_weight * le + config.forces_weight * lf + config.stress_weight * ls
     return total, (e, f, s)
   return loss
 
@@ -258,7 +311,11 @@ def load_checkpoint(path, template: dict) -> dict:
   payload = data[head:]
   if len(payload) != length or hashlib.sha256(payload).digest() != data[head - 32:head]:
     raise ValueError(f"{path} is truncated or corrupt")
-  return serialization.from_state_dict(template, serialization.msgpack_restore(payload))
+  try:
+    return serialization.from_state_dict(template, serialization.msgpack_restore(payload))
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{path} does not match this training run (another model, optimiser or "
+                     f"an older eqattn): delete it or train with resume=False ({e})") from None
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -328,14 +385,90 @@ def refit_shifts(potential: Potential, frames: Sequence[Frame], batch_size: int 
   return potential.replace(params=params)
 
 
-def split_frames(n: int, config: TrainConfig) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Train / validation / test indices from a fixed seed."""
+def split_frames(frames: Union[int, Sequence[Frame]], config: TrainConfig
+                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Train / validation / test indices from a fixed seed (``config.split``; an int is a
+  number of untagged frames and always splits at random)."""
+  if isinstance(frames, (int, np.integer)) or config.split == "random":
+    n = frames if isinstance(frames, (int, np.integer)) else len(frames)
+    return _random_split(int(n), config)
+  return _trajectory_split(frames, config)
+
+
+def _random_split(n: int, config: TrainConfig):
   perm = np.random.default_rng(config.seed).permutation(n)
   n_test = int(round(config.test_fraction * n))
   n_valid = int(round(config.valid_fraction * n))
   if n - n_test - n_valid < 1:
     raise ValueError(f"{n} frames are too few for the requested validation/test split")
   return perm[n_test + n_valid:], perm[n_test:n_test + n_valid], perm[:n_test]
+
+
+def _strata(frames: Sequence[Frame]) -> List[List[List[int]]]:
+  """Frame indices grouped into trajectories (in file order), and trajectories into strata:
+  one per (config_type, temperature) with >= 3 trajectories, the rest of a config_type
+  pooled. Untagged frames form one trajectory per config_type."""
+  trajs: Dict[tuple, List[int]] = {}
+  for i, f in enumerate(frames):
+    key = (f.config_type, f.trajectory if f.trajectory is not None else f.config_type)
+    trajs.setdefault(key, []).append(i)
+  by_kind: Dict[Any, Dict[Any, List[List[int]]]] = {}
+  for (kind, _), idx in trajs.items():
+    by_kind.setdefault(kind, {}).setdefault(frames[idx[0]].temperature, []).append(idx)
+  strata = []
+  for temps in by_kind.values():
+    pooled = []
+    for group in temps.values():
+      (strata.append(group) if len(group) >= 3 else pooled.extend(group))
+    if pooled:
+      strata.append(pooled)
+  return strata
+
+
+def _trajectory_split(frames: Sequence[Frame], config: TrainConfig):
+  """Whole trajectories to test/valid/train per stratum; a stratum with fewer than 3
+  trajectories is cut into contiguous time blocks instead (train first, test last)."""
+  rng = np.random.default_rng(config.seed)
+  out: Tuple[List[int], List[int], List[int]] = ([], [], [])
+  for stratum in _strata(frames):
+    if len(stratum) >= 3:
+      order = rng.permutation(len(stratum))
+      n_test = max(1, int(round(config.test_fraction * len(stratum))))
+      n_valid = max(1, int(round(config.valid_fraction * len(stratum))))
+      for rank, t in enumerate(order):
+        part = 2 if rank < n_test else 1 if rank < n_test + n_valid else 0
+        out[part].extend(stratum[t])
+    else:
+      for idx in stratum:
+        n = len(idx)
+        n_test = int(round(config.test_fraction * n))
+        n_valid = int(round(config.valid_fraction * n))
+        out[0].extend(idx[:n - n_test - n_valid])
+        out[1].extend(idx[n - n_test - n_valid:n - n_test])
+        out[2].extend(idx[n - n_test:])
+  if not out[0]:
+    raise ValueError(f"{len(frames)} frames are too few for the requested validation/test split")
+  return tuple(np.asarray(sorted(o), np.int64) for o in out)
+
+
+def split_summary(frames: Sequence[Frame], idx: np.ndarray) -> dict:
+  """Which trajectories a split part holds (stored in model files; used by ``eqattn eval``)."""
+  return {"frames": int(len(idx)),
+          "trajectories": sorted({str(frames[i].trajectory) for i in idx
+                                  if frames[i].trajectory is not None})}
+
+
+def grouped_metrics(potential: Potential, frames: Sequence[Frame], batch_size: int = 16,
+                    dtype=jnp.float32) -> Dict[str, Dict[str, float]]:
+  """:func:`evaluate` per config_type and per temperature (keys 'config_type=...',
+  'T=...K'), for tables of held-out error against temperature."""
+  groups: Dict[str, List[Frame]] = {}
+  for f in frames:
+    if f.config_type is not None:
+      groups.setdefault(f"config_type={f.config_type}", []).append(f)
+    if f.temperature is not None:
+      groups.setdefault(f"T={f.temperature:g}K", []).append(f)
+  return {k: evaluate(potential, v, batch_size, dtype) for k, v in sorted(groups.items())}
 
 
 # ----------------------------------------------------------------------------- training
@@ -347,85 +480,122 @@ class TrainResult:
   seconds: float
 
 
+def learning_rate(config: TrainConfig, step: int, total_steps: int, warmup_steps: int) -> float:
+  """Linear warm-up to ``config.learning_rate``, then cosine decay to
+  ``learning_rate * final_lr_fraction`` at ``total_steps``."""
+  peak, low = config.learning_rate, config.learning_rate * config.final_lr_fraction
+  if step < warmup_steps:
+    return peak * (step + 1) / warmup_steps
+  t = min(1.0, (step - warmup_steps) / max(total_steps - warmup_steps, 1))
+  return low + 0.5 * (peak - low) * (1 + math.cos(math.pi * t))
+
+
+def _step_fn(potential: Potential, config: TrainConfig):
+  """Jitted ``step(params, ema, opt_state, batch, lr, energy_weight, decay)``."""
+  loss = loss_fn(potential, config)
+  scale = optax.scale_by_amsgrad() if config.optimizer == "amsgrad" else optax.scale_by_adam()
+  optimizer = optax.chain(optax.clip_by_global_norm(config.clip_norm), scale)
+
+  @jax.jit
+  def step(params, ema, opt_state, bt, lr, energy_weight, decay):
+    (l, _), grads = jax.value_and_grad(loss, has_aux=True)(params, bt, energy_weight)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = jax.tree_util.tree_map(lambda p, u: p - lr * u, params, updates)
+    ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+    return params, ema, opt_state, l
+  return step, optimizer, jax.jit(lambda p, bt: loss(p, bt)[0])
+
+
+def _initial_params(potential: Potential, train_set: Sequence[Frame]) -> dict:
+  """Least-squares element shifts and an energy scale from the force RMS."""
+  params = jax.tree_util.tree_map(jnp.asarray, potential.params)
+  shifts = fit_element_shifts(potential, train_set)
+  f_all = np.concatenate([f.forces.ravel() for f in train_set if f.forces is not None] or
+                         [np.ones(1)])
+  scale = max(float(np.sqrt(np.mean(f_all**2))), 1e-3)
+  return {**params, "shift": jnp.asarray(shifts, jnp.float32),
+          "scale": jnp.full(len(potential.species), scale, jnp.float32)}
+
+
+def _planned_epochs(config: TrainConfig, done: int, elapsed: float, epoch_seconds: float) -> int:
+  """Epochs that fit the time limit at the measured pace (at least the ones done)."""
+  if config.time_limit is None:
+    return config.epochs
+  left = config.time_limit * 60 - elapsed
+  return max(done, min(config.epochs, done + int(left // max(epoch_seconds, 1e-9))))
+
+
 def train(potential: Potential, frames: Sequence[Frame], config: TrainConfig = TrainConfig(), *,
           checkpoint: Optional[str] = None, resume: bool = True, progress: bool = True,
           dtype=jnp.float32, log: Optional[Callable[[dict], None]] = None) -> TrainResult:
   """Fit ``potential`` (its config and species fixed) to ``frames``.
 
   Per-element shifts are fitted by least squares before training and the energy scale is set
-  from the force RMS. The best parameters on the validation set are kept; with
+  from the force RMS. The best (EMA) parameters on the validation set are kept; with
   ``checkpoint`` a checkpoint is written after every epoch and, with ``resume``, an existing
-  one is continued. Returns the best potential, with its test metrics in ``metadata``.
+  one is continued (the time limit counts the time already spent). Returns the best
+  potential, with its split and test metrics in ``metadata``.
   """
   start = time.perf_counter()
   frames = list(frames)
-  train_idx, valid_idx, test_idx = split_frames(len(frames), config)
-  train_set = [frames[i] for i in train_idx]
-  valid_set = [frames[i] for i in valid_idx]
-  test_set = [frames[i] for i in test_idx]
-
-  params = jax.tree_util.tree_map(jnp.asarray, potential.params)
-  shifts = fit_element_shifts(potential, train_set)
-  f_all = np.concatenate([f.forces.ravel() for f in train_set if f.forces is not None] or
-                         [np.ones(1)])
-  scale = max(float(np.sqrt(np.mean(f_all**2))), 1e-3)
-  params = {**params, "shift": jnp.asarray(shifts, jnp.float32),
-            "scale": jnp.full(len(potential.species), scale, jnp.float32)}
-
-  steps_per_epoch = max(1, math.ceil(len(train_set) / config.batch_size))
-  total_steps = steps_per_epoch * config.epochs
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, config.learning_rate, min(config.warmup_epochs * steps_per_epoch, total_steps - 1),
-      max(total_steps, 2), config.learning_rate * config.final_lr_fraction)
-  optimizer = optax.chain(optax.clip_by_global_norm(config.clip_norm), optax.adam(schedule))
-  opt_state = optimizer.init(params)
-  state = {"params": params, "opt_state": opt_state, "epoch": 0, "best_loss": np.inf,
-           "best_params": params, "history": "[]"}
+  parts = split_frames(frames, config)
+  train_set, valid_set, test_set = ([frames[i] for i in idx] for idx in parts)
+  params = _initial_params(potential, train_set)
+  step, optimizer, eval_loss = _step_fn(potential, config)
+  state = {"params": params, "ema": params, "opt_state": optimizer.init(params), "epoch": 0,
+           "step": 0, "elapsed": 0.0, "best_loss": np.inf, "best_params": params,
+           "history": "[]"}
   if checkpoint and resume and Path(checkpoint).exists():
     state = load_checkpoint(checkpoint, state)
   history = json.loads(str(state["history"]))
-
-  loss = loss_fn(potential, config)
-
-  @jax.jit
-  def step(params, opt_state, bt):
-    (l, _), grads = jax.value_and_grad(loss, has_aux=True)(params, bt)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, l
-
-  eval_loss = jax.jit(lambda p, bt: loss(p, bt)[0])
   cap = batch_capacity(frames, config.batch_size)
-  valid_batches = [_device_batch(make_batch(valid_set[i:i + config.batch_size], potential,
-                                            config.batch_size, *cap), dtype)
-                   for i in range(0, len(valid_set), config.batch_size)]
+  batches = lambda subset: (_device_batch(make_batch(subset[i:i + config.batch_size], potential,
+                                                     config.batch_size, *cap), dtype)
+                            for i in range(0, len(subset), config.batch_size))
+  # model selection reads evenly spaced validation frames (neighbouring MD frames are
+  # correlated, so a subsample loses little); the final metrics use all of them
+  stride = max(1, math.ceil(len(valid_set) / MAX_SELECTION_FRAMES))
+  valid_batches = list(batches(valid_set[::stride]))
   rng = np.random.default_rng(config.seed + 1)
   for _ in range(state["epoch"]):  # replay the shuffles of completed epochs when resuming
     rng.permutation(len(train_set))
+  steps_per_epoch = max(1, math.ceil(len(train_set) / config.batch_size))
+  warmup = max(1, min(config.warmup_epochs * steps_per_epoch, steps_per_epoch * config.epochs - 1))
   bar = None
   if progress:
     from tqdm.auto import tqdm  # only a display dependency
     bar = tqdm(total=config.epochs, initial=int(state["epoch"]), unit="epoch", dynamic_ncols=True)
-  params, opt_state = state["params"], state["opt_state"]
+  clock0, planned, epoch_s = time.perf_counter() - float(state["elapsed"]), config.epochs, None
+  params, ema, opt_state, t = state["params"], state["ema"], state["opt_state"], int(state["step"])
   for epoch in range(int(state["epoch"]), config.epochs):
-    order = rng.permutation(len(train_set))
+    if epoch >= planned:
+      break
+    t_epoch = time.perf_counter()
+    late = epoch >= (1 - config.late_fraction) * planned and config.late_energy_weight is not None
+    e_weight = config.late_energy_weight if late else config.energy_weight
     losses = []
-    for i in range(0, len(order), config.batch_size):
-      chunk = [train_set[j] for j in order[i:i + config.batch_size]]
-      bt = _device_batch(make_batch(chunk, potential, config.batch_size, *cap), dtype)
-      params, opt_state, l = step(params, opt_state, bt)
+    for bt in batches([train_set[j] for j in rng.permutation(len(train_set))]):
+      lr = learning_rate(config, t, planned * steps_per_epoch, warmup)
+      decay = min(config.ema_decay, (1 + t) / (10 + t))
+      params, ema, opt_state, l = step(params, ema, opt_state, bt, lr, e_weight, decay)
       losses.append(float(l))
-    v = (float(np.mean([float(eval_loss(params, bt)) for bt in valid_batches]))
+      t += 1
+    v = (float(np.mean([float(eval_loss(ema, bt)) for bt in valid_batches]))
          if valid_batches else float(np.mean(losses)))
     if not np.isfinite(v):
       raise FloatingPointError(f"validation loss became {v} at epoch {epoch + 1}; lower the "
                                "learning rate")
     if v < state["best_loss"]:
-      state["best_loss"], state["best_params"] = v, params
+      state["best_loss"], state["best_params"] = v, ema
+    elapsed = time.perf_counter() - clock0
+    # pace from the last epoch (the first one also compiles, so it over-estimates)
+    epoch_s = time.perf_counter() - t_epoch
+    planned = _planned_epochs(config, epoch + 1, elapsed, epoch_s)
     record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "valid_loss": v,
-              "lr": float(schedule((epoch + 1) * steps_per_epoch))}
+              "lr": lr, "seconds": round(elapsed, 1)}
     history.append(record)
-    state.update(params=params, opt_state=opt_state, epoch=epoch + 1,
-                 history=json.dumps(history))
+    state.update(params=params, ema=ema, opt_state=opt_state, epoch=epoch + 1, step=t,
+                 elapsed=elapsed, history=json.dumps(history))
     if checkpoint:
       save_checkpoint(checkpoint, state)
     if log:
@@ -435,7 +605,12 @@ def train(potential: Potential, frames: Sequence[Frame], config: TrainConfig = T
       bar.update(1)
   if bar is not None:
     bar.close()
+  return _finish(potential, frames, parts, state, config, dtype, history, start)
 
+
+def _finish(potential, frames, parts, state, config, dtype, history, start) -> TrainResult:
+  """The best parameters with refitted shifts, evaluated on every split part."""
+  train_set, valid_set, test_set = ([frames[i] for i in idx] for idx in parts)
   best = potential.replace(params=jax.tree_util.tree_map(np.asarray, state["best_params"]))
   best = refit_shifts(best, train_set, config.batch_size, dtype)
   metrics = {name: evaluate(best, subset, config.batch_size, dtype)
@@ -443,9 +618,12 @@ def train(potential: Potential, frames: Sequence[Frame], config: TrainConfig = T
   seconds = time.perf_counter() - start
   meta = dict(best.metadata)
   meta.update({"training": {"config": dataclasses.asdict(config), "frames": len(frames),
-                            "split": [len(train_set), len(valid_set), len(test_set)],
+                            "split": [len(p) for p in parts],
+                            "split_parts": {name: split_summary(frames, idx) for name, idx in
+                                            zip(("train", "valid", "test"), parts)},
                             "epochs_run": int(state["epoch"]), "seconds": seconds,
+                            "training_seconds": float(state["elapsed"]),
                             "best_valid_loss": float(state["best_loss"])},
-               "test_metrics": metrics["test"]})
-  best = best.replace(metadata=meta)
-  return TrainResult(best, history, metrics, seconds)
+               "test_metrics": metrics["test"],
+               "test_metrics_by_group": grouped_metrics(best, test_set, config.batch_size, dtype)})
+  return TrainResult(best.replace(metadata=meta), history, metrics, seconds)

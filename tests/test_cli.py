@@ -42,7 +42,7 @@ def test_md_ase_engine_writes_trajectory_and_plot(tiny_model, tmp_path, capsys):
 def test_eval_prints_table(tiny_model, tmp_path, capsys):
   assert cli.main(["eval", tiny_model, str(DATA / "ethanol.extxyz.gz"), "--index", ":5"]) == 0
   out = capsys.readouterr().out
-  assert "| forces |" in out and "5 frames" in out
+  assert "| all | 5 |" in out and "5 frames" in out and "forces MAE" in out
 
 
 def test_check_conservation(tiny_model, tmp_path, capsys):
@@ -89,3 +89,29 @@ def test_md_jax_md_engine_and_resume(tiny_model, tmp_path, capsys):
   assert "--resume" in capsys.readouterr().err
   assert cli.main(argv + ["--steps", "80", "--resume"]) == 0
   assert read(traj, -1).info["md_step"] == 80
+
+
+def test_train_with_time_limit_then_eval_reports_held_out_trajectories(tmp_path, capsys):
+  from ase.build import bulk
+  from ase.calculators.emt import EMT
+  images = []
+  for i in range(12):
+    a = bulk("Cu", "fcc", a=3.6, cubic=True)
+    a.rattle(0.05, seed=i)
+    a.calc = EMT()
+    a.get_potential_energy(), a.get_forces(), a.get_stress()
+    a.info.update(trajectory=f"run{i // 3}", config_type="bulk", temperature_K=300.0)
+    images.append(a)
+  data, model = tmp_path / "cu.extxyz", tmp_path / "cu.eqm"
+  write(data, images)
+  hyper = '{"features": 8, "max_degree": 1, "num_iterations": 1, "num_basis": 4}'
+  assert cli.main(["train", str(data), "--species", "Cu", "--cutoff", "3.0", "--model-config",
+                   hyper, "--epochs", "2", "--time-limit", "5", "--batch-size", "4",
+                   "--train-config", '{"ema_decay": 0.9}', "--out", str(model)]) == 0
+  meta = potentials.load(model).metadata["training"]
+  assert meta["config"]["ema_decay"] == 0.9 and meta["config"]["split"] == "trajectory"
+  assert meta["split_parts"]["test"]["trajectories"] and meta["epochs_run"] == 2
+  capsys.readouterr()
+  assert cli.main(["eval", str(model), str(data)]) == 0
+  out = capsys.readouterr().out
+  assert "| held-out trajectories | 6 |" in out and "| training trajectories | 6 |" in out

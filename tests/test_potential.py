@@ -20,7 +20,20 @@ def pot():
   params = dict(p.params)
   params["shift"] = np.array([-13.6, -1030.0, -2040.0], np.float32)
   params["scale"] = np.array([0.7, 1.3, 2.0], np.float32)
-  return p.replace(params=params)
+  return p.replace(params=_randomise_products(params))
+
+
+def _randomise_products(params, seed=0):
+  """Product outputs start at zero; random ones make every test here exercise them."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for k, v in params.items():
+    if k.startswith("product_"):
+      v = {**v, "out": {"kernel": rng.normal(0, 0.5, np.shape(v["out"]["kernel"]))
+                        .astype(np.float32)}}
+    out[k] = v
+  assert any(k.startswith("product_") for k in out)
+  return out
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +238,23 @@ def test_config_validation():
     pt.ModelConfig.from_dict({"cutoff": 5.0, "bogus": 1})
   with pytest.raises(ValueError, match="species"):
     pt.Potential.create(0, species=["H", "H"])
+
+
+def test_product_option_and_old_files(pot, system):
+  # files written before the option describe the model without it; a new model's products
+  # start at zero, so it begins as the model without them
+  assert pt.ModelConfig.from_dict({"cutoff": 5.0}).product is False
+  assert pt.ModelConfig().product is True
+  z, pos = system
+  kw = dict(species=["H", "C", "O"], cutoff=RC, **HYPER)
+  on, off = pt.Potential.create(1, **kw), pt.Potential.create(1, product=False, **kw)
+  assert "product_0" in on.params and "product_0" not in off.params
+  dst, src = all_pairs(pos, RC)
+  np.testing.assert_allclose(on.energy(z, pos, dst, src), off.energy(z, pos, dst, src),
+                             rtol=1e-12)
+  # the randomised products of the fixture change the energy
+  with_products = pot.replace(params=_randomise_products(on.params))
+  assert abs(with_products.energy(z, pos, dst, src) - on.energy(z, pos, dst, src)) > 1e-3
 
 
 def test_density_features_option():

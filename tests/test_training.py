@@ -106,3 +106,67 @@ def test_training_lowers_loss_writes_loadable_model_and_resumes(copper_frames, t
   with pytest.raises(ValueError, match="truncated or corrupt"):
     ckpt.write_bytes(ckpt.read_bytes()[:-10])
     training.train(pot, copper_frames, cfg6, checkpoint=str(ckpt), progress=False)
+
+
+def _tagged(n_traj, per_traj, kind="md", temps=(300.0,)):
+  """Untrained frames (only tags matter for splits): trajectories of per_traj frames."""
+  out = []
+  for t in temps:
+    for k in range(n_traj):
+      for _ in range(per_traj):
+        out.append(training.Frame(np.array([29]), np.zeros((1, 3)), np.zeros((3, 3)),
+                                  np.zeros(3, bool), np.zeros(0, int), np.zeros(0, int),
+                                  np.zeros((0, 3)), energy=0.0, trajectory=f"{kind}/{t}/{k}",
+                                  config_type=kind, temperature=t))
+  return out
+
+
+def test_trajectory_split_holds_out_whole_trajectories_per_temperature():
+  frames = _tagged(4, 10, temps=(300.0, 600.0)) + _tagged(2, 10, kind="slab")
+  cfg = training.TrainConfig()
+  parts = training.split_frames(frames, cfg)
+  assert sorted(np.concatenate(parts).tolist()) == list(range(len(frames)))
+  trajs = [{frames[i].trajectory for i in p} for p in parts]
+  md = [{t for t in s if t.startswith("md")} for s in trajs]
+  assert not (md[0] & md[1]) and not (md[0] & md[2]) and not (md[1] & md[2])
+  for temp in (300.0, 600.0):  # every temperature has a held-out test and valid trajectory
+    for p in parts[1:]:
+      assert any(frames[i].temperature == temp and frames[i].config_type == "md" for i in p)
+  # two slab trajectories are too few to hold out: each is cut into time blocks, test last
+  for k in range(2):
+    idx = [i for i, f in enumerate(frames) if f.trajectory == f"slab/300.0/{k}"]
+    assert [i in parts[0] for i in idx] == [True] * 8 + [False] * 2
+    assert idx[-1] in parts[2] and idx[-2] in parts[1]
+  # deterministic, and the random split is still there
+  assert all(np.array_equal(a, b) for a, b in zip(parts, training.split_frames(frames, cfg)))
+  rnd = training.split_frames(frames, dataclasses.replace(cfg, split="random"))
+  assert [len(p) for p in rnd] == [len(frames) - 2 * 10, 10, 10]
+  # stored configs from before the option were trained on the random split
+  assert training.TrainConfig.from_dict({"epochs": 3}).split == "random"
+  with pytest.raises(ValueError, match="split must be one of"):
+    training.TrainConfig(split="frames")
+
+
+def test_learning_rate_schedule_and_huber_loss():
+  cfg = training.TrainConfig(learning_rate=1e-2, final_lr_fraction=0.1)
+  lrs = [training.learning_rate(cfg, t, 100, 10) for t in range(101)]
+  assert lrs[0] == pytest.approx(1e-3) and lrs[9] == pytest.approx(1e-2)
+  assert max(lrs) == pytest.approx(1e-2) and lrs[100] == pytest.approx(1e-3)
+  assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+  with pytest.raises(ValueError, match="ema_decay"):
+    training.TrainConfig(ema_decay=1.0)
+
+
+def test_time_limit_ema_and_amsgrad(copper_frames, tmp_path):
+  # a budget smaller than one epoch stops after the first, with valid (EMA) weights saved
+  pot = pt.Potential.create(0, species=["Cu"], cutoff=3.0, **HYPER)
+  cfg = training.TrainConfig(epochs=50, batch_size=4, time_limit=1e-3, ema_decay=0.99,
+                             optimizer="amsgrad", loss="huber", late_energy_weight=10.0)
+  res = training.train(pot, copper_frames, cfg, progress=False, dtype=np.float64)
+  assert len(res.history) == 1 and np.isfinite(res.metrics["test"]["forces_mae"])
+  meta = res.potential.metadata["training"]
+  assert meta["epochs_run"] == 1 and meta["config"]["time_limit"] == 1e-3
+  assert set(meta["split_parts"]) == {"train", "valid", "test"}
+  # untagged frames: one trajectory, cut into contiguous blocks (test = the last frames)
+  assert meta["split"] == [12, 2, 2]
+  assert "test_metrics_by_group" in res.potential.metadata
