@@ -52,7 +52,8 @@ class ModelConfig:
       atom's features with themselves (``Dense(Tensor(Dense(z), Dense(z)))``, per atom). A
       softmax average over neighbours is linear in the neighbours' values; the product
       raises the body order of each block (as symmetric products do in MACE-class models).
-      Model files written before this option existed load with it off.
+      Off by default: on ethanol it costs ~50 % more training time per epoch and trained
+      worse at equal time (benchmarks/training_ablation.py).
   """
   cutoff: float = 5.0
   features: int = 32
@@ -67,7 +68,7 @@ class ModelConfig:
   repulsion: bool = True
   repulsion_cutoff: float = 1.0
   density_features: bool = True
-  product: bool = True
+  product: bool = False
 
   def __post_init__(self):
     checks = [

@@ -10,7 +10,8 @@ from potentials import so3
 from conftest import all_pairs, random_cluster
 
 RC = 3.0
-HYPER = dict(features=8, max_degree=2, num_iterations=2, num_heads=2, num_basis=6)
+HYPER = dict(features=8, max_degree=2, num_iterations=2, num_heads=2, num_basis=6,
+             product=True)  # the physics tests below cover the product path too
 
 
 @pytest.fixture(scope="module")
@@ -244,10 +245,10 @@ def test_product_option_and_old_files(pot, system):
   # files written before the option describe the model without it; a new model's products
   # start at zero, so it begins as the model without them
   assert pt.ModelConfig.from_dict({"cutoff": 5.0}).product is False
-  assert pt.ModelConfig().product is True
+  assert pt.ModelConfig().product is False
   z, pos = system
-  kw = dict(species=["H", "C", "O"], cutoff=RC, **HYPER)
-  on, off = pt.Potential.create(1, **kw), pt.Potential.create(1, product=False, **kw)
+  kw = dict(species=["H", "C", "O"], cutoff=RC, **{**HYPER, "product": False})
+  on, off = pt.Potential.create(1, product=True, **kw), pt.Potential.create(1, **kw)
   assert "product_0" in on.params and "product_0" not in off.params
   dst, src = all_pairs(pos, RC)
   np.testing.assert_allclose(on.energy(z, pos, dst, src), off.energy(z, pos, dst, src),

@@ -30,9 +30,9 @@ def test_reproduces_recorded_test_mae(name):
   recorded = meta["test_metrics"]
   for key, bound in TARGETS[name].items():
     assert recorded[key] <= bound, (key, recorded[key], bound)
-  cfg = training.TrainConfig(**meta["training"]["config"])
+  cfg = training.TrainConfig.from_dict(meta["training"]["config"])
   frames = read_frames(str(DATA / DATASETS[name]), pot.cutoff)
-  _, _, test_idx = training.split_frames(len(frames), cfg)
+  _, _, test_idx = training.split_frames(frames, cfg)
   assert len(test_idx) == meta["training"]["split"][2]
   sample = [frames[i] for i in test_idx[:48]]  # a slice of the held-out frames
   got = training.evaluate(pot, sample)

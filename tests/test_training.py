@@ -124,8 +124,16 @@ def _tagged(n_traj, per_traj, kind="md", temps=(300.0,)):
 def test_trajectory_split_holds_out_whole_trajectories_per_temperature():
   frames = _tagged(4, 10, temps=(300.0, 600.0)) + _tagged(2, 10, kind="slab")
   cfg = training.TrainConfig()
+  named = training.split_parts(frames, cfg)
+  assert sorted(np.concatenate(list(named.values())).tolist()) == list(range(len(frames)))
+  # test_random: a random 5 % of the training trajectories' frames, withheld from training
+  assert len(named["test_random"]) == round(0.05 * (len(named["train"]) +
+                                                    len(named["test_random"])))
+  assert {frames[i].trajectory for i in named["test_random"]} <= {
+      frames[i].trajectory for i in named["train"]}
   parts = training.split_frames(frames, cfg)
-  assert sorted(np.concatenate(parts).tolist()) == list(range(len(frames)))
+  assert all(np.array_equal(a, named[k]) for a, k in zip(parts, ("train", "valid", "test")))
+  parts = (np.sort(np.concatenate([parts[0], named["test_random"]])),) + parts[1:]
   trajs = [{frames[i].trajectory for i in p} for p in parts]
   md = [{t for t in s if t.startswith("md")} for s in trajs]
   assert not (md[0] & md[1]) and not (md[0] & md[2]) and not (md[1] & md[2])
@@ -138,7 +146,8 @@ def test_trajectory_split_holds_out_whole_trajectories_per_temperature():
     assert [i in parts[0] for i in idx] == [True] * 8 + [False] * 2
     assert idx[-1] in parts[2] and idx[-2] in parts[1]
   # deterministic, and the random split is still there
-  assert all(np.array_equal(a, b) for a, b in zip(parts, training.split_frames(frames, cfg)))
+  assert all(np.array_equal(a, b) for a, b in zip(training.split_frames(frames, cfg),
+                                                    training.split_frames(frames, cfg)))
   rnd = training.split_frames(frames, dataclasses.replace(cfg, split="random"))
   assert [len(p) for p in rnd] == [len(frames) - 2 * 10, 10, 10]
   # stored configs from before the option were trained on the random split
@@ -152,7 +161,7 @@ def test_learning_rate_schedule_and_huber_loss():
   lrs = [training.learning_rate(cfg, t, 100, 10) for t in range(101)]
   assert lrs[0] == pytest.approx(1e-3) and lrs[9] == pytest.approx(1e-2)
   assert max(lrs) == pytest.approx(1e-2) and lrs[100] == pytest.approx(1e-3)
-  assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+  assert all(a >= b - 1e-15 for a, b in zip(lrs[9:], lrs[10:]))
   with pytest.raises(ValueError, match="ema_decay"):
     training.TrainConfig(ema_decay=1.0)
 
@@ -168,5 +177,6 @@ def test_time_limit_ema_and_amsgrad(copper_frames, tmp_path):
   assert meta["epochs_run"] == 1 and meta["config"]["time_limit"] == 1e-3
   assert set(meta["split_parts"]) == {"train", "valid", "test"}
   # untagged frames: one trajectory, cut into contiguous blocks (test = the last frames)
-  assert meta["split"] == [12, 2, 2]
+  assert meta["split"] == [11, 2, 2] and meta["split_parts"]["test_random"]["frames"] == 1
   assert "test_metrics_by_group" in res.potential.metadata
+  assert res.potential.metadata["test_random_metrics"]["forces_mae"] > 0
