@@ -329,7 +329,9 @@ def _quiet_index_scatter(fn: Callable) -> Callable:
 
 def _energy_fn(potential: potentials.Potential, displacement_fn: DisplacementFn,
                species_idx: Array, periodic: bool, per_particle: bool) -> EnergyFn:
-  pair_energies = potential.pair_energies_fn()
+  # jitted: its trace is cached, so init, step and observe (and their gradients) trace the
+  # model once per shape between them, not once each.
+  pair_energies = jax.jit(potential.pair_energies_fn(), static_argnums=(5, 6))
   default_params = potential.params
   cutoff = float(potential.cutoff)
   n = int(species_idx.shape[0])
