@@ -127,8 +127,8 @@ def main(argv=None) -> None:
         for label, r in (("cold", cold), ("warm", warm)):
           rest = r["wall"] - r["tracing"] - r["lowering"] - r["xla"]
           print(f"| {name.replace(' (logged)', '')} | {label} | {r['wall']:.1f} | "
-                f"{r['cpu']:.1f} | {r['tracing']:.1f} | {r['lowering']:.1f} | {r['xla']:.1f} | {rest:.1f} | "
-                f"{r['hits']} |")
+                f"{r['cpu']:.1f} | {r['tracing']:.1f} | {r['lowering']:.1f} | {r['xla']:.1f} | "
+                f"{rest:.1f} | {r['hits']} |")
 
 
 if __name__ == "__main__":
