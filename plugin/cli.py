@@ -7,6 +7,9 @@
     eqattn check-conservation MODEL STRUCTURE [--temperature K] [--dt FS] [--time PS]
     eqattn info MODEL
 
+Every command takes ``--no-cache``: by default compiled programs are kept in a persistent cache
+(``plugin.cache``), so the second run of the same model and system skips XLA compilation.
+
 Errors in user input (missing files, unreadable structures, unknown elements, bad option
 values) end with a one-line message and exit status 2, not a traceback.
 """
@@ -19,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 from typing import List, Optional
+
+from plugin import cache
 
 DEFAULT_MODEL = "ethanol"
 
@@ -427,7 +432,26 @@ def build_parser() -> argparse.ArgumentParser:
   info = sub.add_parser("info", help="species, cutoff, hyperparameters and provenance")
   info.add_argument("model")
   info.set_defaults(func=cmd_info)
+
+  for command in sub.choices.values():
+    command.add_argument("--no-cache", action="store_true",
+                         help="do not use the compilation cache (see EQATTN_CACHE_DIR below)")
+    command.epilog = _CACHE_HELP
   return ap
+
+
+_CACHE_HELP = (f"Compiled programs are cached in {cache.ENV_VAR} if set (empty or 0/off "
+               f"disables), else $XDG_CACHE_HOME/eqattn or ~/.cache/eqattn, so a second run "
+               f"starts in seconds.")
+
+
+def _enable_cache(args) -> None:
+  if args.no_cache:
+    return
+  try:
+    cache.enable_compilation_cache()
+  except OSError as e:  # e.g. a read-only home: run without, say why
+    print(f"eqattn: compilation cache off ({e})", file=sys.stderr)
 
 
 def _check_plotting(args) -> None:
@@ -442,6 +466,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   args = build_parser().parse_args(argv)
   try:
     _check_plotting(args)
+    _enable_cache(args)
     return args.func(args)
   except UsageError as e:
     print(f"eqattn {args.command}: error: {e}", file=sys.stderr)

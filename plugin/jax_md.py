@@ -53,6 +53,7 @@ than ``2 * (rc + dr_threshold)``.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import jax
@@ -275,6 +276,8 @@ def neighbor_list(
       displacement_fn, box, cutoff, dr_threshold=dr_threshold,
       capacity_multiplier=capacity_multiplier, fractional_coordinates=fractional_coordinates,
       format=format, **neighbor_kwargs)
+  fns = partition.NeighborListFns(_quiet_index_scatter(fns.allocate),
+                                  _quiet_index_scatter(fns.update))
   min_list_width = 2.0 * (cutoff + dr_threshold)
 
   def update_fn(R: Array, neighbors: partition.NeighborList,
@@ -310,9 +313,25 @@ def neighbor_list(
   return neighbor_fn, energy_fn
 
 
+def _quiet_index_scatter(fn: Callable) -> Callable:
+  """``fn`` without JAX's FutureWarning "scatter inputs have incompatible types" (int64 into
+  int32) from JAX-MD 0.2.29 itself: under x64 its sparse pruning without a cell list
+  (``partition.prune_neighbor_list_sparse``, small systems) scatters ``jnp.arange(N)``, int64,
+  into its int32 index array. No array of ours reaches that scatter (the indices are JAX-MD's
+  own, all ``<= N``, so the cast is exact); only that message is silenced, while tracing."""
+  def quiet(*args, **kwargs):
+    with warnings.catch_warnings():
+      warnings.filterwarnings("ignore", message="scatter inputs have incompatible types",
+                              category=FutureWarning)
+      return fn(*args, **kwargs)
+  return quiet
+
+
 def _energy_fn(potential: potentials.Potential, displacement_fn: DisplacementFn,
                species_idx: Array, periodic: bool, per_particle: bool) -> EnergyFn:
-  pair_energies = potential.pair_energies_fn()
+  # jitted: its trace is cached, so init, step and observe (and their gradients) trace the
+  # model once per shape between them, not once each.
+  pair_energies = jax.jit(potential.pair_energies_fn(), static_argnums=(5, 6))
   default_params = potential.params
   cutoff = float(potential.cutoff)
   n = int(species_idx.shape[0])

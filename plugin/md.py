@@ -536,9 +536,8 @@ def _chunk_fn(settings: _Settings, step_fn: Callable, observe_fn: Callable, box_
   def chunk(carry, g0, n, g_end):
     traces[0] += 1  # runs at trace time only: counts compilations
     state, nbrs, _ = carry
-    obs_shape = jax.eval_shape(observe_fn, state, nbrs)
-    frame_shape = jax.eval_shape(lambda s: {"state": s, "epot": observe_fn(s, nbrs)["epot"],
-                                            "box": box_fn(s)}, state)
+    obs_shape = jax.eval_shape(observe_fn, state, nbrs)  # one trace of observe, not two
+    frame_shape = {"state": state, "epot": obs_shape["epot"], "box": jax.eval_shape(box_fn, state)}
     zeros = lambda k, tree: jax.tree.map(lambda x: jnp.zeros((k,) + x.shape, x.dtype), tree)
     logs = dict(zeros(n_logs, obs_shape), step=jnp.zeros(n_logs, jnp.int32))
     frames = dict(zeros(n_frames, frame_shape), step=jnp.zeros(n_frames, jnp.int32))
@@ -595,8 +594,10 @@ def _engine(potential: potentials.Potential, settings: _Settings) -> _Engine:
   step_fn = _step_fn(s, apply_fn, displacement_fn, float(potential.cutoff))
   traces = [0]
   chunk_fn = _chunk_fn(s, step_fn, observe_fn, box_fn, traces)
-  return _Engine(s, neighbor_fn, energy_fn, init_fn, jax.jit(observe_fn), chunk_fn, box_fn,
-                 traces)
+  # init computes the first forces: jitted it is one program to compile (or load from the
+  # persistent cache), not dozens of op-by-op ones.
+  return _Engine(s, neighbor_fn, energy_fn, jax.jit(init_fn), jax.jit(observe_fn), chunk_fn,
+                 box_fn, traces)
 
 
 # --------------------------------------------------------------------------------------------

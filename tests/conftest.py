@@ -1,10 +1,28 @@
-"""Shared fixtures. Tests run with float64 enabled; float32 paths cast explicitly."""
+"""Shared fixtures. Tests run with float64 enabled; float32 paths cast explicitly.
 
-import jax
-import numpy as np
-import pytest
+XLA compilation is most of the suite's time, so the session (1) compiles with LLVM's
+optimisation off (a test program runs a few times; compiling it twice as fast wins, and the
+arithmetic is the same IEEE arithmetic), and (2) keeps compiled programs in a persistent cache
+under .pytest_cache (shared by identical programs of different tests, and by later runs).
+``EQATTN_CACHE_DIR`` moves or disables the cache (``plugin.cache``); the CLI tests use it too.
+"""
+
+import os
+from pathlib import Path
+
+os.environ["XLA_FLAGS"] = " ".join(  # read when the backend starts, at the first computation
+    [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
+os.environ.setdefault("EQATTN_CACHE_DIR",
+                      str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "eqattn-xla"))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import plugin  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+plugin.enable_compilation_cache()
 
 
 def random_cluster(n: int, seed: int = 0, box: float = 4.0) -> np.ndarray:
@@ -45,3 +63,22 @@ def cluster():
   pos = random_cluster(7, seed=3)
   dst, src = all_pairs(pos, 3.5)
   return pos, dst, src
+
+
+def tiny_molecule_potential():
+  """A small random H C O model (ethanol's elements) with forces of a few eV/Å: stands in for
+  the shipped ethanol model where a test checks a code path, not the trained physics."""
+  import potentials
+  pot = potentials.Potential.create(0, species=["H", "C", "O"], cutoff=3.0, features=8,
+                                    max_degree=1, num_iterations=1, num_heads=2, num_basis=4)
+  return pot.replace(params={**pot.params, "scale": np.full(3, 5.0, np.float32)})
+
+
+@pytest.fixture(scope="session")
+def tiny_model_files(tmp_path_factory):
+  """``{"ethanol": path, "copper": path}``: .eqm files of the tiny stand-in models."""
+  folder = tmp_path_factory.mktemp("tiny_models")
+  paths = {"ethanol": folder / "ethanol.eqm", "copper": folder / "copper.eqm"}
+  tiny_molecule_potential().save(paths["ethanol"])
+  tiny_copper_potential().save(paths["copper"])
+  return {k: str(v) for k, v in paths.items()}

@@ -1,4 +1,9 @@
-"""Each script in examples/ runs with tiny settings and produces sane output."""
+"""Each script in examples/ runs with tiny settings and produces sane output.
+
+With the shipped models (trained physics: bonds hold, the lattice constant is right) they
+compile for minutes, so those runs are ``slow``; the ``_tiny`` variants run the same scripts on
+the tiny stand-in models of conftest and check everything but the trained physics.
+"""
 
 import os
 import runpy
@@ -6,7 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
+import pytest
 from ase.io import read
 
 import potentials
@@ -18,6 +25,7 @@ def example_main(name):
   return runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name="example")["main"]
 
 
+@pytest.mark.slow
 def test_ase_md_ethanol(tmp_path, capsys):
   out = tmp_path / "e.traj"
   summary = example_main("ase_md_ethanol")(
@@ -29,6 +37,17 @@ def test_ase_md_ethanol(tmp_path, capsys):
   assert "NVE: drift" in capsys.readouterr().out
 
 
+def test_ase_md_ethanol_tiny(tiny_model_files, tmp_path, capsys):
+  out = tmp_path / "e.traj"
+  summary = example_main("ase_md_ethanol")(
+      ["--model", tiny_model_files["ethanol"], "--nvt-steps", "10", "--nve-steps", "40",
+       "--log-every", "10", "--dt", "0.25", "--out", str(out)])
+  assert len(read(out, ":")) == 2 + 5
+  assert summary["compilations"] <= 1 and np.isfinite(summary["fluctuation_mev_atom"])
+  assert "NVE: drift" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_jax_md_ethanol(capsys):
   out = example_main("jax_md_ethanol")(
       ["--nvt-steps", "20", "--nve-steps", "40", "--chunk", "10"])
@@ -41,12 +60,32 @@ def test_jax_md_ethanol(capsys):
   assert "NVE t" in capsys.readouterr().out
 
 
+def test_jax_md_ethanol_tiny(tiny_model_files, capsys):
+  out = example_main("jax_md_ethanol")(
+      ["--model", tiny_model_files["ethanol"], "--nvt-steps", "20", "--nve-steps", "40",
+       "--chunk", "10", "--dt", "0.25"])
+  assert out["steps"] == 60 and np.all(np.isfinite(out["final_positions"]))
+  assert np.isfinite(out["spread_mev_atom"]) and "NVE t" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_jax_md_npt_copper(tmp_path):
   traj, log = tmp_path / "cu.traj", tmp_path / "cu.csv"
   out = example_main("jax_md_npt_copper")(
       ["--steps", "20", "--out", str(traj), "--log", str(log)])
   assert 3.5 < out["lattice_constant"] < 3.75  # 20 steps of 2 fs barely move the box
   assert 150 < out["temperature"] < 900  # starts at 600 K on the lattice: equipartition halves it
+  frames = read(traj, ":")
+  assert len(frames[-1]) == 108 and frames[-1].info["md_step"] == 20
+  assert log.read_text().count("\n") > 5
+
+
+def test_jax_md_npt_copper_tiny(tiny_model_files, tmp_path):
+  traj, log = tmp_path / "cu.traj", tmp_path / "cu.csv"
+  out = example_main("jax_md_npt_copper")(
+      ["--model", tiny_model_files["copper"], "--steps", "20", "--out", str(traj),
+       "--log", str(log)])
+  assert 3.5 < out["lattice_constant"] < 3.75 and np.isfinite(out["temperature"])
   frames = read(traj, ":")
   assert len(frames[-1]) == 108 and frames[-1].info["md_step"] == 20
   assert log.read_text().count("\n") > 5
@@ -65,8 +104,26 @@ def test_train_own_model(tmp_path, capsys):
   assert "model written to" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_conservation_example_is_a_passing_pytest_file(tmp_path):
-  env = dict(os.environ, EQATTN_PS="0.2", EQATTN_MAX_DRIFT="1.0")
+  run_conservation_example(tmp_path, EQATTN_PS="0.2", EQATTN_MAX_DRIFT="1.0")
+
+
+def test_conservation_example_tiny(tiny_model_files, tmp_path):
+  # A random tiny model heats ethanol to ~1300 K and drifts by a few meV/atom/ps: this run
+  # checks the file and the fixture on both engines; the slow test above checks the physics.
+  run_conservation_example(tmp_path, EQATTN_MODEL=tiny_model_files["ethanol"], EQATTN_PS="0.1",
+                           EQATTN_MAX_DRIFT="50")
+
+
+def run_conservation_example(tmp_path, **settings):
+  env = dict(os.environ, **settings)
+  # the child runs in tmp_path: import this checkout, not whichever eqattn is installed
+  env["PYTHONPATH"] = os.pathsep.join([str(EXAMPLES.parent), env.get("PYTHONPATH", "")])
+  cache = jax.config.values["jax_compilation_cache_dir"]
+  if cache:  # the child shares this session's compilation cache (conftest)
+    env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
   proc = subprocess.run(
       [sys.executable, "-m", "pytest", str(EXAMPLES / "test_my_potential.py"), "-q",
        "-p", "no:cacheprovider", "--rootdir", str(tmp_path)],

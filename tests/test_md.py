@@ -29,10 +29,6 @@ from jax_md import units as jmd_units
 import potentials
 import plugin.md as md
 
-pytestmark = pytest.mark.filterwarnings(
-    # JAX-MD's own partition code scatters int64 into int32 arrays under x64.
-    "ignore:scatter inputs have incompatible types:FutureWarning")
-
 RC = 3.0
 SKIN = 0.2  # box widths >= 2 * (RC + SKIN) = 6.4 Å
 

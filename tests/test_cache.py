@@ -1,0 +1,79 @@
+"""plugin.cache: where the persistent compilation cache lives, that it caches small programs,
+and the CLI's --no-cache / EQATTN_CACHE_DIR."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import plugin
+from plugin import cache, cli
+
+SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+
+
+@pytest.fixture
+def restore_jax_cache():
+  """Put the session's cache settings (conftest) back after a test moved the cache."""
+  saved = {k: jax.config.values[k] for k in SETTINGS}
+  yield
+  for k, v in saved.items():
+    jax.config.update(k, v)
+  from jax.experimental.compilation_cache import compilation_cache
+  compilation_cache.reset_cache()
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+  monkeypatch.delenv(cache.ENV_VAR, raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert cache.default_cache_dir() == tmp_path / "xdg" / "eqattn"
+  monkeypatch.delenv("XDG_CACHE_HOME")
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  assert cache.default_cache_dir() == tmp_path / "home" / ".cache" / "eqattn"
+  monkeypatch.setenv(cache.ENV_VAR, str(tmp_path / "mine"))
+  assert cache.default_cache_dir() == tmp_path / "mine"
+  for off in ("", "0", "off", "OFF", "false", "no"):
+    monkeypatch.setenv(cache.ENV_VAR, off)
+    assert cache.default_cache_dir() is None
+    assert plugin.enable_compilation_cache() is None  # disabled: nothing changes
+
+
+def test_enable_caches_small_programs(tmp_path, restore_jax_cache):
+  folder = plugin.enable_compilation_cache(tmp_path / "xla")
+  assert folder == (tmp_path / "xla").resolve() and folder.is_dir()
+  assert jax.config.values["jax_compilation_cache_dir"] == str(folder)
+  # A program that compiles in milliseconds is cached too (JAX's default floor is 1 s).
+  jax.jit(lambda x: jnp.sin(x) * 3.25 + 0.125)(jnp.arange(7.0)).block_until_ready()
+  assert any(folder.iterdir())
+
+
+@pytest.fixture
+def model(tmp_path):
+  import potentials
+  path = str(tmp_path / "m.eqm")
+  potentials.Potential.create(0, species=["H"], cutoff=2.0, features=4, max_degree=1,
+                              num_iterations=1, num_heads=1, num_basis=4).save(path)
+  return path
+
+
+def test_cli_cache_and_no_cache(model, monkeypatch, tmp_path, capsys, restore_jax_cache):
+  monkeypatch.setenv(cache.ENV_VAR, str(tmp_path / "off-by-flag"))
+  assert cli.main(["info", model, "--no-cache"]) == 0
+  assert not (tmp_path / "off-by-flag").exists()
+  capsys.readouterr()
+  monkeypatch.setenv(cache.ENV_VAR, str(tmp_path / "on"))
+  assert cli.main(["info", model]) == 0
+  assert json.loads(capsys.readouterr().out)["species"] == ["H"]
+  assert jax.config.values["jax_compilation_cache_dir"] == str((tmp_path / "on").resolve())
+  md_help = cli.build_parser()._subparsers._group_actions[0].choices["md"].format_help()
+  assert "--no-cache" in md_help and cache.ENV_VAR in md_help
+
+
+def test_cli_cache_folder_unwritable(model, monkeypatch, tmp_path, capsys, restore_jax_cache):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a folder")
+  monkeypatch.setenv(cache.ENV_VAR, str(blocker / "xla"))
+  assert cli.main(["info", model]) == 0  # runs without the cache, and says so
+  assert "compilation cache off" in capsys.readouterr().err
