@@ -342,27 +342,35 @@ def test_npt_nose_hoover(ortho):
 # refusals and bad input
 
 
-def test_refuses_small_boxes(pot):
+def test_list_choice_follows_the_box(pot):
   z = np.full(4, 29)
-  # orthorhombic: 6.0 Å < 2 * (3.0 + 0.2)
+  R = jnp.asarray(ase.build.bulk("Cu", "fcc", a=3.6, cubic=True).get_scaled_positions())
+  # orthorhombic: 6.0 Å < 2 * (3.0 + 0.2): periodic images
   box = np.diag([8.0, 6.0, 8.0])
   displacement_fn, _ = space.periodic_general(box, fractional_coordinates=True)
-  with pytest.raises(ValueError, match=r"6 Å.*6\.4 Å.*supercell.*repeat\(\(1, 2, 1\)\)"):
-    pjm.neighbor_list(pot, displacement_fn, box, species=z, dr_threshold=SKIN,
-                      fractional_coordinates=True)
+  nfn, _ = pjm.neighbor_list(pot, displacement_fn, box, species=z, dr_threshold=SKIN,
+                             fractional_coordinates=True)
+  nbrs = nfn.allocate(R)
+  assert isinstance(nbrs, pjm.ImageNeighborList) and nbrs.images == (0, 1, 0)
+  # ... and JAX-MD's own list when allocated for a box that is wide enough (NPT: box=)
+  assert not isinstance(nfn.allocate(R, box=jnp.asarray(1.1 * box)), pjm.ImageNeighborList)
   # triclinic: every lattice vector is longer than 6.4 Å, but the cell is so sheared that the
   # perpendicular width is not.
   box = np.array([[7.0, 6.0, 0.0], [0.0, 3.5, 0.0], [0.0, 0.0, 8.0]])
   assert np.linalg.norm(box, axis=0).min() > 6.4 and pjm.box_widths(box).min() < 6.4
   displacement_fn, _ = space.periodic_general(box, fractional_coordinates=True)
-  with pytest.raises(ValueError, match="perpendicular"):
-    pjm.neighbor_list(pot, displacement_fn, box, species=z, dr_threshold=SKIN,
-                      fractional_coordinates=True)
+  nfn, _ = pjm.neighbor_list(pot, displacement_fn, box, species=z, dr_threshold=SKIN,
+                             fractional_coordinates=True)
+  assert isinstance(nfn.allocate(R), pjm.ImageNeighborList)
   # space.periodic, real coordinates; the skin counts
   displacement_fn, _ = space.periodic(6.3)
-  pjm.neighbor_list(pot, displacement_fn, 6.3, species=z, dr_threshold=0.1)
-  with pytest.raises(ValueError, match="too small"):
-    pjm.neighbor_list(pot, displacement_fn, 6.3, species=z, dr_threshold=0.2)
+  for skin, images in ((0.1, False), (0.2, True)):
+    nfn, _ = pjm.neighbor_list(pot, displacement_fn, 6.3, species=z, dr_threshold=skin)
+    assert isinstance(nfn.allocate(6.3 * R), pjm.ImageNeighborList) == images
+  # the image list computes pair vectors itself: a space built for another box is refused
+  displacement_fn, _ = space.periodic(6.0)
+  with pytest.raises(ValueError, match="does not match the box"):
+    pjm.neighbor_list(pot, displacement_fn, 6.3, species=z, dr_threshold=SKIN)
   # open boundaries: a small cell-list region is fine
   displacement_fn, _ = space.free()
   pjm.neighbor_list(pot, displacement_fn, 4.0, species=z)
