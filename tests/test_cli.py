@@ -89,3 +89,16 @@ def test_md_jax_md_engine_and_resume(tiny_model, tmp_path, capsys):
   assert "--resume" in capsys.readouterr().err
   assert cli.main(argv + ["--steps", "80", "--resume"]) == 0
   assert read(traj, -1).info["md_step"] == 80
+
+
+def test_md_jax_md_engine_small_periodic_cell(tiny_model, tmp_path, capsys):
+  # 3-4 Å cell, narrower than 2 * (cutoff + skin): JAX-MD runs it with periodic images
+  from ase import Atoms
+  xyz, traj = tmp_path / "co.extxyz", tmp_path / "co.traj"
+  write(xyz, Atoms("CO", positions=[[0.2, 0.3, 0.4], [1.4, 0.3, 0.4]], cell=[3.0, 3.5, 4.0],
+                   pbc=True))
+  assert cli.main(["md", str(xyz), "--model", tiny_model, "--ensemble", "nve", "--dt", "0.25",
+                   "--steps", "20", "--out", str(traj)]) == 0
+  assert "steps/s" in capsys.readouterr().out
+  last = read(traj, -1)
+  assert last.info["md_step"] == 20 and np.isfinite(last.get_potential_energy())
