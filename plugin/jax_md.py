@@ -304,8 +304,8 @@ def _image_geometry(bmat: np.ndarray, fractional: bool, general: bool):
   return boxes, fractional_of, pair_vectors
 
 
-def _image_list_fns(geometry, n: int, list_cutoff: float, dr_threshold: float,
-                    capacity_multiplier: float, fractional: bool):
+def _image_list_fns(geometry, bmat: np.ndarray, n: int, list_cutoff: float,
+                    dr_threshold: float, capacity_multiplier: float, fractional: bool):
   """``(allocate, update)`` of :class:`ImageNeighborList` (see the module docstring)."""
   boxes, fractional_of, _ = geometry
 
@@ -336,8 +336,7 @@ def _image_list_fns(geometry, n: int, list_cutoff: float, dr_threshold: float,
     return jnp.any(need > jnp.asarray(images))
 
   def allocate(R, extra_capacity=0, **kw):
-    b = box_matrix(kw["box"]) if "box" in kw else None
-    widths = box_widths(b) if b is not None else box_widths(boxes({}, np.float64)[0])
+    widths = box_widths(kw["box"] if "box" in kw else bmat)
     images = tuple(int(x) for x in _images_needed(widths, list_cutoff))
     R = jnp.asarray(R)
     count = int(build(R, kw, images, 0)[2])
@@ -483,7 +482,7 @@ def neighbor_list(
     geometry = _image_geometry(bmat, fractional_coordinates, general)
     _check_image_geometry(displacement_fn, geometry, bmat, fractional_coordinates, general)
     # (allocate, update, too_few_images, pair_vectors)
-    image_fns = (*_image_list_fns(geometry, n, cutoff + dr_threshold, dr_threshold,
+    image_fns = (*_image_list_fns(geometry, bmat, n, cutoff + dr_threshold, dr_threshold,
                                   capacity_multiplier, fractional_coordinates), geometry[2])
 
   fns = partition.neighbor_list(
