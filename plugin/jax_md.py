@@ -306,7 +306,8 @@ def _image_geometry(bmat: np.ndarray, fractional: bool, general: bool):
 
 def _image_list_fns(geometry, bmat: np.ndarray, n: int, list_cutoff: float,
                     dr_threshold: float, capacity_multiplier: float, fractional: bool):
-  """``(allocate, update)`` of :class:`ImageNeighborList` (see the module docstring)."""
+  """``(allocate, update, too_few_images)`` of :class:`ImageNeighborList` (see the module
+  docstring)."""
   boxes, fractional_of, _ = geometry
 
   def build(R, kw, images, capacity):
