@@ -15,6 +15,13 @@ coordinates, skin 0.5 Å, capacity multiplier 1.25):
   energy + virial evaluation per 100 steps) and the host's per-chunk checks: the median time
   of a 100-step chunk / 100, over ``--chunks`` chunks after a compiled warm-up run.
 
+Small cells (``--small-atoms``, default 32): the same NVE run of the shipped copper model
+(``potentials.load("copper")``, cutoff 4.5 Å) on a cubic cell narrower than 2 x (cutoff + skin)
+= 10 Å, where ``plugin.jax_md`` uses its neighbour list with periodic images, against the ASE
+engine on the same cell (ASE's ``VelocityVerlet`` with ``plugin.ase.Calculator``, float32, as
+``eqattn md --engine ase``): median time per step of 100-step runs after a warm-up, alternating,
+fastest round of each. Target: JAX-MD <= 0.5x the ASE engine.
+
 ``ratio = per step / bare``; the target is <= 1.10 (integrator and list upkeep cost at most
 10 %). ``ratio (loop) = per step / looped`` isolates that upkeep from what a loop saves by
 itself: on CPU a loop reuses XLA's temporary buffers between iterations, which a separate call
@@ -22,8 +29,9 @@ allocates afresh, so a step in a loop can be cheaper than one bare call. Measure
 alternate and the table keeps the fastest round of each, so machine load (shared CPUs)
 affects them alike; on a busy machine repeat the run.
 
-    python benchmarks/md.py                       # 256 atoms
+    python benchmarks/md.py                       # 256 atoms, then the 32-atom small cell
     python benchmarks/md.py --atoms 256 864 --chunks 5
+    python benchmarks/md.py --atoms --small-atoms 32     # only the small-cell row
 """
 
 from __future__ import annotations
@@ -88,9 +96,46 @@ def median_time(fn, repeats: int, per: int = 1) -> float:
   return statistics.median(times)
 
 
+def small_cell_row(n: int, rounds: int, chunks: int, repeats: int):
+  """(atoms, box width, list type, pair capacity, bare E+F ms, JAX-MD ms/step, ASE ms/step) on
+  the shipped copper model, NVE, float32, the same cell and start for both engines."""
+  from ase import units
+  from ase.md.verlet import VelocityVerlet
+
+  from plugin.ase import Calculator
+  potential = potentials.load("copper")
+  atoms = fcc_copper(n)
+  width = pjm.box_widths(atoms.cell.array.T).min()
+  assert width < 2 * (potential.cutoff + SKIN), "not a small cell"
+  f, _, R, nbrs = bare_fns(potential, atoms)
+  kw = dict(ensemble="nve", temperature=300.0, timestep=1.0, chunk=CHUNK, dr_threshold=SKIN,
+            capacity_multiplier=1.25)
+  warm = md.run(atoms, potential, steps=CHUNK, **kw)  # compiles
+  ase_atoms = warm.atoms.copy()  # thermalised start (positions and momenta)
+  ase_atoms.calc = Calculator(potential)
+  dyn = VelocityVerlet(ase_atoms, timestep=1.0 * units.fs)
+  dyn.run(CHUNK)  # compiles the calculator's shapes
+  bare, jax_md_ms, ase_ms = [], [], []
+  for _ in range(rounds):
+    bare.append(1e3 * median_time(lambda: f(R, nbrs), repeats))
+    result = md.run(atoms, potential, steps=chunks * CHUNK, **kw)
+    assert result.num_compilations == 0, "the timed run recompiled"
+    jax_md_ms.append(1e3 * statistics.median(result.chunk_times_s) / CHUNK)
+    times = []
+    for _ in range(chunks):
+      t = time.perf_counter()
+      dyn.run(CHUNK)
+      times.append((time.perf_counter() - t) / CHUNK)
+    ase_ms.append(1e3 * statistics.median(times))
+  return (len(atoms), width, type(nbrs).__name__, int(nbrs.max_occupancy), min(bare),
+          min(jax_md_ms), min(ase_ms))
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--atoms", type=int, nargs="+", default=[256])
+  parser.add_argument("--atoms", type=int, nargs="*", default=[256])
+  parser.add_argument("--small-atoms", type=int, default=32,
+                      help="atoms of the small-cell row (0: none)")
   parser.add_argument("--chunks", type=int, default=3, help="timed 100-step chunks per round")
   parser.add_argument("--rounds", type=int, default=2, help="alternating bare/MD rounds")
   parser.add_argument("--repeats", type=int, default=20, help="bare calls per round")
@@ -121,13 +166,23 @@ def main() -> None:
                  step_ms / bare_ms, step_ms / loop_ms, compile_s,
                  warm.num_reallocations + result.num_reallocations))
 
-  print("| atoms | pair capacity | bare E+F (ms) | looped E+F (ms) | MD per step (ms) | ratio | "
-        "ratio (loop) | first run incl. compile (s) |")
-  print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+  if rows:
+    print("| atoms | pair capacity | bare E+F (ms) | looped E+F (ms) | MD per step (ms) | "
+          "ratio | ratio (loop) | first run incl. compile (s) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
   for n, cap, b, lp, s, r, rl, c, _ in rows:
     print(f"| {n} | {cap} | {b:.2f} | {lp:.2f} | {s:.2f} | {r:.2f} | {rl:.2f} | {c:.1f} |")
   if any(r[-1] for r in rows):
     print("\n(some runs reallocated their neighbour list; replays are included in the timing)")
+  if args.small_atoms:
+    n, width, kind, cap, bare, jm, ase_ms = small_cell_row(args.small_atoms, args.rounds,
+                                                           args.chunks, args.repeats)
+    print(f"\nsmall cell, shipped copper model (cutoff {potentials.load('copper').cutoff} Å):\n")
+    print("| atoms | box width (Å) | JAX-MD list | pair capacity | bare E+F (ms) | "
+          "JAX-MD per step (ms) | ASE engine per step (ms) | JAX-MD / ASE |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|")
+    print(f"| {n} | {width:.2f} | {kind} | {cap} | {bare:.2f} | {jm:.2f} | {ase_ms:.2f} | "
+          f"{jm / ase_ms:.2f} |")
 
 
 if __name__ == "__main__":

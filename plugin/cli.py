@@ -106,7 +106,7 @@ def cmd_md(args) -> int:
                       timestep=args.dt, steps=steps, traj=str(out), resume=args.resume,
                       log_file=str(out.with_suffix(".csv")), seed=args.seed,
                       chunk=min(100, steps), progress=bar.update_from_md)
-    except ValueError as e:  # e.g. a periodic box narrower than twice the cutoff
+    except ValueError as e:  # e.g. mixed periodicity (a slab with pbc=(1, 1, 0))
       bar.close()
       raise UsageError(str(e)) from None
     steps = result.steps  # a resumed run only runs the remaining steps

@@ -37,17 +37,33 @@ Conventions (``/work/shared/DESIGN.md``)
   convention ``sigma = -(1/V) dE/d(eps)`` (plus the kinetic term when velocities are given),
   i.e. the *negative* of ASE's ``atoms.get_stress()`` (``+(1/V) dE/d(eps)``), as a 3x3 matrix.
 
-Small boxes
------------
-JAX-MD's neighbour list and displacement functions use the minimum image convention. With the
-list cutoff ``rc + dr_threshold``, that is exact only when every perpendicular width of the box is
-at least ``2 * (rc + dr_threshold)``; below that, pairs with an atom's periodic images are missed
-silently. :func:`neighbor_list` refuses such boxes with a ``ValueError`` that names the width,
-the width needed and the supercell that fixes it. Boxes that change during a run (NPT) are
-checked inside the compiled step: ``energy_fn(..., box=b)`` returns NaN when ``b`` is narrower
-than ``2 * rc`` (the energy would be wrong; a jitted function cannot raise), and
-``nbrs.update(R, box=b)`` sets JAX-MD's ``cell_size_too_small`` error bit when ``b`` is narrower
-than ``2 * (rc + dr_threshold)``.
+Small boxes: periodic images
+----------------------------
+JAX-MD's neighbour list and displacement functions use the minimum image convention, which is
+exact only when every perpendicular width of the box is at least ``2 * (rc + dr_threshold)``.
+``neighbor_fn.allocate`` chooses the list automatically from the box it allocates for
+(``box=``, else the constructor's):
+
+* every width ``>= 2 * (cutoff + dr_threshold)``: JAX-MD's own list (cell list or all pairs),
+  the fast path for large systems;
+* any width smaller (a 1-atom primitive cell, a 4-atom cubic cell, a skewed triclinic cell, a
+  thin periodic cell, an NPT box that compressed below the limit): an :class:`ImageNeighborList`,
+  whose pairs carry integer image shifts ``n`` (``r = R[src] - R[dst] + box @ n``, i.e.
+  ``shift @ cell`` in ASE's row convention). It enumerates the ``(i, j, n)`` candidates for a
+  static range of shifts that covers ``cutoff + dr_threshold`` in the allocation box
+  (``N * N * S`` distances: cheap for the small cells it is for) and keeps the ones within
+  ``cutoff + dr_threshold`` in a padded array of fixed capacity.
+
+Both are ``partition.NeighborList`` objects with the same ``update``/``did_buffer_overflow``
+API, and ``energy_fn`` takes either. The image list is rebuilt when an atom moved more than
+``dr_threshold / 2`` (as JAX-MD's), and at every ``update(R, box=b)`` (a changing box moves
+every pair). It sets the overflow bit (``did_buffer_overflow``) when the pairs exceed its
+capacity or when ``b`` is so narrow that it needs more image shifts than allocated; the caller
+then allocates again (``plugin.md.run`` replays the chunk), so no pair is missed silently.
+A JAX-MD list meeting a box narrower than it supports (NPT) reports it the same way:
+``nbrs.update(R, box=b)`` sets ``cell_size_too_small`` below ``2 * (rc + dr_threshold)``, and
+``energy_fn(..., box=b)`` returns NaN below ``2 * rc`` (a jitted function cannot raise); an
+allocation for the narrow box then gives an image list.
 """
 
 from __future__ import annotations
@@ -64,7 +80,8 @@ from jax_md import partition, space
 
 import potentials
 
-__all__ = ["neighbor_list", "box_matrix", "box_widths", "check_box"]
+__all__ = ["neighbor_list", "ImageNeighborList", "box_matrix", "box_widths",
+           "check_box"]
 
 Array = jax.Array
 Box = Any  # scalar, (3,) side lengths, or (3, 3) upper-triangular matrix (columns = vectors)
@@ -115,7 +132,9 @@ def _box_widths_jnp(box: Array) -> Array:
 
 def check_box(box: Box, cutoff: float, dr_threshold: float = 0.0) -> None:
   """Raise ``ValueError`` unless every perpendicular width of ``box`` is at least
-  ``2 * (cutoff + dr_threshold)``, the limit of JAX-MD's minimum image convention."""
+  ``2 * (cutoff + dr_threshold)``, the limit of JAX-MD's minimum image convention (its own
+  neighbour list and displacement functions). :func:`neighbor_list` does not need it: it
+  switches to an :class:`ImageNeighborList` below that width."""
   widths = box_widths(box)
   need = 2.0 * (cutoff + dr_threshold)
   if np.all(widths >= need):
@@ -153,8 +172,8 @@ def _probe_space(displacement_fn: DisplacementFn, box: np.ndarray,
   periodic = []
   for i in range(3):
     e = np.eye(3)[i]
-    # The 1/4 probe is unambiguous only if 1/4 Å is its own image (boxes that thin are
-    # refused by check_box anyway) and |a_i| is not ~1 Å.
+    # The 1/4 probe is unambiguous only if 1/4 Å is its own image and |a_i| is not ~1 Å
+    # (thinner boxes skip it).
     if box_widths(box).min() >= 1.0:
       quarter = float(np.linalg.norm(displacement_fn(zero, jnp.asarray(0.25 * e))))
       frac_like = abs(quarter - 0.25 * lengths[i]) <= 1e-4 * lengths[i]
@@ -207,6 +226,190 @@ def _check_positions(R: Any, n: int, box: np.ndarray, periodic: bool,
 
 
 # --------------------------------------------------------------------------------------------
+# neighbour lists with periodic images (boxes narrower than 2 * (cutoff + dr_threshold))
+
+
+@jmd_dataclasses.dataclass
+class ImageNeighborList(partition.NeighborList):
+  """A JAX-MD ``Sparse`` neighbour list whose pairs carry integer image shifts.
+
+  ``idx (2, capacity)``: ``idx[0]`` = src, ``idx[1]`` = dst (sorted), padding ``N``, as
+  JAX-MD's. ``shifts (capacity, 3)`` int32: pair ``k`` is
+  ``r_k = box @ (u[src] - u[dst] + shifts[k])`` for the fractional positions ``u`` at the last
+  rebuild (``reference_position``); atoms that have wrapped across a face since then are
+  unwrapped against it, so the vector stays continuous. Padded pairs have shift 0.
+  ``images`` (static): the largest ``|n|`` per lattice vector the list covers.
+  """
+  shifts: Array
+  images: Tuple[int, int, int] = jmd_dataclasses.static_field()
+
+
+def _box_matrix_jnp(box: Array, dtype=None) -> Array:
+  box = jnp.asarray(box, dtype)
+  if box.ndim == 0:
+    return box * jnp.eye(3, dtype=dtype)
+  if box.ndim == 1:
+    return jnp.diag(box)
+  return box
+
+
+def _images_needed(widths, list_cutoff: float, xp=np):
+  """Largest image shift per lattice vector that can hold a pair within ``list_cutoff`` once
+  fractional differences are wrapped into [-1/2, 1/2): ``|n| - 1/2 < list_cutoff / width``
+  (generous by a hair at equality, never short)."""
+  return xp.floor(list_cutoff / widths + 0.5 + 1e-6)
+
+
+def _shift_table(images: Tuple[int, int, int]) -> np.ndarray:
+  ranges = [np.arange(-k, k + 1) for k in images]
+  return np.stack(np.meshgrid(*ranges, indexing="ij"), -1).reshape(-1, 3).astype(np.int32)
+
+
+def _image_geometry(bmat: np.ndarray, fractional: bool, general: bool):
+  """``(boxes, fractional_of, pair_vectors)`` reading ``box=``/``new_box=``/``perturbation=``
+  as JAX-MD's ``space.periodic_general`` (``general``) or ``space.periodic`` do, with
+  ``space.transform``, whose derivative keeps gradients in real space as theirs do."""
+  inv0 = np.linalg.inv(bmat)
+
+  def boxes(kw, dtype):
+    """(box the positions live in, box the displacements are measured in)."""
+    if not general and "box" in kw:
+      raise space.UnexpectedBoxException(
+          "`space.periodic` does not accept a box argument. Perhaps you meant to use "
+          "`space.periodic_general`?")
+    t_pos = _box_matrix_jnp(kw["box"], dtype) if "box" in kw else jnp.asarray(bmat, dtype)
+    t_disp = _box_matrix_jnp(kw["new_box"], dtype) if general and "new_box" in kw else t_pos
+    return t_pos, t_disp
+
+  def fractional_of(R, t_pos):
+    return R if fractional else space.transform(jnp.linalg.inv(t_pos), R)
+
+  def pair_vectors(R, reference, src, dst, shifts, kw):
+    take = lambda a, i: jnp.take(a, i, axis=0, mode="clip")
+    t_pos, t_disp = boxes(kw, R.dtype)
+    n = shifts.astype(R.dtype)
+    if fractional or (general and ("box" in kw or "new_box" in kw)):
+      f, f_ref = fractional_of(R, t_pos), fractional_of(reference, t_pos)
+      g = f - jnp.round(jax.lax.stop_gradient(f - f_ref))  # unwrapped against the rebuild
+      r = space.transform(t_disp, take(g, src) - take(g, dst) + n)
+    else:
+      # Real coordinates in the list's own box: stay in real space (no round trip through
+      # fractional coordinates, which costs float32 precision).
+      jump = jnp.round(jax.lax.stop_gradient(space.raw_transform(inv0, R - reference)))
+      m = n - take(jump, src) + take(jump, dst)
+      r = take(R, src) - take(R, dst) + space.raw_transform(t_pos, m)
+    if kw.get("perturbation") is not None:
+      r = space.raw_transform(kw["perturbation"], r)
+    return r
+
+  return boxes, fractional_of, pair_vectors
+
+
+def _image_list_fns(geometry, bmat: np.ndarray, n: int, list_cutoff: float,
+                    dr_threshold: float, capacity_multiplier: float, fractional: bool):
+  """``(allocate, update, too_few_images)`` of :class:`ImageNeighborList` (see the module
+  docstring)."""
+  boxes, fractional_of, _ = geometry
+
+  def build(R, kw, images, capacity):
+    """All ``(dst, src, shift)`` within ``list_cutoff`` (dst-major, so dst is sorted),
+    compacted into ``capacity`` slots; also their count."""
+    t_pos, t_disp = boxes(kw, R.dtype)
+    f = jax.lax.stop_gradient(fractional_of(R, t_pos))
+    d = f[None, :, :] - f[:, None, :]  # [dst, src]: u_src - u_dst
+    k = jnp.floor(d + 0.5)
+    table = _shift_table(images)
+    c = (d - k)[:, :, None, :] + table.astype(R.dtype)  # (N, N, S, 3)
+    r = jnp.einsum("...j,ij->...i", c, t_disp)
+    self_pair = np.eye(n, dtype=bool)[:, :, None] & np.all(table == 0, axis=1)
+    mask = ((jnp.sum(r * r, axis=-1) < list_cutoff**2) & ~self_pair).reshape(-1)
+    shifts = (table[None, None] - k[:, :, None].astype(jnp.int32)).reshape(-1, 3)
+    count = jnp.sum(mask, dtype=jnp.int32)
+    slot = jnp.where(mask, jnp.cumsum(mask) - 1, capacity)  # slot >= capacity: dropped
+    ends = lambda a: jnp.asarray(np.broadcast_to(a, c.shape[:3]).reshape(-1), jnp.int32)
+    dst_all, src_all = ends(np.arange(n)[:, None, None]), ends(np.arange(n)[None, :, None])
+    fill = lambda a, pad: jnp.full((capacity,) + a.shape[1:], pad, a.dtype).at[slot].set(
+        a, mode="drop")
+    idx = jnp.stack([fill(src_all, n), fill(dst_all, n)])
+    return idx, fill(shifts, 0), count
+
+  def too_few_images(kw, images, cutoff):
+    need = _images_needed(_box_widths_jnp(_box_matrix_jnp(kw["box"])), cutoff, jnp)
+    return jnp.any(need > jnp.asarray(images))
+
+  def allocate(R, extra_capacity=0, **kw):
+    widths = box_widths(kw["box"] if "box" in kw else bmat)
+    images = tuple(int(x) for x in _images_needed(widths, list_cutoff))
+    R = jnp.asarray(R)
+    count = int(build(R, kw, images, 0)[2])
+    full = n * n * len(_shift_table(images)) - n
+    capacity = max(1, min(full, int(count * capacity_multiplier + n * extra_capacity)))
+    idx, shifts, count = build(R, kw, images, capacity)
+    error = partition.PartitionError(jnp.zeros((), jnp.uint8))
+    return ImageNeighborList(
+        idx=idx, reference_position=R,
+        error=error.update(partition.PEC.NEIGHBOR_LIST_OVERFLOW, count > capacity),
+        cell_list_capacity=None, max_occupancy=capacity, format=partition.Sparse,
+        cell_size=None, cell_list_fn=None, update_fn=update, shifts=shifts, images=images)
+
+  def update(R, nbrs, **kw):
+    if "box" in kw and not fractional:
+      raise ValueError("neighbour lists accept a box= keyword only with fractional "
+                       "coordinates (space.periodic_general(..., fractional_coordinates=True))")
+    error = nbrs.error
+    if "box" in kw:
+      # A new box moves every pair: rebuild, and say so if it needs more image shifts.
+      error = error.update(partition.PEC.NEIGHBOR_LIST_OVERFLOW,
+                           too_few_images(kw, nbrs.images, list_cutoff))
+
+    def rebuild(R):
+      idx, shifts, count = build(R, kw, nbrs.images, nbrs.max_occupancy)
+      return jmd_dataclasses.replace(
+          nbrs, idx=idx, shifts=shifts, reference_position=R,
+          error=error.update(partition.PEC.NEIGHBOR_LIST_OVERFLOW, count > nbrs.max_occupancy))
+
+    if "box" in kw or dr_threshold == 0:
+      return rebuild(R)
+    t_pos, _ = boxes({}, R.dtype)
+    du = fractional_of(R, t_pos) - fractional_of(nbrs.reference_position, t_pos)
+    dx = space.raw_transform(t_pos, du - jnp.round(du))
+    moved = jnp.max(jnp.sum(dx * dx, axis=-1)) > (0.5 * dr_threshold)**2
+    return jax.lax.cond(moved, rebuild,
+                        lambda R: jmd_dataclasses.replace(nbrs, error=error), R)
+
+  return allocate, update, too_few_images
+
+
+def _is_general(displacement_fn: DisplacementFn, bmat: np.ndarray) -> bool:
+  """``space.periodic_general`` takes ``box=``; ``space.periodic`` raises."""
+  try:
+    displacement_fn(jnp.zeros(3), jnp.zeros(3), box=jnp.asarray(bmat))
+  except space.UnexpectedBoxException:
+    return False
+  return True
+
+
+def _check_image_geometry(displacement_fn: DisplacementFn, geometry, bmat: np.ndarray,
+                          fractional: bool, general: bool) -> None:
+  """The image list computes pair vectors itself: check them against the user's space on a
+  pair whose wrapped displacement crosses the box (which depends on the box)."""
+  u = np.array([[0.1, 0.15, 0.2], [0.9, 0.8, 0.75]])
+  R = jnp.asarray(u if fractional else u @ bmat.T)
+  shift = -jnp.floor(jnp.asarray(u[1] - u[0]) + 0.5).astype(jnp.int32)[None]
+  kws = [{}, {"perturbation": 1.01 * jnp.eye(3)}]
+  if general and fractional:
+    kws.append({"box": jnp.asarray(1.02 * bmat)})
+  for kw in kws:
+    ours = geometry[2](R, R, jnp.ones(1, jnp.int32), jnp.zeros(1, jnp.int32), shift, kw)[0]
+    theirs = displacement_fn(R[1], R[0], **kw)
+    if not np.allclose(ours, theirs, rtol=1e-5, atol=1e-5 * np.abs(bmat).max()):
+      raise ValueError(
+          "displacement_fn does not match the box given to neighbor_list: small boxes use a "
+          "list with periodic images, which needs space.periodic(box) or "
+          "space.periodic_general(box, fractional_coordinates=...) built with that same box")
+
+
+# --------------------------------------------------------------------------------------------
 # the public constructor
 
 
@@ -229,9 +432,11 @@ def neighbor_list(
     potential: the :class:`potentials.Potential` (its ``cutoff`` is the list's ``r_cutoff``).
     displacement_fn: from ``jax_md.space`` (``free``, ``periodic``, ``periodic_general``).
     box: the box given to JAX-MD's neighbour list: scalar, ``(3,)`` or upper-triangular
-      ``(3, 3)`` with lattice vectors as columns. Periodic boxes must be at least
-      ``2 * (cutoff + dr_threshold)`` wide in every direction (else ``ValueError``); for
-      ``space.free`` it is only the cell-list region.
+      ``(3, 3)`` with lattice vectors as columns. Any periodic box works: one at least
+      ``2 * (cutoff + dr_threshold)`` wide in every direction gets JAX-MD's own list, a
+      narrower one an :class:`ImageNeighborList` (chosen at ``allocate``, from the box it
+      allocates for; see the module docstring). For ``space.free`` it is only the cell-list
+      region.
     species: ``(N,)`` atomic numbers, one per atom (unknown elements raise
       :class:`potentials.UnknownElementError`).
     dr_threshold: skin (Å); the list is rebuilt when an atom moved more than half of it.
@@ -245,7 +450,8 @@ def neighbor_list(
 
   Returns:
     ``(neighbor_fn, energy_fn)``. ``neighbor_fn`` is a ``partition.NeighborListFns``
-    (``allocate(R)`` checks positions, ``update(R, nbrs)`` / ``nbrs.update(R)`` are jittable).
+    (``allocate(R)`` checks positions and picks the list, ``update(R, nbrs)`` /
+    ``nbrs.update(R)`` are jittable).
     ``energy_fn(R, neighbor, **kwargs)`` takes ``R (N, 3)`` and a neighbour list from
     ``neighbor_fn`` and returns the energy (eV): a scalar, or ``(N,)`` with ``per_particle``.
     Keyword arguments go to ``displacement_fn`` (``box=``, ``perturbation=``), except
@@ -269,8 +475,17 @@ def neighbor_list(
   cutoff = float(potential.cutoff)
   bmat = box_matrix(box)
   periodic = _probe_space(displacement_fn, bmat, fractional_coordinates)
+  min_list_width = 2.0 * (cutoff + dr_threshold)
+  image_fns = None
   if periodic:
-    check_box(bmat, cutoff, dr_threshold)
+    if np.any(box_widths(bmat) <= 0):
+      raise ValueError(f"box is singular (zero volume):\n{bmat}")
+    general = _is_general(displacement_fn, bmat)
+    geometry = _image_geometry(bmat, fractional_coordinates, general)
+    _check_image_geometry(displacement_fn, geometry, bmat, fractional_coordinates, general)
+    # (allocate, update, too_few_images, pair_vectors)
+    image_fns = (*_image_list_fns(geometry, bmat, n, cutoff + dr_threshold, dr_threshold,
+                                  capacity_multiplier, fractional_coordinates), geometry[2])
 
   fns = partition.neighbor_list(
       displacement_fn, box, cutoff, dr_threshold=dr_threshold,
@@ -278,10 +493,11 @@ def neighbor_list(
       format=format, **neighbor_kwargs)
   fns = partition.NeighborListFns(_quiet_index_scatter(fns.allocate),
                                   _quiet_index_scatter(fns.update))
-  min_list_width = 2.0 * (cutoff + dr_threshold)
 
   def update_fn(R: Array, neighbors: partition.NeighborList,
                 **kwargs) -> partition.NeighborList:
+    if isinstance(neighbors, ImageNeighborList):
+      return neighbors.update(R, **kwargs)
     nbrs = fns.update(R, neighbors, **kwargs)
     if periodic and "box" in kwargs:
       # A shrinking box (NPT) can break the minimum image convention mid-run; report it with
@@ -293,9 +509,17 @@ def neighbor_list(
 
   def allocate_fn(R: Array, extra_capacity: int = 0, **kwargs) -> partition.NeighborList:
     b = box_matrix(kwargs["box"]) if "box" in kwargs else bmat
-    _check_positions(R, n, b, periodic, fractional_coordinates)
-    if periodic and "box" in kwargs:
-      check_box(b, cutoff, dr_threshold)
+    if periodic and np.any(box_widths(b) <= 0):
+      raise ValueError(f"box is singular (zero volume):\n{b}")
+    small = periodic and box_widths(b).min() < min_list_width
+    _check_positions(R, n, b, periodic and not small, fractional_coordinates)
+    if small:
+      unsupported = set(neighbor_kwargs) - {"disable_cell_list", "mask_self"}
+      if unsupported:
+        raise ValueError(f"{sorted(unsupported)} not supported for boxes narrower than "
+                         f"2 * (cutoff + dr_threshold) = {min_list_width:g} Å, which use a "
+                         f"list with periodic images")
+      return image_fns[0](R, extra_capacity, **kwargs)
     nbrs = fns.allocate(R, extra_capacity, **kwargs)
     # With fractional coordinates JAX-MD keeps the cell size as a 0-d jax array in a static
     # (pytree metadata) field. Recent JAX compares metadata while tracing, so a freshly
@@ -309,7 +533,8 @@ def neighbor_list(
     return jmd_dataclasses.replace(nbrs, update_fn=update_fn, cell_size=cell_size)
 
   neighbor_fn = partition.NeighborListFns(allocate_fn, update_fn)
-  energy_fn = _energy_fn(potential, displacement_fn, species_idx, periodic, per_particle)
+  energy_fn = _energy_fn(potential, displacement_fn, species_idx, periodic, per_particle,
+                         image_fns)
   return neighbor_fn, energy_fn
 
 
@@ -328,13 +553,37 @@ def _quiet_index_scatter(fn: Callable) -> Callable:
 
 
 def _energy_fn(potential: potentials.Potential, displacement_fn: DisplacementFn,
-               species_idx: Array, periodic: bool, per_particle: bool) -> EnergyFn:
+               species_idx: Array, periodic: bool, per_particle: bool,
+               image_fns) -> EnergyFn:
   # jitted: its trace is cached, so init, step and observe (and their gradients) trace the
   # model once per shape between them, not once each.
   pair_energies = jax.jit(potential.pair_energies_fn(), static_argnums=(5, 6))
   default_params = potential.params
   cutoff = float(potential.cutoff)
   n = int(species_idx.shape[0])
+
+  def pairs(R, neighbor, kwargs):
+    """``(r, dst, src, ok)``: pair vectors, ends (padding ``N``), and whether the list can
+    hold every pair for ``box=`` (None: no check)."""
+    # dst = idx[1] (sorted by construction in JAX-MD, see module docstring), src = idx[0].
+    src_raw, dst_raw = neighbor.idx[0], neighbor.idx[1]
+    valid = (src_raw < n) & (dst_raw < n)
+    dst = jnp.where(valid, dst_raw, n)
+    src = jnp.where(valid, src_raw, n)
+    ok = None
+    if isinstance(neighbor, ImageNeighborList):
+      r = image_fns[3](R, neighbor.reference_position, src, dst, neighbor.shifts, kwargs)
+      if "box" in kwargs:
+        ok = ~image_fns[2](kwargs, neighbor.images, cutoff)
+    else:
+      d = space.map_bond(lambda ra, rb: displacement_fn(ra, rb, **kwargs))
+      r = d(jnp.take(R, src, axis=0, mode="clip"), jnp.take(R, dst, axis=0, mode="clip"))
+      if periodic and "box" in kwargs:
+        # A box narrower than 2 * cutoff makes minimum-image pair vectors wrong.
+        ok = jnp.all(_box_widths_jnp(kwargs["box"]) >= 2.0 * cutoff)
+    # Padded pairs: a finite vector beyond the cutoff; `where` also zeroes their gradients.
+    far = jnp.zeros_like(r).at[:, 0].set(2.0 * cutoff + 1.0)
+    return jnp.where(valid[:, None], r, far), dst, src, ok
 
   def energy_fn(R: Array, neighbor: Optional[partition.NeighborList] = None,
                 **kwargs) -> Array:
@@ -353,23 +602,11 @@ def _energy_fn(potential: potentials.Potential, displacement_fn: DisplacementFn,
     if neighbor.format is not partition.Sparse:
       raise ValueError(f"neighbour list format must be partition.Sparse, got {neighbor.format}")
     params = kwargs.pop("params", default_params)
-
-    # dst = idx[1] (sorted by construction in JAX-MD, see module docstring), src = idx[0].
-    src_raw, dst_raw = neighbor.idx[0], neighbor.idx[1]
-    valid = (src_raw < n) & (dst_raw < n)
-    dst = jnp.where(valid, dst_raw, n)
-    src = jnp.where(valid, src_raw, n)
-    d = space.map_bond(lambda ra, rb: displacement_fn(ra, rb, **kwargs))
-    r = d(jnp.take(R, src, axis=0, mode="clip"), jnp.take(R, dst, axis=0, mode="clip"))
-    # Padded pairs: a finite vector beyond the cutoff; `where` also zeroes their gradients.
-    far = jnp.zeros_like(r).at[:, 0].set(2.0 * cutoff + 1.0)
-    r = jnp.where(valid[:, None], r, far)
-
+    r, dst, src, ok = pairs(R, neighbor, kwargs)
     e = pair_energies(params, species_idx, r, dst, src, None, True)
-    if periodic and "box" in kwargs:
-      # A box narrower than 2 * cutoff makes minimum-image pair vectors wrong; a jitted
-      # function cannot raise, so make it loud instead of silently wrong.
-      ok = jnp.all(_box_widths_jnp(kwargs["box"]) >= 2.0 * cutoff)
+    if ok is not None:
+      # The list cannot hold every pair for this box: a jitted function cannot raise, so make
+      # it loud instead of silently wrong.
       e = jnp.where(ok, e, jnp.nan)
     return e if per_particle else jnp.sum(e)
 

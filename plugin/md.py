@@ -46,7 +46,10 @@ The log's ``conserved`` column is what the integrator conserves (NVE: total ener
 NVT and NPT: JAX-MD's extended Hamiltonians), the number to watch for a too-large timestep.
 
 Periodic systems use ``space.periodic_general`` with fractional coordinates (orthorhombic and
-triclinic cells); ASE cells that are not lower triangular are rotated into ASE's standard form
+triclinic cells, of any size: boxes narrower than ``2 * (cutoff + dr_threshold)`` get
+``plugin.jax_md``'s neighbour list with periodic images, chosen at allocation; an NPT box that
+shrinks below that width mid-run is reallocated for the compressed box and replayed like an
+overflow); ASE cells that are not lower triangular are rotated into ASE's standard form
 inside and rotated back on output. Non-periodic systems (molecules, clusters) use
 ``space.free()``. Mixed periodicity (slabs) is refused: JAX-MD's spaces are periodic along all
 axes or none.
@@ -611,7 +614,9 @@ def _allocate(engine: _Engine, R: Array, box: Optional[np.ndarray], extra: int,
   kw = {} if box is None else {"box": jnp.asarray(box, R.dtype)}
   n = R.shape[0]
   nbrs = engine.neighbor_fn.allocate(R, extra, **kw)
-  if nbrs.max_occupancy < min_capacity and nbrs.max_occupancy < n * (n - 1):
+  # JAX-MD's lists hold at most n (n - 1) pairs; image lists (small boxes) have no such limit.
+  limit = math.inf if isinstance(nbrs, pjm.ImageNeighborList) else n * (n - 1)
+  if nbrs.max_occupancy < min_capacity and nbrs.max_occupancy < limit:
     extra += -(-(min_capacity - nbrs.max_occupancy) // n)
     nbrs = engine.neighbor_fn.allocate(R, extra, **kw)
   return nbrs, extra
@@ -969,7 +974,6 @@ def run(
   g = first_step
   reallocations = 0
   chunk_times: List[float] = []
-  rc_width = 2.0 * (cutoff + dr_threshold)
   try:
     while g < steps:
       n = min(chunk, steps - g)
@@ -987,23 +991,12 @@ def run(
         if ensemble == "npt":
           ref_box = np.asarray(state0.reference_box, np.float64)
           scale0 = float(jnp.exp(state0.box_position))
-          box_alloc = ref_box * scale0
-          aux0 = (jnp.asarray(scale0, dtype), jnp.asarray(scale0, dtype))
-          if too_small:
-            min_scale = float(out[0][2][1])
-            widths = pjm.box_widths(ref_box * min_scale)
-            if widths.min() < rc_width:
-              raise RuntimeError(
-                  f"NPT: the box shrank to a perpendicular width of {widths.min():.4g} Å "
-                  f"during steps {g}..{g + n}, below 2 * (cutoff + dr_threshold) = "
-                  f"{rc_width:.4g} Å, where JAX-MD's minimum image convention fails. "
-                  f"Simulate a larger supercell (or use a smaller dr_threshold).")
-            # Cells sized for the most compressed box of the chunk (with a margin) stay valid.
-            for s in (min(scale0, 0.98 * min_scale), min(scale0, min_scale)):
-              if pjm.box_widths(ref_box * s).min() >= rc_width:
-                box_alloc = ref_box * s
-                aux0 = (jnp.asarray(s, dtype), jnp.asarray(scale0, dtype))
-                break
+          # Allocate for the most compressed box of the chunk (with a margin): its pairs, its
+          # image shifts (small boxes) and cells stay valid for the whole replay. A box below
+          # 2 * (cutoff + dr_threshold) gets a list with periodic images (one recompilation).
+          s = min(scale0, 0.98 * float(out[0][2][1]))
+          box_alloc = ref_box * s
+          aux0 = (jnp.asarray(s, dtype), jnp.asarray(scale0, dtype))
         extra += 1  # also grows the cell list's per-cell capacity
         capacity = math.ceil(_GROWTH * nbrs0.max_occupancy) if overflow else 0
         nbrs, extra = _allocate(engine, state0.position, box_alloc, extra, capacity)
@@ -1020,8 +1013,8 @@ def run(
               and np.all(np.isfinite(logs["epot"][:n_logs]))):
         raise RuntimeError(
             f"MD became unstable between steps {g} and {g + n}: non-finite positions or "
-            f"energies (atoms too close, timestep {timestep} fs too large, or an NPT box "
-            f"narrower than 2 * cutoff). Frames up to step {g} are kept"
+            f"energies (atoms too close, or timestep {timestep} fs too large). Frames up to "
+            f"step {g} are kept"
             f"{'' if traj_path is None else f' in {str(traj_path)!r}'}.")
       new_rows = make_rows(logs, n_logs)
       rows += new_rows

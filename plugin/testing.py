@@ -203,14 +203,16 @@ def _run_jax_md(atoms: Atoms, energy_fn, neighbor_fn, displacement_fn, shift_fn,
 
   e0 = jax.jit(energies)(state, nbrs)
   t, epot, ekin = [0.0], [float(e0[0])], [float(e0[1])]
-  done = 0
+  done = extra = 0
   while done < steps:
     saved = (state, nbrs)
     state, new_nbrs, (ep, ek) = chunk(state, nbrs)
     if new_nbrs is not None and bool(new_nbrs.did_buffer_overflow):
-      # replay the chunk with a larger list: no step uses a truncated neighbour list
+      # replay the chunk with a larger list: no step uses a truncated neighbour list. More
+      # room each time: the chunk's start positions alone may give the list that overflowed.
       state, nbrs = saved
-      nbrs = neighbor_fn.allocate(state.position)
+      extra += 1
+      nbrs = neighbor_fn.allocate(state.position, extra)
       continue
     nbrs = new_nbrs
     done += interval

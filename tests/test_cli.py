@@ -115,3 +115,15 @@ def test_train_with_time_limit_then_eval_reports_held_out_trajectories(tmp_path,
   assert cli.main(["eval", str(model), str(data)]) == 0
   out = capsys.readouterr().out
   assert "| held-out trajectories | 6 |" in out and "| training trajectories | 6 |" in out
+
+def test_md_jax_md_engine_small_periodic_cell(tiny_model, tmp_path, capsys):
+  # 3-4 Å cell, narrower than 2 * (cutoff + skin): JAX-MD runs it with periodic images
+  from ase import Atoms
+  xyz, traj = tmp_path / "co.extxyz", tmp_path / "co.traj"
+  write(xyz, Atoms("CO", positions=[[0.2, 0.3, 0.4], [1.4, 0.3, 0.4]], cell=[3.0, 3.5, 4.0],
+                   pbc=True))
+  assert cli.main(["md", str(xyz), "--model", tiny_model, "--ensemble", "nve", "--dt", "0.25",
+                   "--steps", "20", "--out", str(traj)]) == 0
+  assert "steps/s" in capsys.readouterr().out
+  last = read(traj, -1)
+  assert last.info["md_step"] == 20 and np.isfinite(last.get_potential_energy())

@@ -339,30 +339,253 @@ def test_npt_nose_hoover(ortho):
 
 
 # --------------------------------------------------------------------------------------------
+# small cells: lists with periodic images, against the ASE calculator (exact for any cell)
+
+
+def small_cell(name: str) -> ase.Atoms:
+  """Cells narrower than 2 * (RC + SKIN) = 6.4 Å, rattled."""
+  if name == "fcc_primitive":  # 1 atom, widths 2.08 Å: 12 neighbours, all images of itself
+    atoms = ase.build.bulk("Cu", "fcc", a=3.6)
+  elif name == "fcc_cubic":  # 4 atoms, 3.6 Å
+    atoms = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)
+  elif name == "triclinic":  # 2 atoms in a skewed cell, widths 2.4-3.9 Å
+    atoms = ase.Atoms("Cu2", scaled_positions=[[0.0, 0.0, 0.0], [0.5, 0.45, 0.55]],
+                      cell=[[2.7, 0.0, 0.0], [1.1, 2.6, 0.0], [0.6, -0.8, 3.9]], pbc=True)
+  else:  # "thin": a periodic layer 2.5 Å thick and 7.2 Å wide, two square sublattices
+    square = np.array([[0, 0], [0.5, 0], [0, 0.5], [0.5, 0.5]])
+    frac = np.concatenate([np.c_[square, np.zeros(4)], np.c_[square + 0.25, np.full(4, 0.5)]])
+    atoms = ase.Atoms("Cu8", scaled_positions=frac, cell=np.diag([7.2, 7.3, 2.5]), pbc=True)
+  atoms.rattle(0.05, seed=3)
+  atoms.wrap()
+  return atoms
+
+
+SMALL_CASES = [("fcc_primitive", "general_frac"), ("fcc_cubic", "periodic"),
+               ("triclinic", "general_frac"), ("triclinic", "general_real"),
+               ("thin", "periodic"), ("thin", "general_frac")]
+
+
+@functools.lru_cache(maxsize=None)
+def small_case(pot, name: str, kind: str):
+  """(atoms, R, neighbor_fn, energy_fn, box, shift_fn, fns) with
+  ``fns(R, nbrs) = (energy, forces, JAX-MD stress)`` jitted (shared by the tests below)."""
+  atoms = small_cell(name)
+  frac = kind == "general_frac"
+  if kind == "periodic":
+    box = atoms.cell.lengths()
+    displacement_fn, shift_fn = space.periodic(box)
+  else:
+    box = atoms.cell.array.T
+    displacement_fn, shift_fn = space.periodic_general(box, fractional_coordinates=frac)
+  nfn, efn = pjm.neighbor_list(pot, displacement_fn, box, species=atoms.numbers,
+                               dr_threshold=SKIN, fractional_coordinates=frac)
+  R = jnp.asarray(atoms.get_scaled_positions() if frac else atoms.positions)
+
+  def fns(R, nbrs):
+    e, g = jax.value_and_grad(efn)(R, nbrs)
+    return e, -g, quantity.stress(efn, R, jnp.asarray(box), neighbor=nbrs)
+  return atoms, R, nfn, efn, box, shift_fn, jax.jit(fns)
+
+
+def ase_reference(pot, atoms):
+  a = atoms.copy()
+  a.calc = ase_calculator(pot)
+  return a.get_potential_energy(), a.get_forces(), a.get_stress(voigt=False)
+
+
+@functools.lru_cache(maxsize=None)
+def ase_calculator(pot):
+  from plugin.ase import Calculator
+  return Calculator(pot, dtype="float64")
+
+
+def relative(a, b) -> float:
+  return float(np.abs(np.asarray(a) - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("name,kind", SMALL_CASES)
+def test_small_cell_matches_ase(pot, name, kind):
+  atoms, R, nfn, _, _, _, fns = small_case(pot, name, kind)
+  nbrs = nfn.allocate(R)
+  assert isinstance(nbrs, pjm.ImageNeighborList) and not nbrs.did_buffer_overflow
+  assert_dst_sorted(nbrs, len(atoms))
+  e, f, stress = fns(R, nbrs)
+  e_ref, f_ref, s_ref = ase_reference(pot, atoms)
+  errors = (abs(float(e) - e_ref) / abs(e_ref), relative(f, f_ref) if len(atoms) > 1 else 0.0,
+            relative(-np.asarray(stress), s_ref))  # JAX-MD's stress sign is minus ASE's
+  print(f"{name} ({kind}): {int(np.sum(np.asarray(nbrs.idx[1]) < len(atoms)))} pairs, images "
+        f"{nbrs.images}; relative errors E {errors[0]:.1e}, F {errors[1]:.1e}, "
+        f"stress {errors[2]:.1e}")
+  assert np.abs(s_ref).max() > 1e-4 and (len(atoms) == 1 or np.abs(f_ref).max() > 1e-2)
+  assert max(errors) <= 1e-10
+
+
+@pytest.mark.parametrize("name", ["fcc_primitive", "fcc_cubic", "triclinic", "thin"])
+def test_small_cell_energy_per_atom_equals_supercell(pot, name):
+  atoms, R, nfn, _, _, _, fns = small_case(pot, name, SMALL_CASES[[c[0] for c in
+                                                                   SMALL_CASES].index(name)][1])
+  e = float(fns(R, nfn.allocate(R))[0])
+  reps = tuple(int(np.ceil(2 * (RC + SKIN) / w)) for w in pjm.box_widths(atoms.cell.array.T))
+  big = atoms.repeat(reps)
+  box = big.cell.array.T
+  displacement_fn, _ = space.periodic_general(box, fractional_coordinates=True)
+  nfn_big, efn_big = pjm.neighbor_list(pot, displacement_fn, box, species=big.numbers,
+                                       dr_threshold=SKIN, fractional_coordinates=True)
+  R_big = jnp.asarray(big.get_scaled_positions())
+  nbrs_big = nfn_big.allocate(R_big)
+  assert not isinstance(nbrs_big, pjm.ImageNeighborList)  # JAX-MD's own list
+  e_big = float(jax.jit(efn_big)(R_big, nbrs_big))
+  print(f"{name}: {len(atoms)} atoms {e / len(atoms):.12f} eV/atom, supercell {reps} "
+        f"{e_big / len(big):.12f} eV/atom")
+  assert abs(e / len(atoms) - e_big / len(big)) <= 1e-10 * abs(e / len(atoms))
+
+
+def test_small_cell_forces_are_minus_gradient(pot):
+  atoms, R, nfn, _, box, _, fns = small_case(pot, "triclinic", "general_frac")
+  nbrs = nfn.allocate(R)
+  f = np.asarray(fns(R, nbrs)[1])
+  h = 1e-5
+  inv = np.linalg.inv(box)
+  fd = np.zeros_like(f)
+  for i in range(len(atoms)):
+    for a in range(3):
+      du = np.zeros_like(f)
+      du[i] = h * inv[:, a]  # a real-space step of h along axis a, in fractional coordinates
+      fd[i, a] = -(float(fns(R + du, nbrs)[0]) - float(fns(R - du, nbrs)[0])) / (2 * h)
+  print(f"forces vs -dE/dx: relative difference {relative(f, fd):.1e}")
+  assert np.abs(f).max() > 1e-2 and relative(f, fd) <= 1e-7
+
+
+def test_small_cell_atoms_wrapping_between_rebuilds(pot):
+  # Atoms cross the box faces (shift_fn wraps them) by less than skin / 2: the list is not
+  # rebuilt, and its shifts still give the right images. A larger move rebuilds.
+  atoms, R, nfn, _, _, shift_fn, fns = small_case(pot, "fcc_cubic", "periodic")
+  nbrs = nfn.allocate(R)
+  update = jax.jit(lambda R, nbrs: nbrs.update(R))
+  for step, rebuilt in ((np.array([-0.07, 0.05, -0.04]), False),
+                        (np.array([-0.3, 0.2, 0.1]), True)):
+    R2 = shift_fn(R, jnp.broadcast_to(jnp.asarray(step), R.shape))
+    crossed = np.abs(np.asarray(R2) - np.asarray(R) - step).max() > 1.0
+    new = update(R2, nbrs)
+    assert crossed and not new.did_buffer_overflow
+    assert rebuilt == (not np.array_equal(new.reference_position, nbrs.reference_position))
+    moved = atoms.copy()
+    moved.positions = np.asarray(R2)
+    e_ref, f_ref, _ = ase_reference(pot, moved)
+    e, f, _ = fns(R2, new)
+    assert abs(float(e) - e_ref) <= 1e-10 * abs(e_ref) and relative(f, f_ref) <= 1e-10
+
+
+def test_small_cell_compressed_box_overflows_instead_of_missing_pairs(pot):
+  # A 1-atom FCC cell (widths 2.25 Å) compressed by 10 % at fixed fractional positions, as NPT
+  # does: below 2.13 Å it needs image shifts of 2 lattice vectors and more pairs than the list
+  # may have room for. The jitted sweep reports overflow; one allocation for the most
+  # compressed box then covers the whole sweep: one compilation per list shape (capacity and
+  # image range), never one per step.
+  atoms = ase.build.bulk("Cu", "fcc", a=3.9)
+  box = atoms.cell.array.T
+  displacement_fn, _ = space.periodic_general(box, fractional_coordinates=True)
+  nfn, efn = pjm.neighbor_list(pot, displacement_fn, box, species=atoms.numbers,
+                               dr_threshold=SKIN, fractional_coordinates=True)
+  R = jnp.asarray(atoms.get_scaled_positions())
+  scales = np.linspace(1.0, 0.9, 11)
+  traces = [0]
+
+  @jax.jit
+  def sweep(R, nbrs):
+    traces[0] += 1  # runs at trace time only
+
+    def body(nbrs, s):
+      nbrs = nbrs.update(R, box=s * box)
+      return nbrs, efn(R, nbrs, box=s * box)
+    return jax.lax.scan(body, nbrs, jnp.asarray(scales))
+
+  nbrs = nfn.allocate(R)
+  assert nbrs.images == (1, 1, 1)
+  shapes = []
+  for _ in range(3):
+    shapes.append((nbrs.max_occupancy, nbrs.images))
+    final, energies = sweep(R, nbrs)
+    if not final.did_buffer_overflow:
+      break
+    nbrs = nfn.allocate(R, box=jnp.asarray(scales[-1] * box))
+  assert len(shapes) == 2 and nbrs.images == (2, 2, 2)
+  assert traces[0] == len(set(shapes)) == 2
+  for s, e in zip(scales, np.asarray(energies)):
+    squeezed = atoms.copy()
+    squeezed.set_cell(s * atoms.cell.array, scale_atoms=True)
+    e_ref = ase_reference(pot, squeezed)[0]
+    assert abs(e - e_ref) <= 1e-10 * abs(e_ref), s
+
+
+@pytest.mark.parametrize("integrator", ["nvt_nose_hoover", "nvt_langevin", "npt_nose_hoover"])
+def test_small_cell_integrators(pot, integrator):
+  atoms, R, nfn, efn, box, shift_fn, _ = small_case(pot, "fcc_cubic", "general_frac")
+  nbrs = nfn.allocate(R)
+  box = jnp.asarray(box)
+  if integrator == "npt_nose_hoover":
+    init_fn, apply_fn = simulate.npt_nose_hoover(efn, shift_fn, 1.0 * FS, pressure=0.0, kT=KT)
+    state = jax.jit(init_fn)(jax.random.PRNGKey(3), R, box, mass=MASS, neighbor=nbrs)
+  else:
+    make = getattr(simulate, integrator)
+    init_fn, apply_fn = make(efn, shift_fn, 1.0 * FS, KT, **(
+        {"gamma": 0.1} if integrator == "nvt_langevin" else {}))
+    state = jax.jit(init_fn)(jax.random.PRNGKey(1), R, mass=MASS, neighbor=nbrs)
+  state, nbrs, _ = run(apply_fn, state, nbrs, 60, npt=integrator == "npt_nose_hoover")
+  check_run(state, nbrs, len(atoms), R)
+  final = atoms.copy()
+  b = np.asarray(simulate.npt_box(state)) if integrator == "npt_nose_hoover" else box
+  final.set_cell(np.asarray(b).T)
+  final.set_scaled_positions(np.asarray(state.position))
+  kw = {"box": b} if integrator == "npt_nose_hoover" else {}
+  e_ref = ase_reference(pot, final)[0]
+  assert abs(float(efn(state.position, nbrs, **kw)) - e_ref) <= 1e-10 * abs(e_ref)
+
+
+def test_small_cell_nve_conserves_energy(pot):
+  from plugin import testing
+  atoms = small_cell("fcc_cubic")
+  report = testing.assert_energy_conserved(
+      atoms, **testing.engine_kwargs("jax-md", pot, atoms, "float64", dr_threshold=SKIN),
+      temperature=600, timestep=1.0, duration=0.3, warmup=0.03, sample_interval=5,
+      max_drift=0.5, order_range=(3.5, 4.5))
+  print(report.summary())
+  assert report.engine == "jax-md"
+
+
+# --------------------------------------------------------------------------------------------
 # refusals and bad input
 
 
-def test_refuses_small_boxes(pot):
+def test_list_choice_follows_the_box(pot):
   z = np.full(4, 29)
-  # orthorhombic: 6.0 Å < 2 * (3.0 + 0.2)
+  R = jnp.asarray(ase.build.bulk("Cu", "fcc", a=3.6, cubic=True).get_scaled_positions())
+  # orthorhombic: 6.0 Å < 2 * (3.0 + 0.2): periodic images
   box = np.diag([8.0, 6.0, 8.0])
   displacement_fn, _ = space.periodic_general(box, fractional_coordinates=True)
-  with pytest.raises(ValueError, match=r"6 Å.*6\.4 Å.*supercell.*repeat\(\(1, 2, 1\)\)"):
-    pjm.neighbor_list(pot, displacement_fn, box, species=z, dr_threshold=SKIN,
-                      fractional_coordinates=True)
+  nfn, _ = pjm.neighbor_list(pot, displacement_fn, box, species=z, dr_threshold=SKIN,
+                             fractional_coordinates=True)
+  nbrs = nfn.allocate(R)
+  assert isinstance(nbrs, pjm.ImageNeighborList) and nbrs.images == (0, 1, 0)
+  # ... and JAX-MD's own list when allocated for a box that is wide enough (NPT: box=)
+  assert not isinstance(nfn.allocate(R, box=jnp.asarray(1.1 * box)), pjm.ImageNeighborList)
   # triclinic: every lattice vector is longer than 6.4 Å, but the cell is so sheared that the
   # perpendicular width is not.
   box = np.array([[7.0, 6.0, 0.0], [0.0, 3.5, 0.0], [0.0, 0.0, 8.0]])
   assert np.linalg.norm(box, axis=0).min() > 6.4 and pjm.box_widths(box).min() < 6.4
   displacement_fn, _ = space.periodic_general(box, fractional_coordinates=True)
-  with pytest.raises(ValueError, match="perpendicular"):
-    pjm.neighbor_list(pot, displacement_fn, box, species=z, dr_threshold=SKIN,
-                      fractional_coordinates=True)
+  nfn, _ = pjm.neighbor_list(pot, displacement_fn, box, species=z, dr_threshold=SKIN,
+                             fractional_coordinates=True)
+  assert isinstance(nfn.allocate(R), pjm.ImageNeighborList)
   # space.periodic, real coordinates; the skin counts
   displacement_fn, _ = space.periodic(6.3)
-  pjm.neighbor_list(pot, displacement_fn, 6.3, species=z, dr_threshold=0.1)
-  with pytest.raises(ValueError, match="too small"):
-    pjm.neighbor_list(pot, displacement_fn, 6.3, species=z, dr_threshold=0.2)
+  for skin, images in ((0.1, False), (0.2, True)):
+    nfn, _ = pjm.neighbor_list(pot, displacement_fn, 6.3, species=z, dr_threshold=skin)
+    assert isinstance(nfn.allocate(6.3 * R), pjm.ImageNeighborList) == images
+  # the image list computes pair vectors itself: a space built for another box is refused
+  displacement_fn, _ = space.periodic(6.0)
+  with pytest.raises(ValueError, match="does not match the box"):
+    pjm.neighbor_list(pot, displacement_fn, 6.3, species=z, dr_threshold=SKIN)
   # open boundaries: a small cell-list region is fine
   displacement_fn, _ = space.free()
   pjm.neighbor_list(pot, displacement_fn, 4.0, species=z)
