@@ -247,7 +247,8 @@ def test_product_option_and_old_files(pot, system):
   assert pt.ModelConfig.from_dict({"cutoff": 5.0}).product is False
   assert pt.ModelConfig().product is False
   z, pos = system
-  kw = dict(species=["H", "C", "O"], cutoff=RC, **{**HYPER, "product": False})
+  kw = dict(species=["H", "C", "O"], cutoff=RC,
+            **{k: v for k, v in HYPER.items() if k != "product"})
   on, off = pt.Potential.create(1, product=True, **kw), pt.Potential.create(1, **kw)
   assert "product_0" in on.params and "product_0" not in off.params
   dst, src = all_pairs(pos, RC)
