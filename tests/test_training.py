@@ -175,7 +175,7 @@ def test_time_limit_ema_and_amsgrad(copper_frames, tmp_path):
   assert len(res.history) == 1 and np.isfinite(res.metrics["test"]["forces_mae"])
   meta = res.potential.metadata["training"]
   assert meta["epochs_run"] == 1 and meta["config"]["time_limit"] == 1e-3
-  assert set(meta["split_parts"]) == {"train", "valid", "test"}
+  assert set(meta["split_parts"]) == {"train", "valid", "test", "test_random"}
   # untagged frames: one trajectory, cut into contiguous blocks (test = the last frames)
   assert meta["split"] == [11, 2, 2] and meta["split_parts"]["test_random"]["frames"] == 1
   assert "test_metrics_by_group" in res.potential.metadata
