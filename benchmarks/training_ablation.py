@@ -30,6 +30,7 @@ BASE_TRAIN = dict(epochs=10_000, batch_size=16, learning_rate=2e-3, energy_weigh
                   forces_weight=1.0, stress_weight=0.0, optimizer="adam", ema_decay=0.0,
                   loss="mse")
 
+SHIPPED = {"optimizer": "amsgrad", "batch_size": 8}
 # name -> (model changes, training changes), each relative to BASE_*
 VARIANTS = [
     ("base", {}, {}),
@@ -40,6 +41,18 @@ VARIANTS = [
     ("amsgrad+huber", {}, {"optimizer": "amsgrad", "loss": "huber"}),
     ("amsgrad+lr5e-3", {}, {"optimizer": "amsgrad", "learning_rate": 5e-3}),
     ("amsgrad+batch8", {}, {"optimizer": "amsgrad", "batch_size": 8}),
+    # from the shipped ethanol recipe (amsgrad, batch 8: data/train.py)
+    ("shipped", {}, SHIPPED),
+    ("shipped+lr5e-3", {}, {**SHIPPED, "learning_rate": 5e-3}),
+    ("shipped+L1F48", {"max_degree": 1, "features": 48}, SHIPPED),
+    ("shipped+product", {"product": True}, SHIPPED),
+    ("shipped+heads4", {"num_heads": 4}, SHIPPED),
+    ("shipped+E1", {}, {**SHIPPED, "energy_weight": 1.0}),
+    ("shipped+radial32", {"radial_mlp": 32}, SHIPPED),
+    ("shipped+lr1e-2", {}, {**SHIPPED, "learning_rate": 1e-2}),
+    ("shipped+lr5e-3+radial32", {"radial_mlp": 32}, {**SHIPPED, "learning_rate": 5e-3}),
+    ("shipped+lr5e-3+L1F48", {"max_degree": 1, "features": 48},
+     {**SHIPPED, "learning_rate": 5e-3}),
 ]
 
 

@@ -54,6 +54,12 @@ class ModelConfig:
       raises the body order of each block (as symmetric products do in MACE-class models).
       Off by default: on ethanol it costs ~50 % more training time per epoch and trained
       worse at equal time (benchmarks/training_ablation.py).
+    radial_mlp: width of a per-block radial MLP (0: off). Off, each block's attention filters
+      and query-key encodings are linear in the ``num_basis`` radial functions; on, each block
+      first maps them through ``Dense(w) -> silu -> Dense(w) -> silu -> Dense(w)`` (times the
+      cutoff, so smoothness at the cutoff is kept), giving filters nonlinear in ``r`` with
+      ``w`` radial channels (as the radial networks of NequIP/MACE-class models). Model files
+      written before this option existed load with it off.
   """
   cutoff: float = 5.0
   features: int = 32
@@ -69,6 +75,7 @@ class ModelConfig:
   repulsion_cutoff: float = 1.0
   density_features: bool = True
   product: bool = False
+  radial_mlp: int = 0
 
   def __post_init__(self):
     checks = [
@@ -79,6 +86,7 @@ class ModelConfig:
         (self.num_heads >= 1 and self.features % self.num_heads == 0,
          f"num_heads ({self.num_heads}) must divide features ({self.features})"),
         (self.num_basis >= 1, f"num_basis must be >= 1, got {self.num_basis}"),
+        (self.radial_mlp >= 0, f"radial_mlp must be >= 0 (0: off), got {self.radial_mlp}"),
         (self.radial in RADIAL_FUNCTIONS, f"radial must be one of {RADIAL_FUNCTIONS}"),
         (self.cutoff_function in CUTOFF_FUNCTIONS,
          f"cutoff_function must be one of {CUTOFF_FUNCTIONS}"),
@@ -100,7 +108,7 @@ class ModelConfig:
       raise ValueError(f"unknown model config keys {sorted(unknown)}; this eqattn knows "
                        f"{sorted(known)} (is the model file from a newer eqattn?)")
     # files older than an option: the model without it
-    d = {"density_features": False, "product": False, **d}
+    d = {"density_features": False, "product": False, "radial_mlp": 0, **d}
     return cls(**d)
 
   def radial_fn(self):
@@ -147,6 +155,17 @@ class _Product(nn.Module):
     return Dense(f, use_bias=False, kernel_init=nn.initializers.zeros, name="out")(t)
 
 
+class _RadialMLP(nn.Module):
+  """``rbf (pairs, K) -> (pairs, width)``: smooth nonlinear radial channels for one block."""
+  width: int
+
+  @nn.compact
+  def __call__(self, rbf):
+    h = nn.silu(nn.Dense(self.width, name="hidden_0")(rbf))
+    h = nn.silu(nn.Dense(self.width, name="hidden_1")(h))
+    return nn.Dense(self.width, name="out")(h)
+
+
 class EnergyModel(nn.Module):
   """Per-atom energies from species and pairs.
 
@@ -169,9 +188,9 @@ class EnergyModel(nn.Module):
     cfg = self.config
     n = species.shape[0]
     valid = (dst_idx < n) & (src_idx < n)
-    basis, cut = radial_lib.basis(r, max_degree=cfg.max_degree, num=cfg.num_basis,
-                                  radial_fn=cfg.radial_fn(), cutoff_fn=cfg.cutoff_fn(),
-                                  return_cutoff=True)
+    ylm, rbf, cut = radial_lib.basis_parts(r, max_degree=cfg.max_degree, num=cfg.num_basis,
+                                           radial_fn=cfg.radial_fn(), cutoff_fn=cfg.cutoff_fn())
+    basis = radial_lib.combine(ylm, rbf * cut[:, None])
     cut = jnp.where(valid, cut, 0)
     pair_kw = dict(dst_idx=dst_idx, src_idx=src_idx, num_segments=n,
                    indices_are_sorted=indices_are_sorted)
@@ -188,13 +207,14 @@ class EnergyModel(nn.Module):
           Dense(cfg.features, name=f"mlp_{it}_in"), Gate(name=f"mlp_{it}_gate"),
           Dense(cfg.features, name=f"mlp_{it}_out"),
           _Product(degree, cfg.include_pseudotensors and not last, name=f"product_{it}")
-          if cfg.product else None))
+          if cfg.product else None,
+          _RadialMLP(cfg.radial_mlp, name=f"radial_{it}") if cfg.radial_mlp else None))
     hidden = nn.Dense(cfg.features, name="readout_hidden")
     readout = nn.Dense(1, name="readout")
     density = nn.Dense(cfg.features, use_bias=False, name="density") if cfg.density_features \
         else None
 
-    def network(species, basis, cut, **kw):
+    def network(species, ylm, rbf, basis, cut, **kw):
       x = embed(species).astype(r.dtype)
       if density is not None:
         # (pairs, S * K): radial basis at l = 0 times the cutoff, split by neighbour species
@@ -206,8 +226,9 @@ class EnergyModel(nn.Module):
         rho = jax.ops.segment_sum(per_pair, kw["dst_idx"], num_segments=kw["num_segments"],
                                   indices_are_sorted=kw["indices_are_sorted"])
         x = x.at[:, 0, 0, :].add(density(rho))
-      for degree, attention, mlp_in, gate, mlp_out, product in blocks:
-        y = attention(x, basis, cut, **kw)
+      for degree, attention, mlp_in, gate, mlp_out, product, radial in blocks:
+        b = basis if radial is None else radial_lib.combine(ylm, radial(rbf) * cut[:, None])
+        y = attention(x, b, cut, **kw)
         pseudo = y.shape[-3] == 2
         if product is None:
           x = change_max_degree_or_type(x, degree, pseudo) + y
@@ -219,11 +240,12 @@ class EnergyModel(nn.Module):
         x = x + mlp_out(gate(mlp_in(x)))
       return readout(nn.silu(hidden(x[:, 0, 0, :])))[:, 0]
 
-    e = network(species, basis, cut, **pair_kw)
+    e = network(species, ylm, rbf, basis, cut, **pair_kw)
     # The same network on one lone atom per species (no pairs): subtracting its output makes
     # an isolated atom's energy exactly its element's shift, the reference energy.
     none = jnp.zeros((0,), dst_idx.dtype)
-    e_iso = network(jnp.arange(self.num_species), basis[:0], cut[:0], dst_idx=none,
+    e_iso = network(jnp.arange(self.num_species), ylm[:0], rbf[:0], basis[:0], cut[:0],
+                    dst_idx=none,
                     src_idx=none, num_segments=self.num_species, indices_are_sorted=True)
     scale = self.param("scale", nn.initializers.ones, (self.num_species,), jnp.float32)
     shift = self.param("shift", nn.initializers.zeros, (self.num_species,), jnp.float32)

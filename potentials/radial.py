@@ -87,16 +87,28 @@ def basis(
   ``return_cutoff=True`` also returns the cutoff values ``(...)`` (1 when ``cutoff_fn`` is None),
   which :class:`potentials.SelfAttention` takes as ``cutoff_value``.
   """
+  ylm, rbf, cut = basis_parts(r, max_degree=max_degree, num=num, radial_fn=radial_fn,
+                              cutoff_fn=cutoff_fn, cartesian_order=cartesian_order,
+                              normalization=normalization)
+  out = combine(ylm, rbf * cut[..., None])
+  return (out, cut) if return_cutoff else out
+
+
+def basis_parts(r: jax.Array, *, max_degree: int, num: int, radial_fn: RadialFn,
+                cutoff_fn: Optional[CutoffFn] = None, cartesian_order: bool = True,
+                normalization: str = "racah"):
+  """The factors of :func:`basis`: ``ylm (..., (L+1)**2)``, the radial functions without the
+  cutoff ``rbf (..., num)`` and the cutoff values ``(...)`` (1 when ``cutoff_fn`` is None)."""
   if r.shape[-1] != 3:
     raise ValueError(f"r must have shape (..., 3), got {r.shape}")
   norm = so3.safe_norm(r)
   rbf = radial_fn(norm, num)
-  if cutoff_fn is None:
-    cut = jnp.ones_like(norm)
-  else:
-    cut = cutoff_fn(norm)
-    rbf = rbf * cut[..., None]
+  cut = jnp.ones_like(norm) if cutoff_fn is None else cutoff_fn(norm)
   ylm = so3.spherical_harmonics(r, max_degree, cartesian_order=cartesian_order,
                                 normalization=normalization)
-  out = (ylm[..., :, None] * rbf[..., None, :])[..., None, :, :]
-  return (out, cut) if return_cutoff else out
+  return ylm, rbf, cut
+
+
+def combine(ylm: jax.Array, radial: jax.Array) -> jax.Array:
+  """``ylm (..., Q), radial (..., K) -> (..., 1, Q, K)``: the product basis layout."""
+  return (ylm[..., :, None] * radial[..., None, :])[..., None, :, :]

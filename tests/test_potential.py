@@ -11,7 +11,7 @@ from conftest import all_pairs, random_cluster
 
 RC = 3.0
 HYPER = dict(features=8, max_degree=2, num_iterations=2, num_heads=2, num_basis=6,
-             product=True)  # the physics tests below cover the product path too
+             product=True, radial_mlp=4)  # the physics tests below cover both options too
 
 
 @pytest.fixture(scope="module")
@@ -241,22 +241,40 @@ def test_config_validation():
     pt.Potential.create(0, species=["H", "H"])
 
 
-def test_product_option_and_old_files(pot, system):
+def test_product_option_and_old_files(system):
   # files written before the option describe the model without it; a new model's products
   # start at zero, so it begins as the model without them
   assert pt.ModelConfig.from_dict({"cutoff": 5.0}).product is False
   assert pt.ModelConfig().product is False
   z, pos = system
   kw = dict(species=["H", "C", "O"], cutoff=RC,
-            **{k: v for k, v in HYPER.items() if k != "product"})
+            **{k: v for k, v in HYPER.items() if k not in ("product", "radial_mlp")})
   on, off = pt.Potential.create(1, product=True, **kw), pt.Potential.create(1, **kw)
   assert "product_0" in on.params and "product_0" not in off.params
   dst, src = all_pairs(pos, RC)
   np.testing.assert_allclose(on.energy(z, pos, dst, src), off.energy(z, pos, dst, src),
                              rtol=1e-12)
   # the randomised products of the fixture change the energy
-  with_products = pot.replace(params=_randomise_products(on.params))
+  with_products = on.replace(params=_randomise_products(on.params))
   assert abs(with_products.energy(z, pos, dst, src) - on.energy(z, pos, dst, src)) > 1e-3
+
+
+def test_radial_mlp_option(system):
+  # files written before the option describe the model without it
+  assert pt.ModelConfig.from_dict({"cutoff": 5.0}).radial_mlp == 0
+  with pytest.raises(ValueError, match="radial_mlp"):
+    pt.ModelConfig(radial_mlp=-1)
+  kw = dict(species=["H", "C", "O"], cutoff=RC, features=8, max_degree=1, num_iterations=2,
+            num_heads=1, num_basis=4, density_features=False)
+  on, off = pt.Potential.create(0, radial_mlp=6, **kw), pt.Potential.create(0, **kw)
+  assert on.params["radial_1"]["out"]["kernel"].shape == (6, 6)
+  assert "radial_0" not in off.params
+  # the filters read the MLP's 6 radial channels instead of the 4 basis functions
+  assert on.params["attention_0"]["filter"]["kernel"].shape[-2] == 6
+  z, pos = system
+  dst, src = all_pairs(pos, RC)
+  e_on, e_off = on.energy(z, pos, dst, src), off.energy(z, pos, dst, src)
+  assert np.isfinite(e_on) and abs(e_on - e_off) > 1e-4
 
 
 def test_density_features_option():
