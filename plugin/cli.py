@@ -72,10 +72,10 @@ def _read_structure(path: Optional[str]):
   return atoms
 
 
-def _check_species(pot, atoms):
+def _check_species(pot, numbers):
   import potentials
   try:
-    pot.species_index(atoms.numbers)
+    pot.species_index(numbers)
   except potentials.UnknownElementError as e:
     raise UsageError(str(e)) from None
 
@@ -85,7 +85,7 @@ def cmd_md(args) -> int:
   from plugin import md
   pot = _load_model(args.model)
   atoms = _read_structure(args.structure)
-  _check_species(pot, atoms)
+  _check_species(pot, atoms.numbers)
   steps = args.steps if args.steps else int(round(args.time * 1000.0 / args.dt))
   if steps < 1:
     raise UsageError("--time/--steps give no step to run")
@@ -179,7 +179,7 @@ def cmd_eval(args) -> int:
   except ValueError as e:
     raise UsageError(str(e)) from None
   for f in frames:
-    _check_species_numbers(pot, f.numbers)
+    _check_species(pot, f.numbers)
   print(f"{len(frames)} frames from {args.data}")
   print("| frames | n | energy MAE (meV) | meV/atom | forces MAE (meV/Å) | forces RMSE "
         "| stress MAE (meV/Å³) |")
@@ -207,14 +207,6 @@ def _eval_groups(pot, frames):
     yield "training trajectories", [f for f in frames if f.trajectory in seen]
     for t in sorted({f.temperature for f in held if f.temperature is not None}):
       yield f"held-out, {t:g} K", [f for f in held if f.temperature == t]
-
-
-def _check_species_numbers(pot, numbers):
-  import potentials
-  try:
-    pot.species_index(numbers)
-  except potentials.UnknownElementError as e:
-    raise UsageError(str(e)) from None
 
 
 def _parity_plot(pot, frames, path):
@@ -260,7 +252,7 @@ def cmd_train(args) -> int:
                                       **hyper)
     frames = read_frames(args.data, pot.cutoff)
     for f in frames:
-      _check_species_numbers(pot, f.numbers)
+      _check_species(pot, f.numbers)
     given = {"epochs": args.epochs, "time_limit": args.time_limit,
              "batch_size": args.batch_size, "learning_rate": args.lr, "split": args.split}
     extra = json.loads(args.train_config) if args.train_config else {}
@@ -283,7 +275,7 @@ def cmd_check_conservation(args) -> int:
   from plugin.testing import check_energy_conservation
   pot = _load_model(args.model)
   atoms = _read_structure(args.structure)
-  _check_species(pot, atoms)
+  _check_species(pot, atoms.numbers)
   report = check_energy_conservation(atoms, Calculator(pot), temperature=args.temperature,
                                      timestep=args.dt, duration=args.time,
                                      warmup=min(0.1 * args.time, 1.0),

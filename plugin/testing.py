@@ -30,7 +30,6 @@ import numpy as np
 from ase import Atoms
 
 from plugin import thermo
-from plugin.md import engine as eng
 from plugin.md import output
 from plugin.md.ase_engine import run_ase, start_momenta
 from plugin.md.ensembles import Params
@@ -143,10 +142,11 @@ def _run_jax_md(atoms: Atoms, energy_fn, neighbor_fn, shift_fn, timestep_fs: flo
   inside, an overflow replays the chunk) with the user's functions: ``(time_ps, epot, ekin)``.
 
   Units: eV, Å, amu, so the time unit is Å sqrt(amu/eV) ≈ 10.18 fs, the same as ASE's
-  internal time unit: ASE momenta carry over unchanged and dt = timestep * ase.units.fs.
+  internal time unit: ASE momenta carry over unchanged and dt = timestep * plugin.thermo.FS.
   """
   import jax.numpy as jnp
 
+  from plugin.md import engine as eng  # here: JAX and JAX-MD only for this engine
   params = Params.from_user(timestep=timestep_fs, temperature=0.0, friction=0.0, tau_t=1.0,
                             tau_p=1.0, pressure=0.0)
   key = eng.EngineKey(
@@ -156,10 +156,8 @@ def _run_jax_md(atoms: Atoms, energy_fn, neighbor_fn, shift_fn, timestep_fs: flo
       traj_interval=0)
   engine = eng.make_engine(key, energy_fn=energy_fn, neighbor_fn=neighbor_fn,
                            displacement_fn=None, shift_fn=shift_fn, cutoff=0.0)
-  R = jnp.asarray(atoms.positions, dtype)
-  nbrs, extra = eng.allocate(engine, R, None, 0)
-  state = eng.init_state(engine, R, np.eye(3), atoms.get_masses(), momenta, nbrs, seed=0)
-  carry = (state, nbrs, eng.initial_aux(engine, state))
+  carry, extra = eng.start(engine, jnp.asarray(atoms.positions, dtype), np.eye(3),
+                           atoms.get_masses(), momenta, seed=0)
   columns = output.columns_for(eng.observables(key))
   context = output.RowContext(len(atoms), lambda step: step * timestep_fs)
   rows = output.make_rows(columns, eng.start_logs(engine, carry, 0), 1, context)

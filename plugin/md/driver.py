@@ -108,16 +108,14 @@ def _start_carry(engine: eng.Engine, start: _Start, opts: RunOptions):
   """``(carry, extra)``: the integrator state (saved variables restored), list and aux."""
   system = start.system
   R = jnp.asarray(system.R, opts.dtype)
-  variable_box = engine.ensemble.variable_box
-  nbrs, extra = eng.allocate(engine, R, system.box if variable_box else None, 0)
   momenta = msys.start_momenta(system, opts.init_temperature, opts.seed)
-  state = eng.init_state(engine, R, system.box, system.masses, momenta, nbrs, opts.seed)
+  (state, nbrs, _), extra = eng.start(engine, R, system.box, system.masses, momenta, opts.seed)
   if start.saved_state is not None:
     state, ok = msys.restore_extended(state, start.saved_state)
     if not ok:
       warnings.warn("the trajectory's saved integrator state does not match this run's "
                     "settings; thermostat/barostat variables start afresh", stacklevel=3)
-    elif variable_box:
+    elif engine.ensemble.variable_box:
       # Positions were read back through the frame's cell; use the restored box exactly.
       nbrs, extra = eng.allocate(engine, R, np.asarray(simulate.npt_box(state), np.float64),
                                  extra)

@@ -299,6 +299,15 @@ def initial_aux(engine: Engine, state):
   return (scale, scale)
 
 
+def start(engine: Engine, R: Array, box: np.ndarray, masses: np.ndarray, momenta: np.ndarray,
+          seed: int):
+  """The init half of the engine: ``(carry, extra)`` for positions ``R`` (their dtype is the
+  run's), ``box`` (3, 3), masses and momenta; ``extra`` is the list's extra capacity."""
+  nbrs, extra = allocate(engine, R, box if engine.ensemble.variable_box else None, 0)
+  state = init_state(engine, R, box, masses, momenta, nbrs, seed)
+  return (state, nbrs, initial_aux(engine, state)), extra
+
+
 def _regrow(engine: Engine, carry, out, extra: int):
   """After an overflow: the chunk's start carry with a larger list (and the new ``extra``)."""
   state0, nbrs0, aux0 = carry
