@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from plugin import cache
+from plugin.md.ensembles import CLI_NAMES as CLI_ENSEMBLES
+from plugin.md.settings import DEFAULTS
 
 DEFAULT_MODEL = "ethanol"
 
@@ -70,144 +72,71 @@ def _read_structure(path: Optional[str]):
   return atoms
 
 
-def _check_species(pot, atoms):
+def _check_species(pot, numbers):
   import potentials
   try:
-    pot.species_index(atoms.numbers)
+    pot.species_index(numbers)
   except potentials.UnknownElementError as e:
     raise UsageError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- md
 def cmd_md(args) -> int:
-
+  from plugin import md
   pot = _load_model(args.model)
   atoms = _read_structure(args.structure)
-  _check_species(pot, atoms)
+  _check_species(pot, atoms.numbers)
   steps = args.steps if args.steps else int(round(args.time * 1000.0 / args.dt))
   if steps < 1:
     raise UsageError("--time/--steps give no step to run")
-  if args.ensemble == "npt" and not all(atoms.pbc):
-    raise UsageError("--ensemble npt needs a periodic structure")
+  ensemble = md.ENSEMBLE_TABLE[md.CLI_ENSEMBLES[args.ensemble]]
+  if ensemble.variable_box and not all(atoms.pbc):
+    raise UsageError(f"--ensemble {args.ensemble} needs a periodic structure")
   out = Path(args.out or "md.traj")
-  ensemble = {"nve": "nve", "nvt": "nvt_langevin", "npt": "npt"}[args.ensemble]
   print(f"eqattn md: {len(atoms)} atoms ({atoms.get_chemical_formula()}), model "
         f"{args.model!r}, {args.ensemble.upper()} {args.temperature:g} K, dt {args.dt:g} fs, "
         f"{steps} steps ({steps * args.dt / 1000:.3g} ps), engine {args.engine}, "
         f"trajectory {out}", flush=True)
   if out.exists() and out.stat().st_size > 0 and not args.resume:
     raise UsageError(f"{out} exists; pass --resume to continue it, or --out NEW_FILE")
-  bar = _progress_bar(steps, args.dt)
+  if args.engine == "ase" and args.resume:
+    raise UsageError("--resume is supported with --engine jax-md")
+  bar = md.ProgressBar(steps, args.dt)
   t0 = time.perf_counter()
-  if args.engine == "jax-md":
-    from plugin import md
-    try:
-      result = md.run(atoms, pot, ensemble=ensemble, temperature=args.temperature,
+  try:
+    if args.engine == "jax-md":
+      result = md.run(atoms, pot, ensemble=ensemble.name, temperature=args.temperature,
                       timestep=args.dt, steps=steps, traj=str(out), resume=args.resume,
                       log_file=str(out.with_suffix(".csv")), seed=args.seed,
-                      chunk=min(100, steps), progress=bar.update_from_md)
-    except ValueError as e:  # e.g. mixed periodicity (a slab with pbc=(1, 1, 0))
-      bar.close()
-      raise UsageError(str(e)) from None
-    steps = result.steps  # a resumed run only runs the remaining steps
-    log = {"time_ps": result.log.time_ps, "potential": result.log.epot,
-           "kinetic": result.log.ekin, "temperature": result.log.temperature}
-  else:
-    if args.resume:
-      raise UsageError("--resume is supported with --engine jax-md")
-    log = _run_ase_md(atoms, pot, ensemble, args, steps, out, bar)
-  bar.close()
+                      chunk=min(md.DEFAULTS.chunk, steps), progress=bar)
+      steps = result.steps  # a resumed run only runs the remaining steps
+    else:
+      from plugin.ase import Calculator
+      result = md.run_ase(atoms, Calculator(pot), ensemble=ensemble.name, timestep=args.dt,
+                          steps=steps, temperature=args.temperature, seed=args.seed,
+                          interval=max(1, min(50, steps // 200 or 1)), traj=str(out),
+                          progress=bar.update)
+  except ValueError as e:  # e.g. mixed periodicity (a slab with pbc=(1, 1, 0))
+    raise UsageError(str(e)) from None
+  finally:
+    bar.close()
   wall = time.perf_counter() - t0
-  _summary(log, len(atoms), wall, steps, args.dt, args.ensemble == "nve")
+  _summary(result.log, len(atoms), wall, steps, args.dt, ensemble.invariant is not None
+           and not ensemble.thermostat)
   if args.plot:
-    _plot_md(log, args.plot)
+    _plot_md(result.log, args.plot)
     print(f"plot written to {args.plot}")
   return 0
-
-
-class _Bar:
-  """tqdm bar showing steps/s, ns/day, temperature and energy."""
-
-  def __init__(self, steps: int, dt_fs: float):
-    from tqdm.auto import tqdm
-    self.dt = dt_fs
-    self.bar = tqdm(total=steps, unit="step", dynamic_ncols=True, mininterval=0.5)
-    self.t0 = time.perf_counter()
-
-  def update(self, step: int, temperature: float, energy: float):
-    self.bar.update(step - self.bar.n)
-    rate = self.bar.n / max(time.perf_counter() - self.t0, 1e-9)
-    ns_day = rate * self.dt * 1e-6 * 86400
-    self.bar.set_postfix_str(f"{ns_day:.3g} ns/day, T={temperature:.0f} K, E={energy:.4f} eV")
-
-  def update_from_md(self, info) -> None:
-    """``progress`` callback of :func:`plugin.md.run`."""
-    self.update(int(info.step), float(info.temperature), float(info.etot))
-
-  def close(self):
-    self.bar.close()
-
-
-def _progress_bar(steps, dt):
-  return _Bar(steps, dt)
-
-
-def _run_ase_md(atoms, pot, ensemble, args, steps, out, bar):
-  import numpy as np
-  from ase import units
-  from ase.io.trajectory import Trajectory
-  from ase.md.langevin import Langevin
-  from ase.md.verlet import VelocityVerlet
-
-  from plugin.ase import Calculator
-  from plugin.testing import _initial_velocities, degrees_of_freedom
-
-  atoms = atoms.copy()
-  atoms.calc = Calculator(pot)
-  if not atoms.get_velocities().any():
-    atoms.set_velocities(_initial_velocities(atoms, args.temperature, args.seed))
-  dt = args.dt * units.fs
-  if ensemble == "nve":
-    dyn = VelocityVerlet(atoms, timestep=dt)
-  elif ensemble == "nvt_langevin":
-    dyn = Langevin(atoms, timestep=dt, temperature_K=args.temperature, friction=0.01 / units.fs,
-                   rng=np.random.default_rng(args.seed))
-  else:
-    from ase.md.nptberendsen import NPTBerendsen
-    dyn = NPTBerendsen(atoms, timestep=dt, temperature_K=args.temperature,
-                       pressure_au=1.01325 * units.bar, taut=100 * units.fs,
-                       taup=1000 * units.fs, compressibility_au=1e-6 / units.bar)
-  traj = Trajectory(str(out), "w", atoms)
-  log = {"time_ps": [], "potential": [], "kinetic": [], "temperature": []}
-  dof = degrees_of_freedom(atoms)
-  interval = max(1, min(50, steps // 200 or 1))
-
-  def record():
-    ep, ek = atoms.get_potential_energy(), atoms.get_kinetic_energy()
-    log["time_ps"].append(dyn.get_number_of_steps() * args.dt / 1000.0)
-    log["potential"].append(ep)
-    log["kinetic"].append(ek)
-    log["temperature"].append(2 * ek / (dof * units.kB))
-    bar.update(dyn.get_number_of_steps(), log["temperature"][-1], ep + ek)
-  dyn.attach(record, interval=interval)
-  dyn.attach(traj.write, interval=interval)
-  try:
-    dyn.run(steps)
-  finally:
-    traj.close()
-  return {k: np.asarray(v) for k, v in log.items()}
 
 
 def _summary(log, n, wall, steps, dt, nve: bool):
   import numpy as np
   from plugin.testing import drift_statistics
-  t = np.asarray(log["time_ps"])
-  total = np.asarray(log["potential"]) + np.asarray(log["kinetic"])
   line = (f"done: {steps} steps in {wall:.1f} s ({steps / wall:.1f} steps/s, "
           f"{steps / wall * dt * 1e-6 * 86400:.3g} ns/day); mean T "
-          f"{np.mean(log['temperature']):.1f} K")
-  if nve and len(t) >= 3:
-    slope, err, rms = drift_statistics(t, total / n)
+          f"{np.mean(log.temperature):.1f} K")
+  if nve and len(log.time_ps) >= 3:
+    slope, err, rms = drift_statistics(log.time_ps, log.etot / n)
     line += f"; total-energy drift {slope:+.3f} ± {err:.3f} meV/atom/ps, RMS {rms:.3f} meV/atom"
   print(line)
 
@@ -216,15 +145,12 @@ def _plot_md(log, path):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  import numpy as np
-  t = np.asarray(log["time_ps"])
   fig, ax = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
-  ep, ek = np.asarray(log["potential"]), np.asarray(log["kinetic"])
-  ax[0].plot(t, ep + ek, label="total")
-  ax[0].plot(t, ep, label="potential")
+  ax[0].plot(log.time_ps, log.etot, label="total")
+  ax[0].plot(log.time_ps, log.epot, label="potential")
   ax[0].set_ylabel("energy (eV)")
   ax[0].legend()
-  ax[1].plot(t, log["temperature"])
+  ax[1].plot(log.time_ps, log.temperature)
   ax[1].set_ylabel("T (K)")
   ax[1].set_xlabel("time (ps)")
   fig.tight_layout()
@@ -253,7 +179,7 @@ def cmd_eval(args) -> int:
   except ValueError as e:
     raise UsageError(str(e)) from None
   for f in frames:
-    _check_species_numbers(pot, f.numbers)
+    _check_species(pot, f.numbers)
   print(f"{len(frames)} frames from {args.data}")
   print("| frames | n | energy MAE (meV) | meV/atom | forces MAE (meV/Å) | forces RMSE "
         "| stress MAE (meV/Å³) |")
@@ -281,14 +207,6 @@ def _eval_groups(pot, frames):
     yield "training trajectories", [f for f in frames if f.trajectory in seen]
     for t in sorted({f.temperature for f in held if f.temperature is not None}):
       yield f"held-out, {t:g} K", [f for f in held if f.temperature == t]
-
-
-def _check_species_numbers(pot, numbers):
-  import potentials
-  try:
-    pot.species_index(numbers)
-  except potentials.UnknownElementError as e:
-    raise UsageError(str(e)) from None
 
 
 def _parity_plot(pot, frames, path):
@@ -334,7 +252,7 @@ def cmd_train(args) -> int:
                                       **hyper)
     frames = read_frames(args.data, pot.cutoff)
     for f in frames:
-      _check_species_numbers(pot, f.numbers)
+      _check_species(pot, f.numbers)
     given = {"epochs": args.epochs, "time_limit": args.time_limit,
              "batch_size": args.batch_size, "learning_rate": args.lr, "split": args.split}
     extra = json.loads(args.train_config) if args.train_config else {}
@@ -357,7 +275,7 @@ def cmd_check_conservation(args) -> int:
   from plugin.testing import check_energy_conservation
   pot = _load_model(args.model)
   atoms = _read_structure(args.structure)
-  _check_species(pot, atoms)
+  _check_species(pot, atoms.numbers)
   report = check_energy_conservation(atoms, Calculator(pot), temperature=args.temperature,
                                      timestep=args.dt, duration=args.time,
                                      warmup=min(0.1 * args.time, 1.0),
@@ -378,16 +296,17 @@ def build_parser() -> argparse.ArgumentParser:
   md = sub.add_parser("md", help="run molecular dynamics (default: ethanol, 300 K)")
   md.add_argument("structure", nargs="?", help="any ASE-readable file (default: ethanol)")
   md.add_argument("--model", default=DEFAULT_MODEL, help="shipped model name or .eqm path")
-  md.add_argument("--ensemble", choices=["nve", "nvt", "npt"], default="nvt")
-  md.add_argument("--temperature", type=_positive(float), default=300.0, help="K")
-  md.add_argument("--dt", type=_positive(float), default=0.5, help="timestep in fs")
+  md.add_argument("--ensemble", choices=list(CLI_ENSEMBLES), default="nvt")
+  md.add_argument("--temperature", type=_positive(float), default=DEFAULTS.temperature,
+                  help="K")
+  md.add_argument("--dt", type=_positive(float), default=DEFAULTS.timestep, help="timestep in fs")
   g = md.add_mutually_exclusive_group()
   g.add_argument("--steps", type=_positive(int))
   g.add_argument("--time", type=_positive(float), default=2.0, help="ps (default 2)")
   md.add_argument("--engine", choices=["jax-md", "ase"], default="jax-md")
   md.add_argument("--out", help="trajectory file (default md.traj)")
   md.add_argument("--plot", help="write a PNG of energies and temperature")
-  md.add_argument("--seed", type=int, default=0)
+  md.add_argument("--seed", type=int, default=DEFAULTS.seed)
   md.add_argument("--resume", action="store_true",
                   help="continue the trajectory in --out from its last frame (jax-md engine)")
   md.set_defaults(func=cmd_md)
@@ -422,8 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
   cc = sub.add_parser("check-conservation", help="NVE energy-conservation report")
   cc.add_argument("model")
   cc.add_argument("structure")
-  cc.add_argument("--temperature", type=_positive(float), default=300.0)
-  cc.add_argument("--dt", type=_positive(float), default=0.5)
+  cc.add_argument("--temperature", type=_positive(float), default=DEFAULTS.temperature)
+  cc.add_argument("--dt", type=_positive(float), default=DEFAULTS.timestep)
   cc.add_argument("--time", type=_positive(float), default=2.0, help="ps")
   cc.add_argument("--order", action="store_true", help="also check the dt-halving ratio")
   cc.add_argument("--plot")

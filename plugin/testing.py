@@ -11,6 +11,10 @@ measures how well the total energy is conserved:
   for velocity Verlet with smooth conservative forces; about 2 or less points at forces that
   are not the gradient of the energy, discontinuities at the cutoff or neighbour-list errors).
 
+Both engines are :mod:`plugin.md`'s: the ASE engine (:mod:`plugin.md.ase_engine`, any ASE
+calculator) and the JAX-MD engine (:mod:`plugin.md.engine`, any JAX-MD energy function), so
+they start from the same momenta and report temperatures by the same rule (:mod:`plugin.thermo`).
+
 ``assert_energy_conserved`` wraps it for test suites. With eqattn installed, pytest gets the
 ``energy_conservation`` fixture (see :mod:`plugin.pytest_plugin`).
 """
@@ -23,7 +27,13 @@ import textwrap
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
-from ase import Atoms, units
+from ase import Atoms
+
+from plugin import thermo
+from plugin.md import output
+from plugin.md.ase_engine import run_ase, start_momenta
+from plugin.md.ensembles import Params
+from plugin.md.settings import DEFAULTS, resolve_dtype
 
 MEV = 1000.0
 
@@ -113,117 +123,52 @@ def drift_statistics(time_ps: np.ndarray, energy_per_atom: np.ndarray):
 
 # ----------------------------------------------------------------------------- engines
 def degrees_of_freedom(atoms: Atoms) -> int:
-  """3N minus the conserved centre-of-mass (and, for molecules, rotational) motion."""
-  n = len(atoms)
-  if np.any(atoms.pbc) or n == 1:
-    return max(3 * n - 3, 1)
-  return max(3 * n - (5 if n == 2 else 6), 1)
-
-
-def _initial_velocities(atoms: Atoms, temperature: float, seed: int) -> np.ndarray:
-  """Maxwell-Boltzmann velocities without net momentum (and rotation for molecules), scaled so
-  the kinetic energy is exactly dof/2 kB T."""
-  from ase.md import velocitydistribution as vd
-
-  a = atoms.copy()
-  # ASE >= 3.29 renamed MaxwellBoltzmannDistribution to thermalize_momenta
-  thermalize = getattr(vd, "thermalize_momenta", None) or vd.MaxwellBoltzmannDistribution
-  thermalize(a, temperature_K=temperature, rng=np.random.default_rng(seed))
-  Stationary, ZeroRotation = vd.Stationary, vd.ZeroRotation
-  Stationary(a)
-  if not np.any(a.pbc) and len(a) > 1:
-    ZeroRotation(a)
-  ke = a.get_kinetic_energy()
-  if ke > 0:
-    a.set_velocities(a.get_velocities() * math.sqrt(
-        0.5 * degrees_of_freedom(a) * units.kB * temperature / ke))
-  return a.get_velocities()
+  """``3 N``: the one rule of every reported temperature (:func:`plugin.thermo.degrees_of_freedom`;
+  before the redesign this module counted 3N - 3, or 3N - 6 for molecules)."""
+  return thermo.degrees_of_freedom(len(atoms))
 
 
 def _run_ase(atoms: Atoms, calculator, timestep_fs: float, steps: int, interval: int,
-             velocities: np.ndarray):
-  from ase.md.verlet import VelocityVerlet
-
-  a = atoms.copy()
-  a.calc = calculator
-  a.set_velocities(velocities)
-  dyn = VelocityVerlet(a, timestep=timestep_fs * units.fs)
-  t, epot, ekin = [], [], []
-
-  def record():
-    now = dyn.get_number_of_steps() * timestep_fs / 1000.0
-    if t and t[-1] == now:  # ASE versions differ in calling observers at the start/end of run()
-      return
-    t.append(now)
-    epot.append(a.get_potential_energy())
-    ekin.append(a.get_kinetic_energy())
-  record()
-  dyn.attach(record, interval=interval)
-  dyn.run(steps)
-  return np.array(t), np.array(epot), np.array(ekin)
+             momenta: np.ndarray):
+  """NVE on the ASE engine (:func:`plugin.md.ase_engine.run_ase`): ``(time_ps, epot, ekin)``."""
+  log = run_ase(atoms, calculator, ensemble="nve", timestep=timestep_fs, steps=steps,
+                interval=interval, momenta=momenta).log
+  return log.time_ps, log.epot, log.ekin
 
 
-def _run_jax_md(atoms: Atoms, energy_fn, neighbor_fn, displacement_fn, shift_fn,
-                timestep_fs: float, steps: int, interval: int, velocities: np.ndarray, dtype):
-  """NVE with jax-md (chunked jit loop, neighbour update inside, overflow replays the chunk).
+def _run_jax_md(atoms: Atoms, energy_fn, neighbor_fn, shift_fn, timestep_fs: float, steps: int,
+                interval: int, momenta: np.ndarray, dtype):
+  """NVE on the JAX-MD engine (:mod:`plugin.md.engine`: chunked jit loop, neighbour update
+  inside, an overflow replays the chunk) with the user's functions: ``(time_ps, epot, ekin)``.
 
   Units: eV, Å, amu, so the time unit is Å sqrt(amu/eV) ≈ 10.18 fs, the same as ASE's
-  internal time unit: ASE velocities carry over unchanged and dt = timestep * ase.units.fs.
+  internal time unit: ASE momenta carry over unchanged and dt = timestep * plugin.thermo.FS.
   """
-  import jax
   import jax.numpy as jnp
-  from jax_md import simulate
 
-  dt = timestep_fs * units.fs
-  mass = jnp.asarray(atoms.get_masses(), dtype)[:, None]
-  R = jnp.asarray(atoms.positions, dtype)
-  nbrs = neighbor_fn.allocate(R) if neighbor_fn is not None else None
-  init, apply = simulate.nve(energy_fn, shift_fn, dt)
-  kw = {"neighbor": nbrs} if nbrs is not None else {}
-  state = init(jax.random.PRNGKey(0), R, kT=0.0, mass=mass, **kw)  # momenta replaced below
-  state = state.set(momentum=jnp.asarray(velocities, dtype) * mass)
-
-  def energies(state, nbrs):
-    kw = {"neighbor": nbrs} if nbrs is not None else {}
-    # not quantity.kinetic_energy: its float64 sum warns in float32 runs
-    return energy_fn(state.position, **kw), 0.5 * jnp.sum(state.momentum**2 / state.mass)
-
-  @jax.jit
-  def chunk(state, nbrs):
-    def body(_, carry):
-      state, nbrs = carry
-      # keep the run's dtype: a user's float64 box or shift under x64 would promote the state
-      keep = lambda new: jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), new, state)
-      if nbrs is not None:
-        nbrs = nbrs.update(state.position)
-        return keep(apply(state, neighbor=nbrs)), nbrs
-      return keep(apply(state)), nbrs
-    state, nbrs = jax.lax.fori_loop(0, interval, body, (state, nbrs))
-    return state, nbrs, energies(state, nbrs)
-
-  e0 = jax.jit(energies)(state, nbrs)
-  t, epot, ekin = [0.0], [float(e0[0])], [float(e0[1])]
-  done = extra = 0
-  while done < steps:
-    saved = (state, nbrs)
-    state, new_nbrs, (ep, ek) = chunk(state, nbrs)
-    if new_nbrs is not None and bool(new_nbrs.did_buffer_overflow):
-      # replay the chunk with a larger list: no step uses a truncated neighbour list. More
-      # room each time: the chunk's start positions alone may give the list that overflowed.
-      state, nbrs = saved
-      extra += 1
-      nbrs = neighbor_fn.allocate(state.position, extra)
-      continue
-    nbrs = new_nbrs
-    done += interval
-    t.append(done * timestep_fs / 1000.0)
-    epot.append(float(ep))
-    ekin.append(float(ek))
-  return np.array(t), np.array(epot), np.array(ekin)
+  from plugin.md import engine as eng  # here: JAX and JAX-MD only for this engine
+  params = Params.from_user(timestep=timestep_fs, temperature=0.0, friction=0.0, tau_t=1.0,
+                            tau_p=1.0, pressure=0.0)
+  key = eng.EngineKey(
+      ensemble="nve", params=params, numbers=tuple(int(z) for z in atoms.numbers),
+      periodic=False, box=tuple(np.eye(3).ravel()), dr_threshold=0.0, capacity_multiplier=1.0,
+      chunk=interval * max(1, DEFAULTS.chunk // interval), log_interval=interval,
+      traj_interval=0)
+  engine = eng.make_engine(key, energy_fn=energy_fn, neighbor_fn=neighbor_fn,
+                           displacement_fn=None, shift_fn=shift_fn, cutoff=0.0)
+  carry, extra = eng.start(engine, jnp.asarray(atoms.positions, dtype), np.eye(3),
+                           atoms.get_masses(), momenta, seed=0)
+  columns = output.columns_for(eng.observables(key))
+  context = output.RowContext(len(atoms), lambda step: step * timestep_fs)
+  rows = output.make_rows(columns, eng.start_logs(engine, carry, 0), 1, context)
+  for c in eng.simulate_chunks(engine, carry, 0, steps, extra):
+    rows += output.make_rows(columns, c.logs, c.num_logs, context)
+  log = output.MDLog.from_rows(columns, rows)
+  return log.time_ps, log.epot, log.ekin
 
 
 def jax_md_functions(potential, atoms: Atoms, dtype: Any = "float32",
-                     dr_threshold: float = 0.5) -> dict:
+                     dr_threshold: float = DEFAULTS.dr_threshold) -> dict:
   """``energy_fn``, ``neighbor_fn`` and ``shift_fn`` of an eqattn ``potential`` for ``atoms``
   (any periodic cell, in real coordinates, or free space), ready for the JAX-MD path of
   :func:`check_energy_conservation`. Mixed periodicity raises ``ValueError``."""
@@ -254,7 +199,7 @@ def jax_md_functions(potential, atoms: Atoms, dtype: Any = "float32",
 
 
 def engine_kwargs(engine: str, potential, atoms: Atoms, dtype: Any = "float32",
-                  dr_threshold: float = 0.5) -> dict:
+                  dr_threshold: float = DEFAULTS.dr_threshold) -> dict:
   """Keyword arguments of :func:`check_energy_conservation` that run an eqattn ``potential``
   with ``engine`` ``"ase"`` (:class:`plugin.ase.Calculator`) or ``"jax-md"``
   (:func:`jax_md_functions`) in ``dtype``."""
@@ -274,13 +219,13 @@ def check_energy_conservation(
     neighbor_fn: Any = None,
     displacement_fn: Optional[Callable] = None,
     shift_fn: Optional[Callable] = None,
-    temperature: float = 300.0,
-    timestep: float = 0.5,
+    temperature: float = DEFAULTS.temperature,
+    timestep: float = DEFAULTS.timestep,
     duration: float = 2.0,
     warmup: float = 0.2,
     sample_interval: int = 10,
     check_order: bool = False,
-    seed: int = 0,
+    seed: int = DEFAULTS.seed,
     dtype: Any = None,
 ) -> ConservationReport:
   """Run NVE and measure energy conservation.
@@ -288,7 +233,9 @@ def check_energy_conservation(
   Give either an ASE ``calculator`` (or ``atoms.calc``), or a JAX-MD ``energy_fn(R, neighbor)``
   with its ``neighbor_fn`` (None for a pair-list-free energy), ``shift_fn`` and
   ``displacement_fn`` (the latter unused but kept for symmetry with jax-md's API).
-  ``temperature`` in K (initial Maxwell-Boltzmann velocities, fixed ``seed``, zero momentum),
+  ``temperature`` in K (initial :func:`plugin.thermo.maxwell_boltzmann` momenta from ``seed``:
+  no centre-of-mass motion, for open boundaries no rotation, exactly ``temperature`` by the
+  3N rule that ``mean_temperature`` uses too),
   ``timestep`` in fs, ``duration`` and ``warmup`` in ps; energies are sampled every
   ``sample_interval`` steps. ``check_order`` repeats the run at half the timestep.
   """
@@ -297,7 +244,7 @@ def check_energy_conservation(
     raise ValueError("need timestep > 0, duration > 0 and 0 <= warmup < duration")
   if sample_interval < 1:
     raise ValueError("sample_interval must be >= 1")
-  velocities = _initial_velocities(atoms, temperature, seed)
+  momenta = start_momenta(atoms, temperature, seed)
   if energy_fn is None:
     calculator = calculator if calculator is not None else atoms.calc
     if calculator is None:
@@ -306,25 +253,24 @@ def check_energy_conservation(
 
     def run(dt, interval):
       steps = int(round(duration * 1000.0 / dt))
-      return _run_ase(atoms, calculator, dt, steps, interval, velocities)
+      return _run_ase(atoms, calculator, dt, steps, interval, momenta)
   else:
     if shift_fn is None:
       raise ValueError("a JAX-MD energy_fn needs its shift_fn")
-    import jax.numpy as jnp
     engine = "jax-md"
-    dt_ = dtype or (jnp.float64 if __import__("jax").config.jax_enable_x64 else jnp.float32)
+    dt_ = resolve_dtype(dtype)
 
     def run(dt, interval):
       steps = int(round(duration * 1000.0 / dt))
       steps -= steps % interval
-      return _run_jax_md(atoms, energy_fn, neighbor_fn, None, shift_fn, dt, steps, interval,
-                         velocities, dt_)
+      return _run_jax_md(atoms, energy_fn, neighbor_fn, shift_fn, dt, steps, interval, momenta,
+                         dt_)
 
   t, epot, ekin = run(timestep, sample_interval)
   n = len(atoms)
   keep = t >= warmup
   slope, err, rms = drift_statistics(t[keep], (epot + ekin)[keep] / n)
-  mean_t = float(np.mean(2 * ekin / (degrees_of_freedom(atoms) * units.kB)))
+  mean_t = float(np.mean(thermo.temperature_from_kinetic(ekin, n)))
   ratio = None
   if check_order:
     t2, ep2, ek2 = run(timestep / 2, 2 * sample_interval)

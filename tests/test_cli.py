@@ -127,3 +127,27 @@ def test_md_jax_md_engine_small_periodic_cell(tiny_model, tmp_path, capsys):
   assert "steps/s" in capsys.readouterr().out
   last = read(traj, -1)
   assert last.info["md_step"] == 20 and np.isfinite(last.get_potential_energy())
+
+
+def test_md_options_come_from_the_ensembles_table_and_defaults():
+  from plugin.md import DEFAULTS, ENSEMBLE_TABLE
+  sub = cli.build_parser()._subparsers._group_actions[0].choices["md"]
+  options = {a.dest: a for a in sub._actions}
+  assert set(options["ensemble"].choices) == {
+      e.cli_name for e in ENSEMBLE_TABLE.values() if e.cli_name}
+  assert options["temperature"].default == DEFAULTS.temperature
+  assert options["dt"].default == DEFAULTS.timestep
+
+
+def test_parser_imports_neither_jax_nor_jax_md():
+  # `eqattn --help` and option errors stay fast: the table and defaults are cheap to import.
+  import os
+  import subprocess
+  import sys
+  code = ("import sys, plugin.cli; plugin.cli.build_parser(); "
+          "print(sorted(m for m in ('jax', 'jax_md', 'potentials') if m in sys.modules))")
+  root = pathlib.Path(__file__).resolve().parents[1]
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == "[]"

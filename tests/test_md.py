@@ -1,5 +1,4 @@
-"""Tests for plugin.md, the jitted MD driver: unit conversions, initial velocities, NVE energy
-conservation, overflow replay, interrupted + resumed trajectories, NVT, NPT, open boundaries,
+"""Tests for plugin.md, the jitted MD driver: NVE energy conservation, overflow replay, interrupted + resumed trajectories, NVT, NPT, open boundaries,
 refusals.
 
 Compiling the chunk function dominates the cost, so tests share compiled engines: runs with the
@@ -24,10 +23,11 @@ import pytest
 from conftest import tiny_copper_potential
 from ase.io.trajectory import Trajectory
 from jax_md import simulate, space
-from jax_md import units as jmd_units
 
 import potentials
 import plugin.md as md
+from plugin import thermo
+from plugin.md.ensembles import npt_fractional_shift
 
 RC = 3.0
 SKIN = 0.2  # box widths >= 2 * (RC + SKIN) = 6.4 Å
@@ -69,39 +69,11 @@ def frames(path):
 # units and velocities (no MD)
 
 
-def test_unit_conversions():
-  # The driver's float64 constants are JAX-MD's metal system (which rounds to float32 without
-  # x64) and agree with ASE's: both use CODATA 2014 and the time unit Å sqrt(amu/eV).
-  u = jmd_units.metal_unit_system()
-  assert md.FS == pytest.approx(float(u["time"]) * 1e-3, rel=1e-6)
-  assert md.KB == pytest.approx(float(u["temperature"]), rel=1e-6)
-  assert md.BAR == pytest.approx(float(u["pressure"]), rel=1e-6)
-  assert md.FS == pytest.approx(ase.units.fs, rel=1e-12)
-  assert md.KB == pytest.approx(ase.units.kB, rel=1e-12)
-  assert md.BAR == pytest.approx(ase.units.bar, rel=1e-12)
-  print(f"1 fs = {md.FS:.9g} metal time units ({1 / md.FS:.6g} fs per unit); "
-        f"kB = {md.KB:.9g} eV/K; 1 bar = {md.BAR:.9g} eV/Å^3")
-
-
-def test_kinetic_energy_and_temperature_formulas():
-  atoms = cu32()
-  atoms.set_masses(np.linspace(50.0, 70.0, len(atoms)))
-  rng = np.random.default_rng(1)
-  atoms.set_momenta(rng.normal(size=(len(atoms), 3)))
-  p, m = atoms.get_momenta(), atoms.get_masses()
-  assert md.kinetic_energy(p, m) == pytest.approx(atoms.get_kinetic_energy(), rel=1e-12)
-  assert md.temperature(p, m) == pytest.approx(atoms.get_temperature(), rel=1e-9)
-
-
-def test_maxwell_boltzmann_start():
-  m = np.linspace(50.0, 70.0, 500)
-  p = md.maxwell_boltzmann(m, 300.0, seed=3)
-  assert md.temperature(p, m) == pytest.approx(300.0, rel=1e-12)
-  np.testing.assert_allclose(p.sum(axis=0), 0.0, atol=1e-10)
-  # per-component variance m kT: the distribution, not only its mean, is right
-  np.testing.assert_allclose(np.var(p / np.sqrt(m)[:, None]), md.KB * 300.0, rtol=0.1)
-  assert not np.allclose(p, md.maxwell_boltzmann(m, 300.0, seed=4))
-  np.testing.assert_array_equal(p, md.maxwell_boltzmann(m, 300.0, seed=3))
+def test_md_reexports_thermo():
+  # plugin.md's units and velocity helpers are plugin.thermo's (tests/test_thermo.py).
+  assert (md.FS, md.KB, md.BAR) == (thermo.FS, thermo.KB, thermo.BAR)
+  assert md.temperature is thermo.temperature and md.kinetic_energy is thermo.kinetic_energy
+  assert md.maxwell_boltzmann is thermo.maxwell_boltzmann
 
 
 def test_free_particle_moves_v_times_t(pot):
@@ -288,7 +260,7 @@ def test_npt_atoms_at_rest_stay_at_fractional_positions():
   R = jnp.array([[0.1, 0.1, 0.1], [0.9, 0.9, 0.9]])
   init, apply_jaxmd = npt(shift_fn=shift_fn)
   apply_driver = lambda state: npt(
-      shift_fn=md._npt_fractional_shift(shift_fn, simulate.npt_box(state)))[1](state)
+      shift_fn=npt_fractional_shift(shift_fn, simulate.npt_box(state)))[1](state)
   for apply, moves in ((apply_jaxmd, True), (apply_driver, False)):
     state = init(jax.random.PRNGKey(0), R, box, mass=1.0, momenta=jnp.zeros((2, 3)))
     state = state.set(box_momentum=-0.05 * state.box_mass)  # the box shrinks

@@ -2,6 +2,7 @@ import subprocess
 import sys
 import textwrap
 
+import ase.units
 import numpy as np
 import pytest
 from ase.build import bulk
@@ -120,6 +121,10 @@ def test_engines_agree_on_a_triclinic_cell():
   assert len(ase_run.time_ps) == len(jax_run.time_ps) == 7  # t = 0 once, then every 10 steps
   np.testing.assert_allclose(jax_run.total, ase_run.total, rtol=0, atol=1e-6)
   np.testing.assert_allclose(jax_run.potential, ase_run.potential, rtol=0, atol=1e-6)
+  # one start (plugin.thermo.maxwell_boltzmann) and one temperature rule for both engines
+  np.testing.assert_allclose(jax_run.kinetic[0], ase_run.kinetic[0], rtol=1e-12)
+  assert jax_run.mean_temperature == pytest.approx(ase_run.mean_temperature, rel=1e-6)
+  assert 2 * ase_run.kinetic[0] / (3 * len(atoms) * ase.units.kB) == pytest.approx(300, rel=1e-9)
 
 
 def test_engine_kwargs_refuses_what_it_cannot_run(copper):

@@ -1,0 +1,97 @@
+"""The ASE engine: the ensembles of :mod:`plugin.md.ensembles` with ASE's integrators and any ASE
+calculator, logged with the same schema as :func:`plugin.md.run` (temperature by
+:mod:`plugin.thermo`'s one rule). ``eqattn md --engine ase`` and :mod:`plugin.testing` run on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import ase
+import numpy as np
+
+from plugin import thermo
+from plugin.md import output
+from plugin.md.ensembles import TABLE
+from plugin.md.output import MDLog
+from plugin.md.settings import DEFAULTS
+
+
+@dataclasses.dataclass
+class ASEResult:
+  """``atoms``: the final structure (with the calculator); ``log``: one row per ``interval``
+  steps and the first step (:class:`plugin.md.MDLog`); ``wall_time_s``: seconds of the run."""
+  atoms: ase.Atoms
+  log: MDLog
+  wall_time_s: float
+
+
+def start_momenta(atoms: ase.Atoms, temperature: float, seed: int) -> np.ndarray:
+  """:func:`plugin.thermo.maxwell_boltzmann` momenta for ``atoms`` (open boundaries: without
+  rigid rotation), as :func:`plugin.md.run` starts them."""
+  positions = None if np.any(atoms.pbc) else atoms.positions
+  return thermo.maxwell_boltzmann(atoms.get_masses(), temperature, seed, positions)
+
+
+def dynamics(atoms: ase.Atoms, ensemble: str, timestep: float, temperature: float, seed: int):
+  """The ASE dynamics object of ``ensemble`` (the table's ``ase_dynamics``), or a clear error."""
+  entry = TABLE.get(ensemble)
+  if entry is None or entry.ase_dynamics is None:
+    offered = [name for name, e in TABLE.items() if e.ase_dynamics is not None]
+    raise ValueError(f"ensemble {ensemble!r} has no ASE engine; choose one of "
+                     f"{', '.join(offered)} or run it with plugin.md.run (JAX-MD)")
+  return entry.ase_dynamics(atoms, timestep, temperature, seed)
+
+
+def run_ase(atoms: ase.Atoms, calculator: Any, *, ensemble: str = DEFAULTS.ensemble,
+            timestep: float = DEFAULTS.timestep, steps: int = DEFAULTS.steps,
+            temperature: float = DEFAULTS.temperature, interval: int = 1,
+            seed: int = DEFAULTS.seed, momenta: Optional[np.ndarray] = None,
+            traj: Optional[str] = None,
+            progress: Optional[Callable[[int, float, float], None]] = None) -> ASEResult:
+  """Run ``steps`` steps of ``ensemble`` with ASE's integrator on a copy of ``atoms``.
+
+  Start momenta: ``momenta`` if given, else the atoms' own if any is non-zero, else
+  :func:`start_momenta` at ``temperature`` from ``seed``. Every ``interval`` steps (and at the
+  start) a log row is taken, a frame written to ``traj`` (ASE ``.traj``, overwritten) and
+  ``progress(step, temperature_K, total_energy_eV)`` called.
+  """
+  a = atoms.copy()
+  a.calc = calculator
+  if momenta is None and not np.any(a.get_momenta()):
+    momenta = start_momenta(a, temperature, seed)
+  if momenta is not None:
+    a.set_momenta(np.asarray(momenta, np.float64))
+  dyn = dynamics(a, ensemble, timestep, temperature, seed)
+  names = ("ekin", "epot") + (() if TABLE[ensemble].thermostat else ("conserved",))
+  columns = output.columns_for(names)
+  context = output.RowContext(len(a), lambda step: step * timestep)
+  rows: List[Dict[str, float]] = []
+  writer = None
+  if traj is not None:
+    from ase.io.trajectory import Trajectory
+    writer = Trajectory(str(traj), "w", a)
+
+  def record():
+    step = dyn.get_number_of_steps()
+    if rows and rows[-1]["step"] == step:  # ASE versions differ in calling observers at start
+      return
+    epot, ekin = a.get_potential_energy(), a.get_kinetic_energy()
+    rows.extend(output.make_rows(columns, {"step": [step], "epot": [epot], "ekin": [ekin],
+                                           "conserved": [epot + ekin]}, 1, context))
+    if writer is not None:
+      writer.write(a)
+    if progress is not None:
+      progress(step, rows[-1]["temperature_K"], epot + ekin)
+
+  t0 = time.perf_counter()
+  try:
+    record()
+    dyn.attach(record, interval=interval)
+    dyn.run(steps)
+  finally:
+    if writer is not None:
+      writer.close()
+  return ASEResult(a, MDLog.from_rows(columns, rows), time.perf_counter() - t0)

@@ -1,0 +1,382 @@
+"""The JAX-MD engine: one step, observables, one compiled chunk, and the overflow replay.
+
+Steps run on the device in chunks of ``chunk`` steps: one jitted call per chunk, a
+``lax.fori_loop`` whose body updates JAX-MD's neighbour list (``nbrs.update``, as in JAX-MD's
+examples: update, then integrate) and takes one integrator step. Log rows and trajectory frames
+are recorded inside the loop into fixed-size buffers (``lax.cond``, so the energy is evaluated
+only at the recorded steps) and copied to the host once per chunk.
+
+After each chunk the host reads JAX-MD's error bits. If the neighbour (or cell) list overflowed
+at any step of the chunk, the steps after it were computed with a truncated list, so the chunk is
+thrown away: the list is allocated again from the chunk's *start* positions with more room
+(geometric growth), and the chunk is replayed from its saved start state (positions, momenta,
+thermostat variables and random key), so no step is lost or mis-computed and a replayed run is
+the same trajectory as one that never overflowed. The chunk function is compiled once per
+neighbour-list capacity: ``Engine.traces`` counts its traces.
+
+Variable boxes (NPT): JAX-MD rebuilds a list only when an atom moved ``dr_threshold / 2``; a
+shrinking box also brings pairs closer, so the step additionally forces a rebuild when
+``2 * max displacement + (1 - s) * (cutoff + dr_threshold) > dr_threshold`` (``s``: linear box
+scale relative to the last rebuild), which keeps the list exact under compression. An overflow
+replay allocates for the most compressed box of the chunk; a box that shrinks below
+``2 * (cutoff + dr_threshold)`` gets ``plugin.jax_md``'s list with periodic images.
+
+The engine is built from JAX-MD functions (:func:`make_engine`: any energy function, e.g. a
+user's in :mod:`plugin.testing`) or from an eqattn potential (:func:`engine`, cached).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, Callable, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax_md import dataclasses as jmd_dataclasses
+from jax_md import partition, simulate, space
+
+import potentials
+import plugin.jax_md as pjm
+from plugin.md.ensembles import TABLE, Ensemble, Params, neighbor_kwargs
+from plugin.md.settings import DEFAULTS
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineKey:
+  """Everything the compiled functions close over (hashable: engines are cached by it)."""
+  ensemble: str
+  params: Params
+  numbers: Tuple[int, ...]
+  periodic: bool  # fractional coordinates in a periodic box; pressure and volume observed
+  box: Tuple[float, ...]  # 9 floats, row-major
+  dr_threshold: float
+  capacity_multiplier: float
+  chunk: int
+  log_interval: int
+  traj_interval: int  # 0: no frames recorded
+
+
+@dataclasses.dataclass
+class Engine:
+  key: EngineKey
+  neighbor_fn: Optional[partition.NeighborListFns]  # None: an energy without pair list
+  energy_fn: Callable
+  init_fn: Callable  # jitted (key, R, box, mass, momenta, nbrs) -> state
+  observe_fn: Callable  # jitted (state, nbrs) -> dict of scalars
+  chunk_fn: Callable  # jitted, see chunk_fn
+  box_fn: Callable  # state -> (3, 3) box
+  traces: List[int]  # [number of chunk_fn traces]
+
+  @property
+  def ensemble(self) -> Ensemble:
+    return TABLE[self.key.ensemble]
+
+
+def keep_dtypes(new, old):
+  """``new`` with the dtypes of ``old``: under x64 some JAX-MD steps promote float32 states to
+  float64 (e.g. the Langevin noise from ``random.normal`` without a dtype), which would break
+  the loop carry and silently change the precision the user chose."""
+  return jax.tree.map(lambda n, o: n.astype(jnp.result_type(o)), new, old)
+
+
+def step_fn(key: EngineKey, apply_fn: Callable, displacement_fn: Callable,
+            cutoff: float) -> Callable:
+  """One MD step on the carry ``(state, nbrs, aux)``: update the list, then integrate.
+
+  ``aux`` is ``(ref_scale, min_scale)`` for variable boxes (linear box scale at the last list
+  rebuild, smallest scale seen), else ``()``.
+  """
+  if not TABLE[key.ensemble].variable_box:
+    def step(carry):
+      state, nbrs, aux = carry
+      if nbrs is not None:
+        nbrs = nbrs.update(state.position)
+      return keep_dtypes(apply_fn(state, **neighbor_kwargs(nbrs)), state), nbrs, aux
+    return step
+
+  skin = key.dr_threshold
+  list_cutoff = cutoff + skin
+
+  def step(carry):
+    state, nbrs, (ref_scale, min_scale) = carry
+    box = simulate.npt_box(state)
+    R = state.position
+    scale = jnp.exp(state.box_position)  # linear box scale relative to reference_box
+    # Compression since the last rebuild brings every pair closer by up to (1 - s) * r; JAX-MD
+    # only watches atom displacements, so force a rebuild when both together eat the skin.
+    d = jax.vmap(functools.partial(displacement_fn, box=box))(R, nbrs.reference_position)
+    max_disp = jnp.sqrt(jnp.max(jnp.sum(d * d, axis=-1)))
+    shrink = jnp.maximum(0.0, 1.0 - scale / ref_scale)
+    force = 2.0 * max_disp + shrink * list_cutoff > skin
+    # Half a lattice vector away (fractional coordinates) is beyond any skin: JAX-MD rebuilds.
+    ref = jnp.where(force, jnp.mod(R + 0.5, 1.0), nbrs.reference_position)
+    nbrs = jmd_dataclasses.replace(nbrs, reference_position=ref)
+    new = nbrs.update(R, box=box)
+    rebuilt = jnp.any(new.reference_position != ref)
+    ref_scale = jnp.where(rebuilt, scale, ref_scale)
+    state = keep_dtypes(apply_fn(state, neighbor=new), state)
+    min_scale = jnp.minimum(min_scale, jnp.exp(state.box_position))
+    return state, new, (ref_scale, min_scale)
+  return step
+
+
+def observables(key: EngineKey) -> Tuple[str, ...]:
+  """The names :func:`observe_fn` returns for ``key`` (the log columns follow from them)."""
+  return (("ekin", "epot") + (("conserved",) if TABLE[key.ensemble].invariant else ())
+          + (("pressure", "volume") if key.periodic else ()))
+
+
+def observe_fn(key: EngineKey, energy_fn: Callable, box_fn: Callable) -> Callable:
+  """``(state, nbrs) -> {epot, ekin[, conserved][, pressure, volume]}`` in eV, eV/Å^3, Å^3.
+
+  Pressure (periodic) is ``(2 E_kin - dU/d eps) / (3 V)`` with ``eps`` a uniform strain (JAX-MD's
+  ``quantity.pressure``); ``conserved`` is the ensemble's invariant (where it has one).
+  """
+  invariant = TABLE[key.ensemble].invariant
+
+  def observe(state, nbrs):
+    R = state.position
+    # not quantity.kinetic_energy: its float64 accumulator warns in every float32 run
+    ekin = 0.5 * jnp.sum(state.momentum**2 / state.mass)
+    out = {"ekin": ekin}
+    if key.periodic:
+      box = box_fn(state)
+      # One reverse pass gives E and the virial dU/d(eps) of a uniform strain (1 + eps).
+      u = lambda eps: energy_fn(R, neighbor=nbrs, box=box, perturbation=1.0 + eps)
+      epot, dU = jax.value_and_grad(u)(jnp.zeros((), R.dtype))
+      volume = jnp.abs(jnp.linalg.det(box))
+      out.update(pressure=(2.0 * ekin - dU) / (3.0 * volume), volume=volume)
+    else:
+      epot = energy_fn(R, **neighbor_kwargs(nbrs))
+    out["epot"] = epot
+    if invariant is not None:
+      out["conserved"] = invariant(state, epot, ekin, key.params)
+    return out
+  return observe
+
+
+def chunk_fn(key: EngineKey, step: Callable, observe: Callable, box_fn: Callable,
+             traces: List[int]) -> Callable:
+  """``chunk(carry, g0, n, g_end) -> (carry, logs, num_logs, frames, num_frames)``.
+
+  Runs ``n <= chunk`` steps from global step ``g0``. After a step that lands on global step
+  ``g``, it records a log row if ``g % log_interval == 0 or g == g_end`` and a frame (full state,
+  energy, box) if ``g % traj_interval == 0 or g == g_end``, into buffers of static size;
+  ``num_logs`` / ``num_frames`` say how many entries are valid. ``g0, n, g_end`` are traced
+  int32 scalars, so a shorter last chunk does not recompile.
+  """
+  li, ti = key.log_interval, key.traj_interval
+  n_logs = key.chunk // li + 2
+  n_frames = key.chunk // ti + 2 if ti else 0
+
+  def buffers(state, nbrs):
+    obs_shape = jax.eval_shape(observe, state, nbrs)  # one trace of observe, not two
+    frame_shape = {"state": state, "epot": obs_shape["epot"], "box": jax.eval_shape(box_fn, state)}
+    zeros = lambda k, tree: jax.tree.map(lambda x: jnp.zeros((k,) + x.shape, x.dtype), tree)
+    return (dict(zeros(n_logs, obs_shape), step=jnp.zeros(n_logs, jnp.int32)),
+            dict(zeros(n_frames, frame_shape), step=jnp.zeros(n_frames, jnp.int32)))
+
+  def record(args):
+    carry, logs, il, frames, ifr, g = args
+    state, nbrs, _ = carry
+    obs = observe(state, nbrs)
+    put = lambda buf, i, tree: jax.tree.map(lambda b, v: b.at[i].set(v), buf, tree)
+    # Written unconditionally; a slot whose counter is not advanced is overwritten later.
+    logs = put(logs, jnp.minimum(il, n_logs - 1), dict(obs, step=g))
+    if n_frames:
+      frames = put(frames, jnp.minimum(ifr, n_frames - 1),
+                   {"state": state, "epot": obs["epot"], "box": box_fn(state), "step": g})
+    return logs, frames
+
+  def chunk(carry, g0, n, g_end):
+    traces[0] += 1  # runs at trace time only: counts compilations
+    logs, frames = buffers(carry[0], carry[1])
+
+    def body(j, c):
+      carry, logs, il, frames, ifr = c
+      carry = step(carry)
+      g = g0 + j + 1
+      last = g == g_end
+      do_log = (g % li == 0) | last
+      do_frame = ((g % ti == 0) | last) if ti else jnp.zeros((), bool)
+      logs, frames = lax.cond(do_log | do_frame, record, lambda a: (a[1], a[3]),
+                              (carry, logs, il, frames, ifr, g))
+      return carry, logs, il + do_log, frames, ifr + do_frame
+
+    zero = jnp.zeros((), jnp.int32)
+    return lax.fori_loop(0, n, body, (carry, logs, zero, frames, zero))
+
+  return jax.jit(chunk)
+
+
+def make_engine(key: EngineKey, *, energy_fn: Callable, neighbor_fn: Any,
+                displacement_fn: Callable, shift_fn: Callable, cutoff: float) -> Engine:
+  """An engine from JAX-MD functions (``energy_fn(R, neighbor=..., **kwargs)``; ``neighbor_fn``
+  None for an energy without pair list)."""
+  init_fn, apply_fn = TABLE[key.ensemble].integrator(key.params, energy_fn, shift_fn)
+  if TABLE[key.ensemble].variable_box:
+    box_fn = simulate.npt_box
+  else:
+    box = np.asarray(key.box, np.float64).reshape(3, 3)
+    box_fn = lambda state: jnp.asarray(box, state.position.dtype)
+  observe = observe_fn(key, energy_fn, box_fn)
+  traces = [0]
+  chunk = chunk_fn(key, step_fn(key, apply_fn, displacement_fn, cutoff), observe, box_fn,
+                   traces)
+  # init computes the first forces: jitted it is one program to compile (or load from the
+  # persistent cache), not dozens of op-by-op ones.
+  return Engine(key, neighbor_fn, energy_fn, jax.jit(init_fn), jax.jit(observe), chunk, box_fn,
+                traces)
+
+
+@functools.lru_cache(maxsize=8)
+def engine(potential: potentials.Potential, key: EngineKey) -> Engine:
+  """The engine of an eqattn potential (once per potential and key): ``space.periodic_general``
+  in fractional coordinates for periodic systems, ``space.free()`` otherwise, and
+  :func:`plugin.jax_md.neighbor_list`."""
+  box = np.asarray(key.box, np.float64).reshape(3, 3)
+  if key.periodic:
+    displacement_fn, shift_fn = space.periodic_general(box, fractional_coordinates=True)
+  else:
+    displacement_fn, shift_fn = space.free()
+  neighbor_fn, energy_fn = pjm.neighbor_list(
+      potential, displacement_fn, box, species=np.asarray(key.numbers),
+      dr_threshold=key.dr_threshold, capacity_multiplier=key.capacity_multiplier,
+      fractional_coordinates=key.periodic)
+  return make_engine(key, energy_fn=energy_fn, neighbor_fn=neighbor_fn,
+                     displacement_fn=displacement_fn, shift_fn=shift_fn,
+                     cutoff=float(potential.cutoff))
+
+
+# ------------------------------------------------------------------------------------------
+# start state, neighbour-list allocation, chunks with replay
+
+
+def allocate(engine: Engine, R: Array, box: Optional[np.ndarray], extra: int,
+             min_capacity: int = 0) -> Tuple[Any, int]:
+  """A list for positions ``R`` (and variable ``box``) with at least ``min_capacity`` pairs, and
+  the ``extra_capacity`` it took (JAX-MD adds it per cell, and ``N *`` it to the pairs)."""
+  if engine.neighbor_fn is None:
+    return None, extra
+  kw = {} if box is None else {"box": jnp.asarray(box, R.dtype)}
+  n = R.shape[0]
+  nbrs = engine.neighbor_fn.allocate(R, extra, **kw)
+  # JAX-MD's lists hold at most n (n - 1) pairs; image lists (small boxes) have no such limit.
+  limit = math.inf if isinstance(nbrs, pjm.ImageNeighborList) else n * (n - 1)
+  if nbrs.max_occupancy < min_capacity and nbrs.max_occupancy < limit:
+    extra += -(-(min_capacity - nbrs.max_occupancy) // n)
+    nbrs = engine.neighbor_fn.allocate(R, extra, **kw)
+  return nbrs, extra
+
+
+def init_state(engine: Engine, R: Array, box: np.ndarray, masses: np.ndarray,
+               momenta: np.ndarray, nbrs, seed: int):
+  """The integrator state in ``R``'s dtype (every floating leaf, and every leaf an array)."""
+  dtype = R.dtype
+  state = engine.init_fn(jax.random.PRNGKey(seed), R, jnp.asarray(box, dtype),
+                         jnp.asarray(masses, dtype), jnp.asarray(momenta, dtype), nbrs)
+  # Python-float leaves (JAX-MD stores e.g. the chains' tau so) come back from the jitted chunk
+  # as arrays; make them arrays now, or the second chunk would compile again. Under x64 JAX-MD
+  # builds thermostat and barostat variables in float64 for a float32 run, which breaks its own
+  # inner loops: cast every floating leaf to the run's dtype.
+  state = jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x)), state)
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+
+
+def initial_aux(engine: Engine, state):
+  """The step's ``aux`` at the start: ``(scale, scale)`` for variable boxes, else ``()``."""
+  if not engine.ensemble.variable_box:
+    return ()
+  scale = jnp.exp(state.box_position)
+  return (scale, scale)
+
+
+def start(engine: Engine, R: Array, box: np.ndarray, masses: np.ndarray, momenta: np.ndarray,
+          seed: int):
+  """The init half of the engine: ``(carry, extra)`` for positions ``R`` (their dtype is the
+  run's), ``box`` (3, 3), masses and momenta; ``extra`` is the list's extra capacity."""
+  nbrs, extra = allocate(engine, R, box if engine.ensemble.variable_box else None, 0)
+  state = init_state(engine, R, box, masses, momenta, nbrs, seed)
+  return (state, nbrs, initial_aux(engine, state)), extra
+
+
+def _regrow(engine: Engine, carry, out, extra: int):
+  """After an overflow: the chunk's start carry with a larger list (and the new ``extra``)."""
+  state0, nbrs0, aux0 = carry
+  overflow = bool(out[0][1].did_buffer_overflow)
+  box_alloc = None
+  if engine.ensemble.variable_box:
+    dtype = state0.position.dtype
+    ref_box = np.asarray(state0.reference_box, np.float64)
+    scale0 = float(jnp.exp(state0.box_position))
+    # Allocate for the most compressed box of the chunk (with a margin): its pairs, its image
+    # shifts (small boxes) and cells stay valid for the whole replay. A box below
+    # 2 * (cutoff + dr_threshold) gets a list with periodic images (one recompilation).
+    s = min(scale0, 0.98 * float(out[0][2][1]))
+    box_alloc = ref_box * s
+    aux0 = (jnp.asarray(s, dtype), jnp.asarray(scale0, dtype))
+  extra += 1  # also grows the cell list's per-cell capacity
+  capacity = math.ceil(DEFAULTS.capacity_growth * nbrs0.max_occupancy) if overflow else 0
+  nbrs, extra = allocate(engine, state0.position, box_alloc, extra, capacity)
+  return (state0, nbrs, aux0), extra
+
+
+def advance(engine: Engine, carry, g: int, n: int, g_end: int, extra: int):
+  """Runs ``n`` steps from global step ``g``, replaying after overflows.
+
+  Returns ``(out, extra, reallocations)``; ``out`` is :func:`chunk_fn`'s result.
+  """
+  for attempt in range(DEFAULTS.max_replays + 1):
+    out = engine.chunk_fn(carry, jnp.int32(g), jnp.int32(n), jnp.int32(g_end))
+    nbrs = out[0][1]
+    if nbrs is None or not (bool(nbrs.did_buffer_overflow) or bool(nbrs.cell_size_too_small)):
+      return out, extra, attempt
+    # Throw the chunk away; allocate from its start positions and replay it.
+    carry, extra = _regrow(engine, carry, out, extra)
+  raise RuntimeError(f"the neighbour list still overflowed after {DEFAULTS.max_replays} "
+                     f"reallocations in steps {g}..{g + n}; the system is probably "
+                     f"collapsing (atoms piling up); check the timestep and structure")
+
+
+def start_logs(engine: Engine, carry, step: int) -> dict:
+  """The observables of the start state, shaped like one chunk's log buffers (one row)."""
+  state, nbrs, _ = carry
+  obs = jax.device_get(engine.observe_fn(state, nbrs))
+  return dict(jax.tree.map(lambda x: np.asarray(x)[None], obs), step=np.array([step]))
+
+
+@dataclasses.dataclass
+class Chunk:
+  """One finished chunk, on the host: steps ``start..stop``, its log buffers and frames."""
+  start: int
+  stop: int
+  carry: Any
+  logs: dict
+  num_logs: int
+  frames: Any  # device buffers (fetched only when used)
+  num_frames: Any
+  t_start: float  # time.perf_counter() at its start: the caller adds its output to the time
+  reallocations: int  # neighbour-list reallocations (each followed by a replay)
+
+
+def simulate_chunks(engine: Engine, carry, first_step: int, steps: int, extra: int = 0):
+  """Yields a :class:`Chunk` per ``chunk`` steps from ``first_step`` to ``steps``; the caller
+  writes output between them."""
+  g = first_step
+  while g < steps:
+    n = min(engine.key.chunk, steps - g)
+    t_start = time.perf_counter()
+    out, extra, realloc = advance(engine, carry, g, n, steps, extra)
+    carry, logs, n_logs, frames, n_frames = out
+    logs = jax.device_get(logs)
+    yield Chunk(g, g + n, carry, logs, int(n_logs), frames, n_frames,
+                t_start, realloc)
+    g += n
