@@ -146,3 +146,26 @@ def test_pair_vectors_single_and_batched():
   np.testing.assert_allclose(single, r[:2], atol=1e-14)
   with pytest.raises(ValueError, match="without a cell"):
     ops.pair_vectors(jnp.asarray(pos), dst, src, jnp.asarray(shifts))
+
+
+def test_potential_functions_take_keywords_and_the_old_species_keyword():
+  import potentials as pt
+  pot = pt.Potential.create(0, species=["H", "O"], cutoff=2.5, features=4, max_degree=1,
+                            num_iterations=1, num_heads=1, num_basis=3)
+  z = np.array([8, 1, 1])
+  pos = np.array([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.0]])
+  dst, src = np.nonzero(~np.eye(3, dtype=bool))
+  idx = jnp.asarray(pot.species_index(z))
+  f = pot.pair_energies_fn()
+  r = ops.pair_vectors(jnp.asarray(pos), dst, src)
+  new = f(pot.params, species_index=idx, r=r, dst=dst, src=src)
+  np.testing.assert_array_equal(new, f(pot.params, idx, r, dst, src))
+  with pytest.warns(DeprecationWarning, match="species_index"):
+    old = f(pot.params, species=idx, r=r, dst=dst, src=src)
+  np.testing.assert_array_equal(new, old)
+  out = observables.compute(lambda r: f(pot.params, species_index=idx, r=r, dst=dst, src=src),
+                            jnp.asarray(pos), dst=dst, src=src)
+  e, forces = pot.energy_and_forces(z, pos, dst, src)
+  np.testing.assert_allclose(float(out.energy), e, rtol=1e-12)
+  np.testing.assert_allclose(out.forces, forces, atol=1e-12)
+  np.testing.assert_allclose(pot.atomic_energies(z, pos, dst, src), new, rtol=1e-12)
