@@ -219,3 +219,15 @@ def load_checkpoint(path: PathLike, template: dict) -> dict:
     raise CheckpointError(f"{path} does not match this training run (another model, "
                           f"optimiser or an older eqattn): delete it or train with "
                           f"resume=False ({e})") from None
+
+
+def __getattr__(name: str):
+  """``potentials.io.load``/``save``, deprecated: they moved to ``potentials.load``/``save``
+  (:mod:`potentials.potential`), so that this module needs nothing of the model."""
+  if name in ("load", "save"):
+    import warnings
+    from . import potential  # only on this deprecated access: no import circle at import time
+    warnings.warn(f"potentials.io.{name} is deprecated, use potentials.{name}",
+                  DeprecationWarning, stacklevel=2)
+    return getattr(potential, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

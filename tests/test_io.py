@@ -109,3 +109,15 @@ def test_elements_vocabulary():
   from potentials.potential import ELEMENTS, UnknownElementError, element_symbol, pair_vectors
   assert UnknownElementError is pt.UnknownElementError and element_symbol(1) == "H"
   assert ELEMENTS[8] == "O" and pair_vectors is pt.ops.pair_vectors
+
+
+def test_old_io_names_still_work(tmp_path):
+  with pytest.warns(DeprecationWarning, match="potentials.load"):
+    old_load = io.load
+  with pytest.warns(DeprecationWarning, match="potentials.save"):
+    old_save = io.save
+  pot = pt.load(Path(__file__).parent / "data" / "tiny_model_v1.eqm")
+  old_save(pot, tmp_path / "m.eqm")
+  assert old_load(tmp_path / "m.eqm").species == pot.species
+  with pytest.raises(AttributeError):
+    io.nothing_here
