@@ -7,7 +7,8 @@ from ``potentials.training`` as before the split.
 """
 
 from ..io import load_checkpoint, save_checkpoint
-from .batching import Batch, Frame, _device_batch, batch_capacity, device_batch, make_batch
+from .batching import Batch, Frame, batch_capacity, device_batch, make_batch
+from .batching import _device_batch  # noqa: F401  (old name of device_batch)
 from .config import LOSSES, MAX_SELECTION_FRAMES, OPTIMIZERS, SPLITS, TrainConfig
 from .evaluation import (evaluate, fit_element_shifts, grouped_metrics, predict_energies,
                          predict_fn, refit_shifts)

@@ -96,6 +96,27 @@ def _initial_params(potential: Potential, train_set: Sequence[Frame]) -> dict:
           "scale": jnp.full(len(potential.species), scale, jnp.float32)}
 
 
+def _initial_state(potential: Potential, train_set: Sequence[Frame], optimizer,
+                   checkpoint: Optional[str]) -> dict:
+  """A fresh training state, or the one in ``checkpoint`` if that file exists."""
+  params = _initial_params(potential, train_set)
+  state = {"params": params, "ema": params, "opt_state": optimizer.init(params), "epoch": 0,
+           "step": 0, "elapsed": 0.0, "best_loss": np.inf, "best_params": params,
+           "history": "[]"}
+  if checkpoint and Path(checkpoint).exists():
+    state = load_checkpoint(checkpoint, state)
+  return state
+
+
+def _batches_fn(potential: Potential, frames: Sequence[Frame], batch_size: int, dtype):
+  """``batches(subset)``: device batches of ``subset`` with one capacity for all ``frames``
+  (one compilation for the whole run)."""
+  cap = batch_capacity(frames, batch_size)
+  return lambda subset: (device_batch(make_batch(subset[i:i + batch_size], potential,
+                                                 batch_size, *cap), dtype)
+                         for i in range(0, len(subset), batch_size))
+
+
 def _planned_epochs(config: TrainConfig, done: int, elapsed: float, epoch_seconds: float) -> int:
   """Epochs that fit the time limit at the measured pace (at least the ones done)."""
   if config.time_limit is None:
@@ -119,18 +140,10 @@ def train(potential: Potential, frames: Sequence[Frame], config: TrainConfig = T
   frames = list(frames)
   parts = split_parts(frames, config)
   train_set, valid_set = ([frames[i] for i in parts[k]] for k in ("train", "valid"))
-  params = _initial_params(potential, train_set)
   step, optimizer, eval_loss = _step_fn(potential, config)
-  state = {"params": params, "ema": params, "opt_state": optimizer.init(params), "epoch": 0,
-           "step": 0, "elapsed": 0.0, "best_loss": np.inf, "best_params": params,
-           "history": "[]"}
-  if checkpoint and resume and Path(checkpoint).exists():
-    state = load_checkpoint(checkpoint, state)
+  state = _initial_state(potential, train_set, optimizer, checkpoint if resume else None)
   history = json.loads(str(state["history"]))
-  cap = batch_capacity(frames, config.batch_size)
-  batches = lambda subset: (device_batch(make_batch(subset[i:i + config.batch_size], potential,
-                                                     config.batch_size, *cap), dtype)
-                            for i in range(0, len(subset), config.batch_size))
+  batches = _batches_fn(potential, frames, config.batch_size, dtype)
   # model selection reads evenly spaced validation frames (neighbouring MD frames are
   # correlated, so a subsample loses little); the final metrics use all of them
   stride = max(1, math.ceil(len(valid_set) / MAX_SELECTION_FRAMES))
