@@ -13,8 +13,8 @@ NPTBerendsen, IsotropicMTKNPT, BFGS, FIRE, FrechetCellFilter, ...), for open, mi
 boundaries and orthorhombic or triclinic cells of any size (cells smaller than twice the cutoff
 interact with their own periodic images exactly).
 
-Properties and conventions (``/work/shared/DESIGN.md``)
--------------------------------------------------------
+Properties and conventions (``docs/conventions.md``)
+---------------------------------------------------
 One call of one jitted function gives everything, so ASE never evaluates the model twice for
 the same structure:
 
@@ -25,8 +25,9 @@ the same structure:
 * ``forces`` = ``-dE/dR`` (eV/Å).
 * ``stress`` = ``(1/V) dE/dε`` (eV/Å³, Voigt ``xx yy zz yz xz xy``; ASE's sign: a compressed
   crystal has negative stress), where the symmetric strain ``ε`` deforms positions and cell
-  together, ``R' = R (I + ε)``, ``cell' = cell (I + ε)``, at ``ε = 0``. Only for fully periodic
-  cells; asking for it otherwise raises ``PropertyNotImplementedError``.
+  together, ``R' = R (I + ε)``, ``cell' = cell (I + ε)``, at ``ε = 0``
+  (:func:`potentials.observables.compute`). Only for fully periodic cells; asking for it
+  otherwise raises ``PropertyNotImplementedError``.
 
 Results are float64 NumPy arrays (what ASE's integrators expect) whatever ``dtype`` is.
 
@@ -71,7 +72,7 @@ from ase.calculators.calculator import Calculator as _AseCalculator
 from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 
 import potentials
-from potentials.potential import element_symbol, pair_vectors
+from potentials import elements, observables
 
 from .neighbors import NeighborListBuilder, bucket_capacity
 
@@ -120,24 +121,16 @@ class _Evaluator:
 
     def evaluate(params, species, positions, cell, dst, src, shifts, atom_mask):
       self.traces += 1  # a Python side effect runs once per trace, i.e. per compilation
-      n = positions.shape[0]
-
-      def total(positions, strain):
-        # A symmetric strain applied to positions and cell alike, R' = R (I + eps),
-        # cell' = cell (I + eps), is r' = r (I + eps) on every pair vector.
-        deform = jnp.eye(3, dtype=dtype) + 0.5 * (strain + strain.T)
-        r = pair_vectors(positions, dst, src, shifts, cell) @ deform
-        # pairs come sorted by dst from the neighbour list, padding (= n) last
-        e = pair_fn(params, species, r, dst, src, atom_mask, True)
-        return jnp.sum(e), (e, r)
-
-      strain = jnp.zeros((3, 3), dtype)
-      (_, (energies, r)), (grad_positions, grad_strain) = jax.value_and_grad(
-          total, argnums=(0, 1), has_aux=True)(positions, strain)
+      # pairs come sorted by dst from the neighbour list, padding (= n) last
+      energies = lambda r: pair_fn(params, species_index=species, r=r, dst=dst, src=src,
+                                   atom_mask=atom_mask, indices_are_sorted=True)
+      out = observables.compute(energies, positions, dst=dst, src=src, shifts=shifts,
+                                cell=cell)
       # closest real pair, for the overlap check on the host
-      d2 = jnp.where(dst < n, jnp.sum(r * r, axis=-1), jnp.inf)
+      r = out.pair_vectors
+      d2 = jnp.where(dst < positions.shape[0], jnp.sum(r * r, axis=-1), jnp.inf)
       closest = jnp.argmin(d2)
-      return energies, -grad_positions, grad_strain, d2[closest], closest
+      return out.energies, out.forces, out.strain_derivative, d2[closest], closest
 
     self.fn = jax.jit(evaluate)
 
@@ -353,7 +346,7 @@ class Calculator(_AseCalculator):
 
   def _raise_overlap(self, atoms: Atoms, pairs: Any, k: int, distance: float) -> None:
     i, j = int(pairs.dst[k]), int(pairs.src[k])
-    zi, zj = element_symbol(int(atoms.numbers[i])), element_symbol(int(atoms.numbers[j]))
+    zi, zj = elements.symbol(int(atoms.numbers[i])), elements.symbol(int(atoms.numbers[j]))
     if i == j:
       what = f"atom {i} ({zi}) and its own periodic image are"
     elif np.any(pairs.shifts[k]):

@@ -9,8 +9,8 @@ Shaped like JAX-MD's ``energy.*_neighbor_list`` functions::
     E = energy_fn(R, nbrs)                    # eV; forces: -jax.grad(energy_fn)(R, nbrs)
     init_fn, apply_fn = simulate.nve(energy_fn, shift_fn, dt)   # metal units: Å, eV, amu
 
-Conventions (``/work/shared/DESIGN.md``)
-----------------------------------------
+Conventions (``docs/conventions.md``)
+-------------------------------------
 * **Rows of ``idx``.** JAX-MD's ``Sparse`` list has ``idx`` of shape ``(2, capacity)``; both
   directions of every pair are present and unused slots hold ``N``. JAX-MD builds it by
   flattening an ``(N, candidates)`` table row by row, where the row number is written into
@@ -557,7 +557,7 @@ def _energy_fn(potential: potentials.Potential, displacement_fn: DisplacementFn,
                image_fns) -> EnergyFn:
   # jitted: its trace is cached, so init, step and observe (and their gradients) trace the
   # model once per shape between them, not once each.
-  pair_energies = jax.jit(potential.pair_energies_fn(), static_argnums=(5, 6))
+  pair_energies = jax.jit(potential.pair_energies_fn(), static_argnames=("indices_are_sorted",))
   default_params = potential.params
   cutoff = float(potential.cutoff)
   n = int(species_idx.shape[0])
@@ -603,7 +603,8 @@ def _energy_fn(potential: potentials.Potential, displacement_fn: DisplacementFn,
       raise ValueError(f"neighbour list format must be partition.Sparse, got {neighbor.format}")
     params = kwargs.pop("params", default_params)
     r, dst, src, ok = pairs(R, neighbor, kwargs)
-    e = pair_energies(params, species_idx, r, dst, src, None, True)
+    e = pair_energies(params, species_index=species_idx, r=r, dst=dst, src=src,
+                      indices_are_sorted=True)
     if ok is not None:
       # The list cannot hold every pair for this box: a jitted function cannot raise, so make
       # it loud instead of silently wrong.

@@ -1,7 +1,7 @@
 """Neighbour lists for the ASE side: full directed pair lists, padded to capacity buckets.
 
-Conventions (``/work/shared/DESIGN.md``)
-----------------------------------------
+Conventions (``docs/conventions.md``)
+-------------------------------------
 * A pair ``k`` is directed: ``dst[k]`` is the centre ``i`` (it receives the message), ``src[k]``
   the neighbour ``j``, and the pair vector is ::
 

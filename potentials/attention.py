@@ -15,7 +15,6 @@ our own and differs where the usual one fails:
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -25,67 +24,9 @@ import jax.numpy as jnp
 from .layers import (Dense, Dtype, InitializerFn, _output_parity, change_max_degree_or_type,
                      default_kernel_init, make_tensor, map_blocks, max_degree_of, merge_blocks,
                      split_blocks)
+from .ops import flatten_batch, normalize_pairs, segment_softmax
 
-
-def _flatten_batch(x: Optional[jax.Array], nbatch: int, keep: int) -> Optional[jax.Array]:
-  if x is None or nbatch == 0:
-    return x
-  return x.reshape((-1,) + x.shape[x.ndim - keep:])
-
-
-def _pair_scalar(c: jax.Array, pair_shape) -> jax.Array:
-  """Reduce a broadcastable cutoff array (..., P[, 1, 1, 1]) to one value per pair (..., P)."""
-  extra = c.ndim - len(pair_shape)
-  if extra < 0 or any(s != 1 for s in c.shape[len(pair_shape):]):
-    raise ValueError(f"cutoff_value of shape {c.shape} does not give one value per pair "
-                     f"(pairs shape {tuple(pair_shape)})")
-  return jnp.broadcast_to(c.reshape(c.shape[:len(pair_shape)]), pair_shape)
-
-
-def _flat_indices(idx: jax.Array, batch_shape, n: int) -> jax.Array:
-  """Offset per-system indices into a flat batch; out-of-range (padding) maps to B*n."""
-  nb = math.prod(batch_shape)
-  offsets = (jnp.arange(nb, dtype=idx.dtype) * n).reshape(batch_shape + (1,))
-  flat = jnp.where(idx < n, idx + offsets, nb * n)
-  return flat.reshape(-1)
-
-
-def segment_softmax(logits: jax.Array, weights: Optional[jax.Array], valid: jax.Array,
-                    segment_ids: jax.Array, num_segments: int, *,
-                    indices_are_sorted: bool = False):
-  """Softmax of ``logits`` within segments, each term multiplied by ``weights`` first.
-
-  Returns ``(u, inv)`` with ``u (pairs, H)`` unnormalised terms (each <= 1) and
-  ``inv (num_segments, H)`` the reciprocal of each segment's sum, so the normalised weight of
-  pair k is ``u[k] * inv[segment_ids[k]]``. A segment with no active pair has ``inv = 0``.
-
-  Pairs with ``valid == False`` or ``weights <= 0`` are inactive: they neither contribute nor
-  set the stabilising shift, which is the per-segment maximum of ``logits + log(weights)``
-  over active pairs (so a zero-weight pair with a huge logit cannot underflow the others).
-  Gradients are finite everywhere: the shift is a constant (it cancels), inactive pairs get
-  exactly zero, and ``log`` is never evaluated at 0 (weights below the dtype's smallest normal
-  number are clamped to it).
-  """
-  dt = logits.dtype
-  if weights is None:
-    active = valid
-    log_w = logits
-  else:
-    weights = weights.astype(dt)
-    active = valid & (weights > 0)
-    tiny = jnp.finfo(dt).tiny
-    log_w = logits + jnp.log(jnp.where(active, jnp.maximum(weights, tiny), 1))[:, None]
-  log_w = jnp.where(active[:, None], log_w, -jnp.inf)
-  shift = jax.ops.segment_max(jax.lax.stop_gradient(log_w), segment_ids,
-                              num_segments=num_segments, indices_are_sorted=indices_are_sorted)
-  shift = jnp.where(jnp.isfinite(shift), shift, 0)
-  shift_k = jnp.take(shift, segment_ids, axis=0, mode="clip")
-  u = jnp.exp(jnp.where(active[:, None], log_w - shift_k, -jnp.inf))
-  denom = jax.ops.segment_sum(u, segment_ids, num_segments=num_segments,
-                              indices_are_sorted=indices_are_sorted)
-  has = denom > 0
-  inv = jnp.where(has, 1 / jnp.where(has, denom, 1), 0)
-  return u, inv
+__all__ = ["SelfAttention", "segment_softmax"]  # segment_softmax lives in potentials.ops
 
 
 class SelfAttention(nn.Module):
@@ -161,46 +102,11 @@ class SelfAttention(nn.Module):
     nb = len(batch_shape)
 
     # ---- normalise the pair format to flat sparse lists over (batch * N) centres
-    if adj_idx is not None:
-      if dst_idx is not None or src_idx is not None:
-        raise ValueError("give either adj_idx (dense) or dst_idx/src_idx (sparse), not both")
-      M = adj_idx.shape[-1]
-      if adj_idx.shape[:-1] != batch_shape + (N,):
-        raise ValueError(f"adj_idx shape {adj_idx.shape} does not match inputs {inputs.shape}")
-      if where is None:
-        where = adj_idx < N
-      dst = jnp.broadcast_to(jnp.arange(N, dtype=adj_idx.dtype)[:, None], adj_idx.shape)
-      dst = dst.reshape(batch_shape + (N * M,))
-      src = adj_idx.reshape(batch_shape + (N * M,))
-      mask = where.reshape(batch_shape + (N * M,))
-      if basis is not None:
-        basis = basis.reshape(batch_shape + (N * M,) + basis.shape[-3:])
-      if cutoff_value is not None:
-        cutoff_value = cutoff_value.reshape(batch_shape + (N * M,) + cutoff_value.shape[nb + 2:])
-      sorted_ = True
-    else:
-      if dst_idx is None or src_idx is None:
-        raise RuntimeError("either adj_idx or both dst_idx and src_idx must be given")
-      dst, src = dst_idx, src_idx
-      mask = where
-      sorted_ = indices_are_sorted
-    if num_segments is not None and num_segments != N:
-      raise ValueError(f"num_segments ({num_segments}) must equal the number of inputs ({N})")
-    if dst.shape != src.shape or dst.shape[:-1] != batch_shape:
-      raise ValueError(f"index shapes {dst.shape}/{src.shape} do not match inputs {inputs.shape}")
-    pair_shape = dst.shape
-    valid = (dst < N) & (src < N) & (dst >= 0) & (src >= 0)
-    if mask is not None:
-      valid = valid & jnp.broadcast_to(mask, pair_shape)
-    cut = None if cutoff_value is None else _pair_scalar(cutoff_value, pair_shape)
-    if nb:
-      dst = _flat_indices(dst, batch_shape, N)
-      src = _flat_indices(src, batch_shape, N)
-      sorted_ = False
-    x = _flatten_batch(inputs, nb, 3)
-    valid = valid.reshape(-1)
-    basis = _flatten_batch(basis, nb, 3)
-    cut = None if cut is None else cut.reshape(-1)
+    pairs = normalize_pairs(N, batch_shape, basis=basis, cutoff_value=cutoff_value,
+                            adj_idx=adj_idx, where=where, dst_idx=dst_idx, src_idx=src_idx,
+                            num_segments=num_segments, indices_are_sorted=indices_are_sorted)
+    dst, src, valid, basis, cut, sorted_ = pairs
+    x = flatten_batch(inputs, nb, 3)
     n_tot = x.shape[0]
 
     # ---- projections (per atom), then per-pair work on blocks {(p, l): (pairs, 2l+1, F)}

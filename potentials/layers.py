@@ -1,7 +1,7 @@
 """Equivariant layers on irreps features ``(..., P, (L+1)**2, F)``.
 
 ``P = 1`` holds proper tensors only (degree l has parity (-1)**l); ``P = 2`` holds all even-
-parity irreps at index 0 and all odd-parity ones at index 1 (see ``shared/DESIGN.md``).
+parity irreps at index 0 and all odd-parity ones at index 1 (see ``docs/conventions.md``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Real spherical harmonics, rotation matrices of irreps and Clebsch-Gordan coefficients.
 
-Conventions (see ``shared/DESIGN.md``):
+Conventions (see ``docs/conventions.md``):
 
 * Degree/order axis: all blocks ``l = 0..L`` concatenated, ``(L+1)**2`` entries.
   Standard order runs ``m = -l..l``; Cartesian order (the default, ``cartesian_order=True``)

@@ -1,0 +1,110 @@
+"""Energy, per-atom energies, forces and strain derivative (stress) from a padded pair graph.
+
+:func:`compute` is the one place where these are derived from a model: the ASE calculator,
+training and :class:`potentials.Potential` go through it (JAX-MD differentiates its own energy
+function, in its own sign convention). Conventions: ``docs/conventions.md``. Definitions:
+
+* ``forces = -dE/dR`` (eV/Å);
+* the strain derivative ``dE/dε`` (eV) of a symmetric strain ``ε`` that deforms positions
+  and cell together, ``R' = R (I + ε)``, ``cell' = cell (I + ε)``, at ``ε = 0``. On a pair
+  vector ``r = R[src] - R[dst] + shift @ cell`` that is ``r' = r (I + ε)``, which is how it is
+  applied (open systems included: the derivative then is the virial of the pair forces);
+* ``stress = (1/V) dE/dε`` (eV/Å³), ASE's sign (a compressed crystal has negative stress),
+  and 0 for a frame without volume (``V = 0``: not fully periodic).
+
+One system has ``positions (N, 3)``, ``cell (3, 3)``; a batch of frames packed into one padded
+system has ``cell (B, 3, 3)`` plus ``atom_frame (N,)`` and ``pair_frame (pairs,)``, the frame
+slot of each atom and pair (padding: ``B``), and gets per-frame energies and strain
+derivatives.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from . import ops
+
+Array = jax.Array
+# ``energies_fn(r) -> (N,)``: per-atom energies from pair vectors (pairs and species fixed)
+EnergiesFn = Callable[[Array], Array]
+
+
+class Observables(NamedTuple):
+  """What :func:`compute` returns (``None`` where not asked for).
+
+  ``energy``: scalar, or ``(B,)`` per frame; ``energies``: ``(N,)`` per atom;
+  ``forces``: ``(N, 3)``; ``strain_derivative``: ``dE/dε`` ``(3, 3)`` or ``(B, 3, 3)``;
+  ``stress``: ``(1/V) dE/dε`` (needs ``volumes``); ``pair_vectors``: ``(pairs, 3)``.
+  """
+  energy: Array
+  energies: Array
+  forces: Optional[Array]
+  strain_derivative: Optional[Array]
+  stress: Optional[Array]
+  pair_vectors: Array
+
+
+def strained(r: Array, strain: Array, pair_frame: Optional[Array] = None) -> Array:
+  """Pair vectors ``r (I + sym(strain))``; ``strain (3, 3)``, or ``(B, 3, 3)`` per frame with
+  ``pair_frame`` (padded pairs, frame ``B``, are not strained)."""
+  eye = jnp.eye(3, dtype=strain.dtype)
+  if pair_frame is None:
+    return r @ (eye + 0.5 * (strain + strain.T))
+  deform = eye + 0.5 * (strain + jnp.swapaxes(strain, 1, 2))
+  deform = jnp.concatenate([deform, eye[None]])
+  return jnp.einsum("ei,eij->ej", r, deform[pair_frame])
+
+
+def compute(energies_fn: EnergiesFn, positions: Array, *, dst: Array, src: Array,
+            shifts: Optional[Array] = None, cell: Optional[Array] = None,
+            atom_frame: Optional[Array] = None, pair_frame: Optional[Array] = None,
+            volumes: Optional[Array] = None, forces: bool = True,
+            strain: bool = True) -> Observables:
+  """The observables of ``energies_fn`` at ``positions`` on the pair graph ``(dst, src)``.
+
+  Args:
+    energies_fn: ``r (pairs, 3) -> (N,)`` per-atom energies; padded atoms and pairs must
+      contribute exactly zero (the model masks them).
+    positions: ``(N, 3)``.
+    dst, src, shifts, cell: the pair graph (``r = R[src] - R[dst] + shifts @ cell``).
+    atom_frame, pair_frame: for a batch of frames (both, with ``cell (B, 3, 3)``).
+    volumes: ``(B,)`` (batch) or scalar: also return ``stress``.
+    forces: differentiate in positions (else energies only).
+    strain: also differentiate in a strain (``strain_derivative``; needs ``forces``).
+  """
+  batched = atom_frame is not None
+  if batched and (pair_frame is None or cell is None or cell.ndim != 3):
+    raise ValueError("a batch needs atom_frame, pair_frame and cells of shape (B, 3, 3)")
+  num_frames = cell.shape[0] if batched else None
+
+  def total(positions, eps):
+    r = ops.pair_vectors(positions, dst, src, shifts, cell, pair_frame=pair_frame)
+    if eps is not None:
+      r = strained(r, eps, pair_frame)
+    e = energies_fn(r)
+    per_frame = (jax.ops.segment_sum(e, atom_frame, num_segments=num_frames) if batched
+                 else None)
+    return jnp.sum(e if per_frame is None else per_frame), (e, per_frame, r)
+
+  if not forces:
+    energy, (e, per_frame, r) = total(positions, None)
+    return Observables(energy if per_frame is None else per_frame, e, None, None, None, r)
+  eps = jnp.zeros((num_frames, 3, 3) if batched else (3, 3), positions.dtype) if strain else None
+  argnums = (0, 1) if strain else 0
+  (energy, (e, per_frame, r)), grads = jax.value_and_grad(
+      total, argnums=argnums, has_aux=True)(positions, eps)
+  g_pos, g_eps = grads if strain else (grads, None)
+  stress = None
+  if strain and volumes is not None:
+    stress = stress_from(g_eps, volumes)
+  return Observables(energy if per_frame is None else per_frame, e, -g_pos, g_eps, stress, r)
+
+
+def stress_from(strain_derivative: Array, volumes: Array) -> Array:
+  """``(1/V) dE/dε``, and 0 where ``V`` is 0 (frames that are not fully periodic)."""
+  volumes = jnp.asarray(volumes)
+  vol = jnp.where(volumes > 0, volumes, 1.0)[..., None, None]
+  return jnp.where((volumes > 0)[..., None, None], strain_derivative / vol, 0.0)

@@ -1,0 +1,24 @@
+"""Fitting a :class:`potentials.Potential` to energies, forces and stresses.
+
+Modules: :mod:`.config` (``TrainConfig``), :mod:`.batching` (``Frame``, padded batches),
+:mod:`.splits` (held-out trajectories, random part), :mod:`.evaluation` (predictions, metrics,
+element shifts) and :mod:`.loop` (loss, schedule, ``train``). Every public name is importable
+from ``potentials.training`` as before the split.
+"""
+
+from ..io import load_checkpoint, save_checkpoint
+from .batching import Batch, Frame, batch_capacity, device_batch, make_batch
+from .batching import _device_batch  # noqa: F401  (old name of device_batch)
+from .config import LOSSES, MAX_SELECTION_FRAMES, OPTIMIZERS, SPLITS, TrainConfig
+from .evaluation import (evaluate, fit_element_shifts, grouped_metrics, predict_energies,
+                         predict_fn, refit_shifts)
+from .loop import TrainResult, learning_rate, loss_fn, train
+from .splits import split_frames, split_parts, split_summary
+
+__all__ = [
+    "Batch", "Frame", "batch_capacity", "device_batch", "make_batch", "LOSSES",
+    "MAX_SELECTION_FRAMES", "OPTIMIZERS", "SPLITS", "TrainConfig", "evaluate",
+    "fit_element_shifts", "grouped_metrics", "predict_energies", "predict_fn", "refit_shifts",
+    "TrainResult", "learning_rate", "loss_fn", "train", "split_frames", "split_parts",
+    "split_summary", "load_checkpoint", "save_checkpoint",
+]

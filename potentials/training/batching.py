@@ -1,0 +1,126 @@
+"""Labelled frames and their packing into fixed-capacity padded batches.
+
+A :class:`Frame` is neutral data (atomic numbers, positions, cell, periodicity, reference
+labels) with its pair list already built (``plugin.data`` reads any ASE-readable file and
+builds them). Frames are packed into one padded system per batch (:func:`make_batch`), with a
+capacity that fits any batch of the set, so a whole run compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence, Tuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from ..potential import Potential
+
+
+@dataclasses.dataclass
+class Frame:
+  """One labelled structure with its full pair list (``r = R[src] - R[dst] + shifts @ cell``).
+
+  ``energy`` in eV, ``forces`` (N, 3) eV/Å, ``stress`` (3, 3) eV/Å^3 in ASE's sign convention
+  (``(1/V) dE/dε``) or None where not labelled.
+  """
+  numbers: np.ndarray
+  positions: np.ndarray
+  cell: np.ndarray
+  pbc: np.ndarray
+  dst: np.ndarray
+  src: np.ndarray
+  shifts: np.ndarray
+  energy: Optional[float] = None
+  forces: Optional[np.ndarray] = None
+  stress: Optional[np.ndarray] = None
+  trajectory: Optional[str] = None    # id of the MD run the frame came from (held-out splits)
+  config_type: Optional[str] = None   # kind of structure; splits are stratified by it
+  temperature: Optional[float] = None  # thermostat target (K), to stratify and report by
+
+  @property
+  def num_atoms(self) -> int:
+    return len(self.numbers)
+
+  @property
+  def volume(self) -> float:
+    return abs(float(np.linalg.det(self.cell))) if np.all(self.pbc) else 0.0
+
+
+@dataclasses.dataclass
+class Batch:
+  """Frames packed into one padded system (numpy; moved to the device per step)."""
+  species: np.ndarray     # (A,) int32
+  positions: np.ndarray   # (A, 3)
+  atom_frame: np.ndarray  # (A,) frame slot of each atom; padding -> B
+  atom_mask: np.ndarray   # (A,) bool
+  dst: np.ndarray         # (E,) int32, padding = A
+  src: np.ndarray
+  shifts: np.ndarray      # (E, 3)
+  pair_frame: np.ndarray  # (E,) frame slot of each pair's centre
+  cells: np.ndarray       # (B, 3, 3)
+  volumes: np.ndarray     # (B,) 0 for non-periodic
+  num_atoms: np.ndarray   # (B,) 0 for empty slots
+  energy: np.ndarray      # (B,)
+  forces: np.ndarray      # (A, 3)
+  stress: np.ndarray      # (B, 3, 3)
+  has_energy: np.ndarray  # (B,) bool
+  has_forces: np.ndarray  # (A,) bool
+  has_stress: np.ndarray  # (B,) bool
+
+
+def batch_capacity(frames: Sequence[Frame], batch_size: int) -> Tuple[int, int]:
+  """Atom and pair capacity that fits any ``batch_size`` frames of this set."""
+  atoms = sorted((f.num_atoms for f in frames), reverse=True)[:batch_size]
+  pairs = sorted((len(f.dst) for f in frames), reverse=True)[:batch_size]
+  return int(sum(atoms)) + 1, int(sum(pairs)) + 1
+
+
+def make_batch(frames: Sequence[Frame], potential: Potential, batch_size: int,
+               atom_capacity: int, pair_capacity: int) -> Batch:
+  """Pack up to ``batch_size`` frames into one padded system."""
+  A, E, B = atom_capacity, pair_capacity, batch_size
+  b = Batch(species=np.zeros(A, np.int32), positions=np.zeros((A, 3)),
+            atom_frame=np.full(A, B, np.int32), atom_mask=np.zeros(A, bool),
+            dst=np.full(E, A, np.int32), src=np.full(E, A, np.int32), shifts=np.zeros((E, 3)),
+            pair_frame=np.full(E, B, np.int32), cells=np.zeros((B, 3, 3)), volumes=np.zeros(B),
+            num_atoms=np.zeros(B), energy=np.zeros(B), forces=np.zeros((A, 3)),
+            stress=np.zeros((B, 3, 3)), has_energy=np.zeros(B, bool),
+            has_forces=np.zeros(A, bool), has_stress=np.zeros(B, bool))
+  a = e = 0
+  for k, f in enumerate(frames):
+    n, m = f.num_atoms, len(f.dst)
+    if a + n > A or e + m > E:
+      raise ValueError("batch capacity exceeded")
+    sl, pl = slice(a, a + n), slice(e, e + m)
+    b.species[sl] = potential.species_index(f.numbers)
+    b.positions[sl] = f.positions
+    b.atom_frame[sl] = k
+    b.atom_mask[sl] = True
+    b.dst[pl], b.src[pl] = f.dst + a, f.src + a
+    b.shifts[pl] = f.shifts
+    b.pair_frame[pl] = k
+    b.cells[k] = f.cell
+    b.volumes[k] = f.volume
+    b.num_atoms[k] = n
+    if f.energy is not None:
+      b.energy[k], b.has_energy[k] = f.energy, True
+    if f.forces is not None:
+      b.forces[sl], b.has_forces[sl] = f.forces, True
+    if f.stress is not None and f.volume > 0:
+      b.stress[k], b.has_stress[k] = f.stress, True
+    a, e = a + n, e + m
+  return b
+
+
+
+def device_batch(b: Batch, dtype) -> dict:
+  """The batch as a dict of device arrays, floating-point fields in ``dtype``."""
+  out = {}
+  for k, v in dataclasses.asdict(b).items():
+    v = np.asarray(v)
+    out[k] = jnp.asarray(v, dtype) if v.dtype.kind == "f" else jnp.asarray(v)
+  return out
+
+
+_device_batch = device_batch  # old name
