@@ -58,8 +58,9 @@ class ModelConfig:
       and query-key encodings are linear in the ``num_basis`` radial functions; on, each block
       first maps them through ``Dense(w) -> silu -> Dense(w) -> silu -> Dense(w)`` (times the
       cutoff, so smoothness at the cutoff is kept), giving filters nonlinear in ``r`` with
-      ``w`` radial channels (as the radial networks of NequIP/MACE-class models). Model files
-      written before this option existed load with it off.
+      ``w`` radial channels (as the radial networks of NequIP/MACE-class models). Off by
+      default: with w = 32 on ethanol an epoch took 2.4x as long and the model trained worse
+      at equal time (benchmarks/training_ablation.py). Old model files load with it off.
   """
   cutoff: float = 5.0
   features: int = 32
