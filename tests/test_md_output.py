@@ -239,3 +239,33 @@ def test_killed_run_reads_back_to_its_last_frame_and_resumes(pot, straight, kill
   assert steps_of(got) == steps_of(ref_frames)
   np.testing.assert_allclose(got[-1].positions, ref_frames[-1].positions, rtol=0,
                              atol=TOLERANCE[fmt])
+
+
+@pytest.mark.slow  # two CLI processes compiling (about 2 minutes on one core)
+def test_cli_sigterm_keeps_the_frames_and_resumes(tiny_model_files, tmp_path):
+  # a batch system's time limit: SIGTERM while `eqattn md` runs; exit 143, frames kept
+  import time
+  structure, out = tmp_path / "cu.extxyz", tmp_path / "md.h5"
+  ase.io.write(structure, cu32())
+  argv = [sys.executable, "-m", "plugin.cli", "md", str(structure), "--model",
+          tiny_model_files["copper"], "--ensemble", "nve", "--dt", "1", "--out", str(out)]
+  proc = subprocess.Popen(argv + ["--steps", "100000"], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+      if out.exists() and len(md.read_trajectory(out)) >= 3:
+        break
+      time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 143 and "terminated (SIGTERM)" in err, err[-2000:]
+  frames = md.read_trajectory(out)
+  assert len(frames) >= 3 and np.all(np.isfinite(frames[-1].positions))
+  done = int(frames[-1].info["md_step"])
+  more = subprocess.run(argv + ["--steps", str(done + 100), "--resume"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+  assert more.returncode == 0, more.stderr[-2000:]
+  assert md.read_trajectory(out, -1).info["md_step"] == done + 100
