@@ -359,3 +359,6 @@ class Calculator(_AseCalculator):
         "structure (duplicated atoms? wrong units or cell?), or pass min_distance=None to "
         "the Calculator to skip this check."
     )
+
+# Runaway guards as an ASE observer: guard(dyn, max_temperature=..., max_force=...).
+from plugin.md.guards import RunawayError, guard  # noqa: E402,F401

@@ -2,6 +2,7 @@
 
     eqattn md [STRUCTURE] [--model NAME|PATH] [--ensemble nve|nvt|npt] [--temperature K]
               [--dt FS] [--steps N | --time PS] [--engine jax-md|ase] [--out FILE] [--plot PNG]
+              [--resume] [--max-temperature K] [--max-force EV_PER_A]
     eqattn train DATA --species H C O [--epochs N] [--out MODEL]
     eqattn eval MODEL DATA [--parity PNG]
     eqattn check-conservation MODEL STRUCTURE [--temperature K] [--dt FS] [--time PS]
@@ -11,14 +12,19 @@ Every command takes ``--no-cache``: by default compiled programs are kept in a p
 (``plugin.cache``), so the second run of the same model and system skips XLA compilation.
 
 Errors in user input (missing files, unreadable structures, unknown elements, bad option
-values) end with a one-line message and exit status 2, not a traceback.
+values) end with a one-line message and exit status 2, not a traceback. ``eqattn md`` stopped by
+a runaway guard (plugin.md.guards) exits with status 3 and a one-line reason, its last good frame
+written; Ctrl-C exits with 130 and SIGTERM with 143, the files kept for ``--resume``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
+import warnings
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -28,6 +34,7 @@ from plugin.md.ensembles import CLI_NAMES as CLI_ENSEMBLES
 from plugin.md.settings import DEFAULTS
 
 DEFAULT_MODEL = "ethanol"
+RUNAWAY_STATUS = 3  # `eqattn md` stopped by a runaway guard (plugin.md.guards)
 
 
 class UsageError(Exception):
@@ -83,6 +90,7 @@ def _check_species(pot, numbers):
 # ----------------------------------------------------------------------------- md
 def cmd_md(args) -> int:
   from plugin import md
+  from plugin.md import output as md_output
   pot = _load_model(args.model)
   atoms = _read_structure(args.structure)
   _check_species(pot, atoms.numbers)
@@ -93,6 +101,10 @@ def cmd_md(args) -> int:
   if ensemble.variable_box and not all(atoms.pbc):
     raise UsageError(f"--ensemble {args.ensemble} needs a periodic structure")
   out = Path(args.out or "md.traj")
+  try:
+    md_output.traj_format(out)  # the format by extension; h5py for .h5 / .h5md
+  except (ValueError, ImportError) as e:
+    raise UsageError(str(e)) from None
   print(f"eqattn md: {len(atoms)} atoms ({atoms.get_chemical_formula()}), model "
         f"{args.model!r}, {args.ensemble.upper()} {args.temperature:g} K, dt {args.dt:g} fs, "
         f"{steps} steps ({steps * args.dt / 1000:.3g} ps), engine {args.engine}, "
@@ -104,29 +116,38 @@ def cmd_md(args) -> int:
   bar = md.ProgressBar(steps, args.dt)
   t0 = time.perf_counter()
   try:
-    if args.engine == "jax-md":
-      result = md.run(atoms, pot, ensemble=ensemble.name, temperature=args.temperature,
-                      timestep=args.dt, steps=steps, traj=str(out), resume=args.resume,
-                      log_file=str(out.with_suffix(".csv")), seed=args.seed,
-                      chunk=min(md.DEFAULTS.chunk, steps), progress=bar)
-      steps = result.steps  # a resumed run only runs the remaining steps
-    else:
-      from plugin.ase import Calculator
-      result = md.run_ase(atoms, Calculator(pot), ensemble=ensemble.name, timestep=args.dt,
-                          steps=steps, temperature=args.temperature, seed=args.seed,
-                          interval=max(1, min(50, steps // 200 or 1)), traj=str(out),
-                          progress=bar.update)
+    with warnings.catch_warnings():  # a guard's RuntimeWarning: its reason is printed once below
+      warnings.filterwarnings("ignore", message="MD stopped at step", category=RuntimeWarning)
+      result = _run_md(md, args, atoms, pot, ensemble, steps, out, bar)
+    steps = result.steps if args.engine == "jax-md" else steps  # a resumed run: the rest only
   except ValueError as e:  # e.g. mixed periodicity (a slab with pbc=(1, 1, 0))
     raise UsageError(str(e)) from None
   finally:
     bar.close()
   wall = time.perf_counter() - t0
+  if result.stopped:
+    print(f"eqattn md: {result.reason}; frames up to it are in {out}", file=sys.stderr)
+    return RUNAWAY_STATUS
   _summary(result.log, len(atoms), wall, steps, args.dt, ensemble.invariant is not None
            and not ensemble.thermostat)
   if args.plot:
     _plot_md(result.log, args.plot)
     print(f"plot written to {args.plot}")
   return 0
+
+
+def _run_md(md, args, atoms, pot, ensemble, steps, out, bar):
+  limits = dict(max_temperature=args.max_temperature, max_force=args.max_force)
+  if args.engine == "jax-md":
+    return md.run(atoms, pot, ensemble=ensemble.name, temperature=args.temperature,
+                  timestep=args.dt, steps=steps, traj=str(out), resume=args.resume,
+                  log_file=str(out.with_suffix(".csv")), seed=args.seed,
+                  chunk=min(md.DEFAULTS.chunk, steps), progress=bar, **limits)
+  from plugin.ase import Calculator
+  return md.run_ase(atoms, Calculator(pot), ensemble=ensemble.name, timestep=args.dt,
+                    steps=steps, temperature=args.temperature, seed=args.seed,
+                    interval=max(1, min(50, steps // 200 or 1)), traj=str(out),
+                    progress=bar.update, **limits)
 
 
 def _summary(log, n, wall, steps, dt, nve: bool):
@@ -304,11 +325,20 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--steps", type=_positive(int))
   g.add_argument("--time", type=_positive(float), default=2.0, help="ps (default 2)")
   md.add_argument("--engine", choices=["jax-md", "ase"], default="jax-md")
-  md.add_argument("--out", help="trajectory file (default md.traj)")
+  md.add_argument("--out", help="trajectory file, format by extension: .traj (default "
+                  "md.traj), .extxyz/.xyz, .h5/.h5md (H5MD, needs h5py)")
   md.add_argument("--plot", help="write a PNG of energies and temperature")
   md.add_argument("--seed", type=int, default=DEFAULTS.seed)
   md.add_argument("--resume", action="store_true",
                   help="continue the trajectory in --out from its last frame (jax-md engine)")
+  md.add_argument("--max-temperature", type=_positive(float), metavar="K",
+                  help=f"stop (exit status {RUNAWAY_STATUS}, last good frame kept) above this "
+                  f"temperature; default max({DEFAULTS.max_temperature_factor:g} x target, "
+                  f"{DEFAULTS.max_temperature_floor:g} K); inf: off")
+  md.add_argument("--max-force", type=_positive(float), metavar="EV_PER_A",
+                  default=DEFAULTS.max_force,
+                  help="stop when a force exceeds this (eV/Å); default off. Non-finite "
+                  "positions, forces or energies always stop the run")
   md.set_defaults(func=cmd_md)
 
   tr = sub.add_parser("train", help="fit a model to an ASE-readable dataset")
@@ -383,6 +413,8 @@ def _check_plotting(args) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
   args = build_parser().parse_args(argv)
+  main_thread = threading.current_thread() is threading.main_thread()
+  old = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
   try:
     _check_plotting(args)
     _enable_cache(args)
@@ -391,8 +423,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"eqattn {args.command}: error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
-    print("\ninterrupted; files written so far are kept", file=sys.stderr)
+    print("\ninterrupted; files written so far are kept (continue with --resume)",
+          file=sys.stderr)
     return 130
+  except _Terminated:
+    print("\nterminated (SIGTERM); files written so far are kept (continue with --resume)",
+          file=sys.stderr)
+    return 143
+  finally:
+    if main_thread:
+      signal.signal(signal.SIGTERM, old)
+
+
+class _Terminated(Exception):
+  """SIGTERM (a batch system's time limit): ends `main` like Ctrl-C does. Trajectory writers
+  hold the signal while a frame is written (plugin.md.output), so it lands between frames."""
+
+
+def _on_sigterm(signum, frame):
+  raise _Terminated()
 
 
 if __name__ == "__main__":

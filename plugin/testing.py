@@ -30,7 +30,7 @@ import numpy as np
 from ase import Atoms
 
 from plugin import thermo
-from plugin.md import output
+from plugin.md import guards, output
 from plugin.md.ase_engine import run_ase, start_momenta
 from plugin.md.ensembles import Params
 from plugin.md.settings import DEFAULTS, resolve_dtype
@@ -131,8 +131,11 @@ def degrees_of_freedom(atoms: Atoms) -> int:
 def _run_ase(atoms: Atoms, calculator, timestep_fs: float, steps: int, interval: int,
              momenta: np.ndarray):
   """NVE on the ASE engine (:func:`plugin.md.ase_engine.run_ase`): ``(time_ps, epot, ekin)``."""
-  log = run_ase(atoms, calculator, ensemble="nve", timestep=timestep_fs, steps=steps,
-                interval=interval, momenta=momenta).log
+  result = run_ase(atoms, calculator, ensemble="nve", timestep=timestep_fs, steps=steps,
+                   interval=interval, momenta=momenta)
+  if result.stopped:  # a conservation figure from a cut-short run would mislead
+    raise RuntimeError(result.reason)
+  log = result.log
   return log.time_ps, log.epot, log.ekin
 
 
@@ -162,6 +165,9 @@ def _run_jax_md(atoms: Atoms, energy_fn, neighbor_fn, shift_fn, timestep_fs: flo
   context = output.RowContext(len(atoms), lambda step: step * timestep_fs)
   rows = output.make_rows(columns, eng.start_logs(engine, carry, 0), 1, context)
   for c in eng.simulate_chunks(engine, carry, 0, steps, extra):
+    if c.guard:  # non-finite state: a conservation figure from a cut-short run would mislead
+      raise RuntimeError(guards.reason(c.guard, c.stop + 1, c.value, max_temperature=np.inf,
+                                       max_force=np.inf))
     rows += output.make_rows(columns, c.logs, c.num_logs, context)
   log = output.MDLog.from_rows(columns, rows)
   return log.time_ps, log.epot, log.ekin

@@ -29,12 +29,22 @@ Units, temperature (3N degrees of freedom) and the Maxwell-Boltzmann start: :mod
 User-facing: Å, eV, amu, fs, K, bar; inside, JAX-MD's metal units (time unit
 ``Å sqrt(amu / eV)``, ASE's too, so momenta need no conversion).
 
-Trajectories (``traj``: ``.traj`` or ``.xyz``/``.extxyz``) get a frame every ``traj_interval``
-steps and at the last step, appended after each chunk, so an interrupted run keeps every frame
-written before it. Each frame has positions, momenta, cell, energy and forces, and
-``atoms.info`` holds ``md_step``, ``md_time_fs``, ``md_ensemble`` and (``.traj`` only)
-``md_state``, so that ``resume=True`` continues exactly where the run stopped. ``steps`` is the
-step number at which a run ends, counted from the first run.
+Trajectories (``traj``): the format by extension (``plugin.md.FORMATS``): ``.traj`` (ASE),
+``.xyz``/``.extxyz``, ``.h5``/``.h5md`` (H5MD 1.1, needs h5py: ``pip install 'eqattn[h5]'``).
+A frame every ``traj_interval`` steps and at the last step, each flushed before the next, so an
+interrupted run (Ctrl-C, SIGTERM, ``kill -9``) keeps every complete frame; a frame cut short is
+never read back (:func:`read_trajectory`, any format) and is dropped before a resume appends.
+Each frame has positions, momenta, cell, energy, forces and (periodic) stress, and
+``atoms.info`` holds ``md_step``, ``md_time_fs``, ``md_ensemble`` and ``md_state`` (the
+integrator's variables), so that ``resume=True`` continues exactly where the run stopped, from
+any format. ``steps`` is the step number at which a run ends, counted from the first run.
+
+Guards (:mod:`~plugin.md.guards`), checked at every step inside the compiled loop: a run whose
+positions, momenta, forces or energy become non-finite, whose temperature exceeds
+``max_temperature`` (default ``max(10 x target, 5000 K)``) or whose largest force exceeds
+``max_force`` (default off) stops at the last good step, writes it as the last frame and
+returns with ``MDResult.stopped`` / ``reason`` set (and a ``RuntimeWarning``). ASE dynamics get
+the same as an observer, ``plugin.ase.guard(dyn)``.
 
 Initial velocities: the ``Atoms``' momenta if any is non-zero, else Maxwell-Boltzmann at
 ``init_temperature`` (default ``temperature``) from ``seed``, without centre-of-mass motion
@@ -55,7 +65,9 @@ _EXPORTS = {
     "ENSEMBLES": "plugin.md.ensembles", "ENSEMBLE_TABLE": "plugin.md.ensembles",
     "CLI_ENSEMBLES": "plugin.md.ensembles", "Ensemble": "plugin.md.ensembles",
     "COLUMNS": "plugin.md.output", "MDLog": "plugin.md.output", "Progress": "plugin.md.output",
-    "ProgressBar": "plugin.md.output",
+    "ProgressBar": "plugin.md.output", "read_trajectory": "plugin.md.output",
+    "FORMATS": "plugin.md.output",
+    "guard": "plugin.md.guards", "RunawayError": "plugin.md.guards",
     "run_ase": "plugin.md.ase_engine", "ASEResult": "plugin.md.ase_engine",
     "DEFAULTS": "plugin.md.settings", "Defaults": "plugin.md.settings",
     "FS": "plugin.thermo", "KB": "plugin.thermo", "BAR": "plugin.thermo",

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import ase
 import numpy as np
 
 from plugin import thermo
-from plugin.md import output
+from plugin.md import guards, output
 from plugin.md.ensembles import TABLE
 from plugin.md.output import MDLog
 from plugin.md.settings import DEFAULTS
@@ -22,10 +23,14 @@ from plugin.md.settings import DEFAULTS
 @dataclasses.dataclass
 class ASEResult:
   """``atoms``: the final structure (with the calculator); ``log``: one row per ``interval``
-  steps and the first step (:class:`plugin.md.MDLog`); ``wall_time_s``: seconds of the run."""
+  steps and the first step (:class:`plugin.md.MDLog`); ``wall_time_s``: seconds of the run;
+  ``stopped`` / ``reason``: the runaway guard that ended the run early and its one-line reason
+  (:mod:`plugin.md.guards`; ``atoms`` is then the last good state), else None."""
   atoms: ase.Atoms
   log: MDLog
   wall_time_s: float
+  stopped: Optional[str] = None
+  reason: Optional[str] = None
 
 
 def start_momenta(atoms: ase.Atoms, temperature: float, seed: int) -> np.ndarray:
@@ -45,18 +50,40 @@ def dynamics(atoms: ase.Atoms, ensemble: str, timestep: float, temperature: floa
   return entry.ase_dynamics(atoms, timestep, temperature, seed)
 
 
+def snapshot(atoms: ase.Atoms, step: int, timestep: float, ensemble: str) -> ase.Atoms:
+  """A trajectory frame of the live ``atoms``: a copy with its energy, forces (and stress where
+  periodic) in a ``SinglePointCalculator`` and ``md_step``, ``md_time_fs``, ``md_ensemble``."""
+  from ase.calculators.calculator import PropertyNotImplementedError
+  from ase.calculators.singlepoint import SinglePointCalculator
+  frame = atoms.copy()
+  results = dict(energy=atoms.get_potential_energy(), forces=atoms.get_forces())
+  if atoms.pbc.all():
+    try:
+      results["stress"] = atoms.get_stress()
+    except PropertyNotImplementedError:  # a calculator without stress
+      pass
+  frame.calc = SinglePointCalculator(frame, **results)
+  frame.info.update(md_step=int(step), md_time_fs=step * timestep, md_ensemble=ensemble)
+  return frame
+
+
 def run_ase(atoms: ase.Atoms, calculator: Any, *, ensemble: str = DEFAULTS.ensemble,
             timestep: float = DEFAULTS.timestep, steps: int = DEFAULTS.steps,
             temperature: float = DEFAULTS.temperature, interval: int = 1,
             seed: int = DEFAULTS.seed, momenta: Optional[np.ndarray] = None,
             traj: Optional[str] = None,
-            progress: Optional[Callable[[int, float, float], None]] = None) -> ASEResult:
+            progress: Optional[Callable[[int, float, float], None]] = None,
+            max_temperature: Optional[float] = None,
+            max_force: Optional[float] = DEFAULTS.max_force) -> ASEResult:
   """Run ``steps`` steps of ``ensemble`` with ASE's integrator on a copy of ``atoms``.
 
   Start momenta: ``momenta`` if given, else the atoms' own if any is non-zero, else
   :func:`start_momenta` at ``temperature`` from ``seed``. Every ``interval`` steps (and at the
-  start) a log row is taken, a frame written to ``traj`` (ASE ``.traj``, overwritten) and
-  ``progress(step, temperature_K, total_energy_eV)`` called.
+  start) a log row is taken, a frame appended to ``traj`` (any format of
+  :data:`plugin.md.output.FORMATS`; an existing file is replaced) and
+  ``progress(step, temperature_K, total_energy_eV)`` called. The runaway guards
+  (:func:`plugin.md.guards.guard`, every step; ``max_temperature`` None: the default rule for
+  ``temperature``) end the run early with its last good frame written (``ASEResult.stopped``).
   """
   a = atoms.copy()
   a.calc = calculator
@@ -69,10 +96,15 @@ def run_ase(atoms: ase.Atoms, calculator: Any, *, ensemble: str = DEFAULTS.ensem
   columns = output.columns_for(names)
   context = output.RowContext(len(a), lambda step: step * timestep)
   rows: List[Dict[str, float]] = []
-  writer = None
   if traj is not None:
-    from ase.io.trajectory import Trajectory
-    writer = Trajectory(str(traj), "w", a)
+    output.traj_format(traj)
+    Path(traj).unlink(missing_ok=True)
+  written = [-1]  # md_step of the last frame in traj
+
+  def write(frame: ase.Atoms) -> None:
+    if traj is not None and frame.info["md_step"] != written[0]:
+      output.append_frames(traj, [frame])
+      written[0] = frame.info["md_step"]
 
   def record():
     step = dyn.get_number_of_steps()
@@ -81,17 +113,23 @@ def run_ase(atoms: ase.Atoms, calculator: Any, *, ensemble: str = DEFAULTS.ensem
     epot, ekin = a.get_potential_energy(), a.get_kinetic_energy()
     rows.extend(output.make_rows(columns, {"step": [step], "epot": [epot], "ekin": [ekin],
                                            "conserved": [epot + ekin]}, 1, context))
-    if writer is not None:
-      writer.write(a)
+    if traj is not None:
+      write(snapshot(a, step, timestep, ensemble))
     if progress is not None:
       progress(step, rows[-1]["temperature_K"], epot + ekin)
 
   t0 = time.perf_counter()
+  stopped = reason = None
+  reference_t = temperature if TABLE[ensemble].thermostat else a.get_temperature()
+  record()
+  dyn.attach(record, interval=interval)
+  guards.guard(dyn, max_temperature=max_temperature, max_force=max_force,
+               temperature=reference_t)
   try:
-    record()
-    dyn.attach(record, interval=interval)
     dyn.run(steps)
-  finally:
-    if writer is not None:
-      writer.close()
-  return ASEResult(a, MDLog.from_rows(columns, rows), time.perf_counter() - t0)
+  except guards.RunawayError as e:
+    stopped, reason, good = e.guard, str(e), e.last_good
+    if good is not None:
+      a = good  # the last good state; the live atoms hold the runaway one
+      write(snapshot(good, good.info["md_step"], timestep, ensemble))
+  return ASEResult(a, MDLog.from_rows(columns, rows), time.perf_counter() - t0, stopped, reason)

@@ -19,10 +19,10 @@ from jax_md import simulate
 import potentials
 from plugin import thermo
 from plugin.md import engine as eng
-from plugin.md import output, system as msys
+from plugin.md import guards, output, system as msys
 from plugin.md.ensembles import TABLE, Params
 from plugin.md.output import MDLog, Progress
-from plugin.md.settings import DEFAULTS, RunOptions, run_options
+from plugin.md.settings import DEFAULTS, RunOptions, guard_limits, run_options
 
 PathLike = Union[str, os.PathLike]
 
@@ -42,6 +42,10 @@ class MDResult:
     num_reallocations: neighbour-list reallocations (each followed by a chunk replay).
     wall_time_s: seconds spent in chunks (including compilation);
     chunk_times_s: seconds per chunk (including replays), for benchmarks.
+    stopped: None, or the guard that stopped the run early (``"non_finite"``,
+      ``"max_temperature"``, ``"max_force"``; :mod:`plugin.md.guards`); ``atoms`` and the
+      trajectory's last frame are then the last good state (step ``total_steps``).
+    reason: the guard's one-line reason (None when the run finished).
   """
   atoms: ase.Atoms
   log: MDLog
@@ -52,6 +56,8 @@ class MDResult:
   num_reallocations: int
   wall_time_s: float
   chunk_times_s: List[float]
+  stopped: Optional[str] = None
+  reason: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -72,10 +78,13 @@ def _start(atoms: ase.Atoms, traj: Optional[Path], resume: bool, opts: RunOption
     raise ValueError(f"{opts.ensemble} needs a periodic system (atoms.pbc all True and a cell)")
   last = None if traj is None else output.read_last_frame(traj)
   if last is None:
+    if traj is not None:
+      output.prepare_resume(traj)  # only an incomplete frame (or nothing): drop it
     return _Start(system)
   if not resume:
     raise FileExistsError(f"{str(traj)!r} already holds frames; pass resume=True to "
                           f"continue that run, or choose another file / delete it")
+  output.prepare_resume(traj)  # a frame cut short by a kill is dropped before appending
   if not np.array_equal(last.numbers, system.numbers):
     raise ValueError(f"cannot resume: the atoms in {str(traj)!r} are not the ones given "
                      f"(atomic numbers differ)")
@@ -126,26 +135,41 @@ def _start_carry(engine: eng.Engine, start: _Start, opts: RunOptions):
   return (state, nbrs, eng.initial_aux(engine, state)), extra
 
 
+def _limits(opts: RunOptions, start: _Start) -> Dict[str, float]:
+  """The guards' limits; the default temperature limit follows the thermostat's target, or in
+  NVE the temperature of this call's start state."""
+  reference = opts.temperature
+  if not TABLE[opts.ensemble].thermostat:
+    p = start.system.momenta
+    reference = (opts.init_temperature if p is None or not np.any(p)
+                 else thermo.temperature(p, start.system.masses))
+  t_max, f_max = guard_limits(max_temperature=opts.max_temperature, max_force=opts.max_force,
+                              temperature=reference)
+  return {"max_temperature": t_max, "max_force": f_max}
+
+
 class _Recorder:
   """A run's output: log rows (kept, and appended to the CSV file), trajectory frames."""
 
   def __init__(self, engine: eng.Engine, start: _Start, opts: RunOptions,
                traj: Optional[Path], log_file: Optional[PathLike]):
     self.engine, self.start, self.opts, self.traj = engine, start, opts, traj
+    self.limits = _limits(opts, start)
     self.columns = output.columns_for(eng.observables(engine.key))
     self.csv = output.CsvLog(log_file, [c.csv for c in self.columns])
     self.context = output.RowContext(len(start.system.masses), self.time_fs)
     self.rows: List[Dict[str, float]] = []
+    self.last_frame = start.first_step if start.last is not None else None  # its md_step
 
   def time_fs(self, g: int) -> float:
     return self.start.time0_fs + (g - self.start.first_step) * self.opts.timestep
 
-  def frame(self, state, epot, box, g) -> ase.Atoms:
+  def frame(self, state, epot, box, g, virial=None) -> ase.Atoms:
     info = {"md_step": int(g), "md_time_fs": self.time_fs(int(g)),
             "md_ensemble": self.opts.ensemble, "md_state": msys.extended_state(state)}
     return msys.to_atoms(self.start.system, np.asarray(state.position),
                          np.asarray(state.momentum), np.asarray(state.force), float(epot),
-                         np.asarray(box), info)
+                         np.asarray(box), info, None if virial is None else np.asarray(virial))
 
   def logs(self, logs: Dict[str, np.ndarray], count: int) -> None:
     new = output.make_rows(self.columns, logs, count, self.context)
@@ -153,30 +177,48 @@ class _Recorder:
     self.csv.write(new)
 
   def first(self, carry) -> None:
-    """The start of a fresh run: logged, and written as the trajectory's first frame."""
+    """The start of a fresh run: checked by the guards, logged, and written as the
+    trajectory's first frame."""
     logs = eng.start_logs(self.engine, carry, self.start.first_step)
+    state = carry[0]
+    code, value = guards.check(np.asarray(state.position), np.asarray(state.momentum),
+                               np.asarray(state.force), float(logs["epot"][0]),
+                               self.start.system.masses, **self.limits)
+    if code != guards.OK:
+      why = guards.reason(code, self.start.first_step, value, **self.limits).split(" (")[0]
+      raise ValueError(f"the start structure fails a runaway guard: {why}; check the "
+                       f"structure, or raise max_temperature / max_force")
     self.logs(logs, 1)
     if self.traj is not None:
-      state = carry[0]
       output.append_frames(self.traj, [self.frame(state, logs["epot"][0],
                                                   self.engine.box_fn(state),
-                                                  self.start.first_step)])
+                                                  self.start.first_step,
+                                                  logs.get("virial", [None])[0])])
+      self.last_frame = self.start.first_step
 
   def chunk(self, c: eng.Chunk) -> None:
-    state = c.carry[0]
-    if not (np.all(np.isfinite(np.asarray(state.position)))
-            and np.all(np.isfinite(c.logs["epot"][:c.num_logs]))):
-      where = '' if self.traj is None else f' in {str(self.traj)!r}'
-      raise RuntimeError(
-          f"MD became unstable between steps {c.start} and {c.stop}: non-finite positions or "
-          f"energies (atoms too close, or timestep {self.opts.timestep} fs too large). Frames "
-          f"up to step {c.start} are kept{where}.")
+    """A chunk's rows and frames; after a guard fired, also the last good state (row and
+    frame) unless the chunk recorded it already."""
     self.logs(c.logs, c.num_logs)
+    frames = []
     if self.traj is not None:
-      frames, n = jax.device_get(c.frames), int(c.num_frames)
-      output.append_frames(self.traj, [
-          self.frame(jax.tree.map(lambda x: x[i], frames["state"]), frames["epot"][i],
-                     frames["box"][i], frames["step"][i]) for i in range(n)])
+      fr, n = jax.device_get(c.frames), int(c.num_frames)
+      frames = [self.frame(jax.tree.map(lambda x: x[i], fr["state"]), fr["epot"][i],
+                           fr["box"][i], fr["step"][i], fr["virial"][i] if "virial" in fr
+                           else None) for i in range(n)]
+    last = frames[-1].info["md_step"] if frames else self.last_frame
+    if c.guard:
+      state, nbrs, _ = c.carry
+      obs = jax.device_get(self.engine.observe_fn(state, nbrs))
+      if not self.rows or self.rows[-1]["step"] != c.stop:
+        self.logs(dict(jax.tree.map(lambda x: np.asarray(x)[None], obs),
+                       step=np.array([c.stop])), 1)
+      if self.traj is not None and last != c.stop:
+        frames.append(self.frame(state, obs["epot"], self.engine.box_fn(state), c.stop,
+                                 obs.get("virial")))
+    if frames:
+      output.append_frames(self.traj, frames)
+      self.last_frame = frames[-1].info["md_step"]
 
   def final(self, carry, g: int) -> ase.Atoms:
     if g == self.start.first_step and self.start.last is not None:
@@ -185,7 +227,7 @@ class _Recorder:
       return final
     state, nbrs, _ = carry
     obs = jax.device_get(self.engine.observe_fn(state, nbrs))
-    final = self.frame(state, obs["epot"], self.engine.box_fn(state), g)
+    final = self.frame(state, obs["epot"], self.engine.box_fn(state), g, obs.get("virial"))
     final.info.pop("md_state")
     return final
 
@@ -251,6 +293,8 @@ def run(
     capacity_multiplier: float = DEFAULTS.capacity_multiplier,
     dtype: Any = DEFAULTS.dtype,
     progress: Union[bool, Callable[[Progress], None]] = False,
+    max_temperature: Optional[float] = None,
+    max_force: Optional[float] = DEFAULTS.max_force,
 ) -> MDResult:
   """Run molecular dynamics of ``atoms`` with ``potential``; see :mod:`plugin.md`.
 
@@ -274,10 +318,13 @@ def run(
       the log and frames, and calls ``progress``.
     log_interval: steps between log rows (default ``chunk``); the first and last steps are
       always logged.
-    traj: ``.traj`` or ``.xyz``/``.extxyz`` file for frames (None: no frames).
+    traj: trajectory file, its format by extension (:data:`plugin.md.output.FORMATS`):
+      ``.traj`` (ASE), ``.xyz``/``.extxyz``, ``.h5``/``.h5md`` (H5MD, needs h5py); None: no
+      frames. Read any of them back with :func:`plugin.md.read_trajectory`.
     traj_interval: steps between frames (default ``log_interval``); the first (fresh runs) and
       the last step are always written.
-    resume: continue from the last frame of ``traj`` if it exists (else start from ``atoms``).
+    resume: continue from the last complete frame of ``traj`` if it exists (else start from
+      ``atoms``); any format.
       Without it an existing non-empty ``traj`` is an error, never overwritten.
     log_file: CSV file for the log rows (appended to; a header is written to a new file).
     seed: seeds the Maxwell-Boltzmann velocities and the Langevin noise.
@@ -285,6 +332,11 @@ def run(
     capacity_multiplier: initial neighbour-list headroom (JAX-MD's); it grows on overflow.
     dtype: ``jnp.float32`` (default) or ``jnp.float64`` (needs ``jax_enable_x64``).
     progress: True for a tqdm bar, or a callable taking a :class:`Progress` after each chunk.
+    max_temperature: K; the run stops (``MDResult.stopped``, last good frame written) when the
+      temperature exceeds it; None: ``max(10 x reference, 5000 K)`` (``DEFAULTS``; reference:
+      the thermostat target, or in NVE the start temperature); ``inf``: off.
+    max_force: eV/Å; the run stops when a force exceeds it; None (default): off. Non-finite
+      positions, momenta, forces or energies always stop a run. Checked at every step.
 
   Returns:
     :class:`MDResult`.
@@ -294,7 +346,8 @@ def run(
       steps=steps, pressure=pressure, friction=friction, tau_t=tau_t, tau_p=tau_p,
       init_temperature=init_temperature, chunk=chunk, log_interval=log_interval,
       has_traj=traj is not None, traj_interval=traj_interval, seed=seed,
-      dr_threshold=dr_threshold, capacity_multiplier=capacity_multiplier, dtype=dtype)
+      dr_threshold=dr_threshold, capacity_multiplier=capacity_multiplier, dtype=dtype,
+      max_temperature=max_temperature, max_force=max_force)
   traj_path = None if traj is None else Path(traj)
   if traj_path is not None:
     output.traj_format(traj_path)
@@ -306,21 +359,26 @@ def run(
   if start.last is None:
     rec.first(carry)
   report = _reporter(progress, opts, start)
-  g, reallocations, chunk_times = start.first_step, 0, []
+  g, reallocations, chunk_times, stopped, reason = start.first_step, 0, [], None, None
+  limits = jnp.asarray([rec.limits["max_temperature"], rec.limits["max_force"]], opts.dtype)
   try:
-    for c in eng.simulate_chunks(engine, carry, start.first_step, opts.steps, extra):
+    for c in eng.simulate_chunks(engine, carry, start.first_step, opts.steps, extra, limits):
       rec.chunk(c)
       carry, g = c.carry, c.stop
       reallocations += c.reallocations
       chunk_times.append(time.perf_counter() - c.t_start)
-      report(g, c.stop - c.start, carry[0], rec.rows, chunk_times[-1])
+      report(g, max(c.stop - c.start, 1), carry[0], rec.rows, chunk_times[-1])
+      if c.guard:
+        stopped = guards.NAMES[c.guard]
+        reason = guards.reason(c.guard, g + 1, c.value, **rec.limits)
+        warnings.warn(reason, RuntimeWarning, stacklevel=3)
   finally:
     report.close()
   return MDResult(atoms=rec.final(carry, g), log=MDLog.from_rows(rec.columns, rec.rows),
                   steps=g - start.first_step, first_step=start.first_step, total_steps=g,
                   num_compilations=engine.traces[0] - traces0,
                   num_reallocations=reallocations, wall_time_s=float(sum(chunk_times)),
-                  chunk_times_s=chunk_times)
+                  chunk_times_s=chunk_times, stopped=stopped, reason=reason)
 
 
 def temperature_of(state, masses: np.ndarray) -> float:

@@ -42,6 +42,8 @@ from jax_md import partition, simulate, space
 
 import potentials
 import plugin.jax_md as pjm
+from plugin import thermo
+from plugin.md import guards
 from plugin.md.ensembles import TABLE, Ensemble, Params, neighbor_kwargs
 from plugin.md.settings import DEFAULTS
 
@@ -134,10 +136,12 @@ def observables(key: EngineKey) -> Tuple[str, ...]:
 
 
 def observe_fn(key: EngineKey, energy_fn: Callable, box_fn: Callable) -> Callable:
-  """``(state, nbrs) -> {epot, ekin[, conserved][, pressure, volume]}`` in eV, eV/Å^3, Å^3.
+  """``(state, nbrs) -> {epot, ekin[, conserved][, pressure, volume, virial]}`` in eV,
+  eV/Å^3, Å^3, eV.
 
-  Pressure (periodic) is ``(2 E_kin - dU/d eps) / (3 V)`` with ``eps`` a uniform strain (JAX-MD's
-  ``quantity.pressure``); ``conserved`` is the ensemble's invariant (where it has one).
+  Pressure (periodic) is ``(2 E_kin - tr dU/d eps) / (3 V)`` with ``eps`` a strain (JAX-MD's
+  ``quantity.pressure``); ``virial`` is the symmetric ``dU/d eps`` (3, 3) (ASE's stress is
+  ``virial / V``); ``conserved`` is the ensemble's invariant (where it has one).
   """
   invariant = TABLE[key.ensemble].invariant
 
@@ -148,11 +152,14 @@ def observe_fn(key: EngineKey, energy_fn: Callable, box_fn: Callable) -> Callabl
     out = {"ekin": ekin}
     if key.periodic:
       box = box_fn(state)
-      # One reverse pass gives E and the virial dU/d(eps) of a uniform strain (1 + eps).
-      u = lambda eps: energy_fn(R, neighbor=nbrs, box=box, perturbation=1.0 + eps)
-      epot, dU = jax.value_and_grad(u)(jnp.zeros((), R.dtype))
+      # One reverse pass gives E and the virial dU/d(eps) of a strain (1 + eps): its trace is
+      # the uniform-strain derivative, the whole (ASE's stress times V) goes into frames.
+      eye = jnp.eye(3, dtype=R.dtype)
+      u = lambda eps: energy_fn(R, neighbor=nbrs, box=box, perturbation=eye + eps)
+      epot, dU = jax.value_and_grad(u)(jnp.zeros((3, 3), R.dtype))
       volume = jnp.abs(jnp.linalg.det(box))
-      out.update(pressure=(2.0 * ekin - dU) / (3.0 * volume), volume=volume)
+      out.update(pressure=(2.0 * ekin - jnp.trace(dU)) / (3.0 * volume), volume=volume,
+                 virial=0.5 * (dU + dU.T))
     else:
       epot = energy_fn(R, **neighbor_kwargs(nbrs))
     out["epot"] = epot
@@ -162,23 +169,51 @@ def observe_fn(key: EngineKey, energy_fn: Callable, box_fn: Callable) -> Callabl
   return observe
 
 
+def guard_code(state, limits):
+  """``(code, value)`` of the first guard (:mod:`plugin.md.guards`) that fires for ``state``
+  (traced; code 0: none). ``limits``: ``(max_temperature K, max_force eV/Å)``, inf: off."""
+  finite = (jnp.all(jnp.isfinite(state.position)) & jnp.all(jnp.isfinite(state.momentum))
+            & jnp.all(jnp.isfinite(state.force)))
+  ekin = 0.5 * jnp.sum(state.momentum**2 / state.mass)
+  temperature = thermo.temperature_from_kinetic(ekin, state.position.shape[0])
+  fmax = jnp.sqrt(jnp.max(jnp.sum(state.force**2, axis=-1)))
+  code = jnp.where(~finite, guards.NON_FINITE,
+                   jnp.where(temperature > limits[0], guards.HOT,
+                             jnp.where(fmax > limits[1], guards.FORCE, guards.OK)))
+  value = jnp.where(code == guards.HOT, temperature, fmax)
+  return code.astype(jnp.int32), value
+
+
+def no_limits(dtype=jnp.float32):
+  """Guard limits that never fire except on non-finite states."""
+  return jnp.full((2,), jnp.inf, dtype)
+
+
 def chunk_fn(key: EngineKey, step: Callable, observe: Callable, box_fn: Callable,
              traces: List[int]) -> Callable:
-  """``chunk(carry, g0, n, g_end) -> (carry, logs, num_logs, frames, num_frames)``.
+  """``chunk(carry, g0, n, g_end, limits) -> (carry, logs, num_logs, frames, num_frames,
+  num_steps, guard, value)``.
 
-  Runs ``n <= chunk`` steps from global step ``g0``. After a step that lands on global step
-  ``g``, it records a log row if ``g % log_interval == 0 or g == g_end`` and a frame (full state,
-  energy, box) if ``g % traj_interval == 0 or g == g_end``, into buffers of static size;
-  ``num_logs`` / ``num_frames`` say how many entries are valid. ``g0, n, g_end`` are traced
-  int32 scalars, so a shorter last chunk does not recompile.
+  Runs up to ``n <= chunk`` steps from global step ``g0``. After a step that lands on global
+  step ``g``, it records a log row if ``g % log_interval == 0 or g == g_end`` and a frame (full
+  state, energy, box[, virial]) if ``g % traj_interval == 0 or g == g_end``, into buffers of
+  static size; ``num_logs`` / ``num_frames`` say how many entries are valid. ``g0, n, g_end``
+  are traced int32 scalars, so a shorter last chunk does not recompile.
+
+  Guards (``limits``: ``(max_temperature, max_force)``, traced): a step whose state fails
+  :func:`guard_code`, or whose recorded energy is non-finite, ends the loop: ``carry`` is then
+  the last good state (step ``g0 + num_steps``), ``guard`` the code and ``value`` the
+  temperature or force that fired; nothing of the failed step is recorded.
   """
   li, ti = key.log_interval, key.traj_interval
   n_logs = key.chunk // li + 2
   n_frames = key.chunk // ti + 2 if ti else 0
+  frame_keys = ("epot", "virial") if key.periodic else ("epot",)
 
   def buffers(state, nbrs):
     obs_shape = jax.eval_shape(observe, state, nbrs)  # one trace of observe, not two
-    frame_shape = {"state": state, "epot": obs_shape["epot"], "box": jax.eval_shape(box_fn, state)}
+    frame_shape = dict({k: obs_shape[k] for k in frame_keys}, state=state,
+                       box=jax.eval_shape(box_fn, state))
     zeros = lambda k, tree: jax.tree.map(lambda x: jnp.zeros((k,) + x.shape, x.dtype), tree)
     return (dict(zeros(n_logs, obs_shape), step=jnp.zeros(n_logs, jnp.int32)),
             dict(zeros(n_frames, frame_shape), step=jnp.zeros(n_frames, jnp.int32)))
@@ -192,26 +227,37 @@ def chunk_fn(key: EngineKey, step: Callable, observe: Callable, box_fn: Callable
     logs = put(logs, jnp.minimum(il, n_logs - 1), dict(obs, step=g))
     if n_frames:
       frames = put(frames, jnp.minimum(ifr, n_frames - 1),
-                   {"state": state, "epot": obs["epot"], "box": box_fn(state), "step": g})
-    return logs, frames
+                   dict({k: obs[k] for k in frame_keys}, state=state, box=box_fn(state),
+                        step=g))
+    return logs, frames, jnp.isfinite(obs["epot"])
 
-  def chunk(carry, g0, n, g_end):
+  def skip(args):
+    return args[1], args[3], jnp.ones((), bool)
+
+  def chunk(carry, g0, n, g_end, limits):
     traces[0] += 1  # runs at trace time only: counts compilations
     logs, frames = buffers(carry[0], carry[1])
 
-    def body(j, c):
-      carry, logs, il, frames, ifr = c
-      carry = step(carry)
+    def body(c):
+      carry, logs, il, frames, ifr, j, _, _ = c
+      new = step(carry)
       g = g0 + j + 1
       last = g == g_end
       do_log = (g % li == 0) | last
       do_frame = ((g % ti == 0) | last) if ti else jnp.zeros((), bool)
-      logs, frames = lax.cond(do_log | do_frame, record, lambda a: (a[1], a[3]),
-                              (carry, logs, il, frames, ifr, g))
-      return carry, logs, il + do_log, frames, ifr + do_frame
+      code, value = guard_code(new[0], limits)
+      logs, frames, energy_ok = lax.cond((code == 0) & (do_log | do_frame), record, skip,
+                                         (new, logs, il, frames, ifr, g))
+      code = jnp.where((code == 0) & ~energy_ok, guards.NON_FINITE_ENERGY, code)
+      ok = code == 0
+      # a failed step is not taken: the carry stays the last good state
+      carry = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, carry)
+      return (carry, logs, il + (ok & do_log), frames, ifr + (ok & do_frame), j + ok, code,
+              value.astype(limits.dtype))
 
     zero = jnp.zeros((), jnp.int32)
-    return lax.fori_loop(0, n, body, (carry, logs, zero, frames, zero))
+    init = (carry, logs, zero, frames, zero, zero, zero, jnp.zeros((), limits.dtype))
+    return lax.while_loop(lambda c: (c[5] < n) & (c[6] == 0), body, init)
 
   return jax.jit(chunk)
 
@@ -329,13 +375,16 @@ def _regrow(engine: Engine, carry, out, extra: int):
   return (state0, nbrs, aux0), extra
 
 
-def advance(engine: Engine, carry, g: int, n: int, g_end: int, extra: int):
-  """Runs ``n`` steps from global step ``g``, replaying after overflows.
+def advance(engine: Engine, carry, g: int, n: int, g_end: int, extra: int, limits=None):
+  """Runs ``n`` steps from global step ``g``, replaying after overflows (``limits``: the
+  guards' ``(max_temperature, max_force)``, default off).
 
   Returns ``(out, extra, reallocations)``; ``out`` is :func:`chunk_fn`'s result.
   """
+  if limits is None:
+    limits = no_limits(carry[0].position.dtype)
   for attempt in range(DEFAULTS.max_replays + 1):
-    out = engine.chunk_fn(carry, jnp.int32(g), jnp.int32(n), jnp.int32(g_end))
+    out = engine.chunk_fn(carry, jnp.int32(g), jnp.int32(n), jnp.int32(g_end), limits)
     nbrs = out[0][1]
     if nbrs is None or not (bool(nbrs.did_buffer_overflow) or bool(nbrs.cell_size_too_small)):
       return out, extra, attempt
@@ -355,7 +404,9 @@ def start_logs(engine: Engine, carry, step: int) -> dict:
 
 @dataclasses.dataclass
 class Chunk:
-  """One finished chunk, on the host: steps ``start..stop``, its log buffers and frames."""
+  """One finished chunk, on the host: steps ``start..stop``, its log buffers and frames;
+  ``guard`` (:mod:`plugin.md.guards` code, 0: none) and ``value``: a guard fired at step
+  ``stop + 1`` and ``carry`` is the last good state (step ``stop``)."""
   start: int
   stop: int
   carry: Any
@@ -365,18 +416,23 @@ class Chunk:
   num_frames: Any
   t_start: float  # time.perf_counter() at its start: the caller adds its output to the time
   reallocations: int  # neighbour-list reallocations (each followed by a replay)
+  guard: int = 0
+  value: float = 0.0
 
 
-def simulate_chunks(engine: Engine, carry, first_step: int, steps: int, extra: int = 0):
+def simulate_chunks(engine: Engine, carry, first_step: int, steps: int, extra: int = 0,
+                    limits=None):
   """Yields a :class:`Chunk` per ``chunk`` steps from ``first_step`` to ``steps``; the caller
-  writes output between them."""
+  writes output between them. After a chunk in which a guard fired, it stops."""
   g = first_step
   while g < steps:
     n = min(engine.key.chunk, steps - g)
     t_start = time.perf_counter()
-    out, extra, realloc = advance(engine, carry, g, n, steps, extra)
-    carry, logs, n_logs, frames, n_frames = out
+    out, extra, realloc = advance(engine, carry, g, n, steps, extra, limits)
+    carry, logs, n_logs, frames, n_frames, done, code, value = out
     logs = jax.device_get(logs)
-    yield Chunk(g, g + n, carry, logs, int(n_logs), frames, n_frames,
-                t_start, realloc)
+    yield Chunk(g, g + int(done), carry, logs, int(n_logs), frames, n_frames,
+                t_start, realloc, int(code), float(value))
+    if int(code):
+      return
     g += n

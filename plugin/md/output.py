@@ -1,23 +1,33 @@
 """What the MD engines write: the log schema (one column list), one CSV writer, trajectory files,
 progress reports.
 
-Trajectories: ``.traj`` (ASE's binary format, float64, keeps ``atoms.info["md_state"]`` for an
-exact resume) or ``.xyz`` / ``.extxyz`` (extended XYZ), appended after each chunk and closed
-again, so an interrupted run keeps every frame written before it.
+Trajectories (:data:`FORMATS`, chosen by the file's extension; adding a format is one entry):
+``.traj`` (ASE's binary format, float64), ``.xyz`` / ``.extxyz`` (extended XYZ text) and
+``.h5`` / ``.h5md`` (H5MD 1.1 through the optional h5py). Frames are appended one at a time, each
+complete and flushed before the next (SIGINT/SIGTERM are held while one is written), and the
+file is closed between chunks; a frame cut short by ``kill -9`` is never read back
+(:func:`read_trajectory`) and is cut off before a resume appends (:func:`prepare_resume`). Every
+format keeps ``md_step``, ``md_time_fs``, ``md_ensemble`` and the integrator's variables
+(``md_state``), so ``resume=True`` continues any of them.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import csv
 import dataclasses
+import io
 import os
+import signal
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import ase
 import ase.io
 import numpy as np
+from ase.calculators.singlepoint import SinglePointCalculator
 
 from plugin import thermo
 
@@ -135,51 +145,345 @@ class CsvLog:
 
 
 # ------------------------------------------------------------------------------------------
-# trajectories
+# trajectories: one entry per format in FORMATS (a writer, a reader, a repair for resume)
 
 
-def traj_format(path: Path) -> str:
-  """``"traj"`` or ``"extxyz"`` from the file name, or a clear error."""
-  suffix = Path(path).suffix.lower()
-  if suffix == ".traj":
-    return "traj"
-  if suffix in (".xyz", ".extxyz"):
-    return "extxyz"
-  raise ValueError(f"trajectory file {str(path)!r}: use a .traj (ASE binary, exact resume) "
-                   f"or .xyz/.extxyz file name")
-
-
-def append_frames(path: Path, frames: List[ase.Atoms]) -> None:
-  """Append frames and close the file again, so it is complete after every chunk."""
-  if not frames:
+@contextlib.contextmanager
+def _signals_held():
+  """Holds SIGINT/SIGTERM while one frame is written: Ctrl-C or a ``kill`` lands between frames
+  (delivered when the frame is complete), never inside one."""
+  held = {signal.SIGINT, signal.SIGTERM}
+  try:
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+  except (AttributeError, OSError, ValueError):  # no pthread_sigmask on this platform
+    yield
     return
-  if traj_format(path) == "traj":
-    from ase.io.trajectory import Trajectory
-    with Trajectory(str(path), "a") as t:
-      for f in frames:
-        t.write(f)
-  else:
+  try:
+    yield
+  finally:
+    signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def encode_state(state: Optional[Mapping[str, np.ndarray]]) -> str:
+  """``atoms.info["md_state"]`` (integrator variables by key path) as one token (npz, base64
+  without padding), for formats that hold only strings; '' for None."""
+  if not state:
+    return ""
+  buf = io.BytesIO()
+  np.savez(buf, **{f"a{i}": np.asarray(v) for i, v in enumerate(state.values())},
+           keys=np.array(list(state), dtype=str))
+  return base64.urlsafe_b64encode(buf.getvalue()).decode().rstrip("=")
+
+
+def decode_state(token: str) -> Optional[Dict[str, np.ndarray]]:
+  """The inverse of :func:`encode_state` (None for '')."""
+  if not token:
+    return None
+  data = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+  with np.load(io.BytesIO(data), allow_pickle=False) as z:
+    return {str(k): z[f"a{i}"] for i, k in enumerate(z["keys"])}
+
+
+# .traj: ASE's binary format. ASE's writer records a frame's offset in the header only after the
+# frame's data, so a frame cut short by a kill is not counted and appending continues cleanly.
+
+def _traj_append(path: Path, frames: List[ase.Atoms]) -> None:
+  from ase.io.trajectory import Trajectory
+  with Trajectory(str(path), "a") as t:
     for f in frames:
-      f.info.pop("md_state", None)  # nested dicts do not fit an extxyz comment line
-    ase.io.write(str(path), frames, format="extxyz", append=True)
+      with _signals_held():
+        t.write(f)
 
 
-def read_last_frame(path: Path) -> Optional[ase.Atoms]:
-  """The last frame of ``path`` (None: no file or no frame), or a clear error if damaged."""
+def _traj_read(path: Path, last_only: bool) -> List[ase.Atoms]:
+  from ase.io.trajectory import Trajectory
+  with Trajectory(str(path)) as t:
+    if last_only:
+      return [t[-1]] if len(t) else []
+    return list(t)
+
+
+# .extxyz / .xyz: text, one frame written and flushed at a time; a frame cut short (kill -9
+# inside a write) is found by counting lines, ignored when reading and cut off before a resume.
+
+def _xyz_frames(path: Path) -> List[Tuple[int, int]]:
+  """Byte ranges ``(start, end)`` of the complete frames of an extended XYZ file."""
+  spans, pos = [], 0
+  with open(path, "rb") as f:
+    while True:
+      head = f.readline()
+      if not head.endswith(b"\n"):
+        break
+      try:
+        n = int(head)
+      except ValueError:
+        break
+      lines = [f.readline() for _ in range(n + 1)]
+      if not all(line.endswith(b"\n") for line in lines):
+        break
+      spans.append((pos, f.tell()))
+      pos = f.tell()
+  return spans
+
+
+def _xyz_append(path: Path, frames: List[ase.Atoms]) -> None:
+  with open(path, "a") as f:
+    for given in frames:
+      frame = given.copy()  # with its own info: the caller's frame keeps its md_state dict
+      if given.calc is not None:
+        frame.calc = SinglePointCalculator(frame, **given.calc.results)
+      token = encode_state(frame.info.pop("md_state", None))
+      if token:  # an empty value would swallow the next key of the comment line
+        frame.info["md_state"] = token
+      text = io.StringIO()
+      ase.io.write(text, frame, format="extxyz")
+      with _signals_held():
+        f.write(text.getvalue())
+        f.flush()
+
+
+def _xyz_read(path: Path, last_only: bool) -> List[ase.Atoms]:
+  spans = _xyz_frames(path)
+  if not spans:
+    return []
+  first = spans[-1][0] if last_only else 0
+  with open(path, "rb") as f:
+    f.seek(first)
+    text = f.read(spans[-1][1] - first).decode()
+  frames = ase.io.read(io.StringIO(text), index=":", format="extxyz")
+  for frame in frames:
+    if "md_state" in frame.info:
+      frame.info["md_state"] = decode_state(str(frame.info["md_state"]))
+  return frames
+
+
+def _xyz_repair(path: Path) -> None:
+  spans = _xyz_frames(path)
+  end = spans[-1][1] if spans else 0
+  if path.stat().st_size != end:
+    with open(path, "r+b") as f:
+      f.truncate(end)
+
+
+# .h5 / .h5md: H5MD 1.1 (particles/all: position, velocity, force, box/edges, species, mass;
+# observables), chunked, compressed, resizable, flushed per frame. The frame count is the
+# length of the shared `step` dataset, grown last, so a frame cut short is not counted.
+
+H5_UNITS = {"position": "angstrom", "velocity": "angstrom fs-1", "force": "eV angstrom-1",
+            "edges": "angstrom", "potential_energy": "eV", "kinetic_energy": "eV",
+            "total_energy": "eV", "temperature": "K", "stress": "eV angstrom-3"}
+
+
+def _h5py():
+  try:
+    import h5py
+  except ImportError:
+    raise ImportError("H5MD trajectories (.h5, .h5md) need h5py: pip install h5py (or "
+                      "pip install 'eqattn[h5]'), or write .traj / .extxyz") from None
+  return h5py
+
+
+def _h5_values(frame: ase.Atoms) -> Dict[str, np.ndarray]:
+  """The time-dependent H5MD elements of one frame, by path (user units: Å, fs, eV, K)."""
+  calc = frame.calc.results if frame.calc is not None else {}
+  epot, ekin = float(calc.get("energy", np.nan)), float(frame.get_kinetic_energy())
+  values = {"particles/all/position": frame.positions,
+            "particles/all/velocity": frame.get_velocities() * thermo.FS,
+            "particles/all/force": calc.get("forces", np.full((len(frame), 3), np.nan)),
+            "particles/all/box/edges": frame.cell.array,
+            "observables/potential_energy": epot, "observables/kinetic_energy": ekin,
+            "observables/total_energy": epot + ekin,
+            "observables/temperature": thermo.temperature(frame.get_momenta(),
+                                                          frame.get_masses())}
+  if "stress" in calc:
+    values["observables/stress"] = calc["stress"]
+  return {k: np.asarray(v, np.float64) for k, v in values.items()}
+
+
+def _h5_create(f, frame: ase.Atoms) -> None:
+  from importlib import metadata
+  try:
+    version = metadata.version("eqattn")
+  except metadata.PackageNotFoundError:  # run from a source tree
+    version = "unknown"
+  f.require_group("h5md").attrs["version"] = np.array([1, 1], np.int32)
+  f["h5md"].require_group("author").attrs["name"] = "eqattn user"
+  creator = f["h5md"].require_group("creator")
+  creator.attrs.update(name="eqattn plugin.md", version=version)
+  particles = f.require_group("particles/all")
+  particles["species"] = frame.numbers.astype(np.int32)  # atomic numbers
+  particles["mass"] = frame.get_masses()
+  particles["mass"].attrs["unit"] = "amu"
+  box = particles.require_group("box")
+  box.attrs["dimension"] = np.int32(3)
+  box.attrs["boundary"] = np.array([b"periodic" if p else b"none" for p in frame.pbc], "S8")
+  step = time = None
+  for path, value in _h5_values(frame).items():
+    group = f.require_group(path)
+    row = max(value.nbytes, 1)
+    rows = int(max(1, min(256, 2**20 // row)))  # ~1 MiB chunks
+    group.create_dataset("value", shape=(0,) + value.shape, maxshape=(None,) + value.shape,
+                         dtype=np.float64, chunks=(rows,) + value.shape, compression="gzip",
+                         compression_opts=4, shuffle=True)
+    group["value"].attrs["unit"] = H5_UNITS[path.rsplit("/", 1)[-1]]
+    if step is None:  # one step and one time dataset, hard-linked into every element
+      step = group.create_dataset("step", shape=(0,), maxshape=(None,), dtype=np.int64,
+                                  chunks=(1024,))
+      time = group.create_dataset("time", shape=(0,), maxshape=(None,), dtype=np.float64,
+                                  chunks=(1024,))
+      time.attrs["unit"] = "fs"
+    else:
+      group["step"], group["time"] = step, time
+  f.require_group("parameters/eqattn")
+
+
+def _h5_append(path: Path, frames: List[ase.Atoms]) -> None:
+  h5py = _h5py()
+  with h5py.File(path, "a") as f:
+    if "h5md" not in f:
+      _h5_create(f, frames[0])
+    step = f["particles/all/position/step"]
+    for frame in frames:
+      k = step.shape[0]
+      with _signals_held():
+        for p, value in _h5_values(frame).items():
+          ds = f[p]["value"]
+          ds.resize(k + 1, axis=0)
+          ds[k] = value
+        f["particles/all/position/time"].resize(k + 1, axis=0)
+        f["particles/all/position/time"][k] = float(frame.info.get("md_time_fs", np.nan))
+        eq = f["parameters/eqattn"]
+        eq.attrs.update(md_state=encode_state(frame.info.get("md_state")),
+                        md_state_step=int(frame.info.get("md_step", -1)),
+                        md_ensemble=str(frame.info.get("md_ensemble", "")))
+        step.resize(k + 1, axis=0)
+        step[k] = int(frame.info.get("md_step", k))
+        f.flush()
+
+
+def _h5_count(f) -> int:
+  """Complete frames: those whose step and every element's value were written."""
+  n = f["particles/all/position/step"].shape[0]
+  values = []
+  f.visititems(lambda name, o: values.append(o.shape[0])
+               if name.endswith("/value") and hasattr(o, "shape") else None)
+  return min([n, f["particles/all/position/time"].shape[0]] + values)
+
+
+def _h5_read(path: Path, last_only: bool) -> List[ase.Atoms]:
+  h5py = _h5py()
+  with h5py.File(path, "r") as f:
+    if "particles/all/position/step" not in f:
+      return []
+    n = _h5_count(f)
+    part, obs, eq = f["particles/all"], f["observables"], f["parameters/eqattn"].attrs
+    numbers, masses = part["species"][()], part["mass"][()]
+    pbc = [b == b"periodic" for b in part["box"].attrs["boundary"]]
+    frames = []
+    for i in range(n - 1 if last_only else 0, n):
+      step = int(part["position/step"][i])
+      atoms = ase.Atoms(numbers=numbers, positions=part["position/value"][i],
+                        cell=part["box/edges/value"][i], pbc=pbc, masses=masses)
+      atoms.set_velocities(part["velocity/value"][i] / thermo.FS)
+      atoms.info.update(md_step=step, md_time_fs=float(part["position/time"][i]),
+                        md_ensemble=str(eq.get("md_ensemble", "")))
+      if i == n - 1 and int(eq.get("md_state_step", -1)) == step:
+        atoms.info["md_state"] = decode_state(str(eq.get("md_state", "")))
+      results = dict(energy=float(obs["potential_energy/value"][i]),
+                     forces=part["force/value"][i])
+      if "stress" in obs:
+        results["stress"] = obs["stress/value"][i]
+      atoms.calc = SinglePointCalculator(atoms, **results)
+      frames.append(atoms)
+  return frames
+
+
+def _h5_repair(path: Path) -> None:
+  h5py = _h5py()
+  with h5py.File(path, "a") as f:
+    if "particles/all/position/step" not in f:
+      return
+    n = _h5_count(f)
+    f.visititems(lambda name, o: o.resize(n, axis=0) if isinstance(o, h5py.Dataset)
+                 and o.maxshape and o.maxshape[0] is None and o.shape[0] > n else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrajFormat:
+  """One trajectory format: ``append(path, frames)`` (frame by frame, each complete before the
+  next), ``read(path, last_only)`` (the complete frames), ``repair(path)`` (before a resume
+  appends: drop an incomplete last frame); ``needs``: an optional package, named in errors."""
+  name: str
+  suffixes: Tuple[str, ...]
+  append: Callable[[Path, List[ase.Atoms]], None]
+  read: Callable[[Path, bool], List[ase.Atoms]]
+  repair: Callable[[Path], None] = lambda path: None
+  needs: Optional[Callable[[], Any]] = None
+
+
+FORMATS = {f.name: f for f in (
+    TrajFormat("traj", (".traj",), _traj_append, _traj_read),
+    TrajFormat("extxyz", (".extxyz", ".xyz"), _xyz_append, _xyz_read, _xyz_repair),
+    TrajFormat("h5md", (".h5", ".h5md"), _h5_append, _h5_read, _h5_repair, _h5py),
+)}
+
+
+def traj_format(path: PathLike) -> TrajFormat:
+  """The format of ``path`` by its extension (its optional package checked), or a clear error."""
+  suffix = Path(path).suffix.lower()
+  for f in FORMATS.values():
+    if suffix in f.suffixes:
+      if f.needs is not None:
+        f.needs()
+      return f
+  names = ", ".join(s for f in FORMATS.values() for s in f.suffixes)
+  raise ValueError(f"trajectory file {str(path)!r}: use a file name ending in one of {names}")
+
+
+def append_frames(path: PathLike, frames: List[ase.Atoms]) -> None:
+  """Append frames, each complete (flushed) before the next; the file is closed afterwards."""
+  if frames:
+    traj_format(path).append(Path(path), frames)
+
+
+def read_trajectory(path: PathLike, index: Union[int, slice, str] = ":"
+                    ) -> Union[ase.Atoms, List[ase.Atoms]]:
+  """The complete frames of a trajectory written by :mod:`plugin.md` (any format in
+  :data:`FORMATS`), as ``Atoms`` with energy, forces (stress where periodic) and momenta;
+  ``index`` as ASE's (an int gives one frame). An incomplete last frame is left out."""
+  fmt, path = traj_format(path), Path(path)
+  if isinstance(index, int) and index == -1:
+    frames = fmt.read(path, True)
+    if not frames:
+      raise IndexError(f"{str(path)!r} holds no complete frame")
+    return frames[0]
+  frames = fmt.read(path, False)
+  if isinstance(index, str):
+    index = slice(None) if index == ":" else slice(*[int(x) if x else None
+                                                     for x in index.split(":")])
+  return frames[index]
+
+
+def read_last_frame(path: PathLike) -> Optional[ase.Atoms]:
+  """The last complete frame of ``path`` (None: no file or no frame), or a clear error."""
   path = Path(path)
   if not path.exists() or path.stat().st_size == 0:
     return None
   fmt = traj_format(path)
   try:
-    if fmt == "traj":
-      from ase.io.trajectory import Trajectory
-      with Trajectory(str(path)) as t:
-        return t[-1] if len(t) else None
-    return ase.io.read(str(path), index=-1, format="extxyz")
+    frames = fmt.read(path, True)
   except Exception as e:  # noqa: BLE001 - any parse error: say which file and what to do
     raise ValueError(f"cannot read the last frame of {str(path)!r} to resume from ({e}); "
                      f"the file may be damaged: copy the good frames to a new file "
-                     f"(ase.io.read(path, ':N')) and resume from that") from e
+                     f"(plugin.md.read_trajectory(path)) and resume from that") from e
+  return frames[-1] if frames else None
+
+
+def prepare_resume(path: PathLike) -> None:
+  """Before a resumed run appends to ``path``: drop an incomplete last frame."""
+  path = Path(path)
+  if path.exists() and path.stat().st_size:
+    traj_format(path).repair(path)
 
 
 # ------------------------------------------------------------------------------------------

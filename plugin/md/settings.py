@@ -34,6 +34,12 @@ class Defaults:
   berendsen_tau_t: float = 100.0  # fs
   berendsen_tau_p: float = 1000.0  # fs
   berendsen_compressibility: float = 1e-6  # 1/bar
+  # guards against runaway MD (plugin.md.guards): the run stops, with its last good frame,
+  # above max(factor x reference temperature, floor) K (reference: the thermostat target, or
+  # the start temperature in NVE), or (when set) above max_force eV/Å on any atom
+  max_temperature_factor: float = 10.0
+  max_temperature_floor: float = 5000.0  # K
+  max_force: Optional[float] = None  # eV/Å; None: off (non-finite forces always stop a run)
 
 
 DEFAULTS = Defaults()
@@ -73,6 +79,8 @@ class RunOptions:
   dr_threshold: float
   capacity_multiplier: float
   dtype: np.dtype
+  max_temperature: Optional[float]  # K as given (None: the default rule, see guard_limits)
+  max_force: Optional[float]  # eV/Å as given (None: off)
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -92,7 +100,8 @@ def run_options(*, ensembles, ensemble: str, temperature: float, timestep: float
                 tau_p: Optional[float], init_temperature: Optional[float], chunk: int,
                 log_interval: Optional[int], has_traj: bool, traj_interval: Optional[int],
                 seed: int, dr_threshold: float, capacity_multiplier: float,
-                dtype: Any) -> RunOptions:
+                dtype: Any, max_temperature: Optional[float] = None,
+                max_force: Optional[float] = DEFAULTS.max_force) -> RunOptions:
   """Checks :func:`plugin.md.run`'s arguments (clear errors) and fills in the derived defaults.
 
   ``ensembles``: the table (:data:`plugin.md.ensembles.TABLE`).
@@ -118,6 +127,8 @@ def run_options(*, ensembles, ensemble: str, temperature: float, timestep: float
                                            and init_temperature >= 0):
     raise ValueError(f"init_temperature must be >= 0 K, got {init_temperature}")
   dtype = resolve_dtype(dtype)
+  init_t = float(temperature if init_temperature is None else init_temperature)
+  guard_limits(max_temperature=max_temperature, max_force=max_force, temperature=init_t)
   log_interval = int(log_interval or chunk)
   tau_t = DEFAULTS.tau_t_per_timestep * timestep if tau_t is None else float(tau_t)
   tau_p = DEFAULTS.tau_p_per_timestep * timestep if tau_p is None else float(tau_p)
@@ -126,9 +137,24 @@ def run_options(*, ensembles, ensemble: str, temperature: float, timestep: float
   return RunOptions(
       ensemble=ensemble, temperature=float(temperature), timestep=float(timestep),
       steps=int(steps), pressure=float(pressure), friction=float(friction), tau_t=tau_t,
-      tau_p=tau_p, init_temperature=float(temperature if init_temperature is None
-                                          else init_temperature),
+      tau_p=tau_p, init_temperature=init_t,
       chunk=int(chunk), log_interval=log_interval,
       traj_interval=int(traj_interval or log_interval) if has_traj else 0, seed=int(seed),
       dr_threshold=float(dr_threshold), capacity_multiplier=float(capacity_multiplier),
-      dtype=dtype)
+      dtype=dtype, max_temperature=max_temperature, max_force=max_force)
+
+
+def guard_limits(*, max_temperature: Optional[float], max_force: Optional[float],
+                 temperature: float):
+  """``(max_temperature K, max_force eV/Å)`` checked, ``inf`` where off; ``max_temperature``
+  None is the default rule (``DEFAULTS``) for a run whose reference temperature is
+  ``temperature`` (the thermostat target, or the start temperature in NVE)."""
+  if max_temperature is None:
+    max_temperature = max(DEFAULTS.max_temperature_factor * float(temperature),
+                          DEFAULTS.max_temperature_floor)
+  max_force = np.inf if max_force is None else max_force
+  for name, value, unit in (("max_temperature", max_temperature, "K"),
+                            ("max_force", max_force, "eV/Å")):
+    if isinstance(value, bool) or not (float(value) > 0):
+      raise ValueError(f"{name} must be > 0 {unit} (inf: off), got {value!r}")
+  return float(max_temperature), float(max_force)

@@ -112,19 +112,25 @@ def start_momenta(system: System, temperature: float, seed: int) -> np.ndarray:
 
 
 def to_atoms(system: System, R: np.ndarray, momenta: np.ndarray, forces: np.ndarray,
-             energy: float, box: np.ndarray, info: Dict[str, Any]) -> ase.Atoms:
-  """Engine-frame arrays back to ASE ``Atoms`` (ASE's frame, Cartesian, float64)."""
+             energy: float, box: np.ndarray, info: Dict[str, Any],
+             virial: Optional[np.ndarray] = None) -> ase.Atoms:
+  """Engine-frame arrays back to ASE ``Atoms`` (ASE's frame, Cartesian, float64); ``virial``
+  (periodic, (3, 3) ``dU/d eps``) becomes the calculator's ``stress`` (ASE's convention)."""
   R, momenta, forces = (np.asarray(a, np.float64) for a in (R, momenta, forces))
+  results = {}
   if system.periodic:
     cell = np.asarray(box, np.float64).T @ system.Q
     positions = R @ cell
     momenta, forces = momenta @ system.Q, forces @ system.Q
+    if virial is not None:
+      sigma = system.Q.T @ np.asarray(virial, np.float64) @ system.Q / abs(np.linalg.det(cell))
+      results["stress"] = sigma[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]  # Voigt xx yy zz yz xz xy
   else:
     cell = system.cell_in
     positions = R + system.origin
   atoms = ase.Atoms(numbers=system.numbers, positions=positions, cell=cell, pbc=system.pbc,
                     masses=system.masses, momenta=momenta, info=dict(info))
-  atoms.calc = SinglePointCalculator(atoms, energy=float(energy), forces=forces)
+  atoms.calc = SinglePointCalculator(atoms, energy=float(energy), forces=forces, **results)
   return atoms
 
 
