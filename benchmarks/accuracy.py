@@ -11,7 +11,8 @@ MACE runs in its own venv (never a dependency of eqattn; torch from the local CP
 unpinned torch pulls a multi-GB CUDA build):
 
     python3 -m venv /work/venvs/mace
-    /work/venvs/mace/bin/pip install /opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl
+    /work/venvs/mace/bin/pip install \
+        /opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl
     /work/venvs/mace/bin/pip install mace-torch==0.3.16
 
 Then, on one core (MACE is held to one torch thread; CPU seconds are the fair measure on a

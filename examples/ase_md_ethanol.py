@@ -61,7 +61,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
           f"T {atoms.get_temperature():6.1f} K  Epot {epot:10.4f} eV  "
           f"Etot {epot + ekin:10.4f} eV", flush=True)
 
-  nvt = Langevin(atoms, args.dt * units.fs, temperature_K=args.temperature, friction=0.02 / units.fs,
+  nvt = Langevin(atoms, args.dt * units.fs, temperature_K=args.temperature,
+                 friction=0.02 / units.fs,
                  fixcm=False, rng=np.random.default_rng(args.seed + 1))
   nvt.attach(report, interval=args.log_every, dyn=nvt, phase="NVT")
   nvt.attach(traj.write, interval=args.log_every)

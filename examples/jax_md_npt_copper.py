@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 from typing import List, Optional
 
-import numpy as np
 from ase.build import bulk
 
 import potentials

@@ -6,11 +6,12 @@ optionally the dt-halving ratio). Copy this file into your test suite and point 
 ``STRUCTURE`` at your own model file and a structure it describes; it works with any ASE
 calculator (first test) and with any JAX-MD energy function (second test)::
 
-    python -m pytest examples/test_my_potential.py          # or: python examples/test_my_potential.py
+    python -m pytest examples/test_my_potential.py   # or: python examples/test_my_potential.py
     EQATTN_MODEL=my_model.eqm EQATTN_STRUCTURE=my.xyz python -m pytest examples/test_my_potential.py
 
 ``EQATTN_PS`` sets the run length in ps (default 1), ``EQATTN_MAX_DRIFT`` the bound on
-``|drift| + 2 sigma`` (default 0.05 meV/atom/ps; short runs need a looser one). Bounds: LAMBench calls 0.5 meV/atom/ps
+``|drift| + 2 sigma`` (default 0.05 meV/atom/ps; short runs need a looser one).
+Bounds: LAMBench calls 0.5 meV/atom/ps
 acceptable; a smooth conservative potential at a sensible timestep does far better.
 """
 

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-Poly = Dict[Tuple[int, int, int], float]  # monomial exponents (a, b, c) of x^a y^b z^c -> coefficient
+# monomial exponents (a, b, c) of x^a y^b z^c -> coefficient
+Poly = Dict[Tuple[int, int, int], float]
 
 NORMALIZATIONS = ("racah", "4pi", "orthonormal")
 

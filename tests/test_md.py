@@ -1,4 +1,5 @@
-"""Tests for plugin.md, the jitted MD driver: NVE energy conservation, overflow replay, interrupted + resumed trajectories, NVT, NPT, open boundaries,
+"""Tests for plugin.md, the jitted MD driver: NVE energy conservation, overflow replay,
+interrupted + resumed trajectories, NVT, NPT, open boundaries,
 refusals.
 
 Compiling the chunk function dominates the cost, so tests share compiled engines: runs with the

@@ -429,7 +429,7 @@ def test_pad_pairs_layout():
 
 
 def test_pad_pairs_overflow_and_shape_errors():
-    dst = np.array([0, 1, 1]); src = np.array([1, 0, 0]); sh = np.zeros((3, 3))
+    dst, src, sh = np.array([0, 1, 1]), np.array([1, 0, 0]), np.zeros((3, 3))
     with pytest.raises(ValueError, match="do not fit capacity 2"):
         pad_pairs(dst, src, sh, 2, 2)
     with pytest.raises(ValueError, match="shape"):

@@ -247,7 +247,8 @@ def _reporter(progress, opts: RunOptions, start: _Start) -> Callable:
     if bar is not None:
       bar.update(g - first, temperature, r["etot_eV"])
     if callable(progress):
-      progress(Progress(step=g, total_steps=opts.steps, time_ps=(start.time0_fs + (g - first) * opts.timestep) * 1e-3,
+      time_ps = (start.time0_fs + (g - first) * opts.timestep) * 1e-3
+      progress(Progress(step=g, total_steps=opts.steps, time_ps=time_ps,
                         temperature=temperature,
                         epot=r["epot_eV"], ekin=r["ekin_eV"], etot=r["etot_eV"],
                         steps_per_s=n / seconds))
