@@ -83,12 +83,23 @@ def test_model_and_checkpoint_share_the_container(tmp_path):
 
 def test_model_file_format_unchanged(tmp_path):
   # tests/data/tiny_model_v1.eqm was written by eqattn before the container was shared with
-  # checkpoints (tests/conftest.py's tiny molecule model); writing it back gives its bytes
+  # checkpoints (tests/conftest.py's tiny molecule model); writing it back gives the same
+  # header and the same content, plus the config options added since, at their values for
+  # files written before them (which is what loading gave it)
   old = Path(__file__).parent / "data" / "tiny_model_v1.eqm"
   pot = pt.load(old)
   assert pot.species == (1, 6, 8) and pot.metadata == {"a": [1, 2], "b": "x"}
   pot.save(tmp_path / "again.eqm")
-  assert (tmp_path / "again.eqm").read_bytes() == old.read_bytes()
+  new_bytes, old_bytes = (tmp_path / "again.eqm").read_bytes(), old.read_bytes()
+  assert new_bytes[:len(io.MAGIC) + 4] == old_bytes[:len(io.MAGIC) + 4]  # magic and version
+  read = lambda p: io.read(p, magic=io.MAGIC, versions=(io.FORMAT_VERSION,), what="model")[1]
+  again, before = read(tmp_path / "again.eqm"), read(old)
+  added = set(again["config"]) - set(before["config"])
+  assert added <= {"radial_mlp"} and all(again["config"][k] == 0 for k in added)
+  assert {k: v for k, v in again["config"].items() if k not in added} == before["config"]
+  # everything else byte for byte: with the old config, the content encodes to the old file
+  assert io.encode({**again, "config": before["config"]}, magic=io.MAGIC,
+                   version=io.FORMAT_VERSION) == old_bytes
   for name in pt.shipped_models():
     assert pt.load(name).species
 

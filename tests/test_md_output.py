@@ -86,10 +86,15 @@ def test_integrator_state_survives_the_text_token():
 
 def test_signals_wait_until_the_frame_is_written():
   done = []
-  with pytest.raises(KeyboardInterrupt):
-    with output._signals_held():
-      os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of writing a frame
-      done.append("frame")  # still runs: the signal is held
+  # Python's Ctrl-C handler, whatever the runner set (pytest-xdist workers ignore SIGINT)
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      with output._signals_held():
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of writing a frame
+        done.append("frame")  # still runs: the signal is held
+  finally:
+    signal.signal(signal.SIGINT, previous)
   assert done == ["frame"]
 
 
