@@ -69,7 +69,6 @@ allocation for the narrow box then gives an image list.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import jax
@@ -79,6 +78,7 @@ from jax_md import dataclasses as jmd_dataclasses
 from jax_md import partition, space
 
 import potentials
+from plugin.quiet import quiet
 
 __all__ = ["neighbor_list", "ImageNeighborList", "box_matrix", "box_widths",
            "check_box"]
@@ -538,18 +538,12 @@ def neighbor_list(
   return neighbor_fn, energy_fn
 
 
-def _quiet_index_scatter(fn: Callable) -> Callable:
-  """``fn`` without JAX's FutureWarning "scatter inputs have incompatible types" (int64 into
-  int32) from JAX-MD 0.2.29 itself: under x64 its sparse pruning without a cell list
-  (``partition.prune_neighbor_list_sparse``, small systems) scatters ``jnp.arange(N)``, int64,
-  into its int32 index array. No array of ours reaches that scatter (the indices are JAX-MD's
-  own, all ``<= N``, so the cast is exact); only that message is silenced, while tracing."""
-  def quiet(*args, **kwargs):
-    with warnings.catch_warnings():
-      warnings.filterwarnings("ignore", message="scatter inputs have incompatible types",
-                              category=FutureWarning)
-      return fn(*args, **kwargs)
-  return quiet
+# JAX's FutureWarning "scatter inputs have incompatible types" (int64 into int32) comes from
+# JAX-MD 0.2.29 itself: under x64 its sparse pruning without a cell list
+# (``partition.prune_neighbor_list_sparse``, small systems) scatters ``jnp.arange(N)``, int64,
+# into its int32 index array. No array of ours reaches that scatter (the indices are JAX-MD's
+# own, all ``<= N``, so the cast is exact); only that message is silenced, while tracing.
+_quiet_index_scatter = quiet("scatter inputs have incompatible types", FutureWarning)
 
 
 def _energy_fn(potential: potentials.Potential, displacement_fn: DisplacementFn,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import time
 import warnings
@@ -18,6 +17,7 @@ from jax_md import simulate
 
 import potentials
 from plugin import thermo
+from plugin.quiet import quiet
 from plugin.md import engine as eng
 from plugin.md import guards, output, system as msys
 from plugin.md.ensembles import TABLE, Params
@@ -256,17 +256,10 @@ def _reporter(progress, opts: RunOptions, start: _Start) -> Callable:
   return report
 
 
-def _quiet_float64_requests(fn: Callable) -> Callable:
-  """jax-md's thermostats sum kinetic energies with an explicit float64 accumulator, which JAX
-  truncates to float32 in float32 runs with a UserWarning at every trace; the sum is the same,
-  so the warning is noise to users."""
-  @functools.wraps(fn)
-  def wrapper(*args, **kwargs):
-    with warnings.catch_warnings():
-      warnings.filterwarnings("ignore", message="Explicitly requested dtype float64",
-                              category=UserWarning)
-      return fn(*args, **kwargs)
-  return wrapper
+# jax-md's thermostats sum kinetic energies with an explicit float64 accumulator, which JAX
+# truncates to float32 in float32 runs with a UserWarning at every trace; the sum is the same,
+# so the warning is noise to users.
+_quiet_float64_requests = quiet("Explicitly requested dtype float64", UserWarning)
 
 
 @_quiet_float64_requests
