@@ -20,6 +20,7 @@ import dataclasses
 import io
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -151,7 +152,35 @@ class CsvLog:
 @contextlib.contextmanager
 def _signals_held():
   """Holds SIGINT/SIGTERM while one frame is written: Ctrl-C or a ``kill`` lands between frames
-  (delivered when the frame is complete), never inside one."""
+  (delivered when the frame is complete), never inside one.
+
+  Python runs signal handlers in the main thread whichever OS thread the kernel picked (JAX and
+  test runners start threads), so the main thread swaps in a handler that only records the signal
+  and re-raises it afterwards; a thread mask alone would not hold it. Other threads, which cannot
+  set handlers, block the signals in their own mask.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    with _signals_masked():
+      yield
+    return
+  pending: List[int] = []
+  previous = {}
+  for s in (signal.SIGINT, signal.SIGTERM):
+    handler = signal.getsignal(s)
+    if handler is None or handler == signal.SIG_IGN:  # set outside Python, or ignored: leave it
+      continue
+    previous[s] = signal.signal(s, lambda signum, frame: pending.append(signum))
+  try:
+    yield
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+    for s in dict.fromkeys(pending):
+      signal.raise_signal(s)  # now that the frame is complete
+
+
+@contextlib.contextmanager
+def _signals_masked():
   held = {signal.SIGINT, signal.SIGTERM}
   try:
     old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
