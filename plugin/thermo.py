@@ -45,9 +45,10 @@ KB = float(units.kB)  # eV / K
 BAR = float(units.bar)  # eV / Å^3
 
 
-def degrees_of_freedom(num_atoms: int) -> int:
-  """``3 N``: the one degrees-of-freedom rule of every reported temperature (module docstring)."""
-  return 3 * int(num_atoms)
+def degrees_of_freedom(num_atoms):
+  """``3 N``: the one degrees-of-freedom rule of every reported temperature (module docstring);
+  ``num_atoms`` an int or an array (per replica, traced)."""
+  return 3 * num_atoms
 
 
 def kinetic_energy(momenta: np.ndarray, masses: np.ndarray) -> float:
@@ -56,7 +57,7 @@ def kinetic_energy(momenta: np.ndarray, masses: np.ndarray) -> float:
   return float(0.5 * np.sum(p * p / np.asarray(masses, np.float64).reshape(-1, 1)))
 
 
-def temperature_from_kinetic(ekin, num_atoms: int):
+def temperature_from_kinetic(ekin, num_atoms):
   """``2 E_kin / (3 N k_B)`` in K; ``ekin`` (eV) may be a number or an array."""
   return 2.0 * ekin / (degrees_of_freedom(num_atoms) * KB)
 

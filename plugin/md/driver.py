@@ -7,7 +7,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import ase
 import jax
@@ -19,7 +19,7 @@ import potentials
 from plugin import thermo
 from plugin.quiet import quiet
 from plugin.md import engine as eng
-from plugin.md import guards, output, system as msys
+from plugin.md import guards, output, replicas as mrep, system as msys
 from plugin.md.ensembles import TABLE, Params
 from plugin.md.output import MDLog, Progress
 from plugin.md.settings import DEFAULTS, RunOptions, guard_limits, run_options
@@ -149,13 +149,14 @@ def _limits(opts: RunOptions, start: _Start) -> Dict[str, float]:
 
 
 class _Recorder:
-  """A run's output: log rows (kept, and appended to the CSV file), trajectory frames."""
+  """One system's output: log rows (kept, and appended to the CSV file) and trajectory frames.
+  Engine-free: the caller hands it host data (one system of a batch, or a run alone)."""
 
-  def __init__(self, engine: eng.Engine, start: _Start, opts: RunOptions,
-               traj: Optional[Path], log_file: Optional[PathLike]):
-    self.engine, self.start, self.opts, self.traj = engine, start, opts, traj
+  def __init__(self, columns, start: _Start, opts: RunOptions, traj: Optional[Path],
+               log_file: Optional[PathLike]):
+    self.start, self.opts, self.traj = start, opts, traj
     self.limits = _limits(opts, start)
-    self.columns = output.columns_for(eng.observables(engine.key))
+    self.columns = columns
     self.csv = output.CsvLog(log_file, [c.csv for c in self.columns])
     self.context = output.RowContext(len(start.system.masses), self.time_fs)
     self.rows: List[Dict[str, float]] = []
@@ -176,11 +177,9 @@ class _Recorder:
     self.rows += new
     self.csv.write(new)
 
-  def first(self, carry) -> None:
-    """The start of a fresh run: checked by the guards, logged, and written as the
-    trajectory's first frame."""
-    logs = eng.start_logs(self.engine, carry, self.start.first_step)
-    state = carry[0]
+  def first(self, state, logs: Dict[str, np.ndarray], box) -> None:
+    """The start of a fresh run (``logs``: its one row): checked by the guards, logged, and
+    written as the trajectory's first frame."""
     code, value = guards.check(np.asarray(state.position), np.asarray(state.momentum),
                                np.asarray(state.force), float(logs["epot"][0]),
                                self.start.system.masses, **self.limits)
@@ -190,46 +189,53 @@ class _Recorder:
                        f"structure, or raise max_temperature / max_force")
     self.logs(logs, 1)
     if self.traj is not None:
-      output.append_frames(self.traj, [self.frame(state, logs["epot"][0],
-                                                  self.engine.box_fn(state),
+      output.append_frames(self.traj, [self.frame(state, logs["epot"][0], box,
                                                   self.start.first_step,
                                                   logs.get("virial", [None])[0])])
       self.last_frame = self.start.first_step
 
-  def chunk(self, c: eng.Chunk) -> None:
-    """A chunk's rows and frames; after a guard fired, also the last good state (row and
-    frame) unless the chunk recorded it already."""
-    self.logs(c.logs, c.num_logs)
-    frames = []
-    if self.traj is not None:
-      fr, n = jax.device_get(c.frames), int(c.num_frames)
-      frames = [self.frame(jax.tree.map(lambda x: x[i], fr["state"]), fr["epot"][i],
-                           fr["box"][i], fr["step"][i], fr["virial"][i] if "virial" in fr
-                           else None) for i in range(n)]
-    last = frames[-1].info["md_step"] if frames else self.last_frame
-    if c.guard:
-      state, nbrs, _ = c.carry
-      obs = jax.device_get(self.engine.observe_fn(state, nbrs))
-      if not self.rows or self.rows[-1]["step"] != c.stop:
+  def chunk(self, logs, num_logs: int, frames: Callable, stop: int, guard: int,
+            last: Callable) -> None:
+    """A chunk's rows and frames (``frames()``: ``(state, epot, box, step, virial)`` each);
+    after a guard fired, also the last good state (``last() -> (state, obs, box)``, at step
+    ``stop``) unless the chunk recorded it already."""
+    self.logs(logs, num_logs)
+    atoms = [self.frame(*f) for f in frames()] if self.traj is not None else []
+    last_step = atoms[-1].info["md_step"] if atoms else self.last_frame
+    if guard:
+      state, obs, box = last()
+      if not self.rows or self.rows[-1]["step"] != stop:
         self.logs(dict(jax.tree.map(lambda x: np.asarray(x)[None], obs),
-                       step=np.array([c.stop])), 1)
-      if self.traj is not None and last != c.stop:
-        frames.append(self.frame(state, obs["epot"], self.engine.box_fn(state), c.stop,
-                                 obs.get("virial")))
-    if frames:
-      output.append_frames(self.traj, frames)
-      self.last_frame = frames[-1].info["md_step"]
+                       step=np.array([stop])), 1)
+      if self.traj is not None and last_step != stop:
+        atoms.append(self.frame(state, obs["epot"], box, stop, obs.get("virial")))
+    if atoms:
+      output.append_frames(self.traj, atoms)
+      self.last_frame = atoms[-1].info["md_step"]
 
-  def final(self, carry, g: int) -> ase.Atoms:
+  def final(self, g: int, last: Callable) -> ase.Atoms:
     if g == self.start.first_step and self.start.last is not None:
       final = self.start.last.copy()
       final.calc = self.start.last.calc
       return final
-    state, nbrs, _ = carry
-    obs = jax.device_get(self.engine.observe_fn(state, nbrs))
-    final = self.frame(state, obs["epot"], self.engine.box_fn(state), g, obs.get("virial"))
+    state, obs, box = last()
+    final = self.frame(state, obs["epot"], box, g, obs.get("virial"))
     final.info.pop("md_state")
     return final
+
+
+def _observed(engine: eng.Engine, carry):
+  """``(state, observables, box)`` of a carry, on the host."""
+  state, nbrs, _ = carry
+  return (state, jax.device_get(engine.observe_fn(state, nbrs)),
+          np.asarray(engine.box_fn(state)))
+
+
+def _frames(c: eng.Chunk) -> List[tuple]:
+  """A chunk's recorded frames as ``(state, epot, box, step, virial)``."""
+  fr, n = jax.device_get(c.frames), int(c.num_frames)
+  return [(jax.tree.map(lambda x: x[i], fr["state"]), fr["epot"][i], fr["box"][i],
+           fr["step"][i], fr["virial"][i] if "virial" in fr else None) for i in range(n)]
 
 
 def _reporter(progress, opts: RunOptions, start: _Start) -> Callable:
@@ -264,11 +270,11 @@ _quiet_float64_requests = quiet("Explicitly requested dtype float64", UserWarnin
 
 @_quiet_float64_requests
 def run(
-    atoms: ase.Atoms,
+    atoms: Union[ase.Atoms, Sequence[ase.Atoms]],
     potential: potentials.Potential,
     *,
     ensemble: str = DEFAULTS.ensemble,
-    temperature: float = DEFAULTS.temperature,
+    temperature: Union[float, Sequence[float]] = DEFAULTS.temperature,
     timestep: float = DEFAULTS.timestep,
     steps: int = DEFAULTS.steps,
     pressure: float = DEFAULTS.pressure,
@@ -282,19 +288,24 @@ def run(
     traj_interval: Optional[int] = None,
     resume: bool = False,
     log_file: Optional[PathLike] = None,
-    seed: int = DEFAULTS.seed,
+    seed: Union[int, Sequence[int]] = DEFAULTS.seed,
     dr_threshold: float = DEFAULTS.dr_threshold,
     capacity_multiplier: float = DEFAULTS.capacity_multiplier,
     dtype: Any = DEFAULTS.dtype,
     progress: Union[bool, Callable[[Progress], None]] = False,
     max_temperature: Optional[float] = None,
     max_force: Optional[float] = DEFAULTS.max_force,
-) -> MDResult:
+) -> Union[MDResult, List[MDResult]]:
   """Run molecular dynamics of ``atoms`` with ``potential``; see :mod:`plugin.md`.
 
   Args:
     atoms: the start structure (positions Å, masses amu, cell, pbc all or none; momenta are
-      used if any is non-zero). Not modified.
+      used if any is non-zero). Not modified. A list of structures (any sizes, species and
+      cells) runs them together in one compiled program (:mod:`plugin.md.replicas`) and returns
+      a list of results; ``temperature`` and ``seed`` may then be one per system (a single
+      ``seed`` gives system ``i`` the seed ``seed + i``), and ``traj`` / ``log_file`` are one
+      path per system or one path from which they are named (``md.traj`` -> ``md.0.traj``,
+      ``md.1.traj``, ...). NPT runs one system at a time.
     potential: the :class:`potentials.Potential`.
     ensemble: a name in :data:`plugin.md.ENSEMBLES` (``"nve"``, ``"nvt_langevin"``,
       ``"nvt_nose_hoover"``, ``"npt"``).
@@ -335,6 +346,14 @@ def run(
   Returns:
     :class:`MDResult`.
   """
+  if not isinstance(atoms, ase.Atoms) and isinstance(atoms, (list, tuple)):
+    return _run_many(
+        list(atoms), potential, ensemble=ensemble, temperature=temperature, timestep=timestep,
+        steps=steps, pressure=pressure, friction=friction, tau_t=tau_t, tau_p=tau_p,
+        init_temperature=init_temperature, chunk=chunk, log_interval=log_interval, traj=traj,
+        traj_interval=traj_interval, resume=resume, log_file=log_file, seed=seed,
+        dr_threshold=dr_threshold, capacity_multiplier=capacity_multiplier, dtype=dtype,
+        progress=progress, max_temperature=max_temperature, max_force=max_force)
   opts = run_options(
       ensembles=TABLE, ensemble=ensemble, temperature=temperature, timestep=timestep,
       steps=steps, pressure=pressure, friction=friction, tau_t=tau_t, tau_p=tau_p,
@@ -349,15 +368,18 @@ def run(
   engine = eng.engine(potential, _engine_key(opts, start.system))
   traces0 = engine.traces[0]
   carry, extra = _start_carry(engine, start, opts)
-  rec = _Recorder(engine, start, opts, traj_path, log_file)
+  rec = _Recorder(output.columns_for(eng.observables(engine.key)), start, opts, traj_path,
+                  log_file)
   if start.last is None:
-    rec.first(carry)
+    rec.first(carry[0], eng.start_logs(engine, carry, start.first_step),
+              engine.box_fn(carry[0]))
   report = _reporter(progress, opts, start)
   g, reallocations, chunk_times, stopped, reason = start.first_step, 0, [], None, None
   limits = jnp.asarray([rec.limits["max_temperature"], rec.limits["max_force"]], opts.dtype)
   try:
     for c in eng.simulate_chunks(engine, carry, start.first_step, opts.steps, extra, limits):
-      rec.chunk(c)
+      rec.chunk(c.logs, c.num_logs, lambda: _frames(c), c.stop, c.guard,
+                lambda: _observed(engine, c.carry))
       carry, g = c.carry, c.stop
       reallocations += c.reallocations
       chunk_times.append(time.perf_counter() - c.t_start)
@@ -368,7 +390,7 @@ def run(
         warnings.warn(reason, RuntimeWarning, stacklevel=3)
   finally:
     report.close()
-  return MDResult(atoms=rec.final(carry, g), log=MDLog.from_rows(rec.columns, rec.rows),
+  return MDResult(atoms=rec.final(g, lambda: _observed(engine, carry)), log=MDLog.from_rows(rec.columns, rec.rows),
                   steps=g - start.first_step, first_step=start.first_step, total_steps=g,
                   num_compilations=engine.traces[0] - traces0,
                   num_reallocations=reallocations, wall_time_s=float(sum(chunk_times)),
@@ -378,3 +400,194 @@ def run(
 def temperature_of(state, masses: np.ndarray) -> float:
   """Temperature (K) of a JAX-MD state's momenta (:func:`plugin.thermo.temperature`)."""
   return thermo.temperature(np.asarray(state.momentum), masses)
+
+
+# ------------------------------------------------------------------------------------------
+# many systems in one program (plugin.md.replicas)
+
+
+def _per_system(name: str, value, count: int, one: Callable) -> list:
+  """``value`` for each of ``count`` systems: a sequence of that length, or one value that
+  ``one(value, i)`` spreads."""
+  if isinstance(value, (list, tuple, np.ndarray)):
+    if len(value) != count:
+      raise ValueError(f"{name} has {len(value)} entries for {count} systems; give one per "
+                       f"system or a single value")
+    return list(value)
+  return [one(value, i) for i in range(count)]
+
+
+def replica_path(path: Optional[PathLike], i: int) -> Optional[Path]:
+  """System ``i``'s file of a batch named from one path: ``md.traj`` -> ``md.i.traj``."""
+  if path is None:
+    return None
+  path = Path(path)
+  return path.with_name(f"{path.stem}.{i}{path.suffix}")
+
+
+def _batch_key(opts: List[RunOptions], systems: List[msys.System]) -> mrep.BatchKey:
+  o = opts[0]
+  single = _engine_key(o, systems[0])
+  return mrep.BatchKey(
+      ensemble=o.ensemble, params=single.params,
+      systems=tuple((tuple(int(z) for z in s.numbers), bool(s.periodic),
+                     tuple(float(x) for x in s.box.ravel())) for s in systems),
+      temperatures=tuple(x.temperature for x in opts), dr_threshold=o.dr_threshold,
+      capacity_multiplier=o.capacity_multiplier, chunk=o.chunk, log_interval=o.log_interval,
+      traj_interval=o.traj_interval)
+
+
+_BATCH_ENGINES: Dict[tuple, eng.Engine] = {}
+
+
+def _batch_engine(potential, key: mrep.BatchKey, batch: mrep.Batch) -> eng.Engine:
+  """One engine per potential and key (the key fixes every system's geometry)."""
+  if (potential, key) not in _BATCH_ENGINES:
+    if len(_BATCH_ENGINES) >= 8:
+      _BATCH_ENGINES.pop(next(iter(_BATCH_ENGINES)))
+    _BATCH_ENGINES[(potential, key)] = mrep.make_engine(potential, key, batch)
+  return _BATCH_ENGINES[(potential, key)]
+
+
+def _restore_replicas(state, starts: List[_Start]):
+  """The batched state with each resumed replica's saved integrator variables put back."""
+  for i, st in enumerate(starts):
+    if st.saved_state is None:
+      continue
+    one = mrep.replica(state, i, len(st.system.numbers))
+    restored, ok = msys.restore_extended(one, st.saved_state)
+    if not ok:
+      warnings.warn(f"system {i}: the trajectory's saved integrator state does not match this "
+                    f"run's settings; thermostat variables start afresh", stacklevel=4)
+      continue
+    saved = {jax.tree_util.keystr(p): v for p, v in
+             jax.tree_util.tree_flatten_with_path(restored)[0]}
+
+    def put(path, leaf):
+      if getattr(path[0], "name", None) in msys.PARTICLE_FIELDS:
+        return leaf
+      return leaf.at[i].set(jnp.asarray(saved[jax.tree_util.keystr(path)], leaf.dtype))
+    state = jax.tree_util.tree_map_with_path(put, state)
+  return state
+
+
+def _replica_view(batch: mrep.Batch, i: int):
+  """Functions slicing system ``i`` out of the batch's host data."""
+  n = int(batch.sizes[i])
+  logs = lambda lg: {k: (v if k == "step" else np.asarray(v)[:, i]) for k, v in lg.items()}
+
+  def frames(fr, count):
+    state = mrep.replica(fr["state"], i, n, lead=1)
+    return [(jax.tree.map(lambda x: x[j], state), fr["epot"][j, i], fr["box"][j, i],
+             fr["step"][j], fr["virial"][j, i]) for j in range(count)]
+
+  def observed(state, obs, boxes):
+    return mrep.replica(state, i, n), {k: np.asarray(v)[i] for k, v in obs.items()}, boxes[i]
+  return logs, frames, observed
+
+
+@_quiet_float64_requests
+def _run_many(systems: List[ase.Atoms], potential, *, temperature, seed, traj, log_file,
+              resume: bool, progress, **common) -> List[MDResult]:
+  if not systems:
+    raise ValueError("the list of systems is empty")
+  B = len(systems)
+  temps = _per_system("temperature", temperature, B, lambda t, i: t)
+  seeds = _per_system("seed", seed, B, lambda s, i: int(s) + i)
+  trajs = _per_system("traj", traj, B, replica_path)
+  logs = _per_system("log_file", log_file, B, replica_path)
+  opts = [run_options(ensembles=TABLE, temperature=t, seed=s, has_traj=traj is not None,
+                      **common) for t, s in zip(temps, seeds)]
+  trajs = [None if t is None else Path(t) for t in trajs]
+  for t in trajs:
+    if t is not None:
+      output.traj_format(t)
+  if len({str(t) for t in trajs if t is not None}) < sum(t is not None for t in trajs):
+    raise ValueError("two systems would write the same trajectory file; give one path each")
+  cutoff = float(potential.cutoff)
+  starts = [_start(a, t, resume, o, cutoff) for a, t, o in zip(systems, trajs, opts)]
+  first = {st.first_step for st in starts}
+  if len(first) > 1:
+    raise ValueError(f"cannot resume systems that stopped at different steps {sorted(first)}; "
+                     f"resume them one at a time")
+  first = first.pop()
+  momenta = [msys.start_momenta(st.system, o.init_temperature, o.seed)
+             for st, o in zip(starts, opts)]
+  batch = mrep.stack([st.system for st in starts], momenta, potential)
+  engine = _batch_engine(potential, _batch_key(opts, [st.system for st in starts]), batch)
+  traces0 = engine.traces[0]
+  carry, extra = mrep.start(engine, batch, seeds, opts[0].dtype)
+  carry = (_restore_replicas(carry[0], starts),) + carry[1:]
+  recs = [_Recorder(output.columns_for(eng.observables(_engine_key(o, st.system))), st, o, t,
+                    lf) for st, o, t, lf in zip(starts, opts, trajs, logs)]
+  views = [_replica_view(batch, i) for i in range(B)]
+
+  def observed_all(carry):
+    state, obs, boxes = _observed(engine, carry)
+    return jax.device_get(state), obs, boxes
+
+  if all(st.last is None for st in starts):
+    state, obs, boxes = observed_all(carry)
+    for rec, (lg, _, view) in zip(recs, views):
+      s_i, o_i, b_i = view(state, obs, boxes)
+      rec.first(s_i, dict(jax.tree.map(lambda x: np.asarray(x)[None], o_i),
+                          step=np.array([first])), b_i)
+  limits = jnp.asarray([[r.limits["max_temperature"], r.limits["max_force"]] for r in recs],
+                       opts[0].dtype)
+  bar = (output.ProgressBar(opts[0].steps - first, opts[0].timestep,
+                            desc=f"MD {opts[0].ensemble} x{B}",
+                            atoms=int(batch.sizes.sum())) if progress is True else None)
+  g, reallocations, chunk_times, guard, where, value = first, 0, [], 0, 0, 0.0
+  try:
+    for c in eng.simulate_chunks(engine, carry, first, opts[0].steps, extra, limits):
+      fr = jax.device_get(c.frames) if any(t is not None for t in trajs) else None
+      last = (lambda c=c: observed_all(c.carry)) if c.guard else None
+      cached = {}
+      for rec, (lg, frames, view) in zip(recs, views):
+        rec.chunk(lg(c.logs), c.num_logs, lambda: frames(fr, int(c.num_frames)), c.stop,
+                  c.guard, lambda: view(*cached.setdefault("all", last())))
+      carry, g = c.carry, c.stop
+      reallocations += c.reallocations
+      chunk_times.append(time.perf_counter() - c.t_start)
+      _report_many(bar, progress, recs, g, first, opts[0], max(c.stop - c.start, 1),
+                   chunk_times[-1], int(batch.sizes.sum()))
+      guard, where, value = c.guard, c.where, c.value
+  finally:
+    if bar is not None:
+      bar.close()
+  stopped = reason = None
+  if guard:
+    reason = guards.reason(guard, g + 1, value, **recs[where].limits)
+    warnings.warn(f"system {where}: {reason}", RuntimeWarning, stacklevel=3)
+  state, obs, boxes = observed_all(carry)
+  results = []
+  for i, (rec, (_, _, view)) in enumerate(zip(recs, views)):
+    if guard:
+      stopped = guards.NAMES[guard] if i == where else "other_system"
+      why = reason if i == where else f"stopped with system {where}: {reason}"
+    results.append(MDResult(
+        atoms=rec.final(g, lambda: view(state, obs, boxes)),
+        log=MDLog.from_rows(rec.columns, rec.rows), steps=g - first, first_step=first,
+        total_steps=g, num_compilations=engine.traces[0] - traces0,
+        num_reallocations=reallocations, wall_time_s=float(sum(chunk_times)),
+        chunk_times_s=chunk_times, stopped=stopped, reason=why if guard else None))
+  return results
+
+
+def _report_many(bar, progress, recs: List[_Recorder], g: int, first: int, opts: RunOptions,
+                 n: int, seconds: float, atoms: int) -> None:
+  """Progress of a batch: mean temperature and energies over the systems' latest rows."""
+  rows = [r.rows[-1] for r in recs if r.rows]
+  if not rows:
+    return
+  temperature = float(np.mean([r["temperature_K"] for r in rows]))
+  etot = float(np.mean([r["etot_eV"] for r in rows]))
+  if bar is not None:
+    bar.update(g - first, temperature, etot)
+  if callable(progress):
+    time_ps = recs[0].time_fs(g) * 1e-3
+    progress(Progress(step=g, total_steps=opts.steps, time_ps=time_ps, temperature=temperature,
+                      epot=float(np.mean([r["epot_eV"] for r in rows])),
+                      ekin=float(np.mean([r["ekin_eV"] for r in rows])), etot=etot,
+                      steps_per_s=n / seconds, systems=len(recs),
+                      atom_steps_per_s=atoms * n / seconds))

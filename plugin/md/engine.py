@@ -190,9 +190,9 @@ def no_limits(dtype=jnp.float32):
 
 
 def chunk_fn(key: EngineKey, step: Callable, observe: Callable, box_fn: Callable,
-             traces: List[int]) -> Callable:
+             traces: List[int], guard: Optional[Callable] = None) -> Callable:
   """``chunk(carry, g0, n, g_end, limits) -> (carry, logs, num_logs, frames, num_frames,
-  num_steps, guard, value)``.
+  num_steps, guard, value, where)``.
 
   Runs up to ``n <= chunk`` steps from global step ``g0``. After a step that lands on global
   step ``g``, it records a log row if ``g % log_interval == 0 or g == g_end`` and a frame (full
@@ -204,7 +204,11 @@ def chunk_fn(key: EngineKey, step: Callable, observe: Callable, box_fn: Callable
   :func:`guard_code`, or whose recorded energy is non-finite, ends the loop: ``carry`` is then
   the last good state (step ``g0 + num_steps``), ``guard`` the code and ``value`` the
   temperature or force that fired; nothing of the failed step is recorded.
+
+  ``guard(state, limits) -> (code, value, where)`` replaces :func:`guard_code` for batches of
+  systems (``where``: the replica that fired; :mod:`plugin.md.replicas`).
   """
+  guard = guard or (lambda state, limits: guard_code(state, limits) + (jnp.zeros((), jnp.int32),))
   li, ti = key.log_interval, key.traj_interval
   n_logs = key.chunk // li + 2
   n_frames = key.chunk // ti + 2 if ti else 0
@@ -229,7 +233,7 @@ def chunk_fn(key: EngineKey, step: Callable, observe: Callable, box_fn: Callable
       frames = put(frames, jnp.minimum(ifr, n_frames - 1),
                    dict({k: obs[k] for k in frame_keys}, state=state, box=box_fn(state),
                         step=g))
-    return logs, frames, jnp.isfinite(obs["epot"])
+    return logs, frames, jnp.all(jnp.isfinite(obs["epot"]))
 
   def skip(args):
     return args[1], args[3], jnp.ones((), bool)
@@ -239,13 +243,13 @@ def chunk_fn(key: EngineKey, step: Callable, observe: Callable, box_fn: Callable
     logs, frames = buffers(carry[0], carry[1])
 
     def body(c):
-      carry, logs, il, frames, ifr, j, _, _ = c
+      carry, logs, il, frames, ifr, j, _, _, _ = c
       new = step(carry)
       g = g0 + j + 1
       last = g == g_end
       do_log = (g % li == 0) | last
       do_frame = ((g % ti == 0) | last) if ti else jnp.zeros((), bool)
-      code, value = guard_code(new[0], limits)
+      code, value, where = guard(new[0], limits)
       logs, frames, energy_ok = lax.cond((code == 0) & (do_log | do_frame), record, skip,
                                          (new, logs, il, frames, ifr, g))
       code = jnp.where((code == 0) & ~energy_ok, guards.NON_FINITE_ENERGY, code)
@@ -253,10 +257,10 @@ def chunk_fn(key: EngineKey, step: Callable, observe: Callable, box_fn: Callable
       # a failed step is not taken: the carry stays the last good state
       carry = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, carry)
       return (carry, logs, il + (ok & do_log), frames, ifr + (ok & do_frame), j + ok, code,
-              value.astype(limits.dtype))
+              value.astype(limits.dtype), where)
 
     zero = jnp.zeros((), jnp.int32)
-    init = (carry, logs, zero, frames, zero, zero, zero, jnp.zeros((), limits.dtype))
+    init = (carry, logs, zero, frames, zero, zero, zero, jnp.zeros((), limits.dtype), zero)
     return lax.while_loop(lambda c: (c[5] < n) & (c[6] == 0), body, init)
 
   return jax.jit(chunk)
@@ -312,12 +316,22 @@ def allocate(engine: Engine, R: Array, box: Optional[np.ndarray], extra: int,
   if engine.neighbor_fn is None:
     return None, extra
   kw = {} if box is None else {"box": jnp.asarray(box, R.dtype)}
-  n = R.shape[0]
+  n = R.shape[-2]  # atoms (per replica for a batch)
   nbrs = engine.neighbor_fn.allocate(R, extra, **kw)
-  # JAX-MD's lists hold at most n (n - 1) pairs; image lists (small boxes) have no such limit.
-  limit = math.inf if isinstance(nbrs, pjm.ImageNeighborList) else n * (n - 1)
+  # JAX-MD's lists hold at most n (n - 1) pairs; image lists (small boxes) and replica lists
+  # (plugin.md.replicas) have no such limit.
+  jax_md_list = (isinstance(nbrs, partition.NeighborList)
+                 and not isinstance(nbrs, pjm.ImageNeighborList))
+  limit = n * (n - 1) if jax_md_list else math.inf
   if nbrs.max_occupancy < min_capacity and nbrs.max_occupancy < limit:
     extra += -(-(min_capacity - nbrs.max_occupancy) // n)
+    nbrs = engine.neighbor_fn.allocate(R, extra, **kw)
+  # A list that overflows already where it is built (capacity_multiplier < 1) would give the
+  # start state truncated forces, which a replay from that state keeps: grow it first.
+  for _ in range(DEFAULTS.max_replays):
+    if not bool(nbrs.did_buffer_overflow):
+      break
+    extra += max(1, -(-nbrs.max_occupancy // n))
     nbrs = engine.neighbor_fn.allocate(R, extra, **kw)
   return nbrs, extra
 
@@ -328,6 +342,11 @@ def init_state(engine: Engine, R: Array, box: np.ndarray, masses: np.ndarray,
   dtype = R.dtype
   state = engine.init_fn(jax.random.PRNGKey(seed), R, jnp.asarray(box, dtype),
                          jnp.asarray(masses, dtype), jnp.asarray(momenta, dtype), nbrs)
+  return in_dtype(state, dtype)
+
+
+def in_dtype(state, dtype):
+  """A fresh integrator state with every leaf an array and every floating leaf in ``dtype``."""
   # Python-float leaves (JAX-MD stores e.g. the chains' tau so) come back from the jitted chunk
   # as arrays; make them arrays now, or the second chunk would compile again. Under x64 JAX-MD
   # builds thermostat and barostat variables in float64 for a float32 run, which breaks its own
@@ -418,6 +437,7 @@ class Chunk:
   reallocations: int  # neighbour-list reallocations (each followed by a replay)
   guard: int = 0
   value: float = 0.0
+  where: int = 0  # the replica the guard fired in (batches)
 
 
 def simulate_chunks(engine: Engine, carry, first_step: int, steps: int, extra: int = 0,
@@ -429,10 +449,10 @@ def simulate_chunks(engine: Engine, carry, first_step: int, steps: int, extra: i
     n = min(engine.key.chunk, steps - g)
     t_start = time.perf_counter()
     out, extra, realloc = advance(engine, carry, g, n, steps, extra, limits)
-    carry, logs, n_logs, frames, n_frames, done, code, value = out
+    carry, logs, n_logs, frames, n_frames, done, code, value, where = out
     logs = jax.device_get(logs)
     yield Chunk(g, g + int(done), carry, logs, int(n_logs), frames, n_frames,
-                t_start, realloc, int(code), float(value))
+                t_start, realloc, int(code), float(value), int(where))
     if int(code):
       return
     g += n

@@ -58,7 +58,8 @@ def neighbor_kwargs(nbrs) -> dict:
 
 
 # ``integrator(params, energy_fn, shift_fn) -> (init_fn, apply_fn)`` with
-# ``init_fn(key, R, box, mass, momenta, nbrs)``: one signature for all ensembles.
+# ``init_fn(key, R, box, mass, momenta, nbrs)``: one signature for all ensembles (fixed-box ones
+# also pass keywords such as ``kT`` on to JAX-MD's init).
 Integrator = Callable[[Params, Callable, Callable], Tuple[Callable, Callable]]
 
 
@@ -67,8 +68,9 @@ def _fixed_box(make: Callable) -> Integrator:
   apply)`` whose ``init(key, R, mass=, momenta=, **nbr)``."""
   def integrator(p: Params, energy_fn: Callable, shift_fn: Callable):
     init, apply = make(energy_fn, shift_fn, p)
-    init_fn = lambda key, R, box, mass, momenta, nbrs: init(
-        key, R, mass=mass, momenta=momenta, **neighbor_kwargs(nbrs))
+    # **kwargs: e.g. a per-replica kT (plugin.md.replicas)
+    init_fn = lambda key, R, box, mass, momenta, nbrs, **kwargs: init(
+        key, R, mass=mass, momenta=momenta, **neighbor_kwargs(nbrs), **kwargs)
     return init_fn, apply
   return integrator
 

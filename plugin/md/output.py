@@ -530,15 +530,18 @@ class Progress:
   ekin: float
   etot: float
   steps_per_s: float  # of this chunk (includes compilation on the first chunk)
+  systems: int = 1  # systems run together (plugin.md.run on a list: temperatures and energies
+  # are then means over them)
+  atom_steps_per_s: float = 0.0  # all systems' atoms times steps per second (0: not given)
 
 
 class ProgressBar:
   """A tqdm bar showing ns/day, temperature and total energy; a ``progress`` callback of
   :func:`plugin.md.run` (``bar(progress)``) and of the ASE engine (``bar.update(...)``)."""
 
-  def __init__(self, steps: int, dt_fs: float, desc: Optional[str] = None):
+  def __init__(self, steps: int, dt_fs: float, desc: Optional[str] = None, atoms: int = 0):
     from tqdm.auto import tqdm
-    self.dt = dt_fs
+    self.dt, self.atoms = dt_fs, atoms  # atoms: of all systems together (atom-steps/s shown)
     self.bar = tqdm(total=steps, unit="step", dynamic_ncols=True, mininterval=0.5, desc=desc)
     self.t0 = time.perf_counter()
 
@@ -547,7 +550,9 @@ class ProgressBar:
     self.bar.update(step - self.bar.n)
     rate = self.bar.n / max(time.perf_counter() - self.t0, 1e-9)
     ns_day = rate * self.dt * 1e-6 * 86400
-    self.bar.set_postfix_str(f"{ns_day:.3g} ns/day, T={temperature:.0f} K, E={energy:.4f} eV")
+    rate_atoms = f", {rate * self.atoms:.3g} atom-steps/s" if self.atoms else ""
+    self.bar.set_postfix_str(f"{ns_day:.3g} ns/day{rate_atoms}, T={temperature:.0f} K, "
+                             f"E={energy:.4f} eV")
 
   def __call__(self, p: Progress) -> None:
     self.update(int(p.step), float(p.temperature), float(p.etot))

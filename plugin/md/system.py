@@ -137,14 +137,14 @@ def to_atoms(system: System, R: np.ndarray, momenta: np.ndarray, forces: np.ndar
 # ------------------------------------------------------------------------------------------
 # extended state (thermostats, barostat, random key) <-> atoms.info["md_state"]
 
-_PARTICLE_FIELDS = ("position", "momentum", "force", "mass")
+PARTICLE_FIELDS = ("position", "momentum", "force", "mass")
 
 
 def extended_state(state) -> Dict[str, np.ndarray]:
   """The integrator's variables besides positions, momenta, forces and masses, by key path."""
   leaves = jax.tree_util.tree_flatten_with_path(state)[0]
   return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves
-          if getattr(path[0], "name", None) not in _PARTICLE_FIELDS}
+          if getattr(path[0], "name", None) not in PARTICLE_FIELDS}
 
 
 def restore_extended(state, saved: Dict[str, Any]):
@@ -153,7 +153,7 @@ def restore_extended(state, saved: Dict[str, Any]):
   leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
   new = []
   for path, leaf in leaves:
-    if getattr(path[0], "name", None) in _PARTICLE_FIELDS:
+    if getattr(path[0], "name", None) in PARTICLE_FIELDS:
       new.append(leaf)
       continue
     value = saved.get(jax.tree_util.keystr(path))

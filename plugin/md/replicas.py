@@ -1,0 +1,407 @@
+"""Many systems in one program: the JAX-MD engine over a batch of replicas.
+
+``B`` systems (any sizes, species, cells: periodic, triclinic or open) are padded to the
+largest atom count ``N`` and advanced together by one jitted chunk (:func:`plugin.md.engine.
+chunk_fn`) whose step is the single-system step mapped over the replica axis (``jax.vmap``):
+the vmapped, padded layout. Measured against the concatenated alternative it needs no segment
+bookkeeping in the model, keeps each replica's arithmetic that of a run alone, and maps one
+replica axis onto devices (:func:`shard`).
+
+Pair list (:class:`ReplicaList`): per replica, every pair within ``cutoff + dr_threshold`` is
+found by brute force (``N^2`` candidates times the periodic images a small cell needs, as
+``plugin.jax_md``'s image list), compacted into ``capacity`` slots sorted by ``dst``, and kept
+until an atom of that replica moved ``dr_threshold / 2``. The rebuild runs only when some
+replica needs it (one ``lax.cond`` on the whole batch) and replaces only those replicas'
+lists. Batches are for many small systems (molecules, cells of a few hundred atoms); one large
+system belongs to ``plugin.md.run`` on a single ``Atoms``, whose cell list scales as ``N``.
+
+Overflow: a replica whose pairs exceed the capacity marks the list; the host then replays the
+chunk for the whole batch with a larger capacity (:func:`plugin.md.engine.advance`), which
+gives every other replica the same numbers it had (the extra slots are padding).
+
+Padding atoms carry no pairs, mass 1 and zero momentum (reset after each step, so Langevin noise
+never moves them); temperatures, kinetic energies and guards count real atoms only.
+Each replica's trajectory equals the one it has alone, except that Langevin noise is drawn for
+the padded shape (same statistics, other numbers) in replicas smaller than the largest.
+Nose-Hoover chains count ``3 N`` degrees of freedom of the padded shape, so that ensemble needs
+replicas of one size; NPT is not batched (one box per system would need JAX-MD's NPT state per
+replica; run those one at a time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, List, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax_md import dataclasses as jmd_dataclasses
+from jax_md import space
+
+import potentials
+import plugin.jax_md as pjm
+from plugin import thermo
+from plugin.md import engine as eng
+from plugin.md import guards
+from plugin.md import system as msys
+from plugin.md.ensembles import TABLE, Params
+
+Array = jax.Array
+
+
+@jmd_dataclasses.dataclass
+class Geometry:
+  """One replica's fixed data (a leading replica axis in a batch).
+
+  ``box (3, 3)``: lattice vectors as columns (periodic; positions are fractional) or the
+  free-space box of :mod:`plugin.md.system` (open; positions Cartesian); ``periodic ()`` bool;
+  ``species (N,)`` species indices (padding 0); ``mask (N,)`` real atoms.
+  """
+  box: Array
+  periodic: Array
+  species: Array
+  mask: Array
+
+
+@jmd_dataclasses.dataclass
+class ReplicaList:
+  """Pairs of one replica (a leading replica axis in a batch).
+
+  ``dst, src (capacity,)`` int32, sorted by ``dst``, padding ``N``; ``shifts (capacity, 3)``
+  int32 image shifts against ``reference_position (N, 3)`` (the positions at the last rebuild):
+  ``r = box @ (u[src] - u[dst] + shift)`` with ``u`` unwrapped against the reference (periodic),
+  ``r = R[src] - R[dst]`` (open); ``count ()``: pairs found at the last rebuild; ``overflow ()``:
+  some rebuild found more than ``capacity``; ``geometry``: the replica's :class:`Geometry`.
+  """
+  dst: Array
+  src: Array
+  shifts: Array
+  reference_position: Array
+  count: Array
+  overflow: Array
+  geometry: Geometry
+  max_occupancy: int = jmd_dataclasses.static_field()
+  update_fn: Callable = jmd_dataclasses.static_field()
+
+  def update(self, R: Array) -> "ReplicaList":
+    return self.update_fn(R, self)
+
+  @property
+  def did_buffer_overflow(self) -> Array:
+    return jnp.any(self.overflow)
+
+  @property
+  def cell_size_too_small(self) -> bool:
+    return False
+
+
+def _candidates(R: Array, geom: Geometry, table: np.ndarray):
+  """Every (dst, src, image) candidate of one replica: ``(r (N, N, S, 3), shifts (N, N, S, 3),
+  allowed (N, N, S))``; ``table (S, 3)`` the image shifts of the batch."""
+  n = R.shape[0]
+  f = lax.stop_gradient(R)
+  d = f[None, :, :] - f[:, None, :]  # [dst, src]: u_src - u_dst
+  k = jnp.where(geom.periodic, jnp.floor(d + 0.5), 0.0)
+  c = (d - k)[:, :, None, :] + table.astype(R.dtype)
+  r = jnp.where(geom.periodic, jnp.einsum("...j,ij->...i", c, geom.box), c)
+  zero = np.all(table == 0, axis=1)
+  allowed = ((geom.periodic | zero) & ~(np.eye(n, dtype=bool)[:, :, None] & zero)
+             & (geom.mask[:, None] & geom.mask[None, :])[:, :, None])
+  shifts = table[None, None] - k[:, :, None].astype(jnp.int32)
+  return r, shifts, allowed
+
+
+def _build(R: Array, geom: Geometry, table: np.ndarray, capacity: int, list_cutoff: float):
+  """``(dst, src, shifts, count)`` of one replica: the pairs within ``list_cutoff`` (dst-major,
+  so ``dst`` is sorted) in ``capacity`` slots."""
+  n = R.shape[0]
+  r, shifts, allowed = _candidates(R, geom, table)
+  mask = ((jnp.sum(r * r, axis=-1) < list_cutoff**2) & allowed).reshape(-1)
+  count = jnp.sum(mask, dtype=jnp.int32)
+  slot = jnp.where(mask, jnp.cumsum(mask) - 1, capacity)  # slot >= capacity: dropped
+  ends = lambda a: jnp.asarray(np.broadcast_to(a, allowed.shape).reshape(-1), jnp.int32)
+  fill = lambda a, pad: jnp.full((capacity,) + a.shape[1:], pad, a.dtype).at[slot].set(
+      a, mode="drop")
+  dst = fill(ends(np.arange(n)[:, None, None]), n)
+  src = fill(ends(np.arange(n)[None, :, None]), n)
+  return dst, src, fill(shifts.reshape(-1, 3), 0), count
+
+
+def _moved(R: Array, nbrs: ReplicaList) -> Array:
+  """Largest squared displacement (Å^2) of a real atom since the last rebuild."""
+  geom = nbrs.geometry
+  du = R - nbrs.reference_position
+  dx = jnp.where(geom.periodic, space.raw_transform(geom.box, du - jnp.round(du)), du)
+  return jnp.max(jnp.where(geom.mask, jnp.sum(dx * dx, axis=-1), 0.0))
+
+
+def pair_vectors(R: Array, nbrs: ReplicaList, perturbation=None) -> Array:
+  """One replica's pair vectors (Å), padded pairs a finite vector beyond ``far`` (set by the
+  caller through the energy's cutoff); real-space gradients for fractional ``R``."""
+  geom = nbrs.geometry
+  take = lambda a, i: jnp.take(a, i, axis=0, mode="clip")
+  g = R - jnp.round(lax.stop_gradient(R - nbrs.reference_position))  # unwrapped
+  periodic = space.transform(geom.box, take(g, nbrs.src) - take(g, nbrs.dst)
+                             + nbrs.shifts.astype(R.dtype))
+  r = jnp.where(geom.periodic, periodic, take(R, nbrs.src) - take(R, nbrs.dst))
+  if perturbation is not None:
+    r = space.raw_transform(perturbation, r)
+  return r
+
+
+def shift(R: Array, dR: Array, neighbor: ReplicaList, **kwargs) -> Array:
+  """JAX-MD's shift of one replica: fractional and wrapped (periodic, as
+  ``space.periodic_general(..., fractional_coordinates=True)``) or free."""
+  box = neighbor.geometry.box
+  wrapped = jnp.mod(R + space.transform(space.inverse(box), dR), 1.0)
+  return jnp.where(neighbor.geometry.periodic, wrapped, R + dR)
+
+
+def energy_fn(potential: potentials.Potential) -> Callable:
+  """``energy(R, neighbor, perturbation=None, **ignored) -> ()`` eV of one replica (element
+  shifts included, as ``plugin.jax_md``'s energy)."""
+  pair_fn = potential.pair_energies_fn()
+  params = potential.params
+  far = 2.0 * float(potential.cutoff) + 1.0
+
+  def energy(R, neighbor, perturbation=None, **kwargs):
+    n = R.shape[0]
+    valid = neighbor.dst < n
+    r = pair_vectors(R, neighbor, perturbation)
+    r = jnp.where(valid[:, None], r, jnp.zeros_like(r).at[:, 0].set(far))
+    e = pair_fn(params, species_index=neighbor.geometry.species, r=r, dst=neighbor.dst,
+                src=neighbor.src, atom_mask=neighbor.geometry.mask, indices_are_sorted=True)
+    return jnp.sum(e)
+  return energy
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchKey:
+  """What a batch engine's compiled functions close over (engines are cached by it)."""
+  ensemble: str
+  params: Params
+  systems: Tuple[Tuple, ...]  # per replica: (numbers, periodic, box)
+  temperatures: Tuple[float, ...]  # K
+  dr_threshold: float
+  capacity_multiplier: float
+  chunk: int
+  log_interval: int
+  traj_interval: int
+  periodic: bool = True  # frames carry the virial (a free replica's is its pair virial)
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+  """The padded, stacked start of ``B`` systems (NumPy; positions in each engine frame)."""
+  systems: Tuple[msys.System, ...]
+  R: np.ndarray  # (B, N, 3)
+  masses: np.ndarray  # (B, N), padding 1
+  momenta: np.ndarray  # (B, N, 3), padding 0
+  geometry: Geometry  # NumPy leaves with a replica axis
+  sizes: np.ndarray  # (B,) real atoms
+
+  @property
+  def num_atoms(self) -> int:
+    return int(self.R.shape[1])
+
+
+def stack(systems: Sequence[msys.System], momenta: Sequence[np.ndarray],
+          potential: potentials.Potential) -> Batch:
+  """Pads and stacks systems (in the engine frame, with their start momenta)."""
+  n = max(len(s.numbers) for s in systems)
+  pad = lambda a, fill: np.concatenate(
+      [a, np.full((n - len(a),) + a.shape[1:], fill, a.dtype)])
+  geometry = Geometry(
+      box=np.stack([s.box for s in systems]),
+      periodic=np.array([s.periodic for s in systems]),
+      species=np.stack([pad(potential.species_index(s.numbers).astype(np.int32), 0)
+                        for s in systems]),
+      mask=np.stack([pad(np.ones(len(s.numbers), bool), False) for s in systems]))
+  return Batch(tuple(systems), np.stack([pad(s.R, 0.0) for s in systems]),
+               np.stack([pad(s.masses, 1.0) for s in systems]),
+               np.stack([pad(np.asarray(p, np.float64), 0.0) for p in momenta]), geometry,
+               np.array([len(s.numbers) for s in systems]))
+
+
+def _image_table(batch: Batch, list_cutoff: float) -> np.ndarray:
+  """The image shifts the smallest periodic cell of the batch needs (``(S, 3)`` int32)."""
+  images = np.zeros(3, int)
+  for s in batch.systems:
+    if s.periodic:
+      need = pjm._images_needed(pjm.box_widths(s.box), list_cutoff)
+      images = np.maximum(images, need.astype(int))
+  return pjm._shift_table(tuple(int(k) for k in images))
+
+
+class ReplicaNeighborFns:
+  """``allocate(R, extra_capacity=0)`` and the in-loop update of a batch's pair lists (the
+  interface :func:`plugin.md.engine.allocate` and the step use)."""
+
+  def __init__(self, geometry: Geometry, table: np.ndarray, list_cutoff: float,
+               dr_threshold: float, capacity_multiplier: float):
+    self.geometry, self.table = geometry, table
+    self.list_cutoff, self.multiplier = list_cutoff, capacity_multiplier
+    self.place = placement(int(np.shape(geometry.mask)[0]))
+    half_skin2 = (0.5 * dr_threshold)**2
+    build = lambda R, g, capacity: _build(R, g, table, capacity, list_cutoff)
+    self._build = jax.jit(jax.vmap(build, in_axes=(0, 0, None)), static_argnums=2)
+
+    def update(R, nbrs):
+      moved = jax.vmap(_moved)(R, nbrs) > half_skin2 if dr_threshold > 0 else None
+
+      def rebuild(nbrs):
+        dst, src, shifts, count = jax.vmap(build, in_axes=(0, 0, None))(
+            R, nbrs.geometry, nbrs.max_occupancy)
+        pick = moved if moved is not None else jnp.ones(R.shape[0], bool)
+        sel = lambda new, old: jnp.where(pick.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+        return dataclasses.replace(
+            nbrs, dst=sel(dst, nbrs.dst), src=sel(src, nbrs.src),
+            shifts=sel(shifts, nbrs.shifts), reference_position=sel(R, nbrs.reference_position),
+            count=sel(count, nbrs.count),
+            overflow=nbrs.overflow | (pick & (count > nbrs.max_occupancy)))
+      if moved is None:
+        return rebuild(nbrs)
+      return lax.cond(jnp.any(moved), rebuild, lambda nbrs: nbrs, nbrs)
+    self.update = update
+
+  def allocate(self, R: Array, extra_capacity: int = 0, **kwargs) -> ReplicaList:
+    geom = jax.tree.map(lambda x: jnp.asarray(x), self.geometry)
+    B, n = R.shape[:2]
+    count = int(jnp.max(self._build(R, geom, 0)[3]))
+    full = n * n * len(self.table)
+    capacity = max(1, min(full, int(count * self.multiplier + n * extra_capacity)))
+    dst, src, shifts, counts = self._build(R, geom, capacity)
+    return self.place(ReplicaList(dst=dst, src=src, shifts=shifts, reference_position=R, count=counts,
+                       overflow=counts > capacity, geometry=geom, max_occupancy=capacity,
+                       update_fn=self.update))
+
+
+def _per_replica_kT(key: BatchKey) -> Array:
+  return jnp.asarray([t * thermo.KB for t in key.temperatures])
+
+
+def _integrator(key: BatchKey, energy: Callable):
+  """Vmapped ``(init(keys, R, mass, momenta, nbrs), apply(state, neighbor))``; thermostats get
+  each replica's ``kT``."""
+  ens = TABLE[key.ensemble]
+  init1, apply1 = ens.integrator(key.params, energy, shift)
+  kTs = _per_replica_kT(key)
+  kw = (lambda kT: {"kT": kT}) if ens.thermostat else (lambda kT: {})
+
+  def init(keys, R, mass, momenta, nbrs):
+    one = lambda k, r, m, p, nb, kT: init1(k, r, None, m, p, nb, **kw(kT))
+    return jax.vmap(one)(keys, R, mass, momenta, nbrs, kTs)
+
+  def apply(state, neighbor):
+    new = jax.vmap(lambda s, nb, kT: apply1(s, neighbor=nb, **kw(kT)))(state, neighbor, kTs)
+    # padding atoms never move (Langevin noise would give them momentum; they have no pairs)
+    return new.set(momentum=new.momentum * neighbor.geometry.mask[..., None])
+  return jax.jit(init), apply
+
+
+def _observe(key: BatchKey, energy: Callable) -> Callable:
+  """Vmapped observables (each ``(B,)``, ``virial (B, 3, 3)``): those of
+  :func:`plugin.md.engine.observe_fn`, ``pressure``/``volume`` NaN for open replicas."""
+  invariant = TABLE[key.ensemble].invariant
+  kTs = _per_replica_kT(key)
+
+  def one(state, nbrs, kT):
+    R, geom = state.position, nbrs.geometry
+    ekin = 0.5 * jnp.sum(state.momentum**2 / state.mass)
+    eye = jnp.eye(3, dtype=R.dtype)
+    u = lambda eps: energy(R, nbrs, perturbation=eye + eps)
+    epot, dU = jax.value_and_grad(u)(jnp.zeros((3, 3), R.dtype))
+    volume = jnp.where(geom.periodic, jnp.abs(jnp.linalg.det(geom.box)), jnp.nan)
+    out = {"ekin": ekin, "epot": epot, "pressure": (2.0 * ekin - jnp.trace(dU)) / (3.0 * volume),
+           "volume": volume, "virial": 0.5 * (dU + dU.T)}
+    if invariant is not None:
+      out["conserved"] = invariant(state, epot, ekin, dataclasses.replace(key.params, kT=kT))
+    return out
+  return lambda state, nbrs: jax.vmap(one)(state, nbrs, kTs)
+
+
+def _guard(sizes: Array) -> Callable:
+  """Batched guard for :func:`plugin.md.engine.chunk_fn`: the first replica that fails
+  (``limits (B, 2)``)."""
+  def one(state, limits, n):
+    finite = (jnp.all(jnp.isfinite(state.position)) & jnp.all(jnp.isfinite(state.momentum))
+              & jnp.all(jnp.isfinite(state.force)))
+    ekin = 0.5 * jnp.sum(state.momentum**2 / state.mass)
+    temperature = thermo.temperature_from_kinetic(ekin, n)
+    fmax = jnp.sqrt(jnp.max(jnp.sum(state.force**2, axis=-1)))
+    code = jnp.where(~finite, guards.NON_FINITE,
+                     jnp.where(temperature > limits[0], guards.HOT,
+                               jnp.where(fmax > limits[1], guards.FORCE, guards.OK)))
+    return code.astype(jnp.int32), jnp.where(code == guards.HOT, temperature, fmax)
+
+  def guard(state, limits):
+    codes, values = jax.vmap(one)(state, limits, sizes)
+    where = jnp.argmax(codes != guards.OK).astype(jnp.int32)
+    return codes[where], values[where], where
+  return guard
+
+
+def make_engine(potential: potentials.Potential, key: BatchKey, batch: Batch) -> eng.Engine:
+  """The batch engine: :class:`plugin.md.engine.Engine` whose arrays carry a replica axis."""
+  if TABLE[key.ensemble].variable_box:
+    raise ValueError(f"{key.ensemble} is not run for several systems at once (each needs its "
+                     f"own box state); run them one at a time with plugin.md.run(atoms, ...)")
+  if key.ensemble == "nvt_nose_hoover" and len(set(batch.sizes.tolist())) > 1:
+    raise ValueError("nvt_nose_hoover counts the degrees of freedom of the padded shape, so "
+                     "its replicas must have one size; use nvt_langevin for systems of "
+                     f"different sizes (got {sorted(set(batch.sizes.tolist()))} atoms)")
+  energy = energy_fn(potential)
+  list_cutoff = float(potential.cutoff) + key.dr_threshold
+  neighbor_fn = ReplicaNeighborFns(batch.geometry, _image_table(batch, list_cutoff), list_cutoff,
+                                   key.dr_threshold, key.capacity_multiplier)
+  init, apply = _integrator(key, energy)
+  boxes = jnp.asarray(batch.geometry.box)
+  box_fn = lambda state: boxes.astype(state.position.dtype)
+  observe = _observe(key, energy)
+  traces = [0]
+  step = eng.step_fn(key, apply, None, float(potential.cutoff))
+  chunk = eng.chunk_fn(key, step, observe, box_fn, traces,
+                       guard=_guard(jnp.asarray(batch.sizes)))
+  return eng.Engine(key, neighbor_fn, energy, init, jax.jit(observe), chunk, box_fn, traces)
+
+
+def placement(B: int) -> Callable:
+  """``place(tree)``: puts the arrays with a leading replica axis of length ``B`` on all JAX
+  devices, sharded along it (``NamedSharding`` over a ``"replica"`` mesh axis; with ``B`` not a
+  multiple of the device count, over the most devices it divides), so that the jitted chunk
+  runs each device's replicas there. One device: the identity."""
+  devices = jax.devices()
+  d = max(k for k in range(1, len(devices) + 1) if B % k == 0)
+  if d < 2:
+    return lambda tree: tree
+  mesh = jax.sharding.Mesh(np.array(devices[:d]), ("replica",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("replica"))
+  put = lambda x: (jax.device_put(x, sharding) if np.ndim(x) and np.shape(x)[0] == B else x)
+  return lambda tree: jax.tree.map(put, tree)
+
+
+def start(engine: eng.Engine, batch: Batch, seeds: Sequence[int], dtype):
+  """``(carry, extra)`` of a batch: the list, and each replica's state from its seed (placed
+  on the devices by :func:`placement`)."""
+  place = engine.neighbor_fn.place
+  R = place(jnp.asarray(batch.R, dtype))
+  nbrs, extra = eng.allocate(engine, R, None, 0)
+  keys = place(jnp.stack([jax.random.PRNGKey(s) for s in seeds]))
+  state = engine.init_fn(keys, R, place(jnp.asarray(batch.masses, dtype)),
+                         place(jnp.asarray(batch.momenta, dtype)), nbrs)
+  return (place(eng.in_dtype(state, dtype)), nbrs, ()), extra
+
+
+def replica(tree, i: int, n: int, lead: int = 0):
+  """Replica ``i`` of a batched integrator state (host arrays) behind ``lead`` leading axes
+  (frame buffers: 1), its particle fields cut to its ``n`` real atoms."""
+  keep = (slice(None),) * lead
+
+  def cut(path, x):
+    x = np.asarray(x)[keep + (i,)]
+    if getattr(path[0], "name", None) in msys.PARTICLE_FIELDS:
+      x = x[keep + (slice(0, n),)]
+    return x
+  return jax.tree_util.tree_map_with_path(cut, tree)
