@@ -390,7 +390,8 @@ def run(
         warnings.warn(reason, RuntimeWarning, stacklevel=3)
   finally:
     report.close()
-  return MDResult(atoms=rec.final(g, lambda: _observed(engine, carry)), log=MDLog.from_rows(rec.columns, rec.rows),
+  return MDResult(atoms=rec.final(g, lambda: _observed(engine, carry)),
+                  log=MDLog.from_rows(rec.columns, rec.rows),
                   steps=g - start.first_step, first_step=start.first_step, total_steps=g,
                   num_compilations=engine.traces[0] - traces0,
                   num_reallocations=reallocations, wall_time_s=float(sum(chunk_times)),

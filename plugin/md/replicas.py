@@ -31,7 +31,7 @@ replica; run those one at a time).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -273,9 +273,10 @@ class ReplicaNeighborFns:
     full = n * n * len(self.table)
     capacity = max(1, min(full, int(count * self.multiplier + n * extra_capacity)))
     dst, src, shifts, counts = self._build(R, geom, capacity)
-    return self.place(ReplicaList(dst=dst, src=src, shifts=shifts, reference_position=R, count=counts,
-                       overflow=counts > capacity, geometry=geom, max_occupancy=capacity,
-                       update_fn=self.update))
+    return self.place(ReplicaList(
+        dst=dst, src=src, shifts=shifts, reference_position=R, count=counts,
+        overflow=counts > capacity, geometry=geom, max_occupancy=capacity,
+        update_fn=self.update))
 
 
 def _per_replica_kT(key: BatchKey) -> Array:
