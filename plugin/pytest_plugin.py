@@ -8,6 +8,9 @@ Gives every test suite an ``energy_conservation`` fixture::
                                      duration=2.0, max_drift=0.5)
         assert report.fluctuation < 0.1
 
+    # K independent replicas in one program: drift = mean, error = spread across them
+    energy_conservation(atoms, energy_fn=..., neighbor_fn=..., shift_fn=..., replicas=8)
+
 and the ``energy_conservation`` marker for tagging such (often slow) tests.
 """
 
@@ -21,6 +24,8 @@ def pytest_configure(config):
 
 @pytest.fixture
 def energy_conservation():
-  """``plugin.testing.assert_energy_conserved``: runs NVE, fails with the measured figures."""
+  """``plugin.testing.assert_energy_conserved``: runs NVE, fails with the measured figures.
+  ``replicas=K`` runs K independent copies (one compiled program on the JAX-MD engine) and
+  bounds the mean drift with the standard error across them."""
   from plugin.testing import assert_energy_conserved
   return assert_energy_conserved

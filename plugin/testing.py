@@ -54,13 +54,17 @@ class ConservationReport:
   fluctuation: float      # meV/atom, RMS about the fitted line
   mean_temperature: float
   order_ratio: Optional[float] = None   # fluctuation(dt) / fluctuation(dt/2)
+  replicas: int = 1  # independent runs; their mean series above, drift_error across them
+  replica_drifts: Optional[np.ndarray] = None  # (replicas,) meV/atom/ps
 
   @property
   def total(self) -> np.ndarray:
     return self.potential + self.kinetic
 
   def summary(self) -> str:
-    s = (f"{self.engine} NVE, {self.num_atoms} atoms, dt {self.timestep_fs:g} fs, "
+    runs = f" x {self.replicas} replicas (mean ± standard error across them)" \
+        if self.replicas > 1 else ""
+    s = (f"{self.engine} NVE{runs}, {self.num_atoms} atoms, dt {self.timestep_fs:g} fs, "
          f"{self.time_ps[-1]:.3g} ps (warm-up {self.warmup_ps:g} ps), T0 {self.temperature_K:g} K "
          f"(mean {self.mean_temperature:.1f} K): drift {self.drift:+.4f} ± "
          f"{self.drift_error:.4f} meV/atom/ps, fluctuation {self.fluctuation:.4f} meV/atom")
@@ -143,6 +147,8 @@ def _run_jax_md(atoms: Atoms, energy_fn, neighbor_fn, shift_fn, timestep_fs: flo
                 interval: int, momenta: np.ndarray, dtype):
   """NVE on the JAX-MD engine (:mod:`plugin.md.engine`: chunked jit loop, neighbour update
   inside, an overflow replays the chunk) with the user's functions: ``(time_ps, epot, ekin)``.
+  ``momenta (K, N, 3)`` runs ``K`` replicas in one program
+  (:func:`plugin.md.replicas.stacked_engine`); ``epot`` and ``ekin`` are then ``(K, rows)``.
 
   Units: eV, Å, amu, so the time unit is Å sqrt(amu/eV) ≈ 10.18 fs, the same as ASE's
   internal time unit: ASE momenta carry over unchanged and dt = timestep * plugin.thermo.FS.
@@ -157,20 +163,38 @@ def _run_jax_md(atoms: Atoms, energy_fn, neighbor_fn, shift_fn, timestep_fs: flo
       periodic=False, box=tuple(np.eye(3).ravel()), dr_threshold=0.0, capacity_multiplier=1.0,
       chunk=interval * max(1, DEFAULTS.chunk // interval), log_interval=interval,
       traj_interval=0)
-  engine = eng.make_engine(key, energy_fn=energy_fn, neighbor_fn=neighbor_fn,
-                           displacement_fn=None, shift_fn=shift_fn, cutoff=0.0)
-  carry, extra = eng.start(engine, jnp.asarray(atoms.positions, dtype), np.eye(3),
-                           atoms.get_masses(), momenta, seed=0)
+  momenta = np.asarray(momenta)
+  R, masses = atoms.positions, atoms.get_masses()
+  if momenta.ndim == 3:
+    from plugin.md import replicas
+    engine = replicas.stacked_engine(key, energy_fn=energy_fn, neighbor_fn=neighbor_fn,
+                                     shift_fn=shift_fn)
+    R, masses = (np.broadcast_to(a, momenta.shape[:1] + a.shape) for a in (R, masses))
+  else:
+    engine = eng.make_engine(key, energy_fn=energy_fn, neighbor_fn=neighbor_fn,
+                             displacement_fn=None, shift_fn=shift_fn, cutoff=0.0)
+  carry, extra = eng.start(engine, jnp.asarray(R, dtype), np.eye(3), masses, momenta, seed=0)
   columns = output.columns_for(eng.observables(key))
   context = output.RowContext(len(atoms), lambda step: step * timestep_fs)
-  rows = output.make_rows(columns, eng.start_logs(engine, carry, 0), 1, context)
+  logs = [eng.start_logs(engine, carry, 0)]
+  counts = [1]
   for c in eng.simulate_chunks(engine, carry, 0, steps, extra):
     if c.guard:  # non-finite state: a conservation figure from a cut-short run would mislead
       raise RuntimeError(guards.reason(c.guard, c.stop + 1, c.value, max_temperature=np.inf,
                                        max_force=np.inf))
-    rows += output.make_rows(columns, c.logs, c.num_logs, context)
-  log = output.MDLog.from_rows(columns, rows)
-  return log.time_ps, log.epot, log.ekin
+    logs.append(c.logs)
+    counts.append(c.num_logs)
+  series = []
+  for k in range(momenta.shape[0] if momenta.ndim == 3 else 1):
+    pick = (lambda v: v) if momenta.ndim == 2 else (lambda v: np.asarray(v)[:, k])
+    rows = [r for lg, n in zip(logs, counts) for r in output.make_rows(
+        columns, {name: (v if name == "step" else pick(v)) for name, v in lg.items()}, n,
+        context)]
+    series.append(output.MDLog.from_rows(columns, rows))
+  if momenta.ndim == 2:
+    return series[0].time_ps, series[0].epot, series[0].ekin
+  return (series[0].time_ps, np.stack([s.epot for s in series]),
+          np.stack([s.ekin for s in series]))
 
 
 def jax_md_functions(potential, atoms: Atoms, dtype: Any = "float32",
@@ -233,6 +257,7 @@ def check_energy_conservation(
     check_order: bool = False,
     seed: int = DEFAULTS.seed,
     dtype: Any = None,
+    replicas: int = 1,
 ) -> ConservationReport:
   """Run NVE and measure energy conservation.
 
@@ -244,13 +269,22 @@ def check_energy_conservation(
   3N rule that ``mean_temperature`` uses too),
   ``timestep`` in fs, ``duration`` and ``warmup`` in ps; energies are sampled every
   ``sample_interval`` steps. ``check_order`` repeats the run at half the timestep.
+
+  ``replicas=K`` runs ``K`` independent copies (momenta from seeds ``seed .. seed + K - 1``; on
+  the JAX-MD engine in one compiled program, on the ASE engine one after the other) and
+  reports the mean drift over them with the standard error *across* replicas as
+  ``drift_error`` (independent runs: an error bar that needs no model of the time
+  correlation); ``fluctuation`` and ``mean_temperature`` are replica means, the time series
+  the replica-mean energies, ``replica_drifts`` each one's slope.
   """
   del displacement_fn
   if timestep <= 0 or duration <= 0 or warmup < 0 or warmup >= duration:
     raise ValueError("need timestep > 0, duration > 0 and 0 <= warmup < duration")
   if sample_interval < 1:
     raise ValueError("sample_interval must be >= 1")
-  momenta = start_momenta(atoms, temperature, seed)
+  if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+    raise ValueError(f"replicas must be a positive integer, got {replicas!r}")
+  momenta = np.stack([start_momenta(atoms, temperature, seed + k) for k in range(replicas)])
   if energy_fn is None:
     calculator = calculator if calculator is not None else atoms.calc
     if calculator is None:
@@ -259,7 +293,8 @@ def check_energy_conservation(
 
     def run(dt, interval):
       steps = int(round(duration * 1000.0 / dt))
-      return _run_ase(atoms, calculator, dt, steps, interval, momenta)
+      runs = [_run_ase(atoms, calculator, dt, steps, interval, p) for p in momenta]
+      return runs[0][0], np.stack([r[1] for r in runs]), np.stack([r[2] for r in runs])
   else:
     if shift_fn is None:
       raise ValueError("a JAX-MD energy_fn needs its shift_fn")
@@ -269,22 +304,31 @@ def check_energy_conservation(
     def run(dt, interval):
       steps = int(round(duration * 1000.0 / dt))
       steps -= steps % interval
-      return _run_jax_md(atoms, energy_fn, neighbor_fn, shift_fn, dt, steps, interval, momenta,
-                         dt_)
+      t, epot, ekin = _run_jax_md(atoms, energy_fn, neighbor_fn, shift_fn, dt, steps, interval,
+                                  momenta if replicas > 1 else momenta[0], dt_)
+      return t, np.reshape(epot, (replicas, -1)), np.reshape(ekin, (replicas, -1))
+
+  n = len(atoms)
+
+  def figures(t, epot, ekin):
+    """Per replica: ``(slope, error, rms)`` rows."""
+    keep = t >= warmup
+    return np.array([drift_statistics(t[keep], (ep + ek)[keep] / n)
+                     for ep, ek in zip(epot, ekin)])
 
   t, epot, ekin = run(timestep, sample_interval)
-  n = len(atoms)
-  keep = t >= warmup
-  slope, err, rms = drift_statistics(t[keep], (epot + ekin)[keep] / n)
+  fig = figures(t, epot, ekin)
+  slope, rms = float(np.mean(fig[:, 0])), float(np.mean(fig[:, 2]))
+  err = float(fig[0, 1]) if replicas == 1 else float(np.std(fig[:, 0], ddof=1)
+                                                     / math.sqrt(replicas))
   mean_t = float(np.mean(thermo.temperature_from_kinetic(ekin, n)))
   ratio = None
   if check_order:
-    t2, ep2, ek2 = run(timestep / 2, 2 * sample_interval)
-    keep2 = t2 >= warmup
-    _, _, rms2 = drift_statistics(t2[keep2], (ep2 + ek2)[keep2] / n)
+    rms2 = float(np.mean(figures(*run(timestep / 2, 2 * sample_interval))[:, 2]))
     ratio = rms / rms2 if rms2 > 0 else float("inf")
-  return ConservationReport(engine, n, timestep, temperature, t, epot, ekin, warmup, slope, err,
-                            rms, mean_t, ratio)
+  return ConservationReport(engine, n, timestep, temperature, t, epot.mean(0), ekin.mean(0),
+                            warmup, slope, err, rms, mean_t, ratio, replicas=replicas,
+                            replica_drifts=fig[:, 0])
 
 
 def assert_energy_conserved(atoms: Atoms, calculator: Any = None, *, max_drift: float = 0.5,

@@ -82,6 +82,30 @@ def test_jax_md_engine_with_neighbor_list():
   assert abs(report.drift) < 1.0 and report.fluctuation < 1.0
 
 
+def test_replicas_in_one_program_equal_separate_runs():
+  """K replicas on the JAX-MD engine (one compiled program): each replica's drift is the drift
+  of its run alone (seed + k), the report's drift their mean and its error their spread."""
+  import jax.numpy as jnp
+  from conftest import tiny_copper_potential
+
+  atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
+  atoms.rattle(0.05, seed=1)
+  atoms.wrap()
+  pot = tiny_copper_potential()
+  kw = dict(**testing.engine_kwargs("jax-md", pot, atoms, "float64"), temperature=300,
+            timestep=1.0, duration=0.1, warmup=0.02, sample_interval=5)
+  many = testing.check_energy_conservation(atoms, replicas=3, seed=4, **kw)
+  alone = [testing.check_energy_conservation(atoms, seed=4 + k, **kw) for k in range(3)]
+  drifts = np.array([r.drift for r in alone])
+  np.testing.assert_allclose(many.replica_drifts, drifts, rtol=1e-6, atol=1e-9)
+  assert many.drift == pytest.approx(drifts.mean(), rel=1e-6)
+  assert many.drift_error == pytest.approx(drifts.std(ddof=1) / np.sqrt(3), rel=1e-6)
+  np.testing.assert_allclose(many.total, np.mean([r.total for r in alone], axis=0), atol=1e-9)
+  assert many.replicas == 3 and "3 replicas" in many.summary()
+  with pytest.raises(ValueError, match="replicas must be a positive integer"):
+    testing.check_energy_conservation(atoms, replicas=0, **kw)
+
+
 def test_pytest_fixture_is_registered(tmp_path):
   test = tmp_path / "test_user.py"
   test.write_text(textwrap.dedent("""
@@ -93,6 +117,11 @@ def test_pytest_fixture_is_registered(tmp_path):
           report = energy_conservation(atoms, EMT(), temperature=300, timestep=2.0,
                                        duration=0.2, warmup=0.02)
           assert report.drift_error >= 0
+          # independent replicas: the error bar is their spread
+          two = energy_conservation(atoms, EMT(), temperature=300, timestep=2.0,
+                                    duration=0.1, warmup=0.02, replicas=2)
+          assert two.replicas == 2 and len(two.replica_drifts) == 2
+          assert two.drift_error > 0
   """))
   out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                         str(test)], capture_output=True, text=True, cwd=tmp_path)

@@ -406,3 +406,80 @@ def replica(tree, i: int, n: int, lead: int = 0):
       x = x[keep + (slice(0, n),)]
     return x
   return jax.tree_util.tree_map_with_path(cut, tree)
+
+
+# ------------------------------------------------------------------------------------------
+# copies of one system with any JAX-MD energy function (plugin.testing's replicas)
+
+
+@jmd_dataclasses.dataclass
+class StackedList:
+  """``K`` JAX-MD neighbour lists of one capacity stacked along a replica axis (``inner``:
+  the list with batched leaves); overflow of any replica counts for the batch."""
+  inner: object
+
+  def update(self, R: Array) -> "StackedList":
+    return StackedList(jax.vmap(lambda nb, r: nb.update(r))(self.inner, R))
+
+  @property
+  def did_buffer_overflow(self) -> Array:
+    return jnp.any(self.inner.did_buffer_overflow)
+
+  @property
+  def cell_size_too_small(self) -> Array:
+    return jnp.any(self.inner.cell_size_too_small)
+
+  @property
+  def max_occupancy(self) -> int:
+    return self.inner.max_occupancy
+
+
+class StackedNeighborFns:
+  """``allocate`` of a :class:`StackedList`: the user's ``neighbor_fn`` allocates for the first
+  replica (capacity and cell grid), every replica's list is that list updated to its positions."""
+
+  def __init__(self, neighbor_fn):
+    self.neighbor_fn = neighbor_fn
+    self._update = jax.jit(jax.vmap(lambda nb, r: nb.update(r), in_axes=(None, 0)))
+
+  def allocate(self, R: Array, extra_capacity: int = 0, **kwargs) -> StackedList:
+    first = self.neighbor_fn.allocate(R[0], extra_capacity, **kwargs)
+    return StackedList(self._update(first, R))
+
+
+def stacked_engine(key, *, energy_fn: Callable, neighbor_fn, shift_fn: Callable) -> eng.Engine:
+  """An engine for copies of one system (replica axis first in positions, momenta, masses),
+  from the user's JAX-MD functions (``neighbor_fn`` None for a pair-list-free energy): each
+  step is the single-system step (:func:`plugin.md.engine.step_fn`) mapped over replicas.
+  Fixed-box ensembles only. ``key``: a :class:`plugin.md.engine.EngineKey`."""
+  init1, apply1 = TABLE[key.ensemble].integrator(key.params, energy_fn, shift_fn)
+  box = np.asarray(key.box, np.float64).reshape(3, 3)
+  box_fn = lambda state: jnp.broadcast_to(jnp.asarray(box, state.position.dtype),
+                                          state.position.shape[:1] + (3, 3))
+  inner = lambda nbrs: None if nbrs is None else nbrs.inner
+  nb_kw = lambda nb: {} if nb is None else {"neighbor": nb}
+
+  def init(keys, R, box_, mass, momenta, nbrs):
+    if keys.ndim == 1:  # one key (plugin.md.engine.start): one per replica from it
+      keys = jax.random.split(keys, R.shape[0])
+    one = lambda k, r, m, p, nb: init1(k, r, box_, m, p, nb)
+    return jax.vmap(one)(keys, R, mass, momenta, inner(nbrs))
+
+  def apply(state, **kw):
+    nb = inner(kw.get("neighbor"))
+    return jax.vmap(lambda s, n: apply1(s, **nb_kw(n)))(state, nb)
+
+  observe1 = eng.observe_fn(key, energy_fn, lambda s: jnp.asarray(box, s.position.dtype))
+  observe = lambda state, nbrs: jax.vmap(observe1)(state, inner(nbrs))
+
+  def guard(state, limits):
+    codes, values = jax.vmap(eng.guard_code, in_axes=(0, None))(state, limits)
+    where = jnp.argmax(codes != guards.OK).astype(jnp.int32)
+    return codes[where], values[where], where
+
+  traces = [0]
+  step = eng.step_fn(key, apply, None, 0.0)
+  chunk = eng.chunk_fn(key, step, observe, box_fn, traces, guard=guard)
+  neighbors = None if neighbor_fn is None else StackedNeighborFns(neighbor_fn)
+  return eng.Engine(key, neighbors, energy_fn, jax.jit(init), jax.jit(observe), chunk, box_fn,
+                    traces)
