@@ -85,7 +85,6 @@ def test_jax_md_engine_with_neighbor_list():
 def test_replicas_in_one_program_equal_separate_runs():
   """K replicas on the JAX-MD engine (one compiled program): each replica's drift is the drift
   of its run alone (seed + k), the report's drift their mean and its error their spread."""
-  import jax.numpy as jnp
   from conftest import tiny_copper_potential
 
   atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
