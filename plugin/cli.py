@@ -53,6 +53,16 @@ def _positive(kind):
   return parse
 
 
+def _temperature_list(text):
+  try:
+    values = [float(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected temperatures like 300,400,500, got {text!r}")
+  if not values or any(not (v > 0) for v in values):
+    raise argparse.ArgumentTypeError(f"temperatures must be > 0 K, got {text!r}")
+  return values
+
+
 def _load_model(name_or_path: str):
   import potentials
   try:
@@ -88,15 +98,32 @@ def _check_species(pot, numbers):
 
 
 # ----------------------------------------------------------------------------- md
+def _systems(args):
+  """``(structures, systems, temperatures, seeds)``: the files read, and every system to run
+  (each structure times ``--replicas`` / ``--temperatures``) with its temperature and seed."""
+  paths = args.structure or [None]
+  structures = [_read_structure(p) for p in paths]
+  temps = args.temperatures
+  replicas = args.replicas or (len(temps) if temps else 1)
+  if temps and len(temps) != replicas:
+    raise UsageError(f"--temperatures has {len(temps)} values for --replicas {replicas}")
+  temps = temps or [args.temperature] * replicas
+  systems = [a for a in structures for _ in range(replicas)]
+  return (structures, systems, temps * len(structures),
+          [args.seed + i for i in range(len(systems))])
+
+
 def cmd_md(args) -> int:
+  pot = _load_model(args.model)
+  structures, systems, temps, seeds = _systems(args)
+  for atoms in structures:
+    _check_species(pot, atoms.numbers)
+  if len(systems) > 1:
+    return _cmd_md_many(args, pot, systems, temps, seeds)
+  atoms, args.temperature = systems[0], temps[0]
   from plugin import md
   from plugin.md import output as md_output
-  pot = _load_model(args.model)
-  atoms = _read_structure(args.structure)
-  _check_species(pot, atoms.numbers)
-  steps = args.steps if args.steps else int(round(args.time * 1000.0 / args.dt))
-  if steps < 1:
-    raise UsageError("--time/--steps give no step to run")
+  steps = _steps(args)
   ensemble = md.ENSEMBLE_TABLE[md.CLI_ENSEMBLES[args.ensemble]]
   if ensemble.variable_box and not all(atoms.pbc):
     raise UsageError(f"--ensemble {args.ensemble} needs a periodic structure")
@@ -133,6 +160,68 @@ def cmd_md(args) -> int:
   if args.plot:
     _plot_md(result.log, args.plot)
     print(f"plot written to {args.plot}")
+  return 0
+
+
+def _steps(args) -> int:
+  steps = args.steps if args.steps else int(round(args.time * 1000.0 / args.dt))
+  if steps < 1:
+    raise UsageError("--time/--steps give no step to run")
+  return steps
+
+
+def _cmd_md_many(args, pot, systems, temps, seeds) -> int:
+  """Several systems (files, ``--replicas``, ``--temperatures``) in one compiled program:
+  one trajectory and CSV log per system, named from ``--out`` (md.traj -> md.0.traj, ...)."""
+  from plugin import md
+  from plugin.md import driver, output as md_output
+  if args.engine != "jax-md":
+    raise UsageError("several systems run together only with --engine jax-md")
+  steps = _steps(args)
+  ensemble = md.ENSEMBLE_TABLE[md.CLI_ENSEMBLES[args.ensemble]]
+  out = Path(args.out or "md.traj")
+  try:
+    md_output.traj_format(out)
+  except (ValueError, ImportError) as e:
+    raise UsageError(str(e)) from None
+  trajs = [driver.replica_path(out, i) for i in range(len(systems))]
+  existing = [str(t) for t in trajs if t.exists() and t.stat().st_size > 0]
+  if existing and not args.resume:
+    raise UsageError(f"{existing[0]} exists; pass --resume to continue, or --out NEW_FILE")
+  atoms_total = sum(len(a) for a in systems)
+  print(f"eqattn md: {len(systems)} systems ({atoms_total} atoms), model {args.model!r}, "
+        f"{args.ensemble.upper()} {', '.join(f'{t:g}' for t in sorted(set(temps)))} K, "
+        f"dt {args.dt:g} fs, {steps} steps, one program; trajectories "
+        f"{trajs[0]} .. {trajs[-1]}", flush=True)
+  bar = md.ProgressBar(steps, args.dt, desc=f"MD x{len(systems)}", atoms=atoms_total)
+  t0 = time.perf_counter()
+  try:
+    with warnings.catch_warnings():
+      warnings.filterwarnings("ignore", message="system .*MD stopped", category=RuntimeWarning)
+      results = md.run(systems, pot, ensemble=ensemble.name, temperature=temps,
+                       timestep=args.dt, steps=steps, traj=[str(t) for t in trajs],
+                       resume=args.resume, seed=seeds,
+                       log_file=[str(t.with_suffix(".csv")) for t in trajs],
+                       chunk=min(md.DEFAULTS.chunk, steps), progress=bar,
+                       max_temperature=args.max_temperature, max_force=args.max_force)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  finally:
+    bar.close()
+  wall = time.perf_counter() - t0
+  stopped = [r for r in results if r.stopped and r.stopped != "other_system"]
+  if stopped:
+    print(f"eqattn md: {stopped[0].reason}; frames up to it are in the trajectories",
+          file=sys.stderr)
+    return RUNAWAY_STATUS
+  done = results[0].steps
+  nve = ensemble.invariant is not None and not ensemble.thermostat
+  for i, (r, a, t) in enumerate(zip(results, systems, temps)):
+    print(f"system {i} ({a.get_chemical_formula()}, {t:g} K, {trajs[i]}): ", end="")
+    _summary(r.log, len(a), wall, done, args.dt, nve)
+  print(f"all: {done} steps x {len(systems)} systems in {wall:.1f} s: "
+        f"{done * atoms_total / wall:.3g} atom-steps/s, "
+        f"{done / wall * args.dt * 1e-6 * 86400:.3g} ns/day per system")
   return 0
 
 
@@ -315,7 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
   sub = ap.add_subparsers(dest="command", required=True)
 
   md = sub.add_parser("md", help="run molecular dynamics (default: ethanol, 300 K)")
-  md.add_argument("structure", nargs="?", help="any ASE-readable file (default: ethanol)")
+  md.add_argument("structure", nargs="*", help="ASE-readable files (default: ethanol); several "
+                  "run together in one program")
+  md.add_argument("--replicas", type=_positive(int), metavar="N",
+                  help="run N copies of each structure together, seeds --seed, --seed + 1, ...")
+  md.add_argument("--temperatures", type=_temperature_list, metavar="T1,T2,...",
+                  help="one copy of each structure per temperature (K), run together")
   md.add_argument("--model", default=DEFAULT_MODEL, help="shipped model name or .eqm path")
   md.add_argument("--ensemble", choices=list(CLI_ENSEMBLES), default="nvt")
   md.add_argument("--temperature", type=_positive(float), default=DEFAULTS.temperature,

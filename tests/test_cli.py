@@ -129,6 +129,32 @@ def test_md_jax_md_engine_small_periodic_cell(tiny_model, tmp_path, capsys):
   assert last.info["md_step"] == 20 and np.isfinite(last.get_potential_energy())
 
 
+def test_md_several_structures_and_replicas_in_one_program(tiny_model, tmp_path, capsys):
+  from ase import Atoms
+  co = tmp_path / "co.extxyz"
+  write(co, Atoms("CO", positions=[[0.2, 0.3, 0.4], [1.4, 0.3, 0.4]], cell=[3.0, 3.5, 4.0],
+                  pbc=True))
+  ethanol = tmp_path / "ethanol.xyz"
+  write(ethanol, molecule("CH3CH2OH"))
+  out = tmp_path / "many.extxyz"
+  argv = ["md", str(ethanol), str(co), "--model", tiny_model, "--temperatures", "200,400",
+          "--steps", "20", "--dt", "0.25", "--out", str(out)]
+  assert cli.main(argv) == 0
+  text = capsys.readouterr().out
+  assert "4 systems" in text and "atom-steps/s" in text and "ns/day per system" in text
+  for i, (n, t) in enumerate([(9, 200), (9, 400), (2, 200), (2, 400)]):
+    frames = read(tmp_path / f"many.{i}.extxyz", ":")
+    assert len(frames[-1]) == n and frames[-1].info["md_step"] == 20
+    assert f"system {i} (" in text and f", {t} K," in text
+    assert (tmp_path / f"many.{i}.csv").exists()
+  assert cli.main(argv) == 2 and "--resume" in capsys.readouterr().err
+  assert cli.main(argv[:-4] + ["--replicas", "3", "--steps", "20", "--dt", "0.25", "--out",
+                               str(tmp_path / "r.traj")]) == 2
+  assert "--temperatures has 2 values for --replicas 3" in capsys.readouterr().err
+  assert cli.main(argv + ["--engine", "ase"]) == 2
+  assert "only with --engine jax-md" in capsys.readouterr().err
+
+
 def test_md_options_come_from_the_ensembles_table_and_defaults():
   from plugin.md import DEFAULTS, ENSEMBLE_TABLE
   sub = cli.build_parser()._subparsers._group_actions[0].choices["md"]
