@@ -362,3 +362,11 @@ class Calculator(_AseCalculator):
 
 # Runaway guards as an ASE observer: guard(dyn, max_temperature=..., max_force=...).
 from plugin.md.guards import RunawayError, guard  # noqa: E402,F401
+
+
+def evaluate(potential: potentials.Potential, structures: Sequence[Atoms], **kwargs):
+  """Energies, forces and stresses of many structures in size-bucketed batches, one dict per
+  structure: :func:`plugin.evaluate.evaluate` (imported on first use, so that this module stays
+  quick to import)."""
+  from plugin.evaluate import evaluate as _evaluate
+  return _evaluate(potential, structures, **kwargs)

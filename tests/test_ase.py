@@ -24,6 +24,7 @@ from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS, FIRE
 
 import potentials
+import plugin.ase
 from plugin.ase import Calculator
 
 try:  # ase >= 3.29
@@ -377,3 +378,50 @@ def test_bad_arguments(pot):
         Calculator("model.eqm")
     with pytest.raises(ValueError, match="min_distance"):
         Calculator(pot, min_distance=-1.0)
+
+
+def test_evaluate_many_structures_in_few_compilations():
+  """plugin.ase.evaluate: 40 structures of 13 sizes (open molecules and clusters, cubic,
+  triclinic and small periodic cells) agree with the calculator structure by structure
+  (float64) and compile only one program per size bucket."""
+  import ase.build
+  from conftest import random_cluster, tiny_copper_potential
+  from plugin.data import frame_from_atoms
+  from potentials import training
+  from potentials.training import evaluation
+  pot = tiny_copper_potential()
+  structures = []
+  for k in range(40):
+    kind = k % 4
+    if kind == 0:
+      a = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True).repeat((1 + k % 3, 1, 1))
+    elif kind == 1:
+      a = ase.build.bulk("Cu", "fcc", a=3.6).repeat((1 + k % 2, 2, 2))  # triclinic, images
+    elif kind == 2:
+      n = 3 + k % 7
+      a = ase.Atoms(f"Cu{n}", positions=random_cluster(n, seed=k, box=2.2 * n ** (1 / 3) + 1))
+    else:
+      a = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)  # 4 atoms: a small cell
+    a.rattle(0.05, seed=k)
+    structures.append(a)
+  predict = evaluation._jitted_predict(pot.config, pot.species)
+  before = predict._cache_size()
+  out = plugin.ase.evaluate(pot, structures, dtype="float64", batch_size=8,
+                            properties=("energy", "forces", "stress"))
+  frames = [frame_from_atoms(a, pot.cutoff) for a in structures]
+  shapes = {caps for _, caps in training.buckets(frames, 8, 4096)}
+  assert predict._cache_size() - before <= len(shapes) <= 6
+  calc = plugin.ase.Calculator(pot, dtype="float64")
+  for a, r in zip(structures, out):
+    b = a.copy()
+    b.calc = calc
+    assert r["energy"] == pytest.approx(b.get_potential_energy(), abs=1e-9)
+    np.testing.assert_allclose(r["forces"], b.get_forces(), atol=1e-9)
+    if a.pbc.all():
+      np.testing.assert_allclose(r["stress"], b.get_stress(), atol=1e-10)
+    else:
+      assert r["stress"] is None
+  with pytest.raises(ValueError, match="unknown properties"):
+    plugin.ase.evaluate(pot, structures[:1], properties=("magmoms",))
+  with pytest.raises(potentials.UnknownElementError):
+    plugin.ase.evaluate(pot, [ase.Atoms("H")])

@@ -9,7 +9,7 @@ capacity that fits any batch of the set, so a whole run compiles once.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -74,6 +74,36 @@ def batch_capacity(frames: Sequence[Frame], batch_size: int) -> Tuple[int, int]:
   atoms = sorted((f.num_atoms for f in frames), reverse=True)[:batch_size]
   pairs = sorted((len(f.dst) for f in frames), reverse=True)[:batch_size]
   return int(sum(atoms)) + 1, int(sum(pairs)) + 1
+
+
+def bucket(n: int) -> int:
+  """The shape bucket of a size ``n``: the next of 8, 12, 16, 24, 32, 48, ... (powers of two
+  and their 1.5 multiples), so padded shapes, i.e. compilations, are few and padding < 50 %."""
+  size = 8
+  while size < n:
+    size = size * 3 // 2 if (size & (size - 1)) == 0 else size * 4 // 3
+  return size
+
+
+def buckets(frames: Sequence[Frame], max_frames: int, max_atoms: int
+            ) -> List[Tuple[List[int], Tuple[int, int, int]]]:
+  """Batches for evaluating many structures of varied sizes: ``(frame indices, (frames,
+  atoms, pairs) capacity)`` each. Frames sorted by size are packed greedily (at most
+  ``max_frames`` frames and ``max_atoms`` atoms; a larger frame goes alone), and every capacity
+  is rounded up to a :func:`bucket`, so thousands of structures compile a handful of shapes."""
+  order = sorted(range(len(frames)), key=lambda i: (frames[i].num_atoms, len(frames[i].dst)))
+  groups: List[List[int]] = []
+  atoms = 0
+  for i in order:
+    n = frames[i].num_atoms
+    if not groups or len(groups[-1]) >= max_frames or atoms + n > max_atoms:
+      groups.append([])
+      atoms = 0
+    groups[-1].append(i)
+    atoms += n
+  caps = lambda g: (bucket(len(g)), bucket(sum(frames[i].num_atoms for i in g) + 1),
+                    bucket(sum(len(frames[i].dst) for i in g) + 1))
+  return [(g, caps(g)) for g in groups]
 
 
 def make_batch(frames: Sequence[Frame], potential: Potential, batch_size: int,

@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import observables
 from ..potential import Potential
-from .batching import Frame, batch_capacity, device_batch, make_batch
+from .batching import Frame, buckets, device_batch, make_batch
 
 
 def predict_fn(potential: Potential) -> Callable:
@@ -61,15 +61,16 @@ def _jitted_predict(config, species) -> Callable:
   return _PREDICT_CACHE[key]
 
 
-def _predictions(potential: Potential, frames: Sequence[Frame], batch_size: int, dtype):
-  """Yields ``(batch, frames in it, (energies, forces, stress))`` as float64 NumPy arrays."""
+def predictions(potential: Potential, frames: Sequence[Frame], *, batch_size: int = 16,
+                max_atoms: int = 4096, dtype=jnp.float32):
+  """Yields ``(batch, indices, (energies, forces, stress))`` over ``frames`` in size buckets
+  (:func:`~potentials.training.batching.buckets`: few compilations for many sizes);
+  ``indices`` are the frames in the batch, in its slot order; arrays are float64 NumPy."""
   predict = _jitted_predict(potential.config, potential.species)
-  cap = batch_capacity(frames, batch_size)
-  for i in range(0, len(frames), batch_size):
-    chunk = frames[i:i + batch_size]
-    b = make_batch(chunk, potential, batch_size, *cap)
+  for idx, (B, A, E) in buckets(frames, batch_size, max_atoms):
+    b = make_batch([frames[i] for i in idx], potential, B, A, E)
     out = predict(potential.params, device_batch(b, dtype))
-    yield b, len(chunk), tuple(np.asarray(x, np.float64) for x in out)
+    yield b, idx, tuple(np.asarray(x, np.float64) for x in out)
 
 
 def evaluate(potential: Potential, frames: Sequence[Frame], batch_size: int = 16,
@@ -78,7 +79,8 @@ def evaluate(potential: Potential, frames: Sequence[Frame], batch_size: int = 16
   if not frames:
     return {}
   err: Dict[str, List[np.ndarray]] = {"e": [], "e_atom": [], "f": [], "s": []}
-  for b, k, (e, f, s) in _predictions(potential, frames, batch_size, dtype):
+  for b, idx, (e, f, s) in predictions(potential, frames, batch_size=batch_size, dtype=dtype):
+    k = len(idx)
     he = b.has_energy[:k]
     err["e"].append((e[:k] - b.energy[:k])[he])
     err["e_atom"].append(((e[:k] - b.energy[:k]) / np.maximum(b.num_atoms[:k], 1))[he])
@@ -97,8 +99,10 @@ def evaluate(potential: Potential, frames: Sequence[Frame], batch_size: int = 16
 def predict_energies(potential: Potential, frames: Sequence[Frame], batch_size: int = 16,
                      dtype=jnp.float32) -> np.ndarray:
   """``(len(frames),)`` model energies (eV)."""
-  out = [e[:k] for _, k, (e, _, _) in _predictions(potential, frames, batch_size, dtype)]
-  return np.concatenate(out) if out else np.zeros(0)
+  out = np.zeros(len(frames))
+  for _, idx, (e, _, _) in predictions(potential, frames, batch_size=batch_size, dtype=dtype):
+    out[idx] = e[:len(idx)]
+  return out
 
 
 def refit_shifts(potential: Potential, frames: Sequence[Frame], batch_size: int = 16,
