@@ -161,10 +161,24 @@ def test_jax_md_atom_virials_match_ase(pot, name):
   nbrs = nfn.allocate(R)
   assert isinstance(nbrs, pjm.ImageNeighborList) == (name == "small")
   virial_fn = pjm.atom_virial_fn(efn)
-  w, stress = jax.jit(lambda R, nbrs: (virial_fn(R, nbrs),
-                                       quantity.stress(efn, R, box, neighbor=nbrs)))(R, nbrs)
-  w, stress = np.asarray(w), np.asarray(stress)
+  general = name == "triclinic"
+
+  @jax.jit
+  def fns(R, nbrs):
+    out = virial_fn(R, nbrs), quantity.stress(efn, R, box, neighbor=nbrs)
+    if general:  # a box passed at call time (NPT): strained, and too narrow for the list
+      out += (virial_fn(R, nbrs, box=1.02 * box),
+              quantity.stress(efn, R, 1.02 * box, neighbor=nbrs),
+              virial_fn(R, nbrs, box=0.8 * box))
+    return out
+
+  w, stress, *moved = (np.asarray(x) for x in fns(R, nbrs))
   volume = atoms.get_volume()
+  if general:
+    np.testing.assert_allclose(moved[0].sum(0) / (1.02**3 * volume), moved[1], rtol=0,
+                               atol=1e-10)
+    assert np.abs(moved[0] - w).max() > 1e-3 * np.abs(w).max()
+    assert np.isnan(moved[2]).all()  # never silently wrong (as energy_fn)
   assert w.shape == (len(atoms), 3, 3)
   np.testing.assert_allclose(w, np.swapaxes(w, 1, 2), atol=1e-14 * np.abs(w).max())
   # JAX-MD's sign: sum W_i / V is quantity.stress; ASE's per-atom stress is -W_i / V
