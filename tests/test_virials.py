@@ -82,6 +82,16 @@ def test_stresses_sum_to_stress(pot, name):
   np.testing.assert_array_equal(full[:, VOIGT[0], VOIGT[1]], stresses)
 
 
+def test_stresses_float32(pot):
+  atoms = small()
+  atoms.calc = Calculator(pot, dtype="float32")
+  stresses, stress = atoms.get_stresses(), atoms.get_stress()
+  assert stresses.dtype == np.float64  # what ASE expects, whatever the evaluation dtype
+  _, reference = evaluate(pot, atoms)
+  np.testing.assert_allclose(stresses, reference, rtol=0, atol=1e-5 * np.abs(reference).max())
+  np.testing.assert_allclose(stresses.sum(0), stress, rtol=0, atol=1e-6 * np.abs(stress).max())
+
+
 @pytest.mark.parametrize("name", ["triclinic", "small"])
 def test_stresses_invariant_under_rigid_translation(pot, name):
   atoms = STRUCTURES[name]()
