@@ -28,6 +28,11 @@ the same structure:
   together, ``R' = R (I + ε)``, ``cell' = cell (I + ε)``, at ``ε = 0``
   (:func:`potentials.observables.compute`). Only for fully periodic cells; asking for it
   otherwise raises ``PropertyNotImplementedError``.
+* ``stresses`` (eV/Å³, ``(N, 6)``, same sign and Voigt order): per-atom stress ``W_i / V``, where
+  ``W_i`` is atom ``i``'s share of ``dE/dε``: every pair's ``sym(r (x) dE/dr)`` is split half
+  and half between its two atoms (``potentials.observables.atom_strain_derivatives``). So
+  ``stresses.sum(0) == stress``, as in ASE's own classical calculators (``LennardJones``).
+  Periodic cells only, like ``stress``.
 
 Results are float64 NumPy arrays (what ASE's integrators expect) whatever ``dtype`` is.
 
@@ -111,8 +116,9 @@ class _Evaluator:
   """The jitted model evaluation for one architecture and dtype, shared by calculators.
 
   ``fn(params, species, positions, cell, dst, src, shifts, atom_mask)`` returns the per-atom
-  model energies (without element shifts), the forces, ``dE/dε`` (3, 3), and the squared
-  distance and index of the closest pair. ``traces`` counts traces, i.e. compilations.
+  model energies (without element shifts), the forces, ``dE/dε`` (3, 3), its per-atom split
+  (N, 3, 3), and the squared distance and index of the closest pair. ``traces`` counts
+  traces, i.e. compilations.
   """
 
   def __init__(self, potential: potentials.Potential, dtype: np.dtype) -> None:
@@ -125,12 +131,13 @@ class _Evaluator:
       energies = lambda r: pair_fn(params, species_index=species, r=r, dst=dst, src=src,
                                    atom_mask=atom_mask, indices_are_sorted=True)
       out = observables.compute(energies, positions, dst=dst, src=src, shifts=shifts,
-                                cell=cell)
+                                cell=cell, atom_strain=True)
       # closest real pair, for the overlap check on the host
       r = out.pair_vectors
       d2 = jnp.where(dst < positions.shape[0], jnp.sum(r * r, axis=-1), jnp.inf)
       closest = jnp.argmin(d2)
-      return out.energies, out.forces, out.strain_derivative, d2[closest], closest
+      return (out.energies, out.forces, out.strain_derivative, out.atom_strain_derivatives,
+              d2[closest], closest)
 
     self.fn = jax.jit(evaluate)
 
@@ -145,6 +152,11 @@ def _shared_evaluator(potential: potentials.Potential, dtype: np.dtype) -> _Eval
   if key not in _EVALUATORS:
     _EVALUATORS[key] = _Evaluator(potential, dtype)
   return _EVALUATORS[key]
+
+
+def _voigt(s: np.ndarray) -> np.ndarray:
+  """Symmetric ``(..., 3, 3)`` as ASE's Voigt ``(..., 6)``: ``xx yy zz yz xz xy``."""
+  return s[..., [0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
 
 
 class Calculator(_AseCalculator):
@@ -168,7 +180,8 @@ class Calculator(_AseCalculator):
       atom_capacity: current length of the padded atom axis (``None`` before the first call).
   """
 
-  implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
+  implemented_properties = ["energy", "free_energy", "forces", "stress", "stresses",
+                            "energies"]
 
   def __init__(
       self,
@@ -226,7 +239,8 @@ class Calculator(_AseCalculator):
       properties: Sequence[str] | None = None,
       system_changes: Sequence[str] = all_changes,
   ) -> None:
-    """Compute energy, free_energy, energies, forces and (periodic cells) stress at once."""
+    """Compute energy, free_energy, energies, forces and (periodic cells) stress and stresses
+    at once."""
     if properties is None:
       properties = ["energy"]
     super().calculate(atoms, properties, system_changes)
@@ -234,10 +248,11 @@ class Calculator(_AseCalculator):
     self.results = {}
     pbc = np.asarray(atoms.pbc, dtype=bool)
     periodic = bool(pbc.all())
-    if "stress" in properties and not periodic:
+    asked = [p for p in ("stress", "stresses") if p in properties]
+    if asked and not periodic:
       raise PropertyNotImplementedError(
-          f"stress needs a fully periodic cell, but pbc = {pbc.tolist()}; set "
-          "atoms.pbc = True with a proper cell, or do not ask for stress (e.g. do not "
+          f"{asked[0]} needs a fully periodic cell (a volume), but pbc = {pbc.tolist()}; set "
+          f"atoms.pbc = True with a proper cell, or do not ask for {asked[0]} (e.g. do not "
           "use a cell filter or NPT on this system)"
       )
     try:
@@ -254,7 +269,7 @@ class Calculator(_AseCalculator):
       results = {"energy": 0.0, "free_energy": 0.0, "energies": np.zeros(0),
                  "forces": np.zeros((0, 3))}
       if periodic:
-        results["stress"] = np.zeros(6)
+        results["stress"], results["stresses"] = np.zeros(6), np.zeros((0, 6))
       return results
 
     species = self._prepare_species(atoms.numbers)
@@ -283,7 +298,7 @@ class Calculator(_AseCalculator):
     out = evaluator.fn(self._params, self._species_dev, pos, cell.astype(self.dtype),
                        dst, src, pairs.shifts, self._mask_dev)
     self._compilations += evaluator.traces - traces
-    e_model, forces, virial, d2, closest = jax.device_get(out)
+    e_model, forces, virial, atom_virials, d2, closest = jax.device_get(out)
 
     if pairs.num_pairs and self.min_distance and d2 < self.min_distance**2:
       self._raise_overlap(atoms, pairs, int(closest), float(np.sqrt(d2)))
@@ -299,8 +314,8 @@ class Calculator(_AseCalculator):
                "forces": forces}
     if periodic:
       volume = abs(float(np.linalg.det(cell)))
-      s = np.asarray(virial, np.float64) / volume
-      results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+      results["stress"] = _voigt(np.asarray(virial, np.float64) / volume)
+      results["stresses"] = _voigt(np.asarray(atom_virials[:n], np.float64) / volume)
     return results
 
   # ------------------------------------------------------------------ host-side helpers

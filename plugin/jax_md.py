@@ -36,6 +36,8 @@ Conventions (``docs/conventions.md``)
 * **Stress.** ``quantity.stress(energy_fn, R, box, neighbor=nbrs)`` returns JAX-MD's sign
   convention ``sigma = -(1/V) dE/d(eps)`` (plus the kinetic term when velocities are given),
   i.e. the *negative* of ASE's ``atoms.get_stress()`` (``+(1/V) dE/d(eps)``), as a 3x3 matrix.
+* **Per-atom virials.** ``atom_virial_fn(energy_fn)(R, nbrs)`` gives ``W (N, 3, 3)`` (eV) in
+  the same sign, ``sum_i W_i / V`` = that stress without velocities.
 
 Small boxes: periodic images
 ----------------------------
@@ -79,8 +81,9 @@ from jax_md import partition, space
 
 import potentials
 from plugin.quiet import quiet
+from potentials import observables
 
-__all__ = ["neighbor_list", "ImageNeighborList", "box_matrix", "box_widths",
+__all__ = ["neighbor_list", "atom_virial_fn", "ImageNeighborList", "box_matrix", "box_widths",
            "check_box"]
 
 Array = jax.Array
@@ -579,8 +582,9 @@ def _energy_fn(potential: potentials.Potential, displacement_fn: DisplacementFn,
     far = jnp.zeros_like(r).at[:, 0].set(2.0 * cutoff + 1.0)
     return jnp.where(valid[:, None], r, far), dst, src, ok
 
-  def energy_fn(R: Array, neighbor: Optional[partition.NeighborList] = None,
-                **kwargs) -> Array:
+  def model(R, neighbor, kwargs):
+    """``(energies, r, dst, src, ok)`` for one call: the checked arguments' per-atom energy
+    function of the pair vectors, the pair vectors and ends, and ``ok`` of :func:`pairs`."""
     if neighbor is None:
       raise TypeError("energy_fn needs a neighbour list: energy_fn(R, nbrs) or "
                       "energy_fn(R, neighbor=nbrs), with nbrs = neighbor_fn.allocate(R)")
@@ -597,12 +601,53 @@ def _energy_fn(potential: potentials.Potential, displacement_fn: DisplacementFn,
       raise ValueError(f"neighbour list format must be partition.Sparse, got {neighbor.format}")
     params = kwargs.pop("params", default_params)
     r, dst, src, ok = pairs(R, neighbor, kwargs)
-    e = pair_energies(params, species_index=species_idx, r=r, dst=dst, src=src,
-                      indices_are_sorted=True)
-    if ok is not None:
-      # The list cannot hold every pair for this box: a jitted function cannot raise, so make
-      # it loud instead of silently wrong.
-      e = jnp.where(ok, e, jnp.nan)
+    energies = lambda r: pair_energies(params, species_index=species_idx, r=r, dst=dst,
+                                       src=src, indices_are_sorted=True)
+    return energies, r, dst, src, ok
+
+  def loud(x, ok):
+    # The list cannot hold every pair for this box: a jitted function cannot raise, so make
+    # it loud instead of silently wrong.
+    return x if ok is None else jnp.where(ok, x, jnp.nan)
+
+  def energy_fn(R: Array, neighbor: Optional[partition.NeighborList] = None,
+                **kwargs) -> Array:
+    energies, r, _, _, ok = model(R, neighbor, kwargs)
+    e = loud(energies(r), ok)
     return e if per_particle else jnp.sum(e)
 
+  def atom_virials(R: Array, neighbor: Optional[partition.NeighborList] = None,
+                   **kwargs) -> Array:
+    energies, r, dst, src, ok = model(R, neighbor, kwargs)
+    grad_r = jax.grad(lambda r: jnp.sum(energies(r)))(r)
+    # JAX-MD's sign: minus the strain derivative (see atom_virial_fn)
+    w = -observables.atom_strain_derivatives(r=r, grad_r=grad_r, dst=dst, src=src,
+                                             num_atoms=n)
+    return loud(w, ok)
+
+  energy_fn._eqattn_atom_virials = atom_virials  # found by atom_virial_fn
   return energy_fn
+
+
+def atom_virial_fn(energy_fn: EnergyFn) -> Callable[..., Array]:
+  """Per-atom virials of an energy function from :func:`neighbor_list`, like
+  ``quantity.force(energy_fn)``: returns ``virial_fn(R, neighbor, **kwargs) -> (N, 3, 3)``
+  (eV), taking what ``energy_fn`` takes (``box=``, ``perturbation=``, ``params=``); pure and
+  jittable, for use inside jitted MD loops.
+
+  ``W_i = -(1/2) sum over the pairs k of atom i (as either end) of sym(r_k (x) dE/dr_k)``:
+  each pair's share of the strain derivative, split half and half between its two atoms
+  (:func:`potentials.observables.atom_strain_derivatives`; JAX-MD's list holds both
+  directions, each split the same way). The sign is JAX-MD's: ``sum_i W_i = -dE/dε``, so
+  ``sum_i W_i / V == quantity.stress(energy_fn, R, box, neighbor=nbrs)`` without velocities
+  (LAMMPS' per-atom virial: its ``compute stress/atom`` reports minus this, in pressure times
+  volume). ASE's per-atom ``Calculator(...).get_stresses()`` is the Voigt form of
+  ``-W_i / V``. NaN, like ``energy_fn``, for a ``box=`` the list cannot hold. Shapes: ``R``
+  ``(N, 3)`` (real or fractional, as for ``energy_fn``), result ``(N, 3, 3)``, symmetric.
+  """
+  virials = getattr(energy_fn, "_eqattn_atom_virials", None)
+  if virials is None:
+    raise TypeError("atom_virial_fn needs the energy_fn returned by "
+                    "plugin.jax_md.neighbor_list(...) itself (per-atom virials need the model's "
+                    "pair vectors, not just an energy)")
+  return virials

@@ -1,8 +1,10 @@
-"""Energy, per-atom energies, forces and strain derivative (stress) from a padded pair graph.
+"""Energy, per-atom energies, forces, strain derivative (stress) and its per-atom split from a
+padded pair graph.
 
 :func:`compute` is the one place where these are derived from a model: the ASE calculator,
 training and :class:`potentials.Potential` go through it (JAX-MD differentiates its own energy
-function, in its own sign convention). Conventions: ``docs/conventions.md``. Definitions:
+function, in its own sign convention, and splits per-atom virials with
+:func:`atom_strain_derivatives`). Conventions: ``docs/conventions.md``. Definitions:
 
 * ``forces = -dE/dR`` (eV/Å);
 * the strain derivative ``dE/dε`` (eV) of a symmetric strain ``ε`` that deforms positions
@@ -10,7 +12,12 @@ function, in its own sign convention). Conventions: ``docs/conventions.md``. Def
   vector ``r = R[src] - R[dst] + shift @ cell`` that is ``r' = r (I + ε)``, which is how it is
   applied (open systems included: the derivative then is the virial of the pair forces);
 * ``stress = (1/V) dE/dε`` (eV/Å³), ASE's sign (a compressed crystal has negative stress),
-  and 0 for a frame without volume (``V = 0``: not fully periodic).
+  and 0 for a frame without volume (``V = 0``: not fully periodic);
+* per-atom strain derivatives ``W_i`` (eV, ``(N, 3, 3)``, only when asked): each pair's
+  ``sym(r_k (x) dE/dr_k)`` split half to ``dst[k]``, half to ``src[k]``
+  (:func:`atom_strain_derivatives`), so ``sum_i W_i = dE/dε``, periodic or open, and a pair
+  between an atom and its own image goes wholly to that atom. Per-atom stress is ``W_i / V``
+  (ASE's ``stresses``); the virial in the sign of JAX-MD and LAMMPS is ``-W_i``.
 
 One system has ``positions (N, 3)``, ``cell (3, 3)``; a batch of frames packed into one padded
 system has ``cell (B, 3, 3)`` plus ``atom_frame (N,)`` and ``pair_frame (pairs,)``, the frame
@@ -37,7 +44,8 @@ class Observables(NamedTuple):
 
   ``energy``: scalar, or ``(B,)`` per frame; ``energies``: ``(N,)`` per atom;
   ``forces``: ``(N, 3)``; ``strain_derivative``: ``dE/dε`` ``(3, 3)`` or ``(B, 3, 3)``;
-  ``stress``: ``(1/V) dE/dε`` (needs ``volumes``); ``pair_vectors``: ``(pairs, 3)``.
+  ``stress``: ``(1/V) dE/dε`` (needs ``volumes``); ``pair_vectors``: ``(pairs, 3)``;
+  ``atom_strain_derivatives``: per-atom ``dE/dε`` ``(N, 3, 3)`` (with ``atom_strain``).
   """
   energy: Array
   energies: Array
@@ -45,6 +53,7 @@ class Observables(NamedTuple):
   strain_derivative: Optional[Array]
   stress: Optional[Array]
   pair_vectors: Array
+  atom_strain_derivatives: Optional[Array] = None
 
 
 def strained(r: Array, strain: Array, pair_frame: Optional[Array] = None) -> Array:
@@ -62,7 +71,7 @@ def compute(energies_fn: EnergiesFn, positions: Array, *, dst: Array, src: Array
             shifts: Optional[Array] = None, cell: Optional[Array] = None,
             atom_frame: Optional[Array] = None, pair_frame: Optional[Array] = None,
             volumes: Optional[Array] = None, forces: bool = True,
-            strain: bool = True) -> Observables:
+            strain: bool = True, atom_strain: bool = False) -> Observables:
   """The observables of ``energies_fn`` at ``positions`` on the pair graph ``(dst, src)``.
 
   Args:
@@ -74,33 +83,54 @@ def compute(energies_fn: EnergiesFn, positions: Array, *, dst: Array, src: Array
     volumes: ``(B,)`` (batch) or scalar: also return ``stress``.
     forces: differentiate in positions (else energies only).
     strain: also differentiate in a strain (``strain_derivative``; needs ``forces``).
+    atom_strain: also return ``atom_strain_derivatives`` (needs ``forces``): the gradient in
+      the pair vectors comes from the same backward pass, the split costs one scatter.
   """
   batched = atom_frame is not None
   if batched and (pair_frame is None or cell is None or cell.ndim != 3):
     raise ValueError("a batch needs atom_frame, pair_frame and cells of shape (B, 3, 3)")
+  if atom_strain and not forces:
+    raise ValueError("atom_strain=True needs forces=True (it is a gradient)")
   num_frames = cell.shape[0] if batched else None
 
-  def total(positions, eps):
+  def total(positions, eps, dr):
     r = ops.pair_vectors(positions, dst, src, shifts, cell, pair_frame=pair_frame)
     if eps is not None:
       r = strained(r, eps, pair_frame)
+    if dr is not None:
+      r = r + dr  # zero: its gradient is dE/dr per pair
     e = energies_fn(r)
     per_frame = (jax.ops.segment_sum(e, atom_frame, num_segments=num_frames) if batched
                  else None)
     return jnp.sum(e if per_frame is None else per_frame), (e, per_frame, r)
 
   if not forces:
-    energy, (e, per_frame, r) = total(positions, None)
+    energy, (e, per_frame, r) = total(positions, None, None)
     return Observables(energy if per_frame is None else per_frame, e, None, None, None, r)
   eps = jnp.zeros((num_frames, 3, 3) if batched else (3, 3), positions.dtype) if strain else None
-  argnums = (0, 1) if strain else 0
-  (energy, (e, per_frame, r)), grads = jax.value_and_grad(
-      total, argnums=argnums, has_aux=True)(positions, eps)
-  g_pos, g_eps = grads if strain else (grads, None)
+  dr = jnp.zeros((dst.shape[0], 3), positions.dtype) if atom_strain else None
+  (energy, (e, per_frame, r)), (g_pos, g_eps, g_r) = jax.value_and_grad(
+      total, argnums=(0, 1, 2), has_aux=True)(positions, eps, dr)
   stress = None
   if strain and volumes is not None:
     stress = stress_from(g_eps, volumes)
-  return Observables(energy if per_frame is None else per_frame, e, -g_pos, g_eps, stress, r)
+  per_atom = None
+  if atom_strain:
+    per_atom = atom_strain_derivatives(r, g_r, dst=dst, src=src, num_atoms=positions.shape[0])
+  return Observables(energy if per_frame is None else per_frame, e, -g_pos, g_eps, stress, r,
+                     per_atom)
+
+
+def atom_strain_derivatives(r: Array, grad_r: Array, *, dst: Array, src: Array,
+                            num_atoms: int) -> Array:
+  """Per-atom strain derivatives ``(num_atoms, 3, 3)`` (eV) from the pair vectors ``r`` and
+  ``grad_r = dE/dr`` ``(pairs, 3)``: pair ``k`` contributes ``sym(r_k (x) grad_r_k)`` (the
+  ``dE/dε`` of ``r' = r (I + ε)``), half to ``dst[k]`` and half to ``src[k]``; padded pairs
+  (ends ``>= num_atoms``) are dropped. The rows sum to the total ``dE/dε``."""
+  w = r[:, :, None] * grad_r[:, None, :]
+  half = 0.25 * (w + jnp.swapaxes(w, 1, 2))
+  ends = jnp.concatenate([dst, src])
+  return jax.ops.segment_sum(jnp.concatenate([half, half]), ends, num_segments=num_atoms)
 
 
 def stress_from(strain_derivative: Array, volumes: Array) -> Array:

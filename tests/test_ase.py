@@ -180,6 +180,7 @@ def test_empty_atoms(pot):
     periodic = Atoms(cell=[3.0, 3.0, 3.0], pbc=True)
     periodic.calc = Calculator(pot, dtype="float64")
     np.testing.assert_array_equal(periodic.get_stress(), np.zeros(6))
+    assert periodic.get_stresses().shape == (0, 6)
 
 
 # ------------------------------------------------------------------ dtypes
@@ -371,6 +372,8 @@ def test_stress_needs_periodic_cell(pot):
     assert np.isfinite(slab.get_potential_energy())
     with pytest.raises(PropertyNotImplementedError, match="periodic"):
         slab.get_stress()
+    with pytest.raises(PropertyNotImplementedError, match="stresses needs a fully periodic"):
+        slab.get_stresses()
 
 
 def test_bad_arguments(pot):

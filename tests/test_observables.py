@@ -1,4 +1,5 @@
-"""potentials.observables: energy, forces and strain derivative of any pair-energy function."""
+"""potentials.observables: energy, forces, strain derivative and its per-atom split of any
+pair-energy function."""
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,8 @@ def _compute(pos, cell, dst, src, shifts, pad=0):
   fn = jax.jit(lambda p, c: observables.compute(lambda r: f(r, jnp.asarray(dst)), p,
                                                 dst=jnp.asarray(dst), src=jnp.asarray(src),
                                                 shifts=jnp.asarray(shifts), cell=c,
-                                                volumes=abs(jnp.linalg.det(c))))
+                                                volumes=abs(jnp.linalg.det(c)),
+                                                atom_strain=True))
   return fn(jnp.asarray(pos), jnp.asarray(cell))
 
 
@@ -72,7 +74,7 @@ def test_forces_and_stress_match_finite_differences():
 def test_padded_pairs_change_nothing():
   pos, cell, dst, src, shifts = _periodic_system(1)
   a, b = _compute(pos, cell, dst, src, shifts), _compute(pos, cell, dst, src, shifts, pad=7)
-  for x, y in zip(a[:5], b[:5]):
+  for x, y in zip(a[:5] + a[6:], b[:5] + b[6:]):
     np.testing.assert_array_equal(x, y)
 
 
@@ -97,7 +99,7 @@ def test_batch_equals_frames_one_by_one():
                             dst=jnp.asarray(dst), src=jnp.asarray(src),
                             shifts=jnp.asarray(shifts), cell=jnp.asarray(cells),
                             atom_frame=jnp.asarray(atom_frame), pair_frame=jnp.asarray(pair_frame),
-                            volumes=jnp.asarray(volumes))
+                            volumes=jnp.asarray(volumes), atom_strain=True)
   assert out.energy.shape == (3,) and out.stress.shape == (3, 3, 3)
   for k, single in enumerate(singles):
     np.testing.assert_allclose(out.energy[k], single.energy, rtol=1e-12)
@@ -105,6 +107,9 @@ def test_batch_equals_frames_one_by_one():
     np.testing.assert_allclose(out.stress[k], single.stress, atol=1e-12)
     sl = slice(offset[k], offset[k] + n[k])
     np.testing.assert_allclose(out.forces[sl], single.forces, atol=1e-12)
+    np.testing.assert_allclose(out.atom_strain_derivatives[sl], single.atom_strain_derivatives,
+                               atol=1e-12)
+  assert np.all(np.asarray(out.atom_strain_derivatives[-2:]) == 0)  # padded atoms
   assert float(out.energy[2]) == 0 and np.all(np.asarray(out.stress[2]) == 0)
   assert np.all(np.asarray(out.forces[-2:]) == 0)
   with pytest.raises(ValueError, match="atom_frame, pair_frame"):
@@ -117,7 +122,7 @@ def test_open_system_energies_only_and_no_stress():
   dst, src = np.nonzero(~np.eye(6, dtype=bool))
   f = _pair_model(6)
   energies = lambda r: f(r, jnp.asarray(dst))
-  full = observables.compute(energies, jnp.asarray(pos), dst=dst, src=src)
+  full = observables.compute(energies, jnp.asarray(pos), dst=dst, src=src, atom_strain=True)
   only = observables.compute(energies, jnp.asarray(pos), dst=dst, src=src, forces=False)
   assert only.forces is None and only.strain_derivative is None and full.stress is None
   np.testing.assert_array_equal(only.energies, full.energies)
@@ -126,6 +131,13 @@ def test_open_system_energies_only_and_no_stress():
   np.testing.assert_allclose(full.strain_derivative, np.asarray(full.pair_vectors).T @ g,
                              atol=1e-12)
   np.testing.assert_allclose(np.sum(np.asarray(full.forces), axis=0), 0, atol=1e-12)
+  # per-atom: defined the same way, summing to it
+  assert full.atom_strain_derivatives.shape == (6, 3, 3) and only.atom_strain_derivatives is None
+  np.testing.assert_allclose(np.sum(np.asarray(full.atom_strain_derivatives), axis=0),
+                             full.strain_derivative, atol=1e-12)
+  with pytest.raises(ValueError, match="forces=True"):
+    observables.compute(energies, jnp.asarray(pos), dst=dst, src=src, forces=False,
+                        atom_strain=True)
 
 
 def test_pair_vectors_single_and_batched():
@@ -169,3 +181,39 @@ def test_potential_functions_take_keywords_and_the_old_species_keyword():
   np.testing.assert_allclose(float(out.energy), e, rtol=1e-12)
   np.testing.assert_allclose(out.forces, forces, atol=1e-12)
   np.testing.assert_allclose(pot.atomic_energies(z, pos, dst, src), new, rtol=1e-12)
+
+
+def test_atom_strain_derivatives_split_as_in_ase_lennard_jones():
+  """A shifted Lennard-Jones potential through compute: per-atom ``W_i / V`` equals ASE's own
+  ``LennardJones`` ``stresses`` (sign, Voigt order, half/half split), in a cell smaller than
+  twice the cutoff (atoms pair with their own images) and triclinic."""
+  from ase import Atoms
+  from ase.calculators.lj import LennardJones
+  from ase.neighborlist import neighbor_list
+  sigma, epsilon, rc = 2.3, 0.4, 5.0
+  cell = np.array([[4.0, 0.0, 0.0], [0.9, 3.8, 0.0], [0.4, -0.6, 4.2]])
+  atoms = Atoms("Ar3", scaled_positions=[[0.1, 0.2, 0.3], [0.55, 0.6, 0.5], [0.8, 0.1, 0.85]],
+                cell=cell, pbc=True)
+  atoms.calc = LennardJones(sigma=sigma, epsilon=epsilon, rc=rc)
+  i, j, shift = neighbor_list("ijS", atoms, rc)
+  n = len(atoms)
+  lj = lambda d2: 4 * epsilon * ((sigma**2 / d2)**6 - (sigma**2 / d2)**3)
+  # Each pair's energy is shared unevenly, c_i / (c_i + c_j) to atom i (ASE: half each), so
+  # the test tells the pair-gradient split from other per-atom rules (e.g. all to dst).
+  c = np.array([1.0, 2.0, 3.0])
+  weight = jnp.asarray(c[i] / (c[i] + c[j]))
+  energies = lambda r: jax.ops.segment_sum(weight * (lj(jnp.sum(r * r, -1)) - lj(rc**2)), i,
+                                           num_segments=n)
+  out = observables.compute(energies, jnp.asarray(atoms.positions), dst=i, src=j,
+                            shifts=jnp.asarray(shift, float), cell=jnp.asarray(cell),
+                            atom_strain=True)
+  volume = atoms.get_volume()
+  w = np.asarray(out.atom_strain_derivatives) / volume
+  ours = w[:, [0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+  theirs = atoms.get_stresses()
+  assert np.any(i == j)  # self-image pairs are in
+  np.testing.assert_allclose(float(out.energy), atoms.get_potential_energy(), rtol=1e-12)
+  assert np.abs(np.asarray(out.energies) - atoms.get_potential_energies()).max() > 1e-3
+  assert np.abs(theirs).max() > 1e-3 and np.ptp(theirs[:, 0]) > 1e-4  # atoms differ
+  np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12 * np.abs(theirs).max())
+  np.testing.assert_allclose(ours.sum(0), atoms.get_stress(), atol=1e-12)
