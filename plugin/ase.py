@@ -154,9 +154,7 @@ def _shared_evaluator(potential: potentials.Potential, dtype: np.dtype) -> _Eval
   return _EVALUATORS[key]
 
 
-def _voigt(s: np.ndarray) -> np.ndarray:
-  """Symmetric ``(..., 3, 3)`` as ASE's Voigt ``(..., 6)``: ``xx yy zz yz xz xy``."""
-  return s[..., [0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+_voigt = observables.voigt  # one home: potentials.observables
 
 
 class Calculator(_AseCalculator):

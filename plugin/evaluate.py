@@ -15,7 +15,7 @@ import numpy as np
 from ase import Atoms
 
 import potentials
-from potentials import training
+from potentials import observables, training
 
 from .data import frame_from_atoms
 
@@ -59,5 +59,5 @@ def evaluate(potential: potentials.Potential, structures: Sequence[Atoms], *,
         out["forces"] = f[b.atom_frame == slot]
       if "stress" in properties:
         periodic = bool(np.all(frames[i].pbc))
-        out["stress"] = (s[slot][[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]] if periodic else None)
+        out["stress"] = observables.voigt(s[slot]) if periodic else None
   return results

@@ -56,6 +56,12 @@ class Observables(NamedTuple):
   atom_strain_derivatives: Optional[Array] = None
 
 
+def voigt(s):
+  """Symmetric ``(..., 3, 3)`` as ASE's Voigt ``(..., 6)``: ``xx yy zz yz xz xy`` (NumPy or
+  JAX arrays)."""
+  return s[..., [0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+
+
 def strained(r: Array, strain: Array, pair_frame: Optional[Array] = None) -> Array:
   """Pair vectors ``r (I + sym(strain))``; ``strain (3, 3)``, or ``(B, 3, 3)`` per frame with
   ``pair_frame`` (padded pairs, frame ``B``, are not strained)."""

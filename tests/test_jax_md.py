@@ -180,8 +180,8 @@ def test_stress_matches_strained_box(pot, triclinic):
       eps[a, b] = h
       de[a, b] = (energy_at((np.eye(3) + eps) @ box) - energy_at((np.eye(3) - eps) @ box)) / (2 * h)
   volume = abs(np.linalg.det(np.asarray(box)))
-  # JAX-MD: stress = -(1/V) dE/d(eps) (its "internal stress"; positive under tension ...
-  # i.e. a compressed crystal has negative stress). ASE's atoms.get_stress() is +(1/V) dE/d(eps),
+  # JAX-MD: stress = -(1/V) dE/d(eps) (its "internal stress": positive under compression, a
+  # crystal pushing outwards). ASE's atoms.get_stress() is +(1/V) dE/d(eps),
   # so ASE stress = -(JAX-MD stress) (3x3 here; ASE's Voigt order is xx yy zz yz xz xy).
   expected = -de / volume
   err = np.abs(stress - expected).max() / np.abs(expected).max()

@@ -19,6 +19,7 @@ import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from plugin import thermo
+from potentials import observables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +125,7 @@ def to_atoms(system: System, R: np.ndarray, momenta: np.ndarray, forces: np.ndar
     momenta, forces = momenta @ system.Q, forces @ system.Q
     if virial is not None:
       sigma = system.Q.T @ np.asarray(virial, np.float64) @ system.Q / abs(np.linalg.det(cell))
-      results["stress"] = sigma[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]  # Voigt xx yy zz yz xz xy
+      results["stress"] = observables.voigt(sigma)
   else:
     cell = system.cell_in
     positions = R + system.origin
