@@ -31,7 +31,7 @@ replica; run those one at a time).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +47,7 @@ from plugin.md import engine as eng
 from plugin.md import guards
 from plugin.md import system as msys
 from plugin.md.ensembles import TABLE, Params
+from plugin.md.settings import DEFAULTS
 
 Array = jax.Array
 
@@ -283,8 +284,26 @@ def _per_replica_kT(key: BatchKey) -> Array:
   return jnp.asarray([t * thermo.KB for t in key.temperatures])
 
 
-def _integrator(key: BatchKey, energy: Callable):
-  """Vmapped ``(init(keys, R, mass, momenta, nbrs), apply(state, neighbor))``; thermostats get
+def group_size(num_replicas: int, num_atoms: int) -> Optional[int]:
+  """Replicas per group in the compiled step: all (None: one ``vmap``) on accelerators or
+  several devices; on one CPU, groups of about ``DEFAULTS.replica_group_atoms`` atoms run one
+  after the other (``lax.map(..., batch_size=)``), which keeps the working set in cache."""
+  if jax.default_backend() != "cpu" or jax.device_count() > 1:
+    return None
+  group = max(1, DEFAULTS.replica_group_atoms // max(num_atoms, 1))
+  return None if group >= num_replicas else group
+
+
+def mapped(fn: Callable, group: Optional[int]) -> Callable:
+  """``fn`` over a leading replica axis: ``vmap`` (``group`` None), else ``lax.map`` of
+  vmapped groups of ``group`` replicas."""
+  if group is None:
+    return jax.vmap(fn)
+  return lambda *xs: lax.map(lambda x: fn(*x), xs, batch_size=group)
+
+
+def _integrator(key: BatchKey, energy: Callable, group: Optional[int]):
+  """Mapped ``(init(keys, R, mass, momenta, nbrs), apply(state, neighbor))``; thermostats get
   each replica's ``kT``."""
   ens = TABLE[key.ensemble]
   init1, apply1 = ens.integrator(key.params, energy, shift)
@@ -296,13 +315,14 @@ def _integrator(key: BatchKey, energy: Callable):
     return jax.vmap(one)(keys, R, mass, momenta, nbrs, kTs)
 
   def apply(state, neighbor):
-    new = jax.vmap(lambda s, nb, kT: apply1(s, neighbor=nb, **kw(kT)))(state, neighbor, kTs)
+    new = mapped(lambda s, nb, kT: apply1(s, neighbor=nb, **kw(kT)), group)(state, neighbor,
+                                                                             kTs)
     # padding atoms never move (Langevin noise would give them momentum; they have no pairs)
     return new.set(momentum=new.momentum * neighbor.geometry.mask[..., None])
   return jax.jit(init), apply
 
 
-def _observe(key: BatchKey, energy: Callable) -> Callable:
+def _observe(key: BatchKey, energy: Callable, group: Optional[int]) -> Callable:
   """Vmapped observables (each ``(B,)``, ``virial (B, 3, 3)``): those of
   :func:`plugin.md.engine.observe_fn`, ``pressure``/``volume`` NaN for open replicas."""
   invariant = TABLE[key.ensemble].invariant
@@ -320,7 +340,7 @@ def _observe(key: BatchKey, energy: Callable) -> Callable:
     if invariant is not None:
       out["conserved"] = invariant(state, epot, ekin, dataclasses.replace(key.params, kT=kT))
     return out
-  return lambda state, nbrs: jax.vmap(one)(state, nbrs, kTs)
+  return lambda state, nbrs: mapped(one, group)(state, nbrs, kTs)
 
 
 def _guard(sizes: Array) -> Callable:
@@ -357,10 +377,11 @@ def make_engine(potential: potentials.Potential, key: BatchKey, batch: Batch) ->
   list_cutoff = float(potential.cutoff) + key.dr_threshold
   neighbor_fn = ReplicaNeighborFns(batch.geometry, _image_table(batch, list_cutoff), list_cutoff,
                                    key.dr_threshold, key.capacity_multiplier)
-  init, apply = _integrator(key, energy)
+  group = group_size(len(batch.systems), batch.num_atoms)
+  init, apply = _integrator(key, energy, group)
   boxes = jnp.asarray(batch.geometry.box)
   box_fn = lambda state: boxes.astype(state.position.dtype)
-  observe = _observe(key, energy)
+  observe = _observe(key, energy, group)
   traces = [0]
   step = eng.step_fn(key, apply, None, float(potential.cutoff))
   chunk = eng.chunk_fn(key, step, observe, box_fn, traces,
