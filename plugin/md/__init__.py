@@ -21,6 +21,8 @@ closures, ``(init_fn, apply_fn)`` integrators):
   integrator's variables <-> ``atoms.info["md_state"]``;
 * :mod:`~plugin.md.engine`: one step, observables, one compiled chunk, neighbour-list
   overflow replay (the trajectory is the same as one that never overflowed);
+* :mod:`~plugin.md.replicas`: many systems in one program (``run`` on a list of ``Atoms``): the
+  engine mapped over a padded replica axis, per-replica pair lists, sharding over devices;
 * :mod:`~plugin.md.output`: the log schema (``COLUMNS``), CSV, trajectories, progress;
 * :mod:`~plugin.md.ase_engine`: the same ensembles with ASE's integrators and any ASE
   calculator (``eqattn md --engine ase``, :mod:`plugin.testing`).
