@@ -12,8 +12,8 @@ FCC copper (a = 3.61 Å, n x n x n cubic cells, 4 n^3 atoms) with the shipped co
   ranks and steps): 1 on one rank; with r slabs of width L / r about
   ``1 + 2 (13.5 + 1) r / L``.
 * ``JAX-MD``: ``plugin.md.run(..., ensemble="nve")`` on the same crystal, skin 1 Å: median time
-  of a 100-step chunk / 100 after a compiled warm-up (velocity Verlet and the JAX-MD list
-  inside ``lax.fori_loop``).
+  of a ``--chunk``-step chunk per step after a compiled warm-up chunk (velocity Verlet and the
+  JAX-MD list inside ``lax.fori_loop``).
 
 Targets (issue 19): 2 ranks <= 0.65 x the 1-rank time at 32000 atoms; 1 rank <= 1.3 x JAX-MD.
 Run it on cores not shared with other jobs (``taskset``), since ranks compete for them:
@@ -83,7 +83,7 @@ def lammps_step_ms(n: int, ranks: int, steps: int, warmup: int) -> tuple[float, 
   return 1e3 * float(seconds) / int(count), overhead, wall
 
 
-def jax_md_step_ms(n: int, chunks: int) -> tuple[float, float]:
+def jax_md_step_ms(n: int, chunks: int, chunk: int) -> tuple[float, float]:
   """(ms per step, wall time of the compiled warm-up in s) of plugin.md.run on the crystal."""
   import ase.build
 
@@ -93,12 +93,12 @@ def jax_md_step_ms(n: int, chunks: int) -> tuple[float, float]:
   atoms.rattle(0.05, seed=0)
   atoms.wrap()
   potential = potentials.load("copper")
-  kw = dict(ensemble="nve", temperature=300.0, timestep=1.0, chunk=100, dr_threshold=SKIN)
+  kw = dict(ensemble="nve", temperature=300.0, timestep=1.0, chunk=chunk, dr_threshold=SKIN)
   t = time.perf_counter()
-  md.run(atoms, potential, steps=100, **kw)
+  md.run(atoms, potential, steps=chunk, **kw)
   warm = time.perf_counter() - t
-  result = md.run(atoms, potential, steps=chunks * 100, **kw)
-  return 1e3 * statistics.median(result.chunk_times_s) / 100, warm
+  result = md.run(atoms, potential, steps=chunks * chunk, **kw)
+  return 1e3 * statistics.median(result.chunk_times_s) / chunk, warm
 
 
 def main() -> None:
@@ -106,9 +106,10 @@ def main() -> None:
   ap.add_argument("--cells", type=int, nargs="+", default=[10],
                   help="n of n^3 cubic cells (10: 4000 atoms, 20: 32000)")
   ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
-  ap.add_argument("--steps", type=int, default=20, help="timed LAMMPS steps")
-  ap.add_argument("--warmup", type=int, default=5, help="LAMMPS steps before timing")
-  ap.add_argument("--chunks", type=int, default=2, help="timed 100-step JAX-MD chunks")
+  ap.add_argument("--steps", type=int, default=10, help="timed LAMMPS steps")
+  ap.add_argument("--warmup", type=int, default=3, help="LAMMPS steps before timing")
+  ap.add_argument("--chunks", type=int, default=3, help="timed JAX-MD chunks (median)")
+  ap.add_argument("--chunk", type=int, default=10, help="steps per JAX-MD chunk")
   args = ap.parse_args()
   import jax
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
@@ -120,7 +121,7 @@ def main() -> None:
   print("|---:|---|---:|---:|---:|---:|---:|---:|")
   for n in args.cells:
     atoms = 4 * n**3
-    jm, warm = jax_md_step_ms(n, args.chunks)
+    jm, warm = jax_md_step_ms(n, args.chunks, args.chunk)
     print(f"| {atoms} | JAX-MD (plugin.md.run) | 1 | {jm:.1f} | 1.00 | | 1.00 | {warm:.0f} |",
           flush=True)
     one = None

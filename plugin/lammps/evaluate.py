@@ -90,7 +90,12 @@ class RankEvaluator:
     along x, y, z (0 0 0: treat every direction as divided)."""
     cell = lammps_cell(box)
     pbc = np.asarray(periodicity, bool) & (np.asarray(procgrid) == 1)
-    rows = keep_rows(x, tags, nlocal, cell, pbc) if pbc.any() else np.arange(len(x))
+    if pbc.all():  # one rank, fully periodic: every ghost is an image of a local atom
+      rows = np.arange(nlocal)
+    elif pbc.any():
+      rows = keep_rows(x, tags, nlocal, cell, pbc)
+    else:
+      rows = np.arange(len(x))
     self.rows += len(rows)
     self.local += nlocal
     if len(rows) == 0:
@@ -148,8 +153,11 @@ def keep_rows(x: np.ndarray, tags: np.ndarray, nlocal: int, cell: np.ndarray,
   _, first, inverse = np.unique(tags, return_index=True, return_inverse=True)
   image = np.rint(frac - frac[first[inverse.ravel()]]).astype(np.int64)
   image[:, periodic] = 0
-  key = np.concatenate([tags[:, None].astype(np.int64), image], axis=1)
-  _, keep = np.unique(key, axis=0, return_index=True)  # first occurrence: local rows win
+  base = 2 * int(np.abs(image).max()) + 1  # one integer key per (tag, image)
+  key = tags.astype(np.int64)
+  for d in range(3):
+    key = key * base + image[:, d] + base // 2
+  _, keep = np.unique(key, return_index=True)  # first occurrence: local rows win
   keep = np.sort(keep)
   if np.count_nonzero(keep < nlocal) != nlocal:
     raise ValueError("two local atoms share an atom ID; give every atom its own ID")
