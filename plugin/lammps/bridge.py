@@ -58,12 +58,20 @@ def parse_pair_style(args: str, default_dtype: str = "float32") -> dict:
   for key, value in zip(rest[::2], rest[1::2]):
     if key == "dtype":
       out["dtype"] = value
+      if value == "float64" and not jax_x64():
+        raise ValueError("dtype float64 needs JAX's 64-bit mode: run the driver with "
+                         "--dtype float64")
     elif key == "min_distance":
       out["min_distance"] = float(value)
     else:
       raise ValueError(f"pair_style eqattn: unknown option {key!r} (known: dtype, "
                        "min_distance)")
   return out
+
+
+def jax_x64() -> bool:
+  import jax
+  return bool(jax.config.jax_enable_x64)
 
 
 def _error(err: int, length: int, exc: BaseException) -> int:

@@ -149,6 +149,8 @@ def keep_rows(x: np.ndarray, tags: np.ndarray, nlocal: int, cell: np.ndarray,
   differences along the other directions tell images apart; those along ``periodic`` ones
   are ignored (the periodic list makes the images).
   """
+  if len(x) == 0:
+    return np.zeros(0, np.int64)
   frac = x @ np.linalg.inv(cell)
   _, first, inverse = np.unique(tags, return_index=True, return_inverse=True)
   image = np.rint(frac - frac[first[inverse.ravel()]]).astype(np.int64)
