@@ -81,7 +81,7 @@ from potentials import elements, observables
 
 from .neighbors import NeighborListBuilder, bucket_capacity
 
-__all__ = ["Calculator", "resolve_dtype"]
+__all__ = ["Calculator", "resolve_dtype", "atom_capacity", "device_params"]
 
 # Atom-axis ladder: multiples of 8, about 12.5 % apart. Padded atoms cost only per-atom work (no
 # pairs), so a fine ladder wastes little while absorbing small changes in the atom count.
@@ -110,6 +110,24 @@ def resolve_dtype(dtype: Any) -> np.dtype:
         "environment variable JAX_ENABLE_X64=1), or use dtype='float32'."
     )
   return dt
+
+
+def device_params(potential: potentials.Potential, dtype: np.dtype) -> Any:
+  """The parameters on the device, floating-point ones in ``dtype`` (once per calculator,
+  so float64 runs are float64 end to end and no per-call conversion happens)."""
+  return jax.tree_util.tree_map(
+      lambda p: jnp.asarray(p, dtype) if jnp.issubdtype(p.dtype, jnp.floating)
+      else jnp.asarray(p),
+      potential.params,
+  )
+
+
+def atom_capacity(n: int, current: int | None) -> int:
+  """Padded length of the atom axis for ``n`` atoms: ``current`` while ``n`` fits and uses at
+  least half of it, so small changes in the atom count keep the compiled shape."""
+  if current is None or n > current or n < _SHRINK_BELOW * current:
+    return bucket_capacity(n, _ATOM_MINIMUM, _ATOM_GROWTH, 0.0)
+  return current
 
 
 class _Evaluator:
@@ -204,11 +222,7 @@ class Calculator(_AseCalculator):
     self._compilations = 0
     # Parameters live on the device once, in the evaluation dtype, so that float64 runs are
     # float64 end to end and no per-call conversion happens.
-    self._params = jax.tree_util.tree_map(
-        lambda p: jnp.asarray(p, self.dtype) if jnp.issubdtype(p.dtype, jnp.floating)
-        else jnp.asarray(p),
-        potential.params,
-    )
+    self._params = device_params(potential, self.dtype)
     self._shifts = potential.element_shifts  # float64, added on the host
     self._evaluator = _shared_evaluator(potential, self.dtype)
     # per-structure cache: species and mask on the device, rebuilt when numbers change
@@ -327,14 +341,10 @@ class Calculator(_AseCalculator):
     return self._species_host
 
   def _atom_capacity(self, n: int) -> int:
-    """Padded length of the atom axis for ``n`` atoms: kept while ``n`` fits and uses at
-    least half of it, so small changes in the atom count keep the compiled shape."""
-    cap = self.atom_capacity
-    if cap is None or n > cap or n < _SHRINK_BELOW * cap:
-      cap = bucket_capacity(n, _ATOM_MINIMUM, _ATOM_GROWTH, 0.0)
-      if cap != self.atom_capacity:
-        self._species_dev = None
-      self.atom_capacity = cap
+    cap = atom_capacity(n, self.atom_capacity)
+    if cap != self.atom_capacity:
+      self._species_dev = None
+    self.atom_capacity = cap
     return cap
 
   @staticmethod

@@ -7,6 +7,8 @@
     eqattn eval MODEL DATA [--parity PNG]
     eqattn check-conservation MODEL STRUCTURE [--temperature K] [--dt FS] [--time PS]
     eqattn info MODEL
+    eqattn lammps IN_FILE [--model NAME|PATH] [--dtype float32|float64] [--var NAME VALUE]
+                                                 (under mpirun for MPI; plugin.lammps)
 
 Every command takes ``--no-cache``: by default compiled programs are kept in a persistent cache
 (``plugin.cache``), so the second run of the same model and system skips XLA compilation.
@@ -397,6 +399,11 @@ def cmd_check_conservation(args) -> int:
   return 0
 
 
+def cmd_lammps(args) -> int:
+  from plugin.lammps.driver import run_args
+  return run_args(args, cache=not args.no_cache)
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(prog="eqattn", description="E(3)-equivariant self-attention "
@@ -475,6 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
   info = sub.add_parser("info", help="species, cutoff, hyperparameters and provenance")
   info.add_argument("model")
   info.set_defaults(func=cmd_info)
+
+  lmp = sub.add_parser("lammps", help="run a LAMMPS input with pair_style eqattn (run it "
+                       "under mpirun for MPI; needs the lammps extra)")
+  from plugin.lammps.driver import add_arguments
+  add_arguments(lmp)
+  lmp.set_defaults(func=cmd_lammps)
 
   for command in sub.choices.values():
     command.add_argument("--no-cache", action="store_true",

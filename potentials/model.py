@@ -112,6 +112,13 @@ class ModelConfig:
     d = {"density_features": False, "product": False, "radial_mlp": 0, **d}
     return cls(**d)
 
+  @property
+  def receptive_field(self) -> float:
+    """How far (Å) an atom's energy reaches: ``num_iterations`` attention hops of
+    ``cutoff``, plus one for the neighbour density of the initial features. A domain
+    decomposition (LAMMPS) must hold every atom this close to its own as a ghost."""
+    return (self.num_iterations + int(self.density_features)) * self.cutoff
+
   def radial_fn(self):
     if self.radial == "reciprocal_bernstein":
       return radial_lib.reciprocal_bernstein

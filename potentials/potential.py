@@ -98,6 +98,12 @@ class Potential:
     return self.config.cutoff
 
   @property
+  def receptive_field(self) -> float:
+    """Distance (Å) beyond which atoms do not change an atom's energy
+    (:attr:`ModelConfig.receptive_field`)."""
+    return self.config.receptive_field
+
+  @property
   def model(self) -> EnergyModel:
     return EnergyModel(self.config, len(self.species))
 

@@ -1,0 +1,144 @@
+"""The ctypes bridge between the C++ pair style (``pair_eqattn.cpp``) and Python.
+
+:func:`register` loads the built library into this process and hands it two C function
+pointers made from Python functions: ``init`` (one per ``run`` command: parses the pair_style
+arguments, loads the model, returns the ghost cutoff) and ``compute`` (every force evaluation:
+wraps LAMMPS' arrays as NumPy views without copying, calls :class:`RankEvaluator` and adds the
+forces in place). The library must be loaded here before LAMMPS' ``plugin load`` opens the same
+file, so that both see one copy of its callback pointers. Python exceptions never cross into
+C++: they become the message of a LAMMPS error.
+
+pair_style syntax: ``pair_style eqattn MODEL [dtype float32|float64] [min_distance D]``, MODEL
+a shipped model name (``copper``) or an ``.eqm`` path; ``pair_coeff * * Cu ...`` gives one
+element per atom type.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import traceback
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .evaluate import RankEvaluator
+
+__all__ = ["register", "evaluators", "parse_pair_style"]
+
+_INIT = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int,
+                         ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_double),
+                         ctypes.c_void_p, ctypes.c_int)
+_D = ctypes.POINTER(ctypes.c_double)
+_I = ctypes.POINTER(ctypes.c_int)
+_COMPUTE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, _D, _I, _I,
+                            _D, _I, _I, _D, _D, _D, _D, ctypes.c_void_p, ctypes.c_int)
+
+_state: Dict[str, object] = {"default_dtype": "float32", "model": None}
+_evaluators: List[RankEvaluator] = []
+_by_key: Dict[tuple, int] = {}
+_potentials: Dict[str, object] = {}
+
+
+def evaluators() -> List[RankEvaluator]:
+  """The rank evaluators created in this process (one per distinct pair_style/pair_coeff)."""
+  return list(_evaluators)
+
+
+def parse_pair_style(args: str, default_dtype: str = "float32") -> dict:
+  """``MODEL [dtype float32|float64] [min_distance D]`` -> keyword arguments."""
+  words = args.split()
+  if not words:
+    raise ValueError("pair_style eqattn needs a model: pair_style eqattn MODEL")
+  out = {"model": words[0], "dtype": default_dtype, "min_distance": 0.1}
+  rest = words[1:]
+  if len(rest) % 2:
+    raise ValueError(f"pair_style eqattn {args}: options come as keyword value pairs "
+                     "(dtype float32|float64, min_distance D)")
+  for key, value in zip(rest[::2], rest[1::2]):
+    if key == "dtype":
+      out["dtype"] = value
+      if value == "float64" and not jax_x64():
+        raise ValueError("dtype float64 needs JAX's 64-bit mode: run the driver with "
+                         "--dtype float64")
+    elif key == "min_distance":
+      out["min_distance"] = float(value)
+    else:
+      raise ValueError(f"pair_style eqattn: unknown option {key!r} (known: dtype, "
+                       "min_distance)")
+  return out
+
+
+def jax_x64() -> bool:
+  import jax
+  return bool(jax.config.jax_enable_x64)
+
+
+def _error(err: int, length: int, exc: BaseException) -> int:
+  message = f"{type(exc).__name__}: {exc}".encode()[:length - 1] + b"\0"
+  ctypes.memmove(err, message, len(message))
+  return 1
+
+
+def _init(args, elements, ntypes, handle, cutoff, err, errlen) -> int:
+  try:
+    args, elements = args.decode(), elements.decode().split()
+    key = (args, tuple(elements))
+    if key not in _by_key:
+      if len(elements) != ntypes:
+        raise ValueError(f"pair_coeff * * needs one element per atom type ({ntypes})")
+      options = parse_pair_style(args, str(_state["default_dtype"]))
+      model = _state["model"] or options.pop("model")
+      options.pop("model", None)
+      if model not in _potentials:
+        import potentials
+        _potentials[model] = potentials.load(model)
+      _evaluators.append(RankEvaluator(_potentials[model], type_elements=elements, **options))
+      _by_key[key] = len(_evaluators) - 1
+    handle[0] = _by_key[key]
+    cutoff[0] = _evaluators[_by_key[key]].cutoff
+    return 0
+  except Exception as e:  # noqa: BLE001 - reported by LAMMPS
+    return _error(err, errlen, e)
+
+
+def _compute(handle, nlocal, nghost, x, types, tags, box, periodicity, procgrid, f, energy,
+             virial, eatom, err, errlen) -> int:
+  try:
+    nall = nlocal + nghost
+    view = np.ctypeslib.as_array
+    if nall:
+      xs, ts, tg = view(x, shape=(nall, 3)), view(types, shape=(nall,)), view(tags, shape=(nall,))
+    else:
+      xs, ts, tg = np.zeros((0, 3)), np.zeros(0, np.int32), np.zeros(0, np.int32)
+    e, rows, forces, v, energies = _evaluators[handle].compute(
+        xs, ts, tg, nlocal, box=view(box, shape=(6,)), periodicity=view(periodicity, shape=(3,)),
+        procgrid=view(procgrid, shape=(3,)))
+    if len(rows):
+      view(f, shape=(nall, 3))[rows] += forces  # rows are distinct
+    energy[0] = e
+    view(virial, shape=(6,))[:] = v
+    if eatom and nlocal:
+      view(eatom, shape=(nlocal,))[:] = energies
+    return 0
+  except Exception as e:  # noqa: BLE001 - reported by LAMMPS
+    traceback.print_exc()
+    return _error(err, errlen, e)
+
+
+# The C function pointers must outlive every LAMMPS call: module globals.
+_CALLBACKS = (_INIT(_init), _COMPUTE(_compute))
+
+
+def register(library: Path, *, default_dtype: Optional[str] = None,
+             model: Optional[str] = None) -> ctypes.CDLL:
+  """Load ``library`` (from :func:`plugin.lammps.build.build`) and connect it to Python
+  (after LAMMPS' own library is loaded, whose symbols it uses). ``model``: replaces the model
+  of every pair_style line; ``default_dtype``: when the pair_style line gives none."""
+  if default_dtype is not None:
+    _state["default_dtype"] = default_dtype
+  _state["model"] = model
+  lib = ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+  lib.eqattn_set_callbacks(ctypes.cast(_CALLBACKS[0], ctypes.c_void_p),
+                           ctypes.cast(_CALLBACKS[1], ctypes.c_void_p))
+  return lib
