@@ -30,9 +30,10 @@ RECIPES = {
         # L = 2 with 32: each trained better at equal time (benchmarks/training_ablation.py)
         model=dict(cutoff=5.0, features=48, max_degree=1, num_iterations=3, num_heads=2,
                    num_basis=16, density_features=False, product=False),
-        # amsgrad, batch 8, lr 5e-3: the best of benchmarks/training_ablation.py at equal
-        # time; a 30-minute budget on one core of the 2-core box
-        train=dict(epochs=2000, time_limit=30.0, batch_size=8, learning_rate=5e-3,
+        # amsgrad, batch 8: the best of benchmarks/training_ablation.py at equal time; lr 1e-2
+        # beat 5e-3 in a full 30-minute run (held-out force MAE 9.9 vs 11.5 meV/Å); a
+        # 30-minute budget on one core of the 2-core box
+        train=dict(epochs=2000, time_limit=30.0, batch_size=8, learning_rate=1e-2,
                    energy_weight=10.0, forces_weight=1.0, stress_weight=0.0,
                    optimizer="amsgrad", split="trajectory")),
     "copper": dict(
