@@ -121,7 +121,7 @@ class RankEvaluator:
     out = self._evaluator.fn(self._params, padded_species, pos, cell.astype(self.dtype), dst,
                              src, pairs.shifts, local)
     self.compilations += self._evaluator.traces - traces
-    e_model, forces, de, d2, closest = jax.device_get(out)
+    e_model, forces, de, _, d2, closest = jax.device_get(out)  # _: per-atom virials
     if pairs.num_pairs and self.min_distance and d2 < self.min_distance**2:
       raise ValueError(
           f"atoms {int(tags[rows[pairs.dst[closest]]])} and {int(tags[rows[pairs.src[closest]]])} "
