@@ -169,13 +169,15 @@ def observe_fn(key: EngineKey, energy_fn: Callable, box_fn: Callable) -> Callabl
   return observe
 
 
-def guard_code(state, limits):
+def guard_code(state, limits, num_atoms=None):
   """``(code, value)`` of the first guard (:mod:`plugin.md.guards`) that fires for ``state``
-  (traced; code 0: none). ``limits``: ``(max_temperature K, max_force eV/Å)``, inf: off."""
+  (traced; code 0: none). ``limits``: ``(max_temperature K, max_force eV/Å)``, inf: off;
+  ``num_atoms``: the real atoms of a padded state (default: all rows)."""
   finite = (jnp.all(jnp.isfinite(state.position)) & jnp.all(jnp.isfinite(state.momentum))
             & jnp.all(jnp.isfinite(state.force)))
   ekin = 0.5 * jnp.sum(state.momentum**2 / state.mass)
-  temperature = thermo.temperature_from_kinetic(ekin, state.position.shape[0])
+  n = state.position.shape[0] if num_atoms is None else num_atoms
+  temperature = thermo.temperature_from_kinetic(ekin, n)
   fmax = jnp.sqrt(jnp.max(jnp.sum(state.force**2, axis=-1)))
   code = jnp.where(~finite, guards.NON_FINITE,
                    jnp.where(temperature > limits[0], guards.HOT,

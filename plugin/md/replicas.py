@@ -346,19 +346,8 @@ def _observe(key: BatchKey, energy: Callable, group: Optional[int]) -> Callable:
 def _guard(sizes: Array) -> Callable:
   """Batched guard for :func:`plugin.md.engine.chunk_fn`: the first replica that fails
   (``limits (B, 2)``)."""
-  def one(state, limits, n):
-    finite = (jnp.all(jnp.isfinite(state.position)) & jnp.all(jnp.isfinite(state.momentum))
-              & jnp.all(jnp.isfinite(state.force)))
-    ekin = 0.5 * jnp.sum(state.momentum**2 / state.mass)
-    temperature = thermo.temperature_from_kinetic(ekin, n)
-    fmax = jnp.sqrt(jnp.max(jnp.sum(state.force**2, axis=-1)))
-    code = jnp.where(~finite, guards.NON_FINITE,
-                     jnp.where(temperature > limits[0], guards.HOT,
-                               jnp.where(fmax > limits[1], guards.FORCE, guards.OK)))
-    return code.astype(jnp.int32), jnp.where(code == guards.HOT, temperature, fmax)
-
   def guard(state, limits):
-    codes, values = jax.vmap(one)(state, limits, sizes)
+    codes, values = jax.vmap(eng.guard_code)(state, limits, sizes)
     where = jnp.argmax(codes != guards.OK).astype(jnp.int32)
     return codes[where], values[where], where
   return guard
