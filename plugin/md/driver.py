@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 import warnings
@@ -542,11 +543,11 @@ def _run_many(systems: List[ase.Atoms], potential, *, temperature, seed, traj, l
   try:
     for c in eng.simulate_chunks(engine, carry, first, opts[0].steps, extra, limits):
       fr = jax.device_get(c.frames) if any(t is not None for t in trajs) else None
-      last = (lambda c=c: observed_all(c.carry)) if c.guard else None
-      cached = {}
+      # the last good state of the whole batch, observed once (only when a guard fired)
+      last = functools.lru_cache(maxsize=1)(lambda c=c: observed_all(c.carry))
       for rec, (lg, frames, view) in zip(recs, views):
         rec.chunk(lg(c.logs), c.num_logs, lambda: frames(fr, int(c.num_frames)), c.stop,
-                  c.guard, lambda: view(*cached.setdefault("all", last())))
+                  c.guard, lambda: view(*last()))
       carry, g = c.carry, c.stop
       reallocations += c.reallocations
       chunk_times.append(time.perf_counter() - c.t_start)
