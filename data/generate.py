@@ -19,10 +19,13 @@ Writes (into ``--out``, default: the folder holding this script):
 ``copper.extxyz.gz``
     FCC copper with ASE's EMT calculator (lattice constant 3.59 Å, the EMT equilibrium), energies,
     forces and stress.  Langevin MD (2 fs step, friction 0.01/fs), one frame every 40 steps (80 fs)
-    after equilibration.  ``config_type`` values:
+    after equilibration.  Every run is one trajectory (``info["trajectory"]``), so whole runs can
+    be held out.  ``config_type`` values:
 
     * ``bulk_md``      -- 2x2x2 cubic (32 atoms) and 3x3x3 primitive (27 atoms, triclinic)
-                          cells at 300, 600, 900, 1200 K;
+                          cells at 300, 600, 900, 1200 K, two runs of each cell per T;
+    * ``liquid``       -- the 32-atom cubic cell melted at 3000 K, then sampled at 1500 and
+                          1800 K (above EMT copper's melting point), four runs per T;
     * ``strain_iso``   -- isotropic strain, each cell scaled by 1+e, e ~ U(-5%, +5%);
     * ``strain_aniso`` -- independent diagonal strains e_xx, e_yy, e_zz ~ U(-5%, +5%);
     * ``shear``        -- symmetric off-diagonal strains e_yz, e_xz, e_xy ~ U(-5%, +5%);
@@ -100,7 +103,13 @@ CU_INTERVAL = 40  # 80 fs between frames
 CU_EQUIL_STEPS = 500  # 1 ps
 CU_STRAIN_EQUIL_STEPS = 200  # 0.4 ps, for the many short strained-cell runs
 CU_BULK_TEMPS = (300.0, 600.0, 900.0, 1200.0)
-CU_BULK_FRAMES = 60  # per (cell, T): 2 cells * 4 T * 60 = 480
+CU_BULK_CELLS = ("cubic222", "prim333", "cubic222", "prim333")  # 4 runs per T
+CU_BULK_FRAMES = 30  # per run: 4 runs * 4 T * 30 = 480
+CU_LIQUID_TEMPS = (1500.0, 1800.0)  # EMT copper melts near 1300 K
+CU_LIQUID_MELT_K = 3000.0
+CU_LIQUID_MELT_STEPS = 1000  # 2 ps at 3000 K before sampling at the target T
+CU_LIQUID_RUNS = 4
+CU_LIQUID_FRAMES = 30  # 2 T * 4 runs * 30 = 240
 CU_STRAIN_CELLS = 30  # per strain kind, 4 frames each: 3 * 30 * 4 = 360
 CU_STRAIN_FRAMES = 4
 CU_STRAIN_MAX = 0.05
@@ -173,6 +182,8 @@ def run_langevin(atoms, calc, temperature_K, dt_fs, equil_steps, interval, n_fra
 def log_kinetic_temperatures() -> None:
     """Sanity check of the thermostat: mean instantaneous T / target T per config_type."""
     for key, pairs in KINETIC_T.items():
+        if not pairs:  # a run that yields no frames (the liquid's melting stage)
+            continue
         ratio = np.array([t / t0 for t0, t in pairs])
         log(f"  {key}: <T_kin/T_target> = {ratio.mean():.3f} (std {ratio.std():.3f}, "
             f"{len(ratio)} frames)")
@@ -277,17 +288,35 @@ def generate_copper(out_dir: str, seed: int) -> str:
         return rng
 
     common = {"source": CU_SOURCE}
+    runs = Counter()
+
+    def tags(kind):
+        runs[kind] += 1
+        return dict(common, config_type=kind, trajectory=f"{kind}/{runs[kind] - 1}")
 
     # (i) bulk MD
     t0 = time.time()
-    for cell_kind in ("cubic222", "prim333"):
-        for temp in CU_BULK_TEMPS:
+    for temp in CU_BULK_TEMPS:
+        for cell_kind in CU_BULK_CELLS:
             frames += run_langevin(cu_cell(cell_kind), copper_calc(), temp, CU_DT_FS,
                                    CU_EQUIL_STEPS, CU_INTERVAL, CU_BULK_FRAMES, rng_next(),
-                                   dict(common, config_type="bulk_md"), stress=True)
+                                   tags("bulk_md"), stress=True)
     log(f"  copper bulk_md: {time.time() - t0:.1f} s")
 
-    # (ii) strained / sheared cells with thermal rattling
+    # (ii) liquid: melt hot, then sample at the target temperature
+    t0 = time.time()
+    for temp in CU_LIQUID_TEMPS:
+        for _ in range(CU_LIQUID_RUNS):
+            rng = rng_next()
+            atoms = cu_cell("cubic222")
+            run_langevin(atoms, copper_calc(), CU_LIQUID_MELT_K, CU_DT_FS, CU_LIQUID_MELT_STEPS,
+                         1, 0, rng, dict(common, config_type="melt"), stress=False)
+            frames += run_langevin(atoms, copper_calc(), temp, CU_DT_FS, CU_EQUIL_STEPS,
+                                   CU_INTERVAL, CU_LIQUID_FRAMES, rng, tags("liquid"),
+                                   stress=True)
+    log(f"  copper liquid: {time.time() - t0:.1f} s")
+
+    # (iii) strained / sheared cells with thermal rattling
     for kind in ("strain_iso", "strain_aniso", "shear"):
         t0 = time.time()
         for i in range(CU_STRAIN_CELLS):
@@ -297,27 +326,26 @@ def generate_copper(out_dir: str, seed: int) -> str:
             atoms.set_cell(atoms.cell[:] @ (np.eye(3) + eps), scale_atoms=True)
             temp = float(np.round(rng.uniform(300.0, 900.0), 1))
             frames += run_langevin(atoms, copper_calc(), temp, CU_DT_FS, CU_STRAIN_EQUIL_STEPS,
-                                   CU_INTERVAL, CU_STRAIN_FRAMES, rng,
-                                   dict(common, config_type=kind), stress=True)
+                                   CU_INTERVAL, CU_STRAIN_FRAMES, rng, tags(kind), stress=True)
         log(f"  copper {kind}: {time.time() - t0:.1f} s")
 
-    # (iii) vacancy
+    # (iv) vacancy
     t0 = time.time()
     for temp in CU_VAC_TEMPS:
         atoms = cu_cell("cubic222")
         del atoms[0]
         frames += run_langevin(atoms, copper_calc(), temp, CU_DT_FS, CU_EQUIL_STEPS,
-                               CU_INTERVAL, CU_VAC_FRAMES, rng_next(),
-                               dict(common, config_type="vacancy"), stress=True)
+                               CU_INTERVAL, CU_VAC_FRAMES, rng_next(), tags("vacancy"),
+                               stress=True)
     log(f"  copper vacancy: {time.time() - t0:.1f} s")
 
-    # (iv) surface slabs
+    # (v) surface slabs
     for facet in ("111", "100"):
         t0 = time.time()
         for temp in CU_SURF_TEMPS:
             frames += run_langevin(cu_slab(facet), copper_calc(), temp, CU_DT_FS,
                                    CU_EQUIL_STEPS, CU_INTERVAL, CU_SURF_FRAMES, rng_next(),
-                                   dict(common, config_type=f"surface_{facet}"), stress=True)
+                                   tags(f"surface_{facet}"), stress=True)
         log(f"  copper surface_{facet}: {time.time() - t0:.1f} s")
 
     log_kinetic_temperatures()
@@ -379,7 +407,7 @@ def check_file(path: str, calc_factory, expect_species, expect_stress: bool, see
         assert np.all(np.isfinite(f.get_forces()))
         assert np.isfinite(f.get_potential_energy())
         assert "temperature_K" in f.info and "source" in f.info
-        assert expect_stress or "trajectory" in f.info  # ethanol: held-out trajectories
+        assert "trajectory" in f.info  # whole trajectories can be held out
     log(f"{os.path.basename(path)}: {len(frames)} frames, {os.path.getsize(path) / 1e6:.2f} MB, "
         f"species {species}")
     for key in sorted(counts):

@@ -80,6 +80,7 @@ from jax_md import dataclasses as jmd_dataclasses
 from jax_md import partition, space
 
 import potentials
+from plugin.defaults import DEFAULTS
 from plugin.quiet import quiet
 from potentials import observables
 
@@ -422,8 +423,8 @@ def neighbor_list(
     box: Box,
     *,
     species: Sequence[int],
-    dr_threshold: float = 0.5,
-    capacity_multiplier: float = 1.25,
+    dr_threshold: float = DEFAULTS.dr_threshold,
+    capacity_multiplier: float = DEFAULTS.capacity_multiplier,
     fractional_coordinates: bool = False,
     per_particle: bool = False,
     format: partition.NeighborListFormat = partition.Sparse,
