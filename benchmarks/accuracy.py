@@ -54,23 +54,60 @@ WORKER = pathlib.Path(accuracy_worker.__file__).resolve()
 CUTOFF = 5.0
 PARTS = ("train", "valid", "test", "test_random")
 MACE_RECIPE = [
-    "--model", "MACE", "--hidden_irreps", "32x0e+32x1o", "--max_ell", "3",
-    "--correlation", "3", "--num_interactions", "2", "--r_max", str(CUTOFF),
-    "--num_radial_basis", "8", "--ema", "--ema_decay", "0.99", "--amsgrad", "--lr", "0.01",
-    "--batch_size", "10", "--valid_batch_size", "20", "--energy_weight", "1",
-    "--forces_weight", "100", "--default_dtype", "float32", "--E0s", "average",
-    "--device", "cpu", "--seed", "0", "--energy_key", "REF_energy",
-    "--forces_key", "REF_forces", "--save_cpu",
+  "--model",
+  "MACE",
+  "--hidden_irreps",
+  "32x0e+32x1o",
+  "--max_ell",
+  "3",
+  "--correlation",
+  "3",
+  "--num_interactions",
+  "2",
+  "--r_max",
+  str(CUTOFF),
+  "--num_radial_basis",
+  "8",
+  "--ema",
+  "--ema_decay",
+  "0.99",
+  "--amsgrad",
+  "--lr",
+  "0.01",
+  "--batch_size",
+  "10",
+  "--valid_batch_size",
+  "20",
+  "--energy_weight",
+  "1",
+  "--forces_weight",
+  "100",
+  "--default_dtype",
+  "float32",
+  "--E0s",
+  "average",
+  "--device",
+  "cpu",
+  "--seed",
+  "0",
+  "--energy_key",
+  "REF_energy",
+  "--forces_key",
+  "REF_forces",
+  "--save_cpu",
 ]
-SETUP = ("python3 -m venv /work/venvs/mace && /work/venvs/mace/bin/pip install "
-         "/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl && "
-         "/work/venvs/mace/bin/pip install mace-torch==0.3.16")
+SETUP = (
+  "python3 -m venv /work/venvs/mace && /work/venvs/mace/bin/pip install "
+  "/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl && "
+  "/work/venvs/mace/bin/pip install mace-torch==0.3.16"
+)
 
 
 # ----------------------------------------------------------------------------- the split
 def write_parts(images, frames, out: pathlib.Path) -> dict:
   """The default training split as extxyz files (labels under REF_*, tags in info)."""
   import ase.io
+
   parts = training.split_parts(frames, training.TrainConfig())
   paths = {}
   for name in PARTS:
@@ -88,6 +125,7 @@ def write_parts(images, frames, out: pathlib.Path) -> dict:
 def timing_structures(images, test_idx, out: pathlib.Path) -> pathlib.Path:
   """One ethanol molecule, and 64 test molecules 12 Å apart (no pairs between them)."""
   import ase.io
+
   single = images[int(test_idx[0])].copy()
   many = single.copy()
   del many[:]
@@ -106,10 +144,13 @@ def errors(pred: dict, frames) -> dict:
   de = np.array(pred["energy"]) - np.array([f.energy for f in frames])
   df = np.concatenate([np.ravel(np.array(p) - f.forces) for p, f in zip(pred["forces"], frames)])
   n = np.array([len(f.numbers) for f in frames])
-  return {"frames": len(frames), "forces_mae": 1e3 * float(np.mean(np.abs(df))),
-          "forces_rmse": 1e3 * float(np.sqrt(np.mean(df**2))),
-          "energy_mae": 1e3 * float(np.mean(np.abs(de))),
-          "energy_per_atom_mae": 1e3 * float(np.mean(np.abs(de / n)))}
+  return {
+    "frames": len(frames),
+    "forces_mae": 1e3 * float(np.mean(np.abs(df))),
+    "forces_rmse": 1e3 * float(np.sqrt(np.mean(df**2))),
+    "energy_mae": 1e3 * float(np.mean(np.abs(de))),
+    "energy_per_atom_mae": 1e3 * float(np.mean(np.abs(de / n))),
+  }
 
 
 def report(predictions: dict, split: dict, frames) -> dict:
@@ -122,8 +163,10 @@ def report(predictions: dict, split: dict, frames) -> dict:
       temps = np.array([frames[i].temperature for i in idx])
       for t in sorted(set(temps)):
         sel = np.flatnonzero(temps == t)
-        sub = {"energy": [pred["energy"][k] for k in sel],
-               "forces": [pred["forces"][k] for k in sel]}
+        sub = {
+          "energy": [pred["energy"][k] for k in sel],
+          "forces": [pred["forces"][k] for k in sel],
+        }
         out[f"test_T={t:g}K"] = errors(sub, [frames[idx[k]] for k in sel])
   return out
 
@@ -131,8 +174,12 @@ def report(predictions: dict, split: dict, frames) -> dict:
 # ----------------------------------------------------------------------------- MACE
 def _run_timed(cmd, log: pathlib.Path) -> dict:
   """Run a command, stdout+stderr to ``log``; its own CPU seconds (user+sys) and wall."""
-  env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-         "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}  # e3nn 0.4.4 pickles with torch >= 2.6
+  env = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1",
+  }  # e3nn 0.4.4 pickles with torch >= 2.6
   t0 = time.perf_counter()
   with open(log, "w") as fh:
     proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
@@ -141,24 +188,41 @@ def _run_timed(cmd, log: pathlib.Path) -> dict:
   wall = time.perf_counter() - t0
   if proc.returncode != 0:
     tail = log.read_text().splitlines()[-25:]
-    raise RuntimeError(f"{cmd[2]} failed (exit {proc.returncode}); end of {log}:\n"
-                       + "\n".join(tail))
+    raise RuntimeError(
+      f"{cmd[2]} failed (exit {proc.returncode}); end of {log}:\n" + "\n".join(tail)
+    )
   return {"cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": wall}
 
 
 def train_mace(py, split, out: pathlib.Path, epochs: int, name="mace") -> dict:
   work = out / name
   work.mkdir(parents=True, exist_ok=True)
-  dirs = [f"--{d}" for d in ("work_dir", "model_dir", "log_dir", "checkpoints_dir",
-                             "results_dir")]
+  dirs = [f"--{d}" for d in ("work_dir", "model_dir", "log_dir", "checkpoints_dir", "results_dir")]
   args = [a for d in dirs for a in (d, str(work))]
   clock = work / "epoch_cpu_s.json"
-  cmd = [py, str(WORKER), "train", str(clock), "--name", name,
-         "--train_file", str(split["paths"]["train"]), "--valid_file",
-         str(split["paths"]["valid"]), "--max_num_epochs", str(epochs), *MACE_RECIPE, *args]
+  cmd = [
+    py,
+    str(WORKER),
+    "train",
+    str(clock),
+    "--name",
+    name,
+    "--train_file",
+    str(split["paths"]["train"]),
+    "--valid_file",
+    str(split["paths"]["valid"]),
+    "--max_num_epochs",
+    str(epochs),
+    *MACE_RECIPE,
+    *args,
+  ]
   res = _run_timed(cmd, work / "train.log")
-  res.update(epochs=epochs, model=str(work / f"{name}.model"), log=str(work / "train.log"),
-             epoch_cpu_s=json.loads(clock.read_text()) if clock.exists() else [])
+  res.update(
+    epochs=epochs,
+    model=str(work / f"{name}.model"),
+    log=str(work / "train.log"),
+    epoch_cpu_s=json.loads(clock.read_text()) if clock.exists() else [],
+  )
   return res
 
 
@@ -172,23 +236,32 @@ def calibrated_epochs(py, split, out, minutes: float) -> tuple:
     raise RuntimeError(f"no epoch CPU times from {cal['log']}; pass --mace-epochs")
   per_epoch = stamps[-1] - stamps[-2]
   overhead = cal["cpu_s"] - 2 * per_epoch
-  return max(1, int((60 * minutes - overhead) / per_epoch)), {**cal, "per_epoch_cpu_s":
-                                                             per_epoch, "overhead_cpu_s": overhead}
+  return max(1, int((60 * minutes - overhead) / per_epoch)), {
+    **cal,
+    "per_epoch_cpu_s": per_epoch,
+    "overhead_cpu_s": overhead,
+  }
 
 
 def mace_python(path) -> str:
   if not path:
-    raise SystemExit("pass --mace-python PATH (a venv with mace-torch); set one up with:\n  "
-                     + SETUP)
+    raise SystemExit(
+      "pass --mace-python PATH (a venv with mace-torch); set one up with:\n  " + SETUP
+    )
   try:
-    probe = subprocess.run([path, "-c", "import mace, torch"], capture_output=True, text=True,
-                           env={**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
+    probe = subprocess.run(
+      [path, "-c", "import mace, torch"],
+      capture_output=True,
+      text=True,
+      env={**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"},
+    )
     problem = probe.stderr.strip()[-300:] if probe.returncode else None
   except OSError as err:
     problem = str(err)
   if problem:
-    raise SystemExit(f"{path} cannot import mace and torch ({problem}); set up the venv "
-                     f"with:\n  {SETUP}")
+    raise SystemExit(
+      f"{path} cannot import mace and torch ({problem}); set up the venv with:\n  {SETUP}"
+    )
   return path
 
 
@@ -199,8 +272,10 @@ def check_no_leak(pot, split, frames):
   seen = set(parts.get("train", {}).get("trajectories", []))
   held = {frames[i].trajectory for i in split["parts"]["test"]}
   if seen & held:
-    raise SystemExit(f"the eqattn model was trained on held-out trajectories {sorted(seen & held)}"
-                     "; pass a model trained with the default split of this data")
+    raise SystemExit(
+      f"the eqattn model was trained on held-out trajectories {sorted(seen & held)}"
+      "; pass a model trained with the default split of this data"
+    )
 
 
 def eqattn_row(path, split, frames, timing_path) -> dict:
@@ -209,9 +284,14 @@ def eqattn_row(path, split, frames, timing_path) -> dict:
   parts = [str(split["paths"][n]) for n in ("test", "test_random")]
   res = accuracy_worker.measure(Calculator(pot), timing_path, parts)
   info = pot.metadata.get("training", {})
-  return {"model": f"eqattn ({path})", "epochs": info.get("epochs_run"),
-          "train_wall_s": info.get("seconds"), "train_cpu_s": info.get("cpu_seconds"),
-          "metrics": report(res["predictions"], split, frames), "timing": res["timing"]}
+  return {
+    "model": f"eqattn ({path})",
+    "epochs": info.get("epochs_run"),
+    "train_wall_s": info.get("seconds"),
+    "train_cpu_s": info.get("cpu_seconds"),
+    "metrics": report(res["predictions"], split, frames),
+    "timing": res["timing"],
+  }
 
 
 # ----------------------------------------------------------------------------- table
@@ -220,19 +300,35 @@ def _fmt(x, spec=".1f"):
 
 
 def table(rows) -> str:
-  temps = sorted({k for r in rows for k in r["metrics"] if k.startswith("test_T=")},
-                 key=lambda k: float(k[7:-1]))
-  head = (["model", "train CPU-min", "train wall-min", "epochs", "held-out F MAE",
-           "F RMSE", "E MAE (meV)"] + [f"F MAE {k[7:]}" for k in temps]
-          + ["test_random F MAE", "test_random E MAE"]
-          + [f"µs/atom ({t['atoms']} atoms)" for t in rows[0]["timing"]])
+  temps = sorted(
+    {k for r in rows for k in r["metrics"] if k.startswith("test_T=")}, key=lambda k: float(k[7:-1])
+  )
+  head = (
+    [
+      "model",
+      "train CPU-min",
+      "train wall-min",
+      "epochs",
+      "held-out F MAE",
+      "F RMSE",
+      "E MAE (meV)",
+    ]
+    + [f"F MAE {k[7:]}" for k in temps]
+    + ["test_random F MAE", "test_random E MAE"]
+    + [f"µs/atom ({t['atoms']} atoms)" for t in rows[0]["timing"]]
+  )
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     m = r["metrics"]
-    cells = [r["model"], _fmt(r["train_cpu_s"] and r["train_cpu_s"] / 60),
-             _fmt(r["train_wall_s"] and r["train_wall_s"] / 60), _fmt(r["epochs"], "d"),
-             _fmt(m["test"]["forces_mae"]), _fmt(m["test"]["forces_rmse"]),
-             _fmt(m["test"]["energy_mae"])] + [_fmt(m[k]["forces_mae"]) for k in temps]
+    cells = [
+      r["model"],
+      _fmt(r["train_cpu_s"] and r["train_cpu_s"] / 60),
+      _fmt(r["train_wall_s"] and r["train_wall_s"] / 60),
+      _fmt(r["epochs"], "d"),
+      _fmt(m["test"]["forces_mae"]),
+      _fmt(m["test"]["forces_rmse"]),
+      _fmt(m["test"]["energy_mae"]),
+    ] + [_fmt(m[k]["forces_mae"]) for k in temps]
     cells += [_fmt(m["test_random"]["forces_mae"]), _fmt(m["test_random"]["energy_mae"])]
     cells += [_fmt(1e6 * t["cpu_s"] / t["atoms"], ".0f") for t in r["timing"]]
     lines.append("| " + " | ".join(cells) + " |")
@@ -243,14 +339,22 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--data", default="data/ethanol.extxyz.gz")
   ap.add_argument("--eqattn", default="ethanol", help="eqattn model file or shipped name")
-  ap.add_argument("--mace-python", default=os.environ.get("MACE_PYTHON"),
-                  help="Python of a venv with mace-torch (or $MACE_PYTHON)")
+  ap.add_argument(
+    "--mace-python",
+    default=os.environ.get("MACE_PYTHON"),
+    help="Python of a venv with mace-torch (or $MACE_PYTHON)",
+  )
   budget = ap.add_mutually_exclusive_group()
-  budget.add_argument("--mace-minutes", type=float, default=30.0,
-                      help="MACE training budget in CPU minutes (one thread)")
+  budget.add_argument(
+    "--mace-minutes",
+    type=float,
+    default=30.0,
+    help="MACE training budget in CPU minutes (one thread)",
+  )
   budget.add_argument("--mace-epochs", type=int, help="train MACE for exactly this many epochs")
-  ap.add_argument("--reuse", action="store_true",
-                  help="evaluate the MACE model already trained in --out")
+  ap.add_argument(
+    "--reuse", action="store_true", help="evaluate the MACE model already trained in --out"
+  )
   ap.add_argument("--out", default="accuracy_out", help="split files, MACE run, results")
   ap.add_argument("--json", help="results file (default OUT/accuracy.json)")
   args = ap.parse_args(argv)
@@ -258,6 +362,7 @@ def main(argv=None):
   out = pathlib.Path(args.out).resolve()
   out.mkdir(parents=True, exist_ok=True)
   import ase.io
+
   images = ase.io.read(args.data, ":")
   frames = read_frames(images, CUTOFF)
   split = write_parts(images, frames, out)
@@ -273,27 +378,48 @@ def main(argv=None):
     epochs = args.mace_epochs
     if epochs is None:
       epochs, cal = calibrated_epochs(py, split, out, args.mace_minutes)
-      print(f"MACE calibration: {cal['per_epoch_cpu_s']:.1f} CPU s/epoch, "
-            f"{cal['overhead_cpu_s']:.0f} s overhead -> {epochs} epochs", flush=True)
+      print(
+        f"MACE calibration: {cal['per_epoch_cpu_s']:.1f} CPU s/epoch, "
+        f"{cal['overhead_cpu_s']:.0f} s overhead -> {epochs} epochs",
+        flush=True,
+      )
     run = train_mace(py, split, out, epochs)
     run["calibration"] = cal
     state.write_text(json.dumps(run, indent=1))
-  print(f"MACE trained: {run['epochs']} epochs, {run['cpu_s'] / 60:.1f} CPU-min, "
-        f"{run['wall_s'] / 60:.1f} wall-min", flush=True)
+  print(
+    f"MACE trained: {run['epochs']} epochs, {run['cpu_s'] / 60:.1f} CPU-min, "
+    f"{run['wall_s'] / 60:.1f} wall-min",
+    flush=True,
+  )
   res_path = out / "mace" / "evaluate.json"
   parts = [str(split["paths"][n]) for n in ("test", "test_random")]
-  _run_timed([py, str(WORKER), "evaluate", run["model"], str(res_path), str(timing_path),
-              *parts], out / "mace" / "evaluate.log")
+  _run_timed(
+    [py, str(WORKER), "evaluate", run["model"], str(res_path), str(timing_path), *parts],
+    out / "mace" / "evaluate.log",
+  )
   mres = json.loads(res_path.read_text())
-  mace_row = {"model": f"MACE {mres['version']}", "epochs": run["epochs"],
-              "train_wall_s": run["wall_s"], "train_cpu_s": run["cpu_s"],
-              "metrics": report(mres["predictions"], split, frames), "timing": mres["timing"]}
+  mace_row = {
+    "model": f"MACE {mres['version']}",
+    "epochs": run["epochs"],
+    "train_wall_s": run["wall_s"],
+    "train_cpu_s": run["cpu_s"],
+    "metrics": report(mres["predictions"], split, frames),
+    "timing": mres["timing"],
+  }
   rows = [eq_row, mace_row]
   print(table(rows))
   path = pathlib.Path(args.json or out / "accuracy.json")
-  path.write_text(json.dumps({"rows": rows, "mace_run": run, "mace_recipe": MACE_RECIPE,
-                              "split": {n: len(v) for n, v in split["parts"].items()}},
-                             indent=1))
+  path.write_text(
+    json.dumps(
+      {
+        "rows": rows,
+        "mace_run": run,
+        "mace_recipe": MACE_RECIPE,
+        "split": {n: len(v) for n, v in split["parts"].items()},
+      },
+      indent=1,
+    )
+  )
   print(f"wrote {path}")
 
 

@@ -21,6 +21,7 @@ import numpy as np
 def predict_file(calc, path) -> dict:
   """Energies (eV) and forces (eV/Å) of every structure in an extxyz file."""
   import ase.io
+
   energies, forces = [], []
   for atoms in ase.io.read(path, ":"):
     atoms.calc = calc
@@ -43,8 +44,12 @@ def time_calls(calc, atoms, repeats: int, warmup: int = 3) -> dict:
     if k >= warmup:
       cpu.append(time.process_time() - c0)
       wall.append(time.perf_counter() - w0)
-  return {"atoms": len(atoms), "calls": repeats, "cpu_s": float(np.median(cpu)),
-          "wall_s": float(np.median(wall))}
+  return {
+    "atoms": len(atoms),
+    "calls": repeats,
+    "cpu_s": float(np.median(cpu)),
+    "wall_s": float(np.median(wall)),
+  }
 
 
 def timing_repeats(num_atoms: int) -> int:
@@ -54,13 +59,16 @@ def timing_repeats(num_atoms: int) -> int:
 
 def measure(calc, timing_path, part_paths) -> dict:
   import ase.io
-  return {"predictions": {p: predict_file(calc, p) for p in part_paths},
-          "timing": [time_calls(calc, a, timing_repeats(len(a)))
-                     for a in ase.io.read(timing_path, ":")]}
+
+  return {
+    "predictions": {p: predict_file(calc, p) for p in part_paths},
+    "timing": [time_calls(calc, a, timing_repeats(len(a))) for a in ase.io.read(timing_path, ":")],
+  }
 
 
 def _one_thread():
   import torch
+
   torch.set_num_threads(1)
   torch.set_num_interop_threads(1)
 
@@ -71,6 +79,7 @@ class _EpochClock:
 
   def __init__(self, path):
     import logging
+
     self.path, self.stamps = path, []
     handler = logging.Handler()
     handler.emit = self._emit
@@ -89,6 +98,7 @@ def _train(args):
   clock, args = args[0], args[1:]
   _EpochClock(clock)
   from mace.cli.run_train import main
+
   sys.argv = ["mace_run_train", *args]
   main()
 
@@ -97,6 +107,7 @@ def _evaluate(args):
   _one_thread()
   import mace
   from mace.calculators import MACECalculator
+
   model, out, timing, parts = args[0], args[1], args[2], args[3:]
   calc = MACECalculator(model_paths=model, device="cpu", default_dtype="float32")
   result = measure(calc, timing, parts)

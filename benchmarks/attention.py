@@ -27,8 +27,9 @@ import numpy as np
 import potentials
 
 
-def make_inputs(num_atoms: int, neighbors: int, features: int, num_basis: int, degree: int,
-                seed: int = 0):
+def make_inputs(
+  num_atoms: int, neighbors: int, features: int, num_basis: int, degree: int, seed: int = 0
+):
   import e3x
 
   rng = np.random.default_rng(seed)
@@ -40,13 +41,21 @@ def make_inputs(num_atoms: int, neighbors: int, features: int, num_basis: int, d
   dst = np.repeat(np.arange(num_atoms), neighbors)
   cutoff = float(d[dst, src].max()) + 0.5
   r = jnp.asarray(pos[src] - pos[dst], jnp.float32)
-  basis, cut = e3x.nn.basis(r, max_degree=degree, num=num_basis,
-                            radial_fn=e3x.nn.reciprocal_bernstein,
-                            cutoff_fn=functools.partial(e3x.nn.smooth_cutoff, cutoff=cutoff),
-                            return_cutoff=True)
+  basis, cut = e3x.nn.basis(
+    r,
+    max_degree=degree,
+    num=num_basis,
+    radial_fn=e3x.nn.reciprocal_bernstein,
+    cutoff_fn=functools.partial(e3x.nn.smooth_cutoff, cutoff=cutoff),
+    return_cutoff=True,
+  )
   x = jnp.asarray(rng.normal(size=(num_atoms, 1, 1, features)), jnp.float32)
-  idx = dict(dst_idx=jnp.asarray(dst, jnp.int32), src_idx=jnp.asarray(src, jnp.int32),
-             num_segments=num_atoms, indices_are_sorted=True)
+  idx = dict(
+    dst_idx=jnp.asarray(dst, jnp.int32),
+    src_idx=jnp.asarray(src, jnp.int32),
+    num_segments=num_atoms,
+    indices_are_sorted=True,
+  )
   return x, basis, cut, idx
 
 
@@ -83,18 +92,22 @@ def main(argv=None):
   args = ap.parse_args(argv)
   import e3x
 
-  print(f"# SelfAttention fwd+bwd: {args.atoms} atoms x {args.neighbors} neighbours, "
-        f"F={args.features}, K={args.basis}, heads={args.heads}, float32; "
-        f"jax {jax.__version__}, e3x {e3x.__version__}, {jax.devices()[0].platform} "
-        f"({platform.processor() or platform.machine()})")
+  print(
+    f"# SelfAttention fwd+bwd: {args.atoms} atoms x {args.neighbors} neighbours, "
+    f"F={args.features}, K={args.basis}, heads={args.heads}, float32; "
+    f"jax {jax.__version__}, e3x {e3x.__version__}, {jax.devices()[0].platform} "
+    f"({platform.processor() or platform.machine()})"
+  )
   print("| max_degree | ours (ms) | e3x (ms) | ours / e3x |")
   print("|---|---|---|---|")
   rows = []
   for L in args.degrees:
     x, basis, cut, idx = make_inputs(args.atoms, args.neighbors, args.features, args.basis, L)
     kw = dict(max_degree=L, num_heads=args.heads)
-    steps = {"ours": make_step(potentials.SelfAttention(**kw), x, basis, cut, idx),
-             "e3x": make_step(e3x.nn.SelfAttention(**kw), x, basis, cut, idx)}
+    steps = {
+      "ours": make_step(potentials.SelfAttention(**kw), x, basis, cut, idx),
+      "e3x": make_step(e3x.nn.SelfAttention(**kw), x, basis, cut, idx),
+    }
     t = measure(steps, args.repeats)
     ratio = t["ours"] / t["e3x"]
     rows.append((L, t["ours"], t["e3x"], ratio))

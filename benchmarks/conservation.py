@@ -33,10 +33,15 @@ import potentials  # noqa: E402
 from plugin.testing import check_energy_conservation, engine_kwargs  # noqa: E402
 
 SYSTEMS = {
-    "ethanol": dict(model="ethanol", atoms=lambda: molecule("CH3CH2OH"), temperature=300.0,
-                    timestep=0.5),
-    "copper": dict(model="copper", atoms=lambda: bulk("Cu", "fcc", a=3.61, cubic=True).repeat(3),
-                   temperature=600.0, timestep=2.0),
+  "ethanol": dict(
+    model="ethanol", atoms=lambda: molecule("CH3CH2OH"), temperature=300.0, timestep=0.5
+  ),
+  "copper": dict(
+    model="copper",
+    atoms=lambda: bulk("Cu", "fcc", a=3.61, cubic=True).repeat(3),
+    temperature=600.0,
+    timestep=2.0,
+  ),
 }
 
 
@@ -44,16 +49,19 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
   ap.add_argument("--engines", nargs="+", default=["ase", "jax-md"], choices=["ase", "jax-md"])
-  ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"],
-                  choices=["float32", "float64"])
+  ap.add_argument(
+    "--dtypes", nargs="+", default=["float32", "float64"], choices=["float32", "float64"]
+  )
   ap.add_argument("--duration", type=float, default=20.0, help="ps, float32 drift runs")
   ap.add_argument("--order-duration", type=float, default=2.0, help="ps, float64 order runs")
   ap.add_argument("--json", default=None, help="also write the rows here")
   args = ap.parse_args(argv)
 
   rows = []
-  print("| system | engine | dtype | dt (fs) | length (ps) | drift (meV/atom/ps) | "
-        "fluctuation (meV/atom) | mean T (K) | dt-halving ratio | wall (s) |")
+  print(
+    "| system | engine | dtype | dt (fs) | length (ps) | drift (meV/atom/ps) | "
+    "fluctuation (meV/atom) | mean T (K) | dt-halving ratio | wall (s) |"
+  )
   print("|---|---|---|---|---|---|---|---|---|---|")
   for name in args.systems:
     spec = SYSTEMS[name]
@@ -65,19 +73,37 @@ def main(argv=None):
         atoms = spec["atoms"]()
         start = time.perf_counter()
         report = check_energy_conservation(
-            atoms, temperature=spec["temperature"], timestep=spec["timestep"],
-            duration=duration, warmup=min(1.0, 0.1 * duration), sample_interval=10,
-            check_order=order, **engine_kwargs(engine, pot, atoms, dtype))
+          atoms,
+          temperature=spec["temperature"],
+          timestep=spec["timestep"],
+          duration=duration,
+          warmup=min(1.0, 0.1 * duration),
+          sample_interval=10,
+          check_order=order,
+          **engine_kwargs(engine, pot, atoms, dtype),
+        )
         wall = time.perf_counter() - start
-        row = dict(system=name, engine=engine, dtype=dtype, dt=spec["timestep"],
-                   length=duration, drift=report.drift, drift_error=report.drift_error,
-                   fluctuation=report.fluctuation, mean_T=report.mean_temperature,
-                   ratio=report.order_ratio, wall=wall)
+        row = dict(
+          system=name,
+          engine=engine,
+          dtype=dtype,
+          dt=spec["timestep"],
+          length=duration,
+          drift=report.drift,
+          drift_error=report.drift_error,
+          fluctuation=report.fluctuation,
+          mean_T=report.mean_temperature,
+          ratio=report.order_ratio,
+          wall=wall,
+        )
         rows.append(row)
         ratio = "—" if report.order_ratio is None else f"{report.order_ratio:.2f}"
-        print(f"| {name} | {engine} | {dtype} | {spec['timestep']:g} | {duration:g} | "
-              f"{report.drift:+.5f} ± {report.drift_error:.5f} | {report.fluctuation:.4f} | "
-              f"{report.mean_temperature:.0f} | {ratio} | {wall:.0f} |", flush=True)
+        print(
+          f"| {name} | {engine} | {dtype} | {spec['timestep']:g} | {duration:g} | "
+          f"{report.drift:+.5f} ± {report.drift_error:.5f} | {report.fluctuation:.4f} | "
+          f"{report.mean_temperature:.0f} | {ratio} | {wall:.0f} |",
+          flush=True,
+        )
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=1)

@@ -63,17 +63,33 @@ run {steps}
 
 def lammps_step_ms(n: int, ranks: int, steps: int, warmup: int) -> tuple[float, float, float]:
   """(ms per timed step, ghost overhead, wall time of the whole run in s)."""
-  mpirun = shutil.which("mpirun", path=f"{Path(sys.executable).parent}{os.pathsep}"
-                        f"{os.environ.get('PATH', '')}")
+  mpirun = shutil.which(
+    "mpirun", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+  )
   with tempfile.TemporaryDirectory() as folder:
-    Path(folder, "in.bench").write_text(INPUT.format(n=n, skin=SKIN, steps=steps,
-                                                     warmup=warmup))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    Path(folder, "in.bench").write_text(INPUT.format(n=n, skin=SKIN, steps=steps, warmup=warmup))
+    env = dict(
+      os.environ,
+      PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
     t = time.perf_counter()
-    done = subprocess.run([mpirun, "-np", str(ranks), sys.executable, "-m", "plugin.lammps",
-                           "in.bench", "--log", "none"], cwd=folder, env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+      [
+        mpirun,
+        "-np",
+        str(ranks),
+        sys.executable,
+        "-m",
+        "plugin.lammps",
+        "in.bench",
+        "--log",
+        "none",
+      ],
+      cwd=folder,
+      env=env,
+      capture_output=True,
+      text=True,
+    )
     wall = time.perf_counter() - t
   if done.returncode:
     raise RuntimeError(done.stdout[-2000:] + done.stderr[-2000:])
@@ -89,6 +105,7 @@ def jax_md_step_ms(n: int, chunks: int, chunk: int) -> tuple[float, float]:
 
   import plugin.md as md
   import potentials
+
   atoms = ase.build.bulk("Cu", "fcc", a=3.61, cubic=True).repeat(n)
   atoms.rattle(0.05, seed=0)
   atoms.wrap()
@@ -103,8 +120,13 @@ def jax_md_step_ms(n: int, chunks: int, chunk: int) -> tuple[float, float]:
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--cells", type=int, nargs="+", default=[10],
-                  help="n of n^3 cubic cells (10: 4000 atoms, 20: 32000)")
+  ap.add_argument(
+    "--cells",
+    type=int,
+    nargs="+",
+    default=[10],
+    help="n of n^3 cubic cells (10: 4000 atoms, 20: 32000)",
+  )
   ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
   ap.add_argument("--steps", type=int, default=10, help="timed LAMMPS steps")
   ap.add_argument("--warmup", type=int, default=3, help="LAMMPS steps before timing")
@@ -112,25 +134,35 @@ def main() -> None:
   ap.add_argument("--chunk", type=int, default=10, help="steps per JAX-MD chunk")
   args = ap.parse_args()
   import jax
-  print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
-        f"(affinity {len(os.sched_getaffinity(0))}), float32, shipped copper model, skin "
-        f"{SKIN} Å, NVE 1 fs\n")
-  print("| atoms | engine | ranks | ms / step | vs JAX-MD | vs 1 rank | rows / local atom | "
-        "run wall (s) |")
+
+  print(
+    f"jax {jax.__version__}, backend {jax.default_backend()}, "
+    f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
+    f"(affinity {len(os.sched_getaffinity(0))}), float32, shipped copper model, skin "
+    f"{SKIN} Å, NVE 1 fs\n"
+  )
+  print(
+    "| atoms | engine | ranks | ms / step | vs JAX-MD | vs 1 rank | rows / local atom | "
+    "run wall (s) |"
+  )
   print("|---:|---|---:|---:|---:|---:|---:|---:|")
   for n in args.cells:
     atoms = 4 * n**3
     jm, warm = jax_md_step_ms(n, args.chunks, args.chunk)
-    print(f"| {atoms} | JAX-MD (plugin.md.run) | 1 | {jm:.1f} | 1.00 | | 1.00 | {warm:.0f} |",
-          flush=True)
+    print(
+      f"| {atoms} | JAX-MD (plugin.md.run) | 1 | {jm:.1f} | 1.00 | | 1.00 | {warm:.0f} |",
+      flush=True,
+    )
     one = None
     for r in args.ranks:
       ms, overhead, wall = lammps_step_ms(n, r, args.steps, args.warmup)
       one = ms if r == 1 else one
       vs_one = f"{ms / one:.2f}" if one else ""
-      print(f"| {atoms} | LAMMPS + eqattn | {r} | {ms:.1f} | {ms / jm:.2f} | {vs_one} | "
-            f"{overhead:.2f} | {wall:.0f} |", flush=True)
+      print(
+        f"| {atoms} | LAMMPS + eqattn | {r} | {ms:.1f} | {ms / jm:.2f} | {vs_one} | "
+        f"{overhead:.2f} | {wall:.0f} |",
+        flush=True,
+      )
 
 
 if __name__ == "__main__":

@@ -73,14 +73,21 @@ def bare_fns(potential, atoms):
   box = atoms.cell.array.T
   displacement_fn, shift_fn = space.periodic_general(box, fractional_coordinates=True)
   neighbor_fn, energy_fn = pjm.neighbor_list(
-      potential, displacement_fn, box, species=atoms.numbers, dr_threshold=SKIN,
-      capacity_multiplier=1.25, fractional_coordinates=True)
+    potential,
+    displacement_fn,
+    box,
+    species=atoms.numbers,
+    dr_threshold=SKIN,
+    capacity_multiplier=1.25,
+    fractional_coordinates=True,
+  )
   R = jnp.asarray(atoms.get_scaled_positions(), jnp.float32)
   nbrs = neighbor_fn.allocate(R)
   f = jax.jit(jax.value_and_grad(energy_fn))
 
   def descend(i, R):
     return shift_fn(R, -1e-4 * jax.grad(energy_fn)(R, nbrs))
+
   loop = jax.jit(lambda R: jax.lax.fori_loop(0, LOOP, descend, R))
   jax.block_until_ready(f(R, nbrs))  # compile
   jax.block_until_ready(loop(R))
@@ -103,13 +110,20 @@ def small_cell_row(n: int, rounds: int, chunks: int, repeats: int):
   from ase.md.verlet import VelocityVerlet
 
   from plugin.ase import Calculator
+
   potential = potentials.load("copper")
   atoms = fcc_copper(n)
   width = pjm.box_widths(atoms.cell.array.T).min()
   assert width < 2 * (potential.cutoff + SKIN), "not a small cell"
   f, _, R, nbrs = bare_fns(potential, atoms)
-  kw = dict(ensemble="nve", temperature=300.0, timestep=1.0, chunk=CHUNK, dr_threshold=SKIN,
-            capacity_multiplier=1.25)
+  kw = dict(
+    ensemble="nve",
+    temperature=300.0,
+    timestep=1.0,
+    chunk=CHUNK,
+    dr_threshold=SKIN,
+    capacity_multiplier=1.25,
+  )
   warm = md.run(atoms, potential, steps=CHUNK, **kw)  # compiles
   ase_atoms = warm.atoms.copy()  # thermalised start (positions and momenta)
   ase_atoms.calc = Calculator(potential)
@@ -127,30 +141,46 @@ def small_cell_row(n: int, rounds: int, chunks: int, repeats: int):
       dyn.run(CHUNK)
       times.append((time.perf_counter() - t) / CHUNK)
     ase_ms.append(1e3 * statistics.median(times))
-  return (len(atoms), width, type(nbrs).__name__, int(nbrs.max_occupancy), min(bare),
-          min(jax_md_ms), min(ase_ms))
+  return (
+    len(atoms),
+    width,
+    type(nbrs).__name__,
+    int(nbrs.max_occupancy),
+    min(bare),
+    min(jax_md_ms),
+    min(ase_ms),
+  )
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--atoms", type=int, nargs="*", default=[256])
-  parser.add_argument("--small-atoms", type=int, default=32,
-                      help="atoms of the small-cell row (0: none)")
+  parser.add_argument(
+    "--small-atoms", type=int, default=32, help="atoms of the small-cell row (0: none)"
+  )
   parser.add_argument("--chunks", type=int, default=3, help="timed 100-step chunks per round")
   parser.add_argument("--rounds", type=int, default=2, help="alternating bare/MD rounds")
   parser.add_argument("--repeats", type=int, default=20, help="bare calls per round")
   args = parser.parse_args()
 
   potential = potentials.Potential.create(0, species=["Cu"])
-  print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
-        f"{platform.processor() or platform.machine()}, float32, cutoff {potential.cutoff} Å, "
-        f"skin {SKIN} Å, NVE, chunk {CHUNK}\n")
+  print(
+    f"jax {jax.__version__}, backend {jax.default_backend()}, "
+    f"{platform.processor() or platform.machine()}, float32, cutoff {potential.cutoff} Å, "
+    f"skin {SKIN} Å, NVE, chunk {CHUNK}\n"
+  )
   rows = []
   for n in args.atoms:
     atoms = fcc_copper(n)
     f, loop, R, nbrs = bare_fns(potential, atoms)
-    kw = dict(ensemble="nve", temperature=300.0, timestep=1.0, chunk=CHUNK,
-              dr_threshold=SKIN, capacity_multiplier=1.25)
+    kw = dict(
+      ensemble="nve",
+      temperature=300.0,
+      timestep=1.0,
+      chunk=CHUNK,
+      dr_threshold=SKIN,
+      capacity_multiplier=1.25,
+    )
     t = time.perf_counter()
     warm = md.run(atoms, potential, steps=CHUNK, **kw)  # compiles the chunk once
     compile_s = time.perf_counter() - t
@@ -162,27 +192,44 @@ def main() -> None:
       assert result.num_compilations == 0, "the timed run recompiled"
       step.append(statistics.median(result.chunk_times_s) / CHUNK)
     bare_ms, loop_ms, step_ms = 1e3 * min(bare), 1e3 * min(looped), 1e3 * min(step)
-    rows.append((len(atoms), int(nbrs.max_occupancy), bare_ms, loop_ms, step_ms,
-                 step_ms / bare_ms, step_ms / loop_ms, compile_s,
-                 warm.num_reallocations + result.num_reallocations))
+    rows.append(
+      (
+        len(atoms),
+        int(nbrs.max_occupancy),
+        bare_ms,
+        loop_ms,
+        step_ms,
+        step_ms / bare_ms,
+        step_ms / loop_ms,
+        compile_s,
+        warm.num_reallocations + result.num_reallocations,
+      )
+    )
 
   if rows:
-    print("| atoms | pair capacity | bare E+F (ms) | looped E+F (ms) | MD per step (ms) | "
-          "ratio | ratio (loop) | first run incl. compile (s) |")
+    print(
+      "| atoms | pair capacity | bare E+F (ms) | looped E+F (ms) | MD per step (ms) | "
+      "ratio | ratio (loop) | first run incl. compile (s) |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
   for n, cap, b, lp, s, r, rl, c, _ in rows:
     print(f"| {n} | {cap} | {b:.2f} | {lp:.2f} | {s:.2f} | {r:.2f} | {rl:.2f} | {c:.1f} |")
   if any(r[-1] for r in rows):
     print("\n(some runs reallocated their neighbour list; replays are included in the timing)")
   if args.small_atoms:
-    n, width, kind, cap, bare, jm, ase_ms = small_cell_row(args.small_atoms, args.rounds,
-                                                           args.chunks, args.repeats)
+    n, width, kind, cap, bare, jm, ase_ms = small_cell_row(
+      args.small_atoms, args.rounds, args.chunks, args.repeats
+    )
     print(f"\nsmall cell, shipped copper model (cutoff {potentials.load('copper').cutoff} Å):\n")
-    print("| atoms | box width (Å) | JAX-MD list | pair capacity | bare E+F (ms) | "
-          "JAX-MD per step (ms) | ASE engine per step (ms) | JAX-MD / ASE |")
+    print(
+      "| atoms | box width (Å) | JAX-MD list | pair capacity | bare E+F (ms) | "
+      "JAX-MD per step (ms) | ASE engine per step (ms) | JAX-MD / ASE |"
+    )
     print("|---:|---:|---|---:|---:|---:|---:|---:|")
-    print(f"| {n} | {width:.2f} | {kind} | {cap} | {bare:.2f} | {jm:.2f} | {ase_ms:.2f} | "
-          f"{jm / ase_ms:.2f} |")
+    print(
+      f"| {n} | {width:.2f} | {kind} | {cap} | {bare:.2f} | {jm:.2f} | {ase_ms:.2f} | "
+      f"{jm / ase_ms:.2f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -45,13 +45,15 @@ def liquid_box(num_atoms: int, neighbors: float = 30.0, cutoff: float = 5.0, see
         pos = np.vstack([pos, c])
   cell = np.eye(3) * length
   i, j, s = vesin.NeighborList(cutoff=cutoff, full_list=True).compute(
-      points=pos, box=cell, periodic=True, quantities="ijS")
+    points=pos, box=cell, periodic=True, quantities="ijS"
+  )
   order = np.argsort(i, kind="stable")
   return pos, cell, i[order].astype(np.int32), j[order].astype(np.int32), s[order]
 
 
 class E3xEnergyModel(nn.Module):
   """The eqattn architecture assembled from e3x modules (benchmark reference only)."""
+
   features: int = 32
   max_degree: int = 2
   num_iterations: int = 3
@@ -64,20 +66,21 @@ class E3xEnergyModel(nn.Module):
     import e3x
 
     n = species.shape[0]
-    basis, cut = e3x.nn.basis(r, max_degree=self.max_degree, num=self.num_basis,
-                              radial_fn=e3x.nn.reciprocal_bernstein,
-                              cutoff_fn=functools.partial(e3x.nn.smooth_cutoff,
-                                                          cutoff=self.cutoff),
-                              return_cutoff=True)
+    basis, cut = e3x.nn.basis(
+      r,
+      max_degree=self.max_degree,
+      num=self.num_basis,
+      radial_fn=e3x.nn.reciprocal_bernstein,
+      cutoff_fn=functools.partial(e3x.nn.smooth_cutoff, cutoff=self.cutoff),
+      return_cutoff=True,
+    )
     x = e3x.nn.Embed(num_embeddings=8, features=self.features)(species)
     for it in range(self.num_iterations):
       degree = 0 if it == self.num_iterations - 1 else self.max_degree
-      y = e3x.nn.SelfAttention(max_degree=degree, num_heads=self.num_heads,
-                               include_pseudotensors=False)(
-                                   x, basis, cut, dst_idx=dst, src_idx=src, num_segments=n,
-                                   indices_are_sorted=True)
-      x = e3x.nn.change_max_degree_or_type(x, max_degree=degree,
-                                           include_pseudotensors=False) + y
+      y = e3x.nn.SelfAttention(
+        max_degree=degree, num_heads=self.num_heads, include_pseudotensors=False
+      )(x, basis, cut, dst_idx=dst, src_idx=src, num_segments=n, indices_are_sorted=True)
+      x = e3x.nn.change_max_degree_or_type(x, max_degree=degree, include_pseudotensors=False) + y
       h = e3x.nn.silu(e3x.nn.Dense(self.features)(x))
       x = x + e3x.nn.Dense(self.features)(h)
     s = nn.silu(nn.Dense(self.features)(x[:, 0, 0, :]))
@@ -92,8 +95,11 @@ def energy_forces_step(energies_fn, params, species, pos, cell, dst, src, shifts
   step = jax.jit(jax.value_and_grad(total))
   compiled = step.lower(pos).compile()
   mem = compiled.memory_analysis()
-  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-          if mem is not None else float("nan"))
+  peak = (
+    mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+    if mem is not None
+    else float("nan")
+  )
   jax.block_until_ready(step(pos))
   return (lambda: jax.block_until_ready(step(pos))), peak
 
@@ -107,29 +113,50 @@ def main(argv=None):
   pot = potentials.Potential.create(0, species=["Cu"], cutoff=5.0, repulsion=False)
   cfg = pot.config
   ours_fn = pot.pair_energies_fn()
-  ref = E3xEnergyModel(features=cfg.features, max_degree=cfg.max_degree,
-                       num_iterations=cfg.num_iterations, num_heads=cfg.num_heads,
-                       num_basis=cfg.num_basis, cutoff=cfg.cutoff)
-  print(f"# energy+forces, float32, jax {jax.__version__}, {jax.devices()[0].platform}; "
-        f"eqattn default model ({cfg.features} features, L={cfg.max_degree}, "
-        f"{cfg.num_iterations} iterations, {cfg.num_heads} heads)")
-  print("| atoms | pairs/atom | ours (µs/atom) | e3x (µs/atom) | ours / e3x "
-        "| ours peak MB | e3x peak MB |")
+  ref = E3xEnergyModel(
+    features=cfg.features,
+    max_degree=cfg.max_degree,
+    num_iterations=cfg.num_iterations,
+    num_heads=cfg.num_heads,
+    num_basis=cfg.num_basis,
+    cutoff=cfg.cutoff,
+  )
+  print(
+    f"# energy+forces, float32, jax {jax.__version__}, {jax.devices()[0].platform}; "
+    f"eqattn default model ({cfg.features} features, L={cfg.max_degree}, "
+    f"{cfg.num_iterations} iterations, {cfg.num_heads} heads)"
+  )
+  print(
+    "| atoms | pairs/atom | ours (µs/atom) | e3x (µs/atom) | ours / e3x "
+    "| ours peak MB | e3x peak MB |"
+  )
   print("|---|---|---|---|---|---|---|")
   rows = []
   for n in args.sizes:
     pos, cell, dst, src, shifts = liquid_box(n)
     species = jnp.zeros(n, jnp.int32)
-    arrays = (jnp.asarray(pos, jnp.float32), jnp.asarray(cell, jnp.float32), jnp.asarray(dst),
-              jnp.asarray(src), jnp.asarray(shifts, jnp.float32))
-    ref_params = ref.init(jax.random.PRNGKey(0), species, arrays[0][arrays[3]] -
-                          arrays[0][arrays[2]], arrays[2], arrays[3])
+    arrays = (
+      jnp.asarray(pos, jnp.float32),
+      jnp.asarray(cell, jnp.float32),
+      jnp.asarray(dst),
+      jnp.asarray(src),
+      jnp.asarray(shifts, jnp.float32),
+    )
+    ref_params = ref.init(
+      jax.random.PRNGKey(0),
+      species,
+      arrays[0][arrays[3]] - arrays[0][arrays[2]],
+      arrays[2],
+      arrays[3],
+    )
     ours = functools.partial(ours_fn, indices_are_sorted=True)
     steps = {}
     steps["ours"], mem_ours = energy_forces_step(
-        lambda p, s, r, d, j: ours(p, s, r, d, j), pot.params, species, *arrays)
+      lambda p, s, r, d, j: ours(p, s, r, d, j), pot.params, species, *arrays
+    )
     steps["e3x"], mem_e3x = energy_forces_step(
-        lambda p, s, r, d, j: ref.apply(p, s, r, d, j), ref_params, species, *arrays)
+      lambda p, s, r, d, j: ref.apply(p, s, r, d, j), ref_params, species, *arrays
+    )
     times = {k: [] for k in steps}
     for _ in range(args.repeats):
       for k, f in steps.items():
@@ -139,8 +166,11 @@ def main(argv=None):
     us = {k: float(np.median(v)) / n * 1e6 for k, v in times.items()}
     ratio = us["ours"] / us["e3x"]
     rows.append((n, us["ours"], us["e3x"], ratio, mem_ours, mem_e3x))
-    print(f"| {n} | {len(dst) / n:.1f} | {us['ours']:.1f} | {us['e3x']:.1f} | {ratio:.2f} | "
-          f"{mem_ours / 2**20:.1f} | {mem_e3x / 2**20:.1f} |", flush=True)
+    print(
+      f"| {n} | {len(dst) / n:.1f} | {us['ours']:.1f} | {us['e3x']:.1f} | {ratio:.2f} | "
+      f"{mem_ours / 2**20:.1f} | {mem_e3x / 2**20:.1f} |",
+      flush=True,
+    )
   return rows
 
 

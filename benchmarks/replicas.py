@@ -29,16 +29,19 @@ import potentials
 import plugin.md as md
 
 SYSTEMS = {
-    # name: (model, structure, timestep fs, default batch sizes)
-    "ethanol": ("ethanol", lambda: ase.build.molecule("CH3CH2OH"), 0.5, (1, 8, 64)),
-    "copper": ("copper", lambda: ase.build.bulk("Cu", "fcc", a=3.61, cubic=True).repeat(3),
-               2.0, (1, 4, 16)),
+  # name: (model, structure, timestep fs, default batch sizes)
+  "ethanol": ("ethanol", lambda: ase.build.molecule("CH3CH2OH"), 0.5, (1, 8, 64)),
+  "copper": (
+    "copper",
+    lambda: ase.build.bulk("Cu", "fcc", a=3.61, cubic=True).repeat(3),
+    2.0,
+    (1, 4, 16),
+  ),
 }
 
 
 def timed(atoms, pot, steps: int, dt: float, batch: int) -> float:
-  kw = dict(ensemble="nve", temperature=300.0, timestep=dt, steps=steps, chunk=100,
-            dtype="float32")
+  kw = dict(ensemble="nve", temperature=300.0, timestep=dt, steps=steps, chunk=100, dtype="float32")
   if batch == 0:
     return md.run(atoms, pot, **kw).wall_time_s
   return md.run([atoms] * batch, pot, seed=0, **kw)[0].wall_time_s
@@ -51,10 +54,13 @@ def main(argv=None) -> None:
   ap.add_argument("--steps", type=int, default=300)
   ap.add_argument("--rounds", type=int, default=2)
   args = ap.parse_args(argv)
-  print(f"# {platform.node()} {jax.devices()[0].device_kind} x{jax.device_count()}, "
-        f"jax {jax.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
-  print("| system | atoms | B | alone (µs/step) | batched (µs/replica-step) | ratio | "
-        "throughput (x) |")
+  print(
+    f"# {platform.node()} {jax.devices()[0].device_kind} x{jax.device_count()}, "
+    f"jax {jax.__version__}, {time.strftime('%Y-%m-%d %H:%M')}"
+  )
+  print(
+    "| system | atoms | B | alone (µs/step) | batched (µs/replica-step) | ratio | throughput (x) |"
+  )
   print("|---|---|---|---|---|---|---|")
   for name in args.systems:
     model, build, dt, batches = SYSTEMS[name]
@@ -67,8 +73,11 @@ def main(argv=None) -> None:
         alone = min(alone, timed(atoms, pot, args.steps, dt, 0) / args.steps)
         batched = min(batched, timed(atoms, pot, args.steps, dt, b) / (b * args.steps))
       ratio = batched / alone
-      print(f"| {name} | {len(atoms)} | {b} | {alone * 1e6:.0f} | {batched * 1e6:.1f} | "
-            f"{ratio:.3f} | {1 / ratio:.1f} |", flush=True)
+      print(
+        f"| {name} | {len(atoms)} | {b} | {alone * 1e6:.0f} | {batched * 1e6:.1f} | "
+        f"{ratio:.3f} | {1 / ratio:.1f} |",
+        flush=True,
+      )
 
 
 if __name__ == "__main__":

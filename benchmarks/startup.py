@@ -51,15 +51,23 @@ t2 = time.perf_counter()
 print(json.dumps({"imports": t1 - t0, "first_call": t2 - t1}))
 """
 
-LOG = re.compile(r"Finished (tracing|jaxpr to MLIR module conversion|XLA compilation) .* in "
-                 r"([0-9.e+-]+) sec")
-PHASES = {"tracing": "tracing", "jaxpr to MLIR module conversion": "lowering",
-          "XLA compilation": "xla"}
+LOG = re.compile(
+  r"Finished (tracing|jaxpr to MLIR module conversion|XLA compilation) .* in "
+  r"([0-9.e+-]+) sec"
+)
+PHASES = {
+  "tracing": "tracing",
+  "jaxpr to MLIR module conversion": "lowering",
+  "XLA compilation": "xla",
+}
 
 
 def run(argv, cache: Path, log: bool):
-  env = dict(os.environ, EQATTN_CACHE_DIR=str(cache),
-             PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+  env = dict(
+    os.environ,
+    EQATTN_CACHE_DIR=str(cache),
+    PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+  )
   if log:
     env["JAX_LOG_COMPILES"] = "1"
   with tempfile.TemporaryDirectory() as cwd:
@@ -95,12 +103,18 @@ def ase_first_call(cache, log=False):
 
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--breakdown", action="store_true",
-                  help="also time tracing / lowering / XLA compilation from JAX's log")
+  ap.add_argument(
+    "--breakdown",
+    action="store_true",
+    help="also time tracing / lowering / XLA compilation from JAX's log",
+  )
   args = ap.parse_args(argv)
   import jax
-  print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
-        f"(affinity {len(os.sched_getaffinity(0))}), jax {jax.__version__}")
+
+  print(
+    f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
+    f"(affinity {len(os.sched_getaffinity(0))}), jax {jax.__version__}"
+  )
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     for name, fn in (("eqattn md --steps 200", md), ("ASE first call, ethanol", ase_first_call)):
@@ -114,21 +128,30 @@ def main(argv=None) -> None:
   print("\n| what | cold cache: wall (CPU) s | warm cache: wall (CPU) s |\n|---|---:|---:|")
   for name, cold, warm in rows:
     if "(logged)" not in name:
-      extra = (f" (imports {cold['imports']:.1f} / {warm['imports']:.1f}, first call "
-               f"{cold['first_call']:.2f} / {warm['first_call']:.2f})"
-               if "first_call" in cold else "")
-      print(f"| {name}: process{extra} | {cold['wall']:.1f} ({cold['cpu']:.1f}) | "
-            f"{warm['wall']:.1f} ({warm['cpu']:.1f}) |")
+      extra = (
+        f" (imports {cold['imports']:.1f} / {warm['imports']:.1f}, first call "
+        f"{cold['first_call']:.2f} / {warm['first_call']:.2f})"
+        if "first_call" in cold
+        else ""
+      )
+      print(
+        f"| {name}: process{extra} | {cold['wall']:.1f} ({cold['cpu']:.1f}) | "
+        f"{warm['wall']:.1f} ({warm['cpu']:.1f}) |"
+      )
   if args.breakdown:
-    print("\n| process | cache | wall | CPU | tracing | lowering | XLA compile or cache load "
-          "| rest | cache hits |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+      "\n| process | cache | wall | CPU | tracing | lowering | XLA compile or cache load "
+      "| rest | cache hits |\n|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    )
     for name, cold, warm in rows:
       if "(logged)" in name:
         for label, r in (("cold", cold), ("warm", warm)):
           rest = r["wall"] - r["tracing"] - r["lowering"] - r["xla"]
-          print(f"| {name.replace(' (logged)', '')} | {label} | {r['wall']:.1f} | "
-                f"{r['cpu']:.1f} | {r['tracing']:.1f} | {r['lowering']:.1f} | {r['xla']:.1f} | "
-                f"{rest:.1f} | {r['hits']} |")
+          print(
+            f"| {name.replace(' (logged)', '')} | {label} | {r['wall']:.1f} | "
+            f"{r['cpu']:.1f} | {r['tracing']:.1f} | {r['lowering']:.1f} | {r['xla']:.1f} | "
+            f"{rest:.1f} | {r['hits']} |"
+          )
 
 
 if __name__ == "__main__":

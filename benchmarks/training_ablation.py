@@ -23,36 +23,51 @@ import potentials
 from potentials import training
 from plugin.data import read_frames
 
-BASE_MODEL = dict(cutoff=5.0, features=32, max_degree=2, num_iterations=3, num_heads=2,
-                  num_basis=16, density_features=False, product=False)
+BASE_MODEL = dict(
+  cutoff=5.0,
+  features=32,
+  max_degree=2,
+  num_iterations=3,
+  num_heads=2,
+  num_basis=16,
+  density_features=False,
+  product=False,
+)
 # the recipe of the models shipped before this benchmark existed
-BASE_TRAIN = dict(epochs=10_000, batch_size=16, learning_rate=2e-3, energy_weight=10.0,
-                  forces_weight=1.0, stress_weight=0.0, optimizer="adam", ema_decay=0.0,
-                  loss="mse")
+BASE_TRAIN = dict(
+  epochs=10_000,
+  batch_size=16,
+  learning_rate=2e-3,
+  energy_weight=10.0,
+  forces_weight=1.0,
+  stress_weight=0.0,
+  optimizer="adam",
+  ema_decay=0.0,
+  loss="mse",
+)
 
 SHIPPED = {"optimizer": "amsgrad", "batch_size": 8}
 # name -> (model changes, training changes), each relative to BASE_*
 VARIANTS = [
-    ("base", {}, {}),
-    ("ema", {}, {"ema_decay": 0.99}),
-    ("amsgrad", {}, {"optimizer": "amsgrad"}),
-    ("product", {"product": True}, {}),
-    ("late_energy", {}, {"late_energy_weight": 100.0}),
-    ("amsgrad+huber", {}, {"optimizer": "amsgrad", "loss": "huber"}),
-    ("amsgrad+lr5e-3", {}, {"optimizer": "amsgrad", "learning_rate": 5e-3}),
-    ("amsgrad+batch8", {}, {"optimizer": "amsgrad", "batch_size": 8}),
-    # from the shipped ethanol recipe (amsgrad, batch 8: data/train.py)
-    ("shipped", {}, SHIPPED),
-    ("shipped+lr5e-3", {}, {**SHIPPED, "learning_rate": 5e-3}),
-    ("shipped+L1F48", {"max_degree": 1, "features": 48}, SHIPPED),
-    ("shipped+product", {"product": True}, SHIPPED),
-    ("shipped+heads4", {"num_heads": 4}, SHIPPED),
-    ("shipped+E1", {}, {**SHIPPED, "energy_weight": 1.0}),
-    ("shipped+radial32", {"radial_mlp": 32}, SHIPPED),
-    ("shipped+lr1e-2", {}, {**SHIPPED, "learning_rate": 1e-2}),
-    ("shipped+lr5e-3+radial32", {"radial_mlp": 32}, {**SHIPPED, "learning_rate": 5e-3}),
-    ("shipped+lr5e-3+L1F48", {"max_degree": 1, "features": 48},
-     {**SHIPPED, "learning_rate": 5e-3}),
+  ("base", {}, {}),
+  ("ema", {}, {"ema_decay": 0.99}),
+  ("amsgrad", {}, {"optimizer": "amsgrad"}),
+  ("product", {"product": True}, {}),
+  ("late_energy", {}, {"late_energy_weight": 100.0}),
+  ("amsgrad+huber", {}, {"optimizer": "amsgrad", "loss": "huber"}),
+  ("amsgrad+lr5e-3", {}, {"optimizer": "amsgrad", "learning_rate": 5e-3}),
+  ("amsgrad+batch8", {}, {"optimizer": "amsgrad", "batch_size": 8}),
+  # from the shipped ethanol recipe (amsgrad, batch 8: data/train.py)
+  ("shipped", {}, SHIPPED),
+  ("shipped+lr5e-3", {}, {**SHIPPED, "learning_rate": 5e-3}),
+  ("shipped+L1F48", {"max_degree": 1, "features": 48}, SHIPPED),
+  ("shipped+product", {"product": True}, SHIPPED),
+  ("shipped+heads4", {"num_heads": 4}, SHIPPED),
+  ("shipped+E1", {}, {**SHIPPED, "energy_weight": 1.0}),
+  ("shipped+radial32", {"radial_mlp": 32}, SHIPPED),
+  ("shipped+lr1e-2", {}, {**SHIPPED, "learning_rate": 1e-2}),
+  ("shipped+lr5e-3+radial32", {"radial_mlp": 32}, {**SHIPPED, "learning_rate": 5e-3}),
+  ("shipped+lr5e-3+L1F48", {"max_degree": 1, "features": 48}, {**SHIPPED, "learning_rate": 5e-3}),
 ]
 
 
@@ -74,8 +89,10 @@ def main(argv=None):
   args = ap.parse_args(argv)
   frames = read_frames(args.data, BASE_MODEL["cutoff"])
   rows = []
-  print("| variant | epochs | valid F MAE (meV/Å) | test F MAE (meV/Å) | test E MAE (meV) "
-        "| test E MAE (meV/atom) |")
+  print(
+    "| variant | epochs | valid F MAE (meV/Å) | test F MAE (meV/Å) | test E MAE (meV) "
+    "| test E MAE (meV/atom) |"
+  )
   print("|---|---|---|---|---|---|")
   for name, dm, dt in VARIANTS:
     if args.only and name not in args.only:
@@ -83,12 +100,22 @@ def main(argv=None):
     model, train = {**BASE_MODEL, **dm}, {**BASE_TRAIN, **dt}
     res, wall = run(frames, args.species, model, train, args.minutes)
     v, t = res.metrics["valid"], res.metrics["test"]
-    row = {"variant": name, "epochs": len(res.history), "wall_s": wall,
-           "valid": v, "test": t, "model": dict(model), "train": dict(train)}
+    row = {
+      "variant": name,
+      "epochs": len(res.history),
+      "wall_s": wall,
+      "valid": v,
+      "test": t,
+      "model": dict(model),
+      "train": dict(train),
+    }
     rows.append(row)
-    print(f"| {name} | {row['epochs']} | {v['forces_mae'] * 1e3:.2f} | "
-          f"{t['forces_mae'] * 1e3:.2f} | {t['energy_mae'] * 1e3:.2f} | "
-          f"{t['energy_per_atom_mae'] * 1e3:.3f} |", flush=True)
+    print(
+      f"| {name} | {row['epochs']} | {v['forces_mae'] * 1e3:.2f} | "
+      f"{t['forces_mae'] * 1e3:.2f} | {t['energy_mae'] * 1e3:.2f} | "
+      f"{t['energy_per_atom_mae'] * 1e3:.3f} |",
+      flush=True,
+    )
     if args.json:
       with open(args.json, "w") as fh:
         json.dump(rows, fh, indent=1)

@@ -76,9 +76,9 @@ from ase.calculators.singlepoint import SinglePointCalculator  # noqa: E402
 from ase.constraints import FixCom  # noqa: E402
 from ase.md.langevin import Langevin  # noqa: E402
 from ase.md.velocitydistribution import (  # noqa: E402
-    MaxwellBoltzmannDistribution,
-    Stationary,
-    ZeroRotation,
+  MaxwellBoltzmannDistribution,
+  Stationary,
+  ZeroRotation,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -124,7 +124,7 @@ KINETIC_T: dict = {}  # config_type -> [(target T, instantaneous T)] at sampled 
 
 
 def log(msg: str) -> None:
-    print(msg, flush=True)
+  print(msg, flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,74 +132,86 @@ def log(msg: str) -> None:
 
 
 def snapshot(atoms: Atoms, info: dict, stress: bool) -> Atoms:
-    """A clean copy of ``atoms`` (no velocities/constraints) with the calculator's results."""
-    # raw calculator results: the FixCom constraint used during MD must not alter them
-    energy = float(atoms.get_potential_energy())
-    forces = np.array(atoms.get_forces(apply_constraint=False), dtype=float)
-    results = {"energy": energy, "forces": forces}
-    if stress:
-        results["stress"] = np.array(atoms.get_stress(voigt=True, apply_constraint=False),
-                                     dtype=float)
-    frame = Atoms(
-        numbers=atoms.get_atomic_numbers(),
-        positions=atoms.get_positions(),
-        cell=atoms.get_cell(),
-        pbc=atoms.get_pbc(),
-    )
-    frame.info.update(info)
-    frame.calc = SinglePointCalculator(frame, **results)
-    for key, value in results.items():
-        if not np.all(np.isfinite(value)):
-            raise RuntimeError(f"non-finite {key} in frame {info}")
-    return frame
+  """A clean copy of ``atoms`` (no velocities/constraints) with the calculator's results."""
+  # raw calculator results: the FixCom constraint used during MD must not alter them
+  energy = float(atoms.get_potential_energy())
+  forces = np.array(atoms.get_forces(apply_constraint=False), dtype=float)
+  results = {"energy": energy, "forces": forces}
+  if stress:
+    results["stress"] = np.array(atoms.get_stress(voigt=True, apply_constraint=False), dtype=float)
+  frame = Atoms(
+    numbers=atoms.get_atomic_numbers(),
+    positions=atoms.get_positions(),
+    cell=atoms.get_cell(),
+    pbc=atoms.get_pbc(),
+  )
+  frame.info.update(info)
+  frame.calc = SinglePointCalculator(frame, **results)
+  for key, value in results.items():
+    if not np.all(np.isfinite(value)):
+      raise RuntimeError(f"non-finite {key} in frame {info}")
+  return frame
 
 
-def run_langevin(atoms, calc, temperature_K, dt_fs, equil_steps, interval, n_frames, rng,
-                 info, stress, molecule_=False):
-    """Langevin MD from Maxwell-Boltzmann velocities; returns ``n_frames`` snapshots.
+def run_langevin(
+  atoms,
+  calc,
+  temperature_K,
+  dt_fs,
+  equil_steps,
+  interval,
+  n_frames,
+  rng,
+  info,
+  stress,
+  molecule_=False,
+):
+  """Langevin MD from Maxwell-Boltzmann velocities; returns ``n_frames`` snapshots.
 
-    The centre of mass is held fixed with ``FixCom`` (ASE's recommended replacement for the
-    deprecated ``Langevin(fixcm=True)``).
-    """
-    atoms.calc = calc
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
-    Stationary(atoms)
-    if molecule_:
-        ZeroRotation(atoms)
-    atoms.set_constraint(FixCom())
-    dyn = Langevin(atoms, dt_fs * units.fs, temperature_K=temperature_K, friction=FRICTION,
-                   fixcm=False, rng=rng)
-    dyn.run(equil_steps)
-    frames = []
-    kinetic = KINETIC_T.setdefault(info["config_type"], [])
-    for _ in range(n_frames):
-        dyn.run(interval)
-        kinetic.append((temperature_K, atoms.get_temperature()))
-        frames.append(snapshot(atoms, dict(info, temperature_K=float(temperature_K)), stress))
-    return frames
+  The centre of mass is held fixed with ``FixCom`` (ASE's recommended replacement for the
+  deprecated ``Langevin(fixcm=True)``).
+  """
+  atoms.calc = calc
+  MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
+  Stationary(atoms)
+  if molecule_:
+    ZeroRotation(atoms)
+  atoms.set_constraint(FixCom())
+  dyn = Langevin(
+    atoms, dt_fs * units.fs, temperature_K=temperature_K, friction=FRICTION, fixcm=False, rng=rng
+  )
+  dyn.run(equil_steps)
+  frames = []
+  kinetic = KINETIC_T.setdefault(info["config_type"], [])
+  for _ in range(n_frames):
+    dyn.run(interval)
+    kinetic.append((temperature_K, atoms.get_temperature()))
+    frames.append(snapshot(atoms, dict(info, temperature_K=float(temperature_K)), stress))
+  return frames
 
 
 def log_kinetic_temperatures() -> None:
-    """Sanity check of the thermostat: mean instantaneous T / target T per config_type."""
-    for key, pairs in KINETIC_T.items():
-        if not pairs:  # a run that yields no frames (the liquid's melting stage)
-            continue
-        ratio = np.array([t / t0 for t0, t in pairs])
-        log(f"  {key}: <T_kin/T_target> = {ratio.mean():.3f} (std {ratio.std():.3f}, "
-            f"{len(ratio)} frames)")
-    KINETIC_T.clear()
+  """Sanity check of the thermostat: mean instantaneous T / target T per config_type."""
+  for key, pairs in KINETIC_T.items():
+    if not pairs:  # a run that yields no frames (the liquid's melting stage)
+      continue
+    ratio = np.array([t / t0 for t0, t in pairs])
+    log(
+      f"  {key}: <T_kin/T_target> = {ratio.mean():.3f} (std {ratio.std():.3f}, {len(ratio)} frames)"
+    )
+  KINETIC_T.clear()
 
 
 def write_frames(frames, path: str) -> None:
-    """Write gzip-compressed extxyz deterministically (no mtime/name in the gzip header)."""
-    import ase.io
+  """Write gzip-compressed extxyz deterministically (no mtime/name in the gzip header)."""
+  import ase.io
 
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as raw:
-        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as gz:
-            with io.TextIOWrapper(gz, encoding="ascii", newline="\n") as text:
-                ase.io.write(text, frames, format="extxyz")
-    os.replace(tmp, path)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as raw:
+    with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as gz:
+      with io.TextIOWrapper(gz, encoding="ascii", newline="\n") as text:
+        ase.io.write(text, frames, format="extxyz")
+  os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,35 +219,47 @@ def write_frames(frames, path: str) -> None:
 
 
 def ethanol_calc():
-    from tblite.ase import TBLite
+  from tblite.ase import TBLite
 
-    # accuracy=0.01 tightens the SCC convergence 100x over the default (1.0): forces then agree
-    # with a cold-started calculation to ~1e-6 eV/A instead of ~1e-4 eV/A, for ~20% more time.
-    return TBLite(method="GFN2-xTB", verbosity=0, accuracy=ETH_ACCURACY)
+  # accuracy=0.01 tightens the SCC convergence 100x over the default (1.0): forces then agree
+  # with a cold-started calculation to ~1e-6 eV/A instead of ~1e-4 eV/A, for ~20% more time.
+  return TBLite(method="GFN2-xTB", verbosity=0, accuracy=ETH_ACCURACY)
 
 
 def generate_ethanol(out_dir: str, seed: int) -> str:
-    frames = []
-    stream = 0
-    for temp in ETH_TEMPS:
-        for traj in range(ETH_TRAJ_PER_T):
-            t0 = time.time()
-            rng = np.random.default_rng([seed, 1, stream])
-            stream += 1
-            atoms = molecule("CH3CH2OH")
-            info = {"config_type": f"md_{int(temp)}K", "source": ETH_SOURCE,
-                    "trajectory": f"md_{int(temp)}K/{traj}"}
-            new = run_langevin(atoms, ethanol_calc(), temp, ETH_DT_FS, ETH_EQUIL_STEPS,
-                               ETH_INTERVAL, ETH_FRAMES_PER_TRAJ, rng, info, stress=False,
-                               molecule_=True)
-            frames += new
-            log(f"  ethanol T={temp:.0f} K traj {traj}: {len(new)} frames "
-                f"({time.time() - t0:.1f} s)")
-    log_kinetic_temperatures()
-    path = os.path.join(out_dir, ETHANOL_FILE)
-    write_frames(frames, path)
-    log(f"wrote {path}: {len(frames)} frames, {os.path.getsize(path) / 1e6:.2f} MB")
-    return path
+  frames = []
+  stream = 0
+  for temp in ETH_TEMPS:
+    for traj in range(ETH_TRAJ_PER_T):
+      t0 = time.time()
+      rng = np.random.default_rng([seed, 1, stream])
+      stream += 1
+      atoms = molecule("CH3CH2OH")
+      info = {
+        "config_type": f"md_{int(temp)}K",
+        "source": ETH_SOURCE,
+        "trajectory": f"md_{int(temp)}K/{traj}",
+      }
+      new = run_langevin(
+        atoms,
+        ethanol_calc(),
+        temp,
+        ETH_DT_FS,
+        ETH_EQUIL_STEPS,
+        ETH_INTERVAL,
+        ETH_FRAMES_PER_TRAJ,
+        rng,
+        info,
+        stress=False,
+        molecule_=True,
+      )
+      frames += new
+      log(f"  ethanol T={temp:.0f} K traj {traj}: {len(new)} frames ({time.time() - t0:.1f} s)")
+  log_kinetic_temperatures()
+  path = os.path.join(out_dir, ETHANOL_FILE)
+  write_frames(frames, path)
+  log(f"wrote {path}: {len(frames)} frames, {os.path.getsize(path) / 1e6:.2f} MB")
+  return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,116 +267,172 @@ def generate_ethanol(out_dir: str, seed: int) -> str:
 
 
 def copper_calc():
-    from ase.calculators.emt import EMT
+  from ase.calculators.emt import EMT
 
-    return EMT()
+  return EMT()
 
 
 def cu_cell(kind: str) -> Atoms:
-    if kind == "cubic222":
-        return bulk("Cu", "fcc", a=CU_A, cubic=True) * (2, 2, 2)
-    if kind == "prim333":
-        return bulk("Cu", "fcc", a=CU_A) * (3, 3, 3)
-    raise ValueError(kind)
+  if kind == "cubic222":
+    return bulk("Cu", "fcc", a=CU_A, cubic=True) * (2, 2, 2)
+  if kind == "prim333":
+    return bulk("Cu", "fcc", a=CU_A) * (3, 3, 3)
+  raise ValueError(kind)
 
 
 def cu_slab(facet: str) -> Atoms:
-    build = {"111": fcc111, "100": fcc100}[facet]
-    slab = build("Cu", size=(3, 3, 4), a=CU_A, vacuum=CU_VACUUM)
-    slab.pbc = (True, True, True)  # vacuum gap along z; fully periodic
-    return slab
+  build = {"111": fcc111, "100": fcc100}[facet]
+  slab = build("Cu", size=(3, 3, 4), a=CU_A, vacuum=CU_VACUUM)
+  slab.pbc = (True, True, True)  # vacuum gap along z; fully periodic
+  return slab
 
 
 def random_strain(kind: str, rng) -> np.ndarray:
-    eps = np.zeros((3, 3))
-    if kind == "strain_iso":
-        eps += np.eye(3) * rng.uniform(-CU_STRAIN_MAX, CU_STRAIN_MAX)
-    elif kind == "strain_aniso":
-        eps += np.diag(rng.uniform(-CU_STRAIN_MAX, CU_STRAIN_MAX, size=3))
-    elif kind == "shear":
-        yz, xz, xy = rng.uniform(-CU_STRAIN_MAX, CU_STRAIN_MAX, size=3)
-        eps = np.array([[0.0, xy, xz], [xy, 0.0, yz], [xz, yz, 0.0]])
-    else:
-        raise ValueError(kind)
-    return eps
+  eps = np.zeros((3, 3))
+  if kind == "strain_iso":
+    eps += np.eye(3) * rng.uniform(-CU_STRAIN_MAX, CU_STRAIN_MAX)
+  elif kind == "strain_aniso":
+    eps += np.diag(rng.uniform(-CU_STRAIN_MAX, CU_STRAIN_MAX, size=3))
+  elif kind == "shear":
+    yz, xz, xy = rng.uniform(-CU_STRAIN_MAX, CU_STRAIN_MAX, size=3)
+    eps = np.array([[0.0, xy, xz], [xy, 0.0, yz], [xz, yz, 0.0]])
+  else:
+    raise ValueError(kind)
+  return eps
 
 
 def generate_copper(out_dir: str, seed: int) -> str:
-    frames = []
-    stream = 0
+  frames = []
+  stream = 0
 
-    def rng_next():
-        nonlocal stream
-        rng = np.random.default_rng([seed, 2, stream])
-        stream += 1
-        return rng
+  def rng_next():
+    nonlocal stream
+    rng = np.random.default_rng([seed, 2, stream])
+    stream += 1
+    return rng
 
-    common = {"source": CU_SOURCE}
-    runs = Counter()
+  common = {"source": CU_SOURCE}
+  runs = Counter()
 
-    def tags(kind):
-        runs[kind] += 1
-        return dict(common, config_type=kind, trajectory=f"{kind}/{runs[kind] - 1}")
+  def tags(kind):
+    runs[kind] += 1
+    return dict(common, config_type=kind, trajectory=f"{kind}/{runs[kind] - 1}")
 
-    # (i) bulk MD
+  # (i) bulk MD
+  t0 = time.time()
+  for temp in CU_BULK_TEMPS:
+    for cell_kind in CU_BULK_CELLS:
+      frames += run_langevin(
+        cu_cell(cell_kind),
+        copper_calc(),
+        temp,
+        CU_DT_FS,
+        CU_EQUIL_STEPS,
+        CU_INTERVAL,
+        CU_BULK_FRAMES,
+        rng_next(),
+        tags("bulk_md"),
+        stress=True,
+      )
+  log(f"  copper bulk_md: {time.time() - t0:.1f} s")
+
+  # (ii) liquid: melt hot, then sample at the target temperature
+  t0 = time.time()
+  for temp in CU_LIQUID_TEMPS:
+    for _ in range(CU_LIQUID_RUNS):
+      rng = rng_next()
+      atoms = cu_cell("cubic222")
+      run_langevin(
+        atoms,
+        copper_calc(),
+        CU_LIQUID_MELT_K,
+        CU_DT_FS,
+        CU_LIQUID_MELT_STEPS,
+        1,
+        0,
+        rng,
+        dict(common, config_type="melt"),
+        stress=False,
+      )
+      frames += run_langevin(
+        atoms,
+        copper_calc(),
+        temp,
+        CU_DT_FS,
+        CU_EQUIL_STEPS,
+        CU_INTERVAL,
+        CU_LIQUID_FRAMES,
+        rng,
+        tags("liquid"),
+        stress=True,
+      )
+  log(f"  copper liquid: {time.time() - t0:.1f} s")
+
+  # (iii) strained / sheared cells with thermal rattling
+  for kind in ("strain_iso", "strain_aniso", "shear"):
     t0 = time.time()
-    for temp in CU_BULK_TEMPS:
-        for cell_kind in CU_BULK_CELLS:
-            frames += run_langevin(cu_cell(cell_kind), copper_calc(), temp, CU_DT_FS,
-                                   CU_EQUIL_STEPS, CU_INTERVAL, CU_BULK_FRAMES, rng_next(),
-                                   tags("bulk_md"), stress=True)
-    log(f"  copper bulk_md: {time.time() - t0:.1f} s")
+    for i in range(CU_STRAIN_CELLS):
+      rng = rng_next()
+      atoms = cu_cell("cubic222" if i % 2 == 0 else "prim333")
+      eps = random_strain(kind, rng)
+      atoms.set_cell(atoms.cell[:] @ (np.eye(3) + eps), scale_atoms=True)
+      temp = float(np.round(rng.uniform(300.0, 900.0), 1))
+      frames += run_langevin(
+        atoms,
+        copper_calc(),
+        temp,
+        CU_DT_FS,
+        CU_STRAIN_EQUIL_STEPS,
+        CU_INTERVAL,
+        CU_STRAIN_FRAMES,
+        rng,
+        tags(kind),
+        stress=True,
+      )
+    log(f"  copper {kind}: {time.time() - t0:.1f} s")
 
-    # (ii) liquid: melt hot, then sample at the target temperature
+  # (iv) vacancy
+  t0 = time.time()
+  for temp in CU_VAC_TEMPS:
+    atoms = cu_cell("cubic222")
+    del atoms[0]
+    frames += run_langevin(
+      atoms,
+      copper_calc(),
+      temp,
+      CU_DT_FS,
+      CU_EQUIL_STEPS,
+      CU_INTERVAL,
+      CU_VAC_FRAMES,
+      rng_next(),
+      tags("vacancy"),
+      stress=True,
+    )
+  log(f"  copper vacancy: {time.time() - t0:.1f} s")
+
+  # (v) surface slabs
+  for facet in ("111", "100"):
     t0 = time.time()
-    for temp in CU_LIQUID_TEMPS:
-        for _ in range(CU_LIQUID_RUNS):
-            rng = rng_next()
-            atoms = cu_cell("cubic222")
-            run_langevin(atoms, copper_calc(), CU_LIQUID_MELT_K, CU_DT_FS, CU_LIQUID_MELT_STEPS,
-                         1, 0, rng, dict(common, config_type="melt"), stress=False)
-            frames += run_langevin(atoms, copper_calc(), temp, CU_DT_FS, CU_EQUIL_STEPS,
-                                   CU_INTERVAL, CU_LIQUID_FRAMES, rng, tags("liquid"),
-                                   stress=True)
-    log(f"  copper liquid: {time.time() - t0:.1f} s")
+    for temp in CU_SURF_TEMPS:
+      frames += run_langevin(
+        cu_slab(facet),
+        copper_calc(),
+        temp,
+        CU_DT_FS,
+        CU_EQUIL_STEPS,
+        CU_INTERVAL,
+        CU_SURF_FRAMES,
+        rng_next(),
+        tags(f"surface_{facet}"),
+        stress=True,
+      )
+    log(f"  copper surface_{facet}: {time.time() - t0:.1f} s")
 
-    # (iii) strained / sheared cells with thermal rattling
-    for kind in ("strain_iso", "strain_aniso", "shear"):
-        t0 = time.time()
-        for i in range(CU_STRAIN_CELLS):
-            rng = rng_next()
-            atoms = cu_cell("cubic222" if i % 2 == 0 else "prim333")
-            eps = random_strain(kind, rng)
-            atoms.set_cell(atoms.cell[:] @ (np.eye(3) + eps), scale_atoms=True)
-            temp = float(np.round(rng.uniform(300.0, 900.0), 1))
-            frames += run_langevin(atoms, copper_calc(), temp, CU_DT_FS, CU_STRAIN_EQUIL_STEPS,
-                                   CU_INTERVAL, CU_STRAIN_FRAMES, rng, tags(kind), stress=True)
-        log(f"  copper {kind}: {time.time() - t0:.1f} s")
-
-    # (iv) vacancy
-    t0 = time.time()
-    for temp in CU_VAC_TEMPS:
-        atoms = cu_cell("cubic222")
-        del atoms[0]
-        frames += run_langevin(atoms, copper_calc(), temp, CU_DT_FS, CU_EQUIL_STEPS,
-                               CU_INTERVAL, CU_VAC_FRAMES, rng_next(), tags("vacancy"),
-                               stress=True)
-    log(f"  copper vacancy: {time.time() - t0:.1f} s")
-
-    # (v) surface slabs
-    for facet in ("111", "100"):
-        t0 = time.time()
-        for temp in CU_SURF_TEMPS:
-            frames += run_langevin(cu_slab(facet), copper_calc(), temp, CU_DT_FS,
-                                   CU_EQUIL_STEPS, CU_INTERVAL, CU_SURF_FRAMES, rng_next(),
-                                   tags(f"surface_{facet}"), stress=True)
-        log(f"  copper surface_{facet}: {time.time() - t0:.1f} s")
-
-    log_kinetic_temperatures()
-    path = os.path.join(out_dir, COPPER_FILE)
-    write_frames(frames, path)
-    log(f"wrote {path}: {len(frames)} frames, {os.path.getsize(path) / 1e6:.2f} MB")
-    return path
+  log_kinetic_temperatures()
+  path = os.path.join(out_dir, COPPER_FILE)
+  write_frames(frames, path)
+  log(f"wrote {path}: {len(frames)} frames, {os.path.getsize(path) / 1e6:.2f} MB")
+  return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,141 +440,159 @@ def generate_copper(out_dir: str, seed: int) -> str:
 
 
 def _fd_forces(atoms, calc_factory, pairs, h):
-    out = []
-    for a, c in pairs:
-        e = []
-        for sign in (+1, -1):
-            trial = atoms.copy()
-            trial.calc = calc_factory()
-            trial.positions[a, c] += sign * h
-            e.append(trial.get_potential_energy())
-        out.append(-(e[0] - e[1]) / (2 * h))
-    return np.array(out)
+  out = []
+  for a, c in pairs:
+    e = []
+    for sign in (+1, -1):
+      trial = atoms.copy()
+      trial.calc = calc_factory()
+      trial.positions[a, c] += sign * h
+      e.append(trial.get_potential_energy())
+    out.append(-(e[0] - e[1]) / (2 * h))
+  return np.array(out)
 
 
 def _fd_stress(atoms, calc_factory, h):
-    """Central differences of E under symmetric strain, ASE convention, Voigt order."""
-    vol = atoms.get_volume()
-    comps = [(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]
-    out = []
-    for i, j in comps:
-        e = []
-        for sign in (+1, -1):
-            eps = np.zeros((3, 3))
-            eps[i, j] += sign * h / (1 if i == j else 2)
-            if i != j:
-                eps[j, i] += sign * h / 2
-            trial = atoms.copy()
-            trial.calc = calc_factory()
-            trial.set_cell(atoms.cell[:] @ (np.eye(3) + eps), scale_atoms=True)
-            e.append(trial.get_potential_energy())
-        out.append((e[0] - e[1]) / (2 * h) / vol)
-    return np.array(out)
+  """Central differences of E under symmetric strain, ASE convention, Voigt order."""
+  vol = atoms.get_volume()
+  comps = [(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]
+  out = []
+  for i, j in comps:
+    e = []
+    for sign in (+1, -1):
+      eps = np.zeros((3, 3))
+      eps[i, j] += sign * h / (1 if i == j else 2)
+      if i != j:
+        eps[j, i] += sign * h / 2
+      trial = atoms.copy()
+      trial.calc = calc_factory()
+      trial.set_cell(atoms.cell[:] @ (np.eye(3) + eps), scale_atoms=True)
+      e.append(trial.get_potential_energy())
+    out.append((e[0] - e[1]) / (2 * h) / vol)
+  return np.array(out)
 
 
 def check_file(path: str, calc_factory, expect_species, expect_stress: bool, seed: int = 0):
-    import ase.io
+  import ase.io
 
-    frames = ase.io.read(path, ":")
-    counts = Counter(f.info["config_type"] for f in frames)
-    species = sorted(set(s for f in frames for s in f.get_chemical_symbols()))
-    assert species == sorted(expect_species), species
-    energies = np.array([f.get_potential_energy() for f in frames])
-    epa = np.array([f.get_potential_energy() / len(f) for f in frames])
-    fmax = np.array([np.abs(f.get_forces()).max() for f in frames])
-    for f in frames:
-        assert np.all(np.isfinite(f.positions))
-        assert np.all(np.isfinite(f.get_forces()))
-        assert np.isfinite(f.get_potential_energy())
-        assert "temperature_K" in f.info and "source" in f.info
-        assert "trajectory" in f.info  # whole trajectories can be held out
-    log(f"{os.path.basename(path)}: {len(frames)} frames, {os.path.getsize(path) / 1e6:.2f} MB, "
-        f"species {species}")
-    for key in sorted(counts):
-        sel = [i for i, f in enumerate(frames) if f.info["config_type"] == key]
-        natoms = sorted(set(len(frames[i]) for i in sel))
-        temps = sorted(set(float(frames[i].info["temperature_K"]) for i in sel))
-        trange = (f"{temps[0]:.0f}-{temps[-1]:.0f} K" if len(temps) > 3
-                  else ", ".join(f"{t:.0f}" for t in temps) + " K")
-        log(f"  {key:13s} {counts[key]:5d} frames, natoms {natoms}, T {trange}, "
-            f"E/atom [{epa[sel].min():.4f}, {epa[sel].max():.4f}] eV, "
-            f"max|F| {fmax[sel].max():.3f} eV/A")
-    log(f"  energy range [{energies.min():.4f}, {energies.max():.4f}] eV; "
-        f"|F| component max {fmax.max():.3f} eV/A, mean max-per-frame {fmax.mean():.3f}")
-    if expect_stress:
-        stress = np.array([f.get_stress() for f in frames])
-        assert np.all(np.isfinite(stress))
-        log(f"  stress range [{stress.min():.4f}, {stress.max():.4f}] eV/A^3 "
-            f"([{stress.min() / units.GPa:.2f}, {stress.max() / units.GPa:.2f}] GPa)")
-    else:
-        assert all(not f.pbc.any() and f.cell.rank == 0 for f in frames)
+  frames = ase.io.read(path, ":")
+  counts = Counter(f.info["config_type"] for f in frames)
+  species = sorted(set(s for f in frames for s in f.get_chemical_symbols()))
+  assert species == sorted(expect_species), species
+  energies = np.array([f.get_potential_energy() for f in frames])
+  epa = np.array([f.get_potential_energy() / len(f) for f in frames])
+  fmax = np.array([np.abs(f.get_forces()).max() for f in frames])
+  for f in frames:
+    assert np.all(np.isfinite(f.positions))
+    assert np.all(np.isfinite(f.get_forces()))
+    assert np.isfinite(f.get_potential_energy())
+    assert "temperature_K" in f.info and "source" in f.info
+    assert "trajectory" in f.info  # whole trajectories can be held out
+  log(
+    f"{os.path.basename(path)}: {len(frames)} frames, {os.path.getsize(path) / 1e6:.2f} MB, "
+    f"species {species}"
+  )
+  for key in sorted(counts):
+    sel = [i for i, f in enumerate(frames) if f.info["config_type"] == key]
+    natoms = sorted(set(len(frames[i]) for i in sel))
+    temps = sorted(set(float(frames[i].info["temperature_K"]) for i in sel))
+    trange = (
+      f"{temps[0]:.0f}-{temps[-1]:.0f} K"
+      if len(temps) > 3
+      else ", ".join(f"{t:.0f}" for t in temps) + " K"
+    )
+    log(
+      f"  {key:13s} {counts[key]:5d} frames, natoms {natoms}, T {trange}, "
+      f"E/atom [{epa[sel].min():.4f}, {epa[sel].max():.4f}] eV, "
+      f"max|F| {fmax[sel].max():.3f} eV/A"
+    )
+  log(
+    f"  energy range [{energies.min():.4f}, {energies.max():.4f}] eV; "
+    f"|F| component max {fmax.max():.3f} eV/A, mean max-per-frame {fmax.mean():.3f}"
+  )
+  if expect_stress:
+    stress = np.array([f.get_stress() for f in frames])
+    assert np.all(np.isfinite(stress))
+    log(
+      f"  stress range [{stress.min():.4f}, {stress.max():.4f}] eV/A^3 "
+      f"([{stress.min() / units.GPa:.2f}, {stress.max() / units.GPa:.2f}] GPa)"
+    )
+  else:
+    assert all(not f.pbc.any() and f.cell.rank == 0 for f in frames)
 
-    # recompute + finite differences on two frames
-    rng = np.random.default_rng([seed, 99])
-    picks = [0, int(rng.integers(1, len(frames)))]
-    worst = {"energy": 0.0, "forces_ref": 0.0, "forces_fd": 0.0, "stress_ref": 0.0,
-             "stress_fd": 0.0}
-    for idx in picks:
-        ref = frames[idx]
-        atoms = ref.copy()
-        atoms.calc = calc_factory()
-        worst["energy"] = max(worst["energy"],
-                              abs(atoms.get_potential_energy() - ref.get_potential_energy()))
-        worst["forces_ref"] = max(worst["forces_ref"],
-                                  np.abs(atoms.get_forces() - ref.get_forces()).max())
-        pairs = [(int(a), int(c)) for a, c in zip(rng.integers(0, len(ref), 6),
-                                                  rng.integers(0, 3, 6))]
-        fd = _fd_forces(ref, calc_factory, pairs, h=1e-3)
-        an = np.array([ref.get_forces()[a, c] for a, c in pairs])
-        worst["forces_fd"] = max(worst["forces_fd"], np.abs(fd - an).max())
-        if expect_stress:
-            worst["stress_ref"] = max(worst["stress_ref"],
-                                      np.abs(atoms.get_stress() - ref.get_stress()).max())
-            worst["stress_fd"] = max(worst["stress_fd"],
-                                     np.abs(_fd_stress(ref, calc_factory, 1e-4)
-                                            - ref.get_stress()).max())
-    log(f"  frames {picks}: |dE| recomputed {worst['energy']:.2e} eV, |dF| recomputed "
-        f"{worst['forces_ref']:.2e}, |F - FD| {worst['forces_fd']:.2e} eV/A"
-        + (f", |dS| recomputed {worst['stress_ref']:.2e}, |S - FD| {worst['stress_fd']:.2e} eV/A^3"
-           if expect_stress else ""))
-    assert worst["energy"] < 1e-4, worst
-    assert worst["forces_ref"] < 1e-4, worst
-    assert worst["forces_fd"] < 5e-3, worst
+  # recompute + finite differences on two frames
+  rng = np.random.default_rng([seed, 99])
+  picks = [0, int(rng.integers(1, len(frames)))]
+  worst = {"energy": 0.0, "forces_ref": 0.0, "forces_fd": 0.0, "stress_ref": 0.0, "stress_fd": 0.0}
+  for idx in picks:
+    ref = frames[idx]
+    atoms = ref.copy()
+    atoms.calc = calc_factory()
+    worst["energy"] = max(
+      worst["energy"], abs(atoms.get_potential_energy() - ref.get_potential_energy())
+    )
+    worst["forces_ref"] = max(
+      worst["forces_ref"], np.abs(atoms.get_forces() - ref.get_forces()).max()
+    )
+    pairs = [(int(a), int(c)) for a, c in zip(rng.integers(0, len(ref), 6), rng.integers(0, 3, 6))]
+    fd = _fd_forces(ref, calc_factory, pairs, h=1e-3)
+    an = np.array([ref.get_forces()[a, c] for a, c in pairs])
+    worst["forces_fd"] = max(worst["forces_fd"], np.abs(fd - an).max())
     if expect_stress:
-        assert worst["stress_ref"] < 1e-6 and worst["stress_fd"] < 1e-5, worst
-    return counts
+      worst["stress_ref"] = max(
+        worst["stress_ref"], np.abs(atoms.get_stress() - ref.get_stress()).max()
+      )
+      worst["stress_fd"] = max(
+        worst["stress_fd"], np.abs(_fd_stress(ref, calc_factory, 1e-4) - ref.get_stress()).max()
+      )
+  log(
+    f"  frames {picks}: |dE| recomputed {worst['energy']:.2e} eV, |dF| recomputed "
+    f"{worst['forces_ref']:.2e}, |F - FD| {worst['forces_fd']:.2e} eV/A"
+    + (
+      f", |dS| recomputed {worst['stress_ref']:.2e}, |S - FD| {worst['stress_fd']:.2e} eV/A^3"
+      if expect_stress
+      else ""
+    )
+  )
+  assert worst["energy"] < 1e-4, worst
+  assert worst["forces_ref"] < 1e-4, worst
+  assert worst["forces_fd"] < 5e-3, worst
+  if expect_stress:
+    assert worst["stress_ref"] < 1e-6 and worst["stress_fd"] < 1e-5, worst
+  return counts
 
 
 # --------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("which", nargs="?", default="all", choices=("ethanol", "copper", "all"))
-    parser.add_argument("--out", default=HERE, help="output folder (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=20240601, help="random seed")
-    parser.add_argument("--check-only", action="store_true",
-                        help="only read back and check existing files")
-    args = parser.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("which", nargs="?", default="all", choices=("ethanol", "copper", "all"))
+  parser.add_argument("--out", default=HERE, help="output folder (default: %(default)s)")
+  parser.add_argument("--seed", type=int, default=20240601, help="random seed")
+  parser.add_argument(
+    "--check-only", action="store_true", help="only read back and check existing files"
+  )
+  args = parser.parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
 
-    jobs = []
-    if args.which in ("ethanol", "all"):
-        jobs.append((generate_ethanol, ETHANOL_FILE, ethanol_calc, ["C", "H", "O"], False))
-    if args.which in ("copper", "all"):
-        jobs.append((generate_copper, COPPER_FILE, copper_calc, ["Cu"], True))
+  jobs = []
+  if args.which in ("ethanol", "all"):
+    jobs.append((generate_ethanol, ETHANOL_FILE, ethanol_calc, ["C", "H", "O"], False))
+  if args.which in ("copper", "all"):
+    jobs.append((generate_copper, COPPER_FILE, copper_calc, ["Cu"], True))
 
-    for gen, name, calc_factory, species, stress in jobs:
-        t0 = time.time()
-        if not args.check_only:
-            log(f"generating {name} (seed {args.seed}) ...")
-            gen(args.out, args.seed)
-            log(f"  generation time {time.time() - t0:.1f} s")
-        t1 = time.time()
-        check_file(os.path.join(args.out, name), calc_factory, species, stress, args.seed)
-        log(f"  check time {time.time() - t1:.1f} s")
-    return 0
+  for gen, name, calc_factory, species, stress in jobs:
+    t0 = time.time()
+    if not args.check_only:
+      log(f"generating {name} (seed {args.seed}) ...")
+      gen(args.out, args.seed)
+      log(f"  generation time {time.time() - t0:.1f} s")
+    t1 = time.time()
+    check_file(os.path.join(args.out, name), calc_factory, species, stress, args.seed)
+    log(f"  check time {time.time() - t1:.1f} s")
+  return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

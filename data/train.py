@@ -23,31 +23,66 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 RECIPES = {
-    "ethanol": dict(
-        data="ethanol.extxyz.gz", species=["H", "C", "O"],
-        # density features off (a molecule of fixed composition has no neighbour-count
-        # problem); products and radial MLPs off, and L = 1 with 48 features instead of
-        # L = 2 with 32: each trained better at equal time (benchmarks/training_ablation.py)
-        model=dict(cutoff=5.0, features=48, max_degree=1, num_iterations=3, num_heads=2,
-                   num_basis=16, density_features=False, product=False),
-        # amsgrad, batch 8: the best of benchmarks/training_ablation.py at equal time; lr 1e-2
-        # beat 5e-3 in a full 30-minute run (held-out force MAE 9.9 vs 11.5 meV/Å); a
-        # 30-minute budget on one core of the 2-core box
-        train=dict(epochs=2000, time_limit=30.0, batch_size=8, learning_rate=1e-2,
-                   energy_weight=10.0, forces_weight=1.0, stress_weight=0.0,
-                   optimizer="amsgrad", split="trajectory")),
-    "copper": dict(
-        data="copper.extxyz.gz", species=["Cu"],
-        # 4.5 Å keeps 108-atom cells usable with JAX-MD (box >= 2 (cutoff + skin)) and a step
-        # ~0.25 s on 2 cores; two blocks see 9 Å. Density features let it count neighbours
-        # (surfaces, vacancy). Per-atom energy errors are ~100x smaller than force errors,
-        # hence the energy weight; with stress weight 1 the stress term dominated the loss
-        # at 10x below its target, so it gets 0.1.
-        model=dict(cutoff=4.5, features=24, max_degree=2, num_iterations=2, num_heads=2,
-                   num_basis=16, density_features=True),
-        # the shipped copper model predates held-out-trajectory splits and amsgrad
-        train=dict(epochs=180, batch_size=8, learning_rate=2e-3, energy_weight=100.0,
-                   forces_weight=1.0, stress_weight=0.1, split="random", optimizer="adam")),
+  "ethanol": dict(
+    data="ethanol.extxyz.gz",
+    species=["H", "C", "O"],
+    # density features off (a molecule of fixed composition has no neighbour-count
+    # problem); products and radial MLPs off, and L = 1 with 48 features instead of
+    # L = 2 with 32: each trained better at equal time (benchmarks/training_ablation.py)
+    model=dict(
+      cutoff=5.0,
+      features=48,
+      max_degree=1,
+      num_iterations=3,
+      num_heads=2,
+      num_basis=16,
+      density_features=False,
+      product=False,
+    ),
+    # amsgrad, batch 8: the best of benchmarks/training_ablation.py at equal time; lr 1e-2
+    # beat 5e-3 in a full 30-minute run (held-out force MAE 9.9 vs 11.5 meV/Å); a
+    # 30-minute budget on one core of the 2-core box
+    train=dict(
+      epochs=2000,
+      time_limit=30.0,
+      batch_size=8,
+      learning_rate=1e-2,
+      energy_weight=10.0,
+      forces_weight=1.0,
+      stress_weight=0.0,
+      optimizer="amsgrad",
+      split="trajectory",
+    ),
+  ),
+  "copper": dict(
+    data="copper.extxyz.gz",
+    species=["Cu"],
+    # 4.5 Å keeps 108-atom cells usable with JAX-MD (box >= 2 (cutoff + skin)) and a step
+    # ~0.25 s on 2 cores; two blocks see 9 Å. Density features let it count neighbours
+    # (surfaces, vacancy). Per-atom energy errors are ~100x smaller than force errors,
+    # hence the energy weight; with stress weight 1 the stress term dominated the loss
+    # at 10x below its target, so it gets 0.1.
+    model=dict(
+      cutoff=4.5,
+      features=24,
+      max_degree=2,
+      num_iterations=2,
+      num_heads=2,
+      num_basis=16,
+      density_features=True,
+    ),
+    # the shipped copper model predates held-out-trajectory splits and amsgrad
+    train=dict(
+      epochs=180,
+      batch_size=8,
+      learning_rate=2e-3,
+      energy_weight=100.0,
+      forces_weight=1.0,
+      stress_weight=0.1,
+      split="random",
+      optimizer="adam",
+    ),
+  ),
 }
 
 
@@ -70,17 +105,27 @@ def main(argv=None):
   ckpt = Path(args.checkpoint or ROOT / "out" / f"{args.name}.ckpt")
   ckpt.parent.mkdir(parents=True, exist_ok=True)
   log = lambda rec: print(json.dumps(rec), flush=True)
-  result = training.train(pot, frames, training.TrainConfig(**tcfg), checkpoint=str(ckpt),
-                          progress=sys.stderr.isatty(), log=log)
+  result = training.train(
+    pot,
+    frames,
+    training.TrainConfig(**tcfg),
+    checkpoint=str(ckpt),
+    progress=sys.stderr.isatty(),
+    log=log,
+  )
   meta = dict(result.potential.metadata)
-  meta["provenance"] = {"data": f"data/{recipe['data']}", "recipe": args.name,
-                        "command": f"python data/train.py {args.name}"}
+  meta["provenance"] = {
+    "data": f"data/{recipe['data']}",
+    "recipe": args.name,
+    "command": f"python data/train.py {args.name}",
+  }
   pot = result.potential.replace(metadata=meta)
   out = Path(args.out or ROOT / "potentials" / "models" / f"{args.name}.eqm")
   out.parent.mkdir(parents=True, exist_ok=True)
   pot.save(out)
-  print(json.dumps({"model": str(out), "seconds": result.seconds, "metrics": result.metrics},
-                   indent=1))
+  print(
+    json.dumps({"model": str(out), "seconds": result.seconds, "metrics": result.metrics}, indent=1)
+  )
 
 
 if __name__ == "__main__":

@@ -21,12 +21,15 @@ from ase.build import molecule
 from ase.io.trajectory import Trajectory
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import Stationary, ZeroRotation
+
 try:  # ASE >= 3.27
   from ase.md.velocitydistribution import thermalize_momenta
 except ImportError:
   from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as _mb
-  thermalize_momenta = lambda atoms, temperature_K, rng: _mb(atoms, temperature_K=temperature_K,
-                                                              rng=rng)
+
+  thermalize_momenta = lambda atoms, temperature_K, rng: _mb(
+    atoms, temperature_K=temperature_K, rng=rng
+  )
 from ase.md.verlet import VelocityVerlet
 
 import potentials
@@ -57,13 +60,21 @@ def main(argv: Optional[List[str]] = None) -> dict:
   def report(dyn, phase):
     epot = atoms.get_potential_energy()
     ekin = atoms.get_kinetic_energy()
-    print(f"{phase} step {dyn.nsteps:6d}  t {dyn.get_time() / units.fs / 1000:6.3f} ps  "
-          f"T {atoms.get_temperature():6.1f} K  Epot {epot:10.4f} eV  "
-          f"Etot {epot + ekin:10.4f} eV", flush=True)
+    print(
+      f"{phase} step {dyn.nsteps:6d}  t {dyn.get_time() / units.fs / 1000:6.3f} ps  "
+      f"T {atoms.get_temperature():6.1f} K  Epot {epot:10.4f} eV  "
+      f"Etot {epot + ekin:10.4f} eV",
+      flush=True,
+    )
 
-  nvt = Langevin(atoms, args.dt * units.fs, temperature_K=args.temperature,
-                 friction=0.02 / units.fs,
-                 fixcm=False, rng=np.random.default_rng(args.seed + 1))
+  nvt = Langevin(
+    atoms,
+    args.dt * units.fs,
+    temperature_K=args.temperature,
+    friction=0.02 / units.fs,
+    fixcm=False,
+    rng=np.random.default_rng(args.seed + 1),
+  )
   nvt.attach(report, interval=args.log_every, dyn=nvt, phase="NVT")
   nvt.attach(traj.write, interval=args.log_every)
   nvt.run(args.nvt_steps)
@@ -79,12 +90,16 @@ def main(argv: Optional[List[str]] = None) -> dict:
   etot = np.asarray(etot) / n
   t_ps = np.arange(len(etot)) * args.dt / 1000.0
   drift = np.polyfit(t_ps, etot, 1)[0] * 1e3 if len(etot) > 2 else float("nan")
-  summary = {"drift_mev_atom_ps": float(drift),
-             "fluctuation_mev_atom": float(np.std(etot) * 1e3),
-             "compilations": atoms.calc.num_compilations}
-  print(f"NVE: drift {summary['drift_mev_atom_ps']:+.4f} meV/atom/ps, RMS fluctuation "
-        f"{summary['fluctuation_mev_atom']:.4f} meV/atom; {summary['compilations']} "
-        f"compilation(s); trajectory in {args.out}")
+  summary = {
+    "drift_mev_atom_ps": float(drift),
+    "fluctuation_mev_atom": float(np.std(etot) * 1e3),
+    "compilations": atoms.calc.num_compilations,
+  }
+  print(
+    f"NVE: drift {summary['drift_mev_atom_ps']:+.4f} meV/atom/ps, RMS fluctuation "
+    f"{summary['fluctuation_mev_atom']:.4f} meV/atom; {summary['compilations']} "
+    f"compilation(s); trajectory in {args.out}"
+  )
   return summary
 
 

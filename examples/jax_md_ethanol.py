@@ -37,6 +37,7 @@ def make_chunk(apply_fn, steps: int):
       state, nbrs = carry
       nbrs = nbrs.update(state.position)
       return apply_fn(state, neighbor=nbrs), nbrs
+
     return jax.lax.fori_loop(0, steps, body, (state, nbrs))
 
   return chunk
@@ -57,8 +58,11 @@ def run_phase(name, chunk_fn, state, nbrs, neighbor_fn, energy_fn, chunks, chunk
     ekin = float(quantity.kinetic_energy(momentum=state.momentum, mass=state.mass))
     temp = float(quantity.temperature(momentum=state.momentum, mass=state.mass)) / KB
     etot.append(epot + ekin)
-    print(f"{name} t {(c + 1) * chunk * dt_fs / 1000:6.3f} ps  T {temp:6.1f} K  "
-          f"Epot {epot:10.4f} eV  Etot {epot + ekin:10.4f} eV", flush=True)
+    print(
+      f"{name} t {(c + 1) * chunk * dt_fs / 1000:6.3f} ps  T {temp:6.1f} K  "
+      f"Epot {epot:10.4f} eV  Etot {epot + ekin:10.4f} eV",
+      flush=True,
+    )
   return state, nbrs, np.asarray(etot)
 
 
@@ -84,37 +88,62 @@ def main(argv: Optional[List[str]] = None) -> dict:
   R = jnp.asarray(atoms.positions - atoms.positions.mean(axis=0), dtype)
   # For space.free the box only bounds the cell-list region; a 9-atom molecule needs none.
   neighbor_fn, energy_fn = eq_jax_md.neighbor_list(
-      pot, displacement, 20.0, species=atoms.numbers, dr_threshold=0.5, disable_cell_list=True)
+    pot, displacement, 20.0, species=atoms.numbers, dr_threshold=0.5, disable_cell_list=True
+  )
   nbrs = neighbor_fn.allocate(R)
   mass = jnp.asarray(atoms.get_masses(), dtype)
   dt = args.dt * FS
   kT = args.temperature * KB
 
-  nvt_init, nvt_apply = simulate.nvt_langevin(energy_fn, shift, dt=dt, kT=kT,
-                                              gamma=args.friction / FS)
+  nvt_init, nvt_apply = simulate.nvt_langevin(
+    energy_fn, shift, dt=dt, kT=kT, gamma=args.friction / FS
+  )
   state = nvt_init(jax.random.PRNGKey(args.seed), R, mass=mass, neighbor=nbrs)
   start = time.perf_counter()
   nvt_chunks = max(1, args.nvt_steps // args.chunk)
-  state, nbrs, _ = run_phase("NVT", make_chunk(nvt_apply, args.chunk), state, nbrs, neighbor_fn,
-                             energy_fn, nvt_chunks, args.chunk, args.dt)
+  state, nbrs, _ = run_phase(
+    "NVT",
+    make_chunk(nvt_apply, args.chunk),
+    state,
+    nbrs,
+    neighbor_fn,
+    energy_fn,
+    nvt_chunks,
+    args.chunk,
+    args.dt,
+  )
 
   # NVE continues from the thermalised positions and momenta.
   _, nve_apply = simulate.nve(energy_fn, shift, dt=dt)
   state = simulate.NVEState(state.position, state.momentum, state.force, state.mass)
   nve_chunks = max(1, args.nve_steps // args.chunk)
-  state, nbrs, etot = run_phase("NVE", make_chunk(nve_apply, args.chunk), state, nbrs,
-                                neighbor_fn, energy_fn, nve_chunks, args.chunk, args.dt)
+  state, nbrs, etot = run_phase(
+    "NVE",
+    make_chunk(nve_apply, args.chunk),
+    state,
+    nbrs,
+    neighbor_fn,
+    energy_fn,
+    nve_chunks,
+    args.chunk,
+    args.dt,
+  )
   seconds = time.perf_counter() - start
   steps = (nvt_chunks + nve_chunks) * args.chunk
   etot = etot / len(atoms)
   t_ps = np.arange(1, len(etot) + 1) * args.chunk * args.dt / 1000
   drift = np.polyfit(t_ps, etot, 1)[0] * 1e3 if len(etot) > 2 else float("nan")
-  print(f"{steps} steps in {seconds:.1f} s ({steps / seconds:.0f} steps/s incl. compilation); "
-        f"NVE drift {drift:+.4f} meV/atom/ps, spread {np.ptp(etot) * 1e3:.4f} meV/atom "
-        f"({'float64' if args.x64 else 'float32'})")
-  return {"drift_mev_atom_ps": float(drift), "spread_mev_atom": float(np.ptp(etot) * 1e3),
-          "steps": steps,
-          "final_positions": np.asarray(state.position)}
+  print(
+    f"{steps} steps in {seconds:.1f} s ({steps / seconds:.0f} steps/s incl. compilation); "
+    f"NVE drift {drift:+.4f} meV/atom/ps, spread {np.ptp(etot) * 1e3:.4f} meV/atom "
+    f"({'float64' if args.x64 else 'float32'})"
+  )
+  return {
+    "drift_mev_atom_ps": float(drift),
+    "spread_mev_atom": float(np.ptp(etot) * 1e3),
+    "steps": steps,
+    "final_positions": np.asarray(state.position),
+  }
 
 
 if __name__ == "__main__":

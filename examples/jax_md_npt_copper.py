@@ -40,26 +40,47 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
   atoms = bulk("Cu", "fcc", a=args.a0, cubic=True).repeat(args.repeat)
   pot = potentials.load(args.model)
-  result = plugin.md.run(atoms, pot, ensemble="npt", temperature=args.temperature,
-                         pressure=args.pressure, timestep=args.dt, steps=args.steps,
-                         tau_t=args.tau_t, tau_p=args.tau_p, log_interval=max(1, args.steps // 100),
-                         traj=args.out, traj_interval=max(1, args.steps // 20),
-                         log_file=args.log, seed=args.seed, progress=True)
+  result = plugin.md.run(
+    atoms,
+    pot,
+    ensemble="npt",
+    temperature=args.temperature,
+    pressure=args.pressure,
+    timestep=args.dt,
+    steps=args.steps,
+    tau_t=args.tau_t,
+    tau_p=args.tau_p,
+    log_interval=max(1, args.steps // 100),
+    traj=args.out,
+    traj_interval=max(1, args.steps // 20),
+    log_file=args.log,
+    seed=args.seed,
+    progress=True,
+  )
   log = result.log
   late = log.step >= log.step[-1] / 2  # second half: after the box has settled
   n_cells = args.repeat**3
   a = (log.volume[late] / n_cells) ** (1.0 / 3.0)
-  out = {"lattice_constant": float(a.mean()), "lattice_constant_std": float(a.std()),
-         "temperature": float(log.temperature[late].mean()),
-         "pressure_bar": float(log.pressure[late].mean()),
-         "conserved_drift_ev": float(log.conserved[-1] - log.conserved[0])}
-  print(f"{len(atoms)} Cu atoms, {args.steps} steps of {args.dt} fs "
-        f"({result.wall_time_s:.1f} s incl. compilation)")
-  print(f"second half: a = {out['lattice_constant']:.4f} ± {out['lattice_constant_std']:.4f} Å, "
-        f"T = {out['temperature']:.1f} K, P = {out['pressure_bar']:.0f} bar "
-        f"(instantaneous pressure fluctuates by ~1e3 bar in a box this small)")
-  print(f"change of the NPT conserved quantity: {out['conserved_drift_ev'] * 1e3:+.3f} meV; "
-        f"trajectory {args.out}, log {args.log}")
+  out = {
+    "lattice_constant": float(a.mean()),
+    "lattice_constant_std": float(a.std()),
+    "temperature": float(log.temperature[late].mean()),
+    "pressure_bar": float(log.pressure[late].mean()),
+    "conserved_drift_ev": float(log.conserved[-1] - log.conserved[0]),
+  }
+  print(
+    f"{len(atoms)} Cu atoms, {args.steps} steps of {args.dt} fs "
+    f"({result.wall_time_s:.1f} s incl. compilation)"
+  )
+  print(
+    f"second half: a = {out['lattice_constant']:.4f} ± {out['lattice_constant_std']:.4f} Å, "
+    f"T = {out['temperature']:.1f} K, P = {out['pressure_bar']:.0f} bar "
+    f"(instantaneous pressure fluctuates by ~1e3 bar in a box this small)"
+  )
+  print(
+    f"change of the NPT conserved quantity: {out['conserved_drift_ev'] * 1e3:+.3f} meV; "
+    f"trajectory {args.out}, log {args.log}"
+  )
   return out
 
 

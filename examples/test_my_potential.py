@@ -46,9 +46,15 @@ def atoms():
 
 
 def test_conserves_energy_with_ase(energy_conservation, potential, atoms):
-  report = energy_conservation(atoms, Calculator(potential), temperature=TEMPERATURE_K,
-                               timestep=TIMESTEP_FS, duration=DURATION_PS,
-                               warmup=0.1 * DURATION_PS, max_drift=MAX_DRIFT)
+  report = energy_conservation(
+    atoms,
+    Calculator(potential),
+    temperature=TEMPERATURE_K,
+    timestep=TIMESTEP_FS,
+    duration=DURATION_PS,
+    warmup=0.1 * DURATION_PS,
+    max_drift=MAX_DRIFT,
+  )
   print(report.summary())  # shown with pytest -s
   assert np.isfinite(report.fluctuation)
 
@@ -58,9 +64,17 @@ def test_conserves_energy_with_jax_md(energy_conservation, potential, atoms):
   # plugin.testing.jax_md_functions builds the three for an eqattn model and this structure.
   jm = testing.jax_md_functions(potential, atoms)
   energy_fn, neighbor_fn, shift = jm["energy_fn"], jm["neighbor_fn"], jm["shift_fn"]
-  energy_conservation(atoms, energy_fn=energy_fn, neighbor_fn=neighbor_fn, shift_fn=shift,
-                      temperature=TEMPERATURE_K, timestep=TIMESTEP_FS, duration=DURATION_PS,
-                      warmup=0.1 * DURATION_PS, max_drift=MAX_DRIFT)
+  energy_conservation(
+    atoms,
+    energy_fn=energy_fn,
+    neighbor_fn=neighbor_fn,
+    shift_fn=shift,
+    temperature=TEMPERATURE_K,
+    timestep=TIMESTEP_FS,
+    duration=DURATION_PS,
+    warmup=0.1 * DURATION_PS,
+    max_drift=MAX_DRIFT,
+  )
 
 
 if __name__ == "__main__":

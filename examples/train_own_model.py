@@ -42,8 +42,9 @@ def make_example_data(path: str, count: int, seed: int = 0) -> None:
     atoms.set_cell(atoms.cell.array @ strain, scale_atoms=True)
     atoms.rattle(stdev=0.08, seed=int(rng.integers(1 << 31)))
     atoms.calc = EMT()
-    labels = dict(energy=atoms.get_potential_energy(), forces=atoms.get_forces(),
-                  stress=atoms.get_stress())
+    labels = dict(
+      energy=atoms.get_potential_energy(), forces=atoms.get_forces(), stress=atoms.get_stress()
+    )
     atoms.calc = SinglePointCalculator(atoms, **labels)  # labels travel with the structure
     images.append(atoms)
   write(path, images, format="extxyz")
@@ -70,34 +71,55 @@ def main(argv: Optional[List[str]] = None) -> dict:
     make_example_data(data, args.frames)
     print(f"wrote {args.frames} EMT-labelled Cu structures to {data}")
 
-  pot = potentials.Potential.create(0, species=args.species, cutoff=args.cutoff,
-                                    features=args.features, max_degree=args.max_degree,
-                                    num_iterations=args.iterations)
+  pot = potentials.Potential.create(
+    0,
+    species=args.species,
+    cutoff=args.cutoff,
+    features=args.features,
+    max_degree=args.max_degree,
+    num_iterations=args.iterations,
+  )
   frames = read_frames(data, pot.cutoff)
-  config = training.TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
-                                learning_rate=5e-3, energy_weight=10.0, forces_weight=1.0,
-                                stress_weight=1.0)
-  result = training.train(pot, frames, config, checkpoint=args.checkpoint,
-                          progress=sys.stderr.isatty())
+  config = training.TrainConfig(
+    epochs=args.epochs,
+    batch_size=args.batch_size,
+    learning_rate=5e-3,
+    energy_weight=10.0,
+    forces_weight=1.0,
+    stress_weight=1.0,
+  )
+  result = training.train(
+    pot, frames, config, checkpoint=args.checkpoint, progress=sys.stderr.isatty()
+  )
   model = result.potential.replace(
-      metadata={**result.potential.metadata, "provenance": {"data": data}})
+    metadata={**result.potential.metadata, "provenance": {"data": data}}
+  )
   model.save(args.out)
 
   test = result.metrics["test"]
-  print(f"trained {args.epochs} epochs on {len(frames)} structures in {result.seconds:.1f} s; "
-        f"test set:")
-  for key, unit, scale in (("energy_per_atom", "meV/atom", 1e3), ("forces", "meV/Å", 1e3),
-                           ("stress", "meV/Å³", 1e3)):
+  print(
+    f"trained {args.epochs} epochs on {len(frames)} structures in {result.seconds:.1f} s; test set:"
+  )
+  for key, unit, scale in (
+    ("energy_per_atom", "meV/atom", 1e3),
+    ("forces", "meV/Å", 1e3),
+    ("stress", "meV/Å³", 1e3),
+  ):
     if f"{key}_mae" in test:
-      print(f"  {key:16s} MAE {test[key + '_mae'] * scale:8.3f}  "
-            f"RMSE {test[key + '_rmse'] * scale:8.3f} {unit}")
+      print(
+        f"  {key:16s} MAE {test[key + '_mae'] * scale:8.3f}  "
+        f"RMSE {test[key + '_rmse'] * scale:8.3f} {unit}"
+      )
 
   # The saved file is a complete model: load it and use it like a shipped one.
   from ase.io import read
+
   atoms = read(data, index=0)
   atoms.calc = Calculator(potentials.load(args.out))
-  print(f"model written to {args.out}; first structure: E = {atoms.get_potential_energy():.4f} "
-        f"eV (reference {read(data, index=0).get_potential_energy():.4f} eV)")
+  print(
+    f"model written to {args.out}; first structure: E = {atoms.get_potential_energy():.4f} "
+    f"eV (reference {read(data, index=0).get_potential_energy():.4f} eV)"
+  )
   return {"test": test, "out": args.out, "history": result.history}
 
 

@@ -105,9 +105,9 @@ def resolve_dtype(dtype: Any) -> np.dtype:
     raise ValueError(f"dtype must be 'float32' or 'float64', got {dt.name}")
   if dt == np.float64 and jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
     raise ValueError(
-        "dtype='float64' needs JAX's 64-bit mode, which is off. Enable it at the start of "
-        "your program with jax.config.update('jax_enable_x64', True) (or set the "
-        "environment variable JAX_ENABLE_X64=1), or use dtype='float32'."
+      "dtype='float64' needs JAX's 64-bit mode, which is off. Enable it at the start of "
+      "your program with jax.config.update('jax_enable_x64', True) (or set the "
+      "environment variable JAX_ENABLE_X64=1), or use dtype='float32'."
     )
   return dt
 
@@ -116,9 +116,8 @@ def device_params(potential: potentials.Potential, dtype: np.dtype) -> Any:
   """The parameters on the device, floating-point ones in ``dtype`` (once per calculator,
   so float64 runs are float64 end to end and no per-call conversion happens)."""
   return jax.tree_util.tree_map(
-      lambda p: jnp.asarray(p, dtype) if jnp.issubdtype(p.dtype, jnp.floating)
-      else jnp.asarray(p),
-      potential.params,
+    lambda p: jnp.asarray(p, dtype) if jnp.issubdtype(p.dtype, jnp.floating) else jnp.asarray(p),
+    potential.params,
   )
 
 
@@ -146,16 +145,30 @@ class _Evaluator:
     def evaluate(params, species, positions, cell, dst, src, shifts, atom_mask):
       self.traces += 1  # a Python side effect runs once per trace, i.e. per compilation
       # pairs come sorted by dst from the neighbour list, padding (= n) last
-      energies = lambda r: pair_fn(params, species_index=species, r=r, dst=dst, src=src,
-                                   atom_mask=atom_mask, indices_are_sorted=True)
-      out = observables.compute(energies, positions, dst=dst, src=src, shifts=shifts,
-                                cell=cell, atom_strain=True)
+      energies = lambda r: pair_fn(
+        params,
+        species_index=species,
+        r=r,
+        dst=dst,
+        src=src,
+        atom_mask=atom_mask,
+        indices_are_sorted=True,
+      )
+      out = observables.compute(
+        energies, positions, dst=dst, src=src, shifts=shifts, cell=cell, atom_strain=True
+      )
       # closest real pair, for the overlap check on the host
       r = out.pair_vectors
       d2 = jnp.where(dst < positions.shape[0], jnp.sum(r * r, axis=-1), jnp.inf)
       closest = jnp.argmin(d2)
-      return (out.energies, out.forces, out.strain_derivative, out.atom_strain_derivatives,
-              d2[closest], closest)
+      return (
+        out.energies,
+        out.forces,
+        out.strain_derivative,
+        out.atom_strain_derivatives,
+        d2[closest],
+        closest,
+      )
 
     self.fn = jax.jit(evaluate)
 
@@ -196,21 +209,20 @@ class Calculator(_AseCalculator):
       atom_capacity: current length of the padded atom axis (``None`` before the first call).
   """
 
-  implemented_properties = ["energy", "free_energy", "forces", "stress", "stresses",
-                            "energies"]
+  implemented_properties = ["energy", "free_energy", "forces", "stress", "stresses", "energies"]
 
   def __init__(
-      self,
-      potential: potentials.Potential,
-      *,
-      dtype: Any = "float32",
-      min_distance: float | None = 0.1,
-      **kwargs: Any,
+    self,
+    potential: potentials.Potential,
+    *,
+    dtype: Any = "float32",
+    min_distance: float | None = 0.1,
+    **kwargs: Any,
   ) -> None:
     if not isinstance(potential, potentials.Potential):
       raise TypeError(
-          f"potential must be a potentials.Potential, got {type(potential).__name__}; "
-          "load one with potentials.load(path)"
+        f"potential must be a potentials.Potential, got {type(potential).__name__}; "
+        "load one with potentials.load(path)"
       )
     self.potential = potential
     self.dtype = resolve_dtype(dtype)
@@ -240,16 +252,16 @@ class Calculator(_AseCalculator):
 
   def __repr__(self) -> str:
     return (
-        f"Calculator(species={list(self.potential.symbols)}, cutoff={self.potential.cutoff}, "
-        f"dtype={self.dtype.name}, num_compilations={self.num_compilations})"
+      f"Calculator(species={list(self.potential.symbols)}, cutoff={self.potential.cutoff}, "
+      f"dtype={self.dtype.name}, num_compilations={self.num_compilations})"
     )
 
   # ------------------------------------------------------------------ ASE interface
   def calculate(
-      self,
-      atoms: Atoms | None = None,
-      properties: Sequence[str] | None = None,
-      system_changes: Sequence[str] = all_changes,
+    self,
+    atoms: Atoms | None = None,
+    properties: Sequence[str] | None = None,
+    system_changes: Sequence[str] = all_changes,
   ) -> None:
     """Compute energy, free_energy, energies, forces and (periodic cells) stress and stresses
     at once."""
@@ -263,9 +275,9 @@ class Calculator(_AseCalculator):
     asked = [p for p in ("stress", "stresses") if p in properties]
     if asked and not periodic:
       raise PropertyNotImplementedError(
-          f"{asked[0]} needs a fully periodic cell (a volume), but pbc = {pbc.tolist()}; set "
-          f"atoms.pbc = True with a proper cell, or do not ask for {asked[0]} (e.g. do not "
-          "use a cell filter or NPT on this system)"
+        f"{asked[0]} needs a fully periodic cell (a volume), but pbc = {pbc.tolist()}; set "
+        f"atoms.pbc = True with a proper cell, or do not ask for {asked[0]} (e.g. do not "
+        "use a cell filter or NPT on this system)"
       )
     try:
       self.results = self._compute(atoms, periodic)
@@ -278,8 +290,12 @@ class Calculator(_AseCalculator):
     cell = np.asarray(atoms.cell.array, dtype=np.float64)
     if n == 0:
       self.neighbors.build(np.zeros((0, 3)), cell, atoms.pbc)  # validates the cell
-      results = {"energy": 0.0, "free_energy": 0.0, "energies": np.zeros(0),
-                 "forces": np.zeros((0, 3))}
+      results = {
+        "energy": 0.0,
+        "free_energy": 0.0,
+        "energies": np.zeros(0),
+        "forces": np.zeros((0, 3)),
+      }
       if periodic:
         results["stress"], results["stresses"] = np.zeros(6), np.zeros((0, 6))
       return results
@@ -303,12 +319,20 @@ class Calculator(_AseCalculator):
     pos[:n] = positions
     dst, src = pairs.dst, pairs.src
     # The builder pads pairs with index n; with padded atoms the padding index is na.
-    dst[pairs.num_pairs:] = na
-    src[pairs.num_pairs:] = na
+    dst[pairs.num_pairs :] = na
+    src[pairs.num_pairs :] = na
     evaluator = self._evaluator
     traces = evaluator.traces
-    out = evaluator.fn(self._params, self._species_dev, pos, cell.astype(self.dtype),
-                       dst, src, pairs.shifts, self._mask_dev)
+    out = evaluator.fn(
+      self._params,
+      self._species_dev,
+      pos,
+      cell.astype(self.dtype),
+      dst,
+      src,
+      pairs.shifts,
+      self._mask_dev,
+    )
     self._compilations += evaluator.traces - traces
     e_model, forces, virial, atom_virials, d2, closest = jax.device_get(out)
 
@@ -319,11 +343,10 @@ class Calculator(_AseCalculator):
     energy = float(np.sum(energies))
     if not (math.isfinite(energy) and np.isfinite(forces).all()):
       raise FloatingPointError(
-          "the model returned a non-finite energy or forces for this structure; check it "
-          "for atoms far outside the training data (e.g. nearly overlapping atoms)"
+        "the model returned a non-finite energy or forces for this structure; check it "
+        "for atoms far outside the training data (e.g. nearly overlapping atoms)"
       )
-    results = {"energy": energy, "free_energy": energy, "energies": energies,
-               "forces": forces}
+    results = {"energy": energy, "free_energy": energy, "energies": energies, "forces": forces}
     if periodic:
       volume = abs(float(np.linalg.det(cell)))
       results["stress"] = _voigt(np.asarray(virial, np.float64) / volume)
@@ -348,8 +371,7 @@ class Calculator(_AseCalculator):
     return cap
 
   @staticmethod
-  def _reference_positions(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray
-                           ) -> np.ndarray:
+  def _reference_positions(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
     """Positions moved by lattice vectors into the cell (fully periodic) or centred on the
     origin (fully open), which keeps float32 pair vectors precise for atoms that drifted
     far. Neither move changes energy, forces or stress; the neighbour list is built from
@@ -377,11 +399,12 @@ class Calculator(_AseCalculator):
     else:
       what = f"atoms {i} ({zi}) and {j} ({zj}) are"
     raise ValueError(
-        f"{what} only {distance:.3g} Å apart, closer than min_distance = "
-        f"{self.min_distance:g} Å; the model is not meant for overlapping atoms. Check the "
-        "structure (duplicated atoms? wrong units or cell?), or pass min_distance=None to "
-        "the Calculator to skip this check."
+      f"{what} only {distance:.3g} Å apart, closer than min_distance = "
+      f"{self.min_distance:g} Å; the model is not meant for overlapping atoms. Check the "
+      "structure (duplicated atoms? wrong units or cell?), or pass min_distance=None to "
+      "the Calculator to skip this check."
     )
+
 
 # Runaway guards as an ASE observer: guard(dyn, max_temperature=..., max_force=...).
 from plugin.md.guards import RunawayError, guard  # noqa: E402,F401
@@ -392,4 +415,5 @@ def evaluate(potential: potentials.Potential, structures: Sequence[Atoms], **kwa
   structure: :func:`plugin.evaluate.evaluate` (imported on first use, so that this module stays
   quick to import)."""
   from plugin.evaluate import evaluate as _evaluate
+
   return _evaluate(potential, structures, **kwargs)

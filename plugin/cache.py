@@ -42,6 +42,7 @@ def enable_compilation_cache(path: Union[str, os.PathLike, None] = None) -> Opti
   moves the cache. Returns the folder used, or None when disabled.
   """
   import jax
+
   folder = default_cache_dir() if path is None else Path(path).expanduser()
   if folder is None:
     return None
@@ -55,5 +56,6 @@ def enable_compilation_cache(path: Union[str, os.PathLike, None] = None) -> Opti
   if previous and previous != str(folder):
     # JAX opens the cache once per process; a new folder needs it reopened.
     from jax.experimental.compilation_cache import compilation_cache
+
     compilation_cache.reset_cache()
   return folder

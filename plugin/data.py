@@ -41,20 +41,30 @@ def frame_from_atoms(atoms: Atoms, cutoff: float) -> Frame:
   ``info`` keys ``trajectory``, ``config_type`` and ``temperature_K`` tag it for held-out
   splits)."""
   dst, src, shifts = neighbor_pairs_from_atoms(atoms, cutoff)
-  return Frame(numbers=np.asarray(atoms.numbers), positions=np.asarray(atoms.positions, float),
-               cell=np.asarray(atoms.cell[:], float), pbc=np.asarray(atoms.pbc, bool),
-               dst=dst, src=src, shifts=np.asarray(shifts, float),
-               energy=_label(atoms, "energy"), forces=_label(atoms, "forces"),
-               stress=_label(atoms, "stress"), trajectory=_tag(atoms, "trajectory", str),
-               config_type=_tag(atoms, "config_type", str),
-               temperature=_tag(atoms, "temperature_K", float))
+  return Frame(
+    numbers=np.asarray(atoms.numbers),
+    positions=np.asarray(atoms.positions, float),
+    cell=np.asarray(atoms.cell[:], float),
+    pbc=np.asarray(atoms.pbc, bool),
+    dst=dst,
+    src=src,
+    shifts=np.asarray(shifts, float),
+    energy=_label(atoms, "energy"),
+    forces=_label(atoms, "forces"),
+    stress=_label(atoms, "stress"),
+    trajectory=_tag(atoms, "trajectory", str),
+    config_type=_tag(atoms, "config_type", str),
+    temperature=_tag(atoms, "temperature_K", float),
+  )
 
 
-def read_frames(source: Union[str, Sequence[Atoms]], cutoff: float,
-                index: Union[str, slice] = ":") -> List[Frame]:
+def read_frames(
+  source: Union[str, Sequence[Atoms]], cutoff: float, index: Union[str, slice] = ":"
+) -> List[Frame]:
   """Read labelled frames from a file (extxyz, ASE db, traj, ...) or a list of Atoms."""
   if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
     from ase.io import read
+
     images = read(source, index=index)
     images = images if isinstance(images, list) else [images]
   else:

@@ -17,10 +17,12 @@ import numpy as np
 class Defaults:
   """The one home of the MD defaults (``plugin.md.run``, the ASE engine, ``plugin.testing``,
   the ``eqattn`` command)."""
+
   ensemble: str = "nve"
   temperature: float = 300.0  # K
   timestep: float = 0.5  # fs
   steps: int = 1000
+  duration: float = 2.0  # ps: the eqattn command's runs and plugin.testing's conservation runs
   pressure: float = 1.01325  # bar (1 atm)
   friction: float = 0.01  # 1/fs, Langevin (both engines)
   tau_t_per_timestep: float = 100.0  # Nose-Hoover thermostat time / timestep (JAX-MD's)

@@ -22,9 +22,15 @@ from .data import frame_from_atoms
 PROPERTIES = ("energy", "free_energy", "forces", "stress")
 
 
-def evaluate(potential: potentials.Potential, structures: Sequence[Atoms], *,
-             properties: Sequence[str] = ("energy", "forces", "stress"), dtype: Any = "float32",
-             batch_size: int = 64, max_atoms: int = 4096) -> List[Dict[str, Any]]:
+def evaluate(
+  potential: potentials.Potential,
+  structures: Sequence[Atoms],
+  *,
+  properties: Sequence[str] = ("energy", "forces", "stress"),
+  dtype: Any = "float32",
+  batch_size: int = 64,
+  max_atoms: int = 4096,
+) -> List[Dict[str, Any]]:
   """One dict per structure with the asked ``properties``: ``energy`` (eV), ``free_energy``
   (the same), ``forces`` ((N, 3) eV/Å), ``stress`` (Voigt, eV/Å³, ASE's sign; None for a
   structure that is not fully periodic).
@@ -33,6 +39,7 @@ def evaluate(potential: potentials.Potential, structures: Sequence[Atoms], *,
   model's (``"float64"`` needs ``jax_enable_x64``).
   """
   from .ase import resolve_dtype
+
   unknown = set(properties) - set(PROPERTIES)
   if unknown:
     raise ValueError(f"unknown properties {sorted(unknown)}; choose from {PROPERTIES}")
@@ -47,8 +54,9 @@ def evaluate(potential: potentials.Potential, structures: Sequence[Atoms], *,
   frames = [frame_from_atoms(a, potential.cutoff) for a in structures]
   results: List[Dict[str, Any]] = [{} for _ in structures]
   dtype = resolve_dtype(dtype)
-  for b, idx, (e, f, s) in training.predictions(potential, frames, batch_size=batch_size,
-                                                max_atoms=max_atoms, dtype=dtype):
+  for b, idx, (e, f, s) in training.predictions(
+    potential, frames, batch_size=batch_size, max_atoms=max_atoms, dtype=dtype
+  ):
     for slot, i in enumerate(idx):
       out = results[i]
       if "energy" in properties or "free_energy" in properties:

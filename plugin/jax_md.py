@@ -84,8 +84,14 @@ from plugin.defaults import DEFAULTS
 from plugin.quiet import quiet
 from potentials import observables
 
-__all__ = ["neighbor_list", "atom_virial_fn", "ImageNeighborList", "box_matrix", "box_widths",
-           "check_box"]
+__all__ = [
+  "neighbor_list",
+  "atom_virial_fn",
+  "ImageNeighborList",
+  "box_matrix",
+  "box_widths",
+  "check_box",
+]
 
 Array = jax.Array
 Box = Any  # scalar, (3,) side lengths, or (3, 3) upper-triangular matrix (columns = vectors)
@@ -108,8 +114,10 @@ def box_matrix(box: Box) -> np.ndarray:
       raise ValueError(f"box side lengths must have shape (3,), got {b.shape}")
     b = np.diag(b)
   if b.shape != (3, 3):
-    raise ValueError(f"box must be a scalar, a (3,) vector or a (3, 3) matrix; got shape "
-                     f"{b.shape} (eqattn's JAX-MD plugin is three-dimensional)")
+    raise ValueError(
+      f"box must be a scalar, a (3,) vector or a (3, 3) matrix; got shape "
+      f"{b.shape} (eqattn's JAX-MD plugin is three-dimensional)"
+    )
   if not np.all(np.isfinite(b)):
     raise ValueError(f"box contains non-finite values:\n{b}")
   return b
@@ -148,21 +156,23 @@ def check_box(box: Box, cutoff: float, dr_threshold: float = 0.0) -> None:
   axis = int(np.argmin(widths))
   reps = tuple(max(1, math.ceil(need / w)) for w in widths)
   raise ValueError(
-      f"box too small for JAX-MD's minimum image convention: its perpendicular width across "
-      f"lattice vector {axis} (the distance between the two faces that vector crosses) is "
-      f"{widths[axis]:.4g} Å, but 2 * (cutoff {cutoff:g} Å + "
-      f"dr_threshold {dr_threshold:g} Å) = {need:.4g} Å is needed (widths: "
-      f"{np.array2string(widths, precision=4)} Å). Pairs with periodic images would be missed "
-      f"silently. Fix: simulate a supercell, e.g. atoms.repeat({reps}) in ASE, replicating "
-      f"positions and species accordingly (or use a smaller dr_threshold if that suffices).")
+    f"box too small for JAX-MD's minimum image convention: its perpendicular width across "
+    f"lattice vector {axis} (the distance between the two faces that vector crosses) is "
+    f"{widths[axis]:.4g} Å, but 2 * (cutoff {cutoff:g} Å + "
+    f"dr_threshold {dr_threshold:g} Å) = {need:.4g} Å is needed (widths: "
+    f"{np.array2string(widths, precision=4)} Å). Pairs with periodic images would be missed "
+    f"silently. Fix: simulate a supercell, e.g. atoms.repeat({reps}) in ASE, replicating "
+    f"positions and species accordingly (or use a smaller dr_threshold if that suffices)."
+  )
 
 
 # --------------------------------------------------------------------------------------------
 # checks of the user's space
 
 
-def _probe_space(displacement_fn: DisplacementFn, box: np.ndarray,
-                 fractional_coordinates: bool) -> bool:
+def _probe_space(
+  displacement_fn: DisplacementFn, box: np.ndarray, fractional_coordinates: bool
+) -> bool:
   """Whether ``displacement_fn`` is periodic, found by evaluating it on two probe vectors per
   axis; also catches a ``fractional_coordinates`` flag that does not match the space.
 
@@ -183,39 +193,49 @@ def _probe_space(displacement_fn: DisplacementFn, box: np.ndarray,
       frac_like = abs(quarter - 0.25 * lengths[i]) <= 1e-4 * lengths[i]
       real_like = abs(quarter - 0.25) <= 1e-4
       if fractional_coordinates and real_like and not frac_like:
-        raise ValueError("fractional_coordinates=True, but displacement_fn treats positions as "
-                         "real coordinates; build it with space.periodic_general(box, "
-                         "fractional_coordinates=True) or pass fractional_coordinates=False")
+        raise ValueError(
+          "fractional_coordinates=True, but displacement_fn treats positions as "
+          "real coordinates; build it with space.periodic_general(box, "
+          "fractional_coordinates=True) or pass fractional_coordinates=False"
+        )
       if not fractional_coordinates and frac_like and not real_like:
-        raise ValueError("fractional_coordinates=False, but displacement_fn treats positions "
-                         "as fractional coordinates; pass fractional_coordinates=True")
+        raise ValueError(
+          "fractional_coordinates=False, but displacement_fn treats positions "
+          "as fractional coordinates; pass fractional_coordinates=True"
+        )
     probe = 0.75 * (e if fractional_coordinates else box[:, i])
     d = float(np.linalg.norm(displacement_fn(zero, jnp.asarray(probe))))
     periodic.append(d < 0.5 * lengths[i])
   if len(set(periodic)) != 1:
-    raise ValueError("displacement_fn is periodic along some box axes only; JAX-MD spaces are "
-                     "periodic along all axes (space.periodic, space.periodic_general) or none "
-                     "(space.free)")
+    raise ValueError(
+      "displacement_fn is periodic along some box axes only; JAX-MD spaces are "
+      "periodic along all axes (space.periodic, space.periodic_general) or none "
+      "(space.free)"
+    )
   return periodic[0]
 
 
-def _check_positions(R: Any, n: int, box: np.ndarray, periodic: bool,
-                     fractional_coordinates: bool) -> None:
+def _check_positions(
+  R: Any, n: int, box: np.ndarray, periodic: bool, fractional_coordinates: bool
+) -> None:
   """Shape, finiteness and (periodic spaces) inside-the-box checks of concrete positions."""
   try:
     R = np.asarray(R)
   except jax.errors.TracerArrayConversionError:
     return  # traced: nothing concrete to check (JAX-MD's allocate is not jittable anyway)
   if R.shape != (n, 3):
-    raise ValueError(f"positions must have shape ({n}, 3) (one row per species entry), "
-                     f"got {R.shape}")
+    raise ValueError(
+      f"positions must have shape ({n}, 3) (one row per species entry), got {R.shape}"
+    )
   if not np.issubdtype(R.dtype, np.floating):
     raise ValueError(f"positions must be floating point, got {R.dtype}")
   bad = ~np.isfinite(R).all(axis=1)
   if bad.any():
     i = int(np.argmax(bad))
-    raise ValueError(f"positions of atom {i} are not finite: {R[i]} "
-                     f"({int(bad.sum())} atom(s) with NaN/inf positions)")
+    raise ValueError(
+      f"positions of atom {i} are not finite: {R[i]} "
+      f"({int(bad.sum())} atom(s) with NaN/inf positions)"
+    )
   if periodic:
     # JAX-MD's cell list bins by int(position / cell_size); atoms outside the box land in the
     # wrong cell and pairs can be missed silently. Its shift_fn keeps them inside afterwards.
@@ -224,9 +244,11 @@ def _check_positions(R: Any, n: int, box: np.ndarray, periodic: bool,
     if np.any(u < -tol) or np.any(u > 1 + tol):
       i = int(np.argmax(((u < -tol) | (u > 1 + tol)).any(axis=1)))
       what = "fractional coordinates" if fractional_coordinates else "positions"
-      raise ValueError(f"{what} must lie inside the box for JAX-MD's neighbour list; atom {i} "
-                       f"is at fractional position {u[i]}. Wrap them first (e.g. "
-                       f"atoms.wrap() in ASE, or R % 1 for fractional coordinates).")
+      raise ValueError(
+        f"{what} must lie inside the box for JAX-MD's neighbour list; atom {i} "
+        f"is at fractional position {u[i]}. Wrap them first (e.g. "
+        f"atoms.wrap() in ASE, or R % 1 for fractional coordinates)."
+      )
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,6 +266,7 @@ class ImageNeighborList(partition.NeighborList):
   unwrapped against it, so the vector stays continuous. Padded pairs have shift 0.
   ``images`` (static): the largest ``|n|`` per lattice vector the list covers.
   """
+
   shifts: Array
   images: Tuple[int, int, int] = jmd_dataclasses.static_field()
 
@@ -279,8 +302,9 @@ def _image_geometry(bmat: np.ndarray, fractional: bool, general: bool):
     """(box the positions live in, box the displacements are measured in)."""
     if not general and "box" in kw:
       raise space.UnexpectedBoxException(
-          "`space.periodic` does not accept a box argument. Perhaps you meant to use "
-          "`space.periodic_general`?")
+        "`space.periodic` does not accept a box argument. Perhaps you meant to use "
+        "`space.periodic_general`?"
+      )
     t_pos = _box_matrix_jnp(kw["box"], dtype) if "box" in kw else jnp.asarray(bmat, dtype)
     t_disp = _box_matrix_jnp(kw["new_box"], dtype) if general and "new_box" in kw else t_pos
     return t_pos, t_disp
@@ -309,8 +333,15 @@ def _image_geometry(bmat: np.ndarray, fractional: bool, general: bool):
   return boxes, fractional_of, pair_vectors
 
 
-def _image_list_fns(geometry, bmat: np.ndarray, n: int, list_cutoff: float,
-                    dr_threshold: float, capacity_multiplier: float, fractional: bool):
+def _image_list_fns(
+  geometry,
+  bmat: np.ndarray,
+  n: int,
+  list_cutoff: float,
+  dr_threshold: float,
+  capacity_multiplier: float,
+  fractional: bool,
+):
   """``(allocate, update, too_few_images)`` of :class:`ImageNeighborList` (see the module
   docstring)."""
   boxes, fractional_of, _ = geometry
@@ -332,8 +363,9 @@ def _image_list_fns(geometry, bmat: np.ndarray, n: int, list_cutoff: float,
     slot = jnp.where(mask, jnp.cumsum(mask) - 1, capacity)  # slot >= capacity: dropped
     ends = lambda a: jnp.asarray(np.broadcast_to(a, c.shape[:3]).reshape(-1), jnp.int32)
     dst_all, src_all = ends(np.arange(n)[:, None, None]), ends(np.arange(n)[None, :, None])
-    fill = lambda a, pad: jnp.full((capacity,) + a.shape[1:], pad, a.dtype).at[slot].set(
-        a, mode="drop")
+    fill = lambda a, pad: (
+      jnp.full((capacity,) + a.shape[1:], pad, a.dtype).at[slot].set(a, mode="drop")
+    )
     idx = jnp.stack([fill(src_all, n), fill(dst_all, n)])
     return idx, fill(shifts, 0), count
 
@@ -351,35 +383,49 @@ def _image_list_fns(geometry, bmat: np.ndarray, n: int, list_cutoff: float,
     idx, shifts, count = build(R, kw, images, capacity)
     error = partition.PartitionError(jnp.zeros((), jnp.uint8))
     return ImageNeighborList(
-        idx=idx, reference_position=R,
-        error=error.update(partition.PEC.NEIGHBOR_LIST_OVERFLOW, count > capacity),
-        cell_list_capacity=None, max_occupancy=capacity, format=partition.Sparse,
-        cell_size=None, cell_list_fn=None, update_fn=update, shifts=shifts, images=images)
+      idx=idx,
+      reference_position=R,
+      error=error.update(partition.PEC.NEIGHBOR_LIST_OVERFLOW, count > capacity),
+      cell_list_capacity=None,
+      max_occupancy=capacity,
+      format=partition.Sparse,
+      cell_size=None,
+      cell_list_fn=None,
+      update_fn=update,
+      shifts=shifts,
+      images=images,
+    )
 
   def update(R, nbrs, **kw):
     if "box" in kw and not fractional:
-      raise ValueError("neighbour lists accept a box= keyword only with fractional "
-                       "coordinates (space.periodic_general(..., fractional_coordinates=True))")
+      raise ValueError(
+        "neighbour lists accept a box= keyword only with fractional "
+        "coordinates (space.periodic_general(..., fractional_coordinates=True))"
+      )
     error = nbrs.error
     if "box" in kw:
       # A new box moves every pair: rebuild, and say so if it needs more image shifts.
-      error = error.update(partition.PEC.NEIGHBOR_LIST_OVERFLOW,
-                           too_few_images(kw, nbrs.images, list_cutoff))
+      error = error.update(
+        partition.PEC.NEIGHBOR_LIST_OVERFLOW, too_few_images(kw, nbrs.images, list_cutoff)
+      )
 
     def rebuild(R):
       idx, shifts, count = build(R, kw, nbrs.images, nbrs.max_occupancy)
       return jmd_dataclasses.replace(
-          nbrs, idx=idx, shifts=shifts, reference_position=R,
-          error=error.update(partition.PEC.NEIGHBOR_LIST_OVERFLOW, count > nbrs.max_occupancy))
+        nbrs,
+        idx=idx,
+        shifts=shifts,
+        reference_position=R,
+        error=error.update(partition.PEC.NEIGHBOR_LIST_OVERFLOW, count > nbrs.max_occupancy),
+      )
 
     if "box" in kw or dr_threshold == 0:
       return rebuild(R)
     t_pos, _ = boxes({}, R.dtype)
     du = fractional_of(R, t_pos) - fractional_of(nbrs.reference_position, t_pos)
     dx = space.raw_transform(t_pos, du - jnp.round(du))
-    moved = jnp.max(jnp.sum(dx * dx, axis=-1)) > (0.5 * dr_threshold)**2
-    return jax.lax.cond(moved, rebuild,
-                        lambda R: jmd_dataclasses.replace(nbrs, error=error), R)
+    moved = jnp.max(jnp.sum(dx * dx, axis=-1)) > (0.5 * dr_threshold) ** 2
+    return jax.lax.cond(moved, rebuild, lambda R: jmd_dataclasses.replace(nbrs, error=error), R)
 
   return allocate, update, too_few_images
 
@@ -393,8 +439,9 @@ def _is_general(displacement_fn: DisplacementFn, bmat: np.ndarray) -> bool:
   return True
 
 
-def _check_image_geometry(displacement_fn: DisplacementFn, geometry, bmat: np.ndarray,
-                          fractional: bool, general: bool) -> None:
+def _check_image_geometry(
+  displacement_fn: DisplacementFn, geometry, bmat: np.ndarray, fractional: bool, general: bool
+) -> None:
   """The image list computes pair vectors itself: check them against the user's space on a
   pair whose wrapped displacement crosses the box (which depends on the box)."""
   u = np.array([[0.1, 0.15, 0.2], [0.9, 0.8, 0.75]])
@@ -408,9 +455,10 @@ def _check_image_geometry(displacement_fn: DisplacementFn, geometry, bmat: np.nd
     theirs = displacement_fn(R[1], R[0], **kw)
     if not np.allclose(ours, theirs, rtol=1e-5, atol=1e-5 * np.abs(bmat).max()):
       raise ValueError(
-          "displacement_fn does not match the box given to neighbor_list: small boxes use a "
-          "list with periodic images, which needs space.periodic(box) or "
-          "space.periodic_general(box, fractional_coordinates=...) built with that same box")
+        "displacement_fn does not match the box given to neighbor_list: small boxes use a "
+        "list with periodic images, which needs space.periodic(box) or "
+        "space.periodic_general(box, fractional_coordinates=...) built with that same box"
+      )
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,17 +466,17 @@ def _check_image_geometry(displacement_fn: DisplacementFn, geometry, bmat: np.nd
 
 
 def neighbor_list(
-    potential: potentials.Potential,
-    displacement_fn: DisplacementFn,
-    box: Box,
-    *,
-    species: Sequence[int],
-    dr_threshold: float = DEFAULTS.dr_threshold,
-    capacity_multiplier: float = DEFAULTS.capacity_multiplier,
-    fractional_coordinates: bool = False,
-    per_particle: bool = False,
-    format: partition.NeighborListFormat = partition.Sparse,
-    **neighbor_kwargs,
+  potential: potentials.Potential,
+  displacement_fn: DisplacementFn,
+  box: Box,
+  *,
+  species: Sequence[int],
+  dr_threshold: float = DEFAULTS.dr_threshold,
+  capacity_multiplier: float = DEFAULTS.capacity_multiplier,
+  fractional_coordinates: bool = False,
+  per_particle: bool = False,
+  format: partition.NeighborListFormat = partition.Sparse,
+  **neighbor_kwargs,
 ) -> Tuple[partition.NeighborListFns, EnergyFn]:
   """JAX-MD neighbour list and energy function of an eqattn potential.
 
@@ -463,17 +511,23 @@ def neighbor_list(
     Other keywords (``kT``, ... passed on by ``simulate``) are ignored, as in JAX-MD.
   """
   if format is not partition.Sparse:
-    raise ValueError(f"format must be partition.Sparse (both directions of each pair, "
-                     f"idx of shape (2, capacity)); got {format}")
+    raise ValueError(
+      f"format must be partition.Sparse (both directions of each pair, "
+      f"idx of shape (2, capacity)); got {format}"
+    )
   if not neighbor_kwargs.get("mask_self", True):
-    raise ValueError("mask_self=False would put zero-length self pairs into the list; "
-                     "the model needs them excluded")
+    raise ValueError(
+      "mask_self=False would put zero-length self pairs into the list; "
+      "the model needs them excluded"
+    )
   if not (np.isfinite(dr_threshold) and dr_threshold >= 0):
     raise ValueError(f"dr_threshold must be a finite number >= 0, got {dr_threshold}")
   z = np.asarray(species)
   if z.ndim != 1 or z.size == 0 or not np.issubdtype(z.dtype, np.integer):
-    raise ValueError(f"species must be a non-empty 1-D integer array of atomic numbers, got "
-                     f"{z.dtype} array of shape {z.shape}")
+    raise ValueError(
+      f"species must be a non-empty 1-D integer array of atomic numbers, got "
+      f"{z.dtype} array of shape {z.shape}"
+    )
   species_idx = jnp.asarray(potential.species_index(z))  # raises UnknownElementError
   n = int(z.size)
   cutoff = float(potential.cutoff)
@@ -488,18 +542,34 @@ def neighbor_list(
     geometry = _image_geometry(bmat, fractional_coordinates, general)
     _check_image_geometry(displacement_fn, geometry, bmat, fractional_coordinates, general)
     # (allocate, update, too_few_images, pair_vectors)
-    image_fns = (*_image_list_fns(geometry, bmat, n, cutoff + dr_threshold, dr_threshold,
-                                  capacity_multiplier, fractional_coordinates), geometry[2])
+    image_fns = (
+      *_image_list_fns(
+        geometry,
+        bmat,
+        n,
+        cutoff + dr_threshold,
+        dr_threshold,
+        capacity_multiplier,
+        fractional_coordinates,
+      ),
+      geometry[2],
+    )
 
   fns = partition.neighbor_list(
-      displacement_fn, box, cutoff, dr_threshold=dr_threshold,
-      capacity_multiplier=capacity_multiplier, fractional_coordinates=fractional_coordinates,
-      format=format, **neighbor_kwargs)
-  fns = partition.NeighborListFns(_quiet_index_scatter(fns.allocate),
-                                  _quiet_index_scatter(fns.update))
+    displacement_fn,
+    box,
+    cutoff,
+    dr_threshold=dr_threshold,
+    capacity_multiplier=capacity_multiplier,
+    fractional_coordinates=fractional_coordinates,
+    format=format,
+    **neighbor_kwargs,
+  )
+  fns = partition.NeighborListFns(
+    _quiet_index_scatter(fns.allocate), _quiet_index_scatter(fns.update)
+  )
 
-  def update_fn(R: Array, neighbors: partition.NeighborList,
-                **kwargs) -> partition.NeighborList:
+  def update_fn(R: Array, neighbors: partition.NeighborList, **kwargs) -> partition.NeighborList:
     if isinstance(neighbors, ImageNeighborList):
       return neighbors.update(R, **kwargs)
     nbrs = fns.update(R, neighbors, **kwargs)
@@ -508,7 +578,8 @@ def neighbor_list(
       # JAX-MD's own error bit, readable as nbrs.cell_size_too_small.
       too_small = jnp.any(_box_widths_jnp(kwargs["box"]) < min_list_width)
       nbrs = jmd_dataclasses.replace(
-          nbrs, error=nbrs.error.update(partition.PEC.CELL_SIZE_TOO_SMALL, too_small))
+        nbrs, error=nbrs.error.update(partition.PEC.CELL_SIZE_TOO_SMALL, too_small)
+      )
     return nbrs
 
   def allocate_fn(R: Array, extra_capacity: int = 0, **kwargs) -> partition.NeighborList:
@@ -520,9 +591,11 @@ def neighbor_list(
     if small:
       unsupported = set(neighbor_kwargs) - {"disable_cell_list", "mask_self"}
       if unsupported:
-        raise ValueError(f"{sorted(unsupported)} not supported for boxes narrower than "
-                         f"2 * (cutoff + dr_threshold) = {min_list_width:g} Å, which use a "
-                         f"list with periodic images")
+        raise ValueError(
+          f"{sorted(unsupported)} not supported for boxes narrower than "
+          f"2 * (cutoff + dr_threshold) = {min_list_width:g} Å, which use a "
+          f"list with periodic images"
+        )
       return image_fns[0](R, extra_capacity, **kwargs)
     nbrs = fns.allocate(R, extra_capacity, **kwargs)
     # With fractional coordinates JAX-MD keeps the cell size as a 0-d jax array in a static
@@ -537,8 +610,7 @@ def neighbor_list(
     return jmd_dataclasses.replace(nbrs, update_fn=update_fn, cell_size=cell_size)
 
   neighbor_fn = partition.NeighborListFns(allocate_fn, update_fn)
-  energy_fn = _energy_fn(potential, displacement_fn, species_idx, periodic, per_particle,
-                         image_fns)
+  energy_fn = _energy_fn(potential, displacement_fn, species_idx, periodic, per_particle, image_fns)
   return neighbor_fn, energy_fn
 
 
@@ -550,9 +622,14 @@ def neighbor_list(
 _quiet_index_scatter = quiet("scatter inputs have incompatible types", FutureWarning)
 
 
-def _energy_fn(potential: potentials.Potential, displacement_fn: DisplacementFn,
-               species_idx: Array, periodic: bool, per_particle: bool,
-               image_fns) -> EnergyFn:
+def _energy_fn(
+  potential: potentials.Potential,
+  displacement_fn: DisplacementFn,
+  species_idx: Array,
+  periodic: bool,
+  per_particle: bool,
+  image_fns,
+) -> EnergyFn:
   # jitted: its trace is cached, so init, step and observe (and their gradients) trace the
   # model once per shape between them, not once each.
   pair_energies = jax.jit(potential.pair_energies_fn(), static_argnames=("indices_are_sorted",))
@@ -587,23 +664,30 @@ def _energy_fn(potential: potentials.Potential, displacement_fn: DisplacementFn,
     """``(energies, r, dst, src, ok)`` for one call: the checked arguments' per-atom energy
     function of the pair vectors, the pair vectors and ends, and ``ok`` of :func:`pairs`."""
     if neighbor is None:
-      raise TypeError("energy_fn needs a neighbour list: energy_fn(R, nbrs) or "
-                      "energy_fn(R, neighbor=nbrs), with nbrs = neighbor_fn.allocate(R)")
+      raise TypeError(
+        "energy_fn needs a neighbour list: energy_fn(R, nbrs) or "
+        "energy_fn(R, neighbor=nbrs), with nbrs = neighbor_fn.allocate(R)"
+      )
     for key in ("per_particle", "per_atom"):
       if key in kwargs:
-        raise TypeError(f"{key}= is not a call-time option; build the function with "
-                        f"neighbor_list(..., per_particle=True) for per-atom energies")
+        raise TypeError(
+          f"{key}= is not a call-time option; build the function with "
+          f"neighbor_list(..., per_particle=True) for per-atom energies"
+        )
     if "species" in kwargs:
-      raise TypeError("species are fixed when the energy function is built "
-                      "(neighbor_list(..., species=...)); build a new one for other species")
+      raise TypeError(
+        "species are fixed when the energy function is built "
+        "(neighbor_list(..., species=...)); build a new one for other species"
+      )
     if R.shape != (n, 3):
       raise ValueError(f"positions must have shape ({n}, 3) to match species, got {R.shape}")
     if neighbor.format is not partition.Sparse:
       raise ValueError(f"neighbour list format must be partition.Sparse, got {neighbor.format}")
     params = kwargs.pop("params", default_params)
     r, dst, src, ok = pairs(R, neighbor, kwargs)
-    energies = lambda r: pair_energies(params, species_index=species_idx, r=r, dst=dst,
-                                       src=src, indices_are_sorted=True)
+    energies = lambda r: pair_energies(
+      params, species_index=species_idx, r=r, dst=dst, src=src, indices_are_sorted=True
+    )
     return energies, r, dst, src, ok
 
   def loud(x, ok):
@@ -611,19 +695,16 @@ def _energy_fn(potential: potentials.Potential, displacement_fn: DisplacementFn,
     # it loud instead of silently wrong.
     return x if ok is None else jnp.where(ok, x, jnp.nan)
 
-  def energy_fn(R: Array, neighbor: Optional[partition.NeighborList] = None,
-                **kwargs) -> Array:
+  def energy_fn(R: Array, neighbor: Optional[partition.NeighborList] = None, **kwargs) -> Array:
     energies, r, _, _, ok = model(R, neighbor, kwargs)
     e = loud(energies(r), ok)
     return e if per_particle else jnp.sum(e)
 
-  def atom_virials(R: Array, neighbor: Optional[partition.NeighborList] = None,
-                   **kwargs) -> Array:
+  def atom_virials(R: Array, neighbor: Optional[partition.NeighborList] = None, **kwargs) -> Array:
     energies, r, dst, src, ok = model(R, neighbor, kwargs)
     grad_r = jax.grad(lambda r: jnp.sum(energies(r)))(r)
     # JAX-MD's sign: minus the strain derivative (see atom_virial_fn)
-    w = -observables.atom_strain_derivatives(r=r, grad_r=grad_r, dst=dst, src=src,
-                                             num_atoms=n)
+    w = -observables.atom_strain_derivatives(r=r, grad_r=grad_r, dst=dst, src=src, num_atoms=n)
     return loud(w, ok)
 
   energy_fn._eqattn_atom_virials = atom_virials  # found by atom_virial_fn
@@ -648,7 +729,9 @@ def atom_virial_fn(energy_fn: EnergyFn) -> Callable[..., Array]:
   """
   virials = getattr(energy_fn, "_eqattn_atom_virials", None)
   if virials is None:
-    raise TypeError("atom_virial_fn needs the energy_fn returned by "
-                    "plugin.jax_md.neighbor_list(...) itself (per-atom virials need the model's "
-                    "pair vectors, not just an energy)")
+    raise TypeError(
+      "atom_virial_fn needs the energy_fn returned by "
+      "plugin.jax_md.neighbor_list(...) itself (per-atom virials need the model's "
+      "pair vectors, not just an energy)"
+    )
   return virials

@@ -19,7 +19,8 @@ import pytest
 
 def pytest_configure(config):
   config.addinivalue_line(
-      "markers", "energy_conservation: NVE energy-conservation check (eqattn plugin.testing)")
+    "markers", "energy_conservation: NVE energy-conservation check (eqattn plugin.testing)"
+  )
 
 
 @pytest.fixture
@@ -28,4 +29,5 @@ def energy_conservation():
   ``replicas=K`` runs K independent copies (one compiled program on the JAX-MD engine) and
   bounds the mean drift with the standard error across them."""
   from plugin.testing import assert_energy_conserved
+
   return assert_energy_conserved

@@ -41,6 +41,7 @@ MEV = 1000.0
 @dataclasses.dataclass
 class ConservationReport:
   """Figures and time series of one NVE run (energies in eV, times in ps)."""
+
   engine: str
   num_atoms: int
   timestep_fs: float
@@ -49,11 +50,11 @@ class ConservationReport:
   potential: np.ndarray
   kinetic: np.ndarray
   warmup_ps: float
-  drift: float            # meV/atom/ps
-  drift_error: float      # meV/atom/ps, one standard error
-  fluctuation: float      # meV/atom, RMS about the fitted line
+  drift: float  # meV/atom/ps
+  drift_error: float  # meV/atom/ps, one standard error
+  fluctuation: float  # meV/atom, RMS about the fitted line
   mean_temperature: float
-  order_ratio: Optional[float] = None   # fluctuation(dt) / fluctuation(dt/2)
+  order_ratio: Optional[float] = None  # fluctuation(dt) / fluctuation(dt/2)
   replicas: int = 1  # independent runs; their mean series above, drift_error across them
   replica_drifts: Optional[np.ndarray] = None  # (replicas,) meV/atom/ps
 
@@ -62,12 +63,17 @@ class ConservationReport:
     return self.potential + self.kinetic
 
   def summary(self) -> str:
-    runs = f" x {self.replicas} replicas (mean ± standard error across them)" \
-        if self.replicas > 1 else ""
-    s = (f"{self.engine} NVE{runs}, {self.num_atoms} atoms, dt {self.timestep_fs:g} fs, "
-         f"{self.time_ps[-1]:.3g} ps (warm-up {self.warmup_ps:g} ps), T0 {self.temperature_K:g} K "
-         f"(mean {self.mean_temperature:.1f} K): drift {self.drift:+.4f} ± "
-         f"{self.drift_error:.4f} meV/atom/ps, fluctuation {self.fluctuation:.4f} meV/atom")
+    runs = (
+      f" x {self.replicas} replicas (mean ± standard error across them)"
+      if self.replicas > 1
+      else ""
+    )
+    s = (
+      f"{self.engine} NVE{runs}, {self.num_atoms} atoms, dt {self.timestep_fs:g} fs, "
+      f"{self.time_ps[-1]:.3g} ps (warm-up {self.warmup_ps:g} ps), T0 {self.temperature_K:g} K "
+      f"(mean {self.mean_temperature:.1f} K): drift {self.drift:+.4f} ± "
+      f"{self.drift_error:.4f} meV/atom/ps, fluctuation {self.fluctuation:.4f} meV/atom"
+    )
     if self.order_ratio is not None:
       s += f", dt-halving fluctuation ratio {self.order_ratio:.2f}"
     return s
@@ -75,6 +81,7 @@ class ConservationReport:
   def plot(self, path: str) -> None:
     """PNG of total, potential and kinetic energy (meV/atom, relative to t=0) vs time."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -83,8 +90,10 @@ class ConservationReport:
     axes[0].plot(self.time_ps, (self.total - self.total[0]) / n * MEV, label="total")
     t = self.time_ps[self.time_ps >= self.warmup_ps]
     if len(t):
-      fit = (self.drift * (t - t[0]) + (self.total[self.time_ps >= self.warmup_ps][0]
-                                         - self.total[0]) / n * MEV)
+      fit = (
+        self.drift * (t - t[0])
+        + (self.total[self.time_ps >= self.warmup_ps][0] - self.total[0]) / n * MEV
+      )
       axes[0].plot(t, fit, "k--", lw=1, label=f"drift {self.drift:+.3g} meV/atom/ps")
     axes[0].set_ylabel("ΔE_total (meV/atom)")
     axes[0].legend()
@@ -132,19 +141,36 @@ def degrees_of_freedom(atoms: Atoms) -> int:
   return thermo.degrees_of_freedom(len(atoms))
 
 
-def _run_ase(atoms: Atoms, calculator, timestep_fs: float, steps: int, interval: int,
-             momenta: np.ndarray):
+def _run_ase(
+  atoms: Atoms, calculator, timestep_fs: float, steps: int, interval: int, momenta: np.ndarray
+):
   """NVE on the ASE engine (:func:`plugin.md.ase_engine.run_ase`): ``(time_ps, epot, ekin)``."""
-  result = run_ase(atoms, calculator, ensemble="nve", timestep=timestep_fs, steps=steps,
-                   interval=interval, momenta=momenta)
+  result = run_ase(
+    atoms,
+    calculator,
+    ensemble="nve",
+    timestep=timestep_fs,
+    steps=steps,
+    interval=interval,
+    momenta=momenta,
+  )
   if result.stopped:  # a conservation figure from a cut-short run would mislead
     raise RuntimeError(result.reason)
   log = result.log
   return log.time_ps, log.epot, log.ekin
 
 
-def _run_jax_md(atoms: Atoms, energy_fn, neighbor_fn, shift_fn, timestep_fs: float, steps: int,
-                interval: int, momenta: np.ndarray, dtype):
+def _run_jax_md(
+  atoms: Atoms,
+  energy_fn,
+  neighbor_fn,
+  shift_fn,
+  timestep_fs: float,
+  steps: int,
+  interval: int,
+  momenta: np.ndarray,
+  dtype,
+):
   """NVE on the JAX-MD engine (:mod:`plugin.md.engine`: chunked jit loop, neighbour update
   inside, an overflow replays the chunk) with the user's functions: ``(time_ps, epot, ekin)``.
   ``momenta (K, N, 3)`` runs ``K`` replicas in one program
@@ -156,23 +182,40 @@ def _run_jax_md(atoms: Atoms, energy_fn, neighbor_fn, shift_fn, timestep_fs: flo
   import jax.numpy as jnp
 
   from plugin.md import engine as eng  # here: JAX and JAX-MD only for this engine
-  params = Params.from_user(timestep=timestep_fs, temperature=0.0, friction=0.0, tau_t=1.0,
-                            tau_p=1.0, pressure=0.0)
+
+  params = Params.from_user(
+    timestep=timestep_fs, temperature=0.0, friction=0.0, tau_t=1.0, tau_p=1.0, pressure=0.0
+  )
   key = eng.EngineKey(
-      ensemble="nve", params=params, numbers=tuple(int(z) for z in atoms.numbers),
-      periodic=False, box=tuple(np.eye(3).ravel()), dr_threshold=0.0, capacity_multiplier=1.0,
-      chunk=interval * max(1, DEFAULTS.chunk // interval), log_interval=interval,
-      traj_interval=0)
+    ensemble="nve",
+    params=params,
+    numbers=tuple(int(z) for z in atoms.numbers),
+    periodic=False,
+    box=tuple(np.eye(3).ravel()),
+    dr_threshold=0.0,
+    capacity_multiplier=1.0,
+    chunk=interval * max(1, DEFAULTS.chunk // interval),
+    log_interval=interval,
+    traj_interval=0,
+  )
   momenta = np.asarray(momenta)
   R, masses = atoms.positions, atoms.get_masses()
   if momenta.ndim == 3:
     from plugin.md import replicas
-    engine = replicas.stacked_engine(key, energy_fn=energy_fn, neighbor_fn=neighbor_fn,
-                                     shift_fn=shift_fn)
+
+    engine = replicas.stacked_engine(
+      key, energy_fn=energy_fn, neighbor_fn=neighbor_fn, shift_fn=shift_fn
+    )
     R, masses = (np.broadcast_to(a, momenta.shape[:1] + a.shape) for a in (R, masses))
   else:
-    engine = eng.make_engine(key, energy_fn=energy_fn, neighbor_fn=neighbor_fn,
-                             displacement_fn=None, shift_fn=shift_fn, cutoff=0.0)
+    engine = eng.make_engine(
+      key,
+      energy_fn=energy_fn,
+      neighbor_fn=neighbor_fn,
+      displacement_fn=None,
+      shift_fn=shift_fn,
+      cutoff=0.0,
+    )
   carry, extra = eng.start(engine, jnp.asarray(R, dtype), np.eye(3), masses, momenta, seed=0)
   columns = output.columns_for(eng.observables(key))
   context = output.RowContext(len(atoms), lambda step: step * timestep_fs)
@@ -180,35 +223,43 @@ def _run_jax_md(atoms: Atoms, energy_fn, neighbor_fn, shift_fn, timestep_fs: flo
   counts = [1]
   for c in eng.simulate_chunks(engine, carry, 0, steps, extra):
     if c.guard:  # non-finite state: a conservation figure from a cut-short run would mislead
-      raise RuntimeError(guards.reason(c.guard, c.stop + 1, c.value, max_temperature=np.inf,
-                                       max_force=np.inf))
+      raise RuntimeError(
+        guards.reason(c.guard, c.stop + 1, c.value, max_temperature=np.inf, max_force=np.inf)
+      )
     logs.append(c.logs)
     counts.append(c.num_logs)
   series = []
   for k in range(momenta.shape[0] if momenta.ndim == 3 else 1):
     pick = (lambda v: v) if momenta.ndim == 2 else (lambda v: np.asarray(v)[:, k])
-    rows = [r for lg, n in zip(logs, counts) for r in output.make_rows(
-        columns, {name: (v if name == "step" else pick(v)) for name, v in lg.items()}, n,
-        context)]
+    rows = [
+      r
+      for lg, n in zip(logs, counts)
+      for r in output.make_rows(
+        columns, {name: (v if name == "step" else pick(v)) for name, v in lg.items()}, n, context
+      )
+    ]
     series.append(output.MDLog.from_rows(columns, rows))
   if momenta.ndim == 2:
     return series[0].time_ps, series[0].epot, series[0].ekin
-  return (series[0].time_ps, np.stack([s.epot for s in series]),
-          np.stack([s.ekin for s in series]))
+  return (series[0].time_ps, np.stack([s.epot for s in series]), np.stack([s.ekin for s in series]))
 
 
-def jax_md_functions(potential, atoms: Atoms, dtype: Any = "float32",
-                     dr_threshold: float = DEFAULTS.dr_threshold) -> dict:
+def jax_md_functions(
+  potential, atoms: Atoms, dtype: Any = "float32", dr_threshold: float = DEFAULTS.dr_threshold
+) -> dict:
   """``energy_fn``, ``neighbor_fn`` and ``shift_fn`` of an eqattn ``potential`` for ``atoms``
   (any periodic cell, in real coordinates, or free space), ready for the JAX-MD path of
   :func:`check_energy_conservation`. Mixed periodicity raises ``ValueError``."""
   import jax.numpy as jnp
   from jax_md import space
   from plugin import jax_md as eq_jax_md
+
   pbc = np.asarray(atoms.pbc, bool)
   if pbc.any() and not pbc.all():
-    raise ValueError(f"pbc={pbc.tolist()}: JAX-MD's spaces are periodic along all axes or none; "
-                     f"give a slab vacuum and make it fully periodic")
+    raise ValueError(
+      f"pbc={pbc.tolist()}: JAX-MD's spaces are periodic along all axes or none; "
+      f"give a slab vacuum and make it fully periodic"
+    )
   periodic = bool(pbc.all())
   cell = atoms.cell.array
   if periodic and np.allclose(cell, np.diag(np.diag(cell))):
@@ -223,18 +274,29 @@ def jax_md_functions(potential, atoms: Atoms, dtype: Any = "float32",
     box = 100.0  # free space: only the region of JAX-MD's cell list
     displacement, shift = space.free()
   neighbor_fn, energy_fn = eq_jax_md.neighbor_list(
-      potential, displacement, box, species=atoms.numbers, dr_threshold=dr_threshold,
-      disable_cell_list=not periodic)
+    potential,
+    displacement,
+    box,
+    species=atoms.numbers,
+    dr_threshold=dr_threshold,
+    disable_cell_list=not periodic,
+  )
   return dict(energy_fn=energy_fn, neighbor_fn=neighbor_fn, shift_fn=shift)
 
 
-def engine_kwargs(engine: str, potential, atoms: Atoms, dtype: Any = "float32",
-                  dr_threshold: float = DEFAULTS.dr_threshold) -> dict:
+def engine_kwargs(
+  engine: str,
+  potential,
+  atoms: Atoms,
+  dtype: Any = "float32",
+  dr_threshold: float = DEFAULTS.dr_threshold,
+) -> dict:
   """Keyword arguments of :func:`check_energy_conservation` that run an eqattn ``potential``
   with ``engine`` ``"ase"`` (:class:`plugin.ase.Calculator`) or ``"jax-md"``
   (:func:`jax_md_functions`) in ``dtype``."""
   if engine == "ase":
     from plugin.ase import Calculator
+
     return dict(calculator=Calculator(potential, dtype=dtype))
   if engine == "jax-md":
     return dict(dtype=np.dtype(dtype), **jax_md_functions(potential, atoms, dtype, dr_threshold))
@@ -242,22 +304,22 @@ def engine_kwargs(engine: str, potential, atoms: Atoms, dtype: Any = "float32",
 
 
 def check_energy_conservation(
-    atoms: Atoms,
-    calculator: Any = None,
-    *,
-    energy_fn: Optional[Callable] = None,
-    neighbor_fn: Any = None,
-    displacement_fn: Optional[Callable] = None,
-    shift_fn: Optional[Callable] = None,
-    temperature: float = DEFAULTS.temperature,
-    timestep: float = DEFAULTS.timestep,
-    duration: float = 2.0,
-    warmup: float = 0.2,
-    sample_interval: int = 10,
-    check_order: bool = False,
-    seed: int = DEFAULTS.seed,
-    dtype: Any = None,
-    replicas: int = 1,
+  atoms: Atoms,
+  calculator: Any = None,
+  *,
+  energy_fn: Optional[Callable] = None,
+  neighbor_fn: Any = None,
+  displacement_fn: Optional[Callable] = None,
+  shift_fn: Optional[Callable] = None,
+  temperature: float = DEFAULTS.temperature,
+  timestep: float = DEFAULTS.timestep,
+  duration: float = DEFAULTS.duration,
+  warmup: float = 0.2,
+  sample_interval: int = 10,
+  check_order: bool = False,
+  seed: int = DEFAULTS.seed,
+  dtype: Any = None,
+  replicas: int = 1,
 ) -> ConservationReport:
   """Run NVE and measure energy conservation.
 
@@ -304,8 +366,17 @@ def check_energy_conservation(
     def run(dt, interval):
       steps = int(round(duration * 1000.0 / dt))
       steps -= steps % interval
-      t, epot, ekin = _run_jax_md(atoms, energy_fn, neighbor_fn, shift_fn, dt, steps, interval,
-                                  momenta if replicas > 1 else momenta[0], dt_)
+      t, epot, ekin = _run_jax_md(
+        atoms,
+        energy_fn,
+        neighbor_fn,
+        shift_fn,
+        dt,
+        steps,
+        interval,
+        momenta if replicas > 1 else momenta[0],
+        dt_,
+      )
       return t, np.reshape(epot, (replicas, -1)), np.reshape(ekin, (replicas, -1))
 
   n = len(atoms)
@@ -313,28 +384,48 @@ def check_energy_conservation(
   def figures(t, epot, ekin):
     """Per replica: ``(slope, error, rms)`` rows."""
     keep = t >= warmup
-    return np.array([drift_statistics(t[keep], (ep + ek)[keep] / n)
-                     for ep, ek in zip(epot, ekin)])
+    return np.array([drift_statistics(t[keep], (ep + ek)[keep] / n) for ep, ek in zip(epot, ekin)])
 
   t, epot, ekin = run(timestep, sample_interval)
   fig = figures(t, epot, ekin)
   slope, rms = float(np.mean(fig[:, 0])), float(np.mean(fig[:, 2]))
-  err = float(fig[0, 1]) if replicas == 1 else float(np.std(fig[:, 0], ddof=1)
-                                                     / math.sqrt(replicas))
+  err = (
+    float(fig[0, 1]) if replicas == 1 else float(np.std(fig[:, 0], ddof=1) / math.sqrt(replicas))
+  )
   mean_t = float(np.mean(thermo.temperature_from_kinetic(ekin, n)))
   ratio = None
   if check_order:
     rms2 = float(np.mean(figures(*run(timestep / 2, 2 * sample_interval))[:, 2]))
     ratio = rms / rms2 if rms2 > 0 else float("inf")
-  return ConservationReport(engine, n, timestep, temperature, t, epot.mean(0), ekin.mean(0),
-                            warmup, slope, err, rms, mean_t, ratio, replicas=replicas,
-                            replica_drifts=fig[:, 0])
+  return ConservationReport(
+    engine,
+    n,
+    timestep,
+    temperature,
+    t,
+    epot.mean(0),
+    ekin.mean(0),
+    warmup,
+    slope,
+    err,
+    rms,
+    mean_t,
+    ratio,
+    replicas=replicas,
+    replica_drifts=fig[:, 0],
+  )
 
 
-def assert_energy_conserved(atoms: Atoms, calculator: Any = None, *, max_drift: float = 0.5,
-                            max_fluctuation: Optional[float] = None,
-                            order_range: Optional[Sequence[float]] = None,
-                            plot: Optional[str] = None, **kwargs) -> ConservationReport:
+def assert_energy_conserved(
+  atoms: Atoms,
+  calculator: Any = None,
+  *,
+  max_drift: float = 0.5,
+  max_fluctuation: Optional[float] = None,
+  order_range: Optional[Sequence[float]] = None,
+  plot: Optional[str] = None,
+  **kwargs,
+) -> ConservationReport:
   """Fail (AssertionError with the figures) unless energy is conserved.
 
   ``max_drift`` bounds ``|drift| + 2 * drift_error`` in meV/atom/ps (default: LAMBench's 0.5);
@@ -349,8 +440,10 @@ def assert_energy_conserved(atoms: Atoms, calculator: Any = None, *, max_drift: 
     report.plot(plot)
   problems = []
   if abs(report.drift) + 2 * report.drift_error > max_drift:
-    problems.append(f"|drift| + 2 sigma = {abs(report.drift) + 2 * report.drift_error:.4f} > "
-                    f"{max_drift} meV/atom/ps")
+    problems.append(
+      f"|drift| + 2 sigma = {abs(report.drift) + 2 * report.drift_error:.4f} > "
+      f"{max_drift} meV/atom/ps"
+    )
   if max_fluctuation is not None and report.fluctuation > max_fluctuation:
     problems.append(f"fluctuation {report.fluctuation:.4f} > {max_fluctuation} meV/atom")
   if order_range is not None and not order_range[0] <= report.order_ratio <= order_range[1]:

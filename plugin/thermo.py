@@ -37,8 +37,16 @@ from typing import Optional
 import numpy as np
 from ase import units
 
-__all__ = ["FS", "KB", "BAR", "degrees_of_freedom", "kinetic_energy", "temperature",
-           "temperature_from_kinetic", "maxwell_boltzmann"]
+__all__ = [
+  "FS",
+  "KB",
+  "BAR",
+  "degrees_of_freedom",
+  "kinetic_energy",
+  "temperature",
+  "temperature_from_kinetic",
+  "maxwell_boltzmann",
+]
 
 FS = float(units.fs)  # 1 fs in Å sqrt(amu / eV)
 KB = float(units.kB)  # eV / K
@@ -78,8 +86,9 @@ def _remove_rotation(p: np.ndarray, m: np.ndarray, positions: np.ndarray) -> np.
   return p - m[:, None] * np.cross(omega, x)
 
 
-def maxwell_boltzmann(masses: np.ndarray, temperature_k: float, seed: int,
-                      positions: Optional[np.ndarray] = None) -> np.ndarray:
+def maxwell_boltzmann(
+  masses: np.ndarray, temperature_k: float, seed: int, positions: Optional[np.ndarray] = None
+) -> np.ndarray:
   """Momenta ``(N, 3)`` (amu Å / time unit) drawn at ``temperature_k`` from ``seed``.
 
   The centre-of-mass velocity is removed, and with ``positions`` (open boundaries) the rigid

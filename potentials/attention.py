@@ -21,9 +21,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .layers import (Dense, Dtype, InitializerFn, _output_parity, change_max_degree_or_type,
-                     default_kernel_init, make_tensor, map_blocks, max_degree_of, merge_blocks,
-                     split_blocks)
+from .layers import (
+  Dense,
+  Dtype,
+  InitializerFn,
+  _output_parity,
+  change_max_degree_or_type,
+  default_kernel_init,
+  make_tensor,
+  map_blocks,
+  max_degree_of,
+  merge_blocks,
+  split_blocks,
+)
 from .ops import flatten_batch, normalize_pairs, segment_softmax
 
 __all__ = ["SelfAttention", "segment_softmax"]  # segment_softmax lives in potentials.ops
@@ -50,6 +60,7 @@ class SelfAttention(nn.Module):
   ``adj_idx (..., N, M)`` and ``where (..., N, M)``. Returns
   ``(..., N, 1 or 2, (max_degree+1)**2, out_features)``.
   """
+
   max_degree: Optional[int] = None
   use_basis_bias: bool = False
   include_pseudotensors: bool = True
@@ -81,17 +92,17 @@ class SelfAttention(nn.Module):
 
   @nn.compact
   def __call__(
-      self,
-      inputs: jax.Array,
-      basis: Optional[jax.Array] = None,
-      cutoff_value: Optional[jax.Array] = None,
-      *,
-      adj_idx: Optional[jax.Array] = None,
-      where: Optional[jax.Array] = None,
-      dst_idx: Optional[jax.Array] = None,
-      src_idx: Optional[jax.Array] = None,
-      num_segments: Optional[int] = None,
-      indices_are_sorted: bool = False,
+    self,
+    inputs: jax.Array,
+    basis: Optional[jax.Array] = None,
+    cutoff_value: Optional[jax.Array] = None,
+    *,
+    adj_idx: Optional[jax.Array] = None,
+    where: Optional[jax.Array] = None,
+    dst_idx: Optional[jax.Array] = None,
+    src_idx: Optional[jax.Array] = None,
+    num_segments: Optional[int] = None,
+    indices_are_sorted: bool = False,
   ) -> jax.Array:
     use_rpe = self.use_relative_positional_encoding_qk or self.use_relative_positional_encoding_v
     if use_rpe and basis is None:
@@ -102,9 +113,18 @@ class SelfAttention(nn.Module):
     nb = len(batch_shape)
 
     # ---- normalise the pair format to flat sparse lists over (batch * N) centres
-    pairs = normalize_pairs(N, batch_shape, basis=basis, cutoff_value=cutoff_value,
-                            adj_idx=adj_idx, where=where, dst_idx=dst_idx, src_idx=src_idx,
-                            num_segments=num_segments, indices_are_sorted=indices_are_sorted)
+    pairs = normalize_pairs(
+      N,
+      batch_shape,
+      basis=basis,
+      cutoff_value=cutoff_value,
+      adj_idx=adj_idx,
+      where=where,
+      dst_idx=dst_idx,
+      src_idx=src_idx,
+      num_segments=num_segments,
+      indices_are_sorted=indices_are_sorted,
+    )
     dst, src, valid, basis, cut, sorted_ = pairs
     x = flatten_batch(inputs, nb, 3)
     n_tot = x.shape[0]
@@ -117,12 +137,17 @@ class SelfAttention(nn.Module):
       raise ValueError(f"qkv_features ({qkv}) must be divisible by num_heads ({heads})")
     dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
     xb = split_blocks(x)
-    q = Dense(qkv, use_bias=self.query_use_bias, kernel_init=self.query_kernel_init,
-              bias_init=self.query_bias_init, name="query", **dense)(xb)
-    k = Dense(qkv, use_bias=self.key_use_bias, kernel_init=self.key_kernel_init,
-              bias_init=self.key_bias_init, name="key", **dense)(xb)
-    v = Dense(qkv, use_bias=self.value_use_bias, kernel_init=self.value_kernel_init,
-              bias_init=self.value_bias_init, name="value", **dense)(xb)
+    q, k, v = (
+      Dense(
+        qkv,
+        use_bias=getattr(self, f"{name}_use_bias"),
+        kernel_init=getattr(self, f"{name}_kernel_init"),
+        bias_init=getattr(self, f"{name}_bias_init"),
+        name=name,
+        **dense,
+      )(xb)
+      for name in ("query", "key", "value")
+    )
     P = x.shape[-3]
     dt = q[(0, 0)][0].dtype
 
@@ -131,19 +156,18 @@ class SelfAttention(nn.Module):
     # those pairs are inactive, so their logits and messages are masked below.
     take = lambda t, idx: jnp.take(t, idx, axis=0, mode="clip")
     if self.use_relative_positional_encoding_qk:
-      rpe = nn.Dense(P * (L_in + 1) * qkv, use_bias=self.use_basis_bias,
-                     kernel_init=self.dense_kernel_init, bias_init=self.dense_bias_init,
-                     name="relative_positional_encoding", **dense)(basis[..., 0, 0, :])
+      rpe = nn.Dense(
+        P * (L_in + 1) * qkv,
+        use_bias=self.use_basis_bias,
+        kernel_init=self.dense_kernel_init,
+        bias_init=self.dense_bias_init,
+        name="relative_positional_encoding",
+        **dense,
+      )(basis[..., 0, 0, :])
       rpe = rpe.reshape(rpe.shape[0], P, L_in + 1, qkv).astype(dt)
-    dots = 0
-    for (p, l), qb in q.items():
-      d = sum(take(qc, dst) * take(kc, src) for qc, kc in zip(qb, k[(p, l)]))  # (pairs, F)
-      if self.use_relative_positional_encoding_qk:
-        d = d * rpe[:, p, l, :]
-      dots = dots + d
-    depth = P * (L_in + 1) ** 2 * (qkv // heads)
-    logits = dots.reshape(dots.shape[0], heads, qkv // heads).sum(-1)
-    logits = logits / jnp.sqrt(jnp.asarray(depth, dt))  # (pairs, H)
+    else:
+      rpe = None
+    logits = _logits(q, k, rpe, dst, src, heads=heads, depth=P * (L_in + 1) ** 2 * (qkv // heads))
 
     # ---- softmax over each centre's pairs, weighted by the cutoff before normalising
     u, inv = segment_softmax(logits, cut, valid, dst, n_tot, indices_are_sorted=sorted_)
@@ -154,26 +178,65 @@ class SelfAttention(nn.Module):
     L_out = self.max_degree
     P_out = P
     if self.use_relative_positional_encoding_v:
-      L_b = max_degree_of(basis.shape)
-      if L_out is None:
-        L_out = max(L_in, L_b)
-      filt = Dense(qkv, use_bias=self.use_basis_bias, kernel_init=self.dense_kernel_init,
-                   bias_init=self.dense_bias_init, name="filter", **dense)(split_blocks(basis))
-      tkw = {} if self.tensor_kernel_init is None else {"kernel_init": self.tensor_kernel_init}
-      tensor = make_tensor(self.use_fused_tensor, max_degree=L_out,
-                           include_pseudotensors=self.include_pseudotensors,
-                           cartesian_order=self.cartesian_order, name="tensor", **dense, **tkw)
-      msg = tensor(filt, msg)
-      P_out = _output_parity(1, L_b, P, L_in, L_out, self.include_pseudotensors)
+      msg, L_out, P_out = self._filter_messages(msg, basis, P, L_in, qkv, dense)
     L_msg = L_in if not self.use_relative_positional_encoding_v else L_out
-    agg = map_blocks(lambda c: jax.ops.segment_sum(c, dst, num_segments=n_tot,
-                                                   indices_are_sorted=sorted_), msg)
+    agg = map_blocks(
+      lambda c: jax.ops.segment_sum(c, dst, num_segments=n_tot, indices_are_sorted=sorted_), msg
+    )
     if not agg:
       agg = {(0, 0): (jnp.zeros((n_tot, qkv), dt),)}
     agg = merge_blocks(agg, P_out, L_msg)
     agg = agg * jnp.repeat(inv, qkv // heads, axis=-1)[:, None, None, :]
     if L_out is not None:
       agg = change_max_degree_or_type(agg, L_out)
-    out = Dense(out_features, use_bias=self.output_use_bias, kernel_init=self.output_kernel_init,
-                bias_init=self.output_bias_init, name="out", **dense)(agg)
+    out = Dense(
+      out_features,
+      use_bias=self.output_use_bias,
+      kernel_init=self.output_kernel_init,
+      bias_init=self.output_bias_init,
+      name="out",
+      **dense,
+    )(agg)
     return out.reshape(batch_shape + (N,) + out.shape[-3:]) if nb else out
+
+  def _filter_messages(self, msg, basis, P: int, L_in: int, qkv: int, dense: dict):
+    """Value messages ``{(p, l): (pairs, 2l+1, F)}`` times a learned radial filter of
+    ``basis`` through a tensor product: returns them, their max degree and parity count."""
+    L_b = max_degree_of(basis.shape)
+    L_out = max(L_in, L_b) if self.max_degree is None else self.max_degree
+    filt = Dense(
+      qkv,
+      use_bias=self.use_basis_bias,
+      kernel_init=self.dense_kernel_init,
+      bias_init=self.dense_bias_init,
+      name="filter",
+      **dense,
+    )(split_blocks(basis))
+    tkw = {} if self.tensor_kernel_init is None else {"kernel_init": self.tensor_kernel_init}
+    tensor = make_tensor(
+      self.use_fused_tensor,
+      max_degree=L_out,
+      include_pseudotensors=self.include_pseudotensors,
+      cartesian_order=self.cartesian_order,
+      name="tensor",
+      **dense,
+      **tkw,
+    )
+    P_out = _output_parity(1, L_b, P, L_in, L_out, self.include_pseudotensors)
+    return tensor(filt, msg), L_out, P_out
+
+
+def _logits(q, k, rpe, dst, src, *, heads: int, depth: int) -> jax.Array:
+  """Scaled dot products ``(pairs, heads)`` of query blocks at ``dst`` with key blocks at
+  ``src`` (blocks ``{(p, l): (2l+1) x (N, F)}``), each ``(p, l)`` term scaled by the relative
+  positional encoding ``rpe`` ``(pairs, P, L+1, F)`` when given; ``depth`` is the number of
+  products summed per head."""
+  # padding indices are clipped to a real row (much faster than a filling gather on CPU);
+  # those pairs are inactive and masked by the softmax
+  take = lambda t, idx: jnp.take(t, idx, axis=0, mode="clip")
+  dots = 0
+  for (p, l), qb in q.items():
+    d = sum(take(qc, dst) * take(kc, src) for qc, kc in zip(qb, k[(p, l)]))  # (pairs, F)
+    dots = dots + (d if rpe is None else d * rpe[:, p, l, :])
+  logits = dots.reshape(dots.shape[0], heads, dots.shape[-1] // heads).sum(-1)
+  return logits / jnp.sqrt(jnp.asarray(depth, logits.dtype))

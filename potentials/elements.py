@@ -17,10 +17,11 @@ from typing import Sequence, Tuple, Union
 import numpy as np
 
 SYMBOLS = (
-    "X H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge "
-    "As Se Br Kr Rb Sr Y Zr Nb Mo Tc Ru Rh Pd Ag Cd In Sn Sb Te I Xe Cs Ba La Ce Pr Nd Pm Sm "
-    "Eu Gd Tb Dy Ho Er Tm Yb Lu Hf Ta W Re Os Ir Pt Au Hg Tl Pb Bi Po At Rn Fr Ra Ac Th Pa U "
-    "Np Pu Am Cm Bk Cf Es Fm Md No Lr Rf Db Sg Bh Hs Mt Ds Rg Cn Nh Fl Mc Lv Ts Og").split()
+  "X H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge "
+  "As Se Br Kr Rb Sr Y Zr Nb Mo Tc Ru Rh Pd Ag Cd In Sn Sb Te I Xe Cs Ba La Ce Pr Nd Pm Sm "
+  "Eu Gd Tb Dy Ho Er Tm Yb Lu Hf Ta W Re Os Ir Pt Au Hg Tl Pb Bi Po At Rn Fr Ra Ac Th Pa U "
+  "Np Pu Am Cm Bk Cf Es Fm Md No Lr Rf Db Sg Bh Hs Mt Ds Rg Cn Nh Fl Mc Lv Ts Og"
+).split()
 ELEMENTS = SYMBOLS  # the name potentials.potential used
 
 
@@ -67,6 +68,7 @@ def species_indices(table: np.ndarray, atomic_numbers, species: Sequence[int]) -
   if np.any(idx < 0):
     unknown = sorted({int(v) for v in z[idx < 0]})
     names = ", ".join(f"{symbol(v)} (Z={v})" for v in unknown)
-    raise UnknownElementError(f"element(s) {names} not in this model; it knows "
-                              f"{', '.join(symbol(s) for s in species)}")
+    raise UnknownElementError(
+      f"element(s) {names} not in this model; it knows {', '.join(symbol(s) for s in species)}"
+    )
   return idx.astype(np.int32)

@@ -82,8 +82,9 @@ def write(path: PathLike, content: Any, *, magic: bytes, version: int) -> None:
 def _payload(data: bytes, start: int, length: int, digest: bytes, path, error) -> Any:
   payload = data[start:]
   if len(payload) != length:
-    raise error(f"{path} is truncated or corrupt: payload is {len(payload)} bytes, header "
-                f"says {length}")
+    raise error(
+      f"{path} is truncated or corrupt: payload is {len(payload)} bytes, header says {length}"
+    )
   if hashlib.sha256(payload).digest() != digest:
     raise error(f"{path} is corrupt (checksum mismatch)")
   try:
@@ -92,8 +93,9 @@ def _payload(data: bytes, start: int, length: int, digest: bytes, path, error) -
     raise error(f"{path}: payload cannot be decoded ({e})") from None
 
 
-def read(path: PathLike, *, magic: bytes, versions: Iterable[int], what: str,
-         error=ModelFileError) -> Tuple[int, Any]:
+def read(
+  path: PathLike, *, magic: bytes, versions: Iterable[int], what: str, error=ModelFileError
+) -> Tuple[int, Any]:
   """``(version, content)`` of a container file; ``error`` (naming ``what`` the file should
   be) for a foreign, truncated, corrupt or wrong-version file."""
   data = Path(path).read_bytes()
@@ -104,8 +106,10 @@ def read(path: PathLike, *, magic: bytes, versions: Iterable[int], what: str,
     raise error(f"{path} is truncated (incomplete header)")
   version, length, digest = _HEADER.unpack_from(data, len(magic))
   if version not in versions:
-    raise error(f"{path} has {what} format version {version}; this eqattn reads version "
-                f"{', '.join(map(str, versions))} (upgrade eqattn or re-export the file)")
+    raise error(
+      f"{path} has {what} format version {version}; this eqattn reads version "
+      f"{', '.join(map(str, versions))} (upgrade eqattn or re-export the file)"
+    )
   return version, _payload(data, len(magic) + _HEADER.size, length, digest, path, error)
 
 
@@ -115,18 +119,37 @@ def _plain(value: Any, where: str = "metadata"):
   try:
     json.dumps(value)
   except (TypeError, ValueError) as e:
-    raise ValueError(f"{where} must hold only JSON-like values (str, numbers, lists, dicts): "
-                     f"{e}") from None
+    raise ValueError(
+      f"{where} must hold only JSON-like values (str, numbers, lists, dicts): {e}"
+    ) from None
   return value
 
 
-def write_model(path: PathLike, *, config: dict, species: Iterable[int], cutoff: float,
-                metadata: dict, params: Any) -> None:
+def write_model(
+  path: PathLike,
+  *,
+  config: dict,
+  species: Iterable[int],
+  cutoff: float,
+  metadata: dict,
+  params: Any,
+) -> None:
   """Write one model file (``config`` as ``ModelConfig.to_dict()``)."""
   params = jax.tree_util.tree_map(np.asarray, serialization.to_state_dict(params))
-  write(path, {"format_version": FORMAT_VERSION, "config": config, "species": list(species),
-               "cutoff": cutoff, "units": UNITS, "metadata": _plain(dict(metadata)),
-               "params": params}, magic=MAGIC, version=FORMAT_VERSION)
+  write(
+    path,
+    {
+      "format_version": FORMAT_VERSION,
+      "config": config,
+      "species": list(species),
+      "cutoff": cutoff,
+      "units": UNITS,
+      "metadata": _plain(dict(metadata)),
+      "params": params,
+    },
+    magic=MAGIC,
+    version=FORMAT_VERSION,
+  )
 
 
 def read_model(path: PathLike) -> dict:
@@ -144,21 +167,26 @@ def read_model(path: PathLike) -> dict:
 def check_params(params: Any, reference: Any, path: PathLike) -> Any:
   """``params`` (a state dict read from ``path``) restored into the structure of
   ``reference``; ``ModelFileError`` unless every leaf has the reference's shape and dtype."""
-  ref_flat = {jax.tree_util.keystr(k): v for k, v in
-              jax.tree_util.tree_flatten_with_path(reference)[0]}
-  got_flat = {jax.tree_util.keystr(k): v for k, v in
-              jax.tree_util.tree_flatten_with_path(params)[0]}
+  ref_flat = {
+    jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(reference)[0]
+  }
+  got_flat = {
+    jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
   if set(ref_flat) != set(got_flat):
     missing = sorted(set(ref_flat) - set(got_flat))[:3]
     extra = sorted(set(got_flat) - set(ref_flat))[:3]
-    raise ModelFileError(f"{path}: parameters do not match the model config "
-                         f"(missing {missing}, unexpected {extra})")
+    raise ModelFileError(
+      f"{path}: parameters do not match the model config (missing {missing}, unexpected {extra})"
+    )
   for k, ref in ref_flat.items():
     got = got_flat[k]
     if not isinstance(got, np.ndarray) or got.shape != ref.shape or got.dtype != ref.dtype:
-      raise ModelFileError(f"{path}: parameter {k} has shape/dtype "
-                           f"{getattr(got, 'shape', None)}/{getattr(got, 'dtype', type(got))}, "
-                           f"expected {ref.shape}/{ref.dtype}")
+      raise ModelFileError(
+        f"{path}: parameter {k} has shape/dtype "
+        f"{getattr(got, 'shape', None)}/{getattr(got, 'dtype', type(got))}, "
+        f"expected {ref.shape}/{ref.dtype}"
+      )
   return serialization.from_state_dict(reference, params)
 
 
@@ -179,15 +207,18 @@ def resolve(name_or_path: PathLike) -> Path:
   if str(name_or_path) in shipped:
     return shipped[str(name_or_path)]
   names = ", ".join(sorted(shipped)) or "none"
-  raise FileNotFoundError(f"no model file {str(name_or_path)!r} and no shipped model of that name "
-                          f"(shipped models: {names})")
+  raise FileNotFoundError(
+    f"no model file {str(name_or_path)!r} and no shipped model of that name "
+    f"(shipped models: {names})"
+  )
 
 
 # ------------------------------------------------------------------ checkpoints
 def save_checkpoint(path: PathLike, state: dict) -> None:
   """Write a training state (a msgpack-able pytree) atomically."""
-  write(path, serialization.to_state_dict(state), magic=CHECKPOINT_MAGIC,
-        version=CHECKPOINT_VERSION)
+  write(
+    path, serialization.to_state_dict(state), magic=CHECKPOINT_MAGIC, version=CHECKPOINT_VERSION
+  )
 
 
 def _read_legacy_checkpoint(path: PathLike, data: bytes) -> Any:
@@ -201,8 +232,12 @@ def _read_legacy_checkpoint(path: PathLike, data: bytes) -> Any:
 def write_legacy_checkpoint(path: PathLike, state: dict) -> None:
   """The pre-container checkpoint layout, kept only to test that it still loads."""
   payload = serialization.msgpack_serialize(serialization.to_state_dict(state))
-  _atomic_write(path, LEGACY_CHECKPOINT_MAGIC + _LEGACY_HEADER.pack(
-      len(payload), hashlib.sha256(payload).digest()) + payload)
+  _atomic_write(
+    path,
+    LEGACY_CHECKPOINT_MAGIC
+    + _LEGACY_HEADER.pack(len(payload), hashlib.sha256(payload).digest())
+    + payload,
+  )
 
 
 def load_checkpoint(path: PathLike, template: dict) -> dict:
@@ -211,14 +246,21 @@ def load_checkpoint(path: PathLike, template: dict) -> dict:
   if data.startswith(LEGACY_CHECKPOINT_MAGIC):
     content = _read_legacy_checkpoint(path, data)
   else:
-    _, content = read(path, magic=CHECKPOINT_MAGIC, versions=(CHECKPOINT_VERSION,),
-                      what="eqattn training checkpoint", error=CheckpointError)
+    _, content = read(
+      path,
+      magic=CHECKPOINT_MAGIC,
+      versions=(CHECKPOINT_VERSION,),
+      what="eqattn training checkpoint",
+      error=CheckpointError,
+    )
   try:
     return serialization.from_state_dict(template, content)
   except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(f"{path} does not match this training run (another model, "
-                          f"optimiser or an older eqattn): delete it or train with "
-                          f"resume=False ({e})") from None
+    raise CheckpointError(
+      f"{path} does not match this training run (another model, "
+      f"optimiser or an older eqattn): delete it or train with "
+      f"resume=False ({e})"
+    ) from None
 
 
 def __getattr__(name: str):
@@ -227,7 +269,9 @@ def __getattr__(name: str):
   if name in ("load", "save"):
     import warnings
     from . import potential  # only on this deprecated access: no import circle at import time
-    warnings.warn(f"potentials.io.{name} is deprecated, use potentials.{name}",
-                  DeprecationWarning, stacklevel=2)
+
+    warnings.warn(
+      f"potentials.io.{name} is deprecated, use potentials.{name}", DeprecationWarning, stacklevel=2
+    )
     return getattr(potential, name)
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

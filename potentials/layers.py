@@ -36,8 +36,9 @@ def max_degree_of(shape: Sequence[int]) -> int:
   return L
 
 
-def change_max_degree_or_type(x: jax.Array, max_degree: Optional[int] = None,
-                              include_pseudotensors: Optional[bool] = None) -> jax.Array:
+def change_max_degree_or_type(
+  x: jax.Array, max_degree: Optional[int] = None, include_pseudotensors: Optional[bool] = None
+) -> jax.Array:
   """Truncate/zero-pad the degree axis and convert between P=1 and P=2 layouts."""
   L = max_degree_of(x.shape)
   P = x.shape[-3]
@@ -55,16 +56,19 @@ def change_max_degree_or_type(x: jax.Array, max_degree: Optional[int] = None,
   if P == 2:  # keep natural parity: index 0 for even l, index 1 for odd l
     return jnp.where(even, x[..., 0, :, :], x[..., 1, :, :])[..., None, :, :]
   zero = jnp.zeros_like(x[..., 0, :, :])
-  return jnp.stack([jnp.where(even, x[..., 0, :, :], zero),
-                    jnp.where(even, zero, x[..., 0, :, :])], axis=-3)
+  return jnp.stack(
+    [jnp.where(even, x[..., 0, :, :], zero), jnp.where(even, zero, x[..., 0, :, :])], axis=-3
+  )
 
 
 def _blockwise_init(init: InitializerFn, num_blocks: int) -> InitializerFn:
   """Applies ``init`` to each (F_in, F_out) block separately so fan-in is per block."""
+
   def wrapped(key, shape, dtype=jnp.float32):
     keys = jax.random.split(key, num_blocks)
     blocks = [init(k, shape[-2:], dtype) for k in keys]
     return jnp.stack(blocks).reshape(shape)
+
   return wrapped
 
 
@@ -82,8 +86,11 @@ Blocks = Dict[Tuple[int, int], Tuple[jax.Array, ...]]
 def split_blocks(x: jax.Array) -> Blocks:
   """``(..., P, (L+1)**2, F) -> {(p, l): ((..., F),) * (2l+1)}``."""
   L = max_degree_of(x.shape)
-  return {(p, l): tuple(x[..., p, q, :] for q in range(l * l, (l + 1) ** 2))
-          for p in range(x.shape[-3]) for l in range(L + 1)}
+  return {
+    (p, l): tuple(x[..., p, q, :] for q in range(l * l, (l + 1) ** 2))
+    for p in range(x.shape[-3])
+    for l in range(L + 1)
+  }
 
 
 def merge_blocks(blocks: Blocks, P: int, L: int) -> jax.Array:
@@ -116,14 +123,17 @@ def dense_apply(x: jax.Array, kernel: jax.Array, precision: Any = None) -> jax.A
   One contraction with the kernel expanded over m: a single output array.
   """
   L = max_degree_of(x.shape)
-  return jnp.einsum("...pqf,pqfo->...pqo", x, kernel[:, so3.degree_of_index(L)],
-                    precision=precision)
+  return jnp.einsum(
+    "...pqf,pqfo->...pqo", x, kernel[:, so3.degree_of_index(L)], precision=precision
+  )
 
 
 def dense_blocks(blocks: Blocks, kernel: jax.Array, precision: Any = None) -> Blocks:
   """The same on components: one plain matmul (rows x F @ F x O) per component."""
-  return {(p, l): tuple(jnp.dot(c, kernel[p, l], precision=precision) for c in b)
-          for (p, l), b in blocks.items()}
+  return {
+    (p, l): tuple(jnp.dot(c, kernel[p, l], precision=precision) for c in b)
+    for (p, l), b in blocks.items()
+  }
 
 
 class Dense(nn.Module):
@@ -134,6 +144,7 @@ class Dense(nn.Module):
 
   Parameters: ``kernel (P, L+1, F_in, features)``, ``bias (features,)``.
   """
+
   features: int
   use_bias: bool = True
   dtype: Optional[Dtype] = None
@@ -150,10 +161,17 @@ class Dense(nn.Module):
     else:
       L = max_degree_of(x.shape)
       P, F = x.shape[-3], x.shape[-1]
-    kernel = self.param("kernel", _blockwise_init(self.kernel_init, P * (L + 1)),
-                        (P, L + 1, F, self.features), self.param_dtype)
-    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None)
+    kernel = self.param(
+      "kernel",
+      _blockwise_init(self.kernel_init, P * (L + 1)),
+      (P, L + 1, F, self.features),
+      self.param_dtype,
+    )
+    bias = (
+      self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+      if self.use_bias
+      else None
+    )
     if isinstance(x, dict):
       dt = self.dtype or jnp.result_type(*(c for b in x.values() for c in b), kernel)
       y = dense_blocks(map_blocks(lambda c: c.astype(dt), x), kernel.astype(dt), self.precision)
@@ -187,12 +205,15 @@ def _path_counts(paths) -> dict:
 def _sparse_cg(l1: int, l2: int, l3: int, cartesian_order: bool):
   """Nonzero coupling terms grouped by output order: ((c, ((a, b, value), ...)), ...)."""
   cg = so3.clebsch_gordan(l1, l2, l3, cartesian_order)
-  return tuple((c, tuple((a, b, float(cg[a, b, c])) for a, b in zip(*np.nonzero(cg[:, :, c]))))
-               for c in range(2 * l3 + 1))
+  return tuple(
+    (c, tuple((a, b, float(cg[a, b, c])) for a, b in zip(*np.nonzero(cg[:, :, c]))))
+    for c in range(2 * l3 + 1)
+  )
 
 
-def tensor_product_blocks(b1: Blocks, b2: Blocks, weights: jax.Array, paths: list,
-                          cartesian_order: bool = True) -> Blocks:
+def tensor_product_blocks(
+  b1: Blocks, b2: Blocks, weights: jax.Array, paths: list, cartesian_order: bool = True
+) -> Blocks:
   """Weighted sum over coupling paths on component dicts; ``weights (num_paths, F)``.
 
   Written out term by term from the nonzero coupling coefficients (real Clebsch-Gordan
@@ -222,8 +243,16 @@ def tensor_product_blocks(b1: Blocks, b2: Blocks, weights: jax.Array, paths: lis
   return {k: tuple(v) for k, v in out.items()}
 
 
-def tensor_product(x1: jax.Array, x2: jax.Array, weights: jax.Array, paths: list, P3: int,
-                   L3: int, cartesian_order: bool = True, precision: Any = None) -> jax.Array:
+def tensor_product(
+  x1: jax.Array,
+  x2: jax.Array,
+  weights: jax.Array,
+  paths: list,
+  P3: int,
+  L3: int,
+  cartesian_order: bool = True,
+  precision: Any = None,
+) -> jax.Array:
   """Array form of :func:`tensor_product_blocks`: ``(..., P, Q, F)`` in and out."""
   del precision  # elementwise products only
   out = tensor_product_blocks(split_blocks(x1), split_blocks(x2), weights, paths, cartesian_order)
@@ -246,8 +275,9 @@ def _tensor_apply(x1, x2, weights, paths, P3, L3, cartesian_order, dtype=None, n
   that dtype too, so float32 parameters do not round constants of a float64 computation."""
   if isinstance(x1, dict) != isinstance(x2, dict):
     raise TypeError("both tensor-product inputs must be arrays, or both block dicts")
-  leaves = ([c for b in [*x1.values(), *x2.values()] for c in b] if isinstance(x1, dict)
-            else [x1, x2])
+  leaves = (
+    [c for b in [*x1.values(), *x2.values()] for c in b] if isinstance(x1, dict) else [x1, x2]
+  )
   dt = dtype or jnp.result_type(*leaves, weights)
   weights = weights.astype(dt)
   if norm is not None:
@@ -281,6 +311,7 @@ class Tensor(nn.Module):
 
   Parameters: ``kernel (num_paths, F)``.
   """
+
   max_degree: Optional[int] = None
   include_pseudotensors: bool = True
   cartesian_order: bool = True
@@ -291,8 +322,9 @@ class Tensor(nn.Module):
 
   @nn.compact
   def __call__(self, x1, x2):
-    (p1, L1), (p2, L2), F, P3, L3, paths, norm = _plan(x1, x2, self.max_degree,
-                                                      self.include_pseudotensors)
+    (p1, L1), (p2, L2), F, P3, L3, paths, norm = _plan(
+      x1, x2, self.max_degree, self.include_pseudotensors
+    )
     kernel = self.param("kernel", self.kernel_init, (len(paths), F), self.param_dtype)
     return _tensor_apply(x1, x2, kernel, paths, P3, L3, self.cartesian_order, self.dtype, norm)
 
@@ -305,6 +337,7 @@ class FusedTensor(nn.Module):
 
   Parameters: ``kernel1 (P1, L1+1, F)``, ``kernel2 (P2, L2+1, F)``, ``kernel3 (P3, L3+1, F)``.
   """
+
   max_degree: Optional[int] = None
   include_pseudotensors: bool = True
   cartesian_order: bool = True
@@ -315,13 +348,15 @@ class FusedTensor(nn.Module):
 
   @nn.compact
   def __call__(self, x1, x2):
-    (p1, L1), (p2, L2), F, P3, L3, paths, norm = _plan(x1, x2, self.max_degree,
-                                                      self.include_pseudotensors)
+    (p1, L1), (p2, L2), F, P3, L3, paths, norm = _plan(
+      x1, x2, self.max_degree, self.include_pseudotensors
+    )
     k1 = self.param("kernel1", self.kernel_init, (p1, L1 + 1, F), self.param_dtype)
     k2 = self.param("kernel2", self.kernel_init, (p2, L2 + 1, F), self.param_dtype)
     k3 = self.param("kernel3", self.kernel_init, (P3, L3 + 1, F), self.param_dtype)
-    weights = jnp.stack([k1[i1, l1] * k2[i2, l2] * k3[i3, l3] for (i1, l1), (i2, l2), (i3, l3)
-                         in paths])
+    weights = jnp.stack(
+      [k1[i1, l1] * k2[i2, l2] * k3[i3, l3] for (i1, l1), (i2, l2), (i3, l3) in paths]
+    )
     return _tensor_apply(x1, x2, weights, paths, P3, L3, self.cartesian_order, self.dtype, norm)
 
 
@@ -337,6 +372,7 @@ class Gate(nn.Module):
 
   ``(..., P, (L+1)**2, F) -> same shape``. Parameters: ``gate/kernel (F, (P*(L+1)-1)*F)``.
   """
+
   activation: Callable[[jax.Array], jax.Array] = nn.silu
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
@@ -350,8 +386,13 @@ class Gate(nn.Module):
     act = self.activation(scalars)
     if P == 1 and L == 0:
       return act[..., None, None, :]
-    gates = nn.Dense(F * (P * (L + 1) - 1), dtype=self.dtype, param_dtype=self.param_dtype,
-                     kernel_init=self.kernel_init, name="gate")(scalars)
+    gates = nn.Dense(
+      F * (P * (L + 1) - 1),
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=self.kernel_init,
+      name="gate",
+    )(scalars)
     gates = jax.nn.sigmoid(gates).reshape(*gates.shape[:-1], P * (L + 1) - 1, F)
     # Gate per (p, l) block, the 0+ slot holding a dummy 1 that is replaced below.
     gates = jnp.concatenate([jnp.ones_like(gates[..., :1, :]), gates], axis=-2)
@@ -362,6 +403,7 @@ class Gate(nn.Module):
 
 class Embed(nn.Module):
   """Element embedding: integer species ``(..., N) -> (..., N, 1, 1, features)`` scalars."""
+
   num_embeddings: int
   features: int
   param_dtype: Dtype = jnp.float32
@@ -369,6 +411,7 @@ class Embed(nn.Module):
 
   @nn.compact
   def __call__(self, species: jax.Array) -> jax.Array:
-    table = self.param("embedding", self.embedding_init, (self.num_embeddings, self.features),
-                       self.param_dtype)
+    table = self.param(
+      "embedding", self.embedding_init, (self.num_embeddings, self.features), self.param_dtype
+    )
     return jnp.take(table, species, axis=0, mode="clip")[..., None, None, :]

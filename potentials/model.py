@@ -62,6 +62,7 @@ class ModelConfig:
       default: with w = 32 on ethanol an epoch took 2.4x as long and the model trained worse
       at equal time (benchmarks/training_ablation.py). Old model files load with it off.
   """
+
   cutoff: float = 5.0
   features: int = 32
   max_degree: int = 2
@@ -80,19 +81,25 @@ class ModelConfig:
 
   def __post_init__(self):
     checks = [
-        (self.cutoff > 0, f"cutoff must be > 0 Å, got {self.cutoff}"),
-        (self.features > 0, f"features must be > 0, got {self.features}"),
-        (self.max_degree >= 0, f"max_degree must be >= 0, got {self.max_degree}"),
-        (self.num_iterations >= 1, f"num_iterations must be >= 1, got {self.num_iterations}"),
-        (self.num_heads >= 1 and self.features % self.num_heads == 0,
-         f"num_heads ({self.num_heads}) must divide features ({self.features})"),
-        (self.num_basis >= 1, f"num_basis must be >= 1, got {self.num_basis}"),
-        (self.radial_mlp >= 0, f"radial_mlp must be >= 0 (0: off), got {self.radial_mlp}"),
-        (self.radial in RADIAL_FUNCTIONS, f"radial must be one of {RADIAL_FUNCTIONS}"),
-        (self.cutoff_function in CUTOFF_FUNCTIONS,
-         f"cutoff_function must be one of {CUTOFF_FUNCTIONS}"),
-        (not self.repulsion or 0 < self.repulsion_cutoff <= self.cutoff,
-         "repulsion_cutoff must be in (0, cutoff]"),
+      (self.cutoff > 0, f"cutoff must be > 0 Å, got {self.cutoff}"),
+      (self.features > 0, f"features must be > 0, got {self.features}"),
+      (self.max_degree >= 0, f"max_degree must be >= 0, got {self.max_degree}"),
+      (self.num_iterations >= 1, f"num_iterations must be >= 1, got {self.num_iterations}"),
+      (
+        self.num_heads >= 1 and self.features % self.num_heads == 0,
+        f"num_heads ({self.num_heads}) must divide features ({self.features})",
+      ),
+      (self.num_basis >= 1, f"num_basis must be >= 1, got {self.num_basis}"),
+      (self.radial_mlp >= 0, f"radial_mlp must be >= 0 (0: off), got {self.radial_mlp}"),
+      (self.radial in RADIAL_FUNCTIONS, f"radial must be one of {RADIAL_FUNCTIONS}"),
+      (
+        self.cutoff_function in CUTOFF_FUNCTIONS,
+        f"cutoff_function must be one of {CUTOFF_FUNCTIONS}",
+      ),
+      (
+        not self.repulsion or 0 < self.repulsion_cutoff <= self.cutoff,
+        "repulsion_cutoff must be in (0, cutoff]",
+      ),
     ]
     for ok, msg in checks:
       if not ok:
@@ -106,8 +113,10 @@ class ModelConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - known
     if unknown:
-      raise ValueError(f"unknown model config keys {sorted(unknown)}; this eqattn knows "
-                       f"{sorted(known)} (is the model file from a newer eqattn?)")
+      raise ValueError(
+        f"unknown model config keys {sorted(unknown)}; this eqattn knows "
+        f"{sorted(known)} (is the model file from a newer eqattn?)"
+      )
     # files older than an option: the model without it
     d = {"density_features": False, "product": False, "radial_mlp": 0, **d}
     return cls(**d)
@@ -151,20 +160,23 @@ def zbl_pair_energy(r: jax.Array, z1: jax.Array, z2: jax.Array, r_off: float) ->
 class _Product(nn.Module):
   """``z (N, P, (L+1)**2, F) -> Dense(Tensor(Dense(z), Dense(z)))`` truncated to
   ``max_degree``: per-atom equivariant products (higher body order)."""
+
   max_degree: int
   include_pseudotensors: bool
 
   @nn.compact
   def __call__(self, z):
     f = z.shape[-1]
-    t = Tensor(max_degree=self.max_degree, include_pseudotensors=self.include_pseudotensors,
-               name="tensor")(Dense(f, name="left")(z), Dense(f, name="right")(z))
+    t = Tensor(
+      max_degree=self.max_degree, include_pseudotensors=self.include_pseudotensors, name="tensor"
+    )(Dense(f, name="left")(z), Dense(f, name="right")(z))
     # zero-initialised output: a new model starts as the one without products (stable start)
     return Dense(f, use_bias=False, kernel_init=nn.initializers.zeros, name="out")(t)
 
 
 class _RadialMLP(nn.Module):
   """``rbf (pairs, K) -> (pairs, width)``: smooth nonlinear radial channels for one block."""
+
   width: int
 
   @nn.compact
@@ -187,52 +199,71 @@ class EnergyModel(nn.Module):
   ``include_shift=False`` the per-element shifts are left out (add ``shift[species]`` in
   float64 to keep float32 runs from rounding energies of ~1e3 eV per atom).
   """
+
   config: ModelConfig
   num_species: int
 
   @nn.compact
-  def __call__(self, species, r, dst_idx, src_idx, atom_mask=None, atomic_numbers=None,
-               indices_are_sorted: bool = False, include_shift: bool = True):
+  def __call__(
+    self,
+    species,
+    r,
+    dst_idx,
+    src_idx,
+    atom_mask=None,
+    atomic_numbers=None,
+    indices_are_sorted: bool = False,
+    include_shift: bool = True,
+  ):
     cfg = self.config
     n = species.shape[0]
     valid = (dst_idx < n) & (src_idx < n)
-    ylm, rbf, cut = radial_lib.basis_parts(r, max_degree=cfg.max_degree, num=cfg.num_basis,
-                                           radial_fn=cfg.radial_fn(), cutoff_fn=cfg.cutoff_fn())
+    ylm, rbf, cut = radial_lib.basis_parts(
+      r,
+      max_degree=cfg.max_degree,
+      num=cfg.num_basis,
+      radial_fn=cfg.radial_fn(),
+      cutoff_fn=cfg.cutoff_fn(),
+    )
     basis = radial_lib.combine(ylm, rbf * cut[:, None])
     cut = jnp.where(valid, cut, 0)
-    pair_kw = dict(dst_idx=dst_idx, src_idx=src_idx, num_segments=n,
-                   indices_are_sorted=indices_are_sorted)
+    pair_kw = dict(
+      dst_idx=dst_idx, src_idx=src_idx, num_segments=n, indices_are_sorted=indices_are_sorted
+    )
     embed = Embed(self.num_species, cfg.features, name="embed")
     blocks = []
     for it in range(cfg.num_iterations):
       last = it == cfg.num_iterations - 1
       degree = 0 if last else cfg.max_degree  # only scalars are read after the last block
-      blocks.append((
+      blocks.append(
+        (
           degree,
-          SelfAttention(max_degree=degree, num_heads=cfg.num_heads,
-                        include_pseudotensors=cfg.include_pseudotensors and not last,
-                        use_fused_tensor=cfg.use_fused_tensor, name=f"attention_{it}"),
-          Dense(cfg.features, name=f"mlp_{it}_in"), Gate(name=f"mlp_{it}_gate"),
+          SelfAttention(
+            max_degree=degree,
+            num_heads=cfg.num_heads,
+            include_pseudotensors=cfg.include_pseudotensors and not last,
+            use_fused_tensor=cfg.use_fused_tensor,
+            name=f"attention_{it}",
+          ),
+          Dense(cfg.features, name=f"mlp_{it}_in"),
+          Gate(name=f"mlp_{it}_gate"),
           Dense(cfg.features, name=f"mlp_{it}_out"),
           _Product(degree, cfg.include_pseudotensors and not last, name=f"product_{it}")
-          if cfg.product else None,
-          _RadialMLP(cfg.radial_mlp, name=f"radial_{it}") if cfg.radial_mlp else None))
+          if cfg.product
+          else None,
+          _RadialMLP(cfg.radial_mlp, name=f"radial_{it}") if cfg.radial_mlp else None,
+        )
+      )
     hidden = nn.Dense(cfg.features, name="readout_hidden")
     readout = nn.Dense(1, name="readout")
-    density = nn.Dense(cfg.features, use_bias=False, name="density") if cfg.density_features \
-        else None
+    density = (
+      nn.Dense(cfg.features, use_bias=False, name="density") if cfg.density_features else None
+    )
 
     def network(species, ylm, rbf, basis, cut, **kw):
       x = embed(species).astype(r.dtype)
       if density is not None:
-        # (pairs, S * K): radial basis at l = 0 times the cutoff, split by neighbour species
-        s_j = jax.nn.one_hot(jnp.take(species, kw["src_idx"], mode="fill", fill_value=0),
-                             self.num_species, dtype=r.dtype)
-        g = basis[:, 0, 0, :] * cut[:, None]
-        per_pair = (s_j[:, :, None] * g[:, None, :]).reshape(
-            g.shape[0], self.num_species * g.shape[1])
-        rho = jax.ops.segment_sum(per_pair, kw["dst_idx"], num_segments=kw["num_segments"],
-                                  indices_are_sorted=kw["indices_are_sorted"])
+        rho = _neighbour_density(species, basis, cut, num_species=self.num_species, **kw)
         x = x.at[:, 0, 0, :].add(density(rho))
       for degree, attention, mlp_in, gate, mlp_out, product, radial in blocks:
         b = basis if radial is None else radial_lib.combine(ylm, radial(rbf) * cut[:, None])
@@ -242,8 +273,7 @@ class EnergyModel(nn.Module):
           x = change_max_degree_or_type(x, degree, pseudo) + y
         else:  # the product reads all degrees, also in a last block that keeps only scalars
           L_z = max(max_degree_of(x.shape), degree)
-          z = (change_max_degree_or_type(x, L_z, pseudo)
-               + change_max_degree_or_type(y, L_z, pseudo))
+          z = change_max_degree_or_type(x, L_z, pseudo) + change_max_degree_or_type(y, L_z, pseudo)
           x = change_max_degree_or_type(z, degree) + product(z)
         x = x + mlp_out(gate(mlp_in(x)))
       return readout(nn.silu(hidden(x[:, 0, 0, :])))[:, 0]
@@ -252,23 +282,52 @@ class EnergyModel(nn.Module):
     # The same network on one lone atom per species (no pairs): subtracting its output makes
     # an isolated atom's energy exactly its element's shift, the reference energy.
     none = jnp.zeros((0,), dst_idx.dtype)
-    e_iso = network(jnp.arange(self.num_species), ylm[:0], rbf[:0], basis[:0], cut[:0],
-                    dst_idx=none,
-                    src_idx=none, num_segments=self.num_species, indices_are_sorted=True)
+    e_iso = network(
+      jnp.arange(self.num_species),
+      ylm[:0],
+      rbf[:0],
+      basis[:0],
+      cut[:0],
+      dst_idx=none,
+      src_idx=none,
+      num_segments=self.num_species,
+      indices_are_sorted=True,
+    )
     scale = self.param("scale", nn.initializers.ones, (self.num_species,), jnp.float32)
     shift = self.param("shift", nn.initializers.zeros, (self.num_species,), jnp.float32)
     e = (e - e_iso[species]) * jnp.asarray(scale, e.dtype)[species]
     if include_shift:  # callers that sum in float64 add the (large) shifts themselves
       e = e + jnp.asarray(shift, e.dtype)[species]
     if cfg.repulsion and atomic_numbers is not None:
-      z = jnp.asarray(atomic_numbers, r.dtype)[species]
-      zi = jnp.take(z, dst_idx, mode="fill", fill_value=1.0)
-      zj = jnp.take(z, src_idx, mode="fill", fill_value=1.0)
-      e_pair = zbl_pair_energy(safe_norm(r), zi, zj, cfg.repulsion_cutoff)
-      e_pair = jnp.where(valid, e_pair, 0.0)
-      # Full list: each unordered pair appears twice; half of it goes to each centre.
-      e = e + 0.5 * jax.ops.segment_sum(e_pair, dst_idx, num_segments=n,
-                                        indices_are_sorted=indices_are_sorted)
+      e = e + _repulsion(
+        r, jnp.asarray(atomic_numbers, r.dtype)[species], valid, cfg.repulsion_cutoff, **pair_kw
+      )
     if atom_mask is not None:
       e = jnp.where(atom_mask, e, 0.0)
     return e
+
+
+def _neighbour_density(
+  species, basis, cut, *, num_species, dst_idx, src_idx, num_segments, indices_are_sorted
+):
+  """Per-atom ``(N, S * K)`` sums of the l = 0 radial basis times the cutoff over the pairs,
+  split by neighbour species: lets a block count its neighbours (softmax cannot)."""
+  s_j = jax.nn.one_hot(
+    jnp.take(species, src_idx, mode="fill", fill_value=0), num_species, dtype=basis.dtype
+  )
+  g = basis[:, 0, 0, :] * cut[:, None]
+  per_pair = (s_j[:, :, None] * g[:, None, :]).reshape(g.shape[0], num_species * g.shape[1])
+  return jax.ops.segment_sum(
+    per_pair, dst_idx, num_segments=num_segments, indices_are_sorted=indices_are_sorted
+  )
+
+
+def _repulsion(r, z, valid, cutoff, *, dst_idx, src_idx, num_segments, indices_are_sorted):
+  """Per-atom ZBL repulsion ``(N,)`` from pair vectors ``r`` and nuclear charges ``z``:
+  each unordered pair appears twice in the full list, half of it goes to each centre."""
+  zi = jnp.take(z, dst_idx, mode="fill", fill_value=1.0)
+  zj = jnp.take(z, src_idx, mode="fill", fill_value=1.0)
+  e_pair = jnp.where(valid, zbl_pair_energy(safe_norm(r), zi, zj, cutoff), 0.0)
+  return 0.5 * jax.ops.segment_sum(
+    e_pair, dst_idx, num_segments=num_segments, indices_are_sorted=indices_are_sorted
+  )

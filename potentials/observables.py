@@ -47,6 +47,7 @@ class Observables(NamedTuple):
   ``stress``: ``(1/V) dE/dε`` (needs ``volumes``); ``pair_vectors``: ``(pairs, 3)``;
   ``atom_strain_derivatives``: per-atom ``dE/dε`` ``(N, 3, 3)`` (with ``atom_strain``).
   """
+
   energy: Array
   energies: Array
   forces: Optional[Array]
@@ -73,11 +74,21 @@ def strained(r: Array, strain: Array, pair_frame: Optional[Array] = None) -> Arr
   return jnp.einsum("ei,eij->ej", r, deform[pair_frame])
 
 
-def compute(energies_fn: EnergiesFn, positions: Array, *, dst: Array, src: Array,
-            shifts: Optional[Array] = None, cell: Optional[Array] = None,
-            atom_frame: Optional[Array] = None, pair_frame: Optional[Array] = None,
-            volumes: Optional[Array] = None, forces: bool = True,
-            strain: bool = True, atom_strain: bool = False) -> Observables:
+def compute(
+  energies_fn: EnergiesFn,
+  positions: Array,
+  *,
+  dst: Array,
+  src: Array,
+  shifts: Optional[Array] = None,
+  cell: Optional[Array] = None,
+  atom_frame: Optional[Array] = None,
+  pair_frame: Optional[Array] = None,
+  volumes: Optional[Array] = None,
+  forces: bool = True,
+  strain: bool = True,
+  atom_strain: bool = False,
+) -> Observables:
   """The observables of ``energies_fn`` at ``positions`` on the pair graph ``(dst, src)``.
 
   Args:
@@ -106,8 +117,7 @@ def compute(energies_fn: EnergiesFn, positions: Array, *, dst: Array, src: Array
     if dr is not None:
       r = r + dr  # zero: its gradient is dE/dr per pair
     e = energies_fn(r)
-    per_frame = (jax.ops.segment_sum(e, atom_frame, num_segments=num_frames) if batched
-                 else None)
+    per_frame = jax.ops.segment_sum(e, atom_frame, num_segments=num_frames) if batched else None
     return jnp.sum(e if per_frame is None else per_frame), (e, per_frame, r)
 
   if not forces:
@@ -116,19 +126,22 @@ def compute(energies_fn: EnergiesFn, positions: Array, *, dst: Array, src: Array
   eps = jnp.zeros((num_frames, 3, 3) if batched else (3, 3), positions.dtype) if strain else None
   dr = jnp.zeros((dst.shape[0], 3), positions.dtype) if atom_strain else None
   (energy, (e, per_frame, r)), (g_pos, g_eps, g_r) = jax.value_and_grad(
-      total, argnums=(0, 1, 2), has_aux=True)(positions, eps, dr)
+    total, argnums=(0, 1, 2), has_aux=True
+  )(positions, eps, dr)
   stress = None
   if strain and volumes is not None:
     stress = stress_from(g_eps, volumes)
   per_atom = None
   if atom_strain:
     per_atom = atom_strain_derivatives(r, g_r, dst=dst, src=src, num_atoms=positions.shape[0])
-  return Observables(energy if per_frame is None else per_frame, e, -g_pos, g_eps, stress, r,
-                     per_atom)
+  return Observables(
+    energy if per_frame is None else per_frame, e, -g_pos, g_eps, stress, r, per_atom
+  )
 
 
-def atom_strain_derivatives(r: Array, grad_r: Array, *, dst: Array, src: Array,
-                            num_atoms: int) -> Array:
+def atom_strain_derivatives(
+  r: Array, grad_r: Array, *, dst: Array, src: Array, num_atoms: int
+) -> Array:
   """Per-atom strain derivatives ``(num_atoms, 3, 3)`` (eV) from the pair vectors ``r`` and
   ``grad_r = dE/dr`` ``(pairs, 3)``: pair ``k`` contributes ``sym(r_k (x) grad_r_k)`` (the
   ``dE/dε`` of ``r' = r (I + ε)``), half to ``dst[k]`` and half to ``src[k]``; padded pairs

@@ -14,16 +14,23 @@ import jax
 import jax.numpy as jnp
 
 
-def pair_vectors(positions: jax.Array, dst: jax.Array, src: jax.Array,
-                 shifts: Optional[jax.Array] = None, cell: Optional[jax.Array] = None, *,
-                 pair_frame: Optional[jax.Array] = None) -> jax.Array:
+def pair_vectors(
+  positions: jax.Array,
+  dst: jax.Array,
+  src: jax.Array,
+  shifts: Optional[jax.Array] = None,
+  cell: Optional[jax.Array] = None,
+  *,
+  pair_frame: Optional[jax.Array] = None,
+) -> jax.Array:
   """``R[src] - R[dst] (+ shifts @ cell)`` ``(pairs, 3)``; padded indices (>= N) read zeros.
 
   ``cell`` is ``(3, 3)`` (rows are lattice vectors), or ``(B, 3, 3)`` for a batch of frames
   with ``pair_frame (pairs,)`` the frame of each pair (padding ``B`` gets a zero cell).
   """
-  r = (jnp.take(positions, src, axis=0, mode="fill", fill_value=0)
-       - jnp.take(positions, dst, axis=0, mode="fill", fill_value=0))
+  r = jnp.take(positions, src, axis=0, mode="fill", fill_value=0) - jnp.take(
+    positions, dst, axis=0, mode="fill", fill_value=0
+  )
   if shifts is None:
     return r
   if cell is None:
@@ -35,9 +42,15 @@ def pair_vectors(positions: jax.Array, dst: jax.Array, src: jax.Array,
   return r + jnp.einsum("ei,eij->ej", shifts, cells)
 
 
-def segment_softmax(logits: jax.Array, weights: Optional[jax.Array], valid: jax.Array,
-                    segment_ids: jax.Array, num_segments: int, *,
-                    indices_are_sorted: bool = False):
+def segment_softmax(
+  logits: jax.Array,
+  weights: Optional[jax.Array],
+  valid: jax.Array,
+  segment_ids: jax.Array,
+  num_segments: int,
+  *,
+  indices_are_sorted: bool = False,
+):
   """Softmax of ``logits`` within segments, each term multiplied by ``weights`` first.
 
   Returns ``(u, inv)`` with ``u (pairs, H)`` unnormalised terms (each <= 1) and
@@ -61,13 +74,18 @@ def segment_softmax(logits: jax.Array, weights: Optional[jax.Array], valid: jax.
     tiny = jnp.finfo(dt).tiny
     log_w = logits + jnp.log(jnp.where(active, jnp.maximum(weights, tiny), 1))[:, None]
   log_w = jnp.where(active[:, None], log_w, -jnp.inf)
-  shift = jax.ops.segment_max(jax.lax.stop_gradient(log_w), segment_ids,
-                              num_segments=num_segments, indices_are_sorted=indices_are_sorted)
+  shift = jax.ops.segment_max(
+    jax.lax.stop_gradient(log_w),
+    segment_ids,
+    num_segments=num_segments,
+    indices_are_sorted=indices_are_sorted,
+  )
   shift = jnp.where(jnp.isfinite(shift), shift, 0)
   shift_k = jnp.take(shift, segment_ids, axis=0, mode="clip")
   u = jnp.exp(jnp.where(active[:, None], log_w - shift_k, -jnp.inf))
-  denom = jax.ops.segment_sum(u, segment_ids, num_segments=num_segments,
-                              indices_are_sorted=indices_are_sorted)
+  denom = jax.ops.segment_sum(
+    u, segment_ids, num_segments=num_segments, indices_are_sorted=indices_are_sorted
+  )
   has = denom > 0
   inv = jnp.where(has, 1 / jnp.where(has, denom, 1), 0)
   return u, inv
@@ -79,7 +97,7 @@ def flatten_batch(x: Optional[jax.Array], nbatch: int, keep: int) -> Optional[ja
   trailing axes: ``(B..., N, *tail) -> (prod(B) * N, *tail)``."""
   if x is None or nbatch == 0:
     return x
-  return x.reshape((-1,) + x.shape[x.ndim - keep:])
+  return x.reshape((-1,) + x.shape[x.ndim - keep :])
 
 
 def flat_indices(idx: jax.Array, batch_shape: Tuple[int, ...], n: int) -> jax.Array:
@@ -94,15 +112,18 @@ def flat_indices(idx: jax.Array, batch_shape: Tuple[int, ...], n: int) -> jax.Ar
 def pair_scalar(c: jax.Array, pair_shape) -> jax.Array:
   """Reduce a broadcastable array (..., P[, 1, 1, 1]) to one value per pair (..., P)."""
   extra = c.ndim - len(pair_shape)
-  if extra < 0 or any(s != 1 for s in c.shape[len(pair_shape):]):
-    raise ValueError(f"cutoff_value of shape {c.shape} does not give one value per pair "
-                     f"(pairs shape {tuple(pair_shape)})")
-  return jnp.broadcast_to(c.reshape(c.shape[:len(pair_shape)]), pair_shape)
+  if extra < 0 or any(s != 1 for s in c.shape[len(pair_shape) :]):
+    raise ValueError(
+      f"cutoff_value of shape {c.shape} does not give one value per pair "
+      f"(pairs shape {tuple(pair_shape)})"
+    )
+  return jnp.broadcast_to(c.reshape(c.shape[: len(pair_shape)]), pair_shape)
 
 
 class FlatPairs(NamedTuple):
   """A pair graph over the flattened batch: ``dst``/``src``/``valid`` are ``(pairs,)``,
   ``basis (pairs, 1, Q, K)`` and ``cut (pairs,)`` (either may be None)."""
+
   dst: jax.Array
   src: jax.Array
   valid: jax.Array
@@ -111,14 +132,16 @@ class FlatPairs(NamedTuple):
   indices_are_sorted: bool
 
 
-def dense_to_sparse(adj_idx: jax.Array, where: Optional[jax.Array], n: int,
-                    batch_shape: Tuple[int, ...]):
+def dense_to_sparse(
+  adj_idx: jax.Array, where: Optional[jax.Array], n: int, batch_shape: Tuple[int, ...]
+):
   """Dense neighbour table ``adj_idx (B..., N, M)`` as sparse ``(dst, src, mask)``, each
   ``(B..., N * M)``; ``dst`` is sorted. ``where`` defaults to ``adj_idx < N``."""
   m = adj_idx.shape[-1]
   if adj_idx.shape[:-1] != batch_shape + (n,):
-    raise ValueError(f"adj_idx shape {adj_idx.shape} does not match {n} inputs with batch "
-                     f"shape {batch_shape}")
+    raise ValueError(
+      f"adj_idx shape {adj_idx.shape} does not match {n} inputs with batch shape {batch_shape}"
+    )
   if where is None:
     where = adj_idx < n
   dst = jnp.broadcast_to(jnp.arange(n, dtype=adj_idx.dtype)[:, None], adj_idx.shape)
@@ -126,9 +149,19 @@ def dense_to_sparse(adj_idx: jax.Array, where: Optional[jax.Array], n: int,
   return dst.reshape(flat), adj_idx.reshape(flat), where.reshape(flat)
 
 
-def normalize_pairs(n: int, batch_shape: Tuple[int, ...], *, basis=None, cutoff_value=None,
-                    adj_idx=None, where=None, dst_idx=None, src_idx=None, num_segments=None,
-                    indices_are_sorted: bool = False) -> FlatPairs:
+def normalize_pairs(
+  n: int,
+  batch_shape: Tuple[int, ...],
+  *,
+  basis=None,
+  cutoff_value=None,
+  adj_idx=None,
+  where=None,
+  dst_idx=None,
+  src_idx=None,
+  num_segments=None,
+  indices_are_sorted: bool = False,
+) -> FlatPairs:
   """Dense (``adj_idx``/``where``) or sparse (``dst_idx``/``src_idx``/``where``) pairs of a
   batch of systems with ``n`` atoms each as one flat sparse list over ``prod(B) * n`` atoms.
 
@@ -145,7 +178,7 @@ def normalize_pairs(n: int, batch_shape: Tuple[int, ...], *, basis=None, cutoff_
     if basis is not None:
       basis = basis.reshape(batch_shape + (n * m,) + basis.shape[-3:])
     if cutoff_value is not None:
-      cutoff_value = cutoff_value.reshape(batch_shape + (n * m,) + cutoff_value.shape[nb + 2:])
+      cutoff_value = cutoff_value.reshape(batch_shape + (n * m,) + cutoff_value.shape[nb + 2 :])
     sorted_ = True
   else:
     if dst_idx is None or src_idx is None:
@@ -154,8 +187,9 @@ def normalize_pairs(n: int, batch_shape: Tuple[int, ...], *, basis=None, cutoff_
   if num_segments is not None and num_segments != n:
     raise ValueError(f"num_segments ({num_segments}) must equal the number of inputs ({n})")
   if dst.shape != src.shape or dst.shape[:-1] != batch_shape:
-    raise ValueError(f"index shapes {dst.shape}/{src.shape} do not match {n} inputs with "
-                     f"batch shape {batch_shape}")
+    raise ValueError(
+      f"index shapes {dst.shape}/{src.shape} do not match {n} inputs with batch shape {batch_shape}"
+    )
   pair_shape = dst.shape
   valid = (dst < n) & (src < n) & (dst >= 0) & (src >= 0)
   if mask is not None:
@@ -165,5 +199,11 @@ def normalize_pairs(n: int, batch_shape: Tuple[int, ...], *, basis=None, cutoff_
     dst = flat_indices(dst, batch_shape, n)
     src = flat_indices(src, batch_shape, n)
     sorted_ = False
-  return FlatPairs(dst, src, valid.reshape(-1), flatten_batch(basis, nb, 3),
-                   None if cut is None else cut.reshape(-1), sorted_)
+  return FlatPairs(
+    dst,
+    src,
+    valid.reshape(-1),
+    flatten_batch(basis, nb, 3),
+    None if cut is None else cut.reshape(-1),
+    sorted_,
+  )

@@ -38,6 +38,7 @@ element_symbol = elements.symbol  # old name
 
 def _renamed(**old_to_new: str) -> Callable:
   """Accept deprecated keyword names (``old=``) for renamed arguments, with a warning."""
+
   def wrap(fn):
     @functools.wraps(fn)
     def inner(*args, **kwargs):
@@ -46,7 +47,9 @@ def _renamed(**old_to_new: str) -> Callable:
           warnings.warn(f"{old}= is deprecated, use {new}=", DeprecationWarning, stacklevel=2)
           kwargs[new] = kwargs.pop(old)
       return fn(*args, **kwargs)
+
     return inner
+
   return wrap
 
 
@@ -54,8 +57,9 @@ def init_params(config: ModelConfig, num_species: int, key: jax.Array):
   """Fresh parameters of :class:`EnergyModel` (their shapes do not depend on N)."""
   dummy_r = jnp.array([[1.0, 0.2, 0.1], [-1.0, -0.2, -0.1]], jnp.float32)
   idx = jnp.array([0, 1], jnp.int32)
-  return EnergyModel(config, num_species).init(key, jnp.zeros(2, jnp.int32), dummy_r, idx,
-                                               idx[::-1])["params"]
+  return EnergyModel(config, num_species).init(
+    key, jnp.zeros(2, jnp.int32), dummy_r, idx, idx[::-1]
+  )["params"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -68,6 +72,7 @@ class Potential:
     params: flax parameter pytree.
     metadata: provenance and free-form information (JSON-like values only).
   """
+
   config: ModelConfig
   species: Tuple[int, ...]
   params: Any
@@ -75,8 +80,14 @@ class Potential:
 
   # ------------------------------------------------------------------ construction
   @classmethod
-  def create(cls, key: PRNGLike = 0, *, species: Sequence[Union[int, str]], cutoff: float = 5.0,
-             **hyperparameters) -> "Potential":
+  def create(
+    cls,
+    key: PRNGLike = 0,
+    *,
+    species: Sequence[Union[int, str]],
+    cutoff: float = 5.0,
+    **hyperparameters,
+  ) -> "Potential":
     """A randomly initialised potential for ``species`` (atomic numbers or symbols).
 
     ``hyperparameters`` are :class:`ModelConfig` fields (features, max_degree,
@@ -87,8 +98,7 @@ class Potential:
     zs = elements.species_list(species)
     if isinstance(key, (int, np.integer)):
       key = jax.random.PRNGKey(int(key))
-    return cls(config, zs, init_params(config, len(zs), key),
-               {"created_with": "Potential.create"})
+    return cls(config, zs, init_params(config, len(zs), key), {"created_with": "Potential.create"})
 
   def replace(self, **changes) -> "Potential":
     return dataclasses.replace(self, **changes)
@@ -141,8 +151,18 @@ class Potential:
 
     @_renamed(species="species_index")
     def f(params, species_index, r, dst, src, atom_mask=None, indices_are_sorted=False):
-      return model.apply({"params": params}, species_index, r, dst, src, atom_mask, zs,
-                         indices_are_sorted, include_shift)
+      return model.apply(
+        {"params": params},
+        species_index,
+        r,
+        dst,
+        src,
+        atom_mask,
+        zs,
+        indices_are_sorted,
+        include_shift,
+      )
+
     return f
 
   def atomic_energies_fn(self, include_shift: bool = True) -> Callable:
@@ -151,11 +171,28 @@ class Potential:
     pair_fn = self.pair_energies_fn(include_shift)
 
     @_renamed(species="species_index")
-    def f(params, species_index, positions, dst, src, shifts=None, cell=None, atom_mask=None,
-          indices_are_sorted=False):
+    def f(
+      params,
+      species_index,
+      positions,
+      dst,
+      src,
+      shifts=None,
+      cell=None,
+      atom_mask=None,
+      indices_are_sorted=False,
+    ):
       r = pair_vectors(positions, dst, src, shifts, cell)
-      return pair_fn(params, species_index=species_index, r=r, dst=dst, src=src,
-                     atom_mask=atom_mask, indices_are_sorted=indices_are_sorted)
+      return pair_fn(
+        params,
+        species_index=species_index,
+        r=r,
+        dst=dst,
+        src=src,
+        atom_mask=atom_mask,
+        indices_are_sorted=indices_are_sorted,
+      )
+
     return f
 
   def energy_fn(self) -> Callable:
@@ -172,8 +209,10 @@ class Potential:
 
     def evaluate(params, species_index, positions, dst, src, shifts, cell, forces):
       energies = lambda r: pair_fn(params, species_index=species_index, r=r, dst=dst, src=src)
-      return observables.compute(energies, positions, dst=dst, src=src, shifts=shifts,
-                                 cell=cell, forces=forces, strain=False)
+      return observables.compute(
+        energies, positions, dst=dst, src=src, shifts=shifts, cell=cell, forces=forces, strain=False
+      )
+
     return jax.jit(evaluate, static_argnames=("forces",))
 
   def _inputs(self, atomic_numbers, positions, dst, src, shifts, cell) -> tuple:
@@ -186,14 +225,21 @@ class Potential:
       bad = int(np.argwhere(~np.isfinite(pos).all(axis=1))[0, 0])
       raise ValueError(f"positions of atom {bad} are not finite: {pos[bad]}")
     # float64 input without x64 runs in float32 (JAX's own rule, minus its warning)
-    dtype = jax.dtypes.canonicalize_dtype(pos.dtype if pos.dtype in (np.float32, np.float64)
-                                          else np.float64)
+    dtype = jax.dtypes.canonicalize_dtype(
+      pos.dtype if pos.dtype in (np.float32, np.float64) else np.float64
+    )
     if shifts is None:
       shifts, cell = np.zeros((len(dst), 3)), np.zeros((3, 3))
     elif cell is None:
       raise ValueError("shifts given without a cell")
-    return (jnp.asarray(species), jnp.asarray(pos, dtype), jnp.asarray(dst, jnp.int32),
-            jnp.asarray(src, jnp.int32), jnp.asarray(shifts, dtype), jnp.asarray(cell, dtype))
+    return (
+      jnp.asarray(species),
+      jnp.asarray(pos, dtype),
+      jnp.asarray(dst, jnp.int32),
+      jnp.asarray(src, jnp.int32),
+      jnp.asarray(shifts, dtype),
+      jnp.asarray(cell, dtype),
+    )
 
   def atomic_energies(self, atomic_numbers, positions, dst, src, shifts=None, cell=None):
     """Per-atom energies (eV) as a NumPy array for one structure and its pair list."""
@@ -202,8 +248,11 @@ class Potential:
 
   def energy(self, atomic_numbers, positions, dst, src, shifts=None, cell=None) -> float:
     """Total energy (eV)."""
-    return float(np.sum(self.atomic_energies(atomic_numbers, positions, dst, src, shifts, cell),
-                        dtype=np.float64))
+    return float(
+      np.sum(
+        self.atomic_energies(atomic_numbers, positions, dst, src, shifts, cell), dtype=np.float64
+      )
+    )
 
   def energy_and_forces(self, atomic_numbers, positions, dst, src, shifts=None, cell=None):
     """``(energy, forces)`` with forces ``-dE/dR`` (eV/Å), shape (N, 3)."""
@@ -214,8 +263,14 @@ class Potential:
   # ------------------------------------------------------------------ files
   def save(self, path) -> None:
     """Write one self-describing model file (see :mod:`potentials.io`), atomically."""
-    io.write_model(path, config=self.config.to_dict(), species=self.species,
-                   cutoff=self.cutoff, metadata=self.metadata, params=self.params)
+    io.write_model(
+      path,
+      config=self.config.to_dict(),
+      species=self.species,
+      cutoff=self.cutoff,
+      metadata=self.metadata,
+      params=self.params,
+    )
 
   @classmethod
   def load(cls, name_or_path) -> "Potential":

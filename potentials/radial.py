@@ -71,15 +71,15 @@ def cosine_cutoff(r: jax.Array, cutoff: float = 1.0) -> jax.Array:
 
 
 def basis(
-    r: jax.Array,
-    *,
-    max_degree: int,
-    num: int,
-    radial_fn: RadialFn,
-    cutoff_fn: Optional[CutoffFn] = None,
-    return_cutoff: bool = False,
-    cartesian_order: bool = True,
-    normalization: str = "racah",
+  r: jax.Array,
+  *,
+  max_degree: int,
+  num: int,
+  radial_fn: RadialFn,
+  cutoff_fn: Optional[CutoffFn] = None,
+  return_cutoff: bool = False,
+  cartesian_order: bool = True,
+  normalization: str = "racah",
 ):
   """Radial x angular basis of pair vectors: ``(..., 3) -> (..., 1, (L+1)**2, num)``.
 
@@ -87,16 +87,29 @@ def basis(
   ``return_cutoff=True`` also returns the cutoff values ``(...)`` (1 when ``cutoff_fn`` is None),
   which :class:`potentials.SelfAttention` takes as ``cutoff_value``.
   """
-  ylm, rbf, cut = basis_parts(r, max_degree=max_degree, num=num, radial_fn=radial_fn,
-                              cutoff_fn=cutoff_fn, cartesian_order=cartesian_order,
-                              normalization=normalization)
+  ylm, rbf, cut = basis_parts(
+    r,
+    max_degree=max_degree,
+    num=num,
+    radial_fn=radial_fn,
+    cutoff_fn=cutoff_fn,
+    cartesian_order=cartesian_order,
+    normalization=normalization,
+  )
   out = combine(ylm, rbf * cut[..., None])
   return (out, cut) if return_cutoff else out
 
 
-def basis_parts(r: jax.Array, *, max_degree: int, num: int, radial_fn: RadialFn,
-                cutoff_fn: Optional[CutoffFn] = None, cartesian_order: bool = True,
-                normalization: str = "racah"):
+def basis_parts(
+  r: jax.Array,
+  *,
+  max_degree: int,
+  num: int,
+  radial_fn: RadialFn,
+  cutoff_fn: Optional[CutoffFn] = None,
+  cartesian_order: bool = True,
+  normalization: str = "racah",
+):
   """The factors of :func:`basis`: ``ylm (..., (L+1)**2)``, the radial functions without the
   cutoff ``rbf (..., num)`` and the cutoff values ``(...)`` (1 when ``cutoff_fn`` is None)."""
   if r.shape[-1] != 3:
@@ -104,8 +117,9 @@ def basis_parts(r: jax.Array, *, max_degree: int, num: int, radial_fn: RadialFn,
   norm = so3.safe_norm(r)
   rbf = radial_fn(norm, num)
   cut = jnp.ones_like(norm) if cutoff_fn is None else cutoff_fn(norm)
-  ylm = so3.spherical_harmonics(r, max_degree, cartesian_order=cartesian_order,
-                                normalization=normalization)
+  ylm = so3.spherical_harmonics(
+    r, max_degree, cartesian_order=cartesian_order, normalization=normalization
+  )
   return ylm, rbf, cut
 
 

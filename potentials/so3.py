@@ -134,11 +134,11 @@ def safe_norm(r: jax.Array, axis: int = -1, keepdims: bool = False) -> jax.Array
 
 
 def solid_harmonics(
-    r: jax.Array,
-    max_degree: int,
-    *,
-    cartesian_order: bool = True,
-    normalization: str = "racah",
+  r: jax.Array,
+  max_degree: int,
+  *,
+  cartesian_order: bool = True,
+  normalization: str = "racah",
 ) -> jax.Array:
   """Regular solid harmonics ``|r|**l Y_lm(r/|r|)``: shape ``(..., 3) -> (..., (L+1)**2)``."""
   if r.shape[-1] != 3:
@@ -151,20 +151,22 @@ def solid_harmonics(
   for _ in range(max_degree):
     powers.append(powers[-1] * r)
   powers = jnp.stack(powers, axis=-1)
-  monomials = (
-      powers[..., 0, mons[:, 0]] * powers[..., 1, mons[:, 1]] * powers[..., 2, mons[:, 2]]
+  monomials = powers[..., 0, mons[:, 0]] * powers[..., 1, mons[:, 1]] * powers[..., 2, mons[:, 2]]
+  return jnp.einsum(
+    "...m,mk->...k",
+    monomials,
+    jnp.asarray(coeff, dtype=r.dtype),
+    precision=jax.lax.Precision.HIGHEST,
   )
-  return jnp.einsum("...m,mk->...k", monomials, jnp.asarray(coeff, dtype=r.dtype),
-                    precision=jax.lax.Precision.HIGHEST)
 
 
 def spherical_harmonics(
-    r: jax.Array,
-    max_degree: int,
-    *,
-    r_is_normalized: bool = False,
-    cartesian_order: bool = True,
-    normalization: str = "racah",
+  r: jax.Array,
+  max_degree: int,
+  *,
+  r_is_normalized: bool = False,
+  cartesian_order: bool = True,
+  normalization: str = "racah",
 ) -> jax.Array:
   """Real spherical harmonics of the direction of ``r``: ``(..., 3) -> (..., (L+1)**2)``.
 
@@ -174,8 +176,9 @@ def spherical_harmonics(
   if not r_is_normalized:
     norm = safe_norm(r, keepdims=True)
     r = r / jnp.where(norm > 0, norm, 1)
-  return solid_harmonics(r, max_degree, cartesian_order=cartesian_order,
-                         normalization=normalization)
+  return solid_harmonics(
+    r, max_degree, cartesian_order=cartesian_order, normalization=normalization
+  )
 
 
 # ----------------------------------------------------------------------------- rotations
@@ -220,14 +223,15 @@ def parities(num_parity: int, max_degree: int) -> np.ndarray:
   raise ValueError(f"parity axis must have size 1 or 2, got {num_parity}")
 
 
-def feature_transform(rot: np.ndarray, num_parity: int, max_degree: int, *,
-                      cartesian_order: bool = True) -> np.ndarray:
+def feature_transform(
+  rot: np.ndarray, num_parity: int, max_degree: int, *, cartesian_order: bool = True
+) -> np.ndarray:
   """Matrices (P, Q, Q) that act on features (..., P, Q, F) under the orthogonal map ``rot``."""
   d = wigner_d(rot, max_degree, cartesian_order=cartesian_order)
   det = np.sign(np.linalg.det(rot))
   ls = degree_of_index(max_degree)
   # D from the harmonics already carries (-1)**l for improper maps; remove it, apply parity.
-  par = parities(num_parity, max_degree) * (det ** ls)[None, :]
+  par = parities(num_parity, max_degree) * (det**ls)[None, :]
   return np.where(det < 0, par[:, :, None], 1.0) * d[None]
 
 
@@ -249,10 +253,10 @@ def _generators(l: int, cartesian_order: bool) -> np.ndarray:
   sample points only expresses it in the harmonic basis.
   """
   mons, coeff = _sh_tables(l, cartesian_order, "racah")
-  coeff = coeff[:, l * l:]
+  coeff = coeff[:, l * l :]
   pts = _sample_points()
   pts = pts / np.linalg.norm(pts, axis=-1, keepdims=True)
-  y = _sh_numpy(pts, l, cartesian_order)[:, l * l:]
+  y = _sh_numpy(pts, l, cartesian_order)[:, l * l :]
   grad = np.zeros((len(pts), 3, 2 * l + 1))
   for k in range(3):
     dm = mons.copy()
@@ -285,8 +289,11 @@ def clebsch_gordan(l1: int, l2: int, l3: int, cartesian_order: bool = True) -> n
   i1, i2, i3 = (np.eye(d) for d in dims)
   gram = np.zeros((math.prod(dims),) * 2)
   for a in range(3):
-    m = (np.kron(np.kron(j1[a].T, i2), i3) + np.kron(np.kron(i1, j2[a].T), i3)
-         - np.kron(np.kron(i1, i2), j3[a]))
+    m = (
+      np.kron(np.kron(j1[a].T, i2), i3)
+      + np.kron(np.kron(i1, j2[a].T), i3)
+      - np.kron(np.kron(i1, i2), j3[a])
+    )
     gram += m.T @ m
   # The invariant is the null vector of sum_a M_a^T M_a (eigh of a d x d matrix is cheap).
   evals, evecs = np.linalg.eigh(gram)
@@ -300,8 +307,7 @@ def clebsch_gordan(l1: int, l2: int, l3: int, cartesian_order: bool = True) -> n
   return c * np.sign(first)
 
 
-def coupling_paths(p1: int, l1max: int, p2: int, l2max: int, l3max: int,
-                   out_parity: int) -> list:
+def coupling_paths(p1: int, l1max: int, p2: int, l2max: int, l3max: int, out_parity: int) -> list:
   """All allowed paths ``((i1, l1), (i2, l2), (i3, l3))`` between parity channels.
 
   ``p1``/``p2`` are the sizes of the inputs' parity axes; ``out_parity`` (1 or 2) the size of

@@ -11,9 +11,11 @@ import os
 from pathlib import Path
 
 os.environ["XLA_FLAGS"] = " ".join(  # read when the backend starts, at the first computation
-    [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
-os.environ.setdefault("EQATTN_CACHE_DIR",
-                      str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "eqattn-xla"))
+  [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]
+).strip()
+os.environ.setdefault(
+  "EQATTN_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "eqattn-xla")
+)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -51,11 +53,23 @@ def tiny_copper_potential(cutoff: float = 3.0):
   larger than that (the model tests cover density features)."""
   import jax.numpy as jnp
   import potentials
-  p = potentials.Potential.create(0, species=["Cu"], cutoff=cutoff, features=8, max_degree=1,
-                                  num_iterations=1, num_heads=2, num_basis=6,
-                                  density_features=False)
-  return p.replace(params=dict(p.params, scale=jnp.array([20.0], jnp.float32),
-                               shift=jnp.array([-3.5], jnp.float32)))
+
+  p = potentials.Potential.create(
+    0,
+    species=["Cu"],
+    cutoff=cutoff,
+    features=8,
+    max_degree=1,
+    num_iterations=1,
+    num_heads=2,
+    num_basis=6,
+    density_features=False,
+  )
+  return p.replace(
+    params=dict(
+      p.params, scale=jnp.array([20.0], jnp.float32), shift=jnp.array([-3.5], jnp.float32)
+    )
+  )
 
 
 @pytest.fixture(scope="session")
@@ -69,8 +83,17 @@ def tiny_molecule_potential():
   """A small random H C O model (ethanol's elements) with forces of a few eV/Å: stands in for
   the shipped ethanol model where a test checks a code path, not the trained physics."""
   import potentials
-  pot = potentials.Potential.create(0, species=["H", "C", "O"], cutoff=3.0, features=8,
-                                    max_degree=1, num_iterations=1, num_heads=2, num_basis=4)
+
+  pot = potentials.Potential.create(
+    0,
+    species=["H", "C", "O"],
+    cutoff=3.0,
+    features=8,
+    max_degree=1,
+    num_iterations=1,
+    num_heads=2,
+    num_basis=4,
+  )
   return pot.replace(params={**pot.params, "scale": np.full(3, 5.0, np.float32)})
 
 

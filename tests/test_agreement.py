@@ -14,10 +14,23 @@ from plugin.ase import Calculator
 
 @pytest.fixture(scope="module")
 def pot():
-  p = potentials.Potential.create(3, species=["Cu", "O"], cutoff=3.0, features=8, max_degree=1,
-                                  num_iterations=2, num_heads=2, num_basis=6)
-  return p.replace(params={**p.params, "scale": np.array([15.0, 10.0], np.float32),
-                           "shift": np.array([-3.5, -4.0], np.float32)})
+  p = potentials.Potential.create(
+    3,
+    species=["Cu", "O"],
+    cutoff=3.0,
+    features=8,
+    max_degree=1,
+    num_iterations=2,
+    num_heads=2,
+    num_basis=6,
+  )
+  return p.replace(
+    params={
+      **p.params,
+      "scale": np.array([15.0, 10.0], np.float32),
+      "shift": np.array([-3.5, -4.0], np.float32),
+    }
+  )
 
 
 @pytest.mark.parametrize("shear", [0.0, 0.6])
@@ -37,8 +50,9 @@ def test_ase_and_jax_md_agree(pot, shear):
 
   box = jnp.asarray(atoms.cell[:].T)  # jax-md: lattice vectors as columns
   displacement, _ = space.periodic_general(box)
-  neighbor_fn, energy_fn = pj.neighbor_list(pot, displacement, box, species=atoms.numbers,
-                                            dr_threshold=0.1, fractional_coordinates=True)
+  neighbor_fn, energy_fn = pj.neighbor_list(
+    pot, displacement, box, species=atoms.numbers, dr_threshold=0.1, fractional_coordinates=True
+  )
   frac = jnp.asarray(atoms.get_scaled_positions())
   nbrs = neighbor_fn.allocate(frac)
   e_jm = float(energy_fn(frac, nbrs))

@@ -18,15 +18,25 @@ F = 8
 
 def pair_basis(pos, dst, src, L=2, dtype=jnp.float64, cartesian_order=True):
   r = jnp.asarray(pos[src] - pos[dst], dtype)
-  return pt.basis(r, max_degree=L, num=6, radial_fn=pt.reciprocal_bernstein,
-                  cutoff_fn=functools.partial(pt.smooth_cutoff, cutoff=RC), return_cutoff=True,
-                  cartesian_order=cartesian_order)
+  return pt.basis(
+    r,
+    max_degree=L,
+    num=6,
+    radial_fn=pt.reciprocal_bernstein,
+    cutoff_fn=functools.partial(pt.smooth_cutoff, cutoff=RC),
+    return_cutoff=True,
+    cartesian_order=cartesian_order,
+  )
 
 
 def make(pos, dst, src, x, module, params=None, sorted_=True):
   b, c = pair_basis(pos, dst, src, dtype=x.dtype, cartesian_order=module.cartesian_order)
-  kw = dict(dst_idx=jnp.asarray(dst), src_idx=jnp.asarray(src), num_segments=len(x),
-            indices_are_sorted=sorted_)
+  kw = dict(
+    dst_idx=jnp.asarray(dst),
+    src_idx=jnp.asarray(src),
+    num_segments=len(x),
+    indices_are_sorted=sorted_,
+  )
   if params is None:
     params = module.init(jax.random.PRNGKey(0), x, b, c, **kw)
   return params, jitted(module, len(x), sorted_)(params, x, b, c, kw["dst_idx"], kw["src_idx"])
@@ -35,9 +45,11 @@ def make(pos, dst, src, x, module, params=None, sorted_=True):
 @functools.lru_cache(maxsize=None)
 def jitted(module, n, sorted_=False):
   """Jitted apply (eager op-by-op dispatch is slow); cached per module configuration."""
-  return jax.jit(lambda p, x, b, c, d, s: module.apply(p, x, b, c, dst_idx=d, src_idx=s,
-                                                       num_segments=n,
-                                                       indices_are_sorted=sorted_))
+  return jax.jit(
+    lambda p, x, b, c, d, s: module.apply(
+      p, x, b, c, dst_idx=d, src_idx=s, num_segments=n, indices_are_sorted=sorted_
+    )
+  )
 
 
 def attn(**kw):
@@ -54,37 +66,92 @@ def feats(cluster):
 def test_constructor_and_call_signature_match_e3x():
   names = [f.name for f in dataclasses.fields(pt.SelfAttention) if f.name not in ("parent", "name")]
   assert names == [
-      "max_degree", "use_basis_bias", "include_pseudotensors", "cartesian_order",
-      "use_fused_tensor", "dtype", "param_dtype", "precision", "dense_kernel_init",
-      "dense_bias_init", "tensor_kernel_init", "num_heads", "qkv_features", "out_features",
-      "use_relative_positional_encoding_qk", "use_relative_positional_encoding_v",
-      "query_kernel_init", "query_bias_init", "query_use_bias", "key_kernel_init",
-      "key_bias_init", "key_use_bias", "value_kernel_init", "value_bias_init", "value_use_bias",
-      "output_kernel_init", "output_bias_init", "output_use_bias"]
+    "max_degree",
+    "use_basis_bias",
+    "include_pseudotensors",
+    "cartesian_order",
+    "use_fused_tensor",
+    "dtype",
+    "param_dtype",
+    "precision",
+    "dense_kernel_init",
+    "dense_bias_init",
+    "tensor_kernel_init",
+    "num_heads",
+    "qkv_features",
+    "out_features",
+    "use_relative_positional_encoding_qk",
+    "use_relative_positional_encoding_v",
+    "query_kernel_init",
+    "query_bias_init",
+    "query_use_bias",
+    "key_kernel_init",
+    "key_bias_init",
+    "key_use_bias",
+    "value_kernel_init",
+    "value_bias_init",
+    "value_use_bias",
+    "output_kernel_init",
+    "output_bias_init",
+    "output_use_bias",
+  ]
   m = pt.SelfAttention()
-  assert (m.max_degree, m.use_basis_bias, m.include_pseudotensors, m.cartesian_order,
-          m.use_fused_tensor, m.num_heads, m.qkv_features, m.out_features,
-          m.use_relative_positional_encoding_qk, m.use_relative_positional_encoding_v,
-          m.query_use_bias, m.key_use_bias, m.value_use_bias, m.output_use_bias) == (
-              None, False, True, True, False, 1, None, None, True, True, False, False, False, True)
+  assert (
+    m.max_degree,
+    m.use_basis_bias,
+    m.include_pseudotensors,
+    m.cartesian_order,
+    m.use_fused_tensor,
+    m.num_heads,
+    m.qkv_features,
+    m.out_features,
+    m.use_relative_positional_encoding_qk,
+    m.use_relative_positional_encoding_v,
+    m.query_use_bias,
+    m.key_use_bias,
+    m.value_use_bias,
+    m.output_use_bias,
+  ) == (None, False, True, True, False, 1, None, None, True, True, False, False, False, True)
   sig = inspect.signature(pt.SelfAttention.__call__)
-  assert list(sig.parameters) == ["self", "inputs", "basis", "cutoff_value", "adj_idx", "where",
-                                  "dst_idx", "src_idx", "num_segments", "indices_are_sorted"]
-  assert all(sig.parameters[k].kind == inspect.Parameter.KEYWORD_ONLY
-             for k in ["adj_idx", "where", "dst_idx", "src_idx", "num_segments",
-                       "indices_are_sorted"])
+  assert list(sig.parameters) == [
+    "self",
+    "inputs",
+    "basis",
+    "cutoff_value",
+    "adj_idx",
+    "where",
+    "dst_idx",
+    "src_idx",
+    "num_segments",
+    "indices_are_sorted",
+  ]
+  assert all(
+    sig.parameters[k].kind == inspect.Parameter.KEYWORD_ONLY
+    for k in ["adj_idx", "where", "dst_idx", "src_idx", "num_segments", "indices_are_sorted"]
+  )
 
 
-@pytest.mark.parametrize("kw", [{}, {"use_fused_tensor": True}, {"include_pseudotensors": False},
-                                {"cartesian_order": False}, {"use_basis_bias": True,
-                                                             "out_features": 5}])
+@pytest.mark.parametrize(
+  "kw",
+  [
+    {},
+    {"use_fused_tensor": True},
+    {"include_pseudotensors": False},
+    {"cartesian_order": False},
+    {"use_basis_bias": True, "out_features": 5},
+  ],
+)
 def test_equivariance_float64(cluster, feats, kw):
   pos, dst, src = cluster
   module = attn(**kw)
   co = kw.get("cartesian_order", True)
   params, y = make(pos, dst, src, feats, module)
-  assert y.shape == (len(pos), 1 if kw.get("include_pseudotensors") is False else 2, 9,
-                     kw.get("out_features", F))
+  assert y.shape == (
+    len(pos),
+    1 if kw.get("include_pseudotensors") is False else 2,
+    9,
+    kw.get("out_features", F),
+  )
   scale = float(jnp.abs(y).max())
   assert scale > 1e-3
   for seed, reflect in [(0, False), (1, True), (2, True)]:
@@ -116,8 +183,9 @@ def test_translation_and_permutation(cluster, feats):
   perm = rng.permutation(len(pos))  # new atom a is old atom perm[a]
   inv = np.argsort(perm)
   order = rng.permutation(len(dst))  # shuffled pair order, not sorted by dst
-  _, y_p = make(pos[perm], inv[dst][order], inv[src][order], feats[perm], module, params,
-                sorted_=False)
+  _, y_p = make(
+    pos[perm], inv[dst][order], inv[src][order], feats[perm], module, params, sorted_=False
+  )
   np.testing.assert_allclose(y_p, y[perm], atol=1e-12)
 
 
@@ -130,7 +198,7 @@ def test_sparse_equals_dense(cluster, feats):
   adj = np.full((n, M), n)
   for i in range(n):
     nb = src[dst == i]
-    adj[i, :len(nb)] = nb
+    adj[i, : len(nb)] = nb
   where = adj < n
   d_dst = np.repeat(np.arange(n), M)
   b, c = pair_basis(pos, d_dst, np.where(adj.ravel() < n, adj.ravel(), 0))
@@ -151,6 +219,7 @@ def _loss_grad(module, n):
   def loss(params, x, b, c, dst, src):
     y = module.apply(params, x, b, c, dst_idx=dst, src_idx=src, num_segments=n)
     return jnp.sum(jnp.sin(y))
+
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
@@ -159,8 +228,7 @@ def test_padding_is_inert(cluster, feats):
   module = attn()
   n = len(pos)
   b, c = pair_basis(pos, dst, src)
-  params = module.init(jax.random.PRNGKey(0), feats, b, c, dst_idx=dst, src_idx=src,
-                       num_segments=n)
+  params = module.init(jax.random.PRNGKey(0), feats, b, c, dst_idx=dst, src_idx=src, num_segments=n)
   v0, (gp0, gx0, gb0) = loss_and_grads(module, params, feats, b, c, dst, src)
   pad = 5
   garbage_b = jnp.full((pad,) + b.shape[1:], 1e3)
@@ -171,8 +239,8 @@ def test_padding_is_inert(cluster, feats):
   v1, (gp1, gx1, gb1) = loss_and_grads(module, params, feats, b_pad, c_pad, dst_pad, src_pad)
   np.testing.assert_allclose(v1, v0, rtol=1e-13)
   np.testing.assert_allclose(gx1, gx0, atol=1e-12)
-  np.testing.assert_allclose(gb1[:len(dst)], gb0, atol=1e-12)
-  assert np.all(np.asarray(gb1[len(dst):]) == 0)
+  np.testing.assert_allclose(gb1[: len(dst)], gb0, atol=1e-12)
+  assert np.all(np.asarray(gb1[len(dst) :]) == 0)
   for a, bb in zip(jax.tree_util.tree_leaves(gp1), jax.tree_util.tree_leaves(gp0)):
     np.testing.assert_allclose(a, bb, atol=1e-11)
 
@@ -182,8 +250,7 @@ def test_isolated_atoms_zero_message_finite_gradient(cluster, feats):
   n = len(pos)
   module = attn(output_bias_init=jax.nn.initializers.ones)
   b, c = pair_basis(pos, dst, src)
-  params = module.init(jax.random.PRNGKey(0), feats, b, c, dst_idx=dst, src_idx=src,
-                       num_segments=n)
+  params = module.init(jax.random.PRNGKey(0), feats, b, c, dst_idx=dst, src_idx=src, num_segments=n)
   # atom 0 loses all its pairs as centre; atom 1 keeps its pairs but with cutoff 0
   keep = dst != 0
   c2 = jnp.where(jnp.asarray(dst[keep]) == 1, 0.0, c[keep])
@@ -215,6 +282,7 @@ def test_segment_softmax_extreme_logits_float32():
   def f(logits, weights):
     u, inv = segment_softmax(logits, weights, valid, seg, 3)
     return jnp.sum(u * inv[seg] * jnp.arange(6.0)[:, None])
+
   g = jax.grad(f, argnums=(0, 1))(logits, weights)
   assert all(np.all(np.isfinite(np.asarray(x))) for x in g)
   assert float(g[0][1, 0]) == 0.0 and float(g[0][3, 0]) == 0.0
@@ -233,8 +301,7 @@ def test_extreme_logits_in_layer_float32(cluster, feats):
   p64 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
   m64 = attn(query_kernel_init=big, key_kernel_init=big)
   b64, c64 = pair_basis(pos, dst, src)
-  y64 = m64.apply(p64, x.astype(jnp.float64), b64, c64, dst_idx=dst, src_idx=src,
-                  num_segments=7)
+  y64 = m64.apply(p64, x.astype(jnp.float64), b64, c64, dst_idx=dst, src_idx=src, num_segments=7)
   y32 = module.apply(params, x, b, c, dst_idx=dst, src_idx=src, num_segments=7)
   # (the explicit 150/200-apart logits are tested on segment_softmax above; here the large
   # query/key weights make the layer's own logits spread widely)
@@ -251,20 +318,29 @@ def test_continuity_across_cutoff():
   module = pt.SelfAttention(max_degree=1, param_dtype=jnp.float64)
   dst = np.array([0, 0, 1, 1, 2, 2])
   src = np.array([1, 2, 0, 2, 0, 1])
+
   def out(d):
     pos = base.copy()
     pos[2] = d * direction
     b, c = pair_basis(pos, dst, src, L=1)
     return b, c
+
   b, c = out(2.0)
   params = module.init(jax.random.PRNGKey(0), x, b, c, dst_idx=dst, src_idx=src, num_segments=3)
 
   def y_of(d):
     pos = jnp.asarray(base).at[2].set(d * jnp.asarray(direction))
     r = pos[src] - pos[dst]
-    b, c = pt.basis(r, max_degree=1, num=6, radial_fn=pt.reciprocal_bernstein,
-                    cutoff_fn=functools.partial(pt.smooth_cutoff, cutoff=RC), return_cutoff=True)
+    b, c = pt.basis(
+      r,
+      max_degree=1,
+      num=6,
+      radial_fn=pt.reciprocal_bernstein,
+      cutoff_fn=functools.partial(pt.smooth_cutoff, cutoff=RC),
+      return_cutoff=True,
+    )
     return module.apply(params, x, b, c, dst_idx=dst, src_idx=src, num_segments=3)
+
   y_of = jax.jit(y_of)
   # Only centre 0's pair to atom 2 crosses the cutoff (atom 1's pair to 2 stays inside).
   y_in, y_out = y_of(RC - 1e-3)[0], y_of(RC + 1e-3)[0]
@@ -286,11 +362,13 @@ def test_batched_vmap_jit_grad(cluster, feats):
   xb, bb, cb = jnp.stack([feats, x2]), jnp.stack([b1, b2]), jnp.stack([c1, c2])
   db, sb = jnp.stack([dst, dst]), jnp.stack([src, src])
   y_batch = jax.jit(lambda p, x, b, c: module.apply(p, x, b, c, dst_idx=db, src_idx=sb))(
-      params, xb, bb, cb)
+    params, xb, bb, cb
+  )
   np.testing.assert_allclose(y_batch[0], y, atol=1e-12)
   np.testing.assert_allclose(y_batch[1], transform(y, rot), atol=1e-10)
-  y_vmap = jax.vmap(lambda x, b, c: module.apply(params, x, b, c, dst_idx=dst, src_idx=src,
-                                                 num_segments=len(pos)))(xb, bb, cb)
+  y_vmap = jax.vmap(
+    lambda x, b, c: module.apply(params, x, b, c, dst_idx=dst, src_idx=src, num_segments=len(pos))
+  )(xb, bb, cb)
   np.testing.assert_allclose(y_vmap, y_batch, atol=1e-12)
   g = jax.grad(lambda x: jnp.sum(module.apply(params, x, bb, cb, dst_idx=db, src_idx=sb) ** 2))(xb)
   assert g.shape == xb.shape and np.all(np.isfinite(np.asarray(g)))

@@ -10,8 +10,11 @@ import pytest
 import plugin
 from plugin import cache, cli
 
-SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
+SETTINGS = (
+  "jax_compilation_cache_dir",
+  "jax_persistent_cache_min_compile_time_secs",
+  "jax_persistent_cache_min_entry_size_bytes",
+)
 
 
 @pytest.fixture
@@ -22,6 +25,7 @@ def restore_jax_cache():
   for k, v in saved.items():
     jax.config.update(k, v)
   from jax.experimental.compilation_cache import compilation_cache
+
   compilation_cache.reset_cache()
 
 
@@ -52,9 +56,18 @@ def test_enable_caches_small_programs(tmp_path, restore_jax_cache):
 @pytest.fixture
 def model(tmp_path):
   import potentials
+
   path = str(tmp_path / "m.eqm")
-  potentials.Potential.create(0, species=["H"], cutoff=2.0, features=4, max_degree=1,
-                              num_iterations=1, num_heads=1, num_basis=4).save(path)
+  potentials.Potential.create(
+    0,
+    species=["H"],
+    cutoff=2.0,
+    features=4,
+    max_degree=1,
+    num_iterations=1,
+    num_heads=1,
+    num_basis=4,
+  ).save(path)
   return path
 
 

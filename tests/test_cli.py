@@ -14,10 +14,19 @@ from plugin import cli
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
   path = tmp_path_factory.mktemp("models") / "tiny.eqm"
-  pot = potentials.Potential.create(0, species=["H", "C", "O"], cutoff=3.0, features=8,
-                                    max_degree=1, num_iterations=1, num_heads=2, num_basis=4)
+  pot = potentials.Potential.create(
+    0,
+    species=["H", "C", "O"],
+    cutoff=3.0,
+    features=8,
+    max_degree=1,
+    num_iterations=1,
+    num_heads=2,
+    num_basis=4,
+  )
   pot.replace(params={**pot.params, "scale": np.full(3, 5.0, np.float32)}).save(path)
   return str(path)
+
 
 DATA = pathlib.Path(__file__).resolve().parents[1] / "data"
 
@@ -30,8 +39,28 @@ def test_info(tiny_model, capsys):
 
 def test_md_ase_engine_writes_trajectory_and_plot(tiny_model, tmp_path, capsys):
   traj, png = tmp_path / "run.traj", tmp_path / "run.png"
-  assert cli.main(["md", "--model", tiny_model, "--engine", "ase", "--ensemble", "nve",
-                   "--steps", "40", "--dt", "0.25", "--out", str(traj), "--plot", str(png)]) == 0
+  assert (
+    cli.main(
+      [
+        "md",
+        "--model",
+        tiny_model,
+        "--engine",
+        "ase",
+        "--ensemble",
+        "nve",
+        "--steps",
+        "40",
+        "--dt",
+        "0.25",
+        "--out",
+        str(traj),
+        "--plot",
+        str(png),
+      ]
+    )
+    == 0
+  )
   out = capsys.readouterr().out
   assert "steps/s" in out and "drift" in out
   frames = read(traj, ":")
@@ -48,17 +77,21 @@ def test_eval_prints_table(tiny_model, tmp_path, capsys):
 def test_check_conservation(tiny_model, tmp_path, capsys):
   xyz = tmp_path / "eth.xyz"
   write(xyz, molecule("CH3CH2OH"))
-  assert cli.main(["check-conservation", tiny_model, str(xyz), "--time", "0.05",
-                   "--dt", "0.25"]) == 0
+  assert (
+    cli.main(["check-conservation", tiny_model, str(xyz), "--time", "0.05", "--dt", "0.25"]) == 0
+  )
   assert "meV/atom/ps" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv,message", [
+@pytest.mark.parametrize(
+  "argv,message",
+  [
     (["info", "no_such_model"], "no shipped model"),
     (["md", "missing.xyz", "--model", "TINY"], "does not exist"),
     (["md", "--model", "TINY", "--ensemble", "npt"], "needs a periodic"),
     (["eval", "TINY", "missing.extxyz"], "does not exist"),
-])
+  ],
+)
 def test_usage_errors(tiny_model, argv, message, capsys):
   argv = [tiny_model if a == "TINY" else a for a in argv]
   assert cli.main(argv) == 2
@@ -69,6 +102,7 @@ def test_unknown_element_and_bad_values(tiny_model, tmp_path, capsys):
   xyz = tmp_path / "cu.xyz"
   write(xyz, molecule("H2O") + molecule("H2O"))
   from ase import Atoms
+
   write(xyz, Atoms("CuH", positions=[[0, 0, 0], [0, 0, 1.5]]))
   assert cli.main(["md", str(xyz), "--model", tiny_model]) == 2
   assert "Cu (Z=29)" in capsys.readouterr().err
@@ -94,6 +128,7 @@ def test_md_jax_md_engine_and_resume(tiny_model, tmp_path, capsys):
 def test_train_with_time_limit_then_eval_reports_held_out_trajectories(tmp_path, capsys):
   from ase.build import bulk
   from ase.calculators.emt import EMT
+
   images = []
   for i in range(12):
     a = bulk("Cu", "fcc", a=3.6, cubic=True)
@@ -105,9 +140,31 @@ def test_train_with_time_limit_then_eval_reports_held_out_trajectories(tmp_path,
   data, model = tmp_path / "cu.extxyz", tmp_path / "cu.eqm"
   write(data, images)
   hyper = '{"features": 8, "max_degree": 1, "num_iterations": 1, "num_basis": 4}'
-  assert cli.main(["train", str(data), "--species", "Cu", "--cutoff", "3.0", "--model-config",
-                   hyper, "--epochs", "2", "--time-limit", "5", "--batch-size", "4",
-                   "--train-config", '{"ema_decay": 0.9}', "--out", str(model)]) == 0
+  assert (
+    cli.main(
+      [
+        "train",
+        str(data),
+        "--species",
+        "Cu",
+        "--cutoff",
+        "3.0",
+        "--model-config",
+        hyper,
+        "--epochs",
+        "2",
+        "--time-limit",
+        "5",
+        "--batch-size",
+        "4",
+        "--train-config",
+        '{"ema_decay": 0.9}',
+        "--out",
+        str(model),
+      ]
+    )
+    == 0
+  )
   meta = potentials.load(model).metadata["training"]
   assert meta["config"]["ema_decay"] == 0.9 and meta["config"]["split"] == "trajectory"
   assert meta["split_parts"]["test"]["trajectories"] and meta["epochs_run"] == 2
@@ -116,14 +173,34 @@ def test_train_with_time_limit_then_eval_reports_held_out_trajectories(tmp_path,
   out = capsys.readouterr().out
   assert "| held-out trajectories | 6 |" in out and "| training trajectories | 6 |" in out
 
+
 def test_md_jax_md_engine_small_periodic_cell(tiny_model, tmp_path, capsys):
   # 3-4 Å cell, narrower than 2 * (cutoff + skin): JAX-MD runs it with periodic images
   from ase import Atoms
+
   xyz, traj = tmp_path / "co.extxyz", tmp_path / "co.traj"
-  write(xyz, Atoms("CO", positions=[[0.2, 0.3, 0.4], [1.4, 0.3, 0.4]], cell=[3.0, 3.5, 4.0],
-                   pbc=True))
-  assert cli.main(["md", str(xyz), "--model", tiny_model, "--ensemble", "nve", "--dt", "0.25",
-                   "--steps", "20", "--out", str(traj)]) == 0
+  write(
+    xyz, Atoms("CO", positions=[[0.2, 0.3, 0.4], [1.4, 0.3, 0.4]], cell=[3.0, 3.5, 4.0], pbc=True)
+  )
+  assert (
+    cli.main(
+      [
+        "md",
+        str(xyz),
+        "--model",
+        tiny_model,
+        "--ensemble",
+        "nve",
+        "--dt",
+        "0.25",
+        "--steps",
+        "20",
+        "--out",
+        str(traj),
+      ]
+    )
+    == 0
+  )
   assert "steps/s" in capsys.readouterr().out
   last = read(traj, -1)
   assert last.info["md_step"] == 20 and np.isfinite(last.get_potential_energy())
@@ -131,14 +208,29 @@ def test_md_jax_md_engine_small_periodic_cell(tiny_model, tmp_path, capsys):
 
 def test_md_several_structures_and_replicas_in_one_program(tiny_model, tmp_path, capsys):
   from ase import Atoms
+
   co = tmp_path / "co.extxyz"
-  write(co, Atoms("CO", positions=[[0.2, 0.3, 0.4], [1.4, 0.3, 0.4]], cell=[3.0, 3.5, 4.0],
-                  pbc=True))
+  write(
+    co, Atoms("CO", positions=[[0.2, 0.3, 0.4], [1.4, 0.3, 0.4]], cell=[3.0, 3.5, 4.0], pbc=True)
+  )
   ethanol = tmp_path / "ethanol.xyz"
   write(ethanol, molecule("CH3CH2OH"))
   out = tmp_path / "many.extxyz"
-  argv = ["md", str(ethanol), str(co), "--model", tiny_model, "--temperatures", "200,400",
-          "--steps", "20", "--dt", "0.25", "--out", str(out)]
+  argv = [
+    "md",
+    str(ethanol),
+    str(co),
+    "--model",
+    tiny_model,
+    "--temperatures",
+    "200,400",
+    "--steps",
+    "20",
+    "--dt",
+    "0.25",
+    "--out",
+    str(out),
+  ]
   assert cli.main(argv) == 0
   text = capsys.readouterr().out
   assert "4 systems" in text and "atom-steps/s" in text and "ns/day per system" in text
@@ -148,8 +240,13 @@ def test_md_several_structures_and_replicas_in_one_program(tiny_model, tmp_path,
     assert f"system {i} (" in text and f", {t} K," in text
     assert (tmp_path / f"many.{i}.csv").exists()
   assert cli.main(argv) == 2 and "--resume" in capsys.readouterr().err
-  assert cli.main(argv[:-4] + ["--replicas", "3", "--steps", "20", "--dt", "0.25", "--out",
-                               str(tmp_path / "r.traj")]) == 2
+  assert (
+    cli.main(
+      argv[:-4]
+      + ["--replicas", "3", "--steps", "20", "--dt", "0.25", "--out", str(tmp_path / "r.traj")]
+    )
+    == 2
+  )
   assert "--temperatures has 2 values for --replicas 3" in capsys.readouterr().err
   assert cli.main(argv + ["--engine", "ase"]) == 2
   assert "only with --engine jax-md" in capsys.readouterr().err
@@ -157,10 +254,12 @@ def test_md_several_structures_and_replicas_in_one_program(tiny_model, tmp_path,
 
 def test_md_options_come_from_the_ensembles_table_and_defaults():
   from plugin.md import DEFAULTS, ENSEMBLE_TABLE
+
   sub = cli.build_parser()._subparsers._group_actions[0].choices["md"]
   options = {a.dest: a for a in sub._actions}
   assert set(options["ensemble"].choices) == {
-      e.cli_name for e in ENSEMBLE_TABLE.values() if e.cli_name}
+    e.cli_name for e in ENSEMBLE_TABLE.values() if e.cli_name
+  }
   assert options["temperature"].default == DEFAULTS.temperature
   assert options["dt"].default == DEFAULTS.timestep
 
@@ -170,10 +269,18 @@ def test_parser_imports_neither_jax_nor_jax_md():
   import os
   import subprocess
   import sys
-  code = ("import sys, plugin.cli; plugin.cli.build_parser(); "
-          "print(sorted(m for m in ('jax', 'jax_md', 'potentials') if m in sys.modules))")
+
+  code = (
+    "import sys, plugin.cli; plugin.cli.build_parser(); "
+    "print(sorted(m for m in ('jax', 'jax_md', 'potentials') if m in sys.modules))"
+  )
   root = pathlib.Path(__file__).resolve().parents[1]
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
-                       env={**os.environ, "PYTHONPATH": str(root)})
+  out = subprocess.run(
+    [sys.executable, "-c", code],
+    capture_output=True,
+    text=True,
+    cwd=root,
+    env={**os.environ, "PYTHONPATH": str(root)},
+  )
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == "[]"

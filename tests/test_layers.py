@@ -1,4 +1,3 @@
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,8 +29,9 @@ def test_dense_equivariant_and_bias_only_on_scalars(P, L):
   params = layer.init(jax.random.PRNGKey(0), x)
   assert params["params"]["kernel"].shape == (P, L + 1, 5, 6)
   for rot in ROTS:
-    np.testing.assert_allclose(layer.apply(params, transform(x, rot)),
-                               transform(layer.apply(params, x), rot), atol=1e-12)
+    np.testing.assert_allclose(
+      layer.apply(params, transform(x, rot)), transform(layer.apply(params, x), rot), atol=1e-12
+    )
   y0 = layer.apply(params, jnp.zeros_like(x))
   assert np.all(np.asarray(y0[..., 0, 0, :]) == 1.0)
   assert np.count_nonzero(np.asarray(y0)) == 4 * 6
@@ -39,27 +39,37 @@ def test_dense_equivariant_and_bias_only_on_scalars(P, L):
 
 def reference_tensor(x1, x2, weights, paths, P3, L3):
   """Path-by-path with full coupling blocks (slow, obviously correct)."""
-  out = np.zeros(np.broadcast_shapes(x1.shape[:-3], x2.shape[:-3]) + (P3, (L3 + 1) ** 2,
-                                                                        x1.shape[-1]))
+  out = np.zeros(
+    np.broadcast_shapes(x1.shape[:-3], x2.shape[:-3]) + (P3, (L3 + 1) ** 2, x1.shape[-1])
+  )
   for n, ((i1, l1), (i2, l2), (i3, l3)) in enumerate(paths):
     c = so3.clebsch_gordan(l1, l2, l3)
-    a = np.asarray(x1)[..., i1, l1 * l1:(l1 + 1) ** 2, :]
-    b = np.asarray(x2)[..., i2, l2 * l2:(l2 + 1) ** 2, :]
-    out[..., i3, l3 * l3:(l3 + 1) ** 2, :] += np.einsum("...af,...bf,abc->...cf", a, b,
-                                                         c) * np.asarray(weights[n])
+    a = np.asarray(x1)[..., i1, l1 * l1 : (l1 + 1) ** 2, :]
+    b = np.asarray(x2)[..., i2, l2 * l2 : (l2 + 1) ** 2, :]
+    out[..., i3, l3 * l3 : (l3 + 1) ** 2, :] += np.einsum(
+      "...af,...bf,abc->...cf", a, b, c
+    ) * np.asarray(weights[n])
   return out
 
 
-@pytest.mark.parametrize("p1,L1,p2,L2,P3,L3", [(1, 2, 1, 2, 1, 2), (2, 2, 2, 1, 2, 3),
-                                               (1, 0, 1, 3, 1, 3), (2, 1, 1, 0, 2, 1),
-                                               (1, 2, 2, 2, 2, 1)])
+@pytest.mark.parametrize(
+  "p1,L1,p2,L2,P3,L3",
+  [
+    (1, 2, 1, 2, 1, 2),
+    (2, 2, 2, 1, 2, 3),
+    (1, 0, 1, 3, 1, 3),
+    (2, 1, 1, 0, 2, 1),
+    (1, 2, 2, 2, 2, 1),
+  ],
+)
 def test_tensor_product_matches_reference(p1, L1, p2, L2, P3, L3):
   x1 = features((3, p1, (L1 + 1) ** 2, 4), 1)
   x2 = features((3, p2, (L2 + 1) ** 2, 4), 2)
   paths = so3.coupling_paths(p1, L1, p2, L2, L3, P3)
   w = features((len(paths), 4), 3)
-  np.testing.assert_allclose(tensor_product(x1, x2, w, paths, P3, L3),
-                             reference_tensor(x1, x2, w, paths, P3, L3), atol=1e-12)
+  np.testing.assert_allclose(
+    tensor_product(x1, x2, w, paths, P3, L3), reference_tensor(x1, x2, w, paths, P3, L3), atol=1e-12
+  )
 
 
 @pytest.mark.parametrize("module", [pt.Tensor, pt.FusedTensor])
@@ -73,8 +83,9 @@ def test_tensor_layers_equivariant(module, pseudo):
   assert y.shape == (3, 2 if pseudo else 1, 16, 4)
   assert np.abs(np.asarray(y)).max() > 1e-3
   for rot in ROTS:
-    np.testing.assert_allclose(layer.apply(params, transform(x1, rot), transform(x2, rot)),
-                               transform(y, rot), atol=1e-12)
+    np.testing.assert_allclose(
+      layer.apply(params, transform(x1, rot), transform(x2, rot)), transform(y, rot), atol=1e-12
+    )
 
 
 def test_pseudotensor_sign_under_reflection():
@@ -86,8 +97,9 @@ def test_pseudotensor_sign_under_reflection():
   axial = np.asarray(y[0, 0, 1:4, 0])  # parity +1 channel, l = 1
   np.testing.assert_allclose(axial, [0, 0, 1 / np.sqrt(2)], atol=1e-14)
   inv = -np.eye(3)
-  y_inv = tensor_product(transform(a, inv), transform(b, inv), jnp.ones((len(paths), 1)),
-                         paths, 2, 1)
+  y_inv = tensor_product(
+    transform(a, inv), transform(b, inv), jnp.ones((len(paths), 1)), paths, 2, 1
+  )
   np.testing.assert_allclose(y_inv, y, atol=1e-14)  # both inputs flip: product unchanged
   np.testing.assert_allclose(transform(y, inv), y, atol=1e-14)  # and axial vectors don't flip
 
@@ -99,8 +111,9 @@ def test_gate_equivariant():
   y = layer.apply(params, x)
   np.testing.assert_allclose(y[..., 0, 0, :], jax.nn.silu(x[..., 0, 0, :]))
   for rot in ROTS:
-    np.testing.assert_allclose(layer.apply(params, transform(x, rot)), transform(y, rot),
-                               atol=1e-12)
+    np.testing.assert_allclose(
+      layer.apply(params, transform(x, rot)), transform(y, rot), atol=1e-12
+    )
 
 
 def test_change_max_degree_or_type_roundtrip():
@@ -108,9 +121,9 @@ def test_change_max_degree_or_type_roundtrip():
   x2 = pt.change_max_degree_or_type(x, include_pseudotensors=True)
   assert x2.shape == (2, 2, 9, 3)
   for rot in ROTS:  # same object in the other layout: still transforms consistently
-    np.testing.assert_allclose(transform(x2, rot),
-                               pt.change_max_degree_or_type(transform(x, rot), None, True),
-                               atol=1e-12)
+    np.testing.assert_allclose(
+      transform(x2, rot), pt.change_max_degree_or_type(transform(x, rot), None, True), atol=1e-12
+    )
   np.testing.assert_array_equal(pt.change_max_degree_or_type(x2, include_pseudotensors=False), x)
   assert pt.change_max_degree_or_type(x, 1).shape == (2, 1, 4, 3)
   padded = pt.change_max_degree_or_type(x, 3)

@@ -49,8 +49,16 @@ def cu32(a: float = 3.4, rattle: float = 0.15) -> ase.Atoms:
 
 # The shared NVE reference: float64, 1 fs, 200 steps in chunks of 50, a row and a frame every
 # 10 steps. Every run with these settings (and the same potential) reuses one compilation.
-REF = dict(ensemble="nve", temperature=300.0, timestep=1.0, chunk=50, log_interval=10,
-           dr_threshold=SKIN, dtype=jnp.float64, seed=0)
+REF = dict(
+  ensemble="nve",
+  temperature=300.0,
+  timestep=1.0,
+  chunk=50,
+  log_interval=10,
+  dr_threshold=SKIN,
+  dtype=jnp.float64,
+  seed=0,
+)
 STEPS = 200
 
 
@@ -104,8 +112,10 @@ def test_nve_conserves_energy(reference):
   assert log.temperature[0] == pytest.approx(300.0, rel=1e-9)  # Maxwell-Boltzmann, rescaled
   assert np.all(np.isfinite(log.pressure)) and np.ptp(log.volume) == 0
   drift = np.abs(log.etot - log.etot[0]).max()
-  print(f"NVE float64, dt 1 fs, 200 fs: max |E(t) - E(0)| = {drift:.2e} eV "
-        f"(E_kin(0) = {log.ekin[0]:.3f} eV, potential energy varied by {np.ptp(log.epot):.3f} eV)")
+  print(
+    f"NVE float64, dt 1 fs, 200 fs: max |E(t) - E(0)| = {drift:.2e} eV "
+    f"(E_kin(0) = {log.ekin[0]:.3f} eV, potential energy varied by {np.ptp(log.epot):.3f} eV)"
+  )
   assert np.ptp(log.epot) > 0.1  # atoms really moved through the landscape
   assert drift <= 1e-4 * log.ekin[0]
   # One compilation for four chunks; the generous default list never overflowed here.
@@ -133,14 +143,17 @@ def test_overflow_replay_matches_run_without_overflow(pot, reference, tmp_path):
   ref, _ = reference
   # capacity_multiplier=1.0: the list has room for exactly the start's pairs, and the second
   # shell crossing the list cutoff overflows it within the first chunks.
-  result = md.run(cu32(), pot, steps=STEPS, capacity_multiplier=1.0, **REF,
-                  traj=tmp_path / "overflow.traj")
+  result = md.run(
+    cu32(), pot, steps=STEPS, capacity_multiplier=1.0, **REF, traj=tmp_path / "overflow.traj"
+  )
   dx = np.abs(result.atoms.positions - ref.atoms.positions).max()
   dp = np.abs(result.atoms.get_momenta() - ref.atoms.get_momenta()).max()
   de = np.abs(result.log.etot - ref.log.etot).max()
-  print(f"overflow replay: {result.num_reallocations} reallocation(s), "
-        f"{result.num_compilations} compilation(s); max |dx| = {dx:.1e} Å, "
-        f"|dp| = {dp:.1e}, |dE| = {de:.1e} eV vs the run that never overflowed")
+  print(
+    f"overflow replay: {result.num_reallocations} reallocation(s), "
+    f"{result.num_compilations} compilation(s); max |dx| = {dx:.1e} Å, "
+    f"|dp| = {dp:.1e}, |dE| = {de:.1e} eV vs the run that never overflowed"
+  )
   assert result.num_reallocations >= 1
   # One compilation per capacity, never one per chunk.
   assert result.num_compilations <= 1 + result.num_reallocations
@@ -190,16 +203,27 @@ def test_interrupted_run_resumes_to_the_same_trajectory(pot, reference, tmp_path
   assert [f.info["md_step"] for f in got] == [f.info["md_step"] for f in want]
   dx = max(np.abs(a.positions - b.positions).max() for a, b in zip(got, want))
   dp = max(np.abs(a.get_momenta() - b.get_momenta()).max() for a, b in zip(got, want))
-  print(f"interrupted at step 50 and resumed: max |dx| = {dx:.1e} Å, |dp| = {dp:.1e} "
-        f"amu Å/t over 200 steps vs the straight run")
+  print(
+    f"interrupted at step 50 and resumed: max |dx| = {dx:.1e} Å, |dp| = {dp:.1e} "
+    f"amu Å/t over 200 steps vs the straight run"
+  )
   assert dx <= 1e-9 and dp <= 1e-9
   # The CSV log holds every row once, in order, as the straight run's.
   with open(log_path) as f:
     rows = list(csv.DictReader(f))
   assert [int(r["step"]) for r in rows] == list(ref.log.step)
   np.testing.assert_allclose([float(r["etot_eV"]) for r in rows], ref.log.etot, atol=1e-9)
-  assert set(rows[0]) == {"step", "time_ps", "epot_eV", "ekin_eV", "etot_eV", "temperature_K",
-                          "conserved_eV", "pressure_bar", "volume_A3"}
+  assert set(rows[0]) == {
+    "step",
+    "time_ps",
+    "epot_eV",
+    "ekin_eV",
+    "etot_eV",
+    "temperature_K",
+    "conserved_eV",
+    "pressure_bar",
+    "volume_A3",
+  }
 
   # Resuming a finished run is a no-op that returns its last frame.
   done = md.run(cu32(), pot, steps=STEPS, traj=path, resume=True, **REF)
@@ -238,14 +262,23 @@ def test_nvt_langevin_reaches_target_temperature(pot):
   # 600 K with tau 20 fs.
   atoms = cu32(3.6, 0.05)
   atoms.set_cell([[7.2, 0.0, 0.0], [1.1, 7.1, 0.0], [0.7, -0.9, 7.3]], scale_atoms=True)
-  result = md.run(atoms, pot, ensemble="nvt_langevin", temperature=600.0,
-                  init_temperature=100.0, friction=0.05, timestep=2.0, steps=400, chunk=100,
-                  log_interval=10, dr_threshold=SKIN)
+  result = md.run(
+    atoms,
+    pot,
+    ensemble="nvt_langevin",
+    temperature=600.0,
+    init_temperature=100.0,
+    friction=0.05,
+    timestep=2.0,
+    steps=400,
+    chunk=100,
+    log_interval=10,
+    dr_threshold=SKIN,
+  )
   t = result.log.temperature
   assert t[0] == pytest.approx(100.0, rel=1e-4)
-  late = t[len(t) // 2:].mean()
-  print(f"Langevin: T(0) = {t[0]:.0f} K, mean T over the last 400 fs = {late:.0f} K "
-        f"(target 600 K)")
+  late = t[len(t) // 2 :].mean()
+  print(f"Langevin: T(0) = {t[0]:.0f} K, mean T over the last 400 fs = {late:.0f} K (target 600 K)")
   assert 450.0 <= late <= 750.0
   assert result.atoms.get_positions().dtype == np.float64  # ASE side is float64 always
 
@@ -261,7 +294,8 @@ def test_npt_atoms_at_rest_stay_at_fractional_positions():
   R = jnp.array([[0.1, 0.1, 0.1], [0.9, 0.9, 0.9]])
   init, apply_jaxmd = npt(shift_fn=shift_fn)
   apply_driver = lambda state: npt(
-      shift_fn=npt_fractional_shift(shift_fn, simulate.npt_box(state)))[1](state)
+    shift_fn=npt_fractional_shift(shift_fn, simulate.npt_box(state))
+  )[1](state)
   for apply, moves in ((apply_jaxmd, True), (apply_driver, False)):
     state = init(jax.random.PRNGKey(0), R, box, mass=1.0, momenta=jnp.zeros((2, 3)))
     state = state.set(box_momentum=-0.05 * state.box_mass)  # the box shrinks
@@ -277,14 +311,29 @@ def test_npt_compression(pot, tmp_path):
   # atoms moved, which JAX-MD's displacement-based rebuild alone does not notice.
   atoms = cu32(3.6, 0.3)
   atoms.set_masses(np.full(len(atoms), 1e5))
-  result = md.run(atoms, pot, ensemble="npt", temperature=300.0, pressure=40000.0,
-                  timestep=1.0, tau_p=500.0, tau_t=50.0, steps=100, chunk=50, log_interval=10,
-                  dr_threshold=SKIN, dtype=jnp.float64, traj=tmp_path / "npt.traj")
+  result = md.run(
+    atoms,
+    pot,
+    ensemble="npt",
+    temperature=300.0,
+    pressure=40000.0,
+    timestep=1.0,
+    tau_p=500.0,
+    tau_t=50.0,
+    steps=100,
+    chunk=50,
+    log_interval=10,
+    dr_threshold=SKIN,
+    dtype=jnp.float64,
+    traj=tmp_path / "npt.traj",
+  )
   v, p, h = result.log.volume, result.log.pressure, result.log.conserved
   du = (result.atoms.get_scaled_positions() - atoms.get_scaled_positions() + 0.5) % 1.0 - 0.5
-  print(f"NPT: volume {v[0]:.2f} -> {v[-1]:.2f} Å^3, pressure {p[0]:.0f} -> {p[-1]:.0f} bar, "
-        f"max |du| = {np.abs(du).max():.1e}, conserved quantity drift "
-        f"{np.abs(h - h[0]).max():.1e} eV")
+  print(
+    f"NPT: volume {v[0]:.2f} -> {v[-1]:.2f} Å^3, pressure {p[0]:.0f} -> {p[-1]:.0f} bar, "
+    f"max |du| = {np.abs(du).max():.1e}, conserved quantity drift "
+    f"{np.abs(h - h[0]).max():.1e} eV"
+  )
   assert np.all(np.isfinite(v)) and np.all(np.isfinite(p))
   assert v[-1] < 0.85 * v[0]
   assert v[0] == pytest.approx(atoms.get_volume(), rel=1e-12)
@@ -308,6 +357,7 @@ def small_cell_energy_matches_ase(pot, result) -> float:
   """Relative difference of the run's last energy to the ASE calculator's on its last frame
   (which sees every periodic image): a missed pair would show."""
   from plugin.ase import Calculator
+
   final = result.atoms.copy()
   final.calc = Calculator(pot, dtype="float64")
   e_ref = final.get_potential_energy()
@@ -318,11 +368,23 @@ def test_small_cell_nve(pot):
   # A 4-atom cell of 3.6 Å, narrower than 2 * (cutoff + skin): a list with periodic images.
   atoms = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)
   atoms.rattle(0.1, seed=1)
-  result = md.run(atoms, pot, ensemble="nve", temperature=600.0, timestep=1.0, steps=100,
-                  chunk=50, log_interval=10, dr_threshold=SKIN, dtype=jnp.float64)
+  result = md.run(
+    atoms,
+    pot,
+    ensemble="nve",
+    temperature=600.0,
+    timestep=1.0,
+    steps=100,
+    chunk=50,
+    log_interval=10,
+    dr_threshold=SKIN,
+    dtype=jnp.float64,
+  )
   e = result.log.etot
-  print(f"small-cell NVE: max |E(t) - E(0)| = {np.abs(e - e[0]).max():.1e} eV, "
-        f"E_pot {result.log.epot[0]:.4f} -> {result.log.epot[-1]:.4f} eV")
+  print(
+    f"small-cell NVE: max |E(t) - E(0)| = {np.abs(e - e[0]).max():.1e} eV, "
+    f"E_pot {result.log.epot[0]:.4f} -> {result.log.epot[-1]:.4f} eV"
+  )
   assert np.ptp(result.log.epot) > 1e-3  # the atoms moved
   assert np.abs(e - e[0]).max() < 1e-4
   assert small_cell_energy_matches_ase(pot, result) <= 1e-10
@@ -337,14 +399,28 @@ def test_npt_small_cell_compression(pot):
   atoms = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)
   atoms.rattle(0.1, seed=0)
   atoms.set_masses(np.full(len(atoms), 1e5))
-  result = md.run(atoms, pot, ensemble="npt", temperature=300.0, pressure=30000.0,
-                  timestep=1.0, tau_p=300.0, tau_t=50.0, steps=150, chunk=50, log_interval=10,
-                  dr_threshold=SKIN, dtype=jnp.float64)
+  result = md.run(
+    atoms,
+    pot,
+    ensemble="npt",
+    temperature=300.0,
+    pressure=30000.0,
+    timestep=1.0,
+    tau_p=300.0,
+    tau_t=50.0,
+    steps=150,
+    chunk=50,
+    log_interval=10,
+    dr_threshold=SKIN,
+    dtype=jnp.float64,
+  )
   v, h = result.log.volume, result.log.conserved
   scale = (v[-1] / v[0]) ** (1 / 3)
-  print(f"small-cell NPT: linear scale {scale:.3f}, {result.num_reallocations} "
-        f"reallocation(s), {result.num_compilations} compilation(s), conserved quantity drift "
-        f"{np.abs(h - h[0]).max():.1e} eV")
+  print(
+    f"small-cell NPT: linear scale {scale:.3f}, {result.num_reallocations} "
+    f"reallocation(s), {result.num_compilations} compilation(s), conserved quantity drift "
+    f"{np.abs(h - h[0]).max():.1e} eV"
+  )
   assert scale < 0.9 and result.num_reallocations >= 1
   assert result.num_compilations <= 1 + result.num_reallocations
   assert np.abs(h - h[0]).max() < 1e-3
@@ -358,12 +434,26 @@ def test_npt_box_shrinking_below_the_minimum_image_limit(pot):
   # periodic images (one more compilation), without missing a pair.
   atoms = cu32(3.35)
   atoms.set_masses(np.full(len(atoms), 1e5))
-  result = md.run(atoms, pot, ensemble="npt", temperature=300.0, pressure=40000.0,
-                  timestep=1.0, tau_p=500.0, tau_t=50.0, steps=100, chunk=50, log_interval=10,
-                  dr_threshold=SKIN, dtype=jnp.float64)
+  result = md.run(
+    atoms,
+    pot,
+    ensemble="npt",
+    temperature=300.0,
+    pressure=40000.0,
+    timestep=1.0,
+    tau_p=500.0,
+    tau_t=50.0,
+    steps=100,
+    chunk=50,
+    log_interval=10,
+    dr_threshold=SKIN,
+    dtype=jnp.float64,
+  )
   width = result.atoms.cell.lengths().min()
-  print(f"NPT through the limit: final width {width:.3f} Å, {result.num_reallocations} "
-        f"reallocation(s), {result.num_compilations} compilation(s)")
+  print(
+    f"NPT through the limit: final width {width:.3f} Å, {result.num_reallocations} "
+    f"reallocation(s), {result.num_compilations} compilation(s)"
+  )
   assert width < 2 * (RC + SKIN) and result.num_reallocations >= 1
   assert result.num_compilations <= 1 + result.num_reallocations
   assert np.abs(result.log.conserved - result.log.conserved[0]).max() < 1e-3
@@ -375,14 +465,27 @@ def test_molecule_open_boundaries(pot, tmp_path):
   cluster = ase.cluster.Icosahedron("Cu", noshells=2, latticeconstant=3.6)
   cluster.positions -= cluster.get_center_of_mass()
   path = tmp_path / "cluster.xyz"
-  result = md.run(cluster, pot, ensemble="nvt_nose_hoover", temperature=300.0, timestep=1.0,
-                  steps=100, chunk=50, traj=path, traj_interval=25, dr_threshold=SKIN,
-                  dtype=jnp.float64, progress=True)
+  result = md.run(
+    cluster,
+    pot,
+    ensemble="nvt_nose_hoover",
+    temperature=300.0,
+    timestep=1.0,
+    steps=100,
+    chunk=50,
+    traj=path,
+    traj_interval=25,
+    dr_threshold=SKIN,
+    dtype=jnp.float64,
+    progress=True,
+  )
   assert result.log.pressure is None
   assert np.all(np.isfinite(result.log.etot))
   h = result.log.conserved  # the Nose-Hoover chain's extended energy
-  print(f"cluster NVT: T {result.log.temperature[0]:.0f} -> {result.log.temperature[-1]:.0f} K, "
-        f"conserved quantity drift {np.abs(h - h[0]).max():.1e} eV")
+  print(
+    f"cluster NVT: T {result.log.temperature[0]:.0f} -> {result.log.temperature[-1]:.0f} K, "
+    f"conserved quantity drift {np.abs(h - h[0]).max():.1e} eV"
+  )
   assert np.abs(h - h[0]).max() < 1e-3
   assert not result.atoms.pbc.any()
   # positions come back in the caller's frame: the cluster has not jumped anywhere

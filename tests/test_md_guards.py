@@ -22,8 +22,16 @@ from plugin import cli, thermo
 from plugin.md import guards
 from plugin.md.settings import DEFAULTS, guard_limits
 
-KW = dict(ensemble="nve", temperature=300.0, timestep=2.0, chunk=20, log_interval=5,
-          dr_threshold=0.2, dtype=jnp.float64, seed=0)
+KW = dict(
+  ensemble="nve",
+  temperature=300.0,
+  timestep=2.0,
+  chunk=20,
+  log_interval=5,
+  dr_threshold=0.2,
+  dtype=jnp.float64,
+  seed=0,
+)
 
 
 def cu32(rattle: float = 0.15) -> ase.Atoms:
@@ -45,9 +53,13 @@ def exploding():
 
 def test_default_limits_and_the_host_rule():
   assert guard_limits(max_temperature=None, max_force=None, temperature=300.0) == (
-      DEFAULTS.max_temperature_floor, math.inf)
+    DEFAULTS.max_temperature_floor,
+    math.inf,
+  )
   assert guard_limits(max_temperature=None, max_force=2.0, temperature=1000.0) == (
-      DEFAULTS.max_temperature_factor * 1000.0, 2.0)
+    DEFAULTS.max_temperature_factor * 1000.0,
+    2.0,
+  )
   for bad in (0.0, -1.0, float("nan")):
     with pytest.raises(ValueError, match="max_temperature must be > 0"):
       guard_limits(max_temperature=bad, max_force=None, temperature=300.0)
@@ -70,6 +82,7 @@ def test_non_finite_forces_stop_the_compiled_loop_at_the_last_good_step():
   from jax_md import space
   from plugin.md import engine as eng
   from plugin.md.ensembles import Params
+
   trap = 2.0
 
   def energy_fn(R, **kw):
@@ -77,15 +90,32 @@ def test_non_finite_forces_stop_the_compiled_loop_at_the_last_good_step():
     return 0.5 * jnp.sum(R**2) + jnp.sum(cliff)
 
   dt_fs = 0.5
-  params = Params.from_user(timestep=dt_fs, temperature=0.0, friction=0.0, tau_t=1.0,
-                            tau_p=1.0, pressure=0.0)
-  key = eng.EngineKey(ensemble="nve", params=params, numbers=(29,), periodic=False,
-                      box=tuple(np.eye(3).ravel()), dr_threshold=0.0, capacity_multiplier=1.0,
-                      chunk=10, log_interval=5, traj_interval=0)
-  engine = eng.make_engine(key, energy_fn=energy_fn, neighbor_fn=None, displacement_fn=None,
-                           shift_fn=space.free()[1], cutoff=0.0)
-  carry, extra = eng.start(engine, jnp.zeros((1, 3)), np.eye(3), np.ones(1),
-                           np.array([[3.0, 0.0, 0.0]]), seed=0)
+  params = Params.from_user(
+    timestep=dt_fs, temperature=0.0, friction=0.0, tau_t=1.0, tau_p=1.0, pressure=0.0
+  )
+  key = eng.EngineKey(
+    ensemble="nve",
+    params=params,
+    numbers=(29,),
+    periodic=False,
+    box=tuple(np.eye(3).ravel()),
+    dr_threshold=0.0,
+    capacity_multiplier=1.0,
+    chunk=10,
+    log_interval=5,
+    traj_interval=0,
+  )
+  engine = eng.make_engine(
+    key,
+    energy_fn=energy_fn,
+    neighbor_fn=None,
+    displacement_fn=None,
+    shift_fn=space.free()[1],
+    cutoff=0.0,
+  )
+  carry, extra = eng.start(
+    engine, jnp.zeros((1, 3)), np.eye(3), np.ones(1), np.array([[3.0, 0.0, 0.0]]), seed=0
+  )
   chunks = list(eng.simulate_chunks(engine, carry, 0, 1000, extra))
   last = chunks[-1]
   assert last.guard == guards.NON_FINITE and len(chunks) < 10
@@ -128,15 +158,17 @@ def test_force_guard(exploding, tmp_path):
   # so the guard must fire no later than the first frame above it.
   unguarded = tmp_path / "unguarded.extxyz"
   md.run(cu32(0.0), exploding, steps=40, traj=unguarded, max_temperature=math.inf, **KW)
-  fmax = np.array([np.linalg.norm(f.get_forces(), axis=1).max()
-                   for f in md.read_trajectory(unguarded)])
+  fmax = np.array(
+    [np.linalg.norm(f.get_forces(), axis=1).max() for f in md.read_trajectory(unguarded)]
+  )
   assert fmax[0] < 1e-3 < fmax.max()
   limit = 0.5 * (fmax[0] + fmax.max())
   first_above = 5 * int(np.argmax(fmax > limit))  # a frame every log_interval = 5 steps
   path = tmp_path / "force.h5"
   with pytest.warns(RuntimeWarning, match="max_force"):
-    result = md.run(cu32(0.0), exploding, steps=200, traj=path, max_force=limit,
-                    max_temperature=math.inf, **KW)
+    result = md.run(
+      cu32(0.0), exploding, steps=200, traj=path, max_force=limit, max_temperature=math.inf, **KW
+    )
   assert result.stopped == "max_force" and result.total_steps < first_above
   assert f"exceeded max_force {limit:g} eV/Å" in result.reason
   frames = md.read_trajectory(path)
@@ -180,8 +212,24 @@ def test_cli_exit_status_and_one_line_reason(exploding, tmp_path, capsys, engine
   exploding.save(model)
   write(structure, cu32())
   out = tmp_path / "boom.extxyz"
-  status = cli.main(["md", str(structure), "--model", str(model), "--ensemble", "nve",
-                     "--dt", "2", "--steps", "200", "--engine", engine, "--out", str(out)])
+  status = cli.main(
+    [
+      "md",
+      str(structure),
+      "--model",
+      str(model),
+      "--ensemble",
+      "nve",
+      "--dt",
+      "2",
+      "--steps",
+      "200",
+      "--engine",
+      engine,
+      "--out",
+      str(out),
+    ]
+  )
   err = capsys.readouterr().err.strip().splitlines()  # the progress bar, then the reason
   assert status == cli.RUNAWAY_STATUS != 0
   reason = [line for line in err if "MD stopped" in line]

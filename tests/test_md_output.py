@@ -25,8 +25,16 @@ from plugin.md import output
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Nose-Hoover: its chain variables (md_state) must survive every format for an exact resume.
-KW = dict(ensemble="nvt_nose_hoover", temperature=300.0, timestep=1.0, chunk=20,
-          log_interval=10, dr_threshold=0.2, dtype=jnp.float64, seed=0)
+KW = dict(
+  ensemble="nvt_nose_hoover",
+  temperature=300.0,
+  timestep=1.0,
+  chunk=20,
+  log_interval=10,
+  dr_threshold=0.2,
+  dtype=jnp.float64,
+  seed=0,
+)
 STEPS, CUT = 60, 40
 FORMATS = ["traj", "extxyz", "h5"]
 # extxyz stores 8 decimals: a resumed run starts 1e-8 away and (chaos) drifts a little further
@@ -72,9 +80,11 @@ def test_format_by_extension_and_clear_errors(monkeypatch):
 
 
 def test_integrator_state_survives_the_text_token():
-  state = {".chain.position": np.array([0.1, -2.5e-17, 3.0]), ".key": np.array([7, 2**32 - 1],
-                                                                               np.uint32),
-           ".chain.tau": np.array(12.5)}
+  state = {
+    ".chain.position": np.array([0.1, -2.5e-17, 3.0]),
+    ".key": np.array([7, 2**32 - 1], np.uint32),
+    ".chain.tau": np.array(12.5),
+  }
   token = output.encode_state(state)
   assert token.replace("-", "").replace("_", "").isalnum()  # fits an extxyz comment line
   back = output.decode_state(token)
@@ -124,12 +134,15 @@ def check_h5md_layout(path, frames):
     assert part["box/edges/value"].shape == (n, 3, 3)
     np.testing.assert_array_equal(part["species"][()], frames[0].numbers)
     np.testing.assert_array_equal(part["position/step"][()], steps_of(frames))
-    np.testing.assert_allclose(part["position/value"][-1], frames[-1].positions, rtol=0,
-                               atol=1e-12)
-    np.testing.assert_allclose(part["velocity/value"][-1] / md.FS,
-                               frames[-1].get_velocities(), rtol=1e-12)
-    np.testing.assert_allclose(f["observables/potential_energy/value"][()],
-                               [a.get_potential_energy() for a in frames], rtol=1e-12)
+    np.testing.assert_allclose(part["position/value"][-1], frames[-1].positions, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+      part["velocity/value"][-1] / md.FS, frames[-1].get_velocities(), rtol=1e-12
+    )
+    np.testing.assert_allclose(
+      f["observables/potential_energy/value"][()],
+      [a.get_potential_energy() for a in frames],
+      rtol=1e-12,
+    )
     assert f["observables/stress/value"].shape == (n, 6)
 
 
@@ -166,14 +179,14 @@ def test_each_format_written_read_back_and_resumed(pot, straight, tmp_path, fmt)
   dx = max(np.abs(a.positions - b.positions).max() for a, b in zip(got, ref_frames))
   print(f"{fmt}: resumed at step {CUT}, max |dx| = {dx:.1e} Å vs the straight run")
   assert dx <= tol
-  np.testing.assert_allclose(resumed.atoms.get_momenta(), ref.atoms.get_momenta(), rtol=0,
-                             atol=tol)
+  np.testing.assert_allclose(resumed.atoms.get_momenta(), ref.atoms.get_momenta(), rtol=0, atol=tol)
 
 
 def test_frame_stress_is_the_ase_calculators(pot, straight):
   # the engine's virial (strain derivative in its rotated fractional frame) comes out as ASE's
   # stress: the same as plugin.ase.Calculator's for the frame's positions and cell
   from plugin.ase import Calculator
+
   _, frames = straight
   frame = frames[-1]
   atoms = frame.copy()
@@ -212,10 +225,12 @@ md.run(t.cu32(), t.tiny_copper_potential(3.0), steps={steps}, traj=str(base) + "
 def killed(tmp_path_factory):
   """A folder with killed.{traj,extxyz,h5}: one run SIGKILLed after step CUT's frames."""
   folder = tmp_path_factory.mktemp("killed")
-  code = CHILD.format(root=str(ROOT), tests=str(ROOT / "tests"), cut=CUT, steps=STEPS,
-                      base=str(folder / "killed"))
-  proc = subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True,
-                        text=True, timeout=600)
+  code = CHILD.format(
+    root=str(ROOT), tests=str(ROOT / "tests"), cut=CUT, steps=STEPS, base=str(folder / "killed")
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", code], cwd=folder, capture_output=True, text=True, timeout=600
+  )
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   return folder
 
@@ -230,14 +245,14 @@ def tear(path: pathlib.Path, fmt: str) -> None:
       f.write(os.urandom(300))
   else:
     import h5py
+
     with h5py.File(path, "a") as f:  # position written, the rest of the frame not
       ds = f["particles/all/position/value"]
       ds.resize(ds.shape[0] + 1, axis=0)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_killed_run_reads_back_to_its_last_frame_and_resumes(pot, straight, killed, tmp_path,
-                                                            fmt):
+def test_killed_run_reads_back_to_its_last_frame_and_resumes(pot, straight, killed, tmp_path, fmt):
   _, ref_frames = straight
   path = tmp_path / f"killed.{fmt}"
   shutil.copy(killed / f"killed.{fmt}", path)
@@ -248,20 +263,40 @@ def test_killed_run_reads_back_to_its_last_frame_and_resumes(pot, straight, kill
   assert resumed.first_step == CUT
   got = md.read_trajectory(path)
   assert steps_of(got) == steps_of(ref_frames)
-  np.testing.assert_allclose(got[-1].positions, ref_frames[-1].positions, rtol=0,
-                             atol=TOLERANCE[fmt])
+  np.testing.assert_allclose(
+    got[-1].positions, ref_frames[-1].positions, rtol=0, atol=TOLERANCE[fmt]
+  )
 
 
 @pytest.mark.slow  # two CLI processes compiling (about 2 minutes on one core)
 def test_cli_sigterm_keeps_the_frames_and_resumes(tiny_model_files, tmp_path):
   # a batch system's time limit: SIGTERM while `eqattn md` runs; exit 143, frames kept
   import time
+
   structure, out = tmp_path / "cu.extxyz", tmp_path / "md.h5"
   ase.io.write(structure, cu32())
-  argv = [sys.executable, "-m", "plugin.cli", "md", str(structure), "--model",
-          tiny_model_files["copper"], "--ensemble", "nve", "--dt", "1", "--out", str(out)]
-  proc = subprocess.Popen(argv + ["--steps", "100000"], cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  argv = [
+    sys.executable,
+    "-m",
+    "plugin.cli",
+    "md",
+    str(structure),
+    "--model",
+    tiny_model_files["copper"],
+    "--ensemble",
+    "nve",
+    "--dt",
+    "1",
+    "--out",
+    str(out),
+  ]
+  proc = subprocess.Popen(
+    argv + ["--steps", "100000"],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   try:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -276,7 +311,12 @@ def test_cli_sigterm_keeps_the_frames_and_resumes(tiny_model_files, tmp_path):
   frames = md.read_trajectory(out)
   assert len(frames) >= 3 and np.all(np.isfinite(frames[-1].positions))
   done = int(frames[-1].info["md_step"])
-  more = subprocess.run(argv + ["--steps", str(done + 100), "--resume"], cwd=ROOT,
-                        capture_output=True, text=True, timeout=600)
+  more = subprocess.run(
+    argv + ["--steps", str(done + 100), "--resume"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert more.returncode == 0, more.stderr[-2000:]
   assert md.read_trajectory(out, -1).info["md_step"] == done + 100

@@ -23,15 +23,31 @@ import potentials
 import plugin.md as md
 from plugin.md import replicas
 
-NVE = dict(ensemble="nve", temperature=300.0, timestep=0.5, steps=200, chunk=50,
-           log_interval=10, dr_threshold=0.3, dtype=jnp.float64)
+NVE = dict(
+  ensemble="nve",
+  temperature=300.0,
+  timestep=0.5,
+  steps=200,
+  chunk=50,
+  log_interval=10,
+  dr_threshold=0.3,
+  dtype=jnp.float64,
+)
 
 
 def mixed_potential():
   """A tiny random model of H, C, O and Cu: molecules and metals in one batch."""
-  pot = potentials.Potential.create(0, species=["H", "C", "O", "Cu"], cutoff=3.0, features=8,
-                                    max_degree=1, num_iterations=1, num_heads=2, num_basis=4,
-                                    density_features=False)
+  pot = potentials.Potential.create(
+    0,
+    species=["H", "C", "O", "Cu"],
+    cutoff=3.0,
+    features=8,
+    max_degree=1,
+    num_iterations=1,
+    num_heads=2,
+    num_basis=4,
+    density_features=False,
+  )
   return pot.replace(params={**pot.params, "scale": np.full(4, 5.0, np.float32)})
 
 
@@ -83,8 +99,7 @@ def test_every_replica_equals_its_run_alone(batch, alone):
     assert position_difference(many.atoms, mixed_systems()[i]) > 1e-3
     assert np.ptp(many.log.etot) < 1e-3 * len(many.atoms)
   periodic = batch[1]
-  np.testing.assert_allclose(periodic.atoms.get_stress(), alone[1].atoms.get_stress(),
-                             atol=1e-10)
+  np.testing.assert_allclose(periodic.atoms.get_stress(), alone[1].atoms.get_stress(), atol=1e-10)
   np.testing.assert_allclose(periodic.log.pressure, alone[1].log.pressure, rtol=1e-9)
 
 
@@ -112,8 +127,15 @@ def test_temperatures_and_seeds_per_replica_langevin(tmp_path):
   run alone to round-off; files are named from one path, and resume continues every one."""
   pot = tiny_copper_potential(3.0)
   cu = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
-  kw = dict(ensemble="nvt_langevin", timestep=2.0, chunk=20, log_interval=10, dr_threshold=0.3,
-            dtype=jnp.float32, friction=0.02)
+  kw = dict(
+    ensemble="nvt_langevin",
+    timestep=2.0,
+    chunk=20,
+    log_interval=10,
+    dr_threshold=0.3,
+    dtype=jnp.float32,
+    friction=0.02,
+  )
   out = tmp_path / "md.extxyz"
   many = md.run([cu, cu], pot, temperature=[300.0, 600.0], seed=5, steps=40, traj=out, **kw)
   for i, (t, many_i) in enumerate(zip((300.0, 600.0), many)):
@@ -126,8 +148,9 @@ def test_temperatures_and_seeds_per_replica_langevin(tmp_path):
   frames = md.read_trajectory(paths[1])
   assert [f.info["md_step"] for f in frames] == [0, 10, 20, 30, 40]
   # resume both to step 60; the first 40 steps are not rerun
-  more = md.run([cu, cu], pot, temperature=[300.0, 600.0], seed=5, steps=60, traj=out,
-                resume=True, **kw)
+  more = md.run(
+    [cu, cu], pot, temperature=[300.0, 600.0], seed=5, steps=60, traj=out, resume=True, **kw
+  )
   assert [r.first_step for r in more] == [40, 40] and [r.total_steps for r in more] == [60, 60]
   assert [f.info["md_step"] for f in md.read_trajectory(paths[0])][-3:] == [40, 50, 60]
 
@@ -135,8 +158,14 @@ def test_temperatures_and_seeds_per_replica_langevin(tmp_path):
 def test_nose_hoover_replicas_and_refusals(pot):
   cu = tiny_copper_potential(3.0)
   cell = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
-  kw = dict(ensemble="nvt_nose_hoover", timestep=2.0, steps=20, chunk=20, dr_threshold=0.3,
-            dtype=jnp.float64)
+  kw = dict(
+    ensemble="nvt_nose_hoover",
+    timestep=2.0,
+    steps=20,
+    chunk=20,
+    dr_threshold=0.3,
+    dtype=jnp.float64,
+  )
   many = md.run([cell, cell], cu, temperature=[300.0, 500.0], seed=[1, 2], **kw)
   for t, s, m in zip((300.0, 500.0), (1, 2), many):
     one = md.run(cell, cu, temperature=t, seed=s, **kw)
@@ -163,9 +192,20 @@ def test_guard_in_one_replica_stops_the_batch_with_last_good_frames(tmp_path):
   hot.rattle(0.15, seed=0)
   out = tmp_path / "g.traj"
   with pytest.warns(RuntimeWarning, match="system 1: MD stopped at step"):
-    res = md.run([calm, hot], exploding, ensemble="nve", temperature=[1.0, 300.0],
-                 timestep=2.0, steps=200, chunk=20, log_interval=5, dr_threshold=0.2,
-                 dtype=jnp.float64, traj=out, max_temperature=5000.0)
+    res = md.run(
+      [calm, hot],
+      exploding,
+      ensemble="nve",
+      temperature=[1.0, 300.0],
+      timestep=2.0,
+      steps=200,
+      chunk=20,
+      log_interval=5,
+      dr_threshold=0.2,
+      dtype=jnp.float64,
+      traj=out,
+      max_temperature=5000.0,
+    )
   assert res[1].stopped == "max_temperature" and res[0].stopped == "other_system"
   assert res[0].total_steps == res[1].total_steps < 200
   assert "stopped with system 1" in res[0].reason
@@ -180,10 +220,12 @@ def test_padding_and_pair_list_match_brute_force(pot):
   """The replica list holds exactly the pairs within cutoff + skin of every system (images
   in the small cell), and padding atoms none."""
   from plugin.md import system as msys
+
   systems = [msys.from_atoms(a, 3.0, 0.3) for a in mixed_systems()]
   batch = replicas.stack(systems, [np.zeros_like(s.R) for s in systems], pot)
-  fns = replicas.ReplicaNeighborFns(batch.geometry, replicas._image_table(batch, 3.3), 3.3,
-                                    0.3, 1.5)
+  fns = replicas.ReplicaNeighborFns(
+    batch.geometry, replicas._image_table(batch, 3.3), 3.3, 0.3, 1.5
+  )
   nbrs = fns.allocate(jnp.asarray(batch.R))
   for i, (s, a) in enumerate(zip(systems, mixed_systems())):
     n = int(nbrs.count[i])
@@ -192,6 +234,7 @@ def test_padding_and_pair_list_match_brute_force(pot):
     assert np.all(dst[n:] == batch.num_atoms)
     if a.pbc.all():
       from ase.neighborlist import neighbor_list
+
       expected = len(neighbor_list("i", a, 3.3))
     else:
       d = np.linalg.norm(a.positions[:, None] - a.positions[None], axis=-1)
@@ -220,8 +263,13 @@ def test_sharded_over_two_devices_equals_one_device(pot, tmp_path):
   out = tmp_path / "sharded.npy"
   tests = str(Path(__file__).parent)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  subprocess.run([sys.executable, "-c", SHARDED.format(tests=tests, out=str(out))], check=True,
-                 env=env, cwd=str(Path(__file__).parents[1]), timeout=600)
+  subprocess.run(
+    [sys.executable, "-c", SHARDED.format(tests=tests, out=str(out))],
+    check=True,
+    env=env,
+    cwd=str(Path(__file__).parents[1]),
+    timeout=600,
+  )
   systems = mixed_systems()[1:] * 2
   res = md.run(systems, pot, seed=[0, 1, 2, 3], **dict(NVE, steps=60))
   ref = np.concatenate([r.atoms.positions.ravel() for r in res] + [r.log.etot for r in res])

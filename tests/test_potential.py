@@ -10,8 +10,9 @@ from potentials import so3
 from conftest import all_pairs, random_cluster
 
 RC = 3.0
-HYPER = dict(features=8, max_degree=2, num_iterations=2, num_heads=2, num_basis=6,
-             product=True, radial_mlp=4)  # the physics tests below cover both options too
+HYPER = dict(
+  features=8, max_degree=2, num_iterations=2, num_heads=2, num_basis=6, product=True, radial_mlp=4
+)  # the physics tests below cover both options too
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +31,10 @@ def _randomise_products(params, seed=0):
   out = {}
   for k, v in params.items():
     if k.startswith("product_"):
-      v = {**v, "out": {"kernel": rng.normal(0, 0.5, np.shape(v["out"]["kernel"]))
-                        .astype(np.float32)}}
+      v = {
+        **v,
+        "out": {"kernel": rng.normal(0, 0.5, np.shape(v["out"]["kernel"])).astype(np.float32)},
+      }
     out[k] = v
   assert any(k.startswith("product_") for k in out)
   return out
@@ -56,15 +59,33 @@ def energies(pot, z, pos, dst=None, src=None, mask=None):
   if dst is None:
     dst, src = all_pairs(pos, RC)
   e, _ = _fns(pot)
-  return np.asarray(e(pot.params, jnp.asarray(pot.species_index(z)), jnp.asarray(pos),
-                      jnp.asarray(dst), jnp.asarray(src), None, None, mask))
+  return np.asarray(
+    e(
+      pot.params,
+      jnp.asarray(pot.species_index(z)),
+      jnp.asarray(pos),
+      jnp.asarray(dst),
+      jnp.asarray(src),
+      None,
+      None,
+      mask,
+    )
+  )
 
 
 def energy_forces(pot, z, pos):
   dst, src = all_pairs(pos, RC)
   _, ef = _fns(pot)
-  e, g = ef(pot.params, jnp.asarray(pot.species_index(z)), jnp.asarray(pos), jnp.asarray(dst),
-            jnp.asarray(src), None, None, None)
+  e, g = ef(
+    pot.params,
+    jnp.asarray(pot.species_index(z)),
+    jnp.asarray(pos),
+    jnp.asarray(dst),
+    jnp.asarray(src),
+    None,
+    None,
+    None,
+  )
   return float(e), -np.asarray(g)
 
 
@@ -124,9 +145,22 @@ def test_padding_atoms_and_pairs_change_nothing(pot, system):
   np.testing.assert_allclose(e[:n], ref, atol=1e-12)
   assert np.all(e[n:] == 0)
   f = pot.atomic_energies_fn()
-  g = jax.jit(jax.grad(lambda p: jnp.sum(f(pot.params, jnp.asarray(pot.species_index(z_pad)), p,
-                                   jnp.asarray(dst_pad), jnp.asarray(src_pad), None, None,
-                                   mask))))(jnp.asarray(pos_pad))
+  g = jax.jit(
+    jax.grad(
+      lambda p: jnp.sum(
+        f(
+          pot.params,
+          jnp.asarray(pot.species_index(z_pad)),
+          p,
+          jnp.asarray(dst_pad),
+          jnp.asarray(src_pad),
+          None,
+          None,
+          mask,
+        )
+      )
+    )
+  )(jnp.asarray(pos_pad))
   assert np.all(np.isfinite(np.asarray(g))) and np.all(np.asarray(g[n:]) == 0)
 
 
@@ -135,8 +169,9 @@ def test_isolated_atom_energy_is_its_shift(pot):
     got = pot.energy(np.array([z]), np.zeros((1, 3)), np.zeros(0, int), np.zeros(0, int))
     assert got == pytest.approx(float(np.float32(shift)), abs=1e-9)  # shifts are float32 params
   # two atoms beyond the cutoff, and an atom listed only with padded pairs: still the shifts
-  got = pot.energy(np.array([6, 8]), np.array([[0, 0, 0], [RC + 0.01, 0, 0]]),
-                   np.array([0, 1]), np.array([1, 0]))
+  got = pot.energy(
+    np.array([6, 8]), np.array([[0, 0, 0], [RC + 0.01, 0, 0]]), np.array([0, 1]), np.array([1, 0])
+  )
   assert got == pytest.approx(-3070.0, abs=1e-9)  # exactly representable
   got = pot.energy(np.array([1]), np.zeros((1, 3)), np.array([1, 1]), np.array([1, 1]))
   assert got == pytest.approx(float(np.float32(-13.6)), abs=1e-9)
@@ -164,6 +199,7 @@ def test_energy_c1_across_cutoff(pot):
     pos[1] = d * u
     dst, src = all_pairs(pos, RC + 0.5)  # list beyond the cutoff: the model must cut smoothly
     return energies(pot, z, pos, dst, src).sum()
+
   d0, h = RC, 1e-4  # |r_01| = d0: the pair sits exactly at the cutoff
   # second-order one-sided differences: they agree to O(h^2) iff dE/dd is continuous at d0
   left = (3 * e_at(d0) - 4 * e_at(d0 - h) + e_at(d0 - 2 * h)) / (2 * h)
@@ -213,14 +249,19 @@ def test_corrupt_files(pot, tmp_path):
   pot.save(path)
   data = path.read_bytes()
   cases = {
-      "truncated": data[:-100],
-      "flipped": data[:200] + bytes([data[200] ^ 0xFF]) + data[201:],
-      "header_only": data[:20],
-      "not_model": b"hello world, definitely not a model" * 10,
-      "version": data[:13] + (99).to_bytes(4, "little") + data[17:],
+    "truncated": data[:-100],
+    "flipped": data[:200] + bytes([data[200] ^ 0xFF]) + data[201:],
+    "header_only": data[:20],
+    "not_model": b"hello world, definitely not a model" * 10,
+    "version": data[:13] + (99).to_bytes(4, "little") + data[17:],
   }
-  messages = {"truncated": "truncated", "flipped": "corrupt", "header_only": "truncated",
-              "not_model": "not an eqattn model", "version": "version 99"}
+  messages = {
+    "truncated": "truncated",
+    "flipped": "corrupt",
+    "header_only": "truncated",
+    "not_model": "not an eqattn model",
+    "version": "version 99",
+  }
   for name, blob in cases.items():
     p = tmp_path / f"{name}.eqm"
     p.write_bytes(blob)
@@ -247,13 +288,15 @@ def test_product_option_and_old_files(system):
   assert pt.ModelConfig.from_dict({"cutoff": 5.0}).product is False
   assert pt.ModelConfig().product is False
   z, pos = system
-  kw = dict(species=["H", "C", "O"], cutoff=RC,
-            **{k: v for k, v in HYPER.items() if k not in ("product", "radial_mlp")})
+  kw = dict(
+    species=["H", "C", "O"],
+    cutoff=RC,
+    **{k: v for k, v in HYPER.items() if k not in ("product", "radial_mlp")},
+  )
   on, off = pt.Potential.create(1, product=True, **kw), pt.Potential.create(1, **kw)
   assert "product_0" in on.params and "product_0" not in off.params
   dst, src = all_pairs(pos, RC)
-  np.testing.assert_allclose(on.energy(z, pos, dst, src), off.energy(z, pos, dst, src),
-                             rtol=1e-12)
+  np.testing.assert_allclose(on.energy(z, pos, dst, src), off.energy(z, pos, dst, src), rtol=1e-12)
   # the randomised products of the fixture change the energy
   with_products = on.replace(params=_randomise_products(on.params))
   assert abs(with_products.energy(z, pos, dst, src) - on.energy(z, pos, dst, src)) > 1e-3
@@ -264,8 +307,16 @@ def test_radial_mlp_option(system):
   assert pt.ModelConfig.from_dict({"cutoff": 5.0}).radial_mlp == 0
   with pytest.raises(ValueError, match="radial_mlp"):
     pt.ModelConfig(radial_mlp=-1)
-  kw = dict(species=["H", "C", "O"], cutoff=RC, features=8, max_degree=1, num_iterations=2,
-            num_heads=1, num_basis=4, density_features=False)
+  kw = dict(
+    species=["H", "C", "O"],
+    cutoff=RC,
+    features=8,
+    max_degree=1,
+    num_iterations=2,
+    num_heads=1,
+    num_basis=4,
+    density_features=False,
+  )
   on, off = pt.Potential.create(0, radial_mlp=6, **kw), pt.Potential.create(0, **kw)
   assert on.params["radial_1"]["out"]["kernel"].shape == (6, 6)
   assert "radial_0" not in off.params
@@ -281,15 +332,32 @@ def test_density_features_option():
   # files written before the option existed describe the model without it
   assert pt.ModelConfig.from_dict({"cutoff": 5.0}).density_features is False
   assert pt.ModelConfig().density_features is True
-  on = pt.Potential.create(0, species=["Cu"], cutoff=RC, features=8, max_degree=1,
-                           num_iterations=1, num_heads=1, num_basis=4)
-  off = pt.Potential.create(0, species=["Cu"], cutoff=RC, features=8, max_degree=1,
-                            num_iterations=1, num_heads=1, num_basis=4, density_features=False)
+  on = pt.Potential.create(
+    0,
+    species=["Cu"],
+    cutoff=RC,
+    features=8,
+    max_degree=1,
+    num_iterations=1,
+    num_heads=1,
+    num_basis=4,
+  )
+  off = pt.Potential.create(
+    0,
+    species=["Cu"],
+    cutoff=RC,
+    features=8,
+    max_degree=1,
+    num_iterations=1,
+    num_heads=1,
+    num_basis=4,
+    density_features=False,
+  )
   assert "density" in on.params and "density" not in off.params
   # an atom with 1 vs 2 neighbours at the same distance on opposite sides: attention alone
   # averages identical messages and cannot tell them apart; the density can
   z = np.array([29, 29, 29])
   three = np.array([[0.0, 0, 0], [2.5, 0, 0], [-2.5, 0, 0]])
-  centre = lambda p, pos: p.atomic_energies(z[:len(pos)], pos, *all_pairs(pos, RC))[0]
+  centre = lambda p, pos: p.atomic_energies(z[: len(pos)], pos, *all_pairs(pos, RC))[0]
   assert abs(centre(off, three) - centre(off, three[:2])) < 1e-6
   assert abs(centre(on, three) - centre(on, three[:2])) > 1e-4

@@ -20,7 +20,8 @@ def test_readme_snippet_runs(index, tmp_path, monkeypatch):
   exec(compile(SNIPPETS[index], f"README.md snippet {index}", "exec"), scope)
   # test functions shown in the README run too, with the fixtures our pytest plugin provides
   from plugin.testing import assert_energy_conserved
+
   fixtures = {"energy_conservation": assert_energy_conserved}
   for name, fn in list(scope.items()):
     if name.startswith("test_") and callable(fn):
-      fn(**{arg: fixtures[arg] for arg in fn.__code__.co_varnames[:fn.__code__.co_argcount]})
+      fn(**{arg: fixtures[arg] for arg in fn.__code__.co_varnames[: fn.__code__.co_argcount]})

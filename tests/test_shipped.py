@@ -13,8 +13,8 @@ DATA = pathlib.Path(__file__).resolve().parents[1] / "data"
 
 # recorded test MAE must meet these (eV, eV/atom, eV/Å, eV/Å^3)
 TARGETS = {
-    "ethanol": {"energy_mae": 0.005, "forces_mae": 0.025},
-    "copper": {"energy_per_atom_mae": 0.001, "forces_mae": 0.010, "stress_mae": 0.002},
+  "ethanol": {"energy_mae": 0.005, "forces_mae": 0.025},
+  "copper": {"energy_per_atom_mae": 0.001, "forces_mae": 0.010, "stress_mae": 0.002},
 }
 DATASETS = {"ethanol": "ethanol.extxyz.gz", "copper": "copper.extxyz.gz"}
 
@@ -35,7 +35,7 @@ def test_reproduces_recorded_test_mae(name):
   _, _, test_idx = training.split_frames(frames, cfg)
   assert len(test_idx) == meta["training"]["split"][2]
   # evenly spaced held-out frames (test frames are grouped by trajectory and temperature)
-  sample = [frames[i] for i in test_idx[::max(1, len(test_idx) // 48)]]
+  sample = [frames[i] for i in test_idx[:: max(1, len(test_idx) // 48)]]
   got = training.evaluate(pot, sample)
   # a 48-frame slice scatters around the full-set figure; a broken model is off by far more
   for key in TARGETS[name]:

@@ -15,15 +15,21 @@ def _unit(n, seed=0):
 
 @pytest.mark.parametrize("cartesian_order", [True, False])
 def test_racah_normalisation(cartesian_order):
-  y = np.asarray(so3.spherical_harmonics(jnp.asarray(_unit(20)), 6,
-                                         cartesian_order=cartesian_order))
+  y = np.asarray(
+    so3.spherical_harmonics(jnp.asarray(_unit(20)), 6, cartesian_order=cartesian_order)
+  )
   for l in range(7):
-    np.testing.assert_allclose(np.sum(y[:, l * l:(l + 1) ** 2] ** 2, axis=1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(np.sum(y[:, l * l : (l + 1) ** 2] ** 2, axis=1), 1.0, atol=1e-12)
 
 
-@pytest.mark.parametrize("normalization,scale", [("racah", lambda l: 4 * np.pi / (2 * l + 1)),
-                                                 ("4pi", lambda l: 4 * np.pi),
-                                                 ("orthonormal", lambda l: 1.0)])
+@pytest.mark.parametrize(
+  "normalization,scale",
+  [
+    ("racah", lambda l: 4 * np.pi / (2 * l + 1)),
+    ("4pi", lambda l: 4 * np.pi),
+    ("orthonormal", lambda l: 1.0),
+  ],
+)
 def test_orthogonality_by_quadrature(normalization, scale):
   # Gauss-Legendre in cos(theta) x uniform in phi integrates products up to degree 12 exactly.
   x, w = np.polynomial.legendre.leggauss(16)
@@ -46,8 +52,9 @@ def test_explicit_low_degrees_and_orders():
   np.testing.assert_allclose(cart[:, 1:4], u, atol=1e-14)  # l=1 is (x, y, z)
   np.testing.assert_allclose(std[:, 1:4], np.stack([y, z, x], -1), atol=1e-14)  # m = -1, 0, 1
   s3 = np.sqrt(3)
-  expected_std = np.stack([s3 * x * y, s3 * y * z, (3 * z**2 - 1) / 2, s3 * x * z,
-                           s3 / 2 * (x**2 - y**2)], -1)
+  expected_std = np.stack(
+    [s3 * x * y, s3 * y * z, (3 * z**2 - 1) / 2, s3 * x * z, s3 / 2 * (x**2 - y**2)], -1
+  )
   np.testing.assert_allclose(std[:, 4:9], expected_std, atol=1e-14)
   np.testing.assert_allclose(std[:, so3.cartesian_permutation(2)], cart, atol=1e-15)
   # Cartesian order is m = 2, -2, 1, -1, 0
@@ -63,8 +70,9 @@ def test_harmonics_equivariance(reflect):
   y_rot = np.asarray(so3.spherical_harmonics(jnp.asarray(u @ rot.T), 6))
   np.testing.assert_allclose(y_rot, y @ d.T, atol=1e-12)
   np.testing.assert_allclose(d @ d.T, np.eye(49), atol=1e-12)
-  signs = np.sign(np.round([np.linalg.det(d[l * l:(l + 1) ** 2, l * l:(l + 1) ** 2])
-                            for l in range(7)]))
+  signs = np.sign(
+    np.round([np.linalg.det(d[l * l : (l + 1) ** 2, l * l : (l + 1) ** 2]) for l in range(7)])
+  )
   # det D_l = (+1) for rotations; an inversion contributes (-1)^l per row: (-1)^(l(2l+1))
   expected = [(-1) ** (l * (2 * l + 1)) if reflect else 1 for l in range(7)]
   np.testing.assert_array_equal(signs, expected)
@@ -94,7 +102,7 @@ def test_clebsch_gordan_selection_rules():
 def test_clebsch_gordan_equivariance(reflect):
   rot = so3.random_rotation(11, reflect=reflect)
   d = so3.wigner_d(rot, 6)
-  blk = lambda l: d[l * l:(l + 1) ** 2, l * l:(l + 1) ** 2]
+  blk = lambda l: d[l * l : (l + 1) ** 2, l * l : (l + 1) ** 2]
   rng = np.random.default_rng(0)
   for l1, l2 in itertools.product(range(4), repeat=2):
     for l3 in range(abs(l1 - l2), l1 + l2 + 1):
@@ -103,8 +111,7 @@ def test_clebsch_gordan_equivariance(reflect):
       lhs = np.einsum("abc,a,b->c", c, blk(l1) @ x, blk(l2) @ y)
       # D from harmonics carries (-1)^l under reflection; coupling keeps (-1)^(l1+l2).
       sign = (-1) ** (l1 + l2 + l3) if reflect else 1
-      np.testing.assert_allclose(lhs, sign * blk(l3) @ np.einsum("abc,a,b->c", c, x, y),
-                                 atol=1e-12)
+      np.testing.assert_allclose(lhs, sign * blk(l3) @ np.einsum("abc,a,b->c", c, x, y), atol=1e-12)
 
 
 def test_known_couplings():
@@ -112,18 +119,25 @@ def test_known_couplings():
   np.testing.assert_allclose(c110, np.eye(3) / np.sqrt(3), atol=1e-14)  # dot product
   c111 = so3.clebsch_gordan(1, 1, 1)
   a, b = np.array([1.0, 2, 3]), np.array([-1.0, 0.5, 2])
-  np.testing.assert_allclose(np.einsum("abc,a,b->c", c111, a, b), np.cross(a, b) / np.sqrt(2),
-                             atol=1e-14)
+  np.testing.assert_allclose(
+    np.einsum("abc,a,b->c", c111, a, b), np.cross(a, b) / np.sqrt(2), atol=1e-14
+  )
   np.testing.assert_allclose(so3.clebsch_gordan(0, 3, 3)[0], np.eye(7), atol=1e-14)
 
 
 def test_coupling_paths_parity():
   # 1- x 1- (P=1 inputs): 0+, 1+ (pseudo), 2+; with P=1 output the 1+ path is dropped.
-  proper = {(l1, l2, l3) for (_, l1), (_, l2), (_, l3) in so3.coupling_paths(1, 1, 1, 1, 2, 1)
-            if l1 == 1 and l2 == 1}
+  proper = {
+    (l1, l2, l3)
+    for (_, l1), (_, l2), (_, l3) in so3.coupling_paths(1, 1, 1, 1, 2, 1)
+    if l1 == 1 and l2 == 1
+  }
   assert proper == {(1, 1, 0), (1, 1, 2)}
-  full = [(o, l3) for (_, l1), (_, l2), (o, l3) in so3.coupling_paths(1, 1, 1, 1, 2, 2)
-          if l1 == 1 and l2 == 1]
+  full = [
+    (o, l3)
+    for (_, l1), (_, l2), (o, l3) in so3.coupling_paths(1, 1, 1, 1, 2, 2)
+    if l1 == 1 and l2 == 1
+  ]
   assert sorted(full) == [(0, 0), (0, 1), (0, 2)]  # all parity + (index 0)
   # pseudoscalar x vector -> axial vector (parity +, index 0 in P=2)
   paths = so3.coupling_paths(2, 0, 2, 1, 1, 2)

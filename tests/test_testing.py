@@ -30,8 +30,16 @@ def test_drift_statistics_recovers_slope_and_error():
 
 def test_emt_conserves_energy_and_verlet_order(copper, tmp_path):
   report = testing.assert_energy_conserved(
-      copper, EMT(), temperature=600, timestep=2.0, duration=0.6, warmup=0.1, max_drift=0.5,
-      order_range=(3.5, 4.5), plot=str(tmp_path / "nve.png"))
+    copper,
+    EMT(),
+    temperature=600,
+    timestep=2.0,
+    duration=0.6,
+    warmup=0.1,
+    max_drift=0.5,
+    order_range=(3.5, 4.5),
+    plot=str(tmp_path / "nve.png"),
+  )
   assert (tmp_path / "nve.png").stat().st_size > 10_000
   assert 3.5 < report.order_ratio < 4.5
   assert report.engine == "ase" and report.num_atoms == 32
@@ -48,8 +56,16 @@ class HeatingEMT(EMT):
 
 def test_non_conservative_forces_fail_with_figures(copper):
   with pytest.raises(AssertionError, match=r"energy not conserved: .*meV/atom"):
-    testing.assert_energy_conserved(copper, HeatingEMT(), temperature=600, timestep=2.0,
-                                    duration=0.6, warmup=0.1, max_drift=0.5, max_fluctuation=0.02)
+    testing.assert_energy_conserved(
+      copper,
+      HeatingEMT(),
+      temperature=600,
+      timestep=2.0,
+      duration=0.6,
+      warmup=0.1,
+      max_drift=0.5,
+      max_fluctuation=0.02,
+    )
 
 
 def test_bad_arguments(copper):
@@ -67,17 +83,35 @@ def test_jax_md_engine_with_neighbor_list():
   from plugin import jax_md as pj
 
   atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
-  pot = potentials.Potential.create(0, species=["Cu"], cutoff=3.0, features=8, max_degree=1,
-                                    num_iterations=1, num_heads=2, num_basis=6)
+  pot = potentials.Potential.create(
+    0,
+    species=["Cu"],
+    cutoff=3.0,
+    features=8,
+    max_degree=1,
+    num_iterations=1,
+    num_heads=2,
+    num_basis=6,
+  )
   box = jnp.asarray(np.diag(atoms.cell.lengths()))
   displacement, shift = space.periodic(jnp.diag(box))
-  neighbor_fn, energy_fn = pj.neighbor_list(pot, displacement, jnp.diag(box),
-                                            species=atoms.numbers, dr_threshold=0.2)
+  neighbor_fn, energy_fn = pj.neighbor_list(
+    pot, displacement, jnp.diag(box), species=atoms.numbers, dr_threshold=0.2
+  )
   atoms.rattle(0.05, seed=1)
   atoms.wrap()
   report = testing.check_energy_conservation(
-      atoms, energy_fn=energy_fn, neighbor_fn=neighbor_fn, shift_fn=shift, temperature=300,
-      timestep=1.0, duration=0.2, warmup=0.02, sample_interval=10, dtype=jnp.float64)
+    atoms,
+    energy_fn=energy_fn,
+    neighbor_fn=neighbor_fn,
+    shift_fn=shift,
+    temperature=300,
+    timestep=1.0,
+    duration=0.2,
+    warmup=0.02,
+    sample_interval=10,
+    dtype=jnp.float64,
+  )
   assert report.engine == "jax-md" and np.all(np.isfinite(report.total))
   assert abs(report.drift) < 1.0 and report.fluctuation < 1.0
 
@@ -91,8 +125,14 @@ def test_replicas_in_one_program_equal_separate_runs():
   atoms.rattle(0.05, seed=1)
   atoms.wrap()
   pot = tiny_copper_potential()
-  kw = dict(**testing.engine_kwargs("jax-md", pot, atoms, "float64"), temperature=300,
-            timestep=1.0, duration=0.1, warmup=0.02, sample_interval=5)
+  kw = dict(
+    **testing.engine_kwargs("jax-md", pot, atoms, "float64"),
+    temperature=300,
+    timestep=1.0,
+    duration=0.1,
+    warmup=0.02,
+    sample_interval=5,
+  )
   many = testing.check_energy_conservation(atoms, replicas=3, seed=4, **kw)
   alone = [testing.check_energy_conservation(atoms, seed=4 + k, **kw) for k in range(3)]
   drifts = np.array([r.drift for r in alone])
@@ -107,7 +147,8 @@ def test_replicas_in_one_program_equal_separate_runs():
 
 def test_pytest_fixture_is_registered(tmp_path):
   test = tmp_path / "test_user.py"
-  test.write_text(textwrap.dedent("""
+  test.write_text(
+    textwrap.dedent("""
       from ase.build import bulk
       from ase.calculators.emt import EMT
 
@@ -121,9 +162,14 @@ def test_pytest_fixture_is_registered(tmp_path):
                                     duration=0.1, warmup=0.02, replicas=2)
           assert two.replicas == 2 and len(two.replica_drifts) == 2
           assert two.drift_error > 0
-  """))
-  out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        str(test)], capture_output=True, text=True, cwd=tmp_path)
+  """)
+  )
+  out = subprocess.run(
+    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test)],
+    capture_output=True,
+    text=True,
+    cwd=tmp_path,
+  )
   assert out.returncode == 0, out.stdout + out.stderr
   assert "1 passed" in out.stdout
 
@@ -131,18 +177,22 @@ def test_pytest_fixture_is_registered(tmp_path):
 def test_engines_agree_on_a_triclinic_cell():
   # primitive FCC cells are triclinic; both engines must see the same crystal and trajectory
   import jax
+
   if not jax.config.jax_enable_x64:
     pytest.skip("needs x64")
   from conftest import tiny_copper_potential
+
   pot = tiny_copper_potential()
   atoms = bulk("Cu", "fcc", a=3.6).repeat(4)  # 64 atoms, widths 8.3 Å >= 2 (3 Å + 0.5 Å)
   atoms.rattle(0.05, seed=2)
   atoms.wrap()
   run = dict(temperature=300, timestep=1.0, duration=0.06, warmup=0.01, sample_interval=10)
   ase_run = testing.check_energy_conservation(
-      atoms, **testing.engine_kwargs("ase", pot, atoms, "float64"), **run)
+    atoms, **testing.engine_kwargs("ase", pot, atoms, "float64"), **run
+  )
   jax_run = testing.check_energy_conservation(
-      atoms, **testing.engine_kwargs("jax-md", pot, atoms, "float64"), **run)
+    atoms, **testing.engine_kwargs("jax-md", pot, atoms, "float64"), **run
+  )
   assert jax_run.engine == "jax-md" and ase_run.engine == "ase"
   # same forces and velocity Verlet: the runs differ only by round-off (~1e-8 eV here), while
   # the potential energy itself changes by ~0.7 eV
@@ -157,6 +207,7 @@ def test_engines_agree_on_a_triclinic_cell():
 
 def test_engine_kwargs_refuses_what_it_cannot_run(copper):
   from conftest import tiny_copper_potential
+
   slab = copper.copy()
   slab.pbc = [True, True, False]
   with pytest.raises(ValueError, match="periodic along all axes or none"):

@@ -20,8 +20,10 @@ def test_unit_conversions():
   assert thermo.FS == pytest.approx(ase.units.fs, rel=1e-12)
   assert thermo.KB == pytest.approx(ase.units.kB, rel=1e-12)
   assert thermo.BAR == pytest.approx(ase.units.bar, rel=1e-12)
-  print(f"1 fs = {thermo.FS:.9g} metal time units ({1 / thermo.FS:.6g} fs per unit); "
-        f"kB = {thermo.KB:.9g} eV/K; 1 bar = {thermo.BAR:.9g} eV/Å^3")
+  print(
+    f"1 fs = {thermo.FS:.9g} metal time units ({1 / thermo.FS:.6g} fs per unit); "
+    f"kB = {thermo.KB:.9g} eV/K; 1 bar = {thermo.BAR:.9g} eV/Å^3"
+  )
 
 
 def test_kinetic_energy_and_temperature_formulas():
@@ -35,7 +37,8 @@ def test_kinetic_energy_and_temperature_formulas():
   assert thermo.degrees_of_freedom(len(atoms)) == 3 * len(atoms)
   assert thermo.temperature(p, m) == pytest.approx(atoms.get_temperature(), rel=1e-9)
   assert thermo.temperature_from_kinetic(atoms.get_kinetic_energy(), len(atoms)) == (
-      pytest.approx(atoms.get_temperature(), rel=1e-9))
+    pytest.approx(atoms.get_temperature(), rel=1e-9)
+  )
 
 
 def test_maxwell_boltzmann_start():
@@ -52,6 +55,7 @@ def test_maxwell_boltzmann_start():
 @pytest.mark.parametrize("name", ["CH3CH2OH", "CO2"])  # CO2: linear, singular inertia
 def test_maxwell_boltzmann_without_rotation_for_molecules(name):
   from ase.build import molecule
+
   mol = molecule(name)
   m, x = mol.get_masses(), mol.positions
   p = thermo.maxwell_boltzmann(m, 300.0, seed=0, positions=x)

@@ -43,23 +43,35 @@ def test_element_shift_fit_is_exact_for_additive_energies():
   for _ in range(10):
     nh, no = rng.integers(1, 5), rng.integers(1, 4)
     z = np.array([1] * nh + [8] * no)
-    frames.append(training.Frame(z, np.zeros((len(z), 3)), np.zeros((3, 3)), np.zeros(3, bool),
-                                 np.zeros(0, int), np.zeros(0, int), np.zeros((0, 3)),
-                                 energy=-13.6 * nh - 2041.0 * no))
+    frames.append(
+      training.Frame(
+        z,
+        np.zeros((len(z), 3)),
+        np.zeros((3, 3)),
+        np.zeros(3, bool),
+        np.zeros(0, int),
+        np.zeros(0, int),
+        np.zeros((0, 3)),
+        energy=-13.6 * nh - 2041.0 * no,
+      )
+    )
   np.testing.assert_allclose(training.fit_element_shifts(pot, frames), [-13.6, -2041.0])
-
 
 
 def test_refit_shifts_removes_a_uniform_energy_offset(copper_frames):
   pot = pt.Potential.create(0, species=["Cu"], cutoff=3.0, **HYPER)
   pred = training.predict_energies(pot, copper_frames, batch_size=8)
   # references = this model's energies + 0.05 eV per atom: the best shift moves by +0.05
-  frames = [dataclasses.replace(f, energy=float(e) + 0.05 * f.num_atoms)
-            for f, e in zip(copper_frames, pred)]
+  frames = [
+    dataclasses.replace(f, energy=float(e) + 0.05 * f.num_atoms)
+    for f, e in zip(copper_frames, pred)
+  ]
   fitted = training.refit_shifts(pot, frames, batch_size=8)
   assert float(fitted.params["shift"][0] - pot.params["shift"][0]) == pytest.approx(0.05, abs=1e-5)
-  np.testing.assert_allclose(training.predict_energies(fitted, frames, batch_size=8),
-                             [f.energy for f in frames], atol=1e-4)
+  np.testing.assert_allclose(
+    training.predict_energies(fitted, frames, batch_size=8), [f.energy for f in frames], atol=1e-4
+  )
+
 
 def test_stress_prediction_matches_model_definition(copper_frames):
   # the batched predictor's stress equals a finite difference of the batched energy
@@ -71,14 +83,23 @@ def test_stress_prediction_matches_model_definition(copper_frames):
   e, f, s = predict(pot.params, training._device_batch(b, np.float64))
   h = 1e-5
   f0 = frames[1]
-  for (i, j) in [(0, 0), (1, 2)]:
+  for i, j in [(0, 0), (1, 2)]:
     eps = np.zeros((3, 3))
     eps[i, j] = eps[j, i] = h
+
     def energy(sign):
-      g = training.Frame(f0.numbers, f0.positions @ (np.eye(3) + sign * eps),
-                         f0.cell @ (np.eye(3) + sign * eps), f0.pbc, f0.dst, f0.src, f0.shifts)
+      g = training.Frame(
+        f0.numbers,
+        f0.positions @ (np.eye(3) + sign * eps),
+        f0.cell @ (np.eye(3) + sign * eps),
+        f0.pbc,
+        f0.dst,
+        f0.src,
+        f0.shifts,
+      )
       bb = training.make_batch([g], pot, 1, *training.batch_capacity([g], 1))
       return float(predict(pot.params, training._device_batch(bb, np.float64))[0][0])
+
     fd = (energy(1) - energy(-1)) / (2 * h) / f0.volume / (1 if i == j else 2)
     assert abs(float(s[1, i, j]) - fd) < 1e-7 * max(1.0, abs(fd))
 
@@ -87,8 +108,9 @@ def test_training_lowers_loss_writes_loadable_model_and_resumes(copper_frames, t
   pot = pt.Potential.create(0, species=["Cu"], cutoff=3.0, **HYPER)
   cfg = training.TrainConfig(epochs=3, batch_size=4, learning_rate=5e-3, warmup_epochs=1)
   ckpt = tmp_path / "ckpt.msgpack"
-  res = training.train(pot, copper_frames, cfg, checkpoint=str(ckpt), progress=False,
-                       dtype=np.float64)
+  res = training.train(
+    pot, copper_frames, cfg, checkpoint=str(ckpt), progress=False, dtype=np.float64
+  )
   losses = [h["train_loss"] for h in res.history]
   assert len(losses) == 3 and losses[-1] < losses[0]
   assert res.metrics["test"]["forces_mae"] > 0 and "stress_mae" in res.metrics["test"]
@@ -96,11 +118,13 @@ def test_training_lowers_loss_writes_loadable_model_and_resumes(copper_frames, t
   res.potential.save(path)
   back = pt.load(path)
   assert back.metadata["test_metrics"]["forces_mae"] == pytest.approx(
-      res.metrics["test"]["forces_mae"])
+    res.metrics["test"]["forces_mae"]
+  )
   # resume: one more epoch continues from the checkpoint (epoch counter and history carry on)
   cfg6 = training.TrainConfig(epochs=4, batch_size=4, learning_rate=5e-3, warmup_epochs=1)
-  res2 = training.train(pot, copper_frames, cfg6, checkpoint=str(ckpt), progress=False,
-                        dtype=np.float64)
+  res2 = training.train(
+    pot, copper_frames, cfg6, checkpoint=str(ckpt), progress=False, dtype=np.float64
+  )
   assert [h["epoch"] for h in res2.history] == [1, 2, 3, 4]
   assert res2.history[:3] == res.history
   with pytest.raises(ValueError, match="truncated or corrupt"):
@@ -114,10 +138,21 @@ def _tagged(n_traj, per_traj, kind="md", temps=(300.0,)):
   for t in temps:
     for k in range(n_traj):
       for _ in range(per_traj):
-        out.append(training.Frame(np.array([29]), np.zeros((1, 3)), np.zeros((3, 3)),
-                                  np.zeros(3, bool), np.zeros(0, int), np.zeros(0, int),
-                                  np.zeros((0, 3)), energy=0.0, trajectory=f"{kind}/{t}/{k}",
-                                  config_type=kind, temperature=t))
+        out.append(
+          training.Frame(
+            np.array([29]),
+            np.zeros((1, 3)),
+            np.zeros((3, 3)),
+            np.zeros(3, bool),
+            np.zeros(0, int),
+            np.zeros(0, int),
+            np.zeros((0, 3)),
+            energy=0.0,
+            trajectory=f"{kind}/{t}/{k}",
+            config_type=kind,
+            temperature=t,
+          )
+        )
   return out
 
 
@@ -127,10 +162,12 @@ def test_trajectory_split_holds_out_whole_trajectories_per_temperature():
   named = training.split_parts(frames, cfg)
   assert sorted(np.concatenate(list(named.values())).tolist()) == list(range(len(frames)))
   # test_random: a random 5 % of the training trajectories' frames, withheld from training
-  assert len(named["test_random"]) == round(0.05 * (len(named["train"]) +
-                                                    len(named["test_random"])))
+  assert len(named["test_random"]) == round(
+    0.05 * (len(named["train"]) + len(named["test_random"]))
+  )
   assert {frames[i].trajectory for i in named["test_random"]} <= {
-      frames[i].trajectory for i in named["train"]}
+    frames[i].trajectory for i in named["train"]
+  }
   parts = training.split_frames(frames, cfg)
   assert all(np.array_equal(a, named[k]) for a, k in zip(parts, ("train", "valid", "test")))
   parts = (np.sort(np.concatenate([parts[0], named["test_random"]])),) + parts[1:]
@@ -146,8 +183,10 @@ def test_trajectory_split_holds_out_whole_trajectories_per_temperature():
     assert [i in parts[0] for i in idx] == [True] * 8 + [False] * 2
     assert idx[-1] in parts[2] and idx[-2] in parts[1]
   # deterministic, and the random split is still there
-  assert all(np.array_equal(a, b) for a, b in zip(training.split_frames(frames, cfg),
-                                                    training.split_frames(frames, cfg)))
+  assert all(
+    np.array_equal(a, b)
+    for a, b in zip(training.split_frames(frames, cfg), training.split_frames(frames, cfg))
+  )
   rnd = training.split_frames(frames, dataclasses.replace(cfg, split="random"))
   assert [len(p) for p in rnd] == [len(frames) - 2 * 10, 10, 10]
   # stored configs from before the option were trained on the random split
@@ -169,8 +208,15 @@ def test_learning_rate_schedule_and_huber_loss():
 def test_time_limit_ema_and_amsgrad(copper_frames, tmp_path):
   # a budget smaller than one epoch stops after the first, with valid (EMA) weights saved
   pot = pt.Potential.create(0, species=["Cu"], cutoff=3.0, **HYPER)
-  cfg = training.TrainConfig(epochs=50, batch_size=4, time_limit=1e-3, ema_decay=0.99,
-                             optimizer="amsgrad", loss="huber", late_energy_weight=10.0)
+  cfg = training.TrainConfig(
+    epochs=50,
+    batch_size=4,
+    time_limit=1e-3,
+    ema_decay=0.99,
+    optimizer="amsgrad",
+    loss="huber",
+    late_energy_weight=10.0,
+  )
   res = training.train(pot, copper_frames, cfg, progress=False, dtype=np.float64)
   assert len(res.history) == 1 and np.isfinite(res.metrics["test"]["forces_mae"])
   meta = res.potential.metadata["training"]

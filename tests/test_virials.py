@@ -21,8 +21,9 @@ import plugin.jax_md as pjm
 from plugin.ase import Calculator
 
 pytestmark = pytest.mark.filterwarnings(
-    # JAX-MD's own partition code scatters int64 into int32 arrays under x64.
-    "ignore:scatter inputs have incompatible types:FutureWarning")
+  # JAX-MD's own partition code scatters int64 into int32 arrays under x64.
+  "ignore:scatter inputs have incompatible types:FutureWarning"
+)
 
 VOIGT = ([0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1])  # ASE's xx yy zz yz xz xy
 TRICLINIC = np.array([[7.2, 0.0, 0.0], [1.1, 7.1, 0.0], [0.7, -0.9, 7.3]])  # widths > 6.4 Å
@@ -50,8 +51,11 @@ def small() -> ase.Atoms:
   return atoms
 
 
-STRUCTURES = {"orthorhombic": lambda: fcc32(np.diag([7.25, 7.2, 7.3])),
-              "triclinic": lambda: fcc32(TRICLINIC), "small": small}
+STRUCTURES = {
+  "orthorhombic": lambda: fcc32(np.diag([7.25, 7.2, 7.3])),
+  "triclinic": lambda: fcc32(TRICLINIC),
+  "small": small,
+}
 
 
 def evaluate(pot, atoms):
@@ -71,8 +75,10 @@ def test_stresses_sum_to_stress(pot, name):
   assert "stresses" in atoms.calc.results and atoms.calc.num_compilations == compilations
   assert stresses.shape == (len(atoms), 6)
   err = np.abs(stresses.sum(0) - stress).max()
-  print(f"{name}: max |sum(stresses) - stress| = {err:.1e} eV/Å³ "
-        f"(max |stress| {np.abs(stress).max():.1e})")
+  print(
+    f"{name}: max |sum(stresses) - stress| = {err:.1e} eV/Å³ "
+    f"(max |stress| {np.abs(stress).max():.1e})"
+  )
   assert np.abs(stress).max() > 1e-4
   # not a trivial split (every atom stress / N): the rattled atoms differ
   assert np.abs(stresses - stress / len(atoms)).max() > 1e-2 * np.abs(stress).max()
@@ -109,8 +115,9 @@ def test_small_cell_stresses_tile_the_supercell(pot):
   reps = (2, 2, 2)
   _, ss_small = evaluate(pot, cell)
   _, ss_large = evaluate(pot, cell.repeat(reps))
-  np.testing.assert_allclose(ss_large, np.tile(ss_small, (8, 1)) / 8, rtol=0,
-                             atol=1e-12 * np.abs(ss_small).max())
+  np.testing.assert_allclose(
+    ss_large, np.tile(ss_small, (8, 1)) / 8, rtol=0, atol=1e-12 * np.abs(ss_small).max()
+  )
 
 
 def test_symmetry_equivalent_atoms_have_equal_virials(pot):
@@ -137,6 +144,7 @@ def test_open_systems_have_no_stresses(pot):
   """No volume, no per-atom stress (as for ``stress``); observables defines the open-system
   per-atom strain derivative (tests/test_observables.py)."""
   from ase.calculators.calculator import PropertyNotImplementedError
+
   atoms = ase.Atoms("Cu3", positions=[[0, 0, 0], [2.4, 0, 0], [0.3, 2.3, 0.4]])
   atoms.calc = Calculator(pot, dtype="float64")
   assert np.isfinite(atoms.get_potential_energy())
@@ -160,8 +168,14 @@ def jax_md_case(pot, name):
     box = atoms.cell.lengths()
     displacement_fn, shift_fn = space.periodic(box)
     R = atoms.positions
-  nfn, efn = pjm.neighbor_list(pot, displacement_fn, box, species=atoms.numbers,
-                               dr_threshold=0.2, fractional_coordinates=name == "triclinic")
+  nfn, efn = pjm.neighbor_list(
+    pot,
+    displacement_fn,
+    box,
+    species=atoms.numbers,
+    dr_threshold=0.2,
+    fractional_coordinates=name == "triclinic",
+  )
   return atoms, jnp.asarray(R), nfn, efn, jnp.asarray(box), shift_fn
 
 
@@ -177,16 +191,17 @@ def test_jax_md_atom_virials_match_ase(pot, name):
   def fns(R, nbrs):
     out = virial_fn(R, nbrs), quantity.stress(efn, R, box, neighbor=nbrs)
     if general:  # a box passed at call time (NPT): strained, and too narrow for the list
-      out += (virial_fn(R, nbrs, box=1.02 * box),
-              quantity.stress(efn, R, 1.02 * box, neighbor=nbrs),
-              virial_fn(R, nbrs, box=0.8 * box))
+      out += (
+        virial_fn(R, nbrs, box=1.02 * box),
+        quantity.stress(efn, R, 1.02 * box, neighbor=nbrs),
+        virial_fn(R, nbrs, box=0.8 * box),
+      )
     return out
 
   w, stress, *moved = (np.asarray(x) for x in fns(R, nbrs))
   volume = atoms.get_volume()
   if general:
-    np.testing.assert_allclose(moved[0].sum(0) / (1.02**3 * volume), moved[1], rtol=0,
-                               atol=1e-10)
+    np.testing.assert_allclose(moved[0].sum(0) / (1.02**3 * volume), moved[1], rtol=0, atol=1e-10)
     assert np.abs(moved[0] - w).max() > 1e-3 * np.abs(w).max()
     assert np.isnan(moved[2]).all()  # never silently wrong (as energy_fn)
   assert w.shape == (len(atoms), 3, 3)
@@ -214,6 +229,7 @@ def test_jax_md_atom_virials_inside_a_jitted_loop(pot):
       nbrs = nbrs.update(state.position)
       state = apply(state, neighbor=nbrs)
       return (state, nbrs), (state.position, virial_fn(state.position, nbrs))
+
     return jax.lax.scan(step, (state, nbrs), None, length=3)
 
   (state, nbrs), (positions, virials) = steps(state, nbrs)

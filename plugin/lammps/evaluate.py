@@ -65,8 +65,14 @@ class RankEvaluator:
       ghost overhead).
   """
 
-  def __init__(self, potential: potentials.Potential, *, type_elements: Sequence[str],
-               dtype: Any = "float32", min_distance: float | None = 0.1) -> None:
+  def __init__(
+    self,
+    potential: potentials.Potential,
+    *,
+    type_elements: Sequence[str],
+    dtype: Any = "float32",
+    min_distance: float | None = 0.1,
+  ) -> None:
     self.potential = potential
     self.dtype = resolve_dtype(dtype)
     numbers = [elements.atomic_number(s) for s in type_elements]
@@ -81,9 +87,17 @@ class RankEvaluator:
     self._shifts = potential.element_shifts
     self._evaluator = _shared_evaluator(potential, self.dtype)
 
-  def compute(self, x: np.ndarray, types: np.ndarray, tags: np.ndarray, nlocal: int, *,
-              box: Sequence[float], periodicity: Sequence[int], procgrid: Sequence[int]
-              ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  def compute(
+    self,
+    x: np.ndarray,
+    types: np.ndarray,
+    tags: np.ndarray,
+    nlocal: int,
+    *,
+    box: Sequence[float],
+    periodicity: Sequence[int],
+    procgrid: Sequence[int],
+  ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(energy, rows, forces, virial, energies)`` of this rank: the local atoms' energy
     (eV), the indices of the evaluated rows and their forces (``(len(rows), 3)``), the virial
     ``-dE/dε`` (``xx yy zz xy xz yz``, eV) and the local atoms' energies. ``procgrid``: ranks
@@ -110,37 +124,42 @@ class RankEvaluator:
       self.neighbors.reset_capacity()  # a new atom axis compiles anyway: refit the pairs too
     pairs = self.neighbors.build(positions, cell, pbc)
     dst, src = pairs.dst, pairs.src
-    dst[pairs.num_pairs:] = na  # padding index: the padded atom count
-    src[pairs.num_pairs:] = na
+    dst[pairs.num_pairs :] = na  # padding index: the padded atom count
+    src[pairs.num_pairs :] = na
     pos = np.zeros((na, 3), self.dtype)
     pos[:n] = positions
     padded_species = np.zeros(na, np.int32)
     padded_species[:n] = species
     local = np.arange(na) < nlocal  # ghost rows are neighbours only: no energy of their own
     traces = self._evaluator.traces
-    out = self._evaluator.fn(self._params, padded_species, pos, cell.astype(self.dtype), dst,
-                             src, pairs.shifts, local)
+    out = self._evaluator.fn(
+      self._params, padded_species, pos, cell.astype(self.dtype), dst, src, pairs.shifts, local
+    )
     self.compilations += self._evaluator.traces - traces
     e_model, forces, de, _, d2, closest = jax.device_get(out)  # _: per-atom virials
     if pairs.num_pairs and self.min_distance and d2 < self.min_distance**2:
       raise ValueError(
-          f"atoms {int(tags[rows[pairs.dst[closest]]])} and {int(tags[rows[pairs.src[closest]]])} "
-          f"are only {float(np.sqrt(d2)):.3g} Å apart, closer than min_distance = "
-          f"{self.min_distance:g} Å; check the structure and time step, or give "
-          "min_distance 0 in the pair_style line to skip this check")
+        f"atoms {int(tags[rows[pairs.dst[closest]]])} and {int(tags[rows[pairs.src[closest]]])} "
+        f"are only {float(np.sqrt(d2)):.3g} Å apart, closer than min_distance = "
+        f"{self.min_distance:g} Å; check the structure and time step, or give "
+        "min_distance 0 in the pair_style line to skip this check"
+      )
     energies = e_model[:nlocal].astype(np.float64) + self._shifts[species[:nlocal]]
     forces = forces[:n].astype(np.float64)
     energy = float(np.sum(energies))
     if not (np.isfinite(energy) and np.isfinite(forces).all()):
-      raise FloatingPointError("the model returned a non-finite energy or forces; check the "
-                               "structure for atoms far outside the training data")
+      raise FloatingPointError(
+        "the model returned a non-finite energy or forces; check the "
+        "structure for atoms far outside the training data"
+      )
     de = np.asarray(de, np.float64)
     virial = -np.array([de[0, 0], de[1, 1], de[2, 2], de[0, 1], de[0, 2], de[1, 2]])
     return energy, rows, forces, virial, energies
 
 
-def keep_rows(x: np.ndarray, tags: np.ndarray, nlocal: int, cell: np.ndarray,
-              periodic: np.ndarray) -> np.ndarray:
+def keep_rows(
+  x: np.ndarray, tags: np.ndarray, nlocal: int, cell: np.ndarray, periodic: np.ndarray
+) -> np.ndarray:
   """Indices of one row per atom and image along the non-``periodic`` directions (the local
   row where there is one), in row order (local rows are the first ``nlocal``).
 

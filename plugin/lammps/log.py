@@ -31,7 +31,7 @@ def read_thermo(source: Union[str, os.PathLike]) -> List[Dict[str, np.ndarray]]:
     words = lines[i].split()
     if words[:1] == ["Step"]:
       rows = []
-      for line in lines[i + 1:]:
+      for line in lines[i + 1 :]:
         try:
           values = [float(v) for v in line.split()]
         except ValueError:

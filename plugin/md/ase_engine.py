@@ -26,6 +26,7 @@ class ASEResult:
   steps and the first step (:class:`plugin.md.MDLog`); ``wall_time_s``: seconds of the run;
   ``stopped`` / ``reason``: the runaway guard that ended the run early and its one-line reason
   (:mod:`plugin.md.guards`; ``atoms`` is then the last good state), else None."""
+
   atoms: ase.Atoms
   log: MDLog
   wall_time_s: float
@@ -45,8 +46,10 @@ def dynamics(atoms: ase.Atoms, ensemble: str, timestep: float, temperature: floa
   entry = TABLE.get(ensemble)
   if entry is None or entry.ase_dynamics is None:
     offered = [name for name, e in TABLE.items() if e.ase_dynamics is not None]
-    raise ValueError(f"ensemble {ensemble!r} has no ASE engine; choose one of "
-                     f"{', '.join(offered)} or run it with plugin.md.run (JAX-MD)")
+    raise ValueError(
+      f"ensemble {ensemble!r} has no ASE engine; choose one of "
+      f"{', '.join(offered)} or run it with plugin.md.run (JAX-MD)"
+    )
   return entry.ase_dynamics(atoms, timestep, temperature, seed)
 
 
@@ -55,6 +58,7 @@ def snapshot(atoms: ase.Atoms, step: int, timestep: float, ensemble: str) -> ase
   periodic) in a ``SinglePointCalculator`` and ``md_step``, ``md_time_fs``, ``md_ensemble``."""
   from ase.calculators.calculator import PropertyNotImplementedError
   from ase.calculators.singlepoint import SinglePointCalculator
+
   frame = atoms.copy()
   results = dict(energy=atoms.get_potential_energy(), forces=atoms.get_forces())
   if atoms.pbc.all():
@@ -67,14 +71,22 @@ def snapshot(atoms: ase.Atoms, step: int, timestep: float, ensemble: str) -> ase
   return frame
 
 
-def run_ase(atoms: ase.Atoms, calculator: Any, *, ensemble: str = DEFAULTS.ensemble,
-            timestep: float = DEFAULTS.timestep, steps: int = DEFAULTS.steps,
-            temperature: float = DEFAULTS.temperature, interval: int = 1,
-            seed: int = DEFAULTS.seed, momenta: Optional[np.ndarray] = None,
-            traj: Optional[str] = None,
-            progress: Optional[Callable[[int, float, float], None]] = None,
-            max_temperature: Optional[float] = None,
-            max_force: Optional[float] = DEFAULTS.max_force) -> ASEResult:
+def run_ase(
+  atoms: ase.Atoms,
+  calculator: Any,
+  *,
+  ensemble: str = DEFAULTS.ensemble,
+  timestep: float = DEFAULTS.timestep,
+  steps: int = DEFAULTS.steps,
+  temperature: float = DEFAULTS.temperature,
+  interval: int = 1,
+  seed: int = DEFAULTS.seed,
+  momenta: Optional[np.ndarray] = None,
+  traj: Optional[str] = None,
+  progress: Optional[Callable[[int, float, float], None]] = None,
+  max_temperature: Optional[float] = None,
+  max_force: Optional[float] = DEFAULTS.max_force,
+) -> ASEResult:
   """Run ``steps`` steps of ``ensemble`` with ASE's integrator on a copy of ``atoms``.
 
   Start momenta: ``momenta`` if given, else the atoms' own if any is non-zero, else
@@ -111,8 +123,14 @@ def run_ase(atoms: ase.Atoms, calculator: Any, *, ensemble: str = DEFAULTS.ensem
     if rows and rows[-1]["step"] == step:  # ASE versions differ in calling observers at start
       return
     epot, ekin = a.get_potential_energy(), a.get_kinetic_energy()
-    rows.extend(output.make_rows(columns, {"step": [step], "epot": [epot], "ekin": [ekin],
-                                           "conserved": [epot + ekin]}, 1, context))
+    rows.extend(
+      output.make_rows(
+        columns,
+        {"step": [step], "epot": [epot], "ekin": [ekin], "conserved": [epot + ekin]},
+        1,
+        context,
+      )
+    )
     if traj is not None:
       write(snapshot(a, step, timestep, ensemble))
     if progress is not None:
@@ -123,8 +141,7 @@ def run_ase(atoms: ase.Atoms, calculator: Any, *, ensemble: str = DEFAULTS.ensem
   reference_t = temperature if TABLE[ensemble].thermostat else a.get_temperature()
   record()
   dyn.attach(record, interval=interval)
-  guards.guard(dyn, max_temperature=max_temperature, max_force=max_force,
-               temperature=reference_t)
+  guards.guard(dyn, max_temperature=max_temperature, max_force=max_force, temperature=reference_t)
   try:
     dyn.run(steps)
   except guards.RunawayError as e:

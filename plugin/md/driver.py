@@ -48,6 +48,7 @@ class MDResult:
       trajectory's last frame are then the last good state (step ``total_steps``).
     reason: the guard's one-line reason (None when the run finished).
   """
+
   atoms: ase.Atoms
   log: MDLog
   steps: int
@@ -64,6 +65,7 @@ class MDResult:
 @dataclasses.dataclass
 class _Start:
   """Where a run starts: the system, its step and time, and (resume) the last frame."""
+
   system: msys.System
   first_step: int = 0
   time0_fs: float = 0.0
@@ -71,8 +73,9 @@ class _Start:
   last: Optional[ase.Atoms] = None
 
 
-def _start(atoms: ase.Atoms, traj: Optional[Path], resume: bool, opts: RunOptions,
-           cutoff: float) -> _Start:
+def _start(
+  atoms: ase.Atoms, traj: Optional[Path], resume: bool, opts: RunOptions, cutoff: float
+) -> _Start:
   """The start of a fresh run, or (``resume``) of the last frame of ``traj``."""
   system = msys.from_atoms(atoms, cutoff, opts.dr_threshold)
   if TABLE[opts.ensemble].variable_box and not system.periodic:
@@ -83,35 +86,52 @@ def _start(atoms: ase.Atoms, traj: Optional[Path], resume: bool, opts: RunOption
       output.prepare_resume(traj)  # only an incomplete frame (or nothing): drop it
     return _Start(system)
   if not resume:
-    raise FileExistsError(f"{str(traj)!r} already holds frames; pass resume=True to "
-                          f"continue that run, or choose another file / delete it")
+    raise FileExistsError(
+      f"{str(traj)!r} already holds frames; pass resume=True to "
+      f"continue that run, or choose another file / delete it"
+    )
   output.prepare_resume(traj)  # a frame cut short by a kill is dropped before appending
   if not np.array_equal(last.numbers, system.numbers):
-    raise ValueError(f"cannot resume: the atoms in {str(traj)!r} are not the ones given "
-                     f"(atomic numbers differ)")
+    raise ValueError(
+      f"cannot resume: the atoms in {str(traj)!r} are not the ones given (atomic numbers differ)"
+    )
   if "md_step" not in last.info:
-    raise ValueError(f"cannot resume: the last frame of {str(traj)!r} has no md_step "
-                     f"(not written by plugin.md)")
+    raise ValueError(
+      f"cannot resume: the last frame of {str(traj)!r} has no md_step (not written by plugin.md)"
+    )
   first_step = int(last.info["md_step"])
   time0 = float(last.info.get("md_time_fs", first_step * opts.timestep))
   saved = last.info.get("md_state") if last.info.get("md_ensemble") == opts.ensemble else None
   last.set_masses(system.masses)
-  resumed = msys.from_atoms(last, cutoff, opts.dr_threshold,
-                            reference=None if system.periodic else system)
+  resumed = msys.from_atoms(
+    last, cutoff, opts.dr_threshold, reference=None if system.periodic else system
+  )
   if resumed.momenta is None:
     resumed = dataclasses.replace(resumed, momenta=np.zeros_like(resumed.R))
   return _Start(resumed, first_step, time0, saved, last)
 
 
 def _engine_key(opts: RunOptions, system: msys.System) -> eng.EngineKey:
-  params = Params.from_user(timestep=opts.timestep, temperature=opts.temperature,
-                            friction=opts.friction, tau_t=opts.tau_t, tau_p=opts.tau_p,
-                            pressure=opts.pressure)
+  params = Params.from_user(
+    timestep=opts.timestep,
+    temperature=opts.temperature,
+    friction=opts.friction,
+    tau_t=opts.tau_t,
+    tau_p=opts.tau_p,
+    pressure=opts.pressure,
+  )
   return eng.EngineKey(
-      ensemble=opts.ensemble, params=params, numbers=tuple(int(z) for z in system.numbers),
-      periodic=system.periodic, box=tuple(float(x) for x in system.box.ravel()),
-      dr_threshold=opts.dr_threshold, capacity_multiplier=opts.capacity_multiplier,
-      chunk=opts.chunk, log_interval=opts.log_interval, traj_interval=opts.traj_interval)
+    ensemble=opts.ensemble,
+    params=params,
+    numbers=tuple(int(z) for z in system.numbers),
+    periodic=system.periodic,
+    box=tuple(float(x) for x in system.box.ravel()),
+    dr_threshold=opts.dr_threshold,
+    capacity_multiplier=opts.capacity_multiplier,
+    chunk=opts.chunk,
+    log_interval=opts.log_interval,
+    traj_interval=opts.traj_interval,
+  )
 
 
 def _start_carry(engine: eng.Engine, start: _Start, opts: RunOptions):
@@ -123,16 +143,20 @@ def _start_carry(engine: eng.Engine, start: _Start, opts: RunOptions):
   if start.saved_state is not None:
     state, ok = msys.restore_extended(state, start.saved_state)
     if not ok:
-      warnings.warn("the trajectory's saved integrator state does not match this run's "
-                    "settings; thermostat/barostat variables start afresh", stacklevel=3)
+      warnings.warn(
+        "the trajectory's saved integrator state does not match this run's "
+        "settings; thermostat/barostat variables start afresh",
+        stacklevel=3,
+      )
     elif engine.ensemble.variable_box:
       # Positions were read back through the frame's cell; use the restored box exactly.
-      nbrs, extra = eng.allocate(engine, R, np.asarray(simulate.npt_box(state), np.float64),
-                                 extra)
+      nbrs, extra = eng.allocate(engine, R, np.asarray(simulate.npt_box(state), np.float64), extra)
   elif start.last is not None and opts.ensemble != "nve":
-    warnings.warn(f"resuming {opts.ensemble} from a frame without its integrator state (other "
-                  f"ensemble or extxyz file): thermostat/barostat variables start afresh",
-                  stacklevel=3)
+    warnings.warn(
+      f"resuming {opts.ensemble} from a frame without its integrator state (other "
+      f"ensemble or extxyz file): thermostat/barostat variables start afresh",
+      stacklevel=3,
+    )
   return (state, nbrs, eng.initial_aux(engine, state)), extra
 
 
@@ -142,10 +166,14 @@ def _limits(opts: RunOptions, start: _Start) -> Dict[str, float]:
   reference = opts.temperature
   if not TABLE[opts.ensemble].thermostat:
     p = start.system.momenta
-    reference = (opts.init_temperature if p is None or not np.any(p)
-                 else thermo.temperature(p, start.system.masses))
-  t_max, f_max = guard_limits(max_temperature=opts.max_temperature, max_force=opts.max_force,
-                              temperature=reference)
+    reference = (
+      opts.init_temperature
+      if p is None or not np.any(p)
+      else thermo.temperature(p, start.system.masses)
+    )
+  t_max, f_max = guard_limits(
+    max_temperature=opts.max_temperature, max_force=opts.max_force, temperature=reference
+  )
   return {"max_temperature": t_max, "max_force": f_max}
 
 
@@ -153,8 +181,14 @@ class _Recorder:
   """One system's output: log rows (kept, and appended to the CSV file) and trajectory frames.
   Engine-free: the caller hands it host data (one system of a batch, or a run alone)."""
 
-  def __init__(self, columns, start: _Start, opts: RunOptions, traj: Optional[Path],
-               log_file: Optional[PathLike]):
+  def __init__(
+    self,
+    columns,
+    start: _Start,
+    opts: RunOptions,
+    traj: Optional[Path],
+    log_file: Optional[PathLike],
+  ):
     self.start, self.opts, self.traj = start, opts, traj
     self.limits = _limits(opts, start)
     self.columns = columns
@@ -167,11 +201,22 @@ class _Recorder:
     return self.start.time0_fs + (g - self.start.first_step) * self.opts.timestep
 
   def frame(self, state, epot, box, g, virial=None) -> ase.Atoms:
-    info = {"md_step": int(g), "md_time_fs": self.time_fs(int(g)),
-            "md_ensemble": self.opts.ensemble, "md_state": msys.extended_state(state)}
-    return msys.to_atoms(self.start.system, np.asarray(state.position),
-                         np.asarray(state.momentum), np.asarray(state.force), float(epot),
-                         np.asarray(box), info, None if virial is None else np.asarray(virial))
+    info = {
+      "md_step": int(g),
+      "md_time_fs": self.time_fs(int(g)),
+      "md_ensemble": self.opts.ensemble,
+      "md_state": msys.extended_state(state),
+    }
+    return msys.to_atoms(
+      self.start.system,
+      np.asarray(state.position),
+      np.asarray(state.momentum),
+      np.asarray(state.force),
+      float(epot),
+      np.asarray(box),
+      info,
+      None if virial is None else np.asarray(virial),
+    )
 
   def logs(self, logs: Dict[str, np.ndarray], count: int) -> None:
     new = output.make_rows(self.columns, logs, count, self.context)
@@ -181,22 +226,35 @@ class _Recorder:
   def first(self, state, logs: Dict[str, np.ndarray], box) -> None:
     """The start of a fresh run (``logs``: its one row): checked by the guards, logged, and
     written as the trajectory's first frame."""
-    code, value = guards.check(np.asarray(state.position), np.asarray(state.momentum),
-                               np.asarray(state.force), float(logs["epot"][0]),
-                               self.start.system.masses, **self.limits)
+    code, value = guards.check(
+      np.asarray(state.position),
+      np.asarray(state.momentum),
+      np.asarray(state.force),
+      float(logs["epot"][0]),
+      self.start.system.masses,
+      **self.limits,
+    )
     if code != guards.OK:
       why = guards.reason(code, self.start.first_step, value, **self.limits).split(" (")[0]
-      raise ValueError(f"the start structure fails a runaway guard: {why}; check the "
-                       f"structure, or raise max_temperature / max_force")
+      raise ValueError(
+        f"the start structure fails a runaway guard: {why}; check the "
+        f"structure, or raise max_temperature / max_force"
+      )
     self.logs(logs, 1)
     if self.traj is not None:
-      output.append_frames(self.traj, [self.frame(state, logs["epot"][0], box,
-                                                  self.start.first_step,
-                                                  logs.get("virial", [None])[0])])
+      output.append_frames(
+        self.traj,
+        [
+          self.frame(
+            state, logs["epot"][0], box, self.start.first_step, logs.get("virial", [None])[0]
+          )
+        ],
+      )
       self.last_frame = self.start.first_step
 
-  def chunk(self, logs, num_logs: int, frames: Callable, stop: int, guard: int,
-            last: Callable) -> None:
+  def chunk(
+    self, logs, num_logs: int, frames: Callable, stop: int, guard: int, last: Callable
+  ) -> None:
     """A chunk's rows and frames (``frames()``: ``(state, epot, box, step, virial)`` each);
     after a guard fired, also the last good state (``last() -> (state, obs, box)``, at step
     ``stop``) unless the chunk recorded it already."""
@@ -206,8 +264,7 @@ class _Recorder:
     if guard:
       state, obs, box = last()
       if not self.rows or self.rows[-1]["step"] != stop:
-        self.logs(dict(jax.tree.map(lambda x: np.asarray(x)[None], obs),
-                       step=np.array([stop])), 1)
+        self.logs(dict(jax.tree.map(lambda x: np.asarray(x)[None], obs), step=np.array([stop])), 1)
       if self.traj is not None and last_step != stop:
         atoms.append(self.frame(state, obs["epot"], box, stop, obs.get("virial")))
     if atoms:
@@ -228,23 +285,33 @@ class _Recorder:
 def _observed(engine: eng.Engine, carry):
   """``(state, observables, box)`` of a carry, on the host."""
   state, nbrs, _ = carry
-  return (state, jax.device_get(engine.observe_fn(state, nbrs)),
-          np.asarray(engine.box_fn(state)))
+  return (state, jax.device_get(engine.observe_fn(state, nbrs)), np.asarray(engine.box_fn(state)))
 
 
 def _frames(c: eng.Chunk) -> List[tuple]:
   """A chunk's recorded frames as ``(state, epot, box, step, virial)``."""
   fr, n = jax.device_get(c.frames), int(c.num_frames)
-  return [(jax.tree.map(lambda x: x[i], fr["state"]), fr["epot"][i], fr["box"][i],
-           fr["step"][i], fr["virial"][i] if "virial" in fr else None) for i in range(n)]
+  return [
+    (
+      jax.tree.map(lambda x: x[i], fr["state"]),
+      fr["epot"][i],
+      fr["box"][i],
+      fr["step"][i],
+      fr["virial"][i] if "virial" in fr else None,
+    )
+    for i in range(n)
+  ]
 
 
 def _reporter(progress, opts: RunOptions, start: _Start) -> Callable:
   """``report(step, state, rows, seconds)`` after each chunk, from ``run``'s ``progress``; its
   ``close`` attribute ends a bar."""
   first, masses = start.first_step, start.system.masses
-  bar = (output.ProgressBar(opts.steps - first, opts.timestep, desc=f"MD {opts.ensemble}")
-         if progress is True else None)
+  bar = (
+    output.ProgressBar(opts.steps - first, opts.timestep, desc=f"MD {opts.ensemble}")
+    if progress is True
+    else None
+  )
 
   def report(g: int, n: int, state, rows, seconds: float) -> None:
     if not rows:
@@ -255,10 +322,19 @@ def _reporter(progress, opts: RunOptions, start: _Start) -> Callable:
       bar.update(g - first, temperature, r["etot_eV"])
     if callable(progress):
       time_ps = (start.time0_fs + (g - first) * opts.timestep) * 1e-3
-      progress(Progress(step=g, total_steps=opts.steps, time_ps=time_ps,
-                        temperature=temperature,
-                        epot=r["epot_eV"], ekin=r["ekin_eV"], etot=r["etot_eV"],
-                        steps_per_s=n / seconds))
+      progress(
+        Progress(
+          step=g,
+          total_steps=opts.steps,
+          time_ps=time_ps,
+          temperature=temperature,
+          epot=r["epot_eV"],
+          ekin=r["ekin_eV"],
+          etot=r["etot_eV"],
+          steps_per_s=n / seconds,
+        )
+      )
+
   report.close = bar.close if bar is not None else (lambda: None)
   return report
 
@@ -271,31 +347,31 @@ _quiet_float64_requests = quiet("Explicitly requested dtype float64", UserWarnin
 
 @_quiet_float64_requests
 def run(
-    atoms: Union[ase.Atoms, Sequence[ase.Atoms]],
-    potential: potentials.Potential,
-    *,
-    ensemble: str = DEFAULTS.ensemble,
-    temperature: Union[float, Sequence[float]] = DEFAULTS.temperature,
-    timestep: float = DEFAULTS.timestep,
-    steps: int = DEFAULTS.steps,
-    pressure: float = DEFAULTS.pressure,
-    friction: float = DEFAULTS.friction,
-    tau_t: Optional[float] = None,
-    tau_p: Optional[float] = None,
-    init_temperature: Optional[float] = None,
-    chunk: int = DEFAULTS.chunk,
-    log_interval: Optional[int] = None,
-    traj: Optional[PathLike] = None,
-    traj_interval: Optional[int] = None,
-    resume: bool = False,
-    log_file: Optional[PathLike] = None,
-    seed: Union[int, Sequence[int]] = DEFAULTS.seed,
-    dr_threshold: float = DEFAULTS.dr_threshold,
-    capacity_multiplier: float = DEFAULTS.capacity_multiplier,
-    dtype: Any = DEFAULTS.dtype,
-    progress: Union[bool, Callable[[Progress], None]] = False,
-    max_temperature: Optional[float] = None,
-    max_force: Optional[float] = DEFAULTS.max_force,
+  atoms: Union[ase.Atoms, Sequence[ase.Atoms]],
+  potential: potentials.Potential,
+  *,
+  ensemble: str = DEFAULTS.ensemble,
+  temperature: Union[float, Sequence[float]] = DEFAULTS.temperature,
+  timestep: float = DEFAULTS.timestep,
+  steps: int = DEFAULTS.steps,
+  pressure: float = DEFAULTS.pressure,
+  friction: float = DEFAULTS.friction,
+  tau_t: Optional[float] = None,
+  tau_p: Optional[float] = None,
+  init_temperature: Optional[float] = None,
+  chunk: int = DEFAULTS.chunk,
+  log_interval: Optional[int] = None,
+  traj: Optional[PathLike] = None,
+  traj_interval: Optional[int] = None,
+  resume: bool = False,
+  log_file: Optional[PathLike] = None,
+  seed: Union[int, Sequence[int]] = DEFAULTS.seed,
+  dr_threshold: float = DEFAULTS.dr_threshold,
+  capacity_multiplier: float = DEFAULTS.capacity_multiplier,
+  dtype: Any = DEFAULTS.dtype,
+  progress: Union[bool, Callable[[Progress], None]] = False,
+  max_temperature: Optional[float] = None,
+  max_force: Optional[float] = DEFAULTS.max_force,
 ) -> Union[MDResult, List[MDResult]]:
   """Run molecular dynamics of ``atoms`` with ``potential``; see :mod:`plugin.md`.
 
@@ -349,19 +425,53 @@ def run(
   """
   if not isinstance(atoms, ase.Atoms) and isinstance(atoms, (list, tuple)):
     return _run_many(
-        list(atoms), potential, ensemble=ensemble, temperature=temperature, timestep=timestep,
-        steps=steps, pressure=pressure, friction=friction, tau_t=tau_t, tau_p=tau_p,
-        init_temperature=init_temperature, chunk=chunk, log_interval=log_interval, traj=traj,
-        traj_interval=traj_interval, resume=resume, log_file=log_file, seed=seed,
-        dr_threshold=dr_threshold, capacity_multiplier=capacity_multiplier, dtype=dtype,
-        progress=progress, max_temperature=max_temperature, max_force=max_force)
+      list(atoms),
+      potential,
+      ensemble=ensemble,
+      temperature=temperature,
+      timestep=timestep,
+      steps=steps,
+      pressure=pressure,
+      friction=friction,
+      tau_t=tau_t,
+      tau_p=tau_p,
+      init_temperature=init_temperature,
+      chunk=chunk,
+      log_interval=log_interval,
+      traj=traj,
+      traj_interval=traj_interval,
+      resume=resume,
+      log_file=log_file,
+      seed=seed,
+      dr_threshold=dr_threshold,
+      capacity_multiplier=capacity_multiplier,
+      dtype=dtype,
+      progress=progress,
+      max_temperature=max_temperature,
+      max_force=max_force,
+    )
   opts = run_options(
-      ensembles=TABLE, ensemble=ensemble, temperature=temperature, timestep=timestep,
-      steps=steps, pressure=pressure, friction=friction, tau_t=tau_t, tau_p=tau_p,
-      init_temperature=init_temperature, chunk=chunk, log_interval=log_interval,
-      has_traj=traj is not None, traj_interval=traj_interval, seed=seed,
-      dr_threshold=dr_threshold, capacity_multiplier=capacity_multiplier, dtype=dtype,
-      max_temperature=max_temperature, max_force=max_force)
+    ensembles=TABLE,
+    ensemble=ensemble,
+    temperature=temperature,
+    timestep=timestep,
+    steps=steps,
+    pressure=pressure,
+    friction=friction,
+    tau_t=tau_t,
+    tau_p=tau_p,
+    init_temperature=init_temperature,
+    chunk=chunk,
+    log_interval=log_interval,
+    has_traj=traj is not None,
+    traj_interval=traj_interval,
+    seed=seed,
+    dr_threshold=dr_threshold,
+    capacity_multiplier=capacity_multiplier,
+    dtype=dtype,
+    max_temperature=max_temperature,
+    max_force=max_force,
+  )
   traj_path = None if traj is None else Path(traj)
   if traj_path is not None:
     output.traj_format(traj_path)
@@ -369,18 +479,17 @@ def run(
   engine = eng.engine(potential, _engine_key(opts, start.system))
   traces0 = engine.traces[0]
   carry, extra = _start_carry(engine, start, opts)
-  rec = _Recorder(output.columns_for(eng.observables(engine.key)), start, opts, traj_path,
-                  log_file)
+  rec = _Recorder(output.columns_for(eng.observables(engine.key)), start, opts, traj_path, log_file)
   if start.last is None:
-    rec.first(carry[0], eng.start_logs(engine, carry, start.first_step),
-              engine.box_fn(carry[0]))
+    rec.first(carry[0], eng.start_logs(engine, carry, start.first_step), engine.box_fn(carry[0]))
   report = _reporter(progress, opts, start)
   g, reallocations, chunk_times, stopped, reason = start.first_step, 0, [], None, None
   limits = jnp.asarray([rec.limits["max_temperature"], rec.limits["max_force"]], opts.dtype)
   try:
     for c in eng.simulate_chunks(engine, carry, start.first_step, opts.steps, extra, limits):
-      rec.chunk(c.logs, c.num_logs, lambda: _frames(c), c.stop, c.guard,
-                lambda: _observed(engine, c.carry))
+      rec.chunk(
+        c.logs, c.num_logs, lambda: _frames(c), c.stop, c.guard, lambda: _observed(engine, c.carry)
+      )
       carry, g = c.carry, c.stop
       reallocations += c.reallocations
       chunk_times.append(time.perf_counter() - c.t_start)
@@ -391,12 +500,19 @@ def run(
         warnings.warn(reason, RuntimeWarning, stacklevel=3)
   finally:
     report.close()
-  return MDResult(atoms=rec.final(g, lambda: _observed(engine, carry)),
-                  log=MDLog.from_rows(rec.columns, rec.rows),
-                  steps=g - start.first_step, first_step=start.first_step, total_steps=g,
-                  num_compilations=engine.traces[0] - traces0,
-                  num_reallocations=reallocations, wall_time_s=float(sum(chunk_times)),
-                  chunk_times_s=chunk_times, stopped=stopped, reason=reason)
+  return MDResult(
+    atoms=rec.final(g, lambda: _observed(engine, carry)),
+    log=MDLog.from_rows(rec.columns, rec.rows),
+    steps=g - start.first_step,
+    first_step=start.first_step,
+    total_steps=g,
+    num_compilations=engine.traces[0] - traces0,
+    num_reallocations=reallocations,
+    wall_time_s=float(sum(chunk_times)),
+    chunk_times_s=chunk_times,
+    stopped=stopped,
+    reason=reason,
+  )
 
 
 def temperature_of(state, masses: np.ndarray) -> float:
@@ -413,8 +529,10 @@ def _per_system(name: str, value, count: int, one: Callable) -> list:
   ``one(value, i)`` spreads."""
   if isinstance(value, (list, tuple, np.ndarray)):
     if len(value) != count:
-      raise ValueError(f"{name} has {len(value)} entries for {count} systems; give one per "
-                       f"system or a single value")
+      raise ValueError(
+        f"{name} has {len(value)} entries for {count} systems; give one per "
+        f"system or a single value"
+      )
     return list(value)
   return [one(value, i) for i in range(count)]
 
@@ -431,12 +549,19 @@ def _batch_key(opts: List[RunOptions], systems: List[msys.System]) -> mrep.Batch
   o = opts[0]
   single = _engine_key(o, systems[0])
   return mrep.BatchKey(
-      ensemble=o.ensemble, params=single.params,
-      systems=tuple((tuple(int(z) for z in s.numbers), bool(s.periodic),
-                     tuple(float(x) for x in s.box.ravel())) for s in systems),
-      temperatures=tuple(x.temperature for x in opts), dr_threshold=o.dr_threshold,
-      capacity_multiplier=o.capacity_multiplier, chunk=o.chunk, log_interval=o.log_interval,
-      traj_interval=o.traj_interval)
+    ensemble=o.ensemble,
+    params=single.params,
+    systems=tuple(
+      (tuple(int(z) for z in s.numbers), bool(s.periodic), tuple(float(x) for x in s.box.ravel()))
+      for s in systems
+    ),
+    temperatures=tuple(x.temperature for x in opts),
+    dr_threshold=o.dr_threshold,
+    capacity_multiplier=o.capacity_multiplier,
+    chunk=o.chunk,
+    log_interval=o.log_interval,
+    traj_interval=o.traj_interval,
+  )
 
 
 _BATCH_ENGINES: Dict[tuple, eng.Engine] = {}
@@ -459,16 +584,21 @@ def _restore_replicas(state, starts: List[_Start]):
     one = mrep.replica(state, i, len(st.system.numbers))
     restored, ok = msys.restore_extended(one, st.saved_state)
     if not ok:
-      warnings.warn(f"system {i}: the trajectory's saved integrator state does not match this "
-                    f"run's settings; thermostat variables start afresh", stacklevel=4)
+      warnings.warn(
+        f"system {i}: the trajectory's saved integrator state does not match this "
+        f"run's settings; thermostat variables start afresh",
+        stacklevel=4,
+      )
       continue
-    saved = {jax.tree_util.keystr(p): v for p, v in
-             jax.tree_util.tree_flatten_with_path(restored)[0]}
+    saved = {
+      jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]
+    }
 
     def put(path, leaf):
       if getattr(path[0], "name", None) in msys.PARTICLE_FIELDS:
         return leaf
       return leaf.at[i].set(jnp.asarray(saved[jax.tree_util.keystr(path)], leaf.dtype))
+
     state = jax.tree_util.tree_map_with_path(put, state)
   return state
 
@@ -480,48 +610,52 @@ def _replica_view(batch: mrep.Batch, i: int):
 
   def frames(fr, count):
     state = mrep.replica(fr["state"], i, n, lead=1)
-    return [(jax.tree.map(lambda x: x[j], state), fr["epot"][j, i], fr["box"][j, i],
-             fr["step"][j], fr["virial"][j, i]) for j in range(count)]
+    return [
+      (
+        jax.tree.map(lambda x: x[j], state),
+        fr["epot"][j, i],
+        fr["box"][j, i],
+        fr["step"][j],
+        fr["virial"][j, i],
+      )
+      for j in range(count)
+    ]
 
   def observed(state, obs, boxes):
     return mrep.replica(state, i, n), {k: np.asarray(v)[i] for k, v in obs.items()}, boxes[i]
+
   return logs, frames, observed
 
 
 @_quiet_float64_requests
-def _run_many(systems: List[ase.Atoms], potential, *, temperature, seed, traj, log_file,
-              resume: bool, progress, **common) -> List[MDResult]:
-  if not systems:
-    raise ValueError("the list of systems is empty")
+def _run_many(
+  systems: List[ase.Atoms],
+  potential,
+  *,
+  temperature,
+  seed,
+  traj,
+  log_file,
+  resume: bool,
+  progress,
+  **common,
+) -> List[MDResult]:
+  opts, seeds, trajs, logs, starts, first = _batch_plan(
+    systems, potential, temperature, seed, traj, log_file, resume, common
+  )
   B = len(systems)
-  temps = _per_system("temperature", temperature, B, lambda t, i: t)
-  seeds = _per_system("seed", seed, B, lambda s, i: int(s) + i)
-  trajs = _per_system("traj", traj, B, replica_path)
-  logs = _per_system("log_file", log_file, B, replica_path)
-  opts = [run_options(ensembles=TABLE, temperature=t, seed=s, has_traj=traj is not None,
-                      **common) for t, s in zip(temps, seeds)]
-  trajs = [None if t is None else Path(t) for t in trajs]
-  for t in trajs:
-    if t is not None:
-      output.traj_format(t)
-  if len({str(t) for t in trajs if t is not None}) < sum(t is not None for t in trajs):
-    raise ValueError("two systems would write the same trajectory file; give one path each")
-  cutoff = float(potential.cutoff)
-  starts = [_start(a, t, resume, o, cutoff) for a, t, o in zip(systems, trajs, opts)]
-  first = {st.first_step for st in starts}
-  if len(first) > 1:
-    raise ValueError(f"cannot resume systems that stopped at different steps {sorted(first)}; "
-                     f"resume them one at a time")
-  first = first.pop()
-  momenta = [msys.start_momenta(st.system, o.init_temperature, o.seed)
-             for st, o in zip(starts, opts)]
+  momenta = [
+    msys.start_momenta(st.system, o.init_temperature, o.seed) for st, o in zip(starts, opts)
+  ]
   batch = mrep.stack([st.system for st in starts], momenta, potential)
   engine = _batch_engine(potential, _batch_key(opts, [st.system for st in starts]), batch)
   traces0 = engine.traces[0]
   carry, extra = mrep.start(engine, batch, seeds, opts[0].dtype)
   carry = (_restore_replicas(carry[0], starts),) + carry[1:]
-  recs = [_Recorder(output.columns_for(eng.observables(_engine_key(o, st.system))), st, o, t,
-                    lf) for st, o, t, lf in zip(starts, opts, trajs, logs)]
+  recs = [
+    _Recorder(output.columns_for(eng.observables(_engine_key(o, st.system))), st, o, t, lf)
+    for st, o, t, lf in zip(starts, opts, trajs, logs)
+  ]
   views = [_replica_view(batch, i) for i in range(B)]
 
   def observed_all(carry):
@@ -532,13 +666,22 @@ def _run_many(systems: List[ase.Atoms], potential, *, temperature, seed, traj, l
     state, obs, boxes = observed_all(carry)
     for rec, (lg, _, view) in zip(recs, views):
       s_i, o_i, b_i = view(state, obs, boxes)
-      rec.first(s_i, dict(jax.tree.map(lambda x: np.asarray(x)[None], o_i),
-                          step=np.array([first])), b_i)
-  limits = jnp.asarray([[r.limits["max_temperature"], r.limits["max_force"]] for r in recs],
-                       opts[0].dtype)
-  bar = (output.ProgressBar(opts[0].steps - first, opts[0].timestep,
-                            desc=f"MD {opts[0].ensemble} x{B}",
-                            atoms=int(batch.sizes.sum())) if progress is True else None)
+      rec.first(
+        s_i, dict(jax.tree.map(lambda x: np.asarray(x)[None], o_i), step=np.array([first])), b_i
+      )
+  limits = jnp.asarray(
+    [[r.limits["max_temperature"], r.limits["max_force"]] for r in recs], opts[0].dtype
+  )
+  bar = (
+    output.ProgressBar(
+      opts[0].steps - first,
+      opts[0].timestep,
+      desc=f"MD {opts[0].ensemble} x{B}",
+      atoms=int(batch.sizes.sum()),
+    )
+    if progress is True
+    else None
+  )
   g, reallocations, chunk_times, guard, where, value = first, 0, [], 0, 0, 0.0
   try:
     for c in eng.simulate_chunks(engine, carry, first, opts[0].steps, extra, limits):
@@ -546,38 +689,118 @@ def _run_many(systems: List[ase.Atoms], potential, *, temperature, seed, traj, l
       # the last good state of the whole batch, observed once (only when a guard fired)
       last = functools.lru_cache(maxsize=1)(lambda c=c: observed_all(c.carry))
       for rec, (lg, frames, view) in zip(recs, views):
-        rec.chunk(lg(c.logs), c.num_logs, lambda: frames(fr, int(c.num_frames)), c.stop,
-                  c.guard, lambda: view(*last()))
+        rec.chunk(
+          lg(c.logs),
+          c.num_logs,
+          lambda: frames(fr, int(c.num_frames)),
+          c.stop,
+          c.guard,
+          lambda: view(*last()),
+        )
       carry, g = c.carry, c.stop
       reallocations += c.reallocations
       chunk_times.append(time.perf_counter() - c.t_start)
-      _report_many(bar, progress, recs, g, first, opts[0], max(c.stop - c.start, 1),
-                   chunk_times[-1], int(batch.sizes.sum()))
+      _report_many(
+        bar,
+        progress,
+        recs,
+        g,
+        first,
+        opts[0],
+        max(c.stop - c.start, 1),
+        chunk_times[-1],
+        int(batch.sizes.sum()),
+      )
       guard, where, value = c.guard, c.where, c.value
   finally:
     if bar is not None:
       bar.close()
+  return _batch_results(
+    recs,
+    views,
+    observed_all(carry),
+    engine.traces[0] - traces0,
+    (guard, where, value),
+    steps=(first, g),
+    reallocations=reallocations,
+    chunk_times=chunk_times,
+  )
+
+
+def _batch_plan(systems, potential, temperature, seed, traj, log_file, resume, common):
+  """Per-system options, seeds, output paths and starting points of a batch run."""
+  if not systems:
+    raise ValueError("the list of systems is empty")
+  B = len(systems)
+  temps = _per_system("temperature", temperature, B, lambda t, i: t)
+  seeds = _per_system("seed", seed, B, lambda s, i: int(s) + i)
+  trajs = _per_system("traj", traj, B, replica_path)
+  logs = _per_system("log_file", log_file, B, replica_path)
+  opts = [
+    run_options(ensembles=TABLE, temperature=t, seed=s, has_traj=traj is not None, **common)
+    for t, s in zip(temps, seeds)
+  ]
+  trajs = [None if t is None else Path(t) for t in trajs]
+  for t in trajs:
+    if t is not None:
+      output.traj_format(t)
+  if len({str(t) for t in trajs if t is not None}) < sum(t is not None for t in trajs):
+    raise ValueError("two systems would write the same trajectory file; give one path each")
+  cutoff = float(potential.cutoff)
+  starts = [_start(a, t, resume, o, cutoff) for a, t, o in zip(systems, trajs, opts)]
+  first = {st.first_step for st in starts}
+  if len(first) > 1:
+    raise ValueError(
+      f"cannot resume systems that stopped at different steps {sorted(first)}; "
+      f"resume them one at a time"
+    )
+  return opts, seeds, trajs, logs, starts, first.pop()
+
+
+def _batch_results(
+  recs, views, observed, compilations, stop, *, steps, reallocations, chunk_times
+) -> List[MDResult]:
+  """One :class:`MDResult` per system; ``stop = (guard, where, value)`` of the batch."""
+  (first, g), (guard, where, value) = steps, stop
+  state, obs, boxes = observed
   stopped = reason = None
   if guard:
     reason = guards.reason(guard, g + 1, value, **recs[where].limits)
-    warnings.warn(f"system {where}: {reason}", RuntimeWarning, stacklevel=3)
-  state, obs, boxes = observed_all(carry)
+    warnings.warn(f"system {where}: {reason}", RuntimeWarning, stacklevel=4)
   results = []
   for i, (rec, (_, _, view)) in enumerate(zip(recs, views)):
     if guard:
       stopped = guards.NAMES[guard] if i == where else "other_system"
       why = reason if i == where else f"stopped with system {where}: {reason}"
-    results.append(MDResult(
+    results.append(
+      MDResult(
         atoms=rec.final(g, lambda: view(state, obs, boxes)),
-        log=MDLog.from_rows(rec.columns, rec.rows), steps=g - first, first_step=first,
-        total_steps=g, num_compilations=engine.traces[0] - traces0,
-        num_reallocations=reallocations, wall_time_s=float(sum(chunk_times)),
-        chunk_times_s=chunk_times, stopped=stopped, reason=why if guard else None))
+        log=MDLog.from_rows(rec.columns, rec.rows),
+        steps=g - first,
+        first_step=first,
+        total_steps=g,
+        num_compilations=compilations,
+        num_reallocations=reallocations,
+        wall_time_s=float(sum(chunk_times)),
+        chunk_times_s=chunk_times,
+        stopped=stopped,
+        reason=why if guard else None,
+      )
+    )
   return results
 
 
-def _report_many(bar, progress, recs: List[_Recorder], g: int, first: int, opts: RunOptions,
-                 n: int, seconds: float, atoms: int) -> None:
+def _report_many(
+  bar,
+  progress,
+  recs: List[_Recorder],
+  g: int,
+  first: int,
+  opts: RunOptions,
+  n: int,
+  seconds: float,
+  atoms: int,
+) -> None:
   """Progress of a batch: mean temperature and energies over the systems' latest rows."""
   rows = [r.rows[-1] for r in recs if r.rows]
   if not rows:
@@ -588,8 +811,17 @@ def _report_many(bar, progress, recs: List[_Recorder], g: int, first: int, opts:
     bar.update(g - first, temperature, etot)
   if callable(progress):
     time_ps = recs[0].time_fs(g) * 1e-3
-    progress(Progress(step=g, total_steps=opts.steps, time_ps=time_ps, temperature=temperature,
-                      epot=float(np.mean([r["epot_eV"] for r in rows])),
-                      ekin=float(np.mean([r["ekin_eV"] for r in rows])), etot=etot,
-                      steps_per_s=n / seconds, systems=len(recs),
-                      atom_steps_per_s=atoms * n / seconds))
+    progress(
+      Progress(
+        step=g,
+        total_steps=opts.steps,
+        time_ps=time_ps,
+        temperature=temperature,
+        epot=float(np.mean([r["epot_eV"] for r in rows])),
+        ekin=float(np.mean([r["ekin_eV"] for r in rows])),
+        etot=etot,
+        steps_per_s=n / seconds,
+        systems=len(recs),
+        atom_steps_per_s=atoms * n / seconds,
+      )
+    )

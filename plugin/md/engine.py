@@ -53,6 +53,7 @@ Array = jax.Array
 @dataclasses.dataclass(frozen=True)
 class EngineKey:
   """Everything the compiled functions close over (hashable: engines are cached by it)."""
+
   ensemble: str
   params: Params
   numbers: Tuple[int, ...]
@@ -88,19 +89,22 @@ def keep_dtypes(new, old):
   return jax.tree.map(lambda n, o: n.astype(jnp.result_type(o)), new, old)
 
 
-def step_fn(key: EngineKey, apply_fn: Callable, displacement_fn: Callable,
-            cutoff: float) -> Callable:
+def step_fn(
+  key: EngineKey, apply_fn: Callable, displacement_fn: Callable, cutoff: float
+) -> Callable:
   """One MD step on the carry ``(state, nbrs, aux)``: update the list, then integrate.
 
   ``aux`` is ``(ref_scale, min_scale)`` for variable boxes (linear box scale at the last list
   rebuild, smallest scale seen), else ``()``.
   """
   if not TABLE[key.ensemble].variable_box:
+
     def step(carry):
       state, nbrs, aux = carry
       if nbrs is not None:
         nbrs = nbrs.update(state.position)
       return keep_dtypes(apply_fn(state, **neighbor_kwargs(nbrs)), state), nbrs, aux
+
     return step
 
   skin = key.dr_threshold
@@ -126,13 +130,17 @@ def step_fn(key: EngineKey, apply_fn: Callable, displacement_fn: Callable,
     state = keep_dtypes(apply_fn(state, neighbor=new), state)
     min_scale = jnp.minimum(min_scale, jnp.exp(state.box_position))
     return state, new, (ref_scale, min_scale)
+
   return step
 
 
 def observables(key: EngineKey) -> Tuple[str, ...]:
   """The names :func:`observe_fn` returns for ``key`` (the log columns follow from them)."""
-  return (("ekin", "epot") + (("conserved",) if TABLE[key.ensemble].invariant else ())
-          + (("pressure", "volume") if key.periodic else ()))
+  return (
+    ("ekin", "epot")
+    + (("conserved",) if TABLE[key.ensemble].invariant else ())
+    + (("pressure", "volume") if key.periodic else ())
+  )
 
 
 def observe_fn(key: EngineKey, energy_fn: Callable, box_fn: Callable) -> Callable:
@@ -158,14 +166,18 @@ def observe_fn(key: EngineKey, energy_fn: Callable, box_fn: Callable) -> Callabl
       u = lambda eps: energy_fn(R, neighbor=nbrs, box=box, perturbation=eye + eps)
       epot, dU = jax.value_and_grad(u)(jnp.zeros((3, 3), R.dtype))
       volume = jnp.abs(jnp.linalg.det(box))
-      out.update(pressure=(2.0 * ekin - jnp.trace(dU)) / (3.0 * volume), volume=volume,
-                 virial=0.5 * (dU + dU.T))
+      out.update(
+        pressure=(2.0 * ekin - jnp.trace(dU)) / (3.0 * volume),
+        volume=volume,
+        virial=0.5 * (dU + dU.T),
+      )
     else:
       epot = energy_fn(R, **neighbor_kwargs(nbrs))
     out["epot"] = epot
     if invariant is not None:
       out["conserved"] = invariant(state, epot, ekin, key.params)
     return out
+
   return observe
 
 
@@ -173,15 +185,22 @@ def guard_code(state, limits, num_atoms=None):
   """``(code, value)`` of the first guard (:mod:`plugin.md.guards`) that fires for ``state``
   (traced; code 0: none). ``limits``: ``(max_temperature K, max_force eV/Å)``, inf: off;
   ``num_atoms``: the real atoms of a padded state (default: all rows)."""
-  finite = (jnp.all(jnp.isfinite(state.position)) & jnp.all(jnp.isfinite(state.momentum))
-            & jnp.all(jnp.isfinite(state.force)))
+  finite = (
+    jnp.all(jnp.isfinite(state.position))
+    & jnp.all(jnp.isfinite(state.momentum))
+    & jnp.all(jnp.isfinite(state.force))
+  )
   ekin = 0.5 * jnp.sum(state.momentum**2 / state.mass)
   n = state.position.shape[0] if num_atoms is None else num_atoms
   temperature = thermo.temperature_from_kinetic(ekin, n)
   fmax = jnp.sqrt(jnp.max(jnp.sum(state.force**2, axis=-1)))
-  code = jnp.where(~finite, guards.NON_FINITE,
-                   jnp.where(temperature > limits[0], guards.HOT,
-                             jnp.where(fmax > limits[1], guards.FORCE, guards.OK)))
+  code = jnp.where(
+    ~finite,
+    guards.NON_FINITE,
+    jnp.where(
+      temperature > limits[0], guards.HOT, jnp.where(fmax > limits[1], guards.FORCE, guards.OK)
+    ),
+  )
   value = jnp.where(code == guards.HOT, temperature, fmax)
   return code.astype(jnp.int32), value
 
@@ -191,8 +210,14 @@ def no_limits(dtype=jnp.float32):
   return jnp.full((2,), jnp.inf, dtype)
 
 
-def chunk_fn(key: EngineKey, step: Callable, observe: Callable, box_fn: Callable,
-             traces: List[int], guard: Optional[Callable] = None) -> Callable:
+def chunk_fn(
+  key: EngineKey,
+  step: Callable,
+  observe: Callable,
+  box_fn: Callable,
+  traces: List[int],
+  guard: Optional[Callable] = None,
+) -> Callable:
   """``chunk(carry, g0, n, g_end, limits) -> (carry, logs, num_logs, frames, num_frames,
   num_steps, guard, value, where)``.
 
@@ -218,11 +243,14 @@ def chunk_fn(key: EngineKey, step: Callable, observe: Callable, box_fn: Callable
 
   def buffers(state, nbrs):
     obs_shape = jax.eval_shape(observe, state, nbrs)  # one trace of observe, not two
-    frame_shape = dict({k: obs_shape[k] for k in frame_keys}, state=state,
-                       box=jax.eval_shape(box_fn, state))
+    frame_shape = dict(
+      {k: obs_shape[k] for k in frame_keys}, state=state, box=jax.eval_shape(box_fn, state)
+    )
     zeros = lambda k, tree: jax.tree.map(lambda x: jnp.zeros((k,) + x.shape, x.dtype), tree)
-    return (dict(zeros(n_logs, obs_shape), step=jnp.zeros(n_logs, jnp.int32)),
-            dict(zeros(n_frames, frame_shape), step=jnp.zeros(n_frames, jnp.int32)))
+    return (
+      dict(zeros(n_logs, obs_shape), step=jnp.zeros(n_logs, jnp.int32)),
+      dict(zeros(n_frames, frame_shape), step=jnp.zeros(n_frames, jnp.int32)),
+    )
 
   def record(args):
     carry, logs, il, frames, ifr, g = args
@@ -232,9 +260,11 @@ def chunk_fn(key: EngineKey, step: Callable, observe: Callable, box_fn: Callable
     # Written unconditionally; a slot whose counter is not advanced is overwritten later.
     logs = put(logs, jnp.minimum(il, n_logs - 1), dict(obs, step=g))
     if n_frames:
-      frames = put(frames, jnp.minimum(ifr, n_frames - 1),
-                   dict({k: obs[k] for k in frame_keys}, state=state, box=box_fn(state),
-                        step=g))
+      frames = put(
+        frames,
+        jnp.minimum(ifr, n_frames - 1),
+        dict({k: obs[k] for k in frame_keys}, state=state, box=box_fn(state), step=g),
+      )
     return logs, frames, jnp.all(jnp.isfinite(obs["epot"]))
 
   def skip(args):
@@ -252,14 +282,24 @@ def chunk_fn(key: EngineKey, step: Callable, observe: Callable, box_fn: Callable
       do_log = (g % li == 0) | last
       do_frame = ((g % ti == 0) | last) if ti else jnp.zeros((), bool)
       code, value, where = guard(new[0], limits)
-      logs, frames, energy_ok = lax.cond((code == 0) & (do_log | do_frame), record, skip,
-                                         (new, logs, il, frames, ifr, g))
+      logs, frames, energy_ok = lax.cond(
+        (code == 0) & (do_log | do_frame), record, skip, (new, logs, il, frames, ifr, g)
+      )
       code = jnp.where((code == 0) & ~energy_ok, guards.NON_FINITE_ENERGY, code)
       ok = code == 0
       # a failed step is not taken: the carry stays the last good state
       carry = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, carry)
-      return (carry, logs, il + (ok & do_log), frames, ifr + (ok & do_frame), j + ok, code,
-              value.astype(limits.dtype), where)
+      return (
+        carry,
+        logs,
+        il + (ok & do_log),
+        frames,
+        ifr + (ok & do_frame),
+        j + ok,
+        code,
+        value.astype(limits.dtype),
+        where,
+      )
 
     zero = jnp.zeros((), jnp.int32)
     init = (carry, logs, zero, frames, zero, zero, zero, jnp.zeros((), limits.dtype), zero)
@@ -268,8 +308,15 @@ def chunk_fn(key: EngineKey, step: Callable, observe: Callable, box_fn: Callable
   return jax.jit(chunk)
 
 
-def make_engine(key: EngineKey, *, energy_fn: Callable, neighbor_fn: Any,
-                displacement_fn: Callable, shift_fn: Callable, cutoff: float) -> Engine:
+def make_engine(
+  key: EngineKey,
+  *,
+  energy_fn: Callable,
+  neighbor_fn: Any,
+  displacement_fn: Callable,
+  shift_fn: Callable,
+  cutoff: float,
+) -> Engine:
   """An engine from JAX-MD functions (``energy_fn(R, neighbor=..., **kwargs)``; ``neighbor_fn``
   None for an energy without pair list)."""
   init_fn, apply_fn = TABLE[key.ensemble].integrator(key.params, energy_fn, shift_fn)
@@ -280,12 +327,12 @@ def make_engine(key: EngineKey, *, energy_fn: Callable, neighbor_fn: Any,
     box_fn = lambda state: jnp.asarray(box, state.position.dtype)
   observe = observe_fn(key, energy_fn, box_fn)
   traces = [0]
-  chunk = chunk_fn(key, step_fn(key, apply_fn, displacement_fn, cutoff), observe, box_fn,
-                   traces)
+  chunk = chunk_fn(key, step_fn(key, apply_fn, displacement_fn, cutoff), observe, box_fn, traces)
   # init computes the first forces: jitted it is one program to compile (or load from the
   # persistent cache), not dozens of op-by-op ones.
-  return Engine(key, neighbor_fn, energy_fn, jax.jit(init_fn), jax.jit(observe), chunk, box_fn,
-                traces)
+  return Engine(
+    key, neighbor_fn, energy_fn, jax.jit(init_fn), jax.jit(observe), chunk, box_fn, traces
+  )
 
 
 @functools.lru_cache(maxsize=8)
@@ -299,20 +346,31 @@ def engine(potential: potentials.Potential, key: EngineKey) -> Engine:
   else:
     displacement_fn, shift_fn = space.free()
   neighbor_fn, energy_fn = pjm.neighbor_list(
-      potential, displacement_fn, box, species=np.asarray(key.numbers),
-      dr_threshold=key.dr_threshold, capacity_multiplier=key.capacity_multiplier,
-      fractional_coordinates=key.periodic)
-  return make_engine(key, energy_fn=energy_fn, neighbor_fn=neighbor_fn,
-                     displacement_fn=displacement_fn, shift_fn=shift_fn,
-                     cutoff=float(potential.cutoff))
+    potential,
+    displacement_fn,
+    box,
+    species=np.asarray(key.numbers),
+    dr_threshold=key.dr_threshold,
+    capacity_multiplier=key.capacity_multiplier,
+    fractional_coordinates=key.periodic,
+  )
+  return make_engine(
+    key,
+    energy_fn=energy_fn,
+    neighbor_fn=neighbor_fn,
+    displacement_fn=displacement_fn,
+    shift_fn=shift_fn,
+    cutoff=float(potential.cutoff),
+  )
 
 
 # ------------------------------------------------------------------------------------------
 # start state, neighbour-list allocation, chunks with replay
 
 
-def allocate(engine: Engine, R: Array, box: Optional[np.ndarray], extra: int,
-             min_capacity: int = 0) -> Tuple[Any, int]:
+def allocate(
+  engine: Engine, R: Array, box: Optional[np.ndarray], extra: int, min_capacity: int = 0
+) -> Tuple[Any, int]:
   """A list for positions ``R`` (and variable ``box``) with at least ``min_capacity`` pairs, and
   the ``extra_capacity`` it took (JAX-MD adds it per cell, and ``N *`` it to the pairs)."""
   if engine.neighbor_fn is None:
@@ -322,8 +380,9 @@ def allocate(engine: Engine, R: Array, box: Optional[np.ndarray], extra: int,
   nbrs = engine.neighbor_fn.allocate(R, extra, **kw)
   # JAX-MD's lists hold at most n (n - 1) pairs; image lists (small boxes) and replica lists
   # (plugin.md.replicas) have no such limit.
-  jax_md_list = (isinstance(nbrs, partition.NeighborList)
-                 and not isinstance(nbrs, pjm.ImageNeighborList))
+  jax_md_list = isinstance(nbrs, partition.NeighborList) and not isinstance(
+    nbrs, pjm.ImageNeighborList
+  )
   limit = n * (n - 1) if jax_md_list else math.inf
   if nbrs.max_occupancy < min_capacity and nbrs.max_occupancy < limit:
     extra += -(-(min_capacity - nbrs.max_occupancy) // n)
@@ -338,12 +397,25 @@ def allocate(engine: Engine, R: Array, box: Optional[np.ndarray], extra: int,
   return nbrs, extra
 
 
-def init_state(engine: Engine, R: Array, box: np.ndarray, masses: np.ndarray,
-               momenta: np.ndarray, nbrs, seed: int):
+def init_state(
+  engine: Engine,
+  R: Array,
+  box: np.ndarray,
+  masses: np.ndarray,
+  momenta: np.ndarray,
+  nbrs,
+  seed: int,
+):
   """The integrator state in ``R``'s dtype (every floating leaf, and every leaf an array)."""
   dtype = R.dtype
-  state = engine.init_fn(jax.random.PRNGKey(seed), R, jnp.asarray(box, dtype),
-                         jnp.asarray(masses, dtype), jnp.asarray(momenta, dtype), nbrs)
+  state = engine.init_fn(
+    jax.random.PRNGKey(seed),
+    R,
+    jnp.asarray(box, dtype),
+    jnp.asarray(masses, dtype),
+    jnp.asarray(momenta, dtype),
+    nbrs,
+  )
   return in_dtype(state, dtype)
 
 
@@ -355,7 +427,8 @@ def in_dtype(state, dtype):
   # inner loops: cast every floating leaf to the run's dtype.
   state = jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x)), state)
   return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+    lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state
+  )
 
 
 def initial_aux(engine: Engine, state):
@@ -366,8 +439,9 @@ def initial_aux(engine: Engine, state):
   return (scale, scale)
 
 
-def start(engine: Engine, R: Array, box: np.ndarray, masses: np.ndarray, momenta: np.ndarray,
-          seed: int):
+def start(
+  engine: Engine, R: Array, box: np.ndarray, masses: np.ndarray, momenta: np.ndarray, seed: int
+):
   """The init half of the engine: ``(carry, extra)`` for positions ``R`` (their dtype is the
   run's), ``box`` (3, 3), masses and momenta; ``extra`` is the list's extra capacity."""
   nbrs, extra = allocate(engine, R, box if engine.ensemble.variable_box else None, 0)
@@ -411,9 +485,11 @@ def advance(engine: Engine, carry, g: int, n: int, g_end: int, extra: int, limit
       return out, extra, attempt
     # Throw the chunk away; allocate from its start positions and replay it.
     carry, extra = _regrow(engine, carry, out, extra)
-  raise RuntimeError(f"the neighbour list still overflowed after {DEFAULTS.max_replays} "
-                     f"reallocations in steps {g}..{g + n}; the system is probably "
-                     f"collapsing (atoms piling up); check the timestep and structure")
+  raise RuntimeError(
+    f"the neighbour list still overflowed after {DEFAULTS.max_replays} "
+    f"reallocations in steps {g}..{g + n}; the system is probably "
+    f"collapsing (atoms piling up); check the timestep and structure"
+  )
 
 
 def start_logs(engine: Engine, carry, step: int) -> dict:
@@ -428,6 +504,7 @@ class Chunk:
   """One finished chunk, on the host: steps ``start..stop``, its log buffers and frames;
   ``guard`` (:mod:`plugin.md.guards` code, 0: none) and ``value``: a guard fired at step
   ``stop + 1`` and ``carry`` is the last good state (step ``stop``)."""
+
   start: int
   stop: int
   carry: Any
@@ -442,8 +519,9 @@ class Chunk:
   where: int = 0  # the replica the guard fired in (batches)
 
 
-def simulate_chunks(engine: Engine, carry, first_step: int, steps: int, extra: int = 0,
-                    limits=None):
+def simulate_chunks(
+  engine: Engine, carry, first_step: int, steps: int, extra: int = 0, limits=None
+):
   """Yields a :class:`Chunk` per ``chunk`` steps from ``first_step`` to ``steps``; the caller
   writes output between them. After a chunk in which a guard fired, it stops."""
   g = first_step
@@ -453,8 +531,20 @@ def simulate_chunks(engine: Engine, carry, first_step: int, steps: int, extra: i
     out, extra, realloc = advance(engine, carry, g, n, steps, extra, limits)
     carry, logs, n_logs, frames, n_frames, done, code, value, where = out
     logs = jax.device_get(logs)
-    yield Chunk(g, g + int(done), carry, logs, int(n_logs), frames, n_frames,
-                t_start, realloc, int(code), float(value), int(where))
+    yield Chunk(
+      g,
+      g + int(done),
+      carry,
+      logs,
+      int(n_logs),
+      frames,
+      n_frames,
+      t_start,
+      realloc,
+      int(code),
+      float(value),
+      int(where),
+    )
     if int(code):
       return
     g += n

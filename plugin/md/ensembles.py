@@ -31,12 +31,14 @@ def _simulate():
   """``jax_md.simulate``, imported when an integrator is built: the table itself stays cheap to
   import (the CLI's parser reads it)."""
   from jax_md import simulate
+
   return simulate
 
 
 @dataclasses.dataclass(frozen=True)
 class Params:
   """An ensemble's parameters in JAX-MD's metal units (hashable: part of the engine key)."""
+
   dt: float  # time units
   kT: float  # eV
   gamma: float  # 1 / time unit
@@ -45,11 +47,25 @@ class Params:
   pressure: float  # eV / Å^3
 
   @classmethod
-  def from_user(cls, *, timestep: float, temperature: float, friction: float, tau_t: float,
-                tau_p: float, pressure: float) -> "Params":
+  def from_user(
+    cls,
+    *,
+    timestep: float,
+    temperature: float,
+    friction: float,
+    tau_t: float,
+    tau_p: float,
+    pressure: float,
+  ) -> "Params":
     """From fs, K, 1/fs, fs, fs, bar: the one conversion into JAX-MD's units."""
-    return cls(dt=timestep * thermo.FS, kT=temperature * thermo.KB, gamma=friction / thermo.FS,
-               tau_t=tau_t * thermo.FS, tau_p=tau_p * thermo.FS, pressure=pressure * thermo.BAR)
+    return cls(
+      dt=timestep * thermo.FS,
+      kT=temperature * thermo.KB,
+      gamma=friction / thermo.FS,
+      tau_t=tau_t * thermo.FS,
+      tau_p=tau_p * thermo.FS,
+      pressure=pressure * thermo.BAR,
+    )
 
 
 def neighbor_kwargs(nbrs) -> dict:
@@ -66,12 +82,15 @@ Integrator = Callable[[Params, Callable, Callable], Tuple[Callable, Callable]]
 def _fixed_box(make: Callable) -> Integrator:
   """An integrator of JAX-MD's fixed-box kind: ``make(energy_fn, shift_fn, params) -> (init,
   apply)`` whose ``init(key, R, mass=, momenta=, **nbr)``."""
+
   def integrator(p: Params, energy_fn: Callable, shift_fn: Callable):
     init, apply = make(energy_fn, shift_fn, p)
     # **kwargs: e.g. a per-replica kT (plugin.md.replicas)
     init_fn = lambda key, R, box, mass, momenta, nbrs, **kwargs: init(
-        key, R, mass=mass, momenta=momenta, **neighbor_kwargs(nbrs), **kwargs)
+      key, R, mass=mass, momenta=momenta, **neighbor_kwargs(nbrs), **kwargs
+    )
     return init_fn, apply
+
   return integrator
 
 
@@ -82,17 +101,25 @@ def _nve(energy_fn: Callable, shift_fn: Callable, p: Params):
 
 def _npt(p: Params, energy_fn: Callable, shift_fn: Callable):
   npt = functools.partial(
-      _simulate().npt_nose_hoover, energy_fn, dt=p.dt, pressure=p.pressure, kT=p.kT,
-      barostat_kwargs={"tau": p.tau_p}, thermostat_kwargs={"tau": p.tau_t})
+    _simulate().npt_nose_hoover,
+    energy_fn,
+    dt=p.dt,
+    pressure=p.pressure,
+    kT=p.kT,
+    barostat_kwargs={"tau": p.tau_p},
+    thermostat_kwargs={"tau": p.tau_t},
+  )
   init, _ = npt(shift_fn=shift_fn)
   init_fn = lambda key, R, box, mass, momenta, nbrs: init(
-      key, R, box, mass=mass, momenta=momenta, **neighbor_kwargs(nbrs))
+    key, R, box, mass=mass, momenta=momenta, **neighbor_kwargs(nbrs)
+  )
 
   def apply(state, **kwargs):
     # JAX-MD's shift_fn never sees the box before the step; build the step (cheap Python, at
     # trace time) around a shift that knows it.
     shift = npt_fractional_shift(shift_fn, _simulate().npt_box(state))
     return npt(shift_fn=shift)[1](state, **kwargs)
+
   return init_fn, apply
 
 
@@ -117,6 +144,7 @@ def npt_fractional_shift(shift_fn: Callable, box_old) -> Callable:
       ratio = jnp.trace(kwargs["box"]) / jnp.trace(box_old)  # e^x: the box scales uniformly
       dR = dR - R * (ratio - 1.0)
     return shift_fn(R, dR, **kwargs)
+
   return shift
 
 
@@ -129,22 +157,34 @@ def _known(epot):
 # ``ase_dynamics(atoms, timestep_fs, temperature_K, seed) -> ase.md.MolecularDynamics``
 def _ase_verlet(atoms, timestep, temperature, seed):
   from ase.md.verlet import VelocityVerlet
+
   return VelocityVerlet(atoms, timestep=timestep * thermo.FS)
 
 
 def _ase_langevin(atoms, timestep, temperature, seed):
   from ase.md.langevin import Langevin
-  return Langevin(atoms, timestep=timestep * thermo.FS, temperature_K=temperature,
-                  friction=DEFAULTS.friction / thermo.FS, rng=np.random.default_rng(seed))
+
+  return Langevin(
+    atoms,
+    timestep=timestep * thermo.FS,
+    temperature_K=temperature,
+    friction=DEFAULTS.friction / thermo.FS,
+    rng=np.random.default_rng(seed),
+  )
 
 
 def _ase_berendsen(atoms, timestep, temperature, seed):
   from ase.md.nptberendsen import NPTBerendsen
-  return NPTBerendsen(atoms, timestep=timestep * thermo.FS, temperature_K=temperature,
-                      pressure_au=DEFAULTS.pressure * thermo.BAR,
-                      taut=DEFAULTS.berendsen_tau_t * thermo.FS,
-                      taup=DEFAULTS.berendsen_tau_p * thermo.FS,
-                      compressibility_au=DEFAULTS.berendsen_compressibility / thermo.BAR)
+
+  return NPTBerendsen(
+    atoms,
+    timestep=timestep * thermo.FS,
+    temperature_K=temperature,
+    pressure_au=DEFAULTS.pressure * thermo.BAR,
+    taut=DEFAULTS.berendsen_tau_t * thermo.FS,
+    taup=DEFAULTS.berendsen_tau_p * thermo.FS,
+    compressibility_au=DEFAULTS.berendsen_compressibility / thermo.BAR,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +202,7 @@ class Ensemble:
     ase_dynamics: ``(atoms, timestep_fs, temperature_K, seed) -> ASE dynamics`` for the ASE
       engine, or None.
   """
+
   name: str
   integrator: Integrator
   invariant: Optional[Callable] = None
@@ -171,21 +212,42 @@ class Ensemble:
   ase_dynamics: Optional[Callable] = None
 
 
-TABLE: Dict[str, Ensemble] = {e.name: e for e in (
-    Ensemble("nve", _fixed_box(_nve),
-             invariant=lambda state, epot, ekin, p: epot + ekin, thermostat=False,
-             cli_name="nve", ase_dynamics=_ase_verlet),
-    Ensemble("nvt_langevin", _fixed_box(
-        lambda e, s, p: _simulate().nvt_langevin(e, s, p.dt, p.kT, gamma=p.gamma)),
-             cli_name="nvt", ase_dynamics=_ase_langevin),
-    Ensemble("nvt_nose_hoover", _fixed_box(
-        lambda e, s, p: _simulate().nvt_nose_hoover(e, s, p.dt, p.kT, tau=p.tau_t)),
-             invariant=lambda state, epot, ekin, p: _simulate().nvt_nose_hoover_invariant(
-                 _known(epot), state, p.kT)),
-    Ensemble("npt", _npt, invariant=lambda state, epot, ekin, p:
-             _simulate().npt_nose_hoover_invariant(_known(epot), state, p.pressure, p.kT),
-             variable_box=True, cli_name="npt", ase_dynamics=_ase_berendsen),
-)}
+TABLE: Dict[str, Ensemble] = {
+  e.name: e
+  for e in (
+    Ensemble(
+      "nve",
+      _fixed_box(_nve),
+      invariant=lambda state, epot, ekin, p: epot + ekin,
+      thermostat=False,
+      cli_name="nve",
+      ase_dynamics=_ase_verlet,
+    ),
+    Ensemble(
+      "nvt_langevin",
+      _fixed_box(lambda e, s, p: _simulate().nvt_langevin(e, s, p.dt, p.kT, gamma=p.gamma)),
+      cli_name="nvt",
+      ase_dynamics=_ase_langevin,
+    ),
+    Ensemble(
+      "nvt_nose_hoover",
+      _fixed_box(lambda e, s, p: _simulate().nvt_nose_hoover(e, s, p.dt, p.kT, tau=p.tau_t)),
+      invariant=lambda state, epot, ekin, p: _simulate().nvt_nose_hoover_invariant(
+        _known(epot), state, p.kT
+      ),
+    ),
+    Ensemble(
+      "npt",
+      _npt,
+      invariant=lambda state, epot, ekin, p: _simulate().npt_nose_hoover_invariant(
+        _known(epot), state, p.pressure, p.kT
+      ),
+      variable_box=True,
+      cli_name="npt",
+      ase_dynamics=_ase_berendsen,
+    ),
+  )
+}
 
 ENSEMBLES = tuple(TABLE)
 CLI_NAMES = {e.cli_name: e.name for e in TABLE.values() if e.cli_name}

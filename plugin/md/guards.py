@@ -20,21 +20,36 @@ from plugin.md.settings import DEFAULTS, guard_limits
 
 # Codes the compiled loop returns (0: no guard fired); the reasons are worded here only.
 OK, NON_FINITE, HOT, FORCE, NON_FINITE_ENERGY = range(5)
-NAMES = {NON_FINITE: "non_finite", HOT: "max_temperature", FORCE: "max_force",
-         NON_FINITE_ENERGY: "non_finite"}
+NAMES = {
+  NON_FINITE: "non_finite",
+  HOT: "max_temperature",
+  FORCE: "max_force",
+  NON_FINITE_ENERGY: "non_finite",
+}
 
 
-def reason(code: int, step: int, value: float, *, max_temperature: float, max_force: float,
-           last_good: Optional[int] = None) -> str:
+def reason(
+  code: int,
+  step: int,
+  value: float,
+  *,
+  max_temperature: float,
+  max_force: float,
+  last_good: Optional[int] = None,
+) -> str:
   """The one-line reason a guard gives for stopping at ``step`` (``last_good``: the step of the
   last good frame, default ``step - 1``)."""
-  what = {NON_FINITE: "positions, momenta or forces became non-finite",
-          NON_FINITE_ENERGY: "the potential energy became non-finite",
-          HOT: f"temperature {value:.4g} K exceeded max_temperature {max_temperature:g} K",
-          FORCE: f"a force of {value:.4g} eV/Å exceeded max_force {max_force:g} eV/Å"}[code]
-  return (f"MD stopped at step {step}: {what} (runaway: atoms too close, timestep too large, or "
-          f"the model outside its training data); the last good frame is step "
-          f"{step - 1 if last_good is None else last_good}")
+  what = {
+    NON_FINITE: "positions, momenta or forces became non-finite",
+    NON_FINITE_ENERGY: "the potential energy became non-finite",
+    HOT: f"temperature {value:.4g} K exceeded max_temperature {max_temperature:g} K",
+    FORCE: f"a force of {value:.4g} eV/Å exceeded max_force {max_force:g} eV/Å",
+  }[code]
+  return (
+    f"MD stopped at step {step}: {what} (runaway: atoms too close, timestep too large, or "
+    f"the model outside its training data); the last good frame is step "
+    f"{step - 1 if last_good is None else last_good}"
+  )
 
 
 class RunawayError(RuntimeError):
@@ -47,8 +62,7 @@ class RunawayError(RuntimeError):
     self.guard, self.step, self.last_good = guard, step, last_good
 
 
-def check(positions, momenta, forces, energy, masses, *, max_temperature: float,
-          max_force: float):
+def check(positions, momenta, forces, energy, masses, *, max_temperature: float, max_force: float):
   """``(code, value)`` of the first guard that fires for one state (host side), else (OK, 0)."""
   arrays = (positions, momenta, forces)
   if not all(np.all(np.isfinite(np.asarray(a))) for a in arrays):
@@ -67,6 +81,7 @@ def check(positions, momenta, forces, energy, masses, *, max_temperature: float,
 @dataclasses.dataclass
 class Guard:
   """The ASE observer :func:`guard` attaches; ``last_good`` is the last state that passed."""
+
   dyn: Any
   max_temperature: float
   max_force: float
@@ -74,6 +89,7 @@ class Guard:
 
   def __call__(self) -> None:
     from ase.calculators.singlepoint import SinglePointCalculator
+
     atoms = self.dyn.atoms
     step = int(self.dyn.get_number_of_steps())
     positions = atoms.get_positions()
@@ -81,22 +97,44 @@ class Guard:
       forces, energy = atoms.get_forces(), atoms.get_potential_energy()
     except Exception:  # noqa: BLE001 - a calculator failing on NaN positions is a runaway too
       forces, energy = np.full_like(positions, np.nan), float("nan")
-    code, value = check(positions, atoms.get_momenta(), forces, energy, atoms.get_masses(),
-                        max_temperature=self.max_temperature, max_force=self.max_force)
+    code, value = check(
+      positions,
+      atoms.get_momenta(),
+      forces,
+      energy,
+      atoms.get_masses(),
+      max_temperature=self.max_temperature,
+      max_force=self.max_force,
+    )
     if code != OK:
       good = None if self.last_good is None else int(self.last_good.info["md_step"])
-      raise RunawayError(reason(code, step, value, max_temperature=self.max_temperature,
-                                max_force=self.max_force, last_good=good),
-                         NAMES[code], step, self.last_good)
+      raise RunawayError(
+        reason(
+          code,
+          step,
+          value,
+          max_temperature=self.max_temperature,
+          max_force=self.max_force,
+          last_good=good,
+        ),
+        NAMES[code],
+        step,
+        self.last_good,
+      )
     good = atoms.copy()
     good.calc = SinglePointCalculator(good, energy=energy, forces=forces)
     good.info.update(md_step=step)
     self.last_good = good
 
 
-def guard(dyn, *, max_temperature: Optional[float] = None,
-          max_force: Optional[float] = DEFAULTS.max_force, temperature: Optional[float] = None,
-          interval: int = 1) -> Guard:
+def guard(
+  dyn,
+  *,
+  max_temperature: Optional[float] = None,
+  max_force: Optional[float] = DEFAULTS.max_force,
+  temperature: Optional[float] = None,
+  interval: int = 1,
+) -> Guard:
   """Attach the runaway guards to an ASE dynamics object (``plugin.ase.guard``).
 
   Every ``interval`` steps it checks the atoms and raises :class:`RunawayError` (one-line
@@ -107,10 +145,12 @@ def guard(dyn, *, max_temperature: Optional[float] = None,
   """
   if temperature is None:
     temperature = getattr(dyn, "temp", None)  # ASE keeps a thermostat's kT as `temp`
-    temperature = (dyn.atoms.get_temperature() if temperature is None
-                   else float(temperature) / thermo.KB)
-  t_max, f_max = guard_limits(max_temperature=max_temperature, max_force=max_force,
-                              temperature=temperature)
+    temperature = (
+      dyn.atoms.get_temperature() if temperature is None else float(temperature) / thermo.KB
+    )
+  t_max, f_max = guard_limits(
+    max_temperature=max_temperature, max_force=max_force, temperature=temperature
+  )
   g = Guard(dyn, t_max, f_max)
   dyn.attach(g, interval=interval)
   observers = getattr(dyn, "observers", None)

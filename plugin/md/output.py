@@ -44,6 +44,7 @@ class Column:
   """One log column: ``csv`` its CSV name (unit in the name), ``attr`` the :class:`MDLog` field,
   ``needs`` the observable that must exist for it (None: always there), ``value(obs, ctx)`` its
   number from one observed row (``ctx``: :class:`RowContext`)."""
+
   csv: str
   attr: str
   needs: Optional[str]
@@ -57,16 +58,20 @@ class RowContext:
 
 
 COLUMNS = (
-    Column("step", "step", None, lambda o, c: int(o["step"])),
-    Column("time_ps", "time_ps", None, lambda o, c: c.time_fs(int(o["step"])) * 1e-3),
-    Column("epot_eV", "epot", None, lambda o, c: float(o["epot"])),
-    Column("ekin_eV", "ekin", None, lambda o, c: float(o["ekin"])),
-    Column("etot_eV", "etot", None, lambda o, c: float(o["epot"]) + float(o["ekin"])),
-    Column("temperature_K", "temperature", None,
-           lambda o, c: thermo.temperature_from_kinetic(float(o["ekin"]), c.num_atoms)),
-    Column("conserved_eV", "conserved", "conserved", lambda o, c: float(o["conserved"])),
-    Column("pressure_bar", "pressure", "pressure", lambda o, c: float(o["pressure"]) / thermo.BAR),
-    Column("volume_A3", "volume", "volume", lambda o, c: float(o["volume"])),
+  Column("step", "step", None, lambda o, c: int(o["step"])),
+  Column("time_ps", "time_ps", None, lambda o, c: c.time_fs(int(o["step"])) * 1e-3),
+  Column("epot_eV", "epot", None, lambda o, c: float(o["epot"])),
+  Column("ekin_eV", "ekin", None, lambda o, c: float(o["ekin"])),
+  Column("etot_eV", "etot", None, lambda o, c: float(o["epot"]) + float(o["ekin"])),
+  Column(
+    "temperature_K",
+    "temperature",
+    None,
+    lambda o, c: thermo.temperature_from_kinetic(float(o["ekin"]), c.num_atoms),
+  ),
+  Column("conserved_eV", "conserved", "conserved", lambda o, c: float(o["conserved"])),
+  Column("pressure_bar", "pressure", "pressure", lambda o, c: float(o["pressure"]) / thermo.BAR),
+  Column("volume_A3", "volume", "volume", lambda o, c: float(o["volume"])),
 )
 
 
@@ -76,8 +81,9 @@ def columns_for(observables: Iterable[str]) -> List[Column]:
   return [c for c in COLUMNS if c.needs is None or c.needs in have]
 
 
-def make_rows(columns: Sequence[Column], logs: Mapping[str, np.ndarray], count: int,
-              ctx: RowContext) -> List[Dict[str, float]]:
+def make_rows(
+  columns: Sequence[Column], logs: Mapping[str, np.ndarray], count: int, ctx: RowContext
+) -> List[Dict[str, float]]:
   """Rows (dicts by CSV name) from the first ``count`` entries of observed buffers."""
   rows = []
   for i in range(count):
@@ -96,6 +102,7 @@ class MDLog:
   extended Hamiltonian; None for Langevin), the number to watch for integration errors; for
   periodic systems ``pressure`` (bar) and ``volume`` (Å^3), else None.
   """
+
   step: np.ndarray
   time_ps: np.ndarray
   epot: np.ndarray
@@ -108,9 +115,12 @@ class MDLog:
 
   @classmethod
   def from_rows(cls, columns: Sequence[Column], rows: Sequence[Mapping[str, float]]) -> "MDLog":
-    return cls(**{c.attr: np.asarray([r[c.csv] for r in rows],
-                                     np.int64 if c.attr == "step" else np.float64)
-                  for c in columns})
+    return cls(
+      **{
+        c.attr: np.asarray([r[c.csv] for r in rows], np.int64 if c.attr == "step" else np.float64)
+        for c in columns
+      }
+    )
 
   def __len__(self) -> int:
     return len(self.step)
@@ -199,8 +209,11 @@ def encode_state(state: Optional[Mapping[str, np.ndarray]]) -> str:
   if not state:
     return ""
   buf = io.BytesIO()
-  np.savez(buf, **{f"a{i}": np.asarray(v) for i, v in enumerate(state.values())},
-           keys=np.array(list(state), dtype=str))
+  np.savez(
+    buf,
+    **{f"a{i}": np.asarray(v) for i, v in enumerate(state.values())},
+    keys=np.array(list(state), dtype=str),
+  )
   return base64.urlsafe_b64encode(buf.getvalue()).decode().rstrip("=")
 
 
@@ -216,8 +229,10 @@ def decode_state(token: str) -> Optional[Dict[str, np.ndarray]]:
 # .traj: ASE's binary format. ASE's writer records a frame's offset in the header only after the
 # frame's data, so a frame cut short by a kill is not counted and appending continues cleanly.
 
+
 def _traj_append(path: Path, frames: List[ase.Atoms]) -> None:
   from ase.io.trajectory import Trajectory
+
   with Trajectory(str(path), "a") as t:
     for f in frames:
       with _signals_held():
@@ -226,6 +241,7 @@ def _traj_append(path: Path, frames: List[ase.Atoms]) -> None:
 
 def _traj_read(path: Path, last_only: bool) -> List[ase.Atoms]:
   from ase.io.trajectory import Trajectory
+
   with Trajectory(str(path)) as t:
     if last_only:
       return [t[-1]] if len(t) else []
@@ -234,6 +250,7 @@ def _traj_read(path: Path, last_only: bool) -> List[ase.Atoms]:
 
 # .extxyz / .xyz: text, one frame written and flushed at a time; a frame cut short (kill -9
 # inside a write) is found by counting lines, ignored when reading and cut off before a resume.
+
 
 def _xyz_frames(path: Path) -> List[Tuple[int, int]]:
   """Byte ranges ``(start, end)`` of the complete frames of an extended XYZ file."""
@@ -298,17 +315,27 @@ def _xyz_repair(path: Path) -> None:
 # observables), chunked, compressed, resizable, flushed per frame. The frame count is the
 # length of the shared `step` dataset, grown last, so a frame cut short is not counted.
 
-H5_UNITS = {"position": "angstrom", "velocity": "angstrom fs-1", "force": "eV angstrom-1",
-            "edges": "angstrom", "potential_energy": "eV", "kinetic_energy": "eV",
-            "total_energy": "eV", "temperature": "K", "stress": "eV angstrom-3"}
+H5_UNITS = {
+  "position": "angstrom",
+  "velocity": "angstrom fs-1",
+  "force": "eV angstrom-1",
+  "edges": "angstrom",
+  "potential_energy": "eV",
+  "kinetic_energy": "eV",
+  "total_energy": "eV",
+  "temperature": "K",
+  "stress": "eV angstrom-3",
+}
 
 
 def _h5py():
   try:
     import h5py
   except ImportError:
-    raise ImportError("H5MD trajectories (.h5, .h5md) need h5py: pip install h5py (or "
-                      "pip install 'eqattn[h5]'), or write .traj / .extxyz") from None
+    raise ImportError(
+      "H5MD trajectories (.h5, .h5md) need h5py: pip install h5py (or "
+      "pip install 'eqattn[h5]'), or write .traj / .extxyz"
+    ) from None
   return h5py
 
 
@@ -316,14 +343,16 @@ def _h5_values(frame: ase.Atoms) -> Dict[str, np.ndarray]:
   """The time-dependent H5MD elements of one frame, by path (user units: Å, fs, eV, K)."""
   calc = frame.calc.results if frame.calc is not None else {}
   epot, ekin = float(calc.get("energy", np.nan)), float(frame.get_kinetic_energy())
-  values = {"particles/all/position": frame.positions,
-            "particles/all/velocity": frame.get_velocities() * thermo.FS,
-            "particles/all/force": calc.get("forces", np.full((len(frame), 3), np.nan)),
-            "particles/all/box/edges": frame.cell.array,
-            "observables/potential_energy": epot, "observables/kinetic_energy": ekin,
-            "observables/total_energy": epot + ekin,
-            "observables/temperature": thermo.temperature(frame.get_momenta(),
-                                                          frame.get_masses())}
+  values = {
+    "particles/all/position": frame.positions,
+    "particles/all/velocity": frame.get_velocities() * thermo.FS,
+    "particles/all/force": calc.get("forces", np.full((len(frame), 3), np.nan)),
+    "particles/all/box/edges": frame.cell.array,
+    "observables/potential_energy": epot,
+    "observables/kinetic_energy": ekin,
+    "observables/total_energy": epot + ekin,
+    "observables/temperature": thermo.temperature(frame.get_momenta(), frame.get_masses()),
+  }
   if "stress" in calc:
     values["observables/stress"] = calc["stress"]
   return {k: np.asarray(v, np.float64) for k, v in values.items()}
@@ -331,6 +360,7 @@ def _h5_values(frame: ase.Atoms) -> Dict[str, np.ndarray]:
 
 def _h5_create(f, frame: ase.Atoms) -> None:
   from importlib import metadata
+
   try:
     version = metadata.version("eqattn")
   except metadata.PackageNotFoundError:  # run from a source tree
@@ -351,15 +381,24 @@ def _h5_create(f, frame: ase.Atoms) -> None:
     group = f.require_group(path)
     row = max(value.nbytes, 1)
     rows = int(max(1, min(256, 2**20 // row)))  # ~1 MiB chunks
-    group.create_dataset("value", shape=(0,) + value.shape, maxshape=(None,) + value.shape,
-                         dtype=np.float64, chunks=(rows,) + value.shape, compression="gzip",
-                         compression_opts=4, shuffle=True)
+    group.create_dataset(
+      "value",
+      shape=(0,) + value.shape,
+      maxshape=(None,) + value.shape,
+      dtype=np.float64,
+      chunks=(rows,) + value.shape,
+      compression="gzip",
+      compression_opts=4,
+      shuffle=True,
+    )
     group["value"].attrs["unit"] = H5_UNITS[path.rsplit("/", 1)[-1]]
     if step is None:  # one step and one time dataset, hard-linked into every element
-      step = group.create_dataset("step", shape=(0,), maxshape=(None,), dtype=np.int64,
-                                  chunks=(1024,))
-      time = group.create_dataset("time", shape=(0,), maxshape=(None,), dtype=np.float64,
-                                  chunks=(1024,))
+      step = group.create_dataset(
+        "step", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(1024,)
+      )
+      time = group.create_dataset(
+        "time", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(1024,)
+      )
       time.attrs["unit"] = "fs"
     else:
       group["step"], group["time"] = step, time
@@ -382,9 +421,11 @@ def _h5_append(path: Path, frames: List[ase.Atoms]) -> None:
         f["particles/all/position/time"].resize(k + 1, axis=0)
         f["particles/all/position/time"][k] = float(frame.info.get("md_time_fs", np.nan))
         eq = f["parameters/eqattn"]
-        eq.attrs.update(md_state=encode_state(frame.info.get("md_state")),
-                        md_state_step=int(frame.info.get("md_step", -1)),
-                        md_ensemble=str(frame.info.get("md_ensemble", "")))
+        eq.attrs.update(
+          md_state=encode_state(frame.info.get("md_state")),
+          md_state_step=int(frame.info.get("md_step", -1)),
+          md_ensemble=str(frame.info.get("md_ensemble", "")),
+        )
         step.resize(k + 1, axis=0)
         step[k] = int(frame.info.get("md_step", k))
         f.flush()
@@ -394,8 +435,11 @@ def _h5_count(f) -> int:
   """Complete frames: those whose step and every element's value were written."""
   n = f["particles/all/position/step"].shape[0]
   values = []
-  f.visititems(lambda name, o: values.append(o.shape[0])
-               if name.endswith("/value") and hasattr(o, "shape") else None)
+  f.visititems(
+    lambda name, o: (
+      values.append(o.shape[0]) if name.endswith("/value") and hasattr(o, "shape") else None
+    )
+  )
   return min([n, f["particles/all/position/time"].shape[0]] + values)
 
 
@@ -411,15 +455,22 @@ def _h5_read(path: Path, last_only: bool) -> List[ase.Atoms]:
     frames = []
     for i in range(n - 1 if last_only else 0, n):
       step = int(part["position/step"][i])
-      atoms = ase.Atoms(numbers=numbers, positions=part["position/value"][i],
-                        cell=part["box/edges/value"][i], pbc=pbc, masses=masses)
+      atoms = ase.Atoms(
+        numbers=numbers,
+        positions=part["position/value"][i],
+        cell=part["box/edges/value"][i],
+        pbc=pbc,
+        masses=masses,
+      )
       atoms.set_velocities(part["velocity/value"][i] / thermo.FS)
-      atoms.info.update(md_step=step, md_time_fs=float(part["position/time"][i]),
-                        md_ensemble=str(eq.get("md_ensemble", "")))
+      atoms.info.update(
+        md_step=step,
+        md_time_fs=float(part["position/time"][i]),
+        md_ensemble=str(eq.get("md_ensemble", "")),
+      )
       if i == n - 1 and int(eq.get("md_state_step", -1)) == step:
         atoms.info["md_state"] = decode_state(str(eq.get("md_state", "")))
-      results = dict(energy=float(obs["potential_energy/value"][i]),
-                     forces=part["force/value"][i])
+      results = dict(energy=float(obs["potential_energy/value"][i]), forces=part["force/value"][i])
       if "stress" in obs:
         results["stress"] = obs["stress/value"][i]
       atoms.calc = SinglePointCalculator(atoms, **results)
@@ -433,8 +484,13 @@ def _h5_repair(path: Path) -> None:
     if "particles/all/position/step" not in f:
       return
     n = _h5_count(f)
-    f.visititems(lambda name, o: o.resize(n, axis=0) if isinstance(o, h5py.Dataset)
-                 and o.maxshape and o.maxshape[0] is None and o.shape[0] > n else None)
+    f.visititems(
+      lambda name, o: (
+        o.resize(n, axis=0)
+        if isinstance(o, h5py.Dataset) and o.maxshape and o.maxshape[0] is None and o.shape[0] > n
+        else None
+      )
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -442,6 +498,7 @@ class TrajFormat:
   """One trajectory format: ``append(path, frames)`` (frame by frame, each complete before the
   next), ``read(path, last_only)`` (the complete frames), ``repair(path)`` (before a resume
   appends: drop an incomplete last frame); ``needs``: an optional package, named in errors."""
+
   name: str
   suffixes: Tuple[str, ...]
   append: Callable[[Path, List[ase.Atoms]], None]
@@ -450,11 +507,14 @@ class TrajFormat:
   needs: Optional[Callable[[], Any]] = None
 
 
-FORMATS = {f.name: f for f in (
+FORMATS = {
+  f.name: f
+  for f in (
     TrajFormat("traj", (".traj",), _traj_append, _traj_read),
     TrajFormat("extxyz", (".extxyz", ".xyz"), _xyz_append, _xyz_read, _xyz_repair),
     TrajFormat("h5md", (".h5", ".h5md"), _h5_append, _h5_read, _h5_repair, _h5py),
-)}
+  )
+}
 
 
 def traj_format(path: PathLike) -> TrajFormat:
@@ -475,8 +535,9 @@ def append_frames(path: PathLike, frames: List[ase.Atoms]) -> None:
     traj_format(path).append(Path(path), frames)
 
 
-def read_trajectory(path: PathLike, index: Union[int, slice, str] = ":"
-                    ) -> Union[ase.Atoms, List[ase.Atoms]]:
+def read_trajectory(
+  path: PathLike, index: Union[int, slice, str] = ":"
+) -> Union[ase.Atoms, List[ase.Atoms]]:
   """The complete frames of a trajectory written by :mod:`plugin.md` (any format in
   :data:`FORMATS`), as ``Atoms`` with energy, forces (stress where periodic) and momenta;
   ``index`` as ASE's (an int gives one frame). An incomplete last frame is left out."""
@@ -488,8 +549,9 @@ def read_trajectory(path: PathLike, index: Union[int, slice, str] = ":"
     return frames[0]
   frames = fmt.read(path, False)
   if isinstance(index, str):
-    index = slice(None) if index == ":" else slice(*[int(x) if x else None
-                                                     for x in index.split(":")])
+    index = (
+      slice(None) if index == ":" else slice(*[int(x) if x else None for x in index.split(":")])
+    )
   return frames[index]
 
 
@@ -502,9 +564,11 @@ def read_last_frame(path: PathLike) -> Optional[ase.Atoms]:
   try:
     frames = fmt.read(path, True)
   except Exception as e:  # noqa: BLE001 - any parse error: say which file and what to do
-    raise ValueError(f"cannot read the last frame of {str(path)!r} to resume from ({e}); "
-                     f"the file may be damaged: copy the good frames to a new file "
-                     f"(plugin.md.read_trajectory(path)) and resume from that") from e
+    raise ValueError(
+      f"cannot read the last frame of {str(path)!r} to resume from ({e}); "
+      f"the file may be damaged: copy the good frames to a new file "
+      f"(plugin.md.read_trajectory(path)) and resume from that"
+    ) from e
   return frames[-1] if frames else None
 
 
@@ -522,6 +586,7 @@ def prepare_resume(path: PathLike) -> None:
 @dataclasses.dataclass(frozen=True)
 class Progress:
   """What a ``progress`` callback gets after each chunk (latest logged values)."""
+
   step: int
   total_steps: int
   time_ps: float
@@ -541,6 +606,7 @@ class ProgressBar:
 
   def __init__(self, steps: int, dt_fs: float, desc: Optional[str] = None, atoms: int = 0):
     from tqdm.auto import tqdm
+
     self.dt, self.atoms = dt_fs, atoms  # atoms: of all systems together (atom-steps/s shown)
     self.bar = tqdm(total=steps, unit="step", dynamic_ncols=True, mininterval=0.5, desc=desc)
     self.t0 = time.perf_counter()
@@ -551,8 +617,9 @@ class ProgressBar:
     rate = self.bar.n / max(time.perf_counter() - self.t0, 1e-9)
     ns_day = rate * self.dt * 1e-6 * 86400
     rate_atoms = f", {rate * self.atoms:.3g} atom-steps/s" if self.atoms else ""
-    self.bar.set_postfix_str(f"{ns_day:.3g} ns/day{rate_atoms}, T={temperature:.0f} K, "
-                             f"E={energy:.4f} eV")
+    self.bar.set_postfix_str(
+      f"{ns_day:.3g} ns/day{rate_atoms}, T={temperature:.0f} K, E={energy:.4f} eV"
+    )
 
   def __call__(self, p: Progress) -> None:
     self.update(int(p.step), float(p.temperature), float(p.etot))

@@ -60,6 +60,7 @@ class Geometry:
   free-space box of :mod:`plugin.md.system` (open; positions Cartesian); ``periodic ()`` bool;
   ``species (N,)`` species indices (padding 0); ``mask (N,)`` real atoms.
   """
+
   box: Array
   periodic: Array
   species: Array
@@ -76,6 +77,7 @@ class ReplicaList:
   ``r = R[src] - R[dst]`` (open); ``count ()``: pairs found at the last rebuild; ``overflow ()``:
   some rebuild found more than ``capacity``; ``geometry``: the replica's :class:`Geometry`.
   """
+
   dst: Array
   src: Array
   shifts: Array
@@ -108,8 +110,11 @@ def _candidates(R: Array, geom: Geometry, table: np.ndarray):
   c = (d - k)[:, :, None, :] + table.astype(R.dtype)
   r = jnp.where(geom.periodic, jnp.einsum("...j,ij->...i", c, geom.box), c)
   zero = np.all(table == 0, axis=1)
-  allowed = ((geom.periodic | zero) & ~(np.eye(n, dtype=bool)[:, :, None] & zero)
-             & (geom.mask[:, None] & geom.mask[None, :])[:, :, None])
+  allowed = (
+    (geom.periodic | zero)
+    & ~(np.eye(n, dtype=bool)[:, :, None] & zero)
+    & (geom.mask[:, None] & geom.mask[None, :])[:, :, None]
+  )
   shifts = table[None, None] - k[:, :, None].astype(jnp.int32)
   return r, shifts, allowed
 
@@ -123,8 +128,9 @@ def _build(R: Array, geom: Geometry, table: np.ndarray, capacity: int, list_cuto
   count = jnp.sum(mask, dtype=jnp.int32)
   slot = jnp.where(mask, jnp.cumsum(mask) - 1, capacity)  # slot >= capacity: dropped
   ends = lambda a: jnp.asarray(np.broadcast_to(a, allowed.shape).reshape(-1), jnp.int32)
-  fill = lambda a, pad: jnp.full((capacity,) + a.shape[1:], pad, a.dtype).at[slot].set(
-      a, mode="drop")
+  fill = lambda a, pad: (
+    jnp.full((capacity,) + a.shape[1:], pad, a.dtype).at[slot].set(a, mode="drop")
+  )
   dst = fill(ends(np.arange(n)[:, None, None]), n)
   src = fill(ends(np.arange(n)[None, :, None]), n)
   return dst, src, fill(shifts.reshape(-1, 3), 0), count
@@ -144,8 +150,9 @@ def pair_vectors(R: Array, nbrs: ReplicaList, perturbation=None) -> Array:
   geom = nbrs.geometry
   take = lambda a, i: jnp.take(a, i, axis=0, mode="clip")
   g = R - jnp.round(lax.stop_gradient(R - nbrs.reference_position))  # unwrapped
-  periodic = space.transform(geom.box, take(g, nbrs.src) - take(g, nbrs.dst)
-                             + nbrs.shifts.astype(R.dtype))
+  periodic = space.transform(
+    geom.box, take(g, nbrs.src) - take(g, nbrs.dst) + nbrs.shifts.astype(R.dtype)
+  )
   r = jnp.where(geom.periodic, periodic, take(R, nbrs.src) - take(R, nbrs.dst))
   if perturbation is not None:
     r = space.raw_transform(perturbation, r)
@@ -172,15 +179,24 @@ def energy_fn(potential: potentials.Potential) -> Callable:
     valid = neighbor.dst < n
     r = pair_vectors(R, neighbor, perturbation)
     r = jnp.where(valid[:, None], r, jnp.zeros_like(r).at[:, 0].set(far))
-    e = pair_fn(params, species_index=neighbor.geometry.species, r=r, dst=neighbor.dst,
-                src=neighbor.src, atom_mask=neighbor.geometry.mask, indices_are_sorted=True)
+    e = pair_fn(
+      params,
+      species_index=neighbor.geometry.species,
+      r=r,
+      dst=neighbor.dst,
+      src=neighbor.src,
+      atom_mask=neighbor.geometry.mask,
+      indices_are_sorted=True,
+    )
     return jnp.sum(e)
+
   return energy
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchKey:
   """What a batch engine's compiled functions close over (engines are cached by it)."""
+
   ensemble: str
   params: Params
   systems: Tuple[Tuple, ...]  # per replica: (numbers, periodic, box)
@@ -196,6 +212,7 @@ class BatchKey:
 @dataclasses.dataclass(frozen=True)
 class Batch:
   """The padded, stacked start of ``B`` systems (NumPy; positions in each engine frame)."""
+
   systems: Tuple[msys.System, ...]
   R: np.ndarray  # (B, N, 3)
   masses: np.ndarray  # (B, N), padding 1
@@ -208,22 +225,28 @@ class Batch:
     return int(self.R.shape[1])
 
 
-def stack(systems: Sequence[msys.System], momenta: Sequence[np.ndarray],
-          potential: potentials.Potential) -> Batch:
+def stack(
+  systems: Sequence[msys.System], momenta: Sequence[np.ndarray], potential: potentials.Potential
+) -> Batch:
   """Pads and stacks systems (in the engine frame, with their start momenta)."""
   n = max(len(s.numbers) for s in systems)
-  pad = lambda a, fill: np.concatenate(
-      [a, np.full((n - len(a),) + a.shape[1:], fill, a.dtype)])
+  pad = lambda a, fill: np.concatenate([a, np.full((n - len(a),) + a.shape[1:], fill, a.dtype)])
   geometry = Geometry(
-      box=np.stack([s.box for s in systems]),
-      periodic=np.array([s.periodic for s in systems]),
-      species=np.stack([pad(potential.species_index(s.numbers).astype(np.int32), 0)
-                        for s in systems]),
-      mask=np.stack([pad(np.ones(len(s.numbers), bool), False) for s in systems]))
-  return Batch(tuple(systems), np.stack([pad(s.R, 0.0) for s in systems]),
-               np.stack([pad(s.masses, 1.0) for s in systems]),
-               np.stack([pad(np.asarray(p, np.float64), 0.0) for p in momenta]), geometry,
-               np.array([len(s.numbers) for s in systems]))
+    box=np.stack([s.box for s in systems]),
+    periodic=np.array([s.periodic for s in systems]),
+    species=np.stack(
+      [pad(potential.species_index(s.numbers).astype(np.int32), 0) for s in systems]
+    ),
+    mask=np.stack([pad(np.ones(len(s.numbers), bool), False) for s in systems]),
+  )
+  return Batch(
+    tuple(systems),
+    np.stack([pad(s.R, 0.0) for s in systems]),
+    np.stack([pad(s.masses, 1.0) for s in systems]),
+    np.stack([pad(np.asarray(p, np.float64), 0.0) for p in momenta]),
+    geometry,
+    np.array([len(s.numbers) for s in systems]),
+  )
 
 
 def _image_table(batch: Batch, list_cutoff: float) -> np.ndarray:
@@ -240,12 +263,18 @@ class ReplicaNeighborFns:
   """``allocate(R, extra_capacity=0)`` and the in-loop update of a batch's pair lists (the
   interface :func:`plugin.md.engine.allocate` and the step use)."""
 
-  def __init__(self, geometry: Geometry, table: np.ndarray, list_cutoff: float,
-               dr_threshold: float, capacity_multiplier: float):
+  def __init__(
+    self,
+    geometry: Geometry,
+    table: np.ndarray,
+    list_cutoff: float,
+    dr_threshold: float,
+    capacity_multiplier: float,
+  ):
     self.geometry, self.table = geometry, table
     self.list_cutoff, self.multiplier = list_cutoff, capacity_multiplier
     self.place = placement(int(np.shape(geometry.mask)[0]))
-    half_skin2 = (0.5 * dr_threshold)**2
+    half_skin2 = (0.5 * dr_threshold) ** 2
     build = lambda R, g, capacity: _build(R, g, table, capacity, list_cutoff)
     self._build = jax.jit(jax.vmap(build, in_axes=(0, 0, None)), static_argnums=2)
 
@@ -254,17 +283,24 @@ class ReplicaNeighborFns:
 
       def rebuild(nbrs):
         dst, src, shifts, count = jax.vmap(build, in_axes=(0, 0, None))(
-            R, nbrs.geometry, nbrs.max_occupancy)
+          R, nbrs.geometry, nbrs.max_occupancy
+        )
         pick = moved if moved is not None else jnp.ones(R.shape[0], bool)
         sel = lambda new, old: jnp.where(pick.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
         return dataclasses.replace(
-            nbrs, dst=sel(dst, nbrs.dst), src=sel(src, nbrs.src),
-            shifts=sel(shifts, nbrs.shifts), reference_position=sel(R, nbrs.reference_position),
-            count=sel(count, nbrs.count),
-            overflow=nbrs.overflow | (pick & (count > nbrs.max_occupancy)))
+          nbrs,
+          dst=sel(dst, nbrs.dst),
+          src=sel(src, nbrs.src),
+          shifts=sel(shifts, nbrs.shifts),
+          reference_position=sel(R, nbrs.reference_position),
+          count=sel(count, nbrs.count),
+          overflow=nbrs.overflow | (pick & (count > nbrs.max_occupancy)),
+        )
+
       if moved is None:
         return rebuild(nbrs)
       return lax.cond(jnp.any(moved), rebuild, lambda nbrs: nbrs, nbrs)
+
     self.update = update
 
   def allocate(self, R: Array, extra_capacity: int = 0, **kwargs) -> ReplicaList:
@@ -274,10 +310,19 @@ class ReplicaNeighborFns:
     full = n * n * len(self.table)
     capacity = max(1, min(full, int(count * self.multiplier + n * extra_capacity)))
     dst, src, shifts, counts = self._build(R, geom, capacity)
-    return self.place(ReplicaList(
-        dst=dst, src=src, shifts=shifts, reference_position=R, count=counts,
-        overflow=counts > capacity, geometry=geom, max_occupancy=capacity,
-        update_fn=self.update))
+    return self.place(
+      ReplicaList(
+        dst=dst,
+        src=src,
+        shifts=shifts,
+        reference_position=R,
+        count=counts,
+        overflow=counts > capacity,
+        geometry=geom,
+        max_occupancy=capacity,
+        update_fn=self.update,
+      )
+    )
 
 
 def _per_replica_kT(key: BatchKey) -> Array:
@@ -315,10 +360,10 @@ def _integrator(key: BatchKey, energy: Callable, group: Optional[int]):
     return jax.vmap(one)(keys, R, mass, momenta, nbrs, kTs)
 
   def apply(state, neighbor):
-    new = mapped(lambda s, nb, kT: apply1(s, neighbor=nb, **kw(kT)), group)(state, neighbor,
-                                                                             kTs)
+    new = mapped(lambda s, nb, kT: apply1(s, neighbor=nb, **kw(kT)), group)(state, neighbor, kTs)
     # padding atoms never move (Langevin noise would give them momentum; they have no pairs)
     return new.set(momentum=new.momentum * neighbor.geometry.mask[..., None])
+
   return jax.jit(init), apply
 
 
@@ -335,37 +380,54 @@ def _observe(key: BatchKey, energy: Callable, group: Optional[int]) -> Callable:
     u = lambda eps: energy(R, nbrs, perturbation=eye + eps)
     epot, dU = jax.value_and_grad(u)(jnp.zeros((3, 3), R.dtype))
     volume = jnp.where(geom.periodic, jnp.abs(jnp.linalg.det(geom.box)), jnp.nan)
-    out = {"ekin": ekin, "epot": epot, "pressure": (2.0 * ekin - jnp.trace(dU)) / (3.0 * volume),
-           "volume": volume, "virial": 0.5 * (dU + dU.T)}
+    out = {
+      "ekin": ekin,
+      "epot": epot,
+      "pressure": (2.0 * ekin - jnp.trace(dU)) / (3.0 * volume),
+      "volume": volume,
+      "virial": 0.5 * (dU + dU.T),
+    }
     if invariant is not None:
       out["conserved"] = invariant(state, epot, ekin, dataclasses.replace(key.params, kT=kT))
     return out
+
   return lambda state, nbrs: mapped(one, group)(state, nbrs, kTs)
 
 
 def _guard(sizes: Array) -> Callable:
   """Batched guard for :func:`plugin.md.engine.chunk_fn`: the first replica that fails
   (``limits (B, 2)``)."""
+
   def guard(state, limits):
     codes, values = jax.vmap(eng.guard_code)(state, limits, sizes)
     where = jnp.argmax(codes != guards.OK).astype(jnp.int32)
     return codes[where], values[where], where
+
   return guard
 
 
 def make_engine(potential: potentials.Potential, key: BatchKey, batch: Batch) -> eng.Engine:
   """The batch engine: :class:`plugin.md.engine.Engine` whose arrays carry a replica axis."""
   if TABLE[key.ensemble].variable_box:
-    raise ValueError(f"{key.ensemble} is not run for several systems at once (each needs its "
-                     f"own box state); run them one at a time with plugin.md.run(atoms, ...)")
+    raise ValueError(
+      f"{key.ensemble} is not run for several systems at once (each needs its "
+      f"own box state); run them one at a time with plugin.md.run(atoms, ...)"
+    )
   if key.ensemble == "nvt_nose_hoover" and len(set(batch.sizes.tolist())) > 1:
-    raise ValueError("nvt_nose_hoover counts the degrees of freedom of the padded shape, so "
-                     "its replicas must have one size; use nvt_langevin for systems of "
-                     f"different sizes (got {sorted(set(batch.sizes.tolist()))} atoms)")
+    raise ValueError(
+      "nvt_nose_hoover counts the degrees of freedom of the padded shape, so "
+      "its replicas must have one size; use nvt_langevin for systems of "
+      f"different sizes (got {sorted(set(batch.sizes.tolist()))} atoms)"
+    )
   energy = energy_fn(potential)
   list_cutoff = float(potential.cutoff) + key.dr_threshold
-  neighbor_fn = ReplicaNeighborFns(batch.geometry, _image_table(batch, list_cutoff), list_cutoff,
-                                   key.dr_threshold, key.capacity_multiplier)
+  neighbor_fn = ReplicaNeighborFns(
+    batch.geometry,
+    _image_table(batch, list_cutoff),
+    list_cutoff,
+    key.dr_threshold,
+    key.capacity_multiplier,
+  )
   group = group_size(len(batch.systems), batch.num_atoms)
   init, apply = _integrator(key, energy, group)
   boxes = jnp.asarray(batch.geometry.box)
@@ -373,8 +435,7 @@ def make_engine(potential: potentials.Potential, key: BatchKey, batch: Batch) ->
   observe = _observe(key, energy, group)
   traces = [0]
   step = eng.step_fn(key, apply, None, float(potential.cutoff))
-  chunk = eng.chunk_fn(key, step, observe, box_fn, traces,
-                       guard=_guard(jnp.asarray(batch.sizes)))
+  chunk = eng.chunk_fn(key, step, observe, box_fn, traces, guard=_guard(jnp.asarray(batch.sizes)))
   return eng.Engine(key, neighbor_fn, energy, init, jax.jit(observe), chunk, box_fn, traces)
 
 
@@ -389,7 +450,7 @@ def placement(B: int) -> Callable:
     return lambda tree: tree
   mesh = jax.sharding.Mesh(np.array(devices[:d]), ("replica",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("replica"))
-  put = lambda x: (jax.device_put(x, sharding) if np.ndim(x) and np.shape(x)[0] == B else x)
+  put = lambda x: jax.device_put(x, sharding) if np.ndim(x) and np.shape(x)[0] == B else x
   return lambda tree: jax.tree.map(put, tree)
 
 
@@ -400,8 +461,9 @@ def start(engine: eng.Engine, batch: Batch, seeds: Sequence[int], dtype):
   R = place(jnp.asarray(batch.R, dtype))
   nbrs, extra = eng.allocate(engine, R, None, 0)
   keys = place(jnp.stack([jax.random.PRNGKey(s) for s in seeds]))
-  state = engine.init_fn(keys, R, place(jnp.asarray(batch.masses, dtype)),
-                         place(jnp.asarray(batch.momenta, dtype)), nbrs)
+  state = engine.init_fn(
+    keys, R, place(jnp.asarray(batch.masses, dtype)), place(jnp.asarray(batch.momenta, dtype)), nbrs
+  )
   return (place(eng.in_dtype(state, dtype)), nbrs, ()), extra
 
 
@@ -415,6 +477,7 @@ def replica(tree, i: int, n: int, lead: int = 0):
     if getattr(path[0], "name", None) in msys.PARTICLE_FIELDS:
       x = x[keep + (slice(0, n),)]
     return x
+
   return jax.tree_util.tree_map_with_path(cut, tree)
 
 
@@ -426,6 +489,7 @@ def replica(tree, i: int, n: int, lead: int = 0):
 class StackedList:
   """``K`` JAX-MD neighbour lists of one capacity stacked along a replica axis (``inner``:
   the list with batched leaves); overflow of any replica counts for the batch."""
+
   inner: object
 
   def update(self, R: Array) -> "StackedList":
@@ -464,8 +528,9 @@ def stacked_engine(key, *, energy_fn: Callable, neighbor_fn, shift_fn: Callable)
   Fixed-box ensembles only. ``key``: a :class:`plugin.md.engine.EngineKey`."""
   init1, apply1 = TABLE[key.ensemble].integrator(key.params, energy_fn, shift_fn)
   box = np.asarray(key.box, np.float64).reshape(3, 3)
-  box_fn = lambda state: jnp.broadcast_to(jnp.asarray(box, state.position.dtype),
-                                          state.position.shape[:1] + (3, 3))
+  box_fn = lambda state: jnp.broadcast_to(
+    jnp.asarray(box, state.position.dtype), state.position.shape[:1] + (3, 3)
+  )
   inner = lambda nbrs: None if nbrs is None else nbrs.inner
   nb_kw = lambda nb: {} if nb is None else {"neighbor": nb}
 
@@ -491,5 +556,6 @@ def stacked_engine(key, *, energy_fn: Callable, neighbor_fn, shift_fn: Callable)
   step = eng.step_fn(key, apply, None, 0.0)
   chunk = eng.chunk_fn(key, step, observe, box_fn, traces, guard=guard)
   neighbors = None if neighbor_fn is None else StackedNeighborFns(neighbor_fn)
-  return eng.Engine(key, neighbors, energy_fn, jax.jit(init), jax.jit(observe), chunk, box_fn,
-                    traces)
+  return eng.Engine(
+    key, neighbors, energy_fn, jax.jit(init), jax.jit(observe), chunk, box_fn, traces
+  )

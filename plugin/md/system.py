@@ -27,6 +27,7 @@ class System:
   """An ``Atoms`` in the engine's frame. Periodic: ``R`` fractional, ``box`` = lattice vectors
   as columns (upper triangular), ``Q`` rotates ASE's frame into it (``x_internal = x @ Q.T``).
   Free: ``R`` Cartesian, shifted by ``origin`` into the cell-list region ``box``."""
+
   numbers: np.ndarray  # (N,)
   masses: np.ndarray  # (N,) amu
   periodic: bool
@@ -46,14 +47,18 @@ def _checked(atoms: ase.Atoms):
   if len(atoms) == 0:
     raise ValueError("atoms is empty: nothing to simulate")
   if atoms.constraints:
-    raise ValueError(f"atoms has ASE constraints ({atoms.constraints}); JAX-MD's integrators "
-                     f"cannot apply them. Remove them (del atoms.constraints), or run ASE's "
-                     f"integrators with the eqattn ASE calculator.")
+    raise ValueError(
+      f"atoms has ASE constraints ({atoms.constraints}); JAX-MD's integrators "
+      f"cannot apply them. Remove them (del atoms.constraints), or run ASE's "
+      f"integrators with the eqattn ASE calculator."
+    )
   pbc = np.asarray(atoms.pbc, bool)
   if pbc.any() and not pbc.all():
-    raise ValueError(f"pbc={pbc.tolist()}: JAX-MD's spaces are periodic along all axes or none. "
-                     f"For a slab, make it fully periodic with enough vacuum along the "
-                     f"non-periodic axis (atoms.pbc = True; atoms.center(vacuum=..., axis=2)).")
+    raise ValueError(
+      f"pbc={pbc.tolist()}: JAX-MD's spaces are periodic along all axes or none. "
+      f"For a slab, make it fully periodic with enough vacuum along the "
+      f"non-periodic axis (atoms.pbc = True; atoms.center(vacuum=..., axis=2))."
+    )
   pos = atoms.get_positions()
   if not np.all(np.isfinite(pos)):
     i = int(np.argmax(~np.isfinite(pos).all(axis=1)))
@@ -69,8 +74,9 @@ def _checked(atoms: ase.Atoms):
   return pbc, pos, masses, p
 
 
-def from_atoms(atoms: ase.Atoms, cutoff: float, skin: float,
-               reference: Optional[System] = None) -> System:
+def from_atoms(
+  atoms: ase.Atoms, cutoff: float, skin: float, reference: Optional[System] = None
+) -> System:
   """Checks ``atoms`` and converts it to the engine's frame.
 
   ``reference`` (resume): keep its free-space origin and box, so a resumed run uses the same
@@ -88,9 +94,18 @@ def from_atoms(atoms: ase.Atoms, cutoff: float, skin: float,
       rcell = rcell.array
     R = atoms.cell.scaled_positions(pos) % 1.0
     R = np.where(R >= 1.0, 0.0, R)  # % can round up to exactly 1.0
-    return System(atoms.numbers.copy(), masses, True, pbc, R,
-                  None if p is None else p @ Q.T, np.asarray(rcell).T.copy(), Q,
-                  np.zeros(3), cell_in)
+    return System(
+      atoms.numbers.copy(),
+      masses,
+      True,
+      pbc,
+      R,
+      None if p is None else p @ Q.T,
+      np.asarray(rcell).T.copy(),
+      Q,
+      np.zeros(3),
+      cell_in,
+    )
   if reference is not None:
     origin, box = reference.origin, reference.box
   else:
@@ -99,8 +114,9 @@ def from_atoms(atoms: ase.Atoms, cutoff: float, skin: float,
     margin = cutoff + skin
     origin = pos.min(axis=0) - margin
     box = np.diag(np.maximum(pos.max(axis=0) - origin + margin, 1.0))
-  return System(atoms.numbers.copy(), masses, False, pbc, pos - origin, p, box, np.eye(3),
-                origin, cell_in)
+  return System(
+    atoms.numbers.copy(), masses, False, pbc, pos - origin, p, box, np.eye(3), origin, cell_in
+  )
 
 
 def start_momenta(system: System, temperature: float, seed: int) -> np.ndarray:
@@ -112,9 +128,16 @@ def start_momenta(system: System, temperature: float, seed: int) -> np.ndarray:
   return thermo.maxwell_boltzmann(system.masses, temperature, seed, positions) @ system.Q.T
 
 
-def to_atoms(system: System, R: np.ndarray, momenta: np.ndarray, forces: np.ndarray,
-             energy: float, box: np.ndarray, info: Dict[str, Any],
-             virial: Optional[np.ndarray] = None) -> ase.Atoms:
+def to_atoms(
+  system: System,
+  R: np.ndarray,
+  momenta: np.ndarray,
+  forces: np.ndarray,
+  energy: float,
+  box: np.ndarray,
+  info: Dict[str, Any],
+  virial: Optional[np.ndarray] = None,
+) -> ase.Atoms:
   """Engine-frame arrays back to ASE ``Atoms`` (ASE's frame, Cartesian, float64); ``virial``
   (periodic, (3, 3) ``dU/d eps``) becomes the calculator's ``stress`` (ASE's convention)."""
   R, momenta, forces = (np.asarray(a, np.float64) for a in (R, momenta, forces))
@@ -129,8 +152,15 @@ def to_atoms(system: System, R: np.ndarray, momenta: np.ndarray, forces: np.ndar
   else:
     cell = system.cell_in
     positions = R + system.origin
-  atoms = ase.Atoms(numbers=system.numbers, positions=positions, cell=cell, pbc=system.pbc,
-                    masses=system.masses, momenta=momenta, info=dict(info))
+  atoms = ase.Atoms(
+    numbers=system.numbers,
+    positions=positions,
+    cell=cell,
+    pbc=system.pbc,
+    masses=system.masses,
+    momenta=momenta,
+    info=dict(info),
+  )
   atoms.calc = SinglePointCalculator(atoms, energy=float(energy), forces=forces, **results)
   return atoms
 
@@ -144,8 +174,11 @@ PARTICLE_FIELDS = ("position", "momentum", "force", "mass")
 def extended_state(state) -> Dict[str, np.ndarray]:
   """The integrator's variables besides positions, momenta, forces and masses, by key path."""
   leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-  return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves
-          if getattr(path[0], "name", None) not in PARTICLE_FIELDS}
+  return {
+    jax.tree_util.keystr(path): np.asarray(leaf)
+    for path, leaf in leaves
+    if getattr(path[0], "name", None) not in PARTICLE_FIELDS
+  }
 
 
 def restore_extended(state, saved: Dict[str, Any]):

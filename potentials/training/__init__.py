@@ -10,16 +10,45 @@ from ..io import load_checkpoint, save_checkpoint
 from .batching import Batch, Frame, batch_capacity, bucket, buckets, device_batch, make_batch
 from .batching import _device_batch  # noqa: F401  (old name of device_batch)
 from .config import LOSSES, MAX_SELECTION_FRAMES, OPTIMIZERS, SPLITS, TrainConfig
-from .evaluation import (evaluate, fit_element_shifts, grouped_metrics, predict_energies,
-                         predict_fn, predictions, refit_shifts)
+from .evaluation import (
+  evaluate,
+  fit_element_shifts,
+  grouped_metrics,
+  predict_energies,
+  predict_fn,
+  predictions,
+  refit_shifts,
+)
 from .loop import TrainResult, learning_rate, loss_fn, train
 from .splits import split_frames, split_parts, split_summary
 
 __all__ = [
-    "Batch", "Frame", "batch_capacity", "bucket", "buckets", "device_batch", "make_batch",
-    "predictions", "LOSSES",
-    "MAX_SELECTION_FRAMES", "OPTIMIZERS", "SPLITS", "TrainConfig", "evaluate",
-    "fit_element_shifts", "grouped_metrics", "predict_energies", "predict_fn", "refit_shifts",
-    "TrainResult", "learning_rate", "loss_fn", "train", "split_frames", "split_parts",
-    "split_summary", "load_checkpoint", "save_checkpoint",
+  "Batch",
+  "Frame",
+  "batch_capacity",
+  "bucket",
+  "buckets",
+  "device_batch",
+  "make_batch",
+  "predictions",
+  "LOSSES",
+  "MAX_SELECTION_FRAMES",
+  "OPTIMIZERS",
+  "SPLITS",
+  "TrainConfig",
+  "evaluate",
+  "fit_element_shifts",
+  "grouped_metrics",
+  "predict_energies",
+  "predict_fn",
+  "refit_shifts",
+  "TrainResult",
+  "learning_rate",
+  "loss_fn",
+  "train",
+  "split_frames",
+  "split_parts",
+  "split_summary",
+  "load_checkpoint",
+  "save_checkpoint",
 ]

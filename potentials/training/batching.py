@@ -24,6 +24,7 @@ class Frame:
   ``energy`` in eV, ``forces`` (N, 3) eV/Å, ``stress`` (3, 3) eV/Å^3 in ASE's sign convention
   (``(1/V) dE/dε``) or None where not labelled.
   """
+
   numbers: np.ndarray
   positions: np.ndarray
   cell: np.ndarray
@@ -34,8 +35,8 @@ class Frame:
   energy: Optional[float] = None
   forces: Optional[np.ndarray] = None
   stress: Optional[np.ndarray] = None
-  trajectory: Optional[str] = None    # id of the MD run the frame came from (held-out splits)
-  config_type: Optional[str] = None   # kind of structure; splits are stratified by it
+  trajectory: Optional[str] = None  # id of the MD run the frame came from (held-out splits)
+  config_type: Optional[str] = None  # kind of structure; splits are stratified by it
   temperature: Optional[float] = None  # thermostat target (K), to stratify and report by
 
   @property
@@ -50,20 +51,21 @@ class Frame:
 @dataclasses.dataclass
 class Batch:
   """Frames packed into one padded system (numpy; moved to the device per step)."""
-  species: np.ndarray     # (A,) int32
-  positions: np.ndarray   # (A, 3)
+
+  species: np.ndarray  # (A,) int32
+  positions: np.ndarray  # (A, 3)
   atom_frame: np.ndarray  # (A,) frame slot of each atom; padding -> B
-  atom_mask: np.ndarray   # (A,) bool
-  dst: np.ndarray         # (E,) int32, padding = A
+  atom_mask: np.ndarray  # (A,) bool
+  dst: np.ndarray  # (E,) int32, padding = A
   src: np.ndarray
-  shifts: np.ndarray      # (E, 3)
+  shifts: np.ndarray  # (E, 3)
   pair_frame: np.ndarray  # (E,) frame slot of each pair's centre
-  cells: np.ndarray       # (B, 3, 3)
-  volumes: np.ndarray     # (B,) 0 for non-periodic
-  num_atoms: np.ndarray   # (B,) 0 for empty slots
-  energy: np.ndarray      # (B,)
-  forces: np.ndarray      # (A, 3)
-  stress: np.ndarray      # (B, 3, 3)
+  cells: np.ndarray  # (B, 3, 3)
+  volumes: np.ndarray  # (B,) 0 for non-periodic
+  num_atoms: np.ndarray  # (B,) 0 for empty slots
+  energy: np.ndarray  # (B,)
+  forces: np.ndarray  # (A, 3)
+  stress: np.ndarray  # (B, 3, 3)
   has_energy: np.ndarray  # (B,) bool
   has_forces: np.ndarray  # (A,) bool
   has_stress: np.ndarray  # (B,) bool
@@ -85,8 +87,9 @@ def bucket(n: int) -> int:
   return size
 
 
-def buckets(frames: Sequence[Frame], max_frames: int, max_atoms: int
-            ) -> List[Tuple[List[int], Tuple[int, int, int]]]:
+def buckets(
+  frames: Sequence[Frame], max_frames: int, max_atoms: int
+) -> List[Tuple[List[int], Tuple[int, int, int]]]:
   """Batches for evaluating many structures of varied sizes: ``(frame indices, (frames,
   atoms, pairs) capacity)`` each. Frames sorted by size are packed greedily (at most
   ``max_frames`` frames and ``max_atoms`` atoms; a larger frame goes alone), and every capacity
@@ -101,22 +104,42 @@ def buckets(frames: Sequence[Frame], max_frames: int, max_atoms: int
       atoms = 0
     groups[-1].append(i)
     atoms += n
-  caps = lambda g: (bucket(len(g)), bucket(sum(frames[i].num_atoms for i in g) + 1),
-                    bucket(sum(len(frames[i].dst) for i in g) + 1))
+  caps = lambda g: (
+    bucket(len(g)),
+    bucket(sum(frames[i].num_atoms for i in g) + 1),
+    bucket(sum(len(frames[i].dst) for i in g) + 1),
+  )
   return [(g, caps(g)) for g in groups]
 
 
-def make_batch(frames: Sequence[Frame], potential: Potential, batch_size: int,
-               atom_capacity: int, pair_capacity: int) -> Batch:
+def make_batch(
+  frames: Sequence[Frame],
+  potential: Potential,
+  batch_size: int,
+  atom_capacity: int,
+  pair_capacity: int,
+) -> Batch:
   """Pack up to ``batch_size`` frames into one padded system."""
   A, E, B = atom_capacity, pair_capacity, batch_size
-  b = Batch(species=np.zeros(A, np.int32), positions=np.zeros((A, 3)),
-            atom_frame=np.full(A, B, np.int32), atom_mask=np.zeros(A, bool),
-            dst=np.full(E, A, np.int32), src=np.full(E, A, np.int32), shifts=np.zeros((E, 3)),
-            pair_frame=np.full(E, B, np.int32), cells=np.zeros((B, 3, 3)), volumes=np.zeros(B),
-            num_atoms=np.zeros(B), energy=np.zeros(B), forces=np.zeros((A, 3)),
-            stress=np.zeros((B, 3, 3)), has_energy=np.zeros(B, bool),
-            has_forces=np.zeros(A, bool), has_stress=np.zeros(B, bool))
+  b = Batch(
+    species=np.zeros(A, np.int32),
+    positions=np.zeros((A, 3)),
+    atom_frame=np.full(A, B, np.int32),
+    atom_mask=np.zeros(A, bool),
+    dst=np.full(E, A, np.int32),
+    src=np.full(E, A, np.int32),
+    shifts=np.zeros((E, 3)),
+    pair_frame=np.full(E, B, np.int32),
+    cells=np.zeros((B, 3, 3)),
+    volumes=np.zeros(B),
+    num_atoms=np.zeros(B),
+    energy=np.zeros(B),
+    forces=np.zeros((A, 3)),
+    stress=np.zeros((B, 3, 3)),
+    has_energy=np.zeros(B, bool),
+    has_forces=np.zeros(A, bool),
+    has_stress=np.zeros(B, bool),
+  )
   a = e = 0
   for k, f in enumerate(frames):
     n, m = f.num_atoms, len(f.dst)
@@ -141,7 +164,6 @@ def make_batch(frames: Sequence[Frame], potential: Potential, batch_size: int,
       b.stress[k], b.has_stress[k] = f.stress, True
     a, e = a + n, e + m
   return b
-
 
 
 def device_batch(b: Batch, dtype) -> dict:

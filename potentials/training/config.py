@@ -42,6 +42,7 @@ class TrainConfig:
       the first epoch, and training stops cleanly with the best weights when it runs out.
     seed: split, shuffling and initialisation.
   """
+
   epochs: int = 100
   batch_size: int = 16
   learning_rate: float = 2e-3
@@ -65,9 +66,11 @@ class TrainConfig:
   seed: int = 0
 
   def __post_init__(self):
-    for name, value, allowed in (("split", self.split, SPLITS),
-                                 ("optimizer", self.optimizer, OPTIMIZERS),
-                                 ("loss", self.loss, LOSSES)):
+    for name, value, allowed in (
+      ("split", self.split, SPLITS),
+      ("optimizer", self.optimizer, OPTIMIZERS),
+      ("loss", self.loss, LOSSES),
+    ):
       if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     if not 0 <= self.ema_decay < 1:
@@ -82,4 +85,3 @@ class TrainConfig:
     """From a stored config; files written before an option used the old behaviour (random
     split, adam)."""
     return cls(**{"split": "random", "optimizer": "adam", **d})
-

@@ -21,18 +21,34 @@ def predict_fn(potential: Potential) -> Callable:
   pair_fn = potential.pair_energies_fn(include_shift=True)
 
   def predict(params, bt):
-    energies = lambda r: pair_fn(params, species_index=bt["species"], r=r, dst=bt["dst"],
-                                 src=bt["src"], atom_mask=bt["atom_mask"],
-                                 indices_are_sorted=True)
-    out = observables.compute(energies, bt["positions"], dst=bt["dst"], src=bt["src"],
-                              shifts=bt["shifts"], cell=bt["cells"], atom_frame=bt["atom_frame"],
-                              pair_frame=bt["pair_frame"], volumes=bt["volumes"])
+    energies = lambda r: pair_fn(
+      params,
+      species_index=bt["species"],
+      r=r,
+      dst=bt["dst"],
+      src=bt["src"],
+      atom_mask=bt["atom_mask"],
+      indices_are_sorted=True,
+    )
+    out = observables.compute(
+      energies,
+      bt["positions"],
+      dst=bt["dst"],
+      src=bt["src"],
+      shifts=bt["shifts"],
+      cell=bt["cells"],
+      atom_frame=bt["atom_frame"],
+      pair_frame=bt["pair_frame"],
+      volumes=bt["volumes"],
+    )
     return out.energy, out.forces, out.stress
+
   return predict
 
 
-def fit_element_shifts(potential: Potential, frames: Sequence[Frame],
-                       baseline: Optional[Sequence[float]] = None) -> np.ndarray:
+def fit_element_shifts(
+  potential: Potential, frames: Sequence[Frame], baseline: Optional[Sequence[float]] = None
+) -> np.ndarray:
   """Least-squares per-element energies ``E - baseline ≈ sum_s count_s * shift_s`` over
   ``frames`` (``baseline``: one energy per frame, default 0)."""
   rows, ys = [], []
@@ -61,8 +77,14 @@ def _jitted_predict(config, species) -> Callable:
   return _PREDICT_CACHE[key]
 
 
-def predictions(potential: Potential, frames: Sequence[Frame], *, batch_size: int = 16,
-                max_atoms: int = 4096, dtype=jnp.float32):
+def predictions(
+  potential: Potential,
+  frames: Sequence[Frame],
+  *,
+  batch_size: int = 16,
+  max_atoms: int = 4096,
+  dtype=jnp.float32,
+):
   """Yields ``(batch, indices, (energies, forces, stress))`` over ``frames`` in size buckets
   (:func:`~potentials.training.batching.buckets`: few compilations for many sizes);
   ``indices`` are the frames in the batch, in its slot order; arrays are float64 NumPy."""
@@ -73,8 +95,9 @@ def predictions(potential: Potential, frames: Sequence[Frame], *, batch_size: in
     yield b, idx, tuple(np.asarray(x, np.float64) for x in out)
 
 
-def evaluate(potential: Potential, frames: Sequence[Frame], batch_size: int = 16,
-             dtype=jnp.float32) -> Dict[str, float]:
+def evaluate(
+  potential: Potential, frames: Sequence[Frame], batch_size: int = 16, dtype=jnp.float32
+) -> Dict[str, float]:
   """MAE/RMSE of energy (per atom and total, eV), forces (eV/Å) and stress (eV/Å^3)."""
   if not frames:
     return {}
@@ -96,31 +119,35 @@ def evaluate(potential: Potential, frames: Sequence[Frame], batch_size: int = 16
   return out
 
 
-def predict_energies(potential: Potential, frames: Sequence[Frame], batch_size: int = 16,
-                     dtype=jnp.float32) -> np.ndarray:
+def predict_energies(
+  potential: Potential, frames: Sequence[Frame], batch_size: int = 16, dtype=jnp.float32
+) -> np.ndarray:
   """``(len(frames),)`` model energies (eV)."""
   out = np.zeros(len(frames))
   for _, idx, (e, _, _) in predictions(potential, frames, batch_size=batch_size, dtype=dtype):
-    out[idx] = e[:len(idx)]
+    out[idx] = e[: len(idx)]
   return out
 
 
-def refit_shifts(potential: Potential, frames: Sequence[Frame], batch_size: int = 16,
-                 dtype=jnp.float32) -> Potential:
+def refit_shifts(
+  potential: Potential, frames: Sequence[Frame], batch_size: int = 16, dtype=jnp.float32
+) -> Potential:
   """The same network with its per-element shifts moved by the least-squares fit of the
   energy residuals on ``frames``: the best shifts for the trained network. Gradient training
   leaves a small uniform per-atom offset (~1 meV/atom for copper); this removes it."""
   if not any(f.energy is not None for f in frames):
     return potential
-  delta = fit_element_shifts(potential, frames, predict_energies(potential, frames, batch_size,
-                                                                 dtype))
+  delta = fit_element_shifts(
+    potential, frames, predict_energies(potential, frames, batch_size, dtype)
+  )
   params = dict(potential.params)
   params["shift"] = np.asarray(np.asarray(params["shift"], np.float64) + delta, np.float32)
   return potential.replace(params=params)
 
 
-def grouped_metrics(potential: Potential, frames: Sequence[Frame], batch_size: int = 16,
-                    dtype=jnp.float32) -> Dict[str, Dict[str, float]]:
+def grouped_metrics(
+  potential: Potential, frames: Sequence[Frame], batch_size: int = 16, dtype=jnp.float32
+) -> Dict[str, Dict[str, float]]:
   """:func:`evaluate` per config_type and per temperature (keys 'config_type=...',
   'T=...K'), for tables of held-out error against temperature."""
   groups: Dict[str, List[Frame]] = {}

@@ -48,6 +48,7 @@ def loss_fn(potential: Potential, config: TrainConfig) -> Callable:
     ls = jnp.sum(penalty(ds)) / jnp.maximum(9 * jnp.sum(bt["has_stress"]), 1)
     total = energy_weight * le + config.forces_weight * lf + config.stress_weight * ls
     return total, (e, f, s)
+
   return loss
 
 
@@ -82,6 +83,7 @@ def _step_fn(potential: Potential, config: TrainConfig):
     params = jax.tree_util.tree_map(lambda p, u: p - lr * u, params, updates)
     ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
     return params, ema, opt_state, l
+
   return step, optimizer, jax.jit(lambda p, bt: loss(p, bt)[0])
 
 
@@ -89,20 +91,33 @@ def _initial_params(potential: Potential, train_set: Sequence[Frame]) -> dict:
   """Least-squares element shifts and an energy scale from the force RMS."""
   params = jax.tree_util.tree_map(jnp.asarray, potential.params)
   shifts = fit_element_shifts(potential, train_set)
-  f_all = np.concatenate([f.forces.ravel() for f in train_set if f.forces is not None] or
-                         [np.ones(1)])
+  f_all = np.concatenate(
+    [f.forces.ravel() for f in train_set if f.forces is not None] or [np.ones(1)]
+  )
   scale = max(float(np.sqrt(np.mean(f_all**2))), 1e-3)
-  return {**params, "shift": jnp.asarray(shifts, jnp.float32),
-          "scale": jnp.full(len(potential.species), scale, jnp.float32)}
+  return {
+    **params,
+    "shift": jnp.asarray(shifts, jnp.float32),
+    "scale": jnp.full(len(potential.species), scale, jnp.float32),
+  }
 
 
-def _initial_state(potential: Potential, train_set: Sequence[Frame], optimizer,
-                   checkpoint: Optional[str]) -> dict:
+def _initial_state(
+  potential: Potential, train_set: Sequence[Frame], optimizer, checkpoint: Optional[str]
+) -> dict:
   """A fresh training state, or the one in ``checkpoint`` if that file exists."""
   params = _initial_params(potential, train_set)
-  state = {"params": params, "ema": params, "opt_state": optimizer.init(params), "epoch": 0,
-           "step": 0, "elapsed": 0.0, "best_loss": np.inf, "best_params": params,
-           "history": "[]"}
+  state = {
+    "params": params,
+    "ema": params,
+    "opt_state": optimizer.init(params),
+    "epoch": 0,
+    "step": 0,
+    "elapsed": 0.0,
+    "best_loss": np.inf,
+    "best_params": params,
+    "history": "[]",
+  }
   if checkpoint and Path(checkpoint).exists():
     state = load_checkpoint(checkpoint, state)
   return state
@@ -112,9 +127,10 @@ def _batches_fn(potential: Potential, frames: Sequence[Frame], batch_size: int, 
   """``batches(subset)``: device batches of ``subset`` with one capacity for all ``frames``
   (one compilation for the whole run)."""
   cap = batch_capacity(frames, batch_size)
-  return lambda subset: (device_batch(make_batch(subset[i:i + batch_size], potential,
-                                                 batch_size, *cap), dtype)
-                         for i in range(0, len(subset), batch_size))
+  return lambda subset: (
+    device_batch(make_batch(subset[i : i + batch_size], potential, batch_size, *cap), dtype)
+    for i in range(0, len(subset), batch_size)
+  )
 
 
 def _planned_epochs(config: TrainConfig, done: int, elapsed: float, epoch_seconds: float) -> int:
@@ -125,9 +141,17 @@ def _planned_epochs(config: TrainConfig, done: int, elapsed: float, epoch_second
   return max(done, min(config.epochs, done + int(left // max(epoch_seconds, 1e-9))))
 
 
-def train(potential: Potential, frames: Sequence[Frame], config: TrainConfig = TrainConfig(), *,
-          checkpoint: Optional[str] = None, resume: bool = True, progress: bool = True,
-          dtype=jnp.float32, log: Optional[Callable[[dict], None]] = None) -> TrainResult:
+def train(
+  potential: Potential,
+  frames: Sequence[Frame],
+  config: TrainConfig = TrainConfig(),
+  *,
+  checkpoint: Optional[str] = None,
+  resume: bool = True,
+  progress: bool = True,
+  dtype=jnp.float32,
+  log: Optional[Callable[[dict], None]] = None,
+) -> TrainResult:
   """Fit ``potential`` (its config and species fixed) to ``frames``.
 
   Per-element shifts are fitted by least squares before training and the energy scale is set
@@ -156,6 +180,7 @@ def train(potential: Potential, frames: Sequence[Frame], config: TrainConfig = T
   bar = None
   if progress:
     from tqdm.auto import tqdm  # only a display dependency
+
     bar = tqdm(total=config.epochs, initial=int(state["epoch"]), unit="epoch", dynamic_ncols=True)
   clock0, planned, epoch_s = time.perf_counter() - float(state["elapsed"]), config.epochs, None
   params, ema, opt_state, t = state["params"], state["ema"], state["opt_state"], int(state["step"])
@@ -175,26 +200,43 @@ def train(potential: Potential, frames: Sequence[Frame], config: TrainConfig = T
       t += 1
       if len(losses) == 1:  # the first step of a process also compiles: pace from the rest
         t_first = time.perf_counter()
-    v = (float(np.mean([float(eval_loss(ema, bt)) for bt in valid_batches]))
-         if valid_batches else float(np.mean(losses)))
+    v = (
+      float(np.mean([float(eval_loss(ema, bt)) for bt in valid_batches]))
+      if valid_batches
+      else float(np.mean(losses))
+    )
     if not np.isfinite(v):
-      raise FloatingPointError(f"validation loss became {v} at epoch {epoch + 1}; lower the "
-                               "learning rate")
+      raise FloatingPointError(
+        f"validation loss became {v} at epoch {epoch + 1}; lower the learning rate"
+      )
     if v < state["best_loss"]:
       state["best_loss"], state["best_params"] = v, ema
     now = time.perf_counter()
     elapsed = now - clock0
     # pace of an epoch from this one's steps after the first (compiles), scaled to all steps
-    epoch_s = (now - t_first) * len(losses) / max(len(losses) - 1, 1) \
-        if len(losses) > 1 else now - t_epoch
+    epoch_s = (
+      (now - t_first) * len(losses) / max(len(losses) - 1, 1) if len(losses) > 1 else now - t_epoch
+    )
     planned = _planned_epochs(config, epoch + 1, elapsed, epoch_s)
     if epoch == first_epoch and config.time_limit and elapsed < config.time_limit * 60:
       planned = max(planned, min(epoch + 2, config.epochs))  # measure the pace once compiled
-    record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "valid_loss": v,
-              "lr": lr, "seconds": round(elapsed, 1)}
+    record = {
+      "epoch": epoch + 1,
+      "train_loss": float(np.mean(losses)),
+      "valid_loss": v,
+      "lr": lr,
+      "seconds": round(elapsed, 1),
+    }
     history.append(record)
-    state.update(params=params, ema=ema, opt_state=opt_state, epoch=epoch + 1, step=t,
-                 elapsed=elapsed, history=json.dumps(history))
+    state.update(
+      params=params,
+      ema=ema,
+      opt_state=opt_state,
+      epoch=epoch + 1,
+      step=t,
+      elapsed=elapsed,
+      history=json.dumps(history),
+    )
     if checkpoint:
       save_checkpoint(checkpoint, state)
     if log:
@@ -215,15 +257,21 @@ def _finish(potential, frames, parts, state, config, dtype, history, start) -> T
   metrics = {k: evaluate(best, v, config.batch_size, dtype) for k, v in sets.items()}
   seconds = time.perf_counter() - start
   meta = dict(best.metadata)
-  meta.update({"training": {"config": dataclasses.asdict(config), "frames": len(frames),
-                            "split": [len(parts[k]) for k in ("train", "valid", "test")],
-                            "split_parts": {k: split_summary(frames, idx)
-                                            for k, idx in parts.items()},
-                            "epochs_run": int(state["epoch"]), "seconds": seconds,
-                            "training_seconds": float(state["elapsed"]),
-                            "best_valid_loss": float(state["best_loss"])},
-               "test_metrics": metrics["test"],
-               "test_random_metrics": metrics["test_random"],
-               "test_metrics_by_group": grouped_metrics(best, sets["test"], config.batch_size,
-                                                        dtype)})
+  meta.update(
+    {
+      "training": {
+        "config": dataclasses.asdict(config),
+        "frames": len(frames),
+        "split": [len(parts[k]) for k in ("train", "valid", "test")],
+        "split_parts": {k: split_summary(frames, idx) for k, idx in parts.items()},
+        "epochs_run": int(state["epoch"]),
+        "seconds": seconds,
+        "training_seconds": float(state["elapsed"]),
+        "best_valid_loss": float(state["best_loss"]),
+      },
+      "test_metrics": metrics["test"],
+      "test_random_metrics": metrics["test_random"],
+      "test_metrics_by_group": grouped_metrics(best, sets["test"], config.batch_size, dtype),
+    }
+  )
   return TrainResult(best.replace(metadata=meta), history, metrics, seconds)

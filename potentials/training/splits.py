@@ -11,16 +11,16 @@ from .batching import Frame
 from .config import TrainConfig
 
 
-def split_frames(frames: Union[int, Sequence[Frame]], config: TrainConfig
-                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_frames(
+  frames: Union[int, Sequence[Frame]], config: TrainConfig
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Train / validation / test indices from a fixed seed (``config.split``; an int is a
   number of untagged frames and always splits at random)."""
   parts = split_parts(frames, config)
   return parts["train"], parts["valid"], parts["test"]
 
 
-def split_parts(frames: Union[int, Sequence[Frame]], config: TrainConfig
-                ) -> Dict[str, np.ndarray]:
+def split_parts(frames: Union[int, Sequence[Frame]], config: TrainConfig) -> Dict[str, np.ndarray]:
   """``{"train", "valid", "test", "test_random"}`` indices. With the trajectory split,
   ``test`` is whole held-out trajectories and ``test_random`` a random
   ``random_test_fraction`` of the training trajectories' frames, withheld from training: the
@@ -33,7 +33,7 @@ def split_parts(frames: Union[int, Sequence[Frame]], config: TrainConfig
   train, valid, test = _trajectory_split(frames, config)
   rng = np.random.default_rng([config.seed, 1])
   pick = np.zeros(len(train), bool)
-  pick[rng.permutation(len(train))[:int(round(config.random_test_fraction * len(train)))]] = True
+  pick[rng.permutation(len(train))[: int(round(config.random_test_fraction * len(train)))]] = True
   if pick.all():
     raise ValueError(f"{len(frames)} frames are too few for the requested split")
   return {"train": train[~pick], "valid": valid, "test": test, "test_random": train[pick]}
@@ -45,7 +45,7 @@ def _random_split(n: int, config: TrainConfig):
   n_valid = int(round(config.valid_fraction * n))
   if n - n_test - n_valid < 1:
     raise ValueError(f"{n} frames are too few for the requested validation/test split")
-  return perm[n_test + n_valid:], perm[n_test:n_test + n_valid], perm[:n_test]
+  return perm[n_test + n_valid :], perm[n_test : n_test + n_valid], perm[:n_test]
 
 
 def _strata(frames: Sequence[Frame]) -> List[List[List[int]]]:
@@ -87,9 +87,9 @@ def _trajectory_split(frames: Sequence[Frame], config: TrainConfig):
         n = len(idx)
         n_test = int(round(config.test_fraction * n))
         n_valid = int(round(config.valid_fraction * n))
-        out[0].extend(idx[:n - n_test - n_valid])
-        out[1].extend(idx[n - n_test - n_valid:n - n_test])
-        out[2].extend(idx[n - n_test:])
+        out[0].extend(idx[: n - n_test - n_valid])
+        out[1].extend(idx[n - n_test - n_valid : n - n_test])
+        out[2].extend(idx[n - n_test :])
   if not out[0]:
     raise ValueError(f"{len(frames)} frames are too few for the requested validation/test split")
   return tuple(np.asarray(sorted(o), np.int64) for o in out)
@@ -97,7 +97,9 @@ def _trajectory_split(frames: Sequence[Frame], config: TrainConfig):
 
 def split_summary(frames: Sequence[Frame], idx: np.ndarray) -> dict:
   """Which trajectories a split part holds (stored in model files; used by ``eqattn eval``)."""
-  return {"frames": int(len(idx)),
-          "trajectories": sorted({str(frames[i].trajectory) for i in idx
-                                  if frames[i].trajectory is not None})}
-
+  return {
+    "frames": int(len(idx)),
+    "trajectories": sorted(
+      {str(frames[i].trajectory) for i in idx if frames[i].trajectory is not None}
+    ),
+  }
