@@ -24,8 +24,9 @@ Writes (into ``--out``, default: the folder holding this script):
 
     * ``bulk_md``      -- 2x2x2 cubic (32 atoms) and 3x3x3 primitive (27 atoms, triclinic)
                           cells at 300, 600, 900, 1200 K, two runs of each cell per T;
-    * ``liquid``       -- the 32-atom cubic cell melted at 3000 K, then sampled at 1500 and
-                          1800 K (above EMT copper's melting point), four runs per T;
+    * ``liquid``       -- 35 atoms placed at random in a cube at the liquid's density (no FCC
+                          crystal fits it), melted at 3000 K, then sampled at 1500 and 1800 K
+                          (above EMT copper's melting point), four runs per T;
     * ``strain_iso``   -- isotropic strain, each cell scaled by 1+e, e ~ U(-5%, +5%);
     * ``strain_aniso`` -- independent diagonal strains e_xx, e_yy, e_zz ~ U(-5%, +5%);
     * ``shear``        -- symmetric off-diagonal strains e_yz, e_xz, e_xy ~ U(-5%, +5%);
@@ -106,6 +107,10 @@ CU_BULK_TEMPS = (300.0, 600.0, 900.0, 1200.0)
 CU_BULK_CELLS = ("cubic222", "prim333", "cubic222", "prim333")  # 4 runs per T
 CU_BULK_FRAMES = 30  # per run: 4 runs * 4 T * 30 = 480
 CU_LIQUID_TEMPS = (1500.0, 1800.0)  # EMT copper melts near 1300 K
+# 35 atoms at the liquid's density (12.6 Å^3 per atom, ~9 % below the crystal's) in a cube:
+# no FCC crystal fits the box, so the melt cannot recrystallise (a 32-atom cubic cell does)
+CU_LIQUID_ATOMS = 35
+CU_LIQUID_VOLUME = 12.6  # Å^3 per atom
 CU_LIQUID_MELT_K = 3000.0
 CU_LIQUID_MELT_STEPS = 1000  # 2 ps at 3000 K before sampling at the target T
 CU_LIQUID_RUNS = 4
@@ -278,6 +283,17 @@ def cu_cell(kind: str) -> Atoms:
   if kind == "prim333":
     return bulk("Cu", "fcc", a=CU_A) * (3, 3, 3)
   raise ValueError(kind)
+
+
+def cu_liquid_box(rng) -> Atoms:
+    """``CU_LIQUID_ATOMS`` atoms at random in a periodic cube, no two closer than 1.8 Å."""
+    side = (CU_LIQUID_ATOMS * CU_LIQUID_VOLUME) ** (1.0 / 3.0)
+    atoms = Atoms("Cu", positions=[[0.0, 0.0, 0.0]], cell=[side] * 3, pbc=True)
+    while len(atoms) < CU_LIQUID_ATOMS:
+        trial = atoms + Atoms("Cu", positions=[rng.uniform(0.0, side, 3)])
+        if trial.get_distances(-1, range(len(atoms)), mic=True).min() > 1.8:
+            atoms = trial
+    return atoms
 
 
 def cu_slab(facet: str) -> Atoms:
