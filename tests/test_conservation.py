@@ -49,8 +49,8 @@ def test_copper_short(copper_model, engine):
     atoms,
     temperature=600,
     timestep=2.0,
-    duration=0.4,
-    warmup=0.04,
+    duration=0.2,
+    warmup=0.02,
     max_drift=0.5,
     **testing.engine_kwargs(engine, copper_model, atoms),
   )

@@ -80,7 +80,7 @@ def test_stress_prediction_matches_model_definition(copper_frames):
   cap = training.batch_capacity(frames, 3)
   b = training.make_batch(frames, pot, 3, *cap)
   predict = jax.jit(training.predict_fn(pot))
-  e, f, s = predict(pot.params, training._device_batch(b, np.float64))
+  e, f, s = predict(pot.params, training.device_batch(b, np.float64))
   h = 1e-5
   f0 = frames[1]
   for i, j in [(0, 0), (1, 2)]:
@@ -98,7 +98,7 @@ def test_stress_prediction_matches_model_definition(copper_frames):
         f0.shifts,
       )
       bb = training.make_batch([g], pot, 1, *training.batch_capacity([g], 1))
-      return float(predict(pot.params, training._device_batch(bb, np.float64))[0][0])
+      return float(predict(pot.params, training.device_batch(bb, np.float64))[0][0])
 
     fd = (energy(1) - energy(-1)) / (2 * h) / f0.volume / (1 if i == j else 2)
     assert abs(float(s[1, i, j]) - fd) < 1e-7 * max(1.0, abs(fd))
