@@ -423,37 +423,9 @@ def run(
   Returns:
     :class:`MDResult`.
   """
-  if not isinstance(atoms, ase.Atoms) and isinstance(atoms, (list, tuple)):
-    return _run_many(
-      list(atoms),
-      potential,
-      ensemble=ensemble,
-      temperature=temperature,
-      timestep=timestep,
-      steps=steps,
-      pressure=pressure,
-      friction=friction,
-      tau_t=tau_t,
-      tau_p=tau_p,
-      init_temperature=init_temperature,
-      chunk=chunk,
-      log_interval=log_interval,
-      traj=traj,
-      traj_interval=traj_interval,
-      resume=resume,
-      log_file=log_file,
-      seed=seed,
-      dr_threshold=dr_threshold,
-      capacity_multiplier=capacity_multiplier,
-      dtype=dtype,
-      progress=progress,
-      max_temperature=max_temperature,
-      max_force=max_force,
-    )
-  opts = run_options(
-    ensembles=TABLE,
+  # the options every system of a run shares (per-system ones are passed beside them)
+  common = dict(
     ensemble=ensemble,
-    temperature=temperature,
     timestep=timestep,
     steps=steps,
     pressure=pressure,
@@ -463,14 +435,27 @@ def run(
     init_temperature=init_temperature,
     chunk=chunk,
     log_interval=log_interval,
-    has_traj=traj is not None,
     traj_interval=traj_interval,
-    seed=seed,
     dr_threshold=dr_threshold,
     capacity_multiplier=capacity_multiplier,
     dtype=dtype,
     max_temperature=max_temperature,
     max_force=max_force,
+  )
+  if not isinstance(atoms, ase.Atoms) and isinstance(atoms, (list, tuple)):
+    return _run_many(
+      list(atoms),
+      potential,
+      temperature=temperature,
+      seed=seed,
+      traj=traj,
+      log_file=log_file,
+      resume=resume,
+      progress=progress,
+      **common,
+    )
+  opts = run_options(
+    ensembles=TABLE, temperature=temperature, seed=seed, has_traj=traj is not None, **common
   )
   traj_path = None if traj is None else Path(traj)
   if traj_path is not None:
