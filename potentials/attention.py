@@ -152,9 +152,6 @@ class SelfAttention(nn.Module):
     dt = q[(0, 0)][0].dtype
 
     # ---- logits per pair and head
-    # Padding indices are clipped to a real row (much faster than a filling gather on CPU);
-    # those pairs are inactive, so their logits and messages are masked below.
-    take = lambda t, idx: jnp.take(t, idx, axis=0, mode="clip")
     if self.use_relative_positional_encoding_qk:
       rpe = nn.Dense(
         P * (L_in + 1) * qkv,
@@ -174,7 +171,7 @@ class SelfAttention(nn.Module):
 
     # ---- weighted messages, summed per centre, normalised once per centre
     u_f = jnp.repeat(u, qkv // heads, axis=-1)
-    msg = map_blocks(lambda c: take(c, src) * u_f, v)
+    msg = map_blocks(lambda c: _take(c, src) * u_f, v)
     L_out = self.max_degree
     P_out = P
     if self.use_relative_positional_encoding_v:
@@ -226,17 +223,21 @@ class SelfAttention(nn.Module):
     return tensor(filt, msg), L_out, P_out
 
 
+def _take(t: jax.Array, idx: jax.Array) -> jax.Array:
+  """Rows ``idx`` of ``t``. Padding indices are clipped to a real row (much faster than a
+  filling gather on CPU); those pairs are inactive: the softmax masks their logits and
+  messages."""
+  return jnp.take(t, idx, axis=0, mode="clip")
+
+
 def _logits(q, k, rpe, dst, src, *, heads: int, depth: int) -> jax.Array:
   """Scaled dot products ``(pairs, heads)`` of query blocks at ``dst`` with key blocks at
   ``src`` (blocks ``{(p, l): (2l+1) x (N, F)}``), each ``(p, l)`` term scaled by the relative
   positional encoding ``rpe`` ``(pairs, P, L+1, F)`` when given; ``depth`` is the number of
   products summed per head."""
-  # padding indices are clipped to a real row (much faster than a filling gather on CPU);
-  # those pairs are inactive and masked by the softmax
-  take = lambda t, idx: jnp.take(t, idx, axis=0, mode="clip")
   dots = 0
   for (p, l), qb in q.items():
-    d = sum(take(qc, dst) * take(kc, src) for qc, kc in zip(qb, k[(p, l)]))  # (pairs, F)
+    d = sum(_take(qc, dst) * _take(kc, src) for qc, kc in zip(qb, k[(p, l)]))  # (pairs, F)
     dots = dots + (d if rpe is None else d * rpe[:, p, l, :])
   logits = dots.reshape(dots.shape[0], heads, dots.shape[-1] // heads).sum(-1)
   return logits / jnp.sqrt(jnp.asarray(depth, logits.dtype))
