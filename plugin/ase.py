@@ -36,6 +36,15 @@ the same structure:
 
 Results are float64 NumPy arrays (what ASE's integrators expect) whatever ``dtype`` is.
 
+Ensembles
+---------
+For an ensemble (``potential.num_members > 1``: a committee and/or readout heads,
+:mod:`potentials.ensemble`) the properties above are the members' mean, and the same jitted
+call also gives ``energy_uncertainty`` (eV), ``forces_uncertainty`` (``(N,)`` eV/Å: per atom,
+the calibrated standard deviation of one force component over the members) and
+``member_energies`` (``(members,)`` eV), e.g. ``calc.get_property("forces_uncertainty",
+atoms)``. Every member's forces cost one backward pass each (batched in one program).
+
 Compilations
 ------------
 JAX compiles once per input shape. Pair arrays come from a `plugin.neighbors.NeighborListBuilder`,
@@ -77,7 +86,7 @@ from ase.calculators.calculator import Calculator as _AseCalculator
 from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 
 import potentials
-from potentials import elements, observables
+from potentials import elements, ensemble, observables
 
 from .neighbors import NeighborListBuilder, bucket_capacity
 
@@ -134,13 +143,17 @@ class _Evaluator:
 
   ``fn(params, species, positions, cell, dst, src, shifts, atom_mask)`` returns the per-atom
   model energies (without element shifts), the forces, ``dE/dε`` (3, 3), its per-atom split
-  (N, 3, 3), and the squared distance and index of the closest pair. ``traces`` counts
-  traces, i.e. compilations.
+  (N, 3, 3), the squared distance and index of the closest pair, and for an ensemble its
+  uncalibrated :class:`potentials.ensemble.Spread` (else None). ``traces`` counts traces,
+  i.e. compilations.
   """
 
   def __init__(self, potential: potentials.Potential, dtype: np.dtype) -> None:
     self.traces = 0
-    pair_fn = potential.pair_energies_fn(include_shift=False)
+    members = potential.num_members > 1
+    pair_fn = (potential.member_energies_fn if members else potential.pair_energies_fn)(
+      include_shift=False
+    )
 
     def evaluate(params, species, positions, cell, dst, src, shifts, atom_mask):
       self.traces += 1  # a Python side effect runs once per trace, i.e. per compilation
@@ -155,8 +168,18 @@ class _Evaluator:
         indices_are_sorted=True,
       )
       out = observables.compute(
-        energies, positions, dst=dst, src=src, shifts=shifts, cell=cell, atom_strain=True
+        energies,
+        positions,
+        dst=dst,
+        src=src,
+        shifts=shifts,
+        cell=cell,
+        atom_strain=True,
+        members=members and potential.config.committee,
       )
+      spread = None
+      if members:  # padded atoms have zero forces in every member: no spread
+        spread = ensemble.spread(out.member_energies, out.member_forces)
       # closest real pair, for the overlap check on the host
       r = out.pair_vectors
       d2 = jnp.where(dst < positions.shape[0], jnp.sum(r * r, axis=-1), jnp.inf)
@@ -168,6 +191,7 @@ class _Evaluator:
         out.atom_strain_derivatives,
         d2[closest],
         closest,
+        spread,
       )
 
     self.fn = jax.jit(evaluate)
@@ -186,6 +210,8 @@ def _shared_evaluator(potential: potentials.Potential, dtype: np.dtype) -> _Eval
 
 
 _voigt = observables.voigt  # one home: potentials.observables
+# what an ensemble's calculator adds (module docstring)
+UNCERTAINTY = ("energy_uncertainty", "forces_uncertainty", "member_energies")
 
 
 class Calculator(_AseCalculator):
@@ -237,6 +263,8 @@ class Calculator(_AseCalculator):
     self._params = device_params(potential, self.dtype)
     self._shifts = potential.element_shifts  # float64, added on the host
     self._evaluator = _shared_evaluator(potential, self.dtype)
+    if potential.num_members > 1:
+      self.implemented_properties = type(self).implemented_properties + list(UNCERTAINTY)
     # per-structure cache: species and mask on the device, rebuilt when numbers change
     self._numbers: np.ndarray | None = None
     self._species_host: np.ndarray | None = None
@@ -334,7 +362,7 @@ class Calculator(_AseCalculator):
       self._mask_dev,
     )
     self._compilations += evaluator.traces - traces
-    e_model, forces, virial, atom_virials, d2, closest = jax.device_get(out)
+    e_model, forces, virial, atom_virials, d2, closest, spread = jax.device_get(out)
 
     if pairs.num_pairs and self.min_distance and d2 < self.min_distance**2:
       self._raise_overlap(atoms, pairs, int(closest), float(np.sqrt(d2)))
@@ -351,7 +379,18 @@ class Calculator(_AseCalculator):
       volume = abs(float(np.linalg.det(cell)))
       results["stress"] = _voigt(np.asarray(virial, np.float64) / volume)
       results["stresses"] = _voigt(np.asarray(atom_virials[:n], np.float64) / volume)
+    if spread is not None:
+      results.update(self._uncertainty(spread, float(np.sum(self._shifts[species])), n))
     return results
+
+  def _uncertainty(self, spread, shift: float, n: int) -> dict[str, Any]:
+    """Calibrated ensemble results (see :mod:`potentials.ensemble`)."""
+    energy_scale, forces_scale = self.potential.uncertainty_scales
+    return {
+      "energy_uncertainty": energy_scale * float(spread.energy),
+      "forces_uncertainty": forces_scale * np.asarray(spread.forces[:n], np.float64),
+      "member_energies": np.asarray(spread.member_energies, np.float64) + shift,
+    }
 
   # ------------------------------------------------------------------ host-side helpers
   def _prepare_species(self, numbers: np.ndarray) -> np.ndarray:

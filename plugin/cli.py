@@ -3,7 +3,9 @@
     eqattn md [STRUCTURE] [--model NAME|PATH] [--ensemble nve|nvt|npt] [--temperature K]
               [--dt FS] [--steps N | --time PS] [--engine jax-md|ase] [--out FILE] [--plot PNG]
               [--resume] [--max-temperature K] [--max-force EV_PER_A]
-    eqattn train DATA --species H C O [--epochs N] [--out MODEL]
+              [--max-force-uncertainty EV_PER_A [--flag-uncertainty]]
+    eqattn train DATA --species H C O [--epochs N] [--heads K | --ensemble K] [--out MODEL]
+    eqattn select TRAJ --model MODEL [--n 50] [--out new.extxyz]
     eqattn eval MODEL DATA [--parity PNG]
     eqattn check-conservation MODEL STRUCTURE [--temperature K] [--dt FS] [--time PS]
     eqattn info MODEL
@@ -15,8 +17,9 @@ Every command takes ``--no-cache``: by default compiled programs are kept in a p
 
 Errors in user input (missing files, unreadable structures, unknown elements, bad option
 values) end with a one-line message and exit status 2, not a traceback. ``eqattn md`` stopped by
-a runaway guard (plugin.md.guards) exits with status 3 and a one-line reason, its last good frame
-written; Ctrl-C exits with 130 and SIGTERM with 143, the files kept for ``--resume``.
+a runaway guard (plugin.md.guards), or by an ensemble's force uncertainty, exits with status 3
+and a one-line reason, its last good (or uncertain) frame written; Ctrl-C exits with 130 and
+SIGTERM with 143, the files kept for ``--resume``.
 """
 
 from __future__ import annotations
@@ -129,6 +132,8 @@ def cmd_md(args) -> int:
   for atoms in structures:
     _check_species(pot, atoms.numbers)
   if len(systems) > 1:
+    if args.max_force_uncertainty is not None:
+      raise UsageError("--max-force-uncertainty is checked for one structure at a time")
     return _cmd_md_many(args, pot, systems, temps, seeds)
   atoms, args.temperature = systems[0], temps[0]
   from plugin import md
@@ -158,7 +163,8 @@ def cmd_md(args) -> int:
   t0 = time.perf_counter()
   try:
     with warnings.catch_warnings():  # a guard's RuntimeWarning: its reason is printed once below
-      warnings.filterwarnings("ignore", message="MD stopped at step", category=RuntimeWarning)
+      for what in ("MD stopped at step", "MD flagged at step"):
+        warnings.filterwarnings("ignore", message=what, category=RuntimeWarning)
       result = _run_md(md, args, atoms, pot, ensemble, steps, out, bar)
     steps = result.steps if args.engine == "jax-md" else steps  # a resumed run: the rest only
   except ValueError as e:  # e.g. mixed periodicity (a slab with pbc=(1, 1, 0))
@@ -166,6 +172,8 @@ def cmd_md(args) -> int:
   finally:
     bar.close()
   wall = time.perf_counter() - t0
+  for event in getattr(result, "uncertain", []) if not result.stopped else []:
+    print(f"eqattn md: {event['reason']}", file=sys.stderr)
   if result.stopped:
     print(f"eqattn md: {result.reason}; frames up to it are in {out}", file=sys.stderr)
     return RUNAWAY_STATUS
@@ -264,7 +272,13 @@ def _cmd_md_many(args, pot, systems, temps, seeds) -> int:
 
 def _run_md(md, args, atoms, pot, ensemble, steps, out, bar):
   limits = dict(max_temperature=args.max_temperature, max_force=args.max_force)
+  if args.max_force_uncertainty is not None and args.engine != "jax-md":
+    raise UsageError("--max-force-uncertainty is checked by the jax-md engine")
   if args.engine == "jax-md":
+    limits.update(
+      max_uncertainty=args.max_force_uncertainty,
+      uncertainty_action="flag" if args.flag_uncertainty else "stop",
+    )
     return md.run(
       atoms,
       pot,
@@ -436,6 +450,8 @@ def cmd_train(args) -> int:
   try:
     if args.cutoff is not None:
       hyper["cutoff"] = args.cutoff
+    if args.heads is not None:
+      hyper["heads"] = args.heads
     pot = potentials.Potential.create(args.seed, species=args.species, **hyper)
     frames = read_frames(args.data, pot.cutoff)
     for f in frames:
@@ -453,13 +469,62 @@ def cmd_train(args) -> int:
     )
   except (ValueError, TypeError) as e:
     raise UsageError(str(e)) from None
-  result = training.train(pot, frames, tcfg, checkpoint=args.checkpoint, progress=True)
+  if args.ensemble:
+    result = training.train_committee(
+      pot, frames, tcfg, members=args.ensemble, checkpoint=args.checkpoint, progress=True
+    )
+  else:
+    result = training.train(pot, frames, tcfg, checkpoint=args.checkpoint, progress=True)
   out = Path(args.out)
   result.potential.replace(
     metadata={**result.potential.metadata, "provenance": {"data": str(args.data)}}
   ).save(out)
   print(f"model written to {out} ({result.seconds:.0f} s); test metrics:")
   print(json.dumps(result.metrics["test"], indent=1))
+  if "test_uncertainty" in result.potential.metadata:
+    print("uncertainty on the test frames (calibrated on the validation frames):")
+    print(json.dumps(result.potential.metadata["test_uncertainty"], indent=1))
+  return 0
+
+
+def cmd_select(args) -> int:
+  """The frames of a trajectory where the ensemble is least sure, for labelling."""
+  import ase.io
+  import numpy as np
+
+  from plugin.ase import Calculator
+
+  pot = _load_model(args.model)
+  if pot.num_members == 1:
+    raise UsageError(
+      f"{args.model} is a single model; selection needs an ensemble (train one with "
+      "eqattn train ... --heads 4 or --ensemble 4)"
+    )
+  try:
+    frames = ase.io.read(args.traj, ":")
+  except Exception as e:  # noqa: BLE001 - any unreadable file is a usage error
+    raise UsageError(f"cannot read {args.traj}: {e}") from None
+  calc = Calculator(pot)
+  scores = []
+  for atoms in frames:
+    _check_species(pot, atoms.numbers)
+    atoms = atoms.copy()
+    atoms.calc = calc
+    scores.append(float(np.max(calc.get_property("forces_uncertainty", atoms))))
+  picked = sorted(np.argsort(scores, kind="stable")[::-1][: args.n])  # in trajectory order
+  out = []
+  for i in picked:
+    a = frames[i].copy()  # positions, cell, numbers only: the model's values are no labels
+    a.calc = None
+    a.info = {k: v for k, v in a.info.items() if isinstance(v, (int, float, str))}
+    a.info.update(source=str(args.traj), source_index=int(i), max_force_uncertainty=scores[i])
+    out.append(a)
+  ase.io.write(args.out, out, format="extxyz")
+  print(
+    f"{len(out)} of {len(frames)} frames written to {args.out} (max force uncertainty "
+    f"{min(scores[i] for i in picked):.3g}..{max(scores):.3g} eV/Å); label them and add "
+    f"them to the training data"
+  )
   return 0
 
 
@@ -571,6 +636,19 @@ def _add_md(sub) -> None:
     help="stop when a force exceeds this (eV/Å); default off. Non-finite "
     "positions, forces or energies always stop the run",
   )
+  md.add_argument(
+    "--max-force-uncertainty",
+    type=_positive(float),
+    metavar="EV_PER_A",
+    help="ensemble models: stop (exit status "
+    f"{RUNAWAY_STATUS}, that frame written, the atoms named) when an atom's calibrated "
+    f"force uncertainty exceeds this (eV/Å), checked every {DEFAULTS.chunk} steps",
+  )
+  md.add_argument(
+    "--flag-uncertainty",
+    action="store_true",
+    help="with --max-force-uncertainty: only report the steps and atoms, do not stop",
+  )
   md.set_defaults(func=cmd_md)
 
 
@@ -598,6 +676,20 @@ def _add_train(sub) -> None:
   tr.add_argument(
     "--train-config", help="JSON of other TrainConfig fields, e.g. '{\"forces_weight\": 10}'"
   )
+  ens = tr.add_mutually_exclusive_group()
+  ens.add_argument(
+    "--heads",
+    type=_positive(int),
+    metavar="K",
+    help="shallow ensemble: K readout heads on one network (one training, one forward pass)",
+  )
+  ens.add_argument(
+    "--ensemble",
+    type=_positive(int),
+    metavar="K",
+    help="committee: K independently trained models in one file (K x the cost); "
+    "--time-limit is shared between them",
+  )
   tr.add_argument("--seed", type=int, default=0)
   tr.add_argument("--checkpoint", help="checkpoint file (resumed if it exists)")
   tr.add_argument("--out", default="model.eqm")
@@ -622,6 +714,15 @@ def _add_tools(sub) -> None:
   cc.add_argument("--order", action="store_true", help="also check the dt-halving ratio")
   cc.add_argument("--plot")
   cc.set_defaults(func=cmd_check_conservation)
+
+  sel = sub.add_parser(
+    "select", help="the frames of a trajectory an ensemble is least sure of (to label)"
+  )
+  sel.add_argument("traj", help="any ASE-readable trajectory")
+  sel.add_argument("--model", required=True, help="an ensemble model (.eqm)")
+  sel.add_argument("--n", type=_positive(int), default=50, help="frames to pick (default 50)")
+  sel.add_argument("--out", default="selected.extxyz")
+  sel.set_defaults(func=cmd_select)
 
   info = sub.add_parser("info", help="species, cutoff, hyperparameters and provenance")
   info.add_argument("model")

@@ -82,11 +82,12 @@ from jax_md import partition, space
 import potentials
 from plugin.defaults import DEFAULTS
 from plugin.quiet import quiet
-from potentials import observables
+from potentials import ensemble, observables
 
 __all__ = [
   "neighbor_list",
   "atom_virial_fn",
+  "uncertainty_fn",
   "ImageNeighborList",
   "box_matrix",
   "box_widths",
@@ -633,6 +634,7 @@ def _energy_fn(
   # jitted: its trace is cached, so init, step and observe (and their gradients) trace the
   # model once per shape between them, not once each.
   pair_energies = jax.jit(potential.pair_energies_fn(), static_argnames=("indices_are_sorted",))
+  member_energies = jax.jit(potential.member_energies_fn(), static_argnames=("indices_are_sorted",))
   default_params = potential.params
   cutoff = float(potential.cutoff)
   n = int(species_idx.shape[0])
@@ -660,9 +662,10 @@ def _energy_fn(
     far = jnp.zeros_like(r).at[:, 0].set(2.0 * cutoff + 1.0)
     return jnp.where(valid[:, None], r, far), dst, src, ok
 
-  def model(R, neighbor, kwargs):
+  def model(R, neighbor, kwargs, fn=pair_energies):
     """``(energies, r, dst, src, ok)`` for one call: the checked arguments' per-atom energy
-    function of the pair vectors, the pair vectors and ends, and ``ok`` of :func:`pairs`."""
+    function of the pair vectors (``fn``: the mean, or the members), the pair vectors and
+    ends, and ``ok`` of :func:`pairs`."""
     if neighbor is None:
       raise TypeError(
         "energy_fn needs a neighbour list: energy_fn(R, nbrs) or "
@@ -685,7 +688,7 @@ def _energy_fn(
       raise ValueError(f"neighbour list format must be partition.Sparse, got {neighbor.format}")
     params = kwargs.pop("params", default_params)
     r, dst, src, ok = pairs(R, neighbor, kwargs)
-    energies = lambda r: pair_energies(
+    energies = lambda r: fn(
       params, species_index=species_idx, r=r, dst=dst, src=src, indices_are_sorted=True
     )
     return energies, r, dst, src, ok
@@ -707,8 +710,46 @@ def _energy_fn(
     w = -observables.atom_strain_derivatives(r=r, grad_r=grad_r, dst=dst, src=src, num_atoms=n)
     return loud(w, ok)
 
+  energy_scale, forces_scale = potential.uncertainty_scales
+
+  committee = potential.config.committee
+
+  def uncertainty(R: Array, neighbor: Optional[partition.NeighborList] = None, **kwargs):
+    energies, _, _, _, ok = model(R, neighbor, dict(kwargs), fn=member_energies)
+    vectors = lambda R: pairs(R, neighbor, {k: v for k, v in kwargs.items() if k != "params"})[0]
+
+    def totals(R):  # a committee: one copy of R per network (potentials.ensemble.cotangents)
+      r = vectors(R) if committee == 1 else jax.vmap(vectors)(R)
+      return jnp.sum(energies(r), axis=0)
+
+    member_e, vjp = jax.vjp(totals, ensemble.replicate(R, committee))
+    (grads,) = jax.vmap(vjp)(ensemble.cotangents(member_e.shape, committee, member_e.dtype))
+    grads = ensemble.member_gradients(grads, committee)
+    out = ensemble.spread(member_e, -grads, energy_scale=energy_scale, forces_scale=forces_scale)
+    return jax.tree_util.tree_map(lambda x: loud(x, ok), out)
+
   energy_fn._eqattn_atom_virials = atom_virials  # found by atom_virial_fn
+  energy_fn._eqattn_uncertainty = uncertainty  # found by uncertainty_fn
   return energy_fn
+
+
+def uncertainty_fn(energy_fn: EnergyFn) -> Callable[..., "ensemble.Spread"]:
+  """The ensemble uncertainty of an energy function from :func:`neighbor_list`, like
+  :func:`atom_virial_fn`: ``spread_fn(R, neighbor, **kwargs) ->``
+  :class:`potentials.ensemble.Spread` with ``energy`` (eV), ``forces`` ``(N,)`` (eV/Å, per
+  atom the calibrated standard deviation of one force component over the members) and
+  ``member_energies`` ``(members,)`` (eV). It takes what ``energy_fn`` takes, is pure and
+  jittable (use it inside jitted MD loops, e.g. every few steps), and costs one forward pass
+  of every member plus one backward pass per member. A single model (one member) gives
+  zeros. NaN, like ``energy_fn``, for a ``box=`` the list cannot hold.
+  """
+  spread = getattr(energy_fn, "_eqattn_uncertainty", None)
+  if spread is None:
+    raise TypeError(
+      "uncertainty_fn needs the energy_fn returned by plugin.jax_md.neighbor_list(...) "
+      "itself (the uncertainty needs the ensemble's member energies, not just their mean)"
+    )
+  return spread
 
 
 def atom_virial_fn(energy_fn: EnergyFn) -> Callable[..., Array]:

@@ -61,6 +61,14 @@ class ModelConfig:
       ``w`` radial channels (as the radial networks of NequIP/MACE-class models). Off by
       default: with w = 32 on ethanol an epoch took 2.4x as long and the model trained worse
       at equal time (benchmarks/training_ablation.py). Old model files load with it off.
+    heads: readout heads on the shared network (a *shallow ensemble*: ``heads`` members that
+      differ only in their last layer). With more than one, :class:`EnergyModel` returns
+      ``(N, heads)`` per-atom energies; a :class:`potentials.Potential` averages them and
+      reads their spread as an uncertainty (:mod:`potentials.ensemble`). Costs one extra
+      backward pass per head where member forces are asked for.
+    committee: independently initialised (and trained) parameter sets of this architecture,
+      stacked on a leading axis of every parameter (a *committee*; about ``committee`` times
+      the cost). 1: one parameter set, no stacked axis (every file written before ensembles).
   """
 
   cutoff: float = 5.0
@@ -78,6 +86,8 @@ class ModelConfig:
   density_features: bool = True
   product: bool = False
   radial_mlp: int = 0
+  heads: int = 1
+  committee: int = 1
 
   def __post_init__(self):
     checks = [
@@ -90,6 +100,8 @@ class ModelConfig:
         f"num_heads ({self.num_heads}) must divide features ({self.features})",
       ),
       (self.num_basis >= 1, f"num_basis must be >= 1, got {self.num_basis}"),
+      (self.heads >= 1, f"heads must be >= 1, got {self.heads}"),
+      (self.committee >= 1, f"committee must be >= 1, got {self.committee}"),
       (self.radial_mlp >= 0, f"radial_mlp must be >= 0 (0: off), got {self.radial_mlp}"),
       (self.radial in RADIAL_FUNCTIONS, f"radial must be one of {RADIAL_FUNCTIONS}"),
       (
@@ -195,7 +207,8 @@ class EnergyModel(nn.Module):
   Inputs: ``species (N,)`` indices into the model's species list, ``atomic_numbers (S,)``
   (constant table, for the repulsion), ``r (pairs, 3)`` pair vectors ``R[src] - R[dst]``,
   ``dst_idx``/``src_idx (pairs,)`` with padding index N, ``atom_mask (N,)`` (False for padded
-  atoms). Output: ``(N,)`` per-atom energies (eV); padded atoms get exactly 0. With
+  atoms). Output: ``(N,)`` per-atom energies (eV), ``(N, heads)`` with several readout heads;
+  padded atoms get exactly 0. With
   ``include_shift=False`` the per-element shifts are left out (add ``shift[species]`` in
   float64 to keep float32 runs from rounding energies of ~1e3 eV per atom).
   """
@@ -255,7 +268,7 @@ class EnergyModel(nn.Module):
         )
       )
     hidden = nn.Dense(cfg.features, name="readout_hidden")
-    readout = nn.Dense(1, name="readout")
+    readout = nn.Dense(cfg.heads, name="readout")
     density = (
       nn.Dense(cfg.features, use_bias=False, name="density") if cfg.density_features else None
     )
@@ -276,7 +289,8 @@ class EnergyModel(nn.Module):
           z = change_max_degree_or_type(x, L_z, pseudo) + change_max_degree_or_type(y, L_z, pseudo)
           x = change_max_degree_or_type(z, degree) + product(z)
         x = x + mlp_out(gate(mlp_in(x)))
-      return readout(nn.silu(hidden(x[:, 0, 0, :])))[:, 0]
+      out = readout(nn.silu(hidden(x[:, 0, 0, :])))
+      return out[:, 0] if cfg.heads == 1 else out
 
     e = network(species, ylm, rbf, basis, cut, **pair_kw)
     # The same network on one lone atom per species (no pairs): subtracting its output makes
@@ -295,15 +309,17 @@ class EnergyModel(nn.Module):
     )
     scale = self.param("scale", nn.initializers.ones, (self.num_species,), jnp.float32)
     shift = self.param("shift", nn.initializers.zeros, (self.num_species,), jnp.float32)
-    e = (e - e_iso[species]) * jnp.asarray(scale, e.dtype)[species]
+    per_atom = lambda v: v[species] if cfg.heads == 1 else v[species][:, None]
+    e = (e - e_iso[species]) * per_atom(jnp.asarray(scale, e.dtype))
     if include_shift:  # callers that sum in float64 add the (large) shifts themselves
-      e = e + jnp.asarray(shift, e.dtype)[species]
+      e = e + per_atom(jnp.asarray(shift, e.dtype))
     if cfg.repulsion and atomic_numbers is not None:
-      e = e + _repulsion(
+      rep = _repulsion(
         r, jnp.asarray(atomic_numbers, r.dtype)[species], valid, cfg.repulsion_cutoff, **pair_kw
       )
+      e = e + (rep if cfg.heads == 1 else rep[:, None])
     if atom_mask is not None:
-      e = jnp.where(atom_mask, e, 0.0)
+      e = jnp.where(atom_mask if cfg.heads == 1 else atom_mask[:, None], e, 0.0)
     return e
 
 

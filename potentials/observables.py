@@ -27,12 +27,12 @@ derivatives.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 
-from . import ops
+from . import ensemble, ops
 
 Array = jax.Array
 # ``energies_fn(r) -> (N,)``: per-atom energies from pair vectors (pairs and species fixed)
@@ -45,7 +45,9 @@ class Observables(NamedTuple):
   ``energy``: scalar, or ``(B,)`` per frame; ``energies``: ``(N,)`` per atom;
   ``forces``: ``(N, 3)``; ``strain_derivative``: ``dE/dε`` ``(3, 3)`` or ``(B, 3, 3)``;
   ``stress``: ``(1/V) dE/dε`` (needs ``volumes``); ``pair_vectors``: ``(pairs, 3)``;
-  ``atom_strain_derivatives``: per-atom ``dE/dε`` ``(N, 3, 3)`` (with ``atom_strain``).
+  ``atom_strain_derivatives``: per-atom ``dE/dε`` ``(N, 3, 3)`` (with ``atom_strain``);
+  ``member_energies`` ``(M,)`` and ``member_forces`` ``(M, N, 3)``: an ensemble's members
+  (with ``members``; the other fields are then the members' mean).
   """
 
   energy: Array
@@ -55,6 +57,8 @@ class Observables(NamedTuple):
   stress: Optional[Array]
   pair_vectors: Array
   atom_strain_derivatives: Optional[Array] = None
+  member_energies: Optional[Array] = None
+  member_forces: Optional[Array] = None
 
 
 def voigt(s):
@@ -88,6 +92,7 @@ def compute(
   forces: bool = True,
   strain: bool = True,
   atom_strain: bool = False,
+  members: Union[bool, int] = False,
 ) -> Observables:
   """The observables of ``energies_fn`` at ``positions`` on the pair graph ``(dst, src)``.
 
@@ -102,6 +107,12 @@ def compute(
     strain: also differentiate in a strain (``strain_derivative``; needs ``forces``).
     atom_strain: also return ``atom_strain_derivatives`` (needs ``forces``): the gradient in
       the pair vectors comes from the same backward pass, the split costs one scatter.
+    members: ``energies_fn`` returns ``(N, M)``, an ensemble's per-atom member energies:
+      also return every member's energy (``(M,)``, a batch ``(B, M)``) and forces; the other
+      observables are the members' mean. An int ``K > 1`` says the members are a committee
+      of K independent networks (``M = K * H``, committee-major): ``energies_fn`` then also
+      takes pair vectors ``(K, pairs, 3)``, one copy per network, so H backward passes give
+      every member's forces (K*H cost, not (K*H)^2); else one backward pass per member.
   """
   batched = atom_frame is not None
   if batched and (pair_frame is None or cell is None or cell.ndim != 3):
@@ -109,6 +120,24 @@ def compute(
   if atom_strain and not forces:
     raise ValueError("atom_strain=True needs forces=True (it is a gradient)")
   num_frames = cell.shape[0] if batched else None
+  if members:
+    if atom_strain and batched:
+      raise ValueError("atom_strain with members is for one system, not a batch")
+    frames = (atom_frame, pair_frame, num_frames) if batched else None
+    committee = 1 if members is True else int(members)
+    return _members(
+      energies_fn,
+      positions,
+      dst,
+      src,
+      shifts,
+      cell,
+      volumes,
+      strain,
+      atom_strain,
+      frames,
+      committee,
+    )
 
   def total(positions, eps, dr):
     r = ops.pair_vectors(positions, dst, src, shifts, cell, pair_frame=pair_frame)
@@ -136,6 +165,55 @@ def compute(
     per_atom = atom_strain_derivatives(r, g_r, dst=dst, src=src, num_atoms=positions.shape[0])
   return Observables(
     energy if per_frame is None else per_frame, e, -g_pos, g_eps, stress, r, per_atom
+  )
+
+
+def _members(
+  energies_fn, positions, dst, src, shifts, cell, volumes, strain, atom_strain, frames, committee
+):
+  """:func:`compute` for an ensemble: one forward pass, backward passes batched by ``vmap``
+  over cotangents of the members' energies, means by linearity. ``frames``: ``(atom_frame,
+  pair_frame, B)`` for a batch, else None; ``committee``: K independent networks, each fed its
+  own copy of the positions, so one cotangent per head reaches every network at once."""
+  atom_frame, pair_frame, num_frames = frames or (None, None, None)
+  vectors = lambda p: ops.pair_vectors(p, dst, src, shifts, cell, pair_frame=pair_frame)
+  strain_of = lambda r, eps: strained(r, eps, pair_frame)
+
+  def totals(positions, eps, dr):
+    r = vectors(positions) if committee == 1 else jax.vmap(vectors)(positions)
+    if eps is not None:
+      r = strain_of(r, eps) if committee == 1 else jax.vmap(strain_of, (0, None))(r, eps)
+    e = energies_fn(r if dr is None else r + dr)
+    if frames is None:
+      return jnp.sum(e, axis=0), (e, r)
+    return jax.ops.segment_sum(e, atom_frame, num_segments=num_frames), (e, r)
+
+  positions = ensemble.replicate(positions, committee)
+  eps_shape = (3, 3) if frames is None else (num_frames, 3, 3)
+  eps = jnp.zeros(eps_shape, positions.dtype) if strain else None
+  dr = jnp.zeros((dst.shape[0], 3), positions.dtype) if atom_strain else None
+  member_e, vjp, (e, r) = jax.vjp(totals, positions, eps, dr, has_aux=True)
+  m = member_e.shape[-1]
+  g_pos, g_eps, g_r = jax.vmap(vjp)(ensemble.cotangents(member_e.shape, committee, e.dtype))
+  g_pos = ensemble.member_gradients(g_pos, committee)
+  mean = lambda g: None if g is None else jnp.sum(g, axis=0) / m
+  g_eps, g_r = mean(g_eps), mean(g_r)
+  if r.ndim == 3:
+    r = r[0]
+  stress = stress_from(g_eps, volumes) if strain and volumes is not None else None
+  per_atom = None
+  if atom_strain:
+    per_atom = atom_strain_derivatives(r, g_r, dst=dst, src=src, num_atoms=positions.shape[-2])
+  return Observables(
+    jnp.mean(member_e, axis=-1),
+    jnp.mean(e, axis=1),
+    -jnp.mean(g_pos, axis=0),
+    g_eps,
+    stress,
+    r,
+    per_atom,
+    member_e,
+    -g_pos,
   )
 
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import elements, io, observables
+from . import elements, ensemble, io, observables
 from .elements import ELEMENTS, UnknownElementError  # noqa: F401  (old home of both)
 from .model import EnergyModel, ModelConfig
 from .ops import pair_vectors  # noqa: F401  (old home; use potentials.ops.pair_vectors)
@@ -54,12 +54,15 @@ def _renamed(**old_to_new: str) -> Callable:
 
 
 def init_params(config: ModelConfig, num_species: int, key: jax.Array):
-  """Fresh parameters of :class:`EnergyModel` (their shapes do not depend on N)."""
+  """Fresh parameters of :class:`EnergyModel` (their shapes do not depend on N); a committee
+  (``config.committee > 1``) gets that many, from split keys, stacked on a leading axis."""
   dummy_r = jnp.array([[1.0, 0.2, 0.1], [-1.0, -0.2, -0.1]], jnp.float32)
   idx = jnp.array([0, 1], jnp.int32)
-  return EnergyModel(config, num_species).init(
-    key, jnp.zeros(2, jnp.int32), dummy_r, idx, idx[::-1]
-  )["params"]
+  model = EnergyModel(config, num_species)
+  one = lambda k: model.init(k, jnp.zeros(2, jnp.int32), dummy_r, idx, idx[::-1])["params"]
+  if config.committee == 1:
+    return one(key)
+  return jax.vmap(one)(jax.random.split(key, config.committee))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -123,8 +126,47 @@ class Potential:
 
   @property
   def element_shifts(self) -> np.ndarray:
-    """Per-species reference energies (eV, float64): an isolated atom's energy."""
-    return np.asarray(self.params["shift"], np.float64)
+    """Per-species reference energies (eV, float64): an isolated atom's energy (a
+    committee's mean over its members)."""
+    shift = np.asarray(self.params["shift"], np.float64)
+    return shift.mean(axis=0) if self.config.committee > 1 else shift
+
+  # ------------------------------------------------------------------ ensembles
+  @property
+  def num_members(self) -> int:
+    """Ensemble members (``committee * heads``; 1 for a single model)."""
+    return self.config.committee * self.config.heads
+
+  @property
+  def uncertainty_scales(self) -> Tuple[float, float]:
+    """``(energy_scale, forces_scale)``: calibration of the members' spread
+    (:mod:`potentials.ensemble`; 1.0 before calibration)."""
+    return ensemble.scales(self.metadata)
+
+  @classmethod
+  def stack(cls, potentials: Sequence["Potential"], metadata=None) -> "Potential":
+    """A committee of single potentials of one architecture and species list (e.g. files
+    trained from different seeds); its energy is their mean."""
+    first = potentials[0]
+    for p in potentials:
+      if p.config != first.config or p.species != first.species or p.config.committee != 1:
+        raise ValueError(
+          "a committee needs single models (committee = 1) of one architecture and species "
+          f"list; got {p.config} for {p.symbols} beside {first.config} for {first.symbols}"
+        )
+    config = dataclasses.replace(first.config, committee=len(potentials))
+    params = ensemble.stack([p.params for p in potentials])
+    return cls(config, first.species, params, dict(metadata or first.metadata))
+
+  def members(self) -> Tuple["Potential", ...]:
+    """A committee's members as single potentials (``(self,)`` for one parameter set)."""
+    if self.config.committee == 1:
+      return (self,)
+    config = dataclasses.replace(self.config, committee=1)
+    return tuple(
+      Potential(config, self.species, p, dict(self.metadata))
+      for p in ensemble.unstack(self.params, self.config.committee)
+    )
 
   # ------------------------------------------------------------------ species
   @functools.cached_property
@@ -140,17 +182,57 @@ class Potential:
   def pair_energies_fn(self, include_shift: bool = True) -> Callable:
     """``f(params, species_index, r, dst, src, atom_mask=None, indices_are_sorted=False)
     -> (N,)`` per-atom energies (eV) from pair vectors; ``species_index`` per atom
-    (``species=`` is its deprecated name).
+    (``species=`` is its deprecated name). An ensemble gives its members' mean.
 
     With ``include_shift=False`` the per-element reference energies are left out; add
     ``self.element_shifts[species_index]`` in float64 on the host (float32 runs keep their
     precision).
     """
-    model = self.model
-    zs = jnp.asarray(self.species)
+    if self.num_members == 1:
+      return self._apply_fn(include_shift)
+    members = self.member_energies_fn(include_shift)
+    return _renamed(species="species_index")(lambda *a, **k: jnp.mean(members(*a, **k), -1))
+
+  def member_energies_fn(self, include_shift: bool = True) -> Callable:
+    """Like :meth:`pair_energies_fn`, but ``-> (N, members)``: every ensemble member's
+    per-atom energies (committee-major; ``(N, 1)`` for a single model). Without shifts, a
+    committee member's own shifts minus the mean ones (:attr:`element_shifts`) stay in, so
+    the members differ by exactly what they would with shifts. A committee also takes ``r``
+    of shape ``(committee, pairs, 3)``, one copy per network (what
+    ``potentials.observables.compute(members=committee)`` passes to get forces per member)."""
+    apply = self._apply_fn(include_shift)
+    cfg = self.config
 
     @_renamed(species="species_index")
     def f(params, species_index, r, dst, src, atom_mask=None, indices_are_sorted=False):
+      if cfg.committee > 1:  # of the params given, which may not be self.params
+        mean_shift = jnp.mean(jnp.asarray(params["shift"], r.dtype), axis=0)
+
+      def one(p, r):
+        e = apply(p, species_index, r, dst, src, atom_mask, indices_are_sorted)
+        if include_shift or cfg.committee == 1:
+          return e
+        d = (jnp.asarray(p["shift"], e.dtype) - mean_shift.astype(e.dtype))[species_index]
+        if atom_mask is not None:
+          d = jnp.where(atom_mask, d, 0.0)
+        return e + (d if cfg.heads == 1 else d[:, None])
+
+      if cfg.committee == 1:
+        e = one(params, r)
+      else:  # pair vectors (pairs, 3) shared, or (K, pairs, 3) one copy per network
+        e = jax.vmap(one, (0, 0 if r.ndim == 3 else None))(params, r)
+      e = ensemble.member_axis(e, cfg.committee, cfg.heads)
+      return e if e.ndim == 2 else e[:, None]
+
+    return f
+
+  def _apply_fn(self, include_shift: bool) -> Callable:
+    """One parameter set's ``(params, species_index, r, dst, src, atom_mask,
+    indices_are_sorted) -> (N,)`` (``(N, heads)`` with several heads)."""
+    model = self.model
+    zs = jnp.asarray(self.species)
+
+    def apply(params, species_index, r, dst, src, atom_mask=None, indices_are_sorted=False):
       return model.apply(
         {"params": params},
         species_index,
@@ -163,7 +245,7 @@ class Potential:
         include_shift,
       )
 
-    return f
+    return _renamed(species="species_index")(apply)
 
   def atomic_energies_fn(self, include_shift: bool = True) -> Callable:
     """``f(params, species_index, positions, dst, src, shifts=None, cell=None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import functools
 import os
 import time
@@ -47,6 +48,9 @@ class MDResult:
       ``"max_temperature"``, ``"max_force"``; :mod:`plugin.md.guards`); ``atoms`` and the
       trajectory's last frame are then the last good state (step ``total_steps``).
     reason: the guard's one-line reason (None when the run finished).
+    uncertain: the chunk ends at which an ensemble's force uncertainty exceeded
+      ``max_uncertainty``: ``{"step", "max_uncertainty" (eV/Å), "atoms" (indices, most
+      uncertain first), "reason"}`` each.
   """
 
   atoms: ase.Atoms
@@ -60,6 +64,7 @@ class MDResult:
   chunk_times_s: List[float]
   stopped: Optional[str] = None
   reason: Optional[str] = None
+  uncertain: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -372,6 +377,8 @@ def run(
   progress: Union[bool, Callable[[Progress], None]] = False,
   max_temperature: Optional[float] = None,
   max_force: Optional[float] = DEFAULTS.max_force,
+  max_uncertainty: Optional[float] = None,
+  uncertainty_action: str = "stop",
 ) -> Union[MDResult, List[MDResult]]:
   """Run molecular dynamics of ``atoms`` with ``potential``; see :mod:`plugin.md`.
 
@@ -419,6 +426,13 @@ def run(
       the thermostat target, or in NVE the start temperature); ``inf``: off.
     max_force: eV/Å; the run stops when a force exceeds it; None (default): off. Non-finite
       positions, momenta, forces or energies always stop a run. Checked at every step.
+    max_uncertainty: eV/Å; for an ensemble potential (``potential.num_members > 1``), the
+      largest calibrated per-atom force uncertainty (:mod:`potentials.ensemble`) allowed,
+      checked at the end of every chunk (``chunk`` steps; it costs a backward pass per
+      member, so it is not in the compiled step). None (default): off. When exceeded:
+    uncertainty_action: ``"stop"`` (default): the run ends there (``stopped =
+      "max_uncertainty"``, that frame written, the atoms named in ``reason``); ``"flag"``: it
+      warns, records the step and atoms in ``MDResult.uncertain`` and goes on.
 
   Returns:
     :class:`MDResult`.
@@ -442,7 +456,13 @@ def run(
     max_temperature=max_temperature,
     max_force=max_force,
   )
+  check_uncertain = _uncertainty_check(potential, max_uncertainty, uncertainty_action)
   if not isinstance(atoms, ase.Atoms) and isinstance(atoms, (list, tuple)):
+    if check_uncertain is not None:
+      raise ValueError(
+        "max_uncertainty is checked for one system at a time; run the systems one by one "
+        "(plugin.md.run(atoms, ...) for each) to guard them by uncertainty"
+      )
     return _run_many(
       list(atoms),
       potential,
@@ -470,10 +490,17 @@ def run(
   report = _reporter(progress, opts, start)
   g, reallocations, chunk_times, stopped, reason = start.first_step, 0, [], None, None
   limits = jnp.asarray([rec.limits["max_temperature"], rec.limits["max_force"]], opts.dtype)
+  uncertain = []
   try:
     for c in eng.simulate_chunks(engine, carry, start.first_step, opts.steps, extra, limits):
+      code = c.guard
+      if not code and check_uncertain is not None:
+        event = check_uncertain(engine, c.carry, c.stop)
+        if event is not None:
+          uncertain.append(event)
+          code = guards.UNCERTAIN if uncertainty_action == "stop" else 0
       rec.chunk(
-        c.logs, c.num_logs, lambda: _frames(c), c.stop, c.guard, lambda: _observed(engine, c.carry)
+        c.logs, c.num_logs, lambda: _frames(c), c.stop, code, lambda: _observed(engine, c.carry)
       )
       carry, g = c.carry, c.stop
       reallocations += c.reallocations
@@ -483,6 +510,10 @@ def run(
         stopped = guards.NAMES[c.guard]
         reason = guards.reason(c.guard, g + 1, c.value, **rec.limits)
         warnings.warn(reason, RuntimeWarning, stacklevel=3)
+      elif code == guards.UNCERTAIN:
+        stopped, reason = guards.NAMES[code], uncertain[-1]["reason"]
+        warnings.warn(reason, RuntimeWarning, stacklevel=3)
+        break
   finally:
     report.close()
   return MDResult(
@@ -497,7 +528,38 @@ def run(
     chunk_times_s=chunk_times,
     stopped=stopped,
     reason=reason,
+    uncertain=uncertain,
   )
+
+
+def _uncertainty_check(potential, limit: Optional[float], action: str) -> Optional[Callable]:
+  """``check(engine, carry, step) -> event or None`` for ``max_uncertainty`` (None: off);
+  a flagged event warns here, a stopping one is worded by the caller."""
+  if limit is None:
+    return None
+  if not (isinstance(limit, (int, float)) and math.isfinite(limit) and limit > 0):
+    raise ValueError(f"max_uncertainty must be a number > 0 (eV/Å), got {limit!r}")
+  if action not in ("stop", "flag"):
+    raise ValueError(f"uncertainty_action must be 'stop' or 'flag', got {action!r}")
+  if potential.num_members == 1:
+    raise ValueError(
+      "max_uncertainty needs an ensemble potential (several members); this one is a single "
+      "model. Train one with `eqattn train ... --heads 4` (shallow) or `--ensemble 4` "
+      "(committee), or stack models with potentials.Potential.stack([...])"
+    )
+
+  def check(engine, carry, step):
+    state, nbrs, _ = carry
+    u = np.asarray(eng.force_uncertainty_fn(engine)(state, nbrs), np.float64)
+    if not u.max() > limit:
+      return None
+    why = guards.uncertainty_reason(step, u, limit, stop=action == "stop")
+    if action == "flag":
+      warnings.warn(why, RuntimeWarning, stacklevel=4)
+    atoms = guards.uncertain_atoms(u, limit)
+    return {"step": step, "max_uncertainty": float(u.max()), "atoms": atoms.tolist(), "reason": why}
+
+  return check
 
 
 def temperature_of(state, masses: np.ndarray) -> float:

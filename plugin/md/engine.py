@@ -364,6 +364,23 @@ def engine(potential: potentials.Potential, key: EngineKey) -> Engine:
   )
 
 
+def force_uncertainty_fn(engine: Engine) -> Callable:
+  """Jitted ``(state, nbrs) -> (N,)``: the ensemble's calibrated force uncertainty per atom
+  (eV/Å, :func:`plugin.jax_md.uncertainty_fn`), built once per engine. It is not part of the
+  compiled step (every member's forces cost a backward pass each): the driver checks it
+  between chunks."""
+  fn = getattr(engine, "_force_uncertainty", None)
+  if fn is None:
+    spread = pjm.uncertainty_fn(engine.energy_fn)
+
+    def forces(state, nbrs):
+      kw = {"box": engine.box_fn(state)} if engine.key.periodic else {}
+      return spread(state.position, neighbor=nbrs, **kw).forces
+
+    fn = engine._force_uncertainty = jax.jit(forces)
+  return fn
+
+
 # ------------------------------------------------------------------------------------------
 # start state, neighbour-list allocation, chunks with replay
 

@@ -20,12 +20,35 @@ from plugin.md.settings import DEFAULTS, guard_limits
 
 # Codes the compiled loop returns (0: no guard fired); the reasons are worded here only.
 OK, NON_FINITE, HOT, FORCE, NON_FINITE_ENERGY = range(5)
+# checked on the host between chunks (plugin.md.driver), not in the compiled loop
+UNCERTAIN = 5
 NAMES = {
   NON_FINITE: "non_finite",
   HOT: "max_temperature",
   FORCE: "max_force",
   NON_FINITE_ENERGY: "non_finite",
+  UNCERTAIN: "max_uncertainty",
 }
+
+
+def uncertain_atoms(forces_uncertainty: np.ndarray, limit: float) -> np.ndarray:
+  """Indices of the atoms whose force uncertainty exceeds ``limit``, most uncertain first."""
+  u = np.asarray(forces_uncertainty, np.float64)
+  over = np.flatnonzero(u > limit)
+  return over[np.argsort(-u[over], kind="stable")]
+
+
+def uncertainty_reason(step: int, forces_uncertainty: np.ndarray, limit: float, stop: bool) -> str:
+  """The one-line reason of the uncertainty guard (``stop``: it ended the run)."""
+  atoms = uncertain_atoms(forces_uncertainty, limit)
+  shown = ", ".join(str(int(i)) for i in atoms[:10]) + (" ..." if len(atoms) > 10 else "")
+  what = "stopped" if stop else "flagged"
+  return (
+    f"MD {what} at step {step}: force uncertainty {float(np.max(forces_uncertainty)):.4g} "
+    f"eV/Å exceeded max_uncertainty {limit:g} eV/Å on {len(atoms)} atom(s) [{shown}] (the "
+    f"model is guessing: this structure is outside its training data; label it and retrain)"
+    + (f"; the frame of step {step} is the last one written" if stop else "")
+  )
 
 
 def reason(

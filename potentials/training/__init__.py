@@ -2,7 +2,8 @@
 
 Modules: :mod:`.config` (``TrainConfig``), :mod:`.batching` (``Frame``, padded batches),
 :mod:`.splits` (held-out trajectories, random part), :mod:`.evaluation` (predictions, metrics,
-element shifts) and :mod:`.loop` (loss, schedule, ``train``). Every public name is importable
+element shifts), :mod:`.calibration` (ensembles' spread against their errors) and :mod:`.loop`
+(loss, schedule, ``train``, ``train_committee``). Every public name is importable
 from ``potentials.training`` as before the split.
 """
 
@@ -19,7 +20,8 @@ from .evaluation import (
   predictions,
   refit_shifts,
 )
-from .loop import TrainResult, learning_rate, loss_fn, train
+from .calibration import calibrate, spearman, spread_records, uncertainty_metrics
+from .loop import TrainResult, learning_rate, loss_fn, train, train_committee
 from .splits import split_frames, split_parts, split_summary
 
 __all__ = [
@@ -46,6 +48,11 @@ __all__ = [
   "learning_rate",
   "loss_fn",
   "train",
+  "train_committee",
+  "calibrate",
+  "spearman",
+  "spread_records",
+  "uncertainty_metrics",
   "split_frames",
   "split_parts",
   "split_summary",

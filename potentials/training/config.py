@@ -40,6 +40,9 @@ class TrainConfig:
     loss: 'mse' or 'huber' (``huber_delta`` in the units of each weighted term's error).
     time_limit: wall-clock budget in minutes (None: none). The schedule is fitted to it after
       the first epoch, and training stops cleanly with the best weights when it runs out.
+    nll_weight: with several readout heads (a shallow ensemble), the weight of the Gaussian
+      negative log-likelihood of the per-atom energy error under the heads' spread (trains
+      the spread; the mean is fitted by the other terms alone). Unused by single models.
     seed: split, shuffling and initialisation.
   """
 
@@ -63,6 +66,7 @@ class TrainConfig:
   loss: str = "mse"
   huber_delta: float = 0.01
   time_limit: Optional[float] = None
+  nll_weight: float = 1e-3
   seed: int = 0
 
   def __post_init__(self):

@@ -14,36 +14,50 @@ from ..potential import Potential
 from .batching import Frame, buckets, device_batch, make_batch
 
 
-def predict_fn(potential: Potential) -> Callable:
+def predict_fn(potential: Potential, members: bool = False) -> Callable:
   """``f(params, batch) -> (energy (B,), forces (A, 3), stress (B, 3, 3))`` for a batch from
   :func:`~potentials.training.device_batch` (:func:`potentials.observables.compute`: stress
-  is ``(1/V) dE/dε``, ASE's sign, 0 for non-periodic frames)."""
-  pair_fn = potential.pair_energies_fn(include_shift=True)
+  is ``(1/V) dE/dε``, ASE's sign, 0 for non-periodic frames); with ``members``, also the
+  members' energies ``(B, M)`` (of the same forward pass; forces are the mean's)."""
+  m = potential.num_members
+  if members:  # columns of the members' energies / M: their sum is the mean's energy
+    member_fn = potential.member_energies_fn(include_shift=True)
+    pair_fn = lambda *a, **k: member_fn(*a, **k) / m
+  else:
+    pair_fn = potential.pair_energies_fn(include_shift=True)
 
   def predict(params, bt):
-    energies = lambda r: pair_fn(
-      params,
-      species_index=bt["species"],
-      r=r,
-      dst=bt["dst"],
-      src=bt["src"],
-      atom_mask=bt["atom_mask"],
-      indices_are_sorted=True,
-    )
-    out = observables.compute(
-      energies,
-      bt["positions"],
-      dst=bt["dst"],
-      src=bt["src"],
-      shifts=bt["shifts"],
-      cell=bt["cells"],
-      atom_frame=bt["atom_frame"],
-      pair_frame=bt["pair_frame"],
-      volumes=bt["volumes"],
-    )
+    out = batch_observables(pair_fn, params, bt, volumes=bt["volumes"])
+    if members:
+      return jnp.sum(out.energy, axis=-1), out.forces, out.stress, out.energy * m
     return out.energy, out.forces, out.stress
 
   return predict
+
+
+def batch_observables(pair_fn: Callable, params, bt: dict, **options) -> observables.Observables:
+  """:func:`potentials.observables.compute` of a pair-energy function (``pair_energies_fn``
+  or ``member_energies_fn``) on a device batch; ``options`` go to ``compute``."""
+  energies = lambda r: pair_fn(
+    params,
+    species_index=bt["species"],
+    r=r,
+    dst=bt["dst"],
+    src=bt["src"],
+    atom_mask=bt["atom_mask"],
+    indices_are_sorted=True,
+  )
+  return observables.compute(
+    energies,
+    bt["positions"],
+    dst=bt["dst"],
+    src=bt["src"],
+    shifts=bt["shifts"],
+    cell=bt["cells"],
+    atom_frame=bt["atom_frame"],
+    pair_frame=bt["pair_frame"],
+    **options,
+  )
 
 
 def fit_element_shifts(

@@ -21,7 +21,8 @@ import numpy as np
 import optax
 
 from ..io import load_checkpoint, save_checkpoint
-from ..potential import Potential
+from ..potential import Potential, init_params
+from .calibration import calibrate, uncertainty_metrics
 from .batching import Frame, batch_capacity, device_batch, make_batch
 from .config import MAX_SELECTION_FRAMES, TrainConfig
 from .evaluation import evaluate, fit_element_shifts, grouped_metrics, predict_fn, refit_shifts
@@ -29,8 +30,13 @@ from .splits import split_parts, split_summary
 
 
 def loss_fn(potential: Potential, config: TrainConfig) -> Callable:
-  """``loss(params, batch, energy_weight=config.energy_weight) -> (total, (e, f, s))``."""
-  predict = predict_fn(potential)
+  """``loss(params, batch, energy_weight=config.energy_weight) -> (total, (e, f, s))``.
+
+  A shallow ensemble (several readout heads) adds ``nll_weight`` times the Gaussian negative
+  log-likelihood of the per-atom energy error under the heads' spread, with the mean held
+  fixed in it: the spread learns to follow the error, the mean is fitted as usual."""
+  heads = potential.num_members > 1
+  predict = predict_fn(potential, members=heads)
   if config.loss == "huber":
     d = config.huber_delta
     penalty = lambda x: jnp.where(jnp.abs(x) < d, x**2, 2 * d * jnp.abs(x) - d**2)
@@ -38,7 +44,7 @@ def loss_fn(potential: Potential, config: TrainConfig) -> Callable:
     penalty = jnp.square
 
   def loss(params, bt, energy_weight=config.energy_weight):
-    e, f, s = predict(params, bt)
+    e, f, s, *members = predict(params, bt)
     n = jnp.maximum(bt["num_atoms"], 1)
     de = jnp.where(bt["has_energy"], (e - bt["energy"]) / n, 0.0)
     df = jnp.where(bt["has_forces"][:, None], f - bt["forces"], 0.0)
@@ -47,9 +53,29 @@ def loss_fn(potential: Potential, config: TrainConfig) -> Callable:
     lf = jnp.sum(penalty(df)) / jnp.maximum(3 * jnp.sum(bt["has_forces"]), 1)
     ls = jnp.sum(penalty(ds)) / jnp.maximum(9 * jnp.sum(bt["has_stress"]), 1)
     total = energy_weight * le + config.forces_weight * lf + config.stress_weight * ls
+    if heads:
+      total = total + config.nll_weight * _energy_nll(members[0], e, bt, n)
     return total, (e, f, s)
 
   return loss
+
+
+# Per-atom energy spread below which the likelihood stops rewarding a narrower one (eV/atom)
+_NLL_FLOOR = 1e-4
+# Squared standardised errors beyond ~this grow only logarithmically in the likelihood: an
+# error far outside a tiny spread (early training) would otherwise give gradients ~1e16 that
+# overflow float32 in the gradient norm
+_NLL_SOFT = 100.0
+
+
+def _energy_nll(member_e, e, bt, n):
+  """Mean Gaussian NLL (up to a constant) of the per-atom energy errors, with the members'
+  standard deviation as sigma and the mean's error held fixed."""
+  err = jax.lax.stop_gradient(e - bt["energy"]) / n
+  var = jnp.var(member_e, axis=-1) / n**2 + _NLL_FLOOR**2
+  z2 = _NLL_SOFT * jnp.log1p(err**2 / var / _NLL_SOFT)
+  nll = 0.5 * (z2 + jnp.log(var / _NLL_FLOOR**2))
+  return jnp.sum(jnp.where(bt["has_energy"], nll, 0.0)) / jnp.maximum(jnp.sum(bt["has_energy"]), 1)
 
 
 @dataclasses.dataclass
@@ -249,6 +275,68 @@ def train(
   return _finish(potential, frames, parts, state, config, dtype, history, start)
 
 
+def train_committee(
+  potential: Potential,
+  frames: Sequence[Frame],
+  config: TrainConfig = TrainConfig(),
+  *,
+  members: int,
+  checkpoint: Optional[str] = None,
+  **kwargs,
+) -> TrainResult:
+  """A committee of ``members`` models of ``potential``'s architecture, each trained by
+  :func:`train` on the same split (member 0 from ``potential``'s parameters, member ``k``
+  from a fresh initialisation with key ``fold_in(PRNGKey(config.seed), k)``), with
+  ``config.time_limit`` shared equally; stacked (:meth:`Potential.stack`), evaluated and
+  calibrated on the validation frames. ``checkpoint``: one file per member (``PATH.k``)."""
+  if members < 2 or potential.config.committee != 1:
+    raise ValueError(f"a committee needs members >= 2 single models, got members={members}")
+  start = time.perf_counter()
+  per_member = config
+  if config.time_limit is not None:
+    per_member = dataclasses.replace(config, time_limit=config.time_limit / members)
+  trained = []
+  for k in range(members):
+    p = potential
+    if k:
+      key = jax.random.fold_in(jax.random.PRNGKey(config.seed), k)
+      p = potential.replace(params=init_params(potential.config, len(potential.species), key))
+    ckpt = f"{checkpoint}.{k}" if checkpoint else None
+    trained.append(train(p, frames, per_member, checkpoint=ckpt, **kwargs))
+  committee = Potential.stack([r.potential for r in trained])
+  frames = list(frames)
+  parts = split_parts(frames, config)
+  dtype = kwargs.get("dtype", jnp.float32)
+  sets = {k: [frames[i] for i in idx] for k, idx in parts.items()}
+  metrics = {k: evaluate(committee, v, config.batch_size, dtype) for k, v in sets.items()}
+  meta = dict(trained[0].potential.metadata)
+  meta["training"] = dict(
+    meta["training"],
+    committee=[r.potential.metadata["training"]["epochs_run"] for r in trained],
+    seconds=time.perf_counter() - start,
+    training_seconds=sum(r.potential.metadata["training"]["training_seconds"] for r in trained),
+  )
+  meta.update(
+    test_metrics=metrics["test"],
+    test_random_metrics=metrics["test_random"],
+    test_metrics_by_group=grouped_metrics(committee, sets["test"], config.batch_size, dtype),
+    member_test_metrics=[r.metrics["test"] for r in trained],
+  )
+  committee = _calibrated(committee.replace(metadata=meta), sets, config, dtype)
+  history = [dict(h, member=k) for k, r in enumerate(trained) for h in r.history]
+  return TrainResult(committee, history, metrics, time.perf_counter() - start)
+
+
+def _calibrated(potential: Potential, sets: dict, config: TrainConfig, dtype) -> Potential:
+  """An ensemble calibrated on the validation frames, with its uncertainty measures on the
+  test frames in the metadata (``test_uncertainty``)."""
+  if potential.num_members == 1:
+    return potential
+  potential = calibrate(potential, sets["valid"] or sets["train"], config.batch_size, dtype)
+  measures = uncertainty_metrics(potential, sets["test"], config.batch_size, dtype)
+  return potential.replace(metadata={**potential.metadata, "test_uncertainty": measures})
+
+
 def _finish(potential, frames, parts, state, config, dtype, history, start) -> TrainResult:
   """The best parameters with refitted shifts, evaluated on every split part."""
   sets = {k: [frames[i] for i in idx] for k, idx in parts.items()}
@@ -274,4 +362,5 @@ def _finish(potential, frames, parts, state, config, dtype, history, start) -> T
       "test_metrics_by_group": grouped_metrics(best, sets["test"], config.batch_size, dtype),
     }
   )
-  return TrainResult(best.replace(metadata=meta), history, metrics, seconds)
+  best = _calibrated(best.replace(metadata=meta), sets, config, dtype)
+  return TrainResult(best, history, metrics, seconds)

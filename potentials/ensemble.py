@@ -1,0 +1,121 @@
+"""Ensembles: a potential with several members, and the uncertainty read from their spread.
+
+Two kinds live in one model file, and combine (``members = committee * heads``):
+
+* a *committee* (``ModelConfig.committee = K``): K independently initialised and trained
+  parameter sets of one architecture, stacked on a leading axis of every parameter
+  (:func:`stack`, :func:`unstack`); about K times the cost of one model;
+* a *shallow ensemble* (``ModelConfig.heads = H``): H readout heads on one shared network,
+  which cost almost nothing more in energies (forces of every member cost one backward pass
+  each).
+
+The model's energy is the members' mean. Uncertainties (:func:`spread`) are standard
+deviations over the members, times a calibration factor per quantity fitted on validation
+frames (:func:`calibration_scale`) and stored in the file's metadata under ``"uncertainty"``:
+
+* ``energy``: ``s_E * std_m(E_m)`` (eV);
+* ``forces``: per atom ``s_F * sqrt(mean over members and x, y, z of (F_m - F)^2)`` (eV/Å): the
+  standard deviation of one force component of that atom, so a calibrated model has about
+  68 % of the force components within one of it from the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+METADATA_KEY = "uncertainty"  # model-file metadata: {"energy_scale", "forces_scale", ...}
+
+
+class Spread(NamedTuple):
+  """Uncertainty of one structure: ``energy`` scalar (eV), ``forces`` ``(N,)`` (eV/Å per
+  component), ``member_energies`` ``(M,)`` (eV; as given to :func:`spread`)."""
+
+  energy: Array
+  forces: Array
+  member_energies: Array
+
+
+def spread(
+  member_energies: Array,
+  member_forces: Array,
+  *,
+  energy_scale: float = 1.0,
+  forces_scale: float = 1.0,
+) -> Spread:
+  """Calibrated spread of ``member_energies (M,)`` and ``member_forces (M, N, 3)``; zero for
+  identical members (the standard deviation divides by M, so one member gives zero)."""
+  e_std = jnp.std(member_energies)
+  dev = member_forces - jnp.mean(member_forces, axis=0)
+  f_std = jnp.sqrt(jnp.mean(dev * dev, axis=(0, 2)))
+  return Spread(energy_scale * e_std, forces_scale * f_std, member_energies)
+
+
+def calibration_scale(errors: np.ndarray, sigmas: np.ndarray) -> float:
+  """The factor ``s`` that makes ``s * sigma`` the RMS-consistent spread of ``errors``:
+  ``s = sqrt(mean((error / sigma)^2))`` over the entries with ``sigma > 0`` (a Gaussian with
+  that standard deviation has 68 % within one sigma). 1.0 when no entry has a spread."""
+  e = np.asarray(errors, np.float64).ravel()
+  s = np.asarray(sigmas, np.float64).ravel()
+  ok = s > 0
+  if not ok.any():
+    return 1.0
+  return float(np.sqrt(np.mean((e[ok] / s[ok]) ** 2)))
+
+
+def scales(metadata: Mapping) -> tuple:
+  """``(energy_scale, forces_scale)`` stored in a model's metadata (1.0 where absent)."""
+  cal = dict(metadata.get(METADATA_KEY, {}) or {})
+  return float(cal.get("energy_scale", 1.0)), float(cal.get("forces_scale", 1.0))
+
+
+def stack(params_list: Sequence) -> dict:
+  """Parameter sets of one architecture stacked on a new leading axis (a committee)."""
+  return jax.tree_util.tree_map(lambda *p: np.stack([np.asarray(x) for x in p]), *params_list)
+
+
+def unstack(params, committee: int) -> list:
+  """The ``committee`` parameter sets of a stacked committee."""
+  return [jax.tree_util.tree_map(lambda p, k=k: np.asarray(p)[k], params) for k in range(committee)]
+
+
+def member_axis(e: Array, committee: int, heads: int) -> Array:
+  """Per-atom member energies as ``(N, members)``, members ordered committee-major, from
+  ``(K, N, H)`` (committee), ``(N, H)`` (heads) or ``(K, N)``."""
+  if committee > 1 and heads > 1:
+    return jnp.moveaxis(e, 0, 1).reshape(e.shape[1], committee * heads)
+  if committee > 1:
+    return e.T
+  return e
+
+
+def cotangents(member_shape: tuple, committee: int, dtype) -> Array:
+  """The cotangents that give every member's gradient from one ``vjp`` of the members'
+  energies ``member_shape = (..., M)``: one per member (``(M,) + member_shape``), or for a
+  committee whose K networks each got their own copy of the positions, one per head, set on
+  that head of every network (``(M / K,) + member_shape``): the copies keep them apart."""
+  m = member_shape[-1]
+  groups = m // committee
+  seeds = (jnp.arange(m)[None, :] % groups == jnp.arange(groups)[:, None]).astype(dtype)
+  return jnp.broadcast_to(
+    seeds.reshape((groups,) + (1,) * (len(member_shape) - 1) + (m,)), (groups,) + member_shape
+  )
+
+
+def member_gradients(g: Array, committee: int) -> Array:
+  """Gradients in the positions from ``vmap(vjp)(cotangents(...))`` as ``(M, N, 3)``,
+  committee-major (a committee's come as ``(heads, K, N, 3)``)."""
+  if committee == 1:
+    return g
+  return jnp.swapaxes(g, 0, 1).reshape((-1,) + g.shape[2:])
+
+
+def replicate(positions: Array, committee: int) -> Array:
+  """One copy of the positions per committee network (``(K, N, 3)``; as given for K = 1)."""
+  return (
+    positions if committee == 1 else jnp.broadcast_to(positions, (committee,) + positions.shape)
+  )
