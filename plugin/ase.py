@@ -148,9 +148,9 @@ class _Evaluator:
   i.e. compilations.
   """
 
-  def __init__(self, potential: potentials.Potential, dtype: np.dtype) -> None:
+  def __init__(self, potential: potentials.Potential, dtype: np.dtype, uncertainty: bool) -> None:
     self.traces = 0
-    members = potential.num_members > 1
+    members = uncertainty and potential.num_members > 1
     pair_fn = (potential.member_energies_fn if members else potential.pair_energies_fn)(
       include_shift=False
     )
@@ -202,10 +202,13 @@ class _Evaluator:
 _EVALUATORS: dict[tuple, _Evaluator] = {}
 
 
-def _shared_evaluator(potential: potentials.Potential, dtype: np.dtype) -> _Evaluator:
-  key = (potential.config, tuple(potential.species), dtype.name)
+def _shared_evaluator(
+  potential: potentials.Potential, dtype: np.dtype, uncertainty: bool = True
+) -> _Evaluator:
+  """``uncertainty=False``: an ensemble's mean only (no member forces; LAMMPS)."""
+  key = (potential.config, tuple(potential.species), dtype.name, uncertainty)
   if key not in _EVALUATORS:
-    _EVALUATORS[key] = _Evaluator(potential, dtype)
+    _EVALUATORS[key] = _Evaluator(potential, dtype, uncertainty)
   return _EVALUATORS[key]
 
 

@@ -4,7 +4,7 @@ This package imports neither ASE nor JAX-MD; the simulator adapters live in ``pl
 Conventions (array layout, pairs, padding, units, stress signs, files): ``docs/conventions.md``.
 """
 
-from . import elements, io, observables, ops, so3
+from . import elements, ensemble, io, observables, ops, so3
 from .attention import SelfAttention
 from .layers import (
   Dense,
@@ -55,6 +55,7 @@ __all__ = [
   "save",
   "shipped_models",
   "elements",
+  "ensemble",
   "io",
   "observables",
   "ops",

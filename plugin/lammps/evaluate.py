@@ -85,7 +85,7 @@ class RankEvaluator:
     self.compilations = self.rows = self.local = 0
     self._params = device_params(potential, self.dtype)
     self._shifts = potential.element_shifts
-    self._evaluator = _shared_evaluator(potential, self.dtype)
+    self._evaluator = _shared_evaluator(potential, self.dtype, uncertainty=False)
 
   def compute(
     self,
@@ -136,7 +136,7 @@ class RankEvaluator:
       self._params, padded_species, pos, cell.astype(self.dtype), dst, src, pairs.shifts, local
     )
     self.compilations += self._evaluator.traces - traces
-    e_model, forces, de, _, d2, closest = jax.device_get(out)  # _: per-atom virials
+    e_model, forces, de, _, d2, closest, _ = jax.device_get(out)  # per-atom virials, spread
     if pairs.num_pairs and self.min_distance and d2 < self.min_distance**2:
       raise ValueError(
         f"atoms {int(tags[rows[pairs.dst[closest]]])} and {int(tags[rows[pairs.src[closest]]])} "

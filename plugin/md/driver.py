@@ -46,7 +46,8 @@ class MDResult:
     chunk_times_s: seconds per chunk (including replays), for benchmarks.
     stopped: None, or the guard that stopped the run early (``"non_finite"``,
       ``"max_temperature"``, ``"max_force"``; :mod:`plugin.md.guards`); ``atoms`` and the
-      trajectory's last frame are then the last good state (step ``total_steps``).
+      trajectory's last frame are then the last good state (step ``total_steps``); or
+      ``"max_uncertainty"``: the state (and frame) where the uncertainty was too high.
     reason: the guard's one-line reason (None when the run finished).
     uncertain: the chunk ends at which an ensemble's force uncertainty exceeded
       ``max_uncertainty``: ``{"step", "max_uncertainty" (eV/Å), "atoms" (indices, most

@@ -62,7 +62,7 @@ def spread_records(
 def calibrate(
   potential: Potential, frames: Sequence[Frame], batch_size: int = 16, dtype=jnp.float32
 ) -> Potential:
-  """``potential`` with the scales that make its spread RMS-consistent with its errors on
+  """``potential`` with the scales that put 68.3 % of its errors within one sigma on
   ``frames`` (:func:`potentials.ensemble.calibration_scale`) stored in its metadata."""
   recs = spread_records(potential, frames, batch_size, dtype)
   e = [(r["energy_error"], r["energy_sigma"]) for r in recs if "energy_error" in r]
