@@ -16,6 +16,7 @@ validation trajectories. Then, on held-out trajectories in range (the test traje
     python benchmarks/uncertainty.py                 # 20 minutes per ensemble
     python benchmarks/uncertainty.py --minutes 3 --json out/uncertainty.json
     python benchmarks/uncertainty.py --cost-only     # only the cost table (untrained models)
+    python benchmarks/uncertainty.py --load out/unc  # measure ensembles saved by --save
 
 Run it pinned to one core (``taskset -c 0``) when the machine is shared.
 """
@@ -112,6 +113,9 @@ def main(argv=None):
   ap.add_argument("--members", type=int, default=3)
   ap.add_argument("--cost-only", action="store_true")
   ap.add_argument("--save", help="folder for the two trained ensembles (.eqm)")
+  ap.add_argument(
+    "--load", help="folder of --save: measure those ensembles (calibrated again) instead"
+  )
   ap.add_argument("--json", help="also write the measures to this JSON file")
   args = ap.parse_args(argv)
   print(f"| system | one model (ms) | {args.heads} heads | committee of {args.members} |")
@@ -129,8 +133,14 @@ def main(argv=None):
   test = [frames[i] for i in training.split_parts(frames, cfg)["test"]]
   sets = {"held-out 300-600 K": test, f"{OUT_OF_RANGE_K:g} K (out of range)": hot}
   log = lambda rec: print(json.dumps(rec), file=sys.stderr, flush=True)
+  valid = [frames[i] for i in training.split_parts(frames, cfg)["valid"]]
   models = {}
   for kind, k in (("heads", args.heads), ("committee", args.members)):
+    if args.load:
+      models[kind] = training.calibrate(
+        potentials.load(Path(args.load) / f"ethanol_{kind}{k}.eqm"), valid
+      )
+      continue
     models[kind] = _train(frames, kind, k, args.minutes, log)
     if args.save:
       Path(args.save).mkdir(parents=True, exist_ok=True)
