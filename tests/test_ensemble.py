@@ -1,6 +1,7 @@
 """Ensembles (committee and readout heads) and their uncertainty: the members' physics, the
 mean, the file, ASE, JAX-MD, the MD guard, training with calibration, selection."""
 
+import functools
 import warnings
 
 import ase.build
@@ -101,26 +102,25 @@ def test_member_forces_are_each_members_gradient(both, structure):
   sp = jnp.asarray(both.species_index(z))
   fn = both.member_energies_fn()
   energies = lambda r: fn(both.params, species_index=sp, r=r, dst=dst, src=src)
-  out = observables.compute(
-    energies, jnp.asarray(pos), dst=jnp.asarray(dst), src=jnp.asarray(src), members=2
+  args = dict(dst=jnp.asarray(dst), src=jnp.asarray(src))
+  members = jax.jit(
+    lambda R, m: observables.compute(energies, R, **args, members=m), static_argnums=1
   )
+  out = members(jnp.asarray(pos), 2)
   assert out.member_energies.shape == (6,) and out.member_forces.shape == (6, 6, 3)
-  for k in (0, 4):  # one head of each network, by finite differences in float64
-    e_k = lambda R: jnp.sum(
-      energies(potentials.ops.pair_vectors(R, jnp.asarray(dst), jnp.asarray(src)))[:, k]
-    )
-    h, i, c = 1e-5, 2, 1
-    d = np.zeros_like(pos)
-    d[i, c] = h
-    fd = -(e_k(jnp.asarray(pos + d)) - e_k(jnp.asarray(pos - d))) / (2 * h)
-    assert float(out.member_forces[k, i, c]) == pytest.approx(float(fd), abs=1e-7)
-    np.testing.assert_allclose(out.member_forces[k], -jax.grad(e_k)(jnp.asarray(pos)), atol=1e-12)
+  # every member's own gradient (jacobian of the member energies), and finite differences
+  totals = jax.jit(lambda R: jnp.sum(energies(potentials.ops.pair_vectors(R, **args)), axis=0))
+  np.testing.assert_allclose(out.member_forces, -jax.jacrev(totals)(jnp.asarray(pos)), atol=1e-12)
+  h, i, c = 1e-5, 2, 1
+  d = np.zeros_like(pos)
+  d[i, c] = h
+  fd = -(totals(jnp.asarray(pos + d)) - totals(jnp.asarray(pos - d))) / (2 * h)
+  np.testing.assert_allclose(out.member_forces[:, i, c], fd, atol=1e-7)
   np.testing.assert_allclose(out.forces, out.member_forces.mean(0), atol=1e-12)
   # the one-member-per-backward-pass path (members=True) gives the same
-  same = observables.compute(
-    energies, jnp.asarray(pos), dst=jnp.asarray(dst), src=jnp.asarray(src), members=True
+  np.testing.assert_allclose(
+    members(jnp.asarray(pos), True).member_forces, out.member_forces, atol=1e-12
   )
-  np.testing.assert_allclose(same.member_forces, out.member_forces, atol=1e-12)
 
 
 def test_members_are_invariant_and_uncertainty_equivariant(both, structure):
@@ -146,13 +146,14 @@ def test_padding_and_the_cutoff_leave_members_alone(both):
   fn = both.member_energies_fn()
   sp = jnp.asarray(both.species_index(z))
 
+  @functools.partial(jax.jit, static_argnums=1)
   def members_at(d, pad):
-    pos = np.array([[0.0, 0, 0], [d, 0, 0]])
+    pos = jnp.stack([jnp.zeros(3), jnp.array([1.0, 0.0, 0.0]) * d, *[jnp.zeros(3)] * pad])
     species = jnp.concatenate([sp, jnp.zeros(pad, sp.dtype)])
     mask = jnp.arange(2 + pad) < 2
     dst, src = jnp.array([0, 1] + [2 + pad] * pad), jnp.array([1, 0] + [2 + pad] * pad)
-    r = potentials.ops.pair_vectors(jnp.asarray(np.vstack([pos, np.zeros((pad, 3))])), dst, src)
-    return np.asarray(fn(both.params, species_index=species, r=r, dst=dst, src=src, atom_mask=mask))
+    r = potentials.ops.pair_vectors(pos, dst, src)
+    return fn(both.params, species_index=species, r=r, dst=dst, src=src, atom_mask=mask)
 
   np.testing.assert_allclose(members_at(1.3, 3)[:2], members_at(1.3, 0), atol=1e-12)
   assert np.all(members_at(1.3, 3)[2:] == 0)
