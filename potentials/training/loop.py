@@ -308,7 +308,6 @@ def train_committee(
   parts = split_parts(frames, config)
   dtype = kwargs.get("dtype", jnp.float32)
   sets = {k: [frames[i] for i in idx] for k, idx in parts.items()}
-  metrics = {k: evaluate(committee, v, config.batch_size, dtype) for k, v in sets.items()}
   meta = dict(trained[0].potential.metadata)
   meta["training"] = dict(
     meta["training"],
@@ -316,25 +315,29 @@ def train_committee(
     seconds=time.perf_counter() - start,
     training_seconds=sum(r.potential.metadata["training"]["training_seconds"] for r in trained),
   )
-  meta.update(
-    test_metrics=metrics["test"],
-    test_random_metrics=metrics["test_random"],
-    test_metrics_by_group=grouped_metrics(committee, sets["test"], config.batch_size, dtype),
-    member_test_metrics=[r.metrics["test"] for r in trained],
-  )
-  committee = _calibrated(committee.replace(metadata=meta), sets, config, dtype)
+  meta["member_test_metrics"] = [r.metrics["test"] for r in trained]
+  committee, metrics = _evaluated(committee.replace(metadata=meta), sets, config, dtype)
   history = [dict(h, member=k) for k, r in enumerate(trained) for h in r.history]
   return TrainResult(committee, history, metrics, time.perf_counter() - start)
 
 
-def _calibrated(potential: Potential, sets: dict, config: TrainConfig, dtype) -> Potential:
-  """An ensemble calibrated on the validation frames, with its uncertainty measures on the
-  test frames in the metadata (``test_uncertainty``)."""
-  if potential.num_members == 1:
-    return potential
-  potential = calibrate(potential, sets["valid"] or sets["train"], config.batch_size, dtype)
-  measures = uncertainty_metrics(potential, sets["test"], config.batch_size, dtype)
-  return potential.replace(metadata={**potential.metadata, "test_uncertainty": measures})
+def _evaluated(potential: Potential, sets: dict, config: TrainConfig, dtype):
+  """``(potential, metrics)``: metrics on every split part, the test ones (overall and by
+  group) in the metadata; an ensemble also calibrated on the validation frames, with its
+  uncertainty measures on the test frames (``test_uncertainty``)."""
+  metrics = {k: evaluate(potential, v, config.batch_size, dtype) for k, v in sets.items()}
+  meta = dict(
+    potential.metadata,
+    test_metrics=metrics["test"],
+    test_random_metrics=metrics["test_random"],
+    test_metrics_by_group=grouped_metrics(potential, sets["test"], config.batch_size, dtype),
+  )
+  potential = potential.replace(metadata=meta)
+  if potential.num_members > 1:
+    potential = calibrate(potential, sets["valid"] or sets["train"], config.batch_size, dtype)
+    measures = uncertainty_metrics(potential, sets["test"], config.batch_size, dtype)
+    potential = potential.replace(metadata={**potential.metadata, "test_uncertainty": measures})
+  return potential, metrics
 
 
 def _finish(potential, frames, parts, state, config, dtype, history, start) -> TrainResult:
@@ -342,7 +345,6 @@ def _finish(potential, frames, parts, state, config, dtype, history, start) -> T
   sets = {k: [frames[i] for i in idx] for k, idx in parts.items()}
   best = potential.replace(params=jax.tree_util.tree_map(np.asarray, state["best_params"]))
   best = refit_shifts(best, sets["train"], config.batch_size, dtype)
-  metrics = {k: evaluate(best, v, config.batch_size, dtype) for k, v in sets.items()}
   seconds = time.perf_counter() - start
   meta = dict(best.metadata)
   meta.update(
@@ -357,10 +359,7 @@ def _finish(potential, frames, parts, state, config, dtype, history, start) -> T
         "training_seconds": float(state["elapsed"]),
         "best_valid_loss": float(state["best_loss"]),
       },
-      "test_metrics": metrics["test"],
-      "test_random_metrics": metrics["test_random"],
-      "test_metrics_by_group": grouped_metrics(best, sets["test"], config.batch_size, dtype),
     }
   )
-  best = _calibrated(best.replace(metadata=meta), sets, config, dtype)
+  best, metrics = _evaluated(best.replace(metadata=meta), sets, config, dtype)
   return TrainResult(best, history, metrics, seconds)
