@@ -19,24 +19,27 @@ Writes (into ``--out``, default: the folder holding this script):
 ``copper.extxyz.gz``
     FCC copper with ASE's EMT calculator (lattice constant 3.59 Å, the EMT equilibrium), energies,
     forces and stress.  Langevin MD (2 fs step, friction 0.01/fs), one frame every 40 steps (80 fs)
-    after equilibration.  ``config_type`` values:
+    after equilibration; several independent runs per (kind, temperature), each tagged
+    ``trajectory``.  ``config_type`` values:
 
     * ``bulk_md``      -- 2x2x2 cubic (32 atoms) and 3x3x3 primitive (27 atoms, triclinic)
-                          cells at 300, 600, 900, 1200 K;
+                          cells at 300, 600, 900, 1200 K, 8 runs per T;
     * ``strain_iso``   -- isotropic strain, each cell scaled by 1+e, e ~ U(-5%, +5%);
     * ``strain_aniso`` -- independent diagonal strains e_xx, e_yy, e_zz ~ U(-5%, +5%);
     * ``shear``        -- symmetric off-diagonal strains e_yz, e_xz, e_xy ~ U(-5%, +5%);
                           (the three strained kinds: thermal rattling by short Langevin MD at a
                           temperature drawn from U(300, 900) K in the fixed strained cell;
-                          cubic and primitive cells alternate);
-    * ``vacancy``      -- 2x2x2 cubic cell with one atom removed (31 atoms), 300-1200 K;
+                          cubic and primitive cells alternate; one run per cell);
+    * ``vacancy``      -- 2x2x2 cubic cell with one atom removed (31 atoms), 300-1200 K, 6 runs
+                          per T;
     * ``surface_111`` / ``surface_100`` -- 3x3x4-atom slabs (36 atoms) with a 15 Å vacuum gap
                           along z, **pbc=(True, True, True)** (periodic images across the gap do
-                          not interact: the gap exceeds the EMT cutoff), at 300, 600, 900 K.
+                          not interact: the gap exceeds the EMT cutoff), at 300, 600, 900 K,
+                          6 runs per T;
+    * ``liquid``       -- 2x2x2 cubic cell with a 3 % larger lattice constant, melted at
+                          3000 K for 2 ps, then at 1500 and 1800 K, 6 runs per T.
 
-    Stress is the calculator's ``get_stress()`` (ASE convention ``(1/V) dE/d(strain)``, Voigt
-    ``xx yy zz yz xz xy``, eV/Å^3), i.e. the potential (virial) part only, without the kinetic
-    ideal-gas term.
+    Runs are independent jobs (``--jobs N`` processes); the file does not depend on N.
 
 Every frame stores ``config_type``, ``temperature_K`` (thermostat target) and ``source`` in
 ``atoms.info``; energy (eV), forces (eV/Å) and, for copper, stress go through ASE's
@@ -93,22 +96,32 @@ ETH_INTERVAL = 50  # 25 fs between frames
 ETH_SOURCE = "GFN2-xTB/tblite"
 ETH_ACCURACY = 0.01  # tblite SCC accuracy (default 1.0; smaller is tighter)
 
-# copper settings
+# copper settings: several independent runs per (kind, T), so that whole runs can be held
+# out while every temperature of every kind stays in training
 CU_A = 3.59  # EMT equilibrium lattice constant (zero pressure at 0 K)
 CU_DT_FS = 2.0
 CU_INTERVAL = 40  # 80 fs between frames
 CU_EQUIL_STEPS = 500  # 1 ps
 CU_STRAIN_EQUIL_STEPS = 200  # 0.4 ps, for the many short strained-cell runs
 CU_BULK_TEMPS = (300.0, 600.0, 900.0, 1200.0)
-CU_BULK_FRAMES = 60  # per (cell, T): 2 cells * 4 T * 60 = 480
+CU_BULK_RUNS = 8  # per T, cubic and primitive cells alternating
+CU_BULK_FRAMES = 15  # per run: 4 T * 8 * 15 = 480
 CU_STRAIN_CELLS = 30  # per strain kind, 4 frames each: 3 * 30 * 4 = 360
 CU_STRAIN_FRAMES = 4
 CU_STRAIN_MAX = 0.05
 CU_VAC_TEMPS = (300.0, 600.0, 900.0, 1200.0)
-CU_VAC_FRAMES = 50  # 4 * 50 = 200
+CU_VAC_RUNS = 6
+CU_VAC_FRAMES = 10  # 4 * 6 * 10 = 240
 CU_SURF_TEMPS = (300.0, 600.0, 900.0)
-CU_SURF_FRAMES = 50  # 2 facets * 3 T * 50 = 300
+CU_SURF_RUNS = 6
+CU_SURF_FRAMES = 10  # 2 facets * 3 T * 6 * 10 = 360
 CU_VACUUM = 7.5  # on each side -> 15 Angstrom gap
+CU_LIQ_TEMPS = (1500.0, 1800.0)
+CU_LIQ_RUNS = 6
+CU_LIQ_FRAMES = 20  # 2 * 6 * 20 = 240
+CU_LIQ_EXPANSION = 1.03  # lattice constant factor: ~9 % more volume, near liquid Cu's density
+CU_MELT_T = 3000.0  # the crystal is first melted here for CU_MELT_STEPS
+CU_MELT_STEPS = 1000  # 2 ps
 CU_SOURCE = "EMT/ase"
 FRICTION = 0.01 / units.fs
 KINETIC_T: dict = {}  # config_type -> [(target T, instantaneous T)] at sampled frames
@@ -261,11 +274,11 @@ def copper_calc():
   return EMT()
 
 
-def cu_cell(kind: str) -> Atoms:
+def cu_cell(kind: str, scale: float = 1.0) -> Atoms:
   if kind == "cubic222":
-    return bulk("Cu", "fcc", a=CU_A, cubic=True) * (2, 2, 2)
+    return bulk("Cu", "fcc", a=CU_A * scale, cubic=True) * (2, 2, 2)
   if kind == "prim333":
-    return bulk("Cu", "fcc", a=CU_A) * (3, 3, 3)
+    return bulk("Cu", "fcc", a=CU_A * scale) * (3, 3, 3)
   raise ValueError(kind)
 
 
@@ -290,96 +303,80 @@ def random_strain(kind: str, rng) -> np.ndarray:
   return eps
 
 
-def generate_copper(out_dir: str, seed: int) -> str:
-  frames = []
-  stream = 0
-
-  def rng_next():
-    nonlocal stream
-    rng = np.random.default_rng([seed, 2, stream])
-    stream += 1
-    return rng
-
-  common = {"source": CU_SOURCE}
-
-  # (i) bulk MD
-  t0 = time.time()
-  for cell_kind in ("cubic222", "prim333"):
-    for temp in CU_BULK_TEMPS:
-      frames += run_langevin(
-        cu_cell(cell_kind),
-        copper_calc(),
-        temp,
-        CU_DT_FS,
-        CU_EQUIL_STEPS,
-        CU_INTERVAL,
-        CU_BULK_FRAMES,
-        rng_next(),
-        dict(common, config_type="bulk_md"),
-        stress=True,
-      )
-  log(f"  copper bulk_md: {time.time() - t0:.1f} s")
-
-  # (ii) strained / sheared cells with thermal rattling
+def copper_runs():
+  """Every copper MD run as ``(kind, temperature or None, run index)``, in file order."""
+  runs = []
+  for kind, temps, n in (
+    ("bulk_md", CU_BULK_TEMPS, CU_BULK_RUNS),
+    ("vacancy", CU_VAC_TEMPS, CU_VAC_RUNS),
+    ("surface_111", CU_SURF_TEMPS, CU_SURF_RUNS),
+    ("surface_100", CU_SURF_TEMPS, CU_SURF_RUNS),
+    ("liquid", CU_LIQ_TEMPS, CU_LIQ_RUNS),
+  ):
+    runs += [(kind, t, k) for t in temps for k in range(n)]
   for kind in ("strain_iso", "strain_aniso", "shear"):
-    t0 = time.time()
-    for i in range(CU_STRAIN_CELLS):
-      rng = rng_next()
-      atoms = cu_cell("cubic222" if i % 2 == 0 else "prim333")
-      eps = random_strain(kind, rng)
-      atoms.set_cell(atoms.cell[:] @ (np.eye(3) + eps), scale_atoms=True)
-      temp = float(np.round(rng.uniform(300.0, 900.0), 1))
-      frames += run_langevin(
-        atoms,
-        copper_calc(),
-        temp,
-        CU_DT_FS,
-        CU_STRAIN_EQUIL_STEPS,
-        CU_INTERVAL,
-        CU_STRAIN_FRAMES,
-        rng,
-        dict(common, config_type=kind),
-        stress=True,
-      )
-    log(f"  copper {kind}: {time.time() - t0:.1f} s")
+    runs += [(kind, None, k) for k in range(CU_STRAIN_CELLS)]
+  return runs
 
-  # (iii) vacancy
-  t0 = time.time()
-  for temp in CU_VAC_TEMPS:
+
+def copper_run(job):
+  """One copper run: ``(frames, kinetic samples)``. ``job = (seed, stream, kind, T, k)``;
+  its random stream depends on nothing else, so runs can go to any process."""
+  seed, stream, kind, temp, k = job
+  rng = np.random.default_rng([seed, 2, stream])
+  equil, n_frames = (
+    CU_EQUIL_STEPS,
+    {"bulk_md": CU_BULK_FRAMES, "vacancy": CU_VAC_FRAMES}.get(kind, CU_SURF_FRAMES),
+  )
+  if kind == "bulk_md":
+    atoms = cu_cell("cubic222" if k % 2 == 0 else "prim333")
+  elif kind == "vacancy":
     atoms = cu_cell("cubic222")
     del atoms[0]
-    frames += run_langevin(
+  elif kind.startswith("surface_"):
+    atoms = cu_slab(kind.split("_")[1])
+  elif kind == "liquid":
+    atoms, n_frames = cu_cell("cubic222", CU_LIQ_EXPANSION), CU_LIQ_FRAMES
+    run_langevin(
       atoms,
       copper_calc(),
-      temp,
+      CU_MELT_T,
       CU_DT_FS,
-      CU_EQUIL_STEPS,
-      CU_INTERVAL,
-      CU_VAC_FRAMES,
-      rng_next(),
-      dict(common, config_type="vacancy"),
-      stress=True,
+      CU_MELT_STEPS,
+      1,
+      0,
+      rng,
+      {"config_type": "melt"},
+      False,
     )
-  log(f"  copper vacancy: {time.time() - t0:.1f} s")
+  else:  # strained cells: one short run per random strain, at a random temperature
+    atoms = cu_cell("cubic222" if k % 2 == 0 else "prim333")
+    atoms.set_cell(atoms.cell[:] @ (np.eye(3) + random_strain(kind, rng)), scale_atoms=True)
+    temp = float(np.round(rng.uniform(300.0, 900.0), 1))
+    equil, n_frames = CU_STRAIN_EQUIL_STEPS, CU_STRAIN_FRAMES
+  label = f"{kind}/{k}" if kind.startswith(("strain", "shear")) else f"{kind}_{int(temp)}K/{k}"
+  info = {"config_type": kind, "source": CU_SOURCE, "trajectory": label}
+  frames = run_langevin(
+    atoms, copper_calc(), temp, CU_DT_FS, equil, CU_INTERVAL, n_frames, rng, info, stress=True
+  )
+  kinetic = {kind: KINETIC_T.pop(kind, [])}
+  KINETIC_T.clear()
+  return frames, kinetic
 
-  # (iv) surface slabs
-  for facet in ("111", "100"):
-    t0 = time.time()
-    for temp in CU_SURF_TEMPS:
-      frames += run_langevin(
-        cu_slab(facet),
-        copper_calc(),
-        temp,
-        CU_DT_FS,
-        CU_EQUIL_STEPS,
-        CU_INTERVAL,
-        CU_SURF_FRAMES,
-        rng_next(),
-        dict(common, config_type=f"surface_{facet}"),
-        stress=True,
-      )
-    log(f"  copper surface_{facet}: {time.time() - t0:.1f} s")
 
+def generate_copper(out_dir: str, seed: int, processes: int = 1) -> str:
+  import multiprocessing
+
+  jobs = [(seed, i, *run) for i, run in enumerate(copper_runs())]
+  t0 = time.time()
+  with multiprocessing.get_context("spawn").Pool(processes) as pool:
+    results = pool.map(copper_run, jobs, chunksize=1)
+  frames = []
+  for new, kinetic in results:
+    frames += new
+    for key, pairs in kinetic.items():
+      KINETIC_T.setdefault(key, []).extend(pairs)
+  log(f"  copper: {len(jobs)} runs in {time.time() - t0:.1f} s on {processes} processes")
   log_kinetic_temperatures()
   path = os.path.join(out_dir, COPPER_FILE)
   write_frames(frames, path)
@@ -439,7 +436,7 @@ def check_file(path: str, calc_factory, expect_species, expect_stress: bool, see
     assert np.all(np.isfinite(f.get_forces()))
     assert np.isfinite(f.get_potential_energy())
     assert "temperature_K" in f.info and "source" in f.info
-    assert expect_stress or "trajectory" in f.info  # ethanol: held-out trajectories
+    assert "trajectory" in f.info  # held-out trajectories
   log(
     f"{os.path.basename(path)}: {len(frames)} frames, {os.path.getsize(path) / 1e6:.2f} MB, "
     f"species {species}"
@@ -522,6 +519,7 @@ def main(argv=None) -> int:
   parser.add_argument("which", nargs="?", default="all", choices=("ethanol", "copper", "all"))
   parser.add_argument("--out", default=HERE, help="output folder (default: %(default)s)")
   parser.add_argument("--seed", type=int, default=20240601, help="random seed")
+  parser.add_argument("--jobs", type=int, default=1, help="processes for the copper runs")
   parser.add_argument(
     "--check-only", action="store_true", help="only read back and check existing files"
   )
@@ -538,7 +536,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     if not args.check_only:
       log(f"generating {name} (seed {args.seed}) ...")
-      gen(args.out, args.seed)
+      gen(args.out, args.seed, *([args.jobs] if gen is generate_copper else []))
       log(f"  generation time {time.time() - t0:.1f} s")
     t1 = time.time()
     check_file(os.path.join(args.out, name), calc_factory, species, stress, args.seed)

@@ -71,16 +71,20 @@ RECIPES = {
       num_basis=16,
       density_features=True,
     ),
-    # the shipped copper model predates held-out-trajectory splits and amsgrad
+    # the ethanol recipe's optimiser and split (amsgrad, whole held-out runs) with lr 5e-3,
+    # for a fixed wall-clock budget. The shipped copper.eqm predates this recipe and the
+    # current dataset: adam, lr 2e-3, 180 epochs, random split of copper_v1.extxyz.gz (its
+    # file records that config); this recipe in 30 minutes is not yet as accurate
     train=dict(
-      epochs=180,
+      epochs=2000,
+      time_limit=30.0,
       batch_size=8,
-      learning_rate=2e-3,
+      learning_rate=5e-3,
       energy_weight=100.0,
       forces_weight=1.0,
       stress_weight=0.1,
-      split="random",
-      optimizer="adam",
+      optimizer="amsgrad",
+      split="trajectory",
     ),
   ),
 }
