@@ -55,7 +55,11 @@ RECIPES = {
     ),
   ),
   "copper": dict(
-    data="copper.extxyz.gz",
+    # the dataset the shipped model was trained on; data/copper.extxyz.gz (held-out runs, a
+    # liquid) awaits a retrain: this recipe's architecture with amsgrad, lr 5e-3 and the
+    # trajectory split for 30 min on 2 cores (43 epochs) reached 15.3 meV/Å on its held-out
+    # runs, where the shipped model has 7.8
+    data="copper_v1.extxyz.gz",
     species=["Cu"],
     # 4.5 Å keeps 108-atom cells usable with JAX-MD (box >= 2 (cutoff + skin)) and a step
     # ~0.25 s on 2 cores; two blocks see 9 Å. Density features let it count neighbours
@@ -71,20 +75,16 @@ RECIPES = {
       num_basis=16,
       density_features=True,
     ),
-    # the ethanol recipe's optimiser and split (amsgrad, whole held-out runs) with lr 5e-3,
-    # for a fixed wall-clock budget. The shipped copper.eqm predates this recipe and the
-    # current dataset: adam, lr 2e-3, 180 epochs, random split of copper_v1.extxyz.gz (its
-    # file records that config); this recipe in 30 minutes is not yet as accurate
+    # the shipped copper model predates held-out-trajectory splits and amsgrad
     train=dict(
-      epochs=2000,
-      time_limit=30.0,
+      epochs=180,
       batch_size=8,
-      learning_rate=5e-3,
+      learning_rate=2e-3,
       energy_weight=100.0,
       forces_weight=1.0,
       stress_weight=0.1,
-      optimizer="amsgrad",
-      split="trajectory",
+      split="random",
+      optimizer="adam",
     ),
   ),
 }
