@@ -39,7 +39,10 @@ Writes (into ``--out``, default: the folder holding this script):
     * ``liquid``       -- 2x2x2 cubic cell with a 3 % larger lattice constant, melted at
                           3000 K for 2 ps, then at 1500 and 1800 K, 6 runs per T.
 
-    Runs are independent jobs (``--jobs N`` processes); the file does not depend on N.
+    Stress is the calculator's ``get_stress()`` (ASE convention ``(1/V) dE/d(strain)``, Voigt
+    ``xx yy zz yz xz xy``, eV/Å^3), i.e. the potential (virial) part only, without the kinetic
+    ideal-gas term.  Runs are independent jobs (``--jobs N`` processes); the file does not
+    depend on N.
 
 Every frame stores ``config_type``, ``temperature_K`` (thermostat target) and ``source`` in
 ``atoms.info``; energy (eV), forces (eV/Å) and, for copper, stress go through ASE's
@@ -123,6 +126,14 @@ CU_LIQ_EXPANSION = 1.03  # lattice constant factor: ~9 % more volume, near liqui
 CU_MELT_T = 3000.0  # the crystal is first melted here for CU_MELT_STEPS
 CU_MELT_STEPS = 1000  # 2 ps
 CU_SOURCE = "EMT/ase"
+# kinds sampled at fixed temperatures: (temperatures, runs per T, frames per run)
+CU_THERMAL_KINDS = {
+  "bulk_md": (CU_BULK_TEMPS, CU_BULK_RUNS, CU_BULK_FRAMES),
+  "vacancy": (CU_VAC_TEMPS, CU_VAC_RUNS, CU_VAC_FRAMES),
+  "surface_111": (CU_SURF_TEMPS, CU_SURF_RUNS, CU_SURF_FRAMES),
+  "surface_100": (CU_SURF_TEMPS, CU_SURF_RUNS, CU_SURF_FRAMES),
+  "liquid": (CU_LIQ_TEMPS, CU_LIQ_RUNS, CU_LIQ_FRAMES),
+}
 FRICTION = 0.01 / units.fs
 KINETIC_T: dict = {}  # config_type -> [(target T, instantaneous T)] at sampled frames
 
@@ -305,15 +316,12 @@ def random_strain(kind: str, rng) -> np.ndarray:
 
 def copper_runs():
   """Every copper MD run as ``(kind, temperature or None, run index)``, in file order."""
-  runs = []
-  for kind, temps, n in (
-    ("bulk_md", CU_BULK_TEMPS, CU_BULK_RUNS),
-    ("vacancy", CU_VAC_TEMPS, CU_VAC_RUNS),
-    ("surface_111", CU_SURF_TEMPS, CU_SURF_RUNS),
-    ("surface_100", CU_SURF_TEMPS, CU_SURF_RUNS),
-    ("liquid", CU_LIQ_TEMPS, CU_LIQ_RUNS),
-  ):
-    runs += [(kind, t, k) for t in temps for k in range(n)]
+  runs = [
+    (kind, t, k)
+    for kind, (temps, n, _) in CU_THERMAL_KINDS.items()
+    for t in temps
+    for k in range(n)
+  ]
   for kind in ("strain_iso", "strain_aniso", "shear"):
     runs += [(kind, None, k) for k in range(CU_STRAIN_CELLS)]
   return runs
@@ -324,10 +332,7 @@ def copper_run(job):
   its random stream depends on nothing else, so runs can go to any process."""
   seed, stream, kind, temp, k = job
   rng = np.random.default_rng([seed, 2, stream])
-  equil, n_frames = (
-    CU_EQUIL_STEPS,
-    {"bulk_md": CU_BULK_FRAMES, "vacancy": CU_VAC_FRAMES}.get(kind, CU_SURF_FRAMES),
-  )
+  equil, n_frames = CU_EQUIL_STEPS, CU_THERMAL_KINDS.get(kind, (None, None, None))[2]
   if kind == "bulk_md":
     atoms = cu_cell("cubic222" if k % 2 == 0 else "prim333")
   elif kind == "vacancy":
@@ -336,7 +341,7 @@ def copper_run(job):
   elif kind.startswith("surface_"):
     atoms = cu_slab(kind.split("_")[1])
   elif kind == "liquid":
-    atoms, n_frames = cu_cell("cubic222", CU_LIQ_EXPANSION), CU_LIQ_FRAMES
+    atoms = cu_cell("cubic222", CU_LIQ_EXPANSION)
     run_langevin(
       atoms,
       copper_calc(),
