@@ -5,6 +5,7 @@
               [--resume] [--max-temperature K] [--max-force EV_PER_A]
               [--max-force-uncertainty EV_PER_A [--flag-uncertainty]]
     eqattn train DATA --species H C O [--epochs N] [--heads K | --ensemble K] [--out MODEL]
+    eqattn train DATA --init MODEL [--time-limit MINUTES] [--out MODEL]     (fine-tune)
     eqattn select TRAJ --model MODEL [--n 50] [--out new.extxyz]
     eqattn eval MODEL DATA [--parity PNG]
     eqattn check-conservation MODEL STRUCTURE [--temperature K] [--dt FS] [--time PS]
@@ -440,19 +441,13 @@ def _parity_plot(pot, frames, path):
 
 
 def cmd_train(args) -> int:
-  import potentials
   from potentials import training
   from plugin.data import read_frames
 
   if not Path(args.data).exists():
     raise UsageError(f"data file {args.data!r} does not exist")
-  hyper = json.loads(args.model_config) if args.model_config else {}
   try:
-    if args.cutoff is not None:
-      hyper["cutoff"] = args.cutoff
-    if args.heads is not None:
-      hyper["heads"] = args.heads
-    pot = potentials.Potential.create(args.seed, species=args.species, **hyper)
+    pot = _initial_model(args)
     frames = read_frames(args.data, pot.cutoff)
     for f in frames:
       _check_species(pot, f.numbers)
@@ -474,7 +469,9 @@ def cmd_train(args) -> int:
       pot, frames, tcfg, members=args.ensemble, checkpoint=args.checkpoint, progress=True
     )
   else:
-    result = training.train(pot, frames, tcfg, checkpoint=args.checkpoint, progress=True)
+    result = training.train(
+      pot, frames, tcfg, checkpoint=args.checkpoint, fine_tune=bool(args.init), progress=True
+    )
   out = Path(args.out)
   result.potential.replace(
     metadata={**result.potential.metadata, "provenance": {"data": str(args.data)}}
@@ -485,6 +482,37 @@ def cmd_train(args) -> int:
     print("uncertainty on the test frames (calibrated on the validation frames):")
     print(json.dumps(result.potential.metadata["test_uncertainty"], indent=1))
   return 0
+
+
+def _initial_model(args):
+  """A fresh model from --species and the architecture options, or --init's trained one."""
+  import potentials
+
+  if not args.init:
+    if not args.species:
+      raise UsageError("train needs --species (element symbols), or --init MODEL to fine-tune")
+    hyper = json.loads(args.model_config) if args.model_config else {}
+    if args.cutoff is not None:
+      hyper["cutoff"] = args.cutoff
+    if args.heads is not None:
+      hyper["heads"] = args.heads
+    return potentials.Potential.create(args.seed, species=args.species, **hyper)
+  fixed = [
+    o
+    for o, v in (
+      ("--model-config", args.model_config),
+      ("--cutoff", args.cutoff),
+      ("--heads", args.heads),
+      ("--ensemble", args.ensemble),
+    )
+    if v
+  ]
+  if fixed:
+    raise UsageError(f"--init fine-tunes a trained model of fixed architecture; drop {fixed}")
+  pot = _load_model(args.init)
+  if args.species and list(args.species) != list(pot.species):
+    raise UsageError(f"--species {args.species} differs from {args.init}'s {pot.species}")
+  return pot
 
 
 def cmd_select(args) -> int:
@@ -655,7 +683,13 @@ def _add_md(sub) -> None:
 def _add_train(sub) -> None:
   tr = sub.add_parser("train", help="fit a model to an ASE-readable dataset")
   tr.add_argument("data")
-  tr.add_argument("--species", nargs="+", required=True, help="element symbols")
+  tr.add_argument("--species", nargs="+", help="element symbols (a new model needs them)")
+  tr.add_argument(
+    "--init",
+    metavar="MODEL",
+    help="fine-tune: start from this trained model's weights (name or file) instead of a "
+    "fresh initialisation; its architecture and species are kept",
+  )
   tr.add_argument("--cutoff", type=_positive(float), help="Å (default: ModelConfig's, 5)")
   tr.add_argument("--model-config", help="JSON of model hyperparameters, e.g. '{\"features\": 32}'")
   # training defaults live in potentials.training.TrainConfig; options only override them

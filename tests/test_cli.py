@@ -172,6 +172,21 @@ def test_train_with_time_limit_then_eval_reports_held_out_trajectories(tmp_path,
   assert cli.main(["eval", str(model), str(data)]) == 0
   out = capsys.readouterr().out
   assert "| held-out trajectories | 6 |" in out and "| training trajectories | 6 |" in out
+  # fine-tune: the trained model is the start; its architecture is fixed, species optional
+  tuned = tmp_path / "tuned.eqm"
+  argv = ["train", str(data), "--init", str(model), "--epochs", "1", "--batch-size", "4"]
+  assert cli.main(argv + ["--out", str(tuned)]) == 0
+  back = potentials.load(tuned)
+  assert back.config == potentials.load(model).config
+  assert back.metadata["fine_tuned_from"]["training"]["epochs_run"] == 2
+  assert back.metadata["training"]["epochs_run"] == 1
+  capsys.readouterr()
+  assert cli.main(argv + ["--cutoff", "4.0"]) == 2
+  assert "drop ['--cutoff']" in capsys.readouterr().err
+  assert cli.main(argv + ["--species", "Ag"]) == 2
+  assert "differs from" in capsys.readouterr().err
+  assert cli.main(["train", str(data)]) == 2
+  assert "--species" in capsys.readouterr().err
 
 
 def test_md_jax_md_engine_small_periodic_cell(tiny_model, tmp_path, capsys):

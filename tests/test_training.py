@@ -132,6 +132,28 @@ def test_training_lowers_loss_writes_loadable_model_and_resumes(copper_frames, t
     training.train(pot, copper_frames, cfg6, checkpoint=str(ckpt), progress=False)
 
 
+def test_fine_tune_starts_from_the_model_as_it_is(copper_frames):
+  # a trained-looking model (its own energy scale); with a vanishing learning rate the
+  # fine-tuned model's forces are the original's (shifts are refitted, forces do not see
+  # them), while a fresh start re-derives the scale from the data and changes them
+  pot = pt.Potential.create(0, species=["Cu"], cutoff=3.0, **HYPER)
+  pot = pot.replace(
+    params={**pot.params, "scale": np.array([3.0], np.float32)}, metadata={"note": "v1"}
+  )
+  cfg = training.TrainConfig(epochs=1, batch_size=4, learning_rate=1e-12, warmup_epochs=1)
+  frames = copper_frames[:8]
+  forces = lambda p: np.concatenate(
+    [f for _, _, (_, f, _) in training.predictions(p, frames, batch_size=4, dtype=np.float64)]
+  )
+  kept = training.train(pot, frames, cfg, fine_tune=True, progress=False, dtype=np.float64)
+  fresh = training.train(pot, frames, cfg, progress=False, dtype=np.float64)
+  f0 = forces(pot)
+  np.testing.assert_allclose(forces(kept.potential), f0, atol=1e-9)
+  assert np.abs(forces(fresh.potential) - f0).max() > 1e-3
+  assert kept.potential.metadata["fine_tuned_from"]["training"] is None
+  assert "fine_tuned_from" not in fresh.potential.metadata
+
+
 def _tagged(n_traj, per_traj, kind="md", temps=(300.0,)):
   """Untrained frames (only tags matter for splits): trajectories of per_traj frames."""
   out = []

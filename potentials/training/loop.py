@@ -129,10 +129,18 @@ def _initial_params(potential: Potential, train_set: Sequence[Frame]) -> dict:
 
 
 def _initial_state(
-  potential: Potential, train_set: Sequence[Frame], optimizer, checkpoint: Optional[str]
+  potential: Potential,
+  train_set: Sequence[Frame],
+  optimizer,
+  checkpoint: Optional[str],
+  fine_tune: bool,
 ) -> dict:
-  """A fresh training state, or the one in ``checkpoint`` if that file exists."""
-  params = _initial_params(potential, train_set)
+  """A fresh training state (from ``potential``'s own parameters when ``fine_tune``), or the
+  one in ``checkpoint`` if that file exists."""
+  if fine_tune:
+    params = jax.tree_util.tree_map(jnp.asarray, potential.params)
+  else:
+    params = _initial_params(potential, train_set)
   state = {
     "params": params,
     "ema": params,
@@ -174,6 +182,7 @@ def train(
   *,
   checkpoint: Optional[str] = None,
   resume: bool = True,
+  fine_tune: bool = False,
   progress: bool = True,
   dtype=jnp.float32,
   log: Optional[Callable[[dict], None]] = None,
@@ -181,17 +190,19 @@ def train(
   """Fit ``potential`` (its config and species fixed) to ``frames``.
 
   Per-element shifts are fitted by least squares before training and the energy scale is set
-  from the force RMS. The best (EMA) parameters on the validation set are kept; with
-  ``checkpoint`` a checkpoint is written after every epoch and, with ``resume``, an existing
-  one is continued (the time limit counts the time already spent). Returns the best
-  potential, with its split and test metrics in ``metadata``.
+  from the force RMS; with ``fine_tune`` training starts from ``potential``'s parameters
+  as they are (a trained model adapted to new data; its earlier training, provenance and
+  test metrics are kept as ``metadata["fine_tuned_from"]``). The best (EMA) parameters on
+  the validation set are kept; with ``checkpoint`` a checkpoint is written after every epoch
+  and, with ``resume``, an existing one is continued (the time limit counts the time already
+  spent). Returns the best potential, with its split and test metrics in ``metadata``.
   """
   start = time.perf_counter()
   frames = list(frames)
   parts = split_parts(frames, config)
   train_set, valid_set = ([frames[i] for i in parts[k]] for k in ("train", "valid"))
   step, optimizer, eval_loss = _step_fn(potential, config)
-  state = _initial_state(potential, train_set, optimizer, checkpoint if resume else None)
+  state = _initial_state(potential, train_set, optimizer, checkpoint if resume else None, fine_tune)
   history = json.loads(str(state["history"]))
   batches = _batches_fn(potential, frames, config.batch_size, dtype)
   # model selection reads evenly spaced validation frames (neighbouring MD frames are
@@ -272,6 +283,9 @@ def train(
       bar.update(1)
   if bar is not None:
     bar.close()
+  if fine_tune:
+    earlier = {k: potential.metadata.get(k) for k in ("training", "provenance", "test_metrics")}
+    potential = potential.replace(metadata={**potential.metadata, "fine_tuned_from": earlier})
   return _finish(potential, frames, parts, state, config, dtype, history, start)
 
 
