@@ -46,7 +46,7 @@ import numpy as np
 import potentials
 from potentials import training
 from plugin.ase import Calculator
-from plugin.data import read_frames
+from plugin.data import read_frames, read_images
 
 import accuracy_worker
 
@@ -361,9 +361,7 @@ def main(argv=None):
   py = mace_python(args.mace_python)
   out = pathlib.Path(args.out).resolve()
   out.mkdir(parents=True, exist_ok=True)
-  import ase.io
-
-  images = ase.io.read(args.data, ":")
+  images = read_images(args.data)
   frames = read_frames(images, CUTOFF)
   split = write_parts(images, frames, out)
   timing_path = timing_structures(images, split["parts"]["test"], out)

@@ -521,6 +521,7 @@ def cmd_select(args) -> int:
   import numpy as np
 
   from plugin.ase import Calculator
+  from plugin.data import read_images
 
   pot = _load_model(args.model)
   if pot.num_members == 1:
@@ -529,7 +530,7 @@ def cmd_select(args) -> int:
       "eqattn train ... --heads 4 or --ensemble 4)"
     )
   try:
-    frames = ase.io.read(args.traj, ":")
+    frames = read_images(args.traj)
   except Exception as e:  # noqa: BLE001 - any unreadable file is a usage error
     raise UsageError(f"cannot read {args.traj}: {e}") from None
   calc = Calculator(pot)

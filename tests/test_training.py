@@ -14,7 +14,7 @@ HYPER = dict(features=8, max_degree=1, num_iterations=2, num_heads=2, num_basis=
 
 
 @pytest.fixture(scope="module")
-def copper_frames():
+def copper_images():
   rng = np.random.default_rng(0)
   images = []
   for i in range(16):
@@ -24,16 +24,34 @@ def copper_frames():
     a.calc = EMT()
     a.get_potential_energy(), a.get_forces(), a.get_stress()
     images.append(a)
-  return read_frames(images, cutoff=3.0)
+  return images
 
 
-def test_read_frames_labels(copper_frames, tmp_path):
+@pytest.fixture(scope="module")
+def copper_frames(copper_images):
+  return read_frames(copper_images, cutoff=3.0)
+
+
+def test_read_frames_labels(copper_frames, copper_images, tmp_path):
   f = copper_frames[0]
   assert f.energy is not None and f.forces.shape == (4, 3) and f.stress.shape == (3, 3)
   assert f.volume > 0 and len(f.dst) > 0 and np.all(np.diff(f.dst) >= 0)
   m = molecule("H2O")
   with pytest.raises(ValueError, match="no energy or force labels"):
     read_frames([m], cutoff=3.0)
+  # a compressed file (decompressed in memory first) reads as the plain one, labels and tags
+  import ase.io
+
+  names = ("cu.extxyz", "cu.extxyz.gz", "cu.extxyz.bz2")
+  for name in names:
+    ase.io.write(tmp_path / name, copper_images[:5])
+  plain, *packed = (read_frames(str(tmp_path / n), 3.0) for n in names)
+  for frames in packed:
+    assert len(frames) == 5
+    for a, b in zip(plain, frames):
+      np.testing.assert_array_equal(a.forces, b.forces)
+      assert a.energy == b.energy and np.array_equal(a.stress, b.stress)
+  assert len(read_frames(str(tmp_path / "cu.extxyz.gz"), 3.0, index="1:3")) == 2
 
 
 def test_element_shift_fit_is_exact_for_additive_energies():
