@@ -58,41 +58,4 @@ def enable_compilation_cache(path: Union[str, os.PathLike, None] = None) -> Opti
     from jax.experimental.compilation_cache import compilation_cache
 
     compilation_cache.reset_cache()
-  _make_writes_atomic()
   return folder
-
-
-def _make_writes_atomic() -> None:
-  """Entries appear whole or not at all. Without a size limit JAX writes an entry in place,
-  unlocked, so a second process (a pytest-xdist worker, an MPI rank, another eqattn run)
-  that reads it mid-write deserialises a truncated executable, and XLA's CPU client
-  segfaults on that (seen in the test suite). Here an entry is written to a private
-  temporary file and renamed into place. Applied to JAX's file cache class if it has the
-  expected shape (a ``path`` folder and the ``-cache`` suffix); else JAX is left as it is."""
-  try:
-    from jax._src import lru_cache
-  except ImportError:
-    return
-  cls, suffix = getattr(lru_cache, "LRUCache", None), getattr(lru_cache, "_CACHE_SUFFIX", None)
-  if cls is None or suffix is None or getattr(cls.put, "_eqattn_atomic", False):
-    return
-  plain_put = cls.put
-
-  def put(self, key: str, value: bytes) -> None:
-    folder = Path(str(self.path))  # JAX's own path type (etils' epath where installed)
-    if getattr(self, "eviction_enabled", True) or not folder.is_dir():
-      return plain_put(self, key, value)  # locked by JAX, or not a local folder
-    if not key:
-      raise ValueError("key cannot be empty")
-    target = folder / f"{key}{suffix}"
-    if target.exists():
-      return
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-      temporary.write_bytes(value)
-      os.replace(temporary, target)
-    finally:
-      temporary.unlink(missing_ok=True)
-
-  put._eqattn_atomic = True
-  cls.put = put
