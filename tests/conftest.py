@@ -7,6 +7,7 @@ under .pytest_cache (shared by identical programs of different tests, and by lat
 ``EQATTN_CACHE_DIR`` moves or disables the cache (``plugin.cache``); the CLI tests use it too.
 """
 
+import gc
 import os
 from pathlib import Path
 
@@ -70,6 +71,18 @@ def tiny_copper_potential(cutoff: float = 3.0):
       p.params, scale=jnp.array([20.0], jnp.float32), shift=jnp.array([-3.5], jnp.float32)
     )
   )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drop JAX's compiled programs after each test module. Every loaded XLA:CPU executable
+  keeps a few memory maps of JIT code; a worker that kept every program of the suite passed
+  30 000 maps within minutes, and at the kernel's vm.max_map_count (65530) XLA segfaults
+  loading the next program (seen twice, in test_training.py, late in full runs). Programs a
+  later module needs again come back from the persistent cache."""
+  yield
+  jax.clear_caches()
+  gc.collect()
 
 
 @pytest.fixture(scope="session")
