@@ -6,7 +6,8 @@
 
 Writes ``potentials/models/<name>.eqm`` (package data, loadable as ``potentials.load(name)``)
 with the training provenance and test-set metrics inside the file. Training resumes from the
-checkpoint if it exists (default ``out/<name>.ckpt``).
+checkpoint if it exists (default ``out/<name>.ckpt``; ``out/<name>.stage<k>.ckpt`` for recipes
+in stages, whose finished earlier stages are kept as ``out/<name>.stage<k>.eqm``).
 """
 
 from __future__ import annotations
@@ -57,22 +58,39 @@ RECIPES = {
   ),
   "copper": dict(
     # copper_v1 fine-tuned on data/copper.extxyz.gz (whole held-out runs, a liquid, surfaces
-    # and a vacancy at every temperature): its weights are the start, so the 67 minutes it
-    # took are not paid again; the loss weights are copper_v1's
+    # and a vacancy at every temperature) in two stages; its weights are the start, so the 67
+    # minutes it took are not paid again
     data="copper.extxyz.gz",
     species=["Cu"],
     init="copper_v1",
-    train=dict(
-      epochs=2000,
-      time_limit=60.0,
-      batch_size=8,
-      learning_rate=1e-3,
-      energy_weight=100.0,
-      forces_weight=1.0,
-      stress_weight=0.1,
-      split="trajectory",
-      optimizer="amsgrad",
-    ),
+    stages=[
+      # copper_v1's loss weights (shipped alone until 2026-12-03: held-out force MAE 7.14)
+      dict(
+        epochs=2000,
+        time_limit=60.0,
+        batch_size=8,
+        learning_rate=1e-3,
+        energy_weight=100.0,
+        forces_weight=1.0,
+        stress_weight=0.1,
+        split="trajectory",
+        optimizer="amsgrad",
+      ),
+      # then forces first: the energy (0.27 meV/atom) and stress (0.10 meV/Å^3) errors were
+      # 4-10x inside their targets, the force error just outside
+      dict(
+        epochs=2000,
+        time_limit=65.0,
+        batch_size=8,
+        learning_rate=5e-4,
+        energy_weight=20.0,
+        forces_weight=1.0,
+        stress_weight=0.05,
+        split="trajectory",
+        optimizer="amsgrad",
+        ema_decay=0.99,
+      ),
+    ],
   ),
   "copper_v1": dict(
     # the copper model shipped until December 2026 (potentials/models/copper_v1.eqm), the
@@ -125,36 +143,49 @@ def main(argv=None):
   else:
     pot = potentials.Potential.create(0, species=recipe["species"], **recipe["model"])
   frames = read_frames(str(HERE / recipe["data"]), pot.cutoff)
-  tcfg = dict(recipe["train"])
-  if args.epochs:
-    tcfg["epochs"] = args.epochs
-  if args.time_limit:
-    tcfg["time_limit"] = args.time_limit
-  ckpt = Path(args.checkpoint or ROOT / "out" / f"{args.name}.ckpt")
-  ckpt.parent.mkdir(parents=True, exist_ok=True)
-  log = lambda rec: print(json.dumps(rec), flush=True)
-  result = training.train(
-    pot,
-    frames,
-    training.TrainConfig(**tcfg),
-    checkpoint=str(ckpt),
-    fine_tune="init" in recipe,
-    progress=sys.stderr.isatty(),
-    log=log,
-  )
-  meta = dict(result.potential.metadata)
-  meta["provenance"] = {
-    "data": f"data/{recipe['data']}",
-    "recipe": args.name,
-    "command": f"python data/train.py {args.name}",
-  }
-  pot = result.potential.replace(metadata=meta)
-  out = Path(args.out or ROOT / "potentials" / "models" / f"{args.name}.eqm")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  pot.save(out)
-  print(
-    json.dumps({"model": str(out), "seconds": result.seconds, "metrics": result.metrics}, indent=1)
-  )
+  stages = recipe.get("stages") or [recipe["train"]]
+  for k, stage in enumerate(stages, 1):
+    last = k == len(stages)
+    name = args.name if len(stages) == 1 else f"{args.name}.stage{k}"
+    done = ROOT / "out" / f"{name}.eqm"
+    if not last and done.exists():  # a finished earlier stage of an interrupted run
+      pot = potentials.load(done)
+      continue
+    tcfg = dict(stage)
+    if args.epochs:
+      tcfg["epochs"] = args.epochs
+    if args.time_limit:
+      tcfg["time_limit"] = args.time_limit
+    default_ckpt = ROOT / "out" / f"{name}.ckpt"
+    ckpt = Path(args.checkpoint or default_ckpt) if len(stages) == 1 else default_ckpt
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    result = training.train(
+      pot,
+      frames,
+      training.TrainConfig(**tcfg),
+      checkpoint=str(ckpt),
+      fine_tune="init" in recipe or k > 1,
+      progress=sys.stderr.isatty(),
+      log=lambda rec, k=k: print(json.dumps({"stage": k, **rec}), flush=True),
+    )
+    meta = dict(result.potential.metadata)
+    meta["provenance"] = {
+      "data": f"data/{recipe['data']}",
+      "recipe": args.name,
+      "command": f"python data/train.py {args.name}",
+      **({"stage": f"{k} of {len(stages)}"} if len(stages) > 1 else {}),
+    }
+    pot = result.potential.replace(metadata=meta)
+    out = (
+      done if not last else Path(args.out or ROOT / "potentials" / "models" / f"{args.name}.eqm")
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pot.save(out)
+    print(
+      json.dumps(
+        {"model": str(out), "seconds": result.seconds, "metrics": result.metrics}, indent=1
+      )
+    )
 
 
 if __name__ == "__main__":

@@ -168,8 +168,12 @@ def test_fine_tune_starts_from_the_model_as_it_is(copper_frames):
   f0 = forces(pot)
   np.testing.assert_allclose(forces(kept.potential), f0, atol=1e-9)
   assert np.abs(forces(fresh.potential) - f0).max() > 1e-3
-  assert kept.potential.metadata["fine_tuned_from"]["training"] is None
+  assert kept.potential.metadata["fine_tuned_from"] == {}  # the start had no training record
   assert "fine_tuned_from" not in fresh.potential.metadata
+  # fine-tuning a fine-tuned model keeps the chain (data/train.py's recipes in stages)
+  again = training.train(kept.potential, frames, cfg, fine_tune=True, progress=False)
+  chain = again.potential.metadata["fine_tuned_from"]
+  assert chain["training"]["epochs_run"] == 1 and chain["fine_tuned_from"] == {}
 
 
 def _tagged(n_traj, per_traj, kind="md", temps=(300.0,)):

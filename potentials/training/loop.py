@@ -284,7 +284,8 @@ def train(
   if bar is not None:
     bar.close()
   if fine_tune:
-    earlier = {k: potential.metadata.get(k) for k in ("training", "provenance", "test_metrics")}
+    keep = ("training", "provenance", "test_metrics", "fine_tuned_from")  # a chain of fine-tunes
+    earlier = {k: potential.metadata[k] for k in keep if k in potential.metadata}
     potential = potential.replace(metadata={**potential.metadata, "fine_tuned_from": earlier})
   return _finish(potential, frames, parts, state, config, dtype, history, start)
 
