@@ -11,9 +11,11 @@ import gc
 import os
 from pathlib import Path
 
-os.environ["XLA_FLAGS"] = " ".join(  # read when the backend starts, at the first computation
-  [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]
-).strip()
+_OPT0 = "--xla_backend_optimization_level=0"
+if _OPT0 not in os.environ.get("XLA_FLAGS", "").split():  # xdist workers inherit it
+  os.environ["XLA_FLAGS"] = " ".join(  # read when the backend starts, at the first computation
+    [os.environ.get("XLA_FLAGS", ""), _OPT0]
+  ).strip()
 os.environ.setdefault(
   "EQATTN_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "eqattn-xla")
 )

@@ -171,7 +171,9 @@ def test_fine_tune_starts_from_the_model_as_it_is(copper_frames):
   assert kept.potential.metadata["fine_tuned_from"] == {}  # the start had no training record
   assert "fine_tuned_from" not in fresh.potential.metadata
   # fine-tuning a fine-tuned model keeps the chain (data/train.py's recipes in stages)
-  again = training.train(kept.potential, frames, cfg, fine_tune=True, progress=False)
+  again = training.train(
+    kept.potential, frames, cfg, fine_tune=True, progress=False, dtype=np.float64
+  )
   chain = again.potential.metadata["fine_tuned_from"]
   assert chain["training"]["epochs_run"] == 1 and chain["fine_tuned_from"] == {}
 
