@@ -88,7 +88,11 @@ from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 import potentials
 from potentials import elements, ensemble, observables
 
+from . import exported
 from .neighbors import NeighborListBuilder, bucket_capacity
+
+# the ensemble spread is part of the traced program's output: plugin.exported stores it
+jax.export.register_namedtuple_serialization(ensemble.Spread, serialized_name="eqattn.Spread")
 
 __all__ = ["Calculator", "resolve_dtype", "atom_capacity", "device_params"]
 
@@ -144,19 +148,18 @@ class _Evaluator:
   ``fn(params, species, positions, cell, dst, src, shifts, atom_mask)`` returns the per-atom
   model energies (without element shifts), the forces, ``dE/dε`` (3, 3), its per-atom split
   (N, 3, 3), the squared distance and index of the closest pair, and for an ensemble its
-  uncalibrated :class:`potentials.ensemble.Spread` (else None). ``traces`` counts traces,
-  i.e. compilations.
+  uncalibrated :class:`potentials.ensemble.Spread` (else None); a :class:`plugin.exported.
+  ExportedJit`, so with eqattn's cache enabled a new process loads the traced program instead
+  of tracing the model again. ``traces`` counts programs built, i.e. compilations.
   """
 
   def __init__(self, potential: potentials.Potential, dtype: np.dtype, uncertainty: bool) -> None:
-    self.traces = 0
     members = uncertainty and potential.num_members > 1
     pair_fn = (potential.member_energies_fn if members else potential.pair_energies_fn)(
       include_shift=False
     )
 
     def evaluate(params, species, positions, cell, dst, src, shifts, atom_mask):
-      self.traces += 1  # a Python side effect runs once per trace, i.e. per compilation
       # pairs come sorted by dst from the neighbour list, padding (= n) last
       energies = lambda r: pair_fn(
         params,
@@ -194,7 +197,13 @@ class _Evaluator:
         spread,
       )
 
-    self.fn = jax.jit(evaluate)
+    key = (potential.config, tuple(potential.species), np.dtype(dtype).name, uncertainty)
+    self.fn = exported.ExportedJit(evaluate, "ase-evaluate", key)
+
+  @property
+  def traces(self) -> int:
+    """Programs built so far (traced, or loaded traced from the cache), i.e. compilations."""
+    return self.fn.builds
 
 
 # Keyed by what the compiled code depends on (not the parameters, which are arguments), so that

@@ -17,10 +17,11 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
-__all__ = ["ENV_VAR", "default_cache_dir", "enable_compilation_cache"]
+__all__ = ["ENV_VAR", "current_folder", "default_cache_dir", "enable_compilation_cache"]
 
 ENV_VAR = "EQATTN_CACHE_DIR"
 _OFF = frozenset({"", "0", "off", "false", "no"})
+_FOLDER: Optional[Path] = None  # set by enable_compilation_cache
 
 
 def default_cache_dir() -> Optional[Path]:
@@ -43,6 +44,7 @@ def enable_compilation_cache(path: Union[str, os.PathLike, None] = None) -> Opti
   """
   import jax
 
+  global _FOLDER
   folder = default_cache_dir() if path is None else Path(path).expanduser()
   if folder is None:
     return None
@@ -53,9 +55,21 @@ def enable_compilation_cache(path: Union[str, os.PathLike, None] = None) -> Opti
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   # -1: no size floor and no per-filesystem override (0 lets JAX pick one).
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  _FOLDER = folder
   if previous and previous != str(folder):
     # JAX opens the cache once per process; a new folder needs it reopened.
     from jax.experimental.compilation_cache import compilation_cache
 
     compilation_cache.reset_cache()
   return folder
+
+
+def current_folder() -> Optional[Path]:
+  """The folder :func:`enable_compilation_cache` set, while JAX's cache still points there
+  (None if it was never enabled, or was moved or turned off since); :mod:`plugin.exported`
+  keeps traced programs under it."""
+  if _FOLDER is None:
+    return None
+  import jax
+
+  return _FOLDER if jax.config.jax_compilation_cache_dir == str(_FOLDER) else None

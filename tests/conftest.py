@@ -120,3 +120,24 @@ def tiny_model_files(tmp_path_factory):
   tiny_molecule_potential().save(paths["ethanol"])
   tiny_copper_potential().save(paths["copper"])
   return {k: str(v) for k, v in paths.items()}
+
+
+SETTINGS = (
+  "jax_compilation_cache_dir",
+  "jax_persistent_cache_min_compile_time_secs",
+  "jax_persistent_cache_min_entry_size_bytes",
+)
+
+
+@pytest.fixture
+def restore_jax_cache():
+  """Put the session's cache settings (conftest) back after a test moved the cache."""
+  saved = {k: jax.config.values[k] for k in SETTINGS}
+  folder = plugin.cache._FOLDER
+  yield
+  for k, v in saved.items():
+    jax.config.update(k, v)
+  plugin.cache._FOLDER = folder
+  from jax.experimental.compilation_cache import compilation_cache
+
+  compilation_cache.reset_cache()

@@ -10,24 +10,6 @@ import pytest
 import plugin
 from plugin import cache, cli
 
-SETTINGS = (
-  "jax_compilation_cache_dir",
-  "jax_persistent_cache_min_compile_time_secs",
-  "jax_persistent_cache_min_entry_size_bytes",
-)
-
-
-@pytest.fixture
-def restore_jax_cache():
-  """Put the session's cache settings (conftest) back after a test moved the cache."""
-  saved = {k: jax.config.values[k] for k in SETTINGS}
-  yield
-  for k, v in saved.items():
-    jax.config.update(k, v)
-  from jax.experimental.compilation_cache import compilation_cache
-
-  compilation_cache.reset_cache()
-
 
 def test_default_cache_dir(monkeypatch, tmp_path):
   monkeypatch.delenv(cache.ENV_VAR, raising=False)

@@ -1,0 +1,93 @@
+"""plugin.exported: traced programs kept on disk while eqattn's cache is enabled; a new
+process (here: a new ExportedJit) loads them instead of tracing, with the same numbers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ase.build import molecule
+
+from plugin import cache, exported
+from plugin.ase import Calculator
+
+
+def make(calls):
+  def f(x, y):
+    calls.append(1)  # a Python side effect: runs only when f is traced
+    return {"sum": jnp.sum(x * y), "scaled": 2.0 * x}
+
+  return f
+
+
+def test_a_new_instance_loads_instead_of_tracing(tmp_path, restore_jax_cache):
+  import plugin
+
+  plugin.enable_compilation_cache(tmp_path)
+  x, y = np.arange(6.0).reshape(2, 3), np.ones((2, 3))
+  calls = []
+  first = exported.ExportedJit(make(calls), "test-f", ("v1",))
+  out1 = first(x, y)
+  assert len(calls) == 1 and first.builds == 1
+  files = list((tmp_path / "exported").iterdir())
+  assert len(files) == 1 and files[0].name.startswith("test-f-")
+  second = exported.ExportedJit(make(calls), "test-f", ("v1",))  # as in a new process
+  out2 = second(x, y)
+  assert len(calls) == 1 and second.builds == 1  # loaded, not traced
+  np.testing.assert_array_equal(out2["scaled"], out1["scaled"])
+  assert float(out2["sum"]) == float(out1["sum"]) == 15.0
+  second(x + 1, y)  # same shapes: no new program
+  assert second.builds == 1
+  second(np.ones((3, 3)), np.ones((3, 3)))  # new shapes: a new program, a new file
+  assert second.builds == 2 and len(calls) == 2
+  other = exported.ExportedJit(make(calls), "test-f", ("v2",))  # another key: traced again
+  other(x, y)
+  assert len(calls) == 3 and len(list((tmp_path / "exported").iterdir())) == 3
+  # a damaged file is traced again and rewritten
+  for path in (tmp_path / "exported").iterdir():
+    path.write_bytes(path.read_bytes()[:50])
+  third = exported.ExportedJit(make(calls), "test-f", ("v1",))
+  assert float(third(x, y)["sum"]) == 15.0 and len(calls) == 4
+  fourth = exported.ExportedJit(make(calls), "test-f", ("v1",))
+  fourth(x, y)
+  assert len(calls) == 4
+
+
+def test_without_the_cache_it_is_plain_jit(tmp_path, restore_jax_cache):
+  jax.config.update("jax_compilation_cache_dir", None)
+  assert cache.current_folder() is None
+  calls = []
+  f = exported.ExportedJit(make(calls), "test-g", ())
+  f(np.ones(3), np.ones(3))
+  f(np.ones(3), np.ones(3))
+  assert len(calls) == 1 and f.builds == 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_calculator_results_equal_with_and_without_stored_programs(
+  tmp_path,
+  restore_jax_cache,
+  dtype,
+):
+  import plugin
+  import potentials
+
+  pot = potentials.Potential.create(0, species=["H", "C", "O"], features=8, heads=2)
+  atoms = molecule("CH3CH2OH")
+  results = []
+  for folder in (None, tmp_path, tmp_path):  # plain jit, then traced+stored, then loaded
+    if folder is None:
+      jax.config.update("jax_compilation_cache_dir", None)
+    else:
+      plugin.enable_compilation_cache(folder)
+    from plugin import ase as pase
+
+    pase._EVALUATORS.clear()  # a fresh evaluator, as in a new process
+    a = atoms.copy()
+    a.calc = Calculator(pot, dtype=dtype)
+    results.append((a.get_potential_energy(), a.get_forces(), a.calc.results["forces_uncertainty"]))
+    assert a.calc.num_compilations == 1
+  for e, f, u in results[1:]:
+    assert e == results[0][0]
+    np.testing.assert_array_equal(f, results[0][1])
+    np.testing.assert_array_equal(u, results[0][2])
+  assert len(list((tmp_path / "exported").iterdir())) == 1
