@@ -24,6 +24,11 @@ from plugin.data import read_frames
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
+# what both fine-tuning stages of "copper" share (the time limit bounds the epochs)
+COPPER_STAGE = dict(
+  epochs=2000, batch_size=8, forces_weight=1.0, split="trajectory", optimizer="amsgrad"
+)
+
 RECIPES = {
   "ethanol": dict(
     data="ethanol.extxyz.gz",
@@ -66,28 +71,20 @@ RECIPES = {
     stages=[
       # copper_v1's loss weights (shipped alone until 2026-12-03: held-out force MAE 7.14)
       dict(
-        epochs=2000,
+        COPPER_STAGE,
         time_limit=60.0,
-        batch_size=8,
         learning_rate=1e-3,
         energy_weight=100.0,
-        forces_weight=1.0,
         stress_weight=0.1,
-        split="trajectory",
-        optimizer="amsgrad",
       ),
       # then forces first: the energy (0.27 meV/atom) and stress (0.10 meV/Å^3) errors were
       # 4-10x inside their targets, the force error just outside
       dict(
-        epochs=2000,
+        COPPER_STAGE,
         time_limit=65.0,
-        batch_size=8,
         learning_rate=5e-4,
         energy_weight=20.0,
-        forces_weight=1.0,
         stress_weight=0.05,
-        split="trajectory",
-        optimizer="amsgrad",
         ema_decay=0.99,
       ),
     ],
