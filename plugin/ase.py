@@ -91,9 +91,6 @@ from potentials import elements, ensemble, observables
 from . import exported
 from .neighbors import NeighborListBuilder, bucket_capacity
 
-# the ensemble spread is part of the traced program's output: plugin.exported stores it
-jax.export.register_namedtuple_serialization(ensemble.Spread, serialized_name="eqattn.Spread")
-
 __all__ = ["Calculator", "resolve_dtype", "atom_capacity", "device_params"]
 
 # Atom-axis ladder: multiples of 8, about 12.5 % apart. Padded atoms cost only per-atom work (no

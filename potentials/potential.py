@@ -65,6 +65,38 @@ def init_params(config: ModelConfig, num_species: int, key: jax.Array):
   return jax.vmap(one)(jax.random.split(key, config.committee))
 
 
+# ``memo(key, compute) -> compute()``, possibly remembered between processes: plugin.cache
+# installs one on disk while eqattn's cache is enabled (tracing the model for the shapes takes
+# a good part of a second of every start-up). The key says everything the value depends on
+# besides eqattn's source.
+REFERENCE_MEMO: Callable[[str, Callable[[], Any]], Any] = lambda key, compute: compute()
+
+
+def reference_params(config: ModelConfig, num_species: int) -> dict:
+  """Zeros shaped like :func:`init_params`' tree (nested dicts; the model traced abstractly),
+  the template model files are checked against."""
+  key = f"{sorted(config.to_dict().items())}|{num_species}"
+  code = REFERENCE_MEMO(key, lambda: _shape_code(_abstract_params(config, num_species)))
+  return _from_shape_code(code)
+
+
+def _abstract_params(config: ModelConfig, num_species: int):
+  return jax.eval_shape(lambda: init_params(config, num_species, jax.random.PRNGKey(0)))
+
+
+def _shape_code(tree):
+  """A JSON-able description of a nested dict of arrays: ``[shape, dtype]`` leaves."""
+  if isinstance(tree, Mapping):
+    return {k: _shape_code(v) for k, v in tree.items()}
+  return [list(tree.shape), np.dtype(tree.dtype).name]
+
+
+def _from_shape_code(code):
+  if isinstance(code, dict):
+    return {k: _from_shape_code(v) for k, v in code.items()}
+  return np.zeros(tuple(code[0]), code[1])
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Potential:
   """A trained (or freshly initialised) equivariant self-attention potential.
@@ -366,9 +398,7 @@ class Potential:
       raise io.ModelFileError(f"{path}: bad model config or species: {e}") from None
     if abs(float(content["cutoff"]) - config.cutoff) > 0:
       raise io.ModelFileError(f"{path}: cutoff {content['cutoff']} disagrees with config")
-    reference = jax.eval_shape(lambda: init_params(config, len(species), jax.random.PRNGKey(0)))
-    reference = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), reference)
-    params = io.check_params(content["params"], reference, path)
+    params = io.check_params(content["params"], reference_params(config, len(species)), path)
     params = jax.tree_util.tree_map(np.asarray, params)
     return cls(config, species, params, dict(content["metadata"]))
 

@@ -4,6 +4,7 @@ process (here: a new ExportedJit) loads them instead of tracing, with the same n
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from ase.build import molecule
 
 from plugin import cache, exported
@@ -87,3 +88,55 @@ def test_calculator_results_equal_with_and_without_stored_programs(tmp_path, res
     np.testing.assert_array_equal(f, results[0][1])
     np.testing.assert_array_equal(u, results[0][2])
   assert len(list((tmp_path / "exported").iterdir())) == 1
+
+
+def _md_runs(folders, atoms, pot, **kw):
+  """One ``plugin.md.run`` per folder (None: cache off), each with a fresh engine, as in a new
+  process: ``[(final positions, energy, num_compilations)]``."""
+  import plugin
+  from plugin.md import engine, run
+
+  out = []
+  for folder in folders:
+    if folder is None:
+      jax.config.update("jax_compilation_cache_dir", None)
+    else:
+      plugin.enable_compilation_cache(folder)
+    engine.engine.cache_clear()
+    r = run(atoms, pot, **kw)
+    out.append((r.atoms.positions, r.atoms.get_potential_energy(), r.num_compilations))
+  return out
+
+
+def test_md_runs_equal_with_stored_programs(tmp_path, restore_jax_cache):
+  # the JAX-MD engine's init, observe and chunk programs (neighbour lists and integrator
+  # states in and out) are stored on the first cached run and loaded by the next
+  from conftest import tiny_molecule_potential
+
+  atoms = molecule("CH3CH2OH")
+  kw = dict(steps=12, chunk=5, temperature=300.0, seed=1)
+  plain, traced, loaded = _md_runs(
+    [None, tmp_path, tmp_path], atoms, tiny_molecule_potential(), **kw
+  )
+  names = sorted(p.name.split("-")[1] for p in (tmp_path / "exported").glob("md-*"))
+  assert names == ["chunk", "init", "observe"]
+  for pos, energy, compilations in (traced, loaded):
+    np.testing.assert_array_equal(pos, plain[0])
+    assert energy == plain[1]
+    assert compilations == 1  # one chunk program, loaded or traced (a shorter last chunk too)
+
+
+@pytest.mark.slow
+def test_periodic_npt_runs_equal_with_stored_programs(tmp_path, restore_jax_cache):
+  # a variable box: its own state type, list rebuilds forced by compression
+  from ase.build import bulk
+
+  from conftest import tiny_copper_potential
+
+  atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
+  kw = dict(ensemble="npt", steps=6, chunk=3, temperature=300.0, pressure=1.0, seed=2)
+  plain, traced, loaded = _md_runs([None, tmp_path, tmp_path], atoms, tiny_copper_potential(), **kw)
+  assert len(list((tmp_path / "exported").glob("md-chunk-*"))) == 1
+  for pos, energy, _ in (traced, loaded):
+    np.testing.assert_allclose(pos, plain[0], rtol=0, atol=1e-12)
+    assert energy == plain[1]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import time
 from typing import Any, Callable, List, Optional, Tuple
@@ -42,7 +43,7 @@ from jax_md import partition, simulate, space
 
 import potentials
 import plugin.jax_md as pjm
-from plugin import thermo
+from plugin import exported, thermo
 from plugin.md import guards
 from plugin.md.ensembles import TABLE, Ensemble, Params, neighbor_kwargs
 from plugin.md.settings import DEFAULTS
@@ -217,6 +218,7 @@ def chunk_fn(
   box_fn: Callable,
   traces: List[int],
   guard: Optional[Callable] = None,
+  jit: Callable = jax.jit,
 ) -> Callable:
   """``chunk(carry, g0, n, g_end, limits) -> (carry, logs, num_logs, frames, num_frames,
   num_steps, guard, value, where)``.
@@ -233,7 +235,8 @@ def chunk_fn(
   temperature or force that fired; nothing of the failed step is recorded.
 
   ``guard(state, limits) -> (code, value, where)`` replaces :func:`guard_code` for batches of
-  systems (``where``: the replica that fired; :mod:`plugin.md.replicas`).
+  systems (``where``: the replica that fired; :mod:`plugin.md.replicas`). ``jit`` compiles
+  the chunk (:func:`make_engine` passes one that keeps programs on disk).
   """
   guard = guard or (lambda state, limits: guard_code(state, limits) + (jnp.zeros((), jnp.int32),))
   li, ti = key.log_interval, key.traj_interval
@@ -305,7 +308,7 @@ def chunk_fn(
     init = (carry, logs, zero, frames, zero, zero, zero, jnp.zeros((), limits.dtype), zero)
     return lax.while_loop(lambda c: (c[5] < n) & (c[6] == 0), body, init)
 
-  return jax.jit(chunk)
+  return jit(chunk)
 
 
 def make_engine(
@@ -316,9 +319,12 @@ def make_engine(
   displacement_fn: Callable,
   shift_fn: Callable,
   cutoff: float,
+  stored_as: Optional[str] = None,
 ) -> Engine:
   """An engine from JAX-MD functions (``energy_fn(R, neighbor=..., **kwargs)``; ``neighbor_fn``
-  None for an energy without pair list)."""
+  None for an energy without pair list). ``stored_as``: a key naming everything the functions
+  close over beyond ``key`` (e.g. the model and its parameters); with it, and eqattn's cache
+  enabled, the traced programs are kept on disk (:mod:`plugin.exported`)."""
   init_fn, apply_fn = TABLE[key.ensemble].integrator(key.params, energy_fn, shift_fn)
   if TABLE[key.ensemble].variable_box:
     box_fn = simulate.npt_box
@@ -327,12 +333,26 @@ def make_engine(
     box_fn = lambda state: jnp.asarray(box, state.position.dtype)
   observe = observe_fn(key, energy_fn, box_fn)
   traces = [0]
-  chunk = chunk_fn(key, step_fn(key, apply_fn, displacement_fn, cutoff), observe, box_fn, traces)
+  jit = jax.jit
+  if stored_as is not None:
+    jit = functools.partial(_stored, key=(stored_as, key), traces=traces)
+  step = step_fn(key, apply_fn, displacement_fn, cutoff)
+  chunk = chunk_fn(key, step, observe, box_fn, traces, jit=jit)
   # init computes the first forces: jitted it is one program to compile (or load from the
   # persistent cache), not dozens of op-by-op ones.
-  return Engine(
-    key, neighbor_fn, energy_fn, jax.jit(init_fn), jax.jit(observe), chunk, box_fn, traces
-  )
+  init = lambda *args: init_fn(*args)  # noqa: E731  (named for the stored program)
+  init.__name__ = "init"
+  return Engine(key, neighbor_fn, energy_fn, jit(init), jit(observe), chunk, box_fn, traces)
+
+
+def _stored(fn: Callable, key, traces: List[int]) -> exported.ExportedJit:
+  """``jax.jit(fn)`` kept on disk; a chunk program loaded from there counts as a trace."""
+  name = getattr(fn, "__name__", "fn").strip("<>")
+
+  def loaded():
+    traces[0] += name == "chunk"
+
+  return exported.ExportedJit(fn, f"md-{name}", key, on_load=loaded)
 
 
 @functools.lru_cache(maxsize=8)
@@ -361,7 +381,14 @@ def engine(potential: potentials.Potential, key: EngineKey) -> Engine:
     displacement_fn=displacement_fn,
     shift_fn=shift_fn,
     cutoff=float(potential.cutoff),
+    stored_as=_potential_key(potential),
   )
+
+
+def _potential_key(potential: potentials.Potential) -> str:
+  """What the engine's programs close over of ``potential``: config, species and weights."""
+  text = f"{potential.config}|{tuple(potential.species)}|{exported.params_digest(potential.params)}"
+  return hashlib.sha256(text.encode()).hexdigest()
 
 
 def force_uncertainty_fn(engine: Engine) -> Callable:
