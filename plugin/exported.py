@@ -166,8 +166,8 @@ class ExportedJit:
       exported = jax.export.export(jax.jit(flat))(*map(_spec, leaves))
       header = json.dumps(_encode_tree(out_trees[0], nodes)).encode()
       data = exported.serialize()
-    except (_NotStorable, ImportError):  # ImportError: flatbuffers missing
-      return None
+    except Exception:  # e.g. a custom call jax.export refuses, or flatbuffers missing: plain
+      return None  # jit, which also raises any error of fn itself
     return exported, out_trees[0], struct.pack("<Q", len(header)) + header + bytes(data)
 
 

@@ -52,6 +52,25 @@ def test_a_new_instance_loads_instead_of_tracing(tmp_path, restore_jax_cache):
   assert len(calls) == 4
 
 
+def test_a_program_jax_export_refuses_runs_as_plain_jit(tmp_path, restore_jax_cache):
+  # host callbacks cannot be serialised: nothing is stored, the result is still right
+  import plugin
+
+  plugin.enable_compilation_cache(tmp_path)
+  calls = []
+
+  def f(x):
+    calls.append(1)
+    y = jax.pure_callback(np.sin, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+    return {"y": y + 1.0}
+
+  g = exported.ExportedJit(f, "test-callback", ())
+  x = np.linspace(0.0, 1.0, 4)
+  np.testing.assert_allclose(g(x)["y"], np.sin(x) + 1.0)
+  np.testing.assert_allclose(g(x)["y"], np.sin(x) + 1.0)
+  assert g.builds == 1 and not list((tmp_path / "exported").glob("test-callback-*"))
+
+
 def test_without_the_cache_it_is_plain_jit(tmp_path, restore_jax_cache):
   jax.config.update("jax_compilation_cache_dir", None)
   assert cache.current_folder() is None
