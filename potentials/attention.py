@@ -26,6 +26,7 @@ from .layers import (
   Dtype,
   InitializerFn,
   _output_parity,
+  blocks_layout,
   change_max_degree_or_type,
   default_kernel_init,
   make_tensor,
@@ -126,6 +127,8 @@ class SelfAttention(nn.Module):
       indices_are_sorted=indices_are_sorted,
     )
     dst, src, valid, basis, cut, sorted_ = pairs
+    # split once: both uses below then send their gradients to one concatenate
+    basis_blocks = None if basis is None else split_blocks(basis)
     x = flatten_batch(inputs, nb, 3)
     n_tot = x.shape[0]
 
@@ -160,7 +163,7 @@ class SelfAttention(nn.Module):
         bias_init=self.dense_bias_init,
         name="relative_positional_encoding",
         **dense,
-      )(basis[..., 0, 0, :])
+      )(basis_blocks[(0, 0)][0])
       rpe = rpe.reshape(rpe.shape[0], P, L_in + 1, qkv).astype(dt)
     else:
       rpe = None
@@ -175,7 +178,7 @@ class SelfAttention(nn.Module):
     L_out = self.max_degree
     P_out = P
     if self.use_relative_positional_encoding_v:
-      msg, L_out, P_out = self._filter_messages(msg, basis, P, L_in, qkv, dense)
+      msg, L_out, P_out = self._filter_messages(msg, basis_blocks, P, L_in, qkv, dense)
     L_msg = L_in if not self.use_relative_positional_encoding_v else L_out
     agg = map_blocks(
       lambda c: jax.ops.segment_sum(c, dst, num_segments=n_tot, indices_are_sorted=sorted_), msg
@@ -197,9 +200,10 @@ class SelfAttention(nn.Module):
     return out.reshape(batch_shape + (N,) + out.shape[-3:]) if nb else out
 
   def _filter_messages(self, msg, basis, P: int, L_in: int, qkv: int, dense: dict):
-    """Value messages ``{(p, l): (pairs, 2l+1, F)}`` times a learned radial filter of
-    ``basis`` through a tensor product: returns them, their max degree and parity count."""
-    L_b = max_degree_of(basis.shape)
+    """Value messages ``{(p, l): (pairs, 2l+1, F)}`` times a learned radial filter of the
+    basis blocks ``basis`` (:func:`split_blocks`) through a tensor product: returns them,
+    their max degree and parity count."""
+    L_b = blocks_layout(basis)[1]
     L_out = max(L_in, L_b) if self.max_degree is None else self.max_degree
     filt = Dense(
       qkv,
@@ -208,7 +212,7 @@ class SelfAttention(nn.Module):
       bias_init=self.dense_bias_init,
       name="filter",
       **dense,
-    )(split_blocks(basis))
+    )(basis)
     tkw = {} if self.tensor_kernel_init is None else {"kernel_init": self.tensor_kernel_init}
     tensor = make_tensor(
       self.use_fused_tensor,

@@ -86,9 +86,15 @@ Blocks = Dict[Tuple[int, int], Tuple[jax.Array, ...]]
 def split_blocks(x: jax.Array) -> Blocks:
   """``(..., P, (L+1)**2, F) -> {(p, l): ((..., F),) * (2l+1)}``."""
   L = max_degree_of(x.shape)
+  P, M, F = x.shape[-3:]
+  # One split, not P*M slices: a slice's gradient is a zero-padded copy of all of x, and XLA
+  # kept every one of those alive at once (21 per-pair copies of the basis in the copper
+  # model's force program); split's gradient is a single concatenate.
+  parts = jnp.split(x.reshape(x.shape[:-3] + (P * M, F)), P * M, axis=-2)
+  comps = [c[..., 0, :] for c in parts]
   return {
-    (p, l): tuple(x[..., p, q, :] for q in range(l * l, (l + 1) ** 2))
-    for p in range(x.shape[-3])
+    (p, l): tuple(comps[p * M + q] for q in range(l * l, (l + 1) ** 2))
+    for p in range(P)
     for l in range(L + 1)
   }
 

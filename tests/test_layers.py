@@ -146,3 +146,23 @@ def test_embed_and_float32():
   layer = pt.Dense(4)
   p = layer.init(jax.random.PRNGKey(0), jnp.ones((2, 1, 4, 3), jnp.float32))
   assert layer.apply(p, jnp.ones((2, 1, 4, 3), jnp.float32)).dtype == jnp.float32
+
+
+def test_split_blocks_round_trips_and_its_gradient_is_one_array():
+  """split_blocks is merge_blocks' inverse, and its gradient is one concatenate: per-component
+  slices made a zero-padded copy of the whole input each (21 per-pair copies of the basis were
+  alive at once in the copper model's force program)."""
+  from potentials.layers import merge_blocks, split_blocks
+
+  x = features((7, 2, 9, 3))
+  blocks = split_blocks(x)
+  assert sorted(blocks) == [(p, l) for p in range(2) for l in range(3)]
+  assert blocks[(1, 2)][4].shape == (7, 3)
+  np.testing.assert_array_equal(merge_blocks(blocks, 2, 2), x)
+  w = features((2, 9, 3), seed=1)
+  loss = lambda x: sum(
+    jnp.sum(c * w[p, l * l + i]) for (p, l), b in split_blocks(x).items() for i, c in enumerate(b)
+  )
+  np.testing.assert_allclose(jax.grad(loss)(x), jnp.broadcast_to(w, x.shape), atol=1e-12)
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss))(x))
+  assert "pad" not in jaxpr and jaxpr.count("concatenate") == 1
