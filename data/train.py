@@ -29,7 +29,7 @@ COPPER_STAGE = dict(
   epochs=2000, batch_size=8, forces_weight=1.0, split="trajectory", optimizer="amsgrad"
 )
 
-# what both stages of "ethanol" share (one core of the 2-core box each)
+# what the three stages of "ethanol" share (each on one core of the 2-core box)
 ETHANOL_STAGE = dict(
   epochs=2000,
   batch_size=8,

@@ -67,7 +67,7 @@ def params_digest(params) -> str:
 
 def _versions() -> str:
   out = []
-  for dist in ("jax", "jaxlib", "flax", "numpy"):
+  for dist in ("jax", "jaxlib", "flax", "numpy", "jax-md"):  # jax-md: the MD programs
     try:
       out.append(f"{dist}={metadata.version(dist)}")
     except metadata.PackageNotFoundError:
@@ -100,6 +100,8 @@ class ExportedJit:
   program takes and returns flat leaves, and the result's structure is stored beside it, with
   custom nodes that also occur in the arguments (a neighbour list with its update function)
   named by their place there, so the new process fills in its own (:func:`_encode_tree`).
+  Functions in the arguments' static data (that update function) are keyed by name only, so
+  ``key`` must cover what they close over.
   """
 
   def __init__(
@@ -165,6 +167,10 @@ class ExportedJit:
     try:
       exported = jax.export.export(jax.jit(flat))(*map(_spec, leaves))
       header = json.dumps(_encode_tree(out_trees[0], nodes)).encode()
+      # JSON has no tuples: a result whose structure does not come back as it was (tuple
+      # dict keys, nested tuples in a node's data) would fail or retrace when loaded
+      if _decode_tree(json.loads(header), nodes) != out_trees[0]:
+        raise _NotStorable("the result's structure does not survive JSON")
       data = exported.serialize()
     except Exception:  # e.g. a custom call jax.export refuses, or flatbuffers missing: plain
       return None  # jit, which also raises any error of fn itself

@@ -71,6 +71,21 @@ def test_a_program_jax_export_refuses_runs_as_plain_jit(tmp_path, restore_jax_ca
   assert g.builds == 1 and not list((tmp_path / "exported").glob("test-callback-*"))
 
 
+def test_a_result_json_cannot_keep_runs_as_plain_jit(tmp_path, restore_jax_cache):
+  # tuple keys come back from JSON as lists: storing such a program would break every later
+  # process at its first call; it is not stored, and the results are right in both
+  import plugin
+
+  plugin.enable_compilation_cache(tmp_path)
+  f = lambda x: {(0, 1): 2.0 * x, (1, 0): (x, x + 1.0)}
+  x = np.arange(3.0)
+  for _ in range(2):  # the second instance, as in a new process
+    out = exported.ExportedJit(f, "test-tuple-keys", ())(x)
+    np.testing.assert_array_equal(out[(0, 1)], 2.0 * x)
+    np.testing.assert_array_equal(out[(1, 0)][1], x + 1.0)
+  assert not list((tmp_path / "exported").glob("test-tuple-keys-*"))
+
+
 def test_without_the_cache_it_is_plain_jit(tmp_path, restore_jax_cache):
   jax.config.update("jax_compilation_cache_dir", None)
   assert cache.current_folder() is None
