@@ -67,9 +67,9 @@ def fcc_copper(target_atoms: int, seed: int = 0) -> ase.Atoms:
 LOOP = 20
 
 
-def bare_fns(potential, atoms):
-  """Jitted energy + forces and a jitted loop of them on the driver's space and list; the
-  positions and the list."""
+def driver_energy(potential, atoms, dr_threshold: float = SKIN):
+  """The MD driver's space, list and energy on periodic ``atoms``: ``(energy_fn, shift_fn, R,
+  nbrs)`` with ``R`` fractional, float32."""
   box = atoms.cell.array.T
   displacement_fn, shift_fn = space.periodic_general(box, fractional_coordinates=True)
   neighbor_fn, energy_fn = pjm.neighbor_list(
@@ -77,12 +77,18 @@ def bare_fns(potential, atoms):
     displacement_fn,
     box,
     species=atoms.numbers,
-    dr_threshold=SKIN,
+    dr_threshold=dr_threshold,
     capacity_multiplier=1.25,
     fractional_coordinates=True,
   )
   R = jnp.asarray(atoms.get_scaled_positions(), jnp.float32)
-  nbrs = neighbor_fn.allocate(R)
+  return energy_fn, shift_fn, R, neighbor_fn.allocate(R)
+
+
+def bare_fns(potential, atoms):
+  """Jitted energy + forces and a jitted loop of them on the driver's space and list; the
+  positions and the list."""
+  energy_fn, shift_fn, R, nbrs = driver_energy(potential, atoms)
   f = jax.jit(jax.value_and_grad(energy_fn))
 
   def descend(i, R):

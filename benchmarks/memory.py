@@ -1,10 +1,10 @@
 """Memory and time of one energy + forces call of a shipped model, by system size.
 
-FCC crystals (a = 3.61 Å, n x n x n cubic cells, rattled) through the JAX-MD energy of
-:func:`plugin.jax_md.neighbor_list` (the MD engine's path), float32, one jitted
-``value_and_grad``. "temp" is XLA's temporary buffer for the call (``memory_analysis``), which
-XLA:CPU allocates in one piece: what decides whether a system fits in memory. Use it to size
-systems (MB per atom) and to compare commits side by side:
+FCC crystals (a = 3.61 Å, n x n x n cubic cells, rattled; ``benchmarks/md.py``'s) through the
+JAX-MD energy of :func:`plugin.jax_md.neighbor_list` (the MD engine's path, skin 1 Å),
+float32, one jitted ``value_and_grad``. "temp" is XLA's temporary buffer for the call
+(``memory_analysis``), which XLA:CPU allocates in one piece: what decides whether a system
+fits in memory. Use it to size systems (MB per atom) and to compare commits side by side:
 
     python benchmarks/memory.py                         # copper, 256 / 864 / 4000 atoms
     python benchmarks/memory.py --model copper --cells 4 10 --repeats 5
@@ -13,46 +13,29 @@ systems (MB per atom) and to compare commits side by side:
 from __future__ import annotations
 
 import argparse
-import time
 
-import numpy as np
+import jax
+
+import potentials
 
 
 def measure(model: str, cells: int, repeats: int) -> dict:
-  import ase.build
-  import jax
-  import jax.numpy as jnp
-  from jax_md import space
+  from md import driver_energy, fcc_copper, median_time
 
-  import plugin.jax_md as pjm
-  import potentials
-
-  pot = potentials.load(model)
-  atoms = ase.build.bulk("Cu", "fcc", a=3.61, cubic=True).repeat(cells)
-  atoms.rattle(0.05, seed=0)
-  box = np.asarray(atoms.cell.array)
-  displacement, _ = space.periodic_general(box, fractional_coordinates=True)
-  neighbor_fn, energy_fn = pjm.neighbor_list(
-    pot, displacement, box, species=atoms.numbers, dr_threshold=1.0, fractional_coordinates=True
-  )
-  R = jnp.asarray(atoms.get_scaled_positions(), jnp.float32)
-  nbrs = neighbor_fn.allocate(R)
+  atoms = fcc_copper(4 * cells**3)
+  energy_fn, _, R, nbrs = driver_energy(potentials.load(model), atoms, dr_threshold=1.0)
   step = jax.jit(jax.value_and_grad(lambda r, nb: energy_fn(r, neighbor=nb)))
   mem = step.lower(R, nbrs).compile().memory_analysis()
   jax.block_until_ready(step(R, nbrs))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(step(R, nbrs))
-    times.append(time.perf_counter() - t)
+  seconds = median_time(lambda: step(R, nbrs), repeats)
   n = len(atoms)
   return dict(
     atoms=n,
     pairs=int(nbrs.idx.shape[-1]),
     temp_gb=mem.temp_size_in_bytes / 1e9,
     mb_per_atom=mem.temp_size_in_bytes / 1e6 / n,
-    ms=1e3 * float(np.median(times)),
-    us_per_atom=1e6 * float(np.median(times)) / n,
+    ms=1e3 * seconds,
+    us_per_atom=1e6 * seconds / n,
   )
 
 

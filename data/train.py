@@ -24,21 +24,10 @@ from plugin.data import read_frames
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-# what both fine-tuning stages of "copper" share (the time limit bounds the epochs)
-COPPER_STAGE = dict(
-  epochs=2000, batch_size=8, forces_weight=1.0, split="trajectory", optimizer="amsgrad"
-)
-
-# what the three stages of "ethanol" share (each on one core of the 2-core box)
-ETHANOL_STAGE = dict(
-  epochs=2000,
-  batch_size=8,
-  energy_weight=1.0,
-  forces_weight=1.0,
-  stress_weight=0.0,
-  optimizer="amsgrad",
-  split="trajectory",
-)
+# what every stage of both recipes shares (the time limit bounds the epochs)
+STAGE = dict(epochs=2000, batch_size=8, forces_weight=1.0, split="trajectory", optimizer="amsgrad")
+# ethanol's three stages (each on one core of the 2-core box)
+ETHANOL_STAGE = dict(STAGE, energy_weight=1.0, stress_weight=0.0)
 
 RECIPES = {
   "ethanol": dict(
@@ -78,7 +67,7 @@ RECIPES = {
     stages=[
       # copper_v1's loss weights (shipped alone until 2026-12-03: held-out force MAE 7.14)
       dict(
-        COPPER_STAGE,
+        STAGE,
         time_limit=60.0,
         learning_rate=1e-3,
         energy_weight=100.0,
@@ -87,7 +76,7 @@ RECIPES = {
       # then forces first: the energy (0.27 meV/atom) and stress (0.10 meV/Å^3) errors were
       # 4-10x inside their targets, the force error just outside
       dict(
-        COPPER_STAGE,
+        STAGE,
         time_limit=65.0,
         learning_rate=5e-4,
         energy_weight=20.0,
