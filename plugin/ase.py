@@ -152,9 +152,12 @@ class _Evaluator:
 
   def __init__(self, potential: potentials.Potential, dtype: np.dtype, uncertainty: bool) -> None:
     members = uncertainty and potential.num_members > 1
+    readout = members and potential.config.force_heads  # member forces without backward passes
     pair_fn = (potential.member_energies_fn if members else potential.pair_energies_fn)(
       include_shift=False
     )
+    if readout:
+      pair_fn = ensemble.readout_mean(potential.member_forces_fn(include_shift=False))
 
     def evaluate(params, species, positions, cell, dst, src, shifts, atom_mask):
       # pairs come sorted by dst from the neighbour list, padding (= n) last
@@ -175,10 +178,14 @@ class _Evaluator:
         shifts=shifts,
         cell=cell,
         atom_strain=True,
-        members=members and potential.config.committee,
+        members=members and not readout and potential.config.committee,
+        aux=readout,
       )
       spread = None
-      if members:  # padded atoms have zero forces in every member: no spread
+      if readout:
+        member_e, deviations = out.aux
+        spread = ensemble.readout_spread(jnp.sum(member_e, axis=0), deviations)
+      elif members:  # padded atoms have zero forces in every member: no spread
         spread = ensemble.spread(out.member_energies, out.member_forces)
       # closest real pair, for the overlap check on the host
       r = out.pair_vectors

@@ -4,7 +4,8 @@
               [--dt FS] [--steps N | --time PS] [--engine jax-md|ase] [--out FILE] [--plot PNG]
               [--resume] [--max-temperature K] [--max-force EV_PER_A]
               [--max-force-uncertainty EV_PER_A [--flag-uncertainty]]
-    eqattn train DATA --species H C O [--epochs N] [--heads K | --ensemble K] [--out MODEL]
+    eqattn train DATA --species H C O [--epochs N] [--heads K [--force-heads] | --ensemble K]
+                 [--out MODEL]
     eqattn train DATA --init MODEL [--time-limit MINUTES] [--out MODEL]     (fine-tune)
     eqattn select TRAJ --model MODEL [--n 50] [--out new.extxyz]
     eqattn eval MODEL DATA [--parity PNG]
@@ -496,6 +497,10 @@ def _initial_model(args):
       hyper["cutoff"] = args.cutoff
     if args.heads is not None:
       hyper["heads"] = args.heads
+    if args.force_heads:
+      if hyper.get("heads", 1) < 2:
+        raise UsageError("--force-heads reads out a shallow ensemble's members: add --heads 4")
+      hyper["force_heads"] = True
     return potentials.Potential.create(args.seed, species=args.species, **hyper)
   fixed = [
     o
@@ -503,6 +508,7 @@ def _initial_model(args):
       ("--model-config", args.model_config),
       ("--cutoff", args.cutoff),
       ("--heads", args.heads),
+      ("--force-heads", args.force_heads),
       ("--ensemble", args.ensemble),
     )
     if v
@@ -724,6 +730,12 @@ def _add_train(sub) -> None:
     metavar="K",
     help="committee: K independently trained models in one file (K x the cost); "
     "--time-limit is shared between them",
+  )
+  tr.add_argument(
+    "--force-heads",
+    action="store_true",
+    help="with --heads: every head also reads out its member's force deviation, so the "
+    "force uncertainty costs no backward pass per head",
   )
   tr.add_argument("--seed", type=int, default=0)
   tr.add_argument("--checkpoint", help="checkpoint file (resumed if it exists)")

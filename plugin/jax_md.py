@@ -635,6 +635,8 @@ def _energy_fn(
   # model once per shape between them, not once each.
   pair_energies = jax.jit(potential.pair_energies_fn(), static_argnames=("indices_are_sorted",))
   member_energies = jax.jit(potential.member_energies_fn(), static_argnames=("indices_are_sorted",))
+  if potential.config.force_heads:  # member forces read out: no backward pass per member
+    member_energies = jax.jit(potential.member_forces_fn(), static_argnames=("indices_are_sorted",))
   default_params = potential.params
   cutoff = float(potential.cutoff)
   n = int(species_idx.shape[0])
@@ -715,7 +717,16 @@ def _energy_fn(
   committee = potential.config.committee
 
   def uncertainty(R: Array, neighbor: Optional[partition.NeighborList] = None, **kwargs):
-    energies, _, _, _, ok = model(R, neighbor, dict(kwargs), fn=member_energies)
+    energies, r, _, _, ok = model(R, neighbor, dict(kwargs), fn=member_energies)
+    if potential.config.force_heads:  # one forward pass
+      member_e, deviations = energies(r)
+      out = ensemble.readout_spread(
+        jnp.sum(member_e, axis=0),
+        deviations,
+        energy_scale=energy_scale,
+        forces_scale=forces_scale,
+      )
+      return jax.tree_util.tree_map(lambda x: loud(x, ok), out)
     vectors = lambda R: pairs(R, neighbor, {k: v for k, v in kwargs.items() if k != "params"})[0]
 
     def totals(R):  # a committee: one copy of R per network (potentials.ensemble.cotangents)
@@ -740,8 +751,10 @@ def uncertainty_fn(energy_fn: EnergyFn) -> Callable[..., "ensemble.Spread"]:
   atom the calibrated standard deviation of one force component over the members) and
   ``member_energies`` ``(members,)`` (eV). It takes what ``energy_fn`` takes, is pure and
   jittable (use it inside jitted MD loops, e.g. every few steps), and costs one forward pass
-  of every member plus one backward pass per member. A single model (one member) gives
-  zeros. NaN, like ``energy_fn``, for a ``box=`` the list cannot hold.
+  of every member plus one backward pass per member; a shallow ensemble with
+  ``force_heads`` reads its members' force deviations out of one forward pass instead. A
+  single model (one member) gives zeros. NaN, like ``energy_fn``, for a ``box=`` the list
+  cannot hold.
   """
   spread = getattr(energy_fn, "_eqattn_uncertainty", None)
   if spread is None:

@@ -7,7 +7,8 @@ Two kinds live in one model file, and combine (``members = committee * heads``):
   (:func:`stack`, :func:`unstack`); about K times the cost of one model;
 * a *shallow ensemble* (``ModelConfig.heads = H``): H readout heads on one shared network,
   which cost almost nothing more in energies (forces of every member cost one backward pass
-  each).
+  each, unless ``ModelConfig.force_heads`` reads their deviations out directly:
+  :mod:`potentials.force_readout`, :func:`readout_spread`).
 
 The model's energy is the members' mean. Uncertainties (:func:`spread`) are standard
 deviations over the members, times a calibration factor per quantity fitted on validation
@@ -55,6 +56,32 @@ def spread(
   dev = member_forces - jnp.mean(member_forces, axis=0)
   f_std = jnp.sqrt(jnp.mean(dev * dev, axis=(0, 2)))
   return Spread(energy_scale * e_std, forces_scale * f_std, member_energies)
+
+
+def readout_spread(
+  member_energies: Array, deviations: Array, *, energy_scale: float = 1.0, forces_scale: float = 1.0
+) -> Spread:
+  """:func:`spread` of a shallow ensemble whose members' force deviations ``(N, M, 3)`` from
+  the mean force were read out (``ModelConfig.force_heads``) instead of differentiated."""
+  return spread(
+    member_energies,
+    jnp.swapaxes(deviations, 0, 1),
+    energy_scale=energy_scale,
+    forces_scale=forces_scale,
+  )
+
+
+def readout_mean(member_forces_fn):
+  """``f(params, ...) -> (mean per-atom energies (N,), (member energies (N, M), deviations
+  (N, M, 3)))`` from ``Potential.member_forces_fn()``, for
+  :func:`potentials.observables.compute` with ``aux=True``: the mean is differentiated, the
+  members come from the same forward pass."""
+
+  def f(*args, **kwargs):
+    e, d = member_forces_fn(*args, **kwargs)
+    return jnp.mean(e, axis=-1), (e, d)
+
+  return f
 
 
 def calibration_scale(errors: np.ndarray, sigmas: np.ndarray) -> float:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from . import radial as radial_lib
 from .attention import SelfAttention
+from .force_readout import ForceReadout
 from .layers import Dense, Embed, Gate, Tensor, change_max_degree_or_type, max_degree_of
 from .so3 import safe_norm
 
@@ -65,7 +66,12 @@ class ModelConfig:
       differ only in their last layer). With more than one, :class:`EnergyModel` returns
       ``(N, heads)`` per-atom energies; a :class:`potentials.Potential` averages them and
       reads their spread as an uncertainty (:mod:`potentials.ensemble`). Costs one extra
-      backward pass per head where member forces are asked for.
+      backward pass per head where member forces are asked for (see ``force_heads``).
+    force_heads: with ``heads > 1``, every head also reads out its member's force deviation
+      from the mean force (:class:`potentials.force_readout.ForceReadout`, a pass over the
+      pairs in the forward pass), so the force uncertainty costs no backward pass per head.
+      The readout does not change energies or forces; it is trained by a Gaussian likelihood
+      of the force errors. Off by default; old model files load with it off.
     committee: independently initialised (and trained) parameter sets of this architecture,
       stacked on a leading axis of every parameter (a *committee*; about ``committee`` times
       the cost). 1: one parameter set, no stacked axis (every file written before ensembles).
@@ -91,6 +97,7 @@ class ModelConfig:
   radial_mlp: int = 0
   heads: int = 1
   committee: int = 1
+  force_heads: bool = False
 
   def __post_init__(self):
     checks = [
@@ -105,6 +112,12 @@ class ModelConfig:
       (self.num_basis >= 1, f"num_basis must be >= 1, got {self.num_basis}"),
       (self.heads >= 1, f"heads must be >= 1, got {self.heads}"),
       (self.committee >= 1, f"committee must be >= 1, got {self.committee}"),
+      (
+        not self.force_heads or (self.heads > 1 and self.committee == 1),
+        "force_heads reads out the members of a shallow ensemble: it needs heads > 1 and "
+        f"committee = 1 (a committee's member forces cost no extra), got heads={self.heads}, "
+        f"committee={self.committee}",
+      ),
       (self.radial_mlp >= 0, f"radial_mlp must be >= 0 (0: off), got {self.radial_mlp}"),
       (self.radial in RADIAL_FUNCTIONS, f"radial must be one of {RADIAL_FUNCTIONS}"),
       (
@@ -211,7 +224,9 @@ class EnergyModel(nn.Module):
   (constant table, for the repulsion), ``r (pairs, 3)`` pair vectors ``R[src] - R[dst]``,
   ``dst_idx``/``src_idx (pairs,)`` with padding index N, ``atom_mask (N,)`` (False for padded
   atoms). Output: ``(N,)`` per-atom energies (eV), ``(N, heads)`` with several readout heads;
-  padded atoms get exactly 0. With
+  padded atoms get exactly 0. With ``member_forces=True`` (needs ``force_heads``) it returns
+  ``(energies (N, heads), deviations (N, heads, 3))``: every member's force deviation from the
+  mean force (eV/Å, :mod:`potentials.force_readout`). With
   ``include_shift=False`` the per-element shifts are left out (add ``shift[species]`` in
   float64 to keep float32 runs from rounding energies of ~1e3 eV per atom).
   """
@@ -230,8 +245,11 @@ class EnergyModel(nn.Module):
     atomic_numbers=None,
     indices_are_sorted: bool = False,
     include_shift: bool = True,
+    member_forces: bool = False,
   ):
     cfg = self.config
+    if member_forces and not cfg.force_heads:
+      raise ValueError("member_forces=True needs a model with force_heads")
     n = species.shape[0]
     valid = (dst_idx < n) & (src_idx < n)
     ylm, rbf, cut = radial_lib.basis_parts(
@@ -293,13 +311,13 @@ class EnergyModel(nn.Module):
           x = change_max_degree_or_type(z, degree) + product(z)
         x = x + mlp_out(gate(mlp_in(x)))
       out = readout(nn.silu(hidden(x[:, 0, 0, :])))
-      return out[:, 0] if cfg.heads == 1 else out
+      return (out[:, 0] if cfg.heads == 1 else out), x[:, 0, 0, :]
 
-    e = network(species, ylm, rbf, basis, cut, **pair_kw)
+    e, x = network(species, ylm, rbf, basis, cut, **pair_kw)
     # The same network on one lone atom per species (no pairs): subtracting its output makes
     # an isolated atom's energy exactly its element's shift, the reference energy.
     none = jnp.zeros((0,), dst_idx.dtype)
-    e_iso = network(
+    e_iso, _ = network(
       jnp.arange(self.num_species),
       ylm[:0],
       rbf[:0],
@@ -323,7 +341,13 @@ class EnergyModel(nn.Module):
       e = e + (rep if cfg.heads == 1 else rep[:, None])
     if atom_mask is not None:
       e = jnp.where(atom_mask if cfg.heads == 1 else atom_mask[:, None], e, 0.0)
-    return e
+    if not cfg.force_heads or not (member_forces or self.is_initializing()):
+      return e
+    readout = ForceReadout(cfg.heads, name="force_readout")
+    d = readout(jax.lax.stop_gradient(x), rbf, cut, r, **pair_kw)
+    if atom_mask is not None:
+      d = jnp.where(atom_mask[:, None, None], d, 0.0)
+    return (e, d) if member_forces else e
 
 
 def _neighbour_density(

@@ -27,7 +27,7 @@ derivatives.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +47,8 @@ class Observables(NamedTuple):
   ``stress``: ``(1/V) dE/dε`` (needs ``volumes``); ``pair_vectors``: ``(pairs, 3)``;
   ``atom_strain_derivatives``: per-atom ``dE/dε`` ``(N, 3, 3)`` (with ``atom_strain``);
   ``member_energies`` ``(M,)`` and ``member_forces`` ``(M, N, 3)``: an ensemble's members
-  (with ``members``; the other fields are then the members' mean).
+  (with ``members``; the other fields are then the members' mean); ``aux``: what
+  ``energies_fn`` returned beside the energies (with ``aux``).
   """
 
   energy: Array
@@ -59,6 +60,7 @@ class Observables(NamedTuple):
   atom_strain_derivatives: Optional[Array] = None
   member_energies: Optional[Array] = None
   member_forces: Optional[Array] = None
+  aux: Any = None
 
 
 def voigt(s):
@@ -93,6 +95,7 @@ def compute(
   strain: bool = True,
   atom_strain: bool = False,
   members: Union[bool, int] = False,
+  aux: bool = False,
 ) -> Observables:
   """The observables of ``energies_fn`` at ``positions`` on the pair graph ``(dst, src)``.
 
@@ -113,6 +116,8 @@ def compute(
       of K independent networks (``M = K * H``, committee-major): ``energies_fn`` then also
       takes pair vectors ``(K, pairs, 3)``, one copy per network, so H backward passes give
       every member's forces (K*H cost, not (K*H)^2); else one backward pass per member.
+    aux: ``energies_fn`` returns ``(energies, aux)``; ``aux`` (any pytree, not
+      differentiated) comes back in ``Observables.aux``, from the same forward pass.
   """
   batched = atom_frame is not None
   if batched and (pair_frame is None or cell is None or cell.ndim != 3):
@@ -121,6 +126,8 @@ def compute(
     raise ValueError("atom_strain=True needs forces=True (it is a gradient)")
   num_frames = cell.shape[0] if batched else None
   if members:
+    if aux:
+      raise ValueError("aux is for energies_fn of one model, not with members")
     if atom_strain and batched:
       raise ValueError("atom_strain with members is for one system, not a batch")
     frames = (atom_frame, pair_frame, num_frames) if batched else None
@@ -145,16 +152,17 @@ def compute(
       r = strained(r, eps, pair_frame)
     if dr is not None:
       r = r + dr  # zero: its gradient is dE/dr per pair
-    e = energies_fn(r)
+    e, extra = energies_fn(r) if aux else (energies_fn(r), None)
     per_frame = jax.ops.segment_sum(e, atom_frame, num_segments=num_frames) if batched else None
-    return jnp.sum(e if per_frame is None else per_frame), (e, per_frame, r)
+    return jnp.sum(e if per_frame is None else per_frame), (e, per_frame, r, extra)
 
   if not forces:
-    energy, (e, per_frame, r) = total(positions, None, None)
-    return Observables(energy if per_frame is None else per_frame, e, None, None, None, r)
+    energy, (e, per_frame, r, extra) = total(positions, None, None)
+    energy = energy if per_frame is None else per_frame
+    return Observables(energy, e, None, None, None, r, aux=extra)
   eps = jnp.zeros((num_frames, 3, 3) if batched else (3, 3), positions.dtype) if strain else None
   dr = jnp.zeros((dst.shape[0], 3), positions.dtype) if atom_strain else None
-  (energy, (e, per_frame, r)), (g_pos, g_eps, g_r) = jax.value_and_grad(
+  (energy, (e, per_frame, r, extra)), (g_pos, g_eps, g_r) = jax.value_and_grad(
     total, argnums=(0, 1, 2), has_aux=True
   )(positions, eps, dr)
   stress = None
@@ -163,9 +171,8 @@ def compute(
   per_atom = None
   if atom_strain:
     per_atom = atom_strain_derivatives(r, g_r, dst=dst, src=src, num_atoms=positions.shape[0])
-  return Observables(
-    energy if per_frame is None else per_frame, e, -g_pos, g_eps, stress, r, per_atom
-  )
+  energy = energy if per_frame is None else per_frame
+  return Observables(energy, e, -g_pos, g_eps, stress, r, per_atom, aux=extra)
 
 
 def _members(

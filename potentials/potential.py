@@ -258,7 +258,20 @@ class Potential:
 
     return f
 
-  def _apply_fn(self, include_shift: bool) -> Callable:
+  def member_forces_fn(self, include_shift: bool = True) -> Callable:
+    """For a shallow ensemble with ``force_heads``: ``f(params, species_index, r, dst, src,
+    atom_mask=None, indices_are_sorted=False) -> (energies (N, members), deviations (N,
+    members, 3))``, every member's per-atom energies and its force deviation from the mean
+    force (eV/Å; zero mean over members), from one forward pass."""
+    if not self.config.force_heads:
+      raise ValueError(
+        "member_forces_fn needs a shallow ensemble with force_heads=True; other ensembles "
+        "get member forces by differentiating member_energies_fn"
+      )
+    apply = self._apply_fn(include_shift, member_forces=True)
+    return _renamed(species="species_index")(apply)
+
+  def _apply_fn(self, include_shift: bool, member_forces: bool = False) -> Callable:
     """One parameter set's ``(params, species_index, r, dst, src, atom_mask,
     indices_are_sorted) -> (N,)`` (``(N, heads)`` with several heads)."""
     model = self.model
@@ -275,6 +288,7 @@ class Potential:
         zs,
         indices_are_sorted,
         include_shift,
+        member_forces,
       )
 
     return _renamed(species="species_index")(apply)

@@ -7,6 +7,7 @@ under .pytest_cache (shared by identical programs of different tests, and by lat
 ``EQATTN_CACHE_DIR`` moves or disables the cache (``plugin.cache``); the CLI tests use it too.
 """
 
+import functools
 import gc
 import os
 from pathlib import Path
@@ -94,6 +95,36 @@ def cluster():
   return pos, dst, src
 
 
+@pytest.fixture(scope="session")
+def hco_cluster():
+  """``(numbers, positions, dst, src)``: 6 H/C/O atoms, full pair list at a 3 Å cutoff."""
+  pos = random_cluster(6, seed=4, box=3.0)
+  dst, src = all_pairs(pos, 3.0)
+  return np.array([6, 8, 1, 1, 1, 6]), pos, dst, src
+
+
+def dimer_fn(pot, fn, numbers=(8, 1)):
+  """``at(d, pad)``: jitted ``fn(pot.params, ...)`` (a pure function of ``pot``) on two atoms
+  ``d`` Å apart along x plus ``pad`` padded atoms (masked, padded pairs), for padding and
+  cutoff checks."""
+  import jax.numpy as jnp
+
+  import potentials
+
+  sp = jnp.asarray(pot.species_index(np.asarray(numbers)))
+
+  @functools.partial(jax.jit, static_argnums=1)
+  def at(d, pad):
+    pos = jnp.stack([jnp.zeros(3), jnp.array([1.0, 0.0, 0.0]) * d, *[jnp.zeros(3)] * pad])
+    species = jnp.concatenate([sp, jnp.zeros(pad, sp.dtype)])
+    mask = jnp.arange(2 + pad) < 2
+    dst, src = jnp.array([0, 1] + [2 + pad] * pad), jnp.array([1, 0] + [2 + pad] * pad)
+    r = potentials.ops.pair_vectors(pos, dst, src)
+    return fn(pot.params, species_index=species, r=r, dst=dst, src=src, atom_mask=mask)
+
+  return at
+
+
 def tiny_molecule_potential():
   """A small random H C O model (ethanol's elements) with forces of a few eV/Å: stands in for
   the shipped ethanol model where a test checks a code path, not the trained physics."""
@@ -120,6 +151,26 @@ def tiny_model_files(tmp_path_factory):
   tiny_molecule_potential().save(paths["ethanol"])
   tiny_copper_potential().save(paths["copper"])
   return {k: str(v) for k, v in paths.items()}
+
+
+@pytest.fixture(scope="session")
+def copper_data(tmp_path_factory):
+  """An extxyz file of 12 rattled 4-atom Cu cells labelled by EMT, 4 trajectories of 3."""
+  import ase.build
+  import ase.io
+  from ase.calculators.emt import EMT
+
+  images = []
+  for i in range(12):
+    a = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)
+    a.rattle(0.05, seed=i)
+    a.calc = EMT()
+    a.get_potential_energy(), a.get_forces()
+    a.info.update(trajectory=f"run{i // 3}", config_type="bulk", temperature_K=300.0)
+    images.append(a)
+  path = tmp_path_factory.mktemp("cu") / "cu.extxyz"
+  ase.io.write(path, images)
+  return path
 
 
 SETTINGS = (

@@ -1,7 +1,6 @@
 """Ensembles (committee and readout heads) and their uncertainty: the members' physics, the
 mean, the file, ASE, JAX-MD, the MD guard, training with calibration, selection."""
 
-import functools
 import warnings
 
 import ase.build
@@ -11,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from ase.calculators.calculator import PropertyNotImplementedError
-from ase.calculators.emt import EMT
 from jax_md import space
 
 import potentials
@@ -21,7 +19,7 @@ from plugin import jax_md as pjm
 from plugin.ase import Calculator
 from plugin.data import read_frames
 
-from conftest import all_pairs, random_cluster, tiny_molecule_potential
+from conftest import dimer_fn, tiny_molecule_potential
 
 TINY = dict(cutoff=3.0, features=8, max_degree=1, num_iterations=1, num_heads=2, num_basis=4)
 
@@ -50,14 +48,6 @@ def both():
   return _scaled(p)
 
 
-@pytest.fixture(scope="module")
-def structure():
-  pos = random_cluster(6, seed=4, box=3.0)
-  z = np.array([6, 8, 1, 1, 1, 6])
-  dst, src = all_pairs(pos, TINY["cutoff"])
-  return z, pos, dst, src
-
-
 def _member_energies(pot, z, pos, dst, src):
   r = potentials.ops.pair_vectors(jnp.asarray(pos), jnp.asarray(dst), jnp.asarray(src))
   e = pot.member_energies_fn()(
@@ -66,8 +56,8 @@ def _member_energies(pot, z, pos, dst, src):
   return np.asarray(jnp.sum(e, axis=0))
 
 
-def test_committee_is_the_mean_of_its_members_and_round_trips(members, structure, tmp_path):
-  z, pos, dst, src = structure
+def test_committee_is_the_mean_of_its_members_and_round_trips(members, hco_cluster, tmp_path):
+  z, pos, dst, src = hco_cluster
   committee = potentials.Potential.stack(members)
   assert committee.num_members == 2 and committee.config.committee == 2
   single = [m.energy(z, pos, dst, src) for m in members]
@@ -97,8 +87,8 @@ def test_committee_is_the_mean_of_its_members_and_round_trips(members, structure
     potentials.Potential.stack([members[0], potentials.Potential.create(0, species=["H"], **TINY)])
 
 
-def test_member_forces_are_each_members_gradient(both, structure):
-  z, pos, dst, src = structure
+def test_member_forces_are_each_members_gradient(both, hco_cluster):
+  z, pos, dst, src = hco_cluster
   sp = jnp.asarray(both.species_index(z))
   fn = both.member_energies_fn()
   energies = lambda r: fn(both.params, species_index=sp, r=r, dst=dst, src=src)
@@ -123,10 +113,10 @@ def test_member_forces_are_each_members_gradient(both, structure):
   )
 
 
-def test_members_are_invariant_and_uncertainty_equivariant(both, structure):
+def test_members_are_invariant_and_uncertainty_equivariant(both, hco_cluster):
   """Rotation, reflection, translation and permutation act on every member: energies and
   per-atom uncertainties are invariant (permuted with the atoms)."""
-  z, pos, dst, src = structure
+  z, pos, dst, src = hco_cluster
   a = ase.Atoms(numbers=z, positions=pos)
   a.calc = Calculator(both, dtype="float64")
   e0 = a.calc.get_property("member_energies", a).copy()
@@ -142,18 +132,7 @@ def test_members_are_invariant_and_uncertainty_equivariant(both, structure):
 
 def test_padding_and_the_cutoff_leave_members_alone(both):
   """Padded atoms change nothing; every member is smooth as a pair crosses the cutoff."""
-  z = np.array([8, 1])
-  fn = both.member_energies_fn()
-  sp = jnp.asarray(both.species_index(z))
-
-  @functools.partial(jax.jit, static_argnums=1)
-  def members_at(d, pad):
-    pos = jnp.stack([jnp.zeros(3), jnp.array([1.0, 0.0, 0.0]) * d, *[jnp.zeros(3)] * pad])
-    species = jnp.concatenate([sp, jnp.zeros(pad, sp.dtype)])
-    mask = jnp.arange(2 + pad) < 2
-    dst, src = jnp.array([0, 1] + [2 + pad] * pad), jnp.array([1, 0] + [2 + pad] * pad)
-    r = potentials.ops.pair_vectors(pos, dst, src)
-    return fn(both.params, species_index=species, r=r, dst=dst, src=src, atom_mask=mask)
+  members_at = dimer_fn(both, both.member_energies_fn())
 
   np.testing.assert_allclose(members_at(1.3, 3)[:2], members_at(1.3, 0), atol=1e-12)
   assert np.all(members_at(1.3, 3)[2:] == 0)
@@ -241,21 +220,6 @@ def test_md_uncertainty_guard_stops_or_flags_and_names_atoms(tmp_path):
     md.run(atoms, good, max_uncertainty=0.1, **kw)
   with pytest.raises(ValueError, match="one system at a time"):
     md.run([atoms, atoms], bad, max_uncertainty=0.1, **kw)
-
-
-@pytest.fixture(scope="module")
-def copper_data(tmp_path_factory):
-  images = []
-  for i in range(12):
-    a = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)
-    a.rattle(0.05, seed=i)
-    a.calc = EMT()
-    a.get_potential_energy(), a.get_forces()
-    a.info.update(trajectory=f"run{i // 3}", config_type="bulk", temperature_K=300.0)
-    images.append(a)
-  path = tmp_path_factory.mktemp("cu") / "cu.extxyz"
-  ase.io.write(path, images)
-  return path
 
 
 def test_shallow_training_calibrates_and_select_picks_frames(copper_data, tmp_path, capsys):

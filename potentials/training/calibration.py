@@ -14,7 +14,7 @@ import numpy as np
 from .. import ensemble
 from ..potential import Potential
 from .batching import Frame, buckets, device_batch, make_batch
-from .evaluation import batch_observables
+from .evaluation import batch_observables, predict_fn
 
 _MEMBERS_CACHE: Dict[tuple, object] = {}
 
@@ -25,6 +25,15 @@ def _members_fn(potential: Potential):
   key = (potential.config, tuple(potential.species))
   if key not in _MEMBERS_CACHE:
     member_fn = potential.member_energies_fn(include_shift=True)
+    if potential.config.force_heads:
+      predict = predict_fn(potential, members=True)
+
+      def readout(params, bt):  # members' forces: the mean's plus their read-out deviations
+        _, f, _, member_e, deviations = predict(params, bt)
+        return member_e, f[None] + jnp.swapaxes(deviations, 0, 1)
+
+      _MEMBERS_CACHE[key] = jax.jit(readout)
+      return _MEMBERS_CACHE[key]
 
     def members(params, bt):
       committee = potential.config.committee

@@ -1,0 +1,196 @@
+"""A shallow ensemble whose members' force deviations are read out (``force_heads``): their
+physics, that they leave the model alone, both engines, training, the file and the guard."""
+
+import dataclasses
+
+import ase.build
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax_md import space
+
+import potentials
+from potentials import ensemble, observables, training
+from potentials.training.batching import device_batch, make_batch
+from plugin import cli, md
+from plugin import jax_md as pjm
+from plugin.ase import Calculator
+from plugin.data import read_frames
+
+from conftest import all_pairs, dimer_fn
+
+TINY = dict(cutoff=3.0, features=8, max_degree=1, num_iterations=1, num_heads=2, num_basis=4)
+
+
+def _with_readout_scale(pot, factor):
+  """``pot`` with its readout's last layer times ``factor`` (0: identical members)."""
+  ro = dict(pot.params["force_readout"])
+  ro["out"] = {"kernel": np.asarray(ro["out"]["kernel"]) * factor}
+  return pot.replace(params={**pot.params, "force_readout": ro})
+
+
+def _plain(pot):
+  """The same shallow ensemble without the readout: members' forces differentiated."""
+  params = {k: v for k, v in pot.params.items() if k != "force_readout"}
+  return pot.replace(config=dataclasses.replace(pot.config, force_heads=False), params=params)
+
+
+@pytest.fixture(scope="module")
+def readout():
+  """3 heads with read-out force deviations of ~0.1-1 eV/Å, forces of a few eV/Å."""
+  p = potentials.Potential.create(0, species=["H", "C", "O"], heads=3, force_heads=True, **TINY)
+  p = p.replace(params={**p.params, "scale": np.full_like(p.params["scale"], 5.0)})
+  return _with_readout_scale(p, 300.0)
+
+
+def _members(pot, z, pos, dst, src, **kw):
+  r = potentials.ops.pair_vectors(jnp.asarray(pos), jnp.asarray(dst), jnp.asarray(src))
+  fn = pot.member_forces_fn()
+  e, d = fn(pot.params, species_index=jnp.asarray(pot.species_index(z)), r=r, dst=dst, src=src)
+  return np.asarray(e), np.asarray(d)
+
+
+def test_config_checks_and_old_configs():
+  with pytest.raises(ValueError, match="heads > 1"):
+    potentials.ModelConfig(heads=1, force_heads=True)
+  with pytest.raises(ValueError, match="committee = 1"):
+    potentials.ModelConfig(heads=2, committee=2, force_heads=True)
+  old = potentials.ModelConfig(heads=3).to_dict()
+  del old["force_heads"]  # a file written before the option
+  assert potentials.ModelConfig.from_dict(old).force_heads is False
+  single = potentials.Potential.create(0, species=["H"], **TINY)
+  with pytest.raises(ValueError, match="force_heads"):
+    single.member_forces_fn()
+
+
+def test_deviations_rotate_with_the_structure_and_average_to_zero(readout, hco_cluster):
+  """Rotation, reflection, translation, permutation: deviations are vectors (rotated,
+  permuted), energies invariant; their mean over members is zero."""
+  z, pos, dst, src = hco_cluster
+  e0, d0 = _members(readout, z, pos, dst, src)
+  assert d0.shape == (6, 3, 3) and np.abs(d0).max() > 0.05
+  np.testing.assert_allclose(d0.mean(axis=1), 0, atol=1e-12)
+  q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(3, 3)))
+  q = q * np.array([1, 1, -1])  # include a reflection
+  perm = np.random.default_rng(2).permutation(len(z))
+  pos2 = (pos @ q.T + [1.0, -2.0, 0.5])[perm]
+  e1, d1 = _members(readout, z[perm], pos2, *all_pairs(pos2, TINY["cutoff"]))
+  np.testing.assert_allclose(e1, e0[perm], rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(d1, (d0 @ q.T)[perm], rtol=1e-9, atol=1e-12)
+
+
+def test_padding_and_the_cutoff_leave_deviations_alone(readout):
+  deviations = dimer_fn(readout, lambda *a, **k: readout.member_forces_fn()(*a, **k)[1])
+
+  np.testing.assert_allclose(deviations(1.3, 3)[:2], deviations(1.3, 0), atol=1e-12)
+  assert np.all(deviations(1.3, 3)[2:] == 0) and np.abs(deviations(1.3, 0)).max() > 1e-3
+  # smooth at the cutoff: a pair about to leave contributes (almost) nothing
+  assert np.abs(deviations(TINY["cutoff"] - 1e-3, 0)).max() < 1e-9
+
+
+def test_readout_changes_nothing_the_model_predicts(readout, hco_cluster):
+  """Energies, forces and member energies equal those of the same network without the
+  readout, and no gradient of the deviations reaches the network's parameters."""
+  z, pos, dst, src = hco_cluster
+  plain = _plain(readout)
+  e_ro, f_ro = readout.energy_and_forces(z, pos, dst, src)
+  e_pl, f_pl = plain.energy_and_forces(z, pos, dst, src)
+  assert e_ro == e_pl and np.array_equal(f_ro, f_pl)
+  r = potentials.ops.pair_vectors(jnp.asarray(pos), jnp.asarray(dst), jnp.asarray(src))
+  kw = dict(species_index=jnp.asarray(readout.species_index(z)), r=r, dst=dst, src=src)
+  member_e = plain.member_energies_fn()(plain.params, **kw)
+  np.testing.assert_array_equal(readout.member_forces_fn()(readout.params, **kw)[0], member_e)
+  grads = jax.grad(lambda p: jnp.sum(readout.member_forces_fn()(p, **kw)[1] ** 2))(readout.params)
+  network = {k: v for k, v in grads.items() if k != "force_readout"}
+  assert all(np.all(g == 0) for g in jax.tree_util.tree_leaves(network))
+  assert any(np.any(g != 0) for g in jax.tree_util.tree_leaves(grads["force_readout"]))
+
+
+def test_compute_returns_aux_of_the_same_forward_pass(readout, hco_cluster):
+  z, pos, dst, src = hco_cluster
+  pair_fn = ensemble.readout_mean(readout.member_forces_fn())
+  kw = dict(species_index=jnp.asarray(readout.species_index(z)), dst=dst, src=src)
+  energies = lambda r: pair_fn(readout.params, r=r, **kw)
+  pos = jnp.asarray(pos)
+  out = observables.compute(energies, pos, dst=dst, src=src, strain=False, aux=True)
+  plain = observables.compute(lambda r: energies(r)[0], pos, dst=dst, src=src, strain=False)
+  np.testing.assert_array_equal(out.forces, plain.forces)
+  assert out.aux[1].shape == (6, 3, 3) and plain.aux is None
+  with pytest.raises(ValueError, match="aux"):
+    observables.compute(energies, pos, dst=dst, src=src, members=True, aux=True)
+
+
+def test_ase_and_jax_md_give_the_read_out_spread_in_one_compilation(readout):
+  a = ase.build.molecule("CH3CH2OH")
+  a.calc = Calculator(readout)
+  f = a.get_forces()
+  res = {k: a.calc.get_property(k, a) for k in ("energy_uncertainty", "forces_uncertainty")}
+  assert a.calc.num_compilations == 1
+  dst, src = all_pairs(a.positions, TINY["cutoff"])
+  _, d = _members(readout, a.numbers, a.positions, dst, src)
+  _, s_f = readout.uncertainty_scales
+  np.testing.assert_allclose(
+    res["forces_uncertainty"], s_f * np.sqrt(np.mean(d**2, axis=(1, 2))), rtol=2e-4, atol=1e-7
+  )
+  b = a.copy()  # the forces are the mean's, as without the readout
+  b.calc = Calculator(_plain(readout))
+  np.testing.assert_allclose(b.get_forces(), f, atol=1e-5)
+  disp, _ = space.free()
+  nbr, efn = pjm.neighbor_list(readout, disp, 20.0, species=a.numbers, disable_cell_list=True)
+  R = jnp.asarray(a.positions, jnp.float32)
+  u = jax.jit(pjm.uncertainty_fn(efn))(R, nbr.allocate(R))
+  assert float(u.energy) == pytest.approx(res["energy_uncertainty"], rel=1e-4)
+  np.testing.assert_allclose(u.forces, res["forces_uncertainty"], rtol=1e-4, atol=1e-7)
+
+
+def test_zero_readout_has_zero_spread_and_the_guard_fires_on_a_wide_one(readout):
+  """Identical members (a zero readout) never trip the MD guard; a planted wide readout
+  stops the run at the first check."""
+  atoms = ase.build.molecule("CH3CH2OH")
+  kw = dict(ensemble="nvt_langevin", temperature=300, timestep=0.25, steps=40, chunk=20)
+  quiet = md.run(atoms, _with_readout_scale(readout, 0.0), max_uncertainty=1e-6, **kw)
+  assert quiet.stopped is None and quiet.uncertain == []
+  with pytest.warns(RuntimeWarning, match="force uncertainty"):
+    r = md.run(atoms, readout, max_uncertainty=1e-3, **kw)
+  assert r.stopped == "max_uncertainty" and r.total_steps == 20 and r.uncertain[0]["atoms"]
+
+
+def test_likelihood_trains_only_the_readout_and_narrows_to_the_errors(readout, hco_cluster):
+  """The force term of the loss moves the readout alone (the network's gradient is that of
+  the model without a readout), and a few steps on it bring the spread towards the errors."""
+  z, pos, dst, src = hco_cluster
+  frame = training.Frame(
+    numbers=z, positions=pos, cell=np.zeros((3, 3)), pbc=np.zeros(3, bool), dst=dst, src=src,
+    shifts=np.zeros((len(dst), 3)), energy=-3.0, forces=np.ones((6, 3)), stress=None,
+  )  # fmt: skip
+  cfg = training.TrainConfig(nll_weight=1.0)
+  bt = device_batch(make_batch([frame], readout, 1, 8, 64), jnp.float64)
+  loss = training.loss_fn(readout, cfg)
+  plain = _plain(readout)
+  g_ro = jax.grad(lambda p: loss(p, bt)[0])(readout.params)
+  g_pl = jax.grad(lambda p: training.loss_fn(plain, cfg)(p, bt)[0])(plain.params)
+  for k in g_pl:
+    for a, b in zip(jax.tree_util.tree_leaves(g_ro[k]), jax.tree_util.tree_leaves(g_pl[k])):
+      np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+  readout_loss = jax.jit(lambda ro: loss({**readout.params, "force_readout": ro}, bt)[0])
+  step = jax.jit(jax.grad(readout_loss))
+  ro = readout.params["force_readout"]
+  first = float(readout_loss(ro))
+  for _ in range(30):
+    ro = jax.tree_util.tree_map(lambda p, g: p - 0.02 * jnp.sign(g), ro, step(ro))
+  assert float(readout_loss(ro)) < first - 1.0
+
+
+def test_cli_trains_force_heads_calibrated_and_the_file_round_trips(copper_data, tmp_path):
+  model = tmp_path / "ro.eqm"
+  hyper = '{"features": 8, "max_degree": 1, "num_iterations": 1, "num_basis": 4}'
+  argv = ["train", str(copper_data), "--species", "Cu", "--cutoff", "3.0", "--model-config", hyper]
+  argv += ["--epochs", "2", "--batch-size", "4"]
+  assert cli.main(argv + ["--heads", "3", "--force-heads", "--out", str(model)]) == 0
+  pot = potentials.load(model)
+  assert pot.config.force_heads and pot.metadata["uncertainty"]["forces_scale"] > 0
+  frames = read_frames(str(copper_data), 3.0)[:3]
+  again = training.uncertainty_metrics(pot, frames)
+  assert again == training.uncertainty_metrics(potentials.load(model), frames)
+  assert cli.main(argv + ["--force-heads", "--out", str(tmp_path / "x.eqm")]) == 2
