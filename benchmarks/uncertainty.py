@@ -27,7 +27,6 @@ Run it pinned to one core (``taskset -c 0``) when the machine is shared.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -58,16 +57,6 @@ def _train(frames, kind: str, k: int, minutes: float, log):
   if kind == "heads":
     return training.train(pot, frames, cfg, progress=False, log=log).potential
   return training.train_committee(pot, frames, cfg, members=k, progress=False, log=log).potential
-
-
-def differentiated(pot):
-  """A shallow ensemble with ``force_heads`` as one without: the same energy heads, its
-  members' forces differentiated."""
-  if not pot.config.force_heads:
-    return pot
-  params = {k: v for k, v in pot.params.items() if k != "force_readout"}
-  config = dataclasses.replace(pot.config, force_heads=False)
-  return pot.replace(config=config, params=params)
 
 
 def _row(name, pot, sets):
@@ -186,7 +175,9 @@ def main(argv=None):
   out = {}
   rows = {
     "heads, forces read out": models["heads"],
-    "heads, forces differentiated": training.calibrate(differentiated(models["heads"]), valid),
+    "heads, forces differentiated": training.calibrate(
+      training.without_readout(models["heads"]), valid
+    ),
     "committee": models["committee"],
   }
   for kind, pot in rows.items():

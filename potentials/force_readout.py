@@ -10,9 +10,9 @@ scalar features, as a sum of pair vectors,
 
 which is equivariant (rotates and reflects with the positions), smooth at the cutoff and zero
 in the members' mean, so the mean force stays ``-dE/dR``. The readout sees the features
-through ``stop_gradient``: it learns from a Gaussian likelihood of the force errors
-(``potentials.training``) without changing the energy model, and costs one pass over the
-pairs in the forward pass that the energy needs anyway.
+through ``stop_gradient``, so it never changes the energy model; it is fitted to imitate the
+members' differentiated deviations (:mod:`potentials.training.readout_fit`), and costs one
+pass over the pairs in the forward pass that the energy needs anyway.
 """
 
 from __future__ import annotations

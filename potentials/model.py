@@ -70,8 +70,8 @@ class ModelConfig:
     force_heads: with ``heads > 1``, every head also reads out its member's force deviation
       from the mean force (:class:`potentials.force_readout.ForceReadout`, a pass over the
       pairs in the forward pass), so the force uncertainty costs no backward pass per head.
-      The readout does not change energies or forces; it is trained by a Gaussian likelihood
-      of the force errors. Off by default; old model files load with it off.
+      The readout does not change energies or forces; after training it is fitted to the
+      members' differentiated deviations. Off by default; old model files load with it off.
     committee: independently initialised (and trained) parameter sets of this architecture,
       stacked on a leading axis of every parameter (a *committee*; about ``committee`` times
       the cost). 1: one parameter set, no stacked axis (every file written before ensembles).

@@ -3,6 +3,7 @@ physics, that they leave the model alone, both engines, training, the file and t
 
 import dataclasses
 
+import ase
 import ase.build
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ from plugin import jax_md as pjm
 from plugin.ase import Calculator
 from plugin.data import read_frames
 
-from conftest import all_pairs, dimer_fn
+from conftest import all_pairs, dimer_fn, random_cluster
 
 TINY = dict(cutoff=3.0, features=8, max_degree=1, num_iterations=1, num_heads=2, num_basis=4)
 
@@ -28,12 +29,6 @@ def _with_readout_scale(pot, factor):
   ro = dict(pot.params["force_readout"])
   ro["out"] = {"kernel": np.asarray(ro["out"]["kernel"]) * factor}
   return pot.replace(params={**pot.params, "force_readout": ro})
-
-
-def _plain(pot):
-  """The same shallow ensemble without the readout: members' forces differentiated."""
-  params = {k: v for k, v in pot.params.items() if k != "force_readout"}
-  return pot.replace(config=dataclasses.replace(pot.config, force_heads=False), params=params)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +88,7 @@ def test_readout_changes_nothing_the_model_predicts(readout, hco_cluster):
   """Energies, forces and member energies equal those of the same network without the
   readout, and no gradient of the deviations reaches the network's parameters."""
   z, pos, dst, src = hco_cluster
-  plain = _plain(readout)
+  plain = training.without_readout(readout)
   e_ro, f_ro = readout.energy_and_forces(z, pos, dst, src)
   e_pl, f_pl = plain.energy_and_forces(z, pos, dst, src)
   assert e_ro == e_pl and np.array_equal(f_ro, f_pl)
@@ -134,7 +129,7 @@ def test_ase_and_jax_md_give_the_read_out_spread_in_one_compilation(readout):
     res["forces_uncertainty"], s_f * np.sqrt(np.mean(d**2, axis=(1, 2))), rtol=2e-4, atol=1e-7
   )
   b = a.copy()  # the forces are the mean's, as without the readout
-  b.calc = Calculator(_plain(readout))
+  b.calc = Calculator(training.without_readout(readout))
   np.testing.assert_allclose(b.get_forces(), f, atol=1e-5)
   disp, _ = space.free()
   nbr, efn = pjm.neighbor_list(readout, disp, 20.0, species=a.numbers, disable_cell_list=True)
@@ -156,30 +151,48 @@ def test_zero_readout_has_zero_spread_and_the_guard_fires_on_a_wide_one(readout)
   assert r.stopped == "max_uncertainty" and r.total_steps == 20 and r.uncertain[0]["atoms"]
 
 
-def test_likelihood_trains_only_the_readout_and_narrows_to_the_errors(readout, hco_cluster):
-  """The force term of the loss moves the readout alone (the network's gradient is that of
-  the model without a readout), and a few steps on it bring the spread towards the errors."""
-  z, pos, dst, src = hco_cluster
-  frame = training.Frame(
-    numbers=z, positions=pos, cell=np.zeros((3, 3)), pbc=np.zeros(3, bool), dst=dst, src=src,
-    shifts=np.zeros((len(dst), 3)), energy=-3.0, forces=np.ones((6, 3)), stress=None,
-  )  # fmt: skip
+def _frame(z, pos, cutoff=TINY["cutoff"]):
+  dst, src = all_pairs(pos, cutoff)
+  zero = np.zeros
+  return training.Frame(z, pos, zero((3, 3)), zero(3, bool), dst, src, zero((len(dst), 3)))
+
+
+def test_training_leaves_the_readout_and_the_network_alone(readout, hco_cluster):
+  """With a readout, the loss and the network's gradients are those of the same ensemble
+  without one, and the readout gets none (it is fitted afterwards)."""
+  z, pos, _, _ = hco_cluster
+  frame = dataclasses.replace(_frame(z, pos), energy=-3.0, forces=np.ones((6, 3)))
   cfg = training.TrainConfig(nll_weight=1.0)
   bt = device_batch(make_batch([frame], readout, 1, 8, 64), jnp.float64)
-  loss = training.loss_fn(readout, cfg)
-  plain = _plain(readout)
-  g_ro = jax.grad(lambda p: loss(p, bt)[0])(readout.params)
-  g_pl = jax.grad(lambda p: training.loss_fn(plain, cfg)(p, bt)[0])(plain.params)
+  plain = training.without_readout(readout)
+  (l_ro, _), g_ro = jax.value_and_grad(training.loss_fn(readout, cfg), has_aux=True)(
+    readout.params, bt
+  )
+  (l_pl, _), g_pl = jax.value_and_grad(training.loss_fn(plain, cfg), has_aux=True)(plain.params, bt)
+  assert float(l_ro) == pytest.approx(float(l_pl), rel=1e-12)
   for k in g_pl:
     for a, b in zip(jax.tree_util.tree_leaves(g_ro[k]), jax.tree_util.tree_leaves(g_pl[k])):
       np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
-  readout_loss = jax.jit(lambda ro: loss({**readout.params, "force_readout": ro}, bt)[0])
-  step = jax.jit(jax.grad(readout_loss))
-  ro = readout.params["force_readout"]
-  first = float(readout_loss(ro))
-  for _ in range(30):
-    ro = jax.tree_util.tree_map(lambda p, g: p - 0.02 * jnp.sign(g), ro, step(ro))
-  assert float(readout_loss(ro)) < first - 1.0
+  assert all(np.all(g == 0) for g in jax.tree_util.tree_leaves(g_ro["force_readout"]))
+
+
+def test_fitted_readout_imitates_the_differentiated_members(readout):
+  """A fresh readout fitted to a few structures gives about the spread of the members'
+  differentiated forces on a structure it never saw."""
+  plain = training.without_readout(readout)
+  z = np.array([6, 8, 1, 1, 1, 6])
+  frames = [_frame(z, random_cluster(6, seed=s, box=3.0)) for s in range(8)]
+  copies = training.readout_fit.rattled(frames, 0.1)
+  assert copies[0].forces is None and not np.allclose(copies[0].positions, frames[0].positions)
+  fitted = training.fit_force_readout(plain, frames, minutes=0.3, seed=1)
+  assert fitted.config.force_heads and fitted.metadata["force_readout"]["r2"] > 0.8
+  unseen = ase.Atoms(numbers=z, positions=random_cluster(6, seed=20, box=3.0))
+  sigma = {}
+  for name, pot in (("exact", plain), ("fitted", fitted), ("fresh", training.with_readout(plain))):
+    unseen.calc = Calculator(pot, dtype="float64")
+    sigma[name] = unseen.calc.get_property("forces_uncertainty", unseen)
+  err = lambda s: np.linalg.norm(s - sigma["exact"]) / np.linalg.norm(sigma["exact"])
+  assert err(sigma["fitted"]) < 0.5 < err(sigma["fresh"])
 
 
 def test_cli_trains_force_heads_calibrated_and_the_file_round_trips(copper_data, tmp_path):

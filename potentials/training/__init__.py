@@ -2,8 +2,9 @@
 
 Modules: :mod:`.config` (``TrainConfig``), :mod:`.batching` (``Frame``, padded batches),
 :mod:`.splits` (held-out trajectories, random part), :mod:`.evaluation` (predictions, metrics,
-element shifts), :mod:`.calibration` (ensembles' spread against their errors) and :mod:`.loop`
-(loss, schedule, ``train``, ``train_committee``). Every public name is importable
+element shifts), :mod:`.calibration` (ensembles' spread against their errors),
+:mod:`.readout_fit` (a shallow ensemble's force readout) and :mod:`.loop` (loss, schedule,
+``train``, ``train_committee``). Every public name is importable
 from ``potentials.training`` as before the split.
 """
 
@@ -21,6 +22,7 @@ from .evaluation import (
   refit_shifts,
 )
 from .calibration import calibrate, spearman, spread_records, uncertainty_metrics
+from .readout_fit import fit_force_readout, with_readout, without_readout
 from .loop import TrainResult, learning_rate, loss_fn, train, train_committee
 from .splits import split_frames, split_parts, split_summary
 
@@ -53,6 +55,9 @@ __all__ = [
   "spearman",
   "spread_records",
   "uncertainty_metrics",
+  "fit_force_readout",
+  "with_readout",
+  "without_readout",
   "split_frames",
   "split_parts",
   "split_summary",

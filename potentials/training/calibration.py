@@ -44,6 +44,12 @@ def _members_fn(potential: Potential):
   return _MEMBERS_CACHE[key]
 
 
+def exact_member_forces(potential: Potential, bt: dict) -> jax.Array:
+  """Every member's differentiated forces ``(M, A, 3)`` on a device batch (one backward pass
+  per member; for a shallow ensemble without ``force_heads``, or a committee)."""
+  return _members_fn(potential)(potential.params, bt)[1]
+
+
 def spread_records(
   potential: Potential, frames: Sequence[Frame], batch_size: int = 16, dtype=jnp.float32
 ) -> List[dict]:

@@ -43,6 +43,10 @@ class TrainConfig:
     nll_weight: with several readout heads (a shallow ensemble), the weight of the Gaussian
       negative log-likelihood of the per-atom energy error under the heads' spread (trains
       the spread; the mean is fitted by the other terms alone). Unused by single models.
+    readout_minutes, readout_rattle: a shallow ensemble with ``force_heads`` gets its force
+      readout fitted after training, for this many minutes, to its members' differentiated
+      force deviations on the training frames and on copies displaced by ``readout_rattle``
+      Å (:func:`~potentials.training.readout_fit.fit_force_readout`).
     seed: split, shuffling and initialisation.
   """
 
@@ -70,6 +74,8 @@ class TrainConfig:
   huber_delta: float = 0.01
   time_limit: Optional[float] = None
   nll_weight: float = 1e-3
+  readout_minutes: float = 2.0
+  readout_rattle: float = 0.05
   seed: int = 0
 
   def __post_init__(self):

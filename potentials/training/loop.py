@@ -25,6 +25,7 @@ from ..potential import Potential, init_params
 from .calibration import calibrate, uncertainty_metrics
 from .batching import Frame, batch_capacity, device_batch, make_batch
 from .config import MAX_SELECTION_FRAMES, TrainConfig
+from .readout_fit import fit_force_readout
 from .evaluation import evaluate, fit_element_shifts, grouped_metrics, predict_fn, refit_shifts
 from .splits import split_parts, split_summary
 
@@ -34,9 +35,9 @@ def loss_fn(potential: Potential, config: TrainConfig) -> Callable:
 
   A shallow ensemble (several readout heads) adds ``nll_weight`` times the Gaussian negative
   log-likelihood of the per-atom energy error under the heads' spread, with the mean held
-  fixed in it: the spread learns to follow the error, the mean is fitted as usual. With
-  ``force_heads`` it adds the same for the force components under the read-out members'
-  force spread (which only the readout's parameters see)."""
+  fixed in it: the spread learns to follow the error, the mean is fitted as usual. A force
+  readout (``force_heads``) is not trained here but fitted afterwards
+  (:func:`~potentials.training.readout_fit.fit_force_readout`)."""
   heads = potential.num_members > 1
   predict = predict_fn(potential, members=heads)
   if config.loss == "huber":
@@ -57,8 +58,6 @@ def loss_fn(potential: Potential, config: TrainConfig) -> Callable:
     total = energy_weight * le + config.forces_weight * lf + config.stress_weight * ls
     if heads:
       total = total + config.nll_weight * _energy_nll(members[0], e, bt, n)
-    if len(members) > 1:  # force deviations read out (force_heads)
-      total = total + config.nll_weight * _forces_nll(members[1], f, bt)
     return total, (e, f, s)
 
   return loss
@@ -70,22 +69,6 @@ _NLL_FLOOR = 1e-4
 # error far outside a tiny spread (early training) would otherwise give gradients ~1e16 that
 # overflow float32 in the gradient norm
 _NLL_SOFT = 100.0
-
-
-# Force component spread below which the likelihood stops rewarding a narrower one (eV/Å)
-_NLL_FORCE_FLOOR = 1e-3
-
-
-def _forces_nll(deviations, f, bt):
-  """Mean Gaussian NLL (up to a constant) per atom of the force components' errors, with the
-  read-out members' per-atom spread (``deviations (A, M, 3)``) as sigma and the mean force's
-  error held fixed."""
-  err = jax.lax.stop_gradient(f - bt["forces"])
-  var = jnp.mean(deviations**2, axis=(1, 2)) + _NLL_FORCE_FLOOR**2
-  z2 = _NLL_SOFT * jnp.log1p(err**2 / var[:, None] / _NLL_SOFT)
-  nll = 0.5 * (jnp.sum(z2, axis=-1) + 3 * jnp.log(var / _NLL_FORCE_FLOOR**2))
-  has = bt["has_forces"]
-  return jnp.sum(jnp.where(has, nll, 0.0)) / jnp.maximum(jnp.sum(has), 1)
 
 
 def _energy_nll(member_e, e, bt, n):
@@ -380,6 +363,15 @@ def _finish(potential, frames, parts, state, config, dtype, history, start) -> T
   sets = {k: [frames[i] for i in idx] for k, idx in parts.items()}
   best = potential.replace(params=jax.tree_util.tree_map(np.asarray, state["best_params"]))
   best = refit_shifts(best, sets["train"], config.batch_size, dtype)
+  if best.config.force_heads:
+    best = fit_force_readout(
+      best,
+      sets["train"],
+      minutes=config.readout_minutes,
+      rattle=config.readout_rattle,
+      seed=config.seed,
+      dtype=dtype,
+    )
   seconds = time.perf_counter() - start
   meta = dict(best.metadata)
   meta.update(
