@@ -184,7 +184,7 @@ def test_fitted_readout_imitates_the_differentiated_members(readout):
   frames = [_frame(z, random_cluster(6, seed=s, box=3.0)) for s in range(8)]
   copies = training.readout_fit.rattled(frames, 0.1)
   assert copies[0].forces is None and not np.allclose(copies[0].positions, frames[0].positions)
-  fitted = training.fit_force_readout(plain, frames, minutes=0.3, seed=1)
+  fitted = training.fit_force_readout(plain, frames, minutes=0.12, seed=1)
   assert fitted.config.force_heads and fitted.metadata["force_readout"]["r2"] > 0.8
   unseen = ase.Atoms(numbers=z, positions=random_cluster(6, seed=20, box=3.0))
   sigma = {}
@@ -199,7 +199,7 @@ def test_cli_trains_force_heads_calibrated_and_the_file_round_trips(copper_data,
   model = tmp_path / "ro.eqm"
   hyper = '{"features": 8, "max_degree": 1, "num_iterations": 1, "num_basis": 4}'
   argv = ["train", str(copper_data), "--species", "Cu", "--cutoff", "3.0", "--model-config", hyper]
-  argv += ["--epochs", "2", "--batch-size", "4"]
+  argv += ["--epochs", "2", "--batch-size", "4", "--train-config", '{"readout_minutes": 0.05}']
   assert cli.main(argv + ["--heads", "3", "--force-heads", "--out", str(model)]) == 0
   pot = potentials.load(model)
   assert pot.config.force_heads and pot.metadata["uncertainty"]["forces_scale"] > 0
