@@ -498,9 +498,12 @@ def _initial_model(args):
     if args.heads is not None:
       hyper["heads"] = args.heads
     if args.force_heads:
-      if hyper.get("heads", 1) < 2:
-        raise UsageError("--force-heads reads out a shallow ensemble's members: add --heads 4")
       hyper["force_heads"] = True
+    if hyper.get("force_heads") and (args.ensemble or hyper.get("heads", 1) < 2):
+      raise UsageError(
+        "--force-heads reads out the members of a shallow ensemble: use it with --heads K "
+        "(K >= 2), not with --ensemble"
+      )
     return potentials.Potential.create(args.seed, species=args.species, **hyper)
   fixed = [
     o
@@ -735,7 +738,8 @@ def _add_train(sub) -> None:
     "--force-heads",
     action="store_true",
     help="with --heads: every head also reads out its member's force deviation, so the "
-    "force uncertainty costs no backward pass per head",
+    "force uncertainty costs no backward pass per head (fitting the readout takes 2 more "
+    "minutes after --time-limit; TrainConfig.readout_minutes)",
   )
   tr.add_argument("--seed", type=int, default=0)
   tr.add_argument("--checkpoint", help="checkpoint file (resumed if it exists)")

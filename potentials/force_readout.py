@@ -47,8 +47,8 @@ class ForceReadout(nn.Module):
     radial = nn.Dense(self.features, use_bias=False, name="radial")(rbf)
     take = lambda a, i: jnp.take(a, i, axis=0, mode="fill", fill_value=0)
     h = nn.silu(take(centre, dst_idx) * take(neighbour, src_idx) * radial)
-    # small start: the likelihood's gradient in a deviation is proportional to it (zero
-    # deviations would never move), and a large start costs many steps to shrink
+    # small random start: an unfitted readout claims almost no spread, and zero weights
+    # would leave every head's deviation identical
     small = nn.initializers.variance_scaling(1e-4, "fan_in", "normal")
     w = nn.Dense(self.heads, use_bias=False, kernel_init=small, name="out")(h) * cut[:, None]
     norm = safe_norm(r, keepdims=True)

@@ -180,6 +180,11 @@ class Potential:
     """A committee of single potentials of one architecture and species list (e.g. files
     trained from different seeds); its energy is their mean."""
     first = potentials[0]
+    if any(p.config.force_heads for p in potentials):
+      raise ValueError(
+        "a committee differentiates its members' forces; stack shallow ensembles without "
+        "their force readout: Potential.stack([potentials.training.without_readout(p) ...])"
+      )
     for p in potentials:
       if p.config != first.config or p.species != first.species or p.config.committee != 1:
         raise ValueError(

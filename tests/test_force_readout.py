@@ -203,7 +203,24 @@ def test_cli_trains_force_heads_calibrated_and_the_file_round_trips(copper_data,
   assert cli.main(argv + ["--heads", "3", "--force-heads", "--out", str(model)]) == 0
   pot = potentials.load(model)
   assert pot.config.force_heads and pot.metadata["uncertainty"]["forces_scale"] > 0
-  frames = read_frames(str(copper_data), 3.0)[:3]
-  again = training.uncertainty_metrics(pot, frames)
-  assert again == training.uncertainty_metrics(potentials.load(model), frames)
+  assert pot.metadata["force_readout"]["epochs"] >= 2 and "test_uncertainty" in pot.metadata
+  # the differentiated ensemble drops the readout's calibration rather than misuse it
+  plain = training.without_readout(pot)
+  assert "uncertainty" not in plain.metadata and "force_readout" not in plain.metadata
   assert cli.main(argv + ["--force-heads", "--out", str(tmp_path / "x.eqm")]) == 2
+  assert cli.main(argv + ["--ensemble", "2", "--force-heads"]) == 2
+  with pytest.raises(ValueError, match="readout_minutes"):
+    training.TrainConfig(readout_minutes=0)
+
+
+def test_committees_refuse_readouts_before_any_work(readout, copper_data):
+  """A committee differentiates its members: stacking or training one from models with a
+  readout fails at once, naming the fix."""
+  with pytest.raises(ValueError, match="without_readout"):
+    potentials.Potential.stack([readout, readout])
+  frames = read_frames(str(copper_data), 3.0)
+  cu = potentials.Potential.create(0, species=["Cu"], heads=2, force_heads=True, **TINY)
+  with pytest.raises(ValueError, match="without_readout"):
+    training.train_committee(cu, frames, training.TrainConfig(epochs=1), members=2)
+  with pytest.raises(ValueError, match="structures"):
+    training.fit_force_readout(training.without_readout(cu), [])

@@ -430,7 +430,8 @@ def run(
     max_uncertainty: eV/Å; for an ensemble potential (``potential.num_members > 1``), the
       largest calibrated per-atom force uncertainty (:mod:`potentials.ensemble`) allowed,
       checked at the end of every chunk (``chunk`` steps; it costs a backward pass per
-      member, so it is not in the compiled step). None (default): off. When exceeded:
+      member, or one forward pass with ``force_heads``, so it is not in the compiled step).
+      None (default): off. When exceeded:
     uncertainty_action: ``"stop"`` (default): the run ends there (``stopped =
       "max_uncertainty"``, that frame written, the atoms named in ``reason``); ``"flag"``: it
       warns, records the step and atoms in ``MDResult.uncertain`` and goes on.

@@ -394,8 +394,8 @@ def _potential_key(potential: potentials.Potential) -> str:
 def force_uncertainty_fn(engine: Engine) -> Callable:
   """Jitted ``(state, nbrs) -> (N,)``: the ensemble's calibrated force uncertainty per atom
   (eV/Å, :func:`plugin.jax_md.uncertainty_fn`), built once per engine. It is not part of the
-  compiled step (every member's forces cost a backward pass each): the driver checks it
-  between chunks."""
+  compiled step (every member's forces cost a backward pass each, unless a shallow ensemble
+  reads them out: ``force_heads``): the driver checks it between chunks."""
   fn = getattr(engine, "_force_uncertainty", None)
   if fn is None:
     spread = pjm.uncertainty_fn(engine.energy_fn)

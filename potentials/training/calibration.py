@@ -47,6 +47,8 @@ def _members_fn(potential: Potential):
 def exact_member_forces(potential: Potential, bt: dict) -> jax.Array:
   """Every member's differentiated forces ``(M, A, 3)`` on a device batch (one backward pass
   per member; for a shallow ensemble without ``force_heads``, or a committee)."""
+  if potential.config.force_heads:
+    raise ValueError("exact member forces need the ensemble without its readout")
   return _members_fn(potential)(potential.params, bt)[1]
 
 

@@ -90,6 +90,8 @@ class TrainConfig:
       raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
     if self.time_limit is not None and self.time_limit <= 0:
       raise ValueError(f"time_limit must be > 0 minutes, got {self.time_limit}")
+    if self.readout_minutes <= 0:
+      raise ValueError(f"readout_minutes must be > 0, got {self.readout_minutes}")
     if not 0 <= self.late_fraction < 1:
       raise ValueError(f"late_fraction must be in [0, 1), got {self.late_fraction}")
 

@@ -309,6 +309,11 @@ def train_committee(
   calibrated on the validation frames. ``checkpoint``: one file per member (``PATH.k``)."""
   if members < 2 or potential.config.committee != 1:
     raise ValueError(f"a committee needs members >= 2 single models, got members={members}")
+  if potential.config.force_heads:
+    raise ValueError(
+      "a committee differentiates its members' forces and has no force readout: train it "
+      "from a model without force_heads (potentials.training.without_readout)"
+    )
   start = time.perf_counter()
   per_member = config
   if config.time_limit is not None:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .. import ensemble
 from ..ops import pair_vectors
 from ..potential import Potential, init_params
 from .batching import Frame, buckets, device_batch, make_batch
@@ -29,29 +30,39 @@ from .config import TrainConfig
 MAX_STEPS = 20000  # optimiser steps at most, however small the data
 
 
+def _uncalibrated(metadata, *drop) -> dict:
+  """``metadata`` without the calibration and its measures (they belong to another way of
+  getting the members' forces; calibrate again) and the keys ``drop``."""
+  gone = {ensemble.METADATA_KEY, "test_uncertainty", *drop}
+  return {k: v for k, v in metadata.items() if k not in gone}
+
+
 def with_readout(potential: Potential, seed: int = 0) -> Potential:
   """``potential`` (a shallow ensemble) with ``force_heads`` and, if it had none, a freshly
-  initialised readout (the network's parameters unchanged)."""
+  initialised readout (the network's parameters unchanged, the calibration dropped)."""
   if potential.config.force_heads:
     return potential
   config = dataclasses.replace(potential.config, force_heads=True)  # checks heads > 1
   fresh = init_params(config, len(potential.species), jax.random.PRNGKey(seed))
   params = {**potential.params, "force_readout": fresh["force_readout"]}
-  return potential.replace(config=config, params=params)
+  return potential.replace(config=config, params=params, metadata=_uncalibrated(potential.metadata))
 
 
 def without_readout(potential: Potential) -> Potential:
-  """The same shallow ensemble with its members' forces differentiated (no readout)."""
+  """The same shallow ensemble with its members' forces differentiated (no readout; the
+  calibration, which was the readout's, dropped: run ``calibrate`` again)."""
   if not potential.config.force_heads:
     return potential
   params = {k: v for k, v in potential.params.items() if k != "force_readout"}
   config = dataclasses.replace(potential.config, force_heads=False)
-  return potential.replace(config=config, params=params)
+  meta = _uncalibrated(potential.metadata, "force_readout")
+  return potential.replace(config=config, params=params, metadata=meta)
 
 
 def rattled(frames: Sequence[Frame], sigma: float, seed: int = 0) -> List[Frame]:
   """Unlabelled copies of ``frames`` with Gaussian displacements (``sigma`` Å per
-  component), keeping their pair lists (pairs beyond the cutoff add nothing)."""
+  component), keeping their pair lists: a pair that moves inside the cutoff is left out, in
+  the exact deviations and the readout alike, so the two stay comparable."""
   rng = np.random.default_rng(seed)
   return [
     dataclasses.replace(
@@ -81,7 +92,10 @@ def fit_force_readout(
   mean squared deviation error, Adam with cosine decay fitted to ``minutes`` (at most
   ``MAX_STEPS`` steps). The fit's measures
   (``r2``: 1 - residual / target variance on every structure used) go to the metadata under
-  ``"force_readout"``."""
+  ``"force_readout"``. The calibration of ``potential`` is dropped: run
+  :func:`~potentials.training.calibrate` on validation frames afterwards."""
+  if not frames:
+    raise ValueError("fit_force_readout needs structures to imitate the members on")
   start = time.perf_counter()
   pot = with_readout(potential, seed)
   exact = without_readout(pot)
@@ -93,9 +107,11 @@ def fit_force_readout(
     target = jnp.swapaxes(member_f - jnp.mean(member_f, axis=0), 0, 1)
     batches.append((bt, target))
   deviations_fn = pot.member_forces_fn()
-  network = {k: v for k, v in pot.params.items() if k != "force_readout"}
+  # an argument of the jitted functions, not a constant compiled into them
+  network = {k: jax.tree_util.tree_map(jnp.asarray, v) for k, v in pot.params.items()}
+  network.pop("force_readout")
 
-  def residual(readout, bt, target):
+  def residual(readout, network, bt, target):
     """``(A, M, 3)`` readout minus exact deviations, 0 on padded atoms."""
     d = deviations_fn(
       {**network, "force_readout": readout},
@@ -115,21 +131,21 @@ def fit_force_readout(
     )[1]
     return jnp.where(bt["atom_mask"][:, None, None], d - target, 0.0)
 
-  def loss(readout, bt, target):
+  def loss(readout, network, bt, target):
     count = jnp.maximum(jnp.sum(bt["atom_mask"]) * target.shape[1] * 3, 1)
-    return jnp.sum(residual(readout, bt, target) ** 2) / count
+    return jnp.sum(residual(readout, network, bt, target) ** 2) / count
 
   adam = optax.scale_by_adam()
 
   @jax.jit
-  def step(readout, state, bt, target, lr):
-    grads = jax.grad(loss)(readout, bt, target)
+  def step(readout, network, state, bt, target, lr):
+    grads = jax.grad(loss)(readout, network, bt, target)
     updates, state = adam.update(grads, state, readout)
     return jax.tree_util.tree_map(
       lambda p, u: p - (lr * u).astype(p.dtype), readout, updates
     ), state
 
-  squared = jax.jit(lambda readout, bt, target: jnp.sum(residual(readout, bt, target) ** 2))
+  squared = jax.jit(lambda ro, net, bt, t: jnp.sum(residual(ro, net, bt, t) ** 2))
   readout = jax.tree_util.tree_map(jnp.asarray, pot.params["force_readout"])
   state = adam.init(readout)
   rng = np.random.default_rng(seed)
@@ -138,16 +154,16 @@ def fit_force_readout(
     lr = learning_rate * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * epochs / total)))
     t0 = time.perf_counter()
     for i in rng.permutation(len(batches)):
-      readout, state = step(readout, state, *batches[i], lr)
+      readout, state = step(readout, network, state, *batches[i], lr)
     jax.block_until_ready(readout)
     epochs += 1
     if epochs == 2:  # the first epoch compiled: fit the cosine schedule to the budget
       left = 60 * minutes - (time.perf_counter() - start)
       total = int(np.clip(2 + left / (time.perf_counter() - t0), 2, total))
-  res = sum(float(squared(readout, bt, t)) for bt, t in batches)
+  res = sum(float(squared(readout, network, bt, t)) for bt, t in batches)
   tot = sum(float(jnp.sum(t**2)) for _, t in batches)
   params = {**pot.params, "force_readout": jax.tree_util.tree_map(np.asarray, readout)}
-  meta = dict(pot.metadata)
+  meta = _uncalibrated(pot.metadata)
   meta["force_readout"] = {
     "r2": 1.0 - res / max(tot, 1e-30),
     "structures": len(structures),
