@@ -153,11 +153,12 @@ class _Evaluator:
   def __init__(self, potential: potentials.Potential, dtype: np.dtype, uncertainty: bool) -> None:
     members = uncertainty and potential.num_members > 1
     readout = members and potential.config.force_heads  # member forces without backward passes
-    pair_fn = (potential.member_energies_fn if members else potential.pair_energies_fn)(
-      include_shift=False
-    )
     if readout:
       pair_fn = ensemble.readout_mean(potential.member_forces_fn(include_shift=False))
+    else:
+      pair_fn = (potential.member_energies_fn if members else potential.pair_energies_fn)(
+        include_shift=False
+      )
 
     def evaluate(params, species, positions, cell, dst, src, shifts, atom_mask):
       # pairs come sorted by dst from the neighbour list, padding (= n) last

@@ -634,9 +634,11 @@ def _energy_fn(
   # jitted: its trace is cached, so init, step and observe (and their gradients) trace the
   # model once per shape between them, not once each.
   pair_energies = jax.jit(potential.pair_energies_fn(), static_argnames=("indices_are_sorted",))
-  member_energies = jax.jit(potential.member_energies_fn(), static_argnames=("indices_are_sorted",))
-  if potential.config.force_heads:  # member forces read out: no backward pass per member
-    member_energies = jax.jit(potential.member_forces_fn(), static_argnames=("indices_are_sorted",))
+  # with force_heads the members' force deviations are read out: no backward pass per member
+  members_fn = (
+    potential.member_forces_fn if potential.config.force_heads else potential.member_energies_fn
+  )
+  member_energies = jax.jit(members_fn(), static_argnames=("indices_are_sorted",))
   default_params = potential.params
   cutoff = float(potential.cutoff)
   n = int(species_idx.shape[0])

@@ -103,6 +103,22 @@ def hco_cluster():
   return np.array([6, 8, 1, 1, 1, 6]), pos, dst, src
 
 
+def assert_jax_md_spread_matches(pot, atoms, results):
+  """``plugin.jax_md.uncertainty_fn`` of ``pot`` on ``atoms`` (open, float32, jitted) gives
+  the ASE calculator's ``energy_uncertainty`` and ``forces_uncertainty`` in ``results``."""
+  import jax.numpy as jnp
+  from jax_md import space
+
+  from plugin import jax_md as pjm
+
+  disp, _ = space.free()
+  nbr, efn = pjm.neighbor_list(pot, disp, 20.0, species=atoms.numbers, disable_cell_list=True)
+  R = jnp.asarray(atoms.positions, jnp.float32)
+  u = jax.jit(pjm.uncertainty_fn(efn))(R, nbr.allocate(R))
+  assert float(u.energy) == pytest.approx(results["energy_uncertainty"], rel=1e-4)
+  np.testing.assert_allclose(u.forces, results["forces_uncertainty"], rtol=1e-4, atol=1e-7)
+
+
 def dimer_fn(pot, fn, numbers=(8, 1)):
   """``at(d, pad)``: jitted ``fn(pot.params, ...)`` (a pure function of ``pot``) on two atoms
   ``d`` Å apart along x plus ``pad`` padded atoms (masked, padded pairs), for padding and

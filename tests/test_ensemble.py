@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from ase.calculators.calculator import PropertyNotImplementedError
-from jax_md import space
 
 import potentials
 from potentials import ensemble, observables, training
@@ -19,7 +18,7 @@ from plugin import jax_md as pjm
 from plugin.ase import Calculator
 from plugin.data import read_frames
 
-from conftest import dimer_fn, tiny_molecule_potential
+from conftest import assert_jax_md_spread_matches, dimer_fn, tiny_molecule_potential
 
 TINY = dict(cutoff=3.0, features=8, max_degree=1, num_iterations=1, num_heads=2, num_basis=4)
 
@@ -149,12 +148,7 @@ def test_ase_and_jax_md_agree_in_one_compilation(both):
   assert a.calc.num_compilations == 1  # every property came from the one call
   assert results["forces_uncertainty"].shape == (9,) and results["energy_uncertainty"] > 0
   assert np.mean(a.calc.results["member_energies"]) == pytest.approx(a.get_potential_energy())
-  disp, _ = space.free()
-  nbr, efn = pjm.neighbor_list(both, disp, 20.0, species=a.numbers, disable_cell_list=True)
-  R = jnp.asarray(a.positions, jnp.float32)
-  u = jax.jit(pjm.uncertainty_fn(efn))(R, nbr.allocate(R))
-  assert float(u.energy) == pytest.approx(results["energy_uncertainty"], rel=1e-4)
-  np.testing.assert_allclose(u.forces, results["forces_uncertainty"], rtol=1e-4, atol=1e-7)
+  assert_jax_md_spread_matches(both, a, results)
   with pytest.raises(TypeError, match="neighbor_list"):
     pjm.uncertainty_fn(lambda R, nbrs: 0.0)
 

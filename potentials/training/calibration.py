@@ -14,7 +14,7 @@ import numpy as np
 from .. import ensemble
 from ..potential import Potential
 from .batching import Frame, buckets, device_batch, make_batch
-from .evaluation import batch_observables, predict_fn
+from .evaluation import batch_observables
 
 _MEMBERS_CACHE: Dict[tuple, object] = {}
 
@@ -26,11 +26,14 @@ def _members_fn(potential: Potential):
   if key not in _MEMBERS_CACHE:
     member_fn = potential.member_energies_fn(include_shift=True)
     if potential.config.force_heads:
-      predict = predict_fn(potential, members=True)
+      readout_fn = ensemble.readout_mean(potential.member_forces_fn(include_shift=True))
 
       def readout(params, bt):  # members' forces: the mean's plus their read-out deviations
-        _, f, _, member_e, deviations = predict(params, bt)
-        return member_e, f[None] + jnp.swapaxes(deviations, 0, 1)
+        out = batch_observables(readout_fn, params, bt, strain=False, aux=True)
+        member_e, deviations = out.aux
+        frames = bt["cells"].shape[0]
+        member_e = jax.ops.segment_sum(member_e, bt["atom_frame"], num_segments=frames)
+        return member_e, out.forces[None] + jnp.swapaxes(deviations, 0, 1)
 
       _MEMBERS_CACHE[key] = jax.jit(readout)
       return _MEMBERS_CACHE[key]

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import ensemble, observables
+from .. import observables
 from ..potential import Potential
 from .batching import Frame, buckets, device_batch, make_batch
 
@@ -18,20 +18,8 @@ def predict_fn(potential: Potential, members: bool = False) -> Callable:
   """``f(params, batch) -> (energy (B,), forces (A, 3), stress (B, 3, 3))`` for a batch from
   :func:`~potentials.training.device_batch` (:func:`potentials.observables.compute`: stress
   is ``(1/V) dE/dε``, ASE's sign, 0 for non-periodic frames); with ``members``, also the
-  members' energies ``(B, M)`` (of the same forward pass; forces are the mean's), and with
-  ``force_heads`` their force deviations ``(A, M, 3)`` (read out in that forward pass)."""
+  members' energies ``(B, M)`` (of the same forward pass; forces are the mean's)."""
   m = potential.num_members
-  if members and potential.config.force_heads:
-    pair_fn = ensemble.readout_mean(potential.member_forces_fn(include_shift=True))
-
-    def predict_readout(params, bt):
-      out = batch_observables(pair_fn, params, bt, volumes=bt["volumes"], aux=True)
-      member_e, deviations = out.aux
-      frames = bt["cells"].shape[0]
-      member_e = jax.ops.segment_sum(member_e, bt["atom_frame"], num_segments=frames)
-      return out.energy, out.forces, out.stress, member_e, deviations
-
-    return predict_readout
   if members:  # columns of the members' energies / M: their sum is the mean's energy
     member_fn = potential.member_energies_fn(include_shift=True)
     pair_fn = lambda *a, **k: member_fn(*a, **k) / m
