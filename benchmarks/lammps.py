@@ -7,19 +7,24 @@ FCC copper (a = 3.61 Å, n x n x n cubic cells, 4 n^3 atoms) with the shipped co
   ``--warmup`` steps (compilation), then ``--steps`` timed steps; the figure is LAMMPS' own
   "Loop time" of the timed run / steps. The decomposition is ``processors * 1 1`` (slabs along
   x: y and z stay undivided, so only the x faces carry ghosts). Every step rebuilds the pair
-  list among the rank's rows on the host (vesin) and calls the jitted model once.
+  list among the rank's rows on the host (vesin) and runs the model's stages, exchanging
+  features between them. Each rank count runs unbound (XLA's threads use every core) and
+  bound to one core per rank (``mpirun -bind-to core``, the usual one-rank-per-core setup).
 * ghost overhead: rows evaluated per local atom (``plugin.lammps`` reports it, summed over
   ranks and steps): 1 on one rank; with r slabs of width L / r about
-  ``1 + 2 (13.5 + 1) r / L``.
+  ``1 + 2 (4.5 + 1) r / L`` (ghost rows are read as neighbours; only local atoms centre pairs).
 * ``JAX-MD``: ``plugin.md.run(..., ensemble="nve")`` on the same crystal, skin 1 Å: median time
   of a ``--chunk``-step chunk per step after a compiled warm-up chunk (velocity Verlet and the
   JAX-MD list inside ``lax.fori_loop``).
 
 Targets (issue 19): 2 ranks <= 0.65 x the 1-rank time at 32000 atoms; 1 rank <= 1.3 x JAX-MD.
-Run it on cores not shared with other jobs (``taskset``), since ranks compete for them:
+Run it on cores not shared with other jobs (``taskset``), since ranks compete for them. Large
+systems run ~1.4-1.7x faster with transparent huge pages for glibc's large allocations
+(glibc >= 2.35): set ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` for every configuration alike.
 
-    python benchmarks/lammps.py                          # 4000 atoms, 1 and 2 ranks
-    python benchmarks/lammps.py --cells 10 20 --ranks 1 2
+    python benchmarks/lammps.py                          # 4000 atoms
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/lammps.py --cells 20 --steps 3 \
+      --warmup 2 --chunks 1 --chunk 5                    # 32000 atoms
 """
 
 from __future__ import annotations
@@ -61,8 +66,11 @@ run {steps}
 """
 
 
-def lammps_step_ms(n: int, ranks: int, steps: int, warmup: int) -> tuple[float, float, float]:
-  """(ms per timed step, ghost overhead, wall time of the whole run in s)."""
+def lammps_step_ms(
+  n: int, ranks: int, steps: int, warmup: int, bind: bool = False
+) -> tuple[float, float, float]:
+  """(ms per timed step, ghost overhead, wall time of the whole run in s); ``bind``: one core
+  per rank (``mpirun -bind-to core``), so XLA runs one thread per rank."""
   mpirun = shutil.which(
     "mpirun", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
   )
@@ -78,6 +86,7 @@ def lammps_step_ms(n: int, ranks: int, steps: int, warmup: int) -> tuple[float, 
         mpirun,
         "-np",
         str(ranks),
+        *(["-bind-to", "core"] if bind else []),
         sys.executable,
         "-m",
         "plugin.lammps",
@@ -118,6 +127,9 @@ def jax_md_step_ms(n: int, chunks: int, chunk: int) -> tuple[float, float]:
   return 1e3 * statistics.median(result.chunk_times_s) / chunk, warm
 
 
+CONFIGS = {"1": (1, False), "1-bound": (1, True), "2-bound": (2, True), "2": (2, False)}
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument(
@@ -127,7 +139,13 @@ def main() -> None:
     default=[10],
     help="n of n^3 cubic cells (10: 4000 atoms, 20: 32000)",
   )
-  ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+  ap.add_argument(
+    "--runs",
+    nargs="+",
+    default=["1", "1-bound", "2-bound"],
+    choices=list(CONFIGS),
+    help="LAMMPS runs: ranks, '-bound' for one core per rank",
+  )
   ap.add_argument("--steps", type=int, default=10, help="timed LAMMPS steps")
   ap.add_argument("--warmup", type=int, default=3, help="LAMMPS steps before timing")
   ap.add_argument("--chunks", type=int, default=3, help="timed JAX-MD chunks (median)")
@@ -139,28 +157,29 @@ def main() -> None:
     f"jax {jax.__version__}, backend {jax.default_backend()}, "
     f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
     f"(affinity {len(os.sched_getaffinity(0))}), float32, shipped copper model, skin "
-    f"{SKIN} Å, NVE 1 fs\n"
+    f"{SKIN} Å, NVE 1 fs, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}\n"
   )
   print(
-    "| atoms | engine | ranks | ms / step | vs JAX-MD | vs 1 rank | rows / local atom | "
-    "run wall (s) |"
+    "| atoms | engine | ranks | cores per rank | ms / step | vs JAX-MD | vs 1 rank | "
+    "vs 1 rank on 1 core | rows / local atom | run wall (s) |"
   )
-  print("|---:|---|---:|---:|---:|---:|---:|---:|")
+  print("|---:|---|---:|---|---:|---:|---:|---:|---:|---:|")
   for n in args.cells:
     atoms = 4 * n**3
     jm, warm = jax_md_step_ms(n, args.chunks, args.chunk)
     print(
-      f"| {atoms} | JAX-MD (plugin.md.run) | 1 | {jm:.1f} | 1.00 | | 1.00 | {warm:.0f} |",
+      f"| {atoms} | JAX-MD (plugin.md.run) | 1 | all | {jm:.1f} | 1.00 | | | 1.00 | {warm:.0f} |",
       flush=True,
     )
-    one = None
-    for r in args.ranks:
-      ms, overhead, wall = lammps_step_ms(n, r, args.steps, args.warmup)
-      one = ms if r == 1 else one
-      vs_one = f"{ms / one:.2f}" if one else ""
+    times = {}
+    for run in args.runs:
+      ranks, bind = CONFIGS[run]
+      ms, overhead, wall = lammps_step_ms(n, ranks, args.steps, args.warmup, bind)
+      times[run] = ms
+      vs = lambda ref: f"{ms / times[ref]:.2f}" if ref in times else ""
       print(
-        f"| {atoms} | LAMMPS + eqattn | {r} | {ms:.1f} | {ms / jm:.2f} | {vs_one} | "
-        f"{overhead:.2f} | {wall:.0f} |",
+        f"| {atoms} | LAMMPS + eqattn | {ranks} | {'1' if bind else 'all'} | {ms:.1f} | "
+        f"{ms / jm:.2f} | {vs('1')} | {vs('1-bound')} | {overhead:.2f} | {wall:.0f} |",
         flush=True,
       )
 

@@ -150,11 +150,16 @@ class ModelConfig:
     return cls(**d)
 
   @property
+  def num_stages(self) -> int:
+    """Hops over the pair graph from species to energies: ``num_iterations`` attention
+    blocks, plus one for the neighbour density of the initial features. Each stage reads
+    only neighbours within ``cutoff`` (see ``EnergyModel``'s ``stage``)."""
+    return self.num_iterations + int(self.density_features)
+
+  @property
   def receptive_field(self) -> float:
-    """How far (Å) an atom's energy reaches: ``num_iterations`` attention hops of
-    ``cutoff``, plus one for the neighbour density of the initial features. A domain
-    decomposition (LAMMPS) must hold every atom this close to its own as a ghost."""
-    return (self.num_iterations + int(self.density_features)) * self.cutoff
+    """How far (Å) an atom's energy reaches: ``num_stages`` hops of ``cutoff``."""
+    return self.num_stages * self.cutoff
 
   def radial_fn(self):
     if self.radial == "reciprocal_bernstein":
@@ -229,6 +234,13 @@ class EnergyModel(nn.Module):
   mean force (eV/Å, :mod:`potentials.force_readout`). With
   ``include_shift=False`` the per-element shifts are left out (add ``shift[species]`` in
   float64 to keep float32 runs from rounding energies of ~1e3 eV per atom).
+
+  Staged evaluation (a domain decomposition that exchanges features between hops, LAMMPS):
+  ``stage=s`` (``0 <= s < config.num_stages``) runs one hop only. Stage 0 starts from
+  ``species``; a later stage takes ``features``, the previous stage's output ``(N, P,
+  (L+1)**2, F)``. Every stage but the last returns its output features (rows of atoms that
+  are no pair's ``dst`` are meaningless there); the last returns the per-atom energies as
+  the whole model does. Chaining all stages equals the whole model.
   """
 
   config: ModelConfig
@@ -246,10 +258,18 @@ class EnergyModel(nn.Module):
     indices_are_sorted: bool = False,
     include_shift: bool = True,
     member_forces: bool = False,
+    stage=None,
+    features=None,
   ):
     cfg = self.config
     if member_forces and not cfg.force_heads:
       raise ValueError("member_forces=True needs a model with force_heads")
+    if stage is not None and not 0 <= stage < cfg.num_stages:
+      raise ValueError(f"stage must be in [0, {cfg.num_stages}), got {stage}")
+    if stage is not None and member_forces:
+      raise ValueError("member_forces is for the whole model, not one stage")
+    if (features is None) != (stage is None or stage == 0):
+      raise ValueError("features are the input of stages after the first, and only of those")
     n = species.shape[0]
     valid = (dst_idx < n) & (src_idx < n)
     ylm, rbf, cut = radial_lib.basis_parts(
@@ -294,26 +314,44 @@ class EnergyModel(nn.Module):
       nn.Dense(cfg.features, use_bias=False, name="density") if cfg.density_features else None
     )
 
-    def network(species, ylm, rbf, basis, cut, **kw):
-      x = embed(species).astype(r.dtype)
-      if density is not None:
-        rho = _neighbour_density(species, basis, cut, num_species=self.num_species, **kw)
-        x = x.at[:, 0, 0, :].add(density(rho))
-      for degree, attention, mlp_in, gate, mlp_out, product, radial in blocks:
-        b = basis if radial is None else radial_lib.combine(ylm, radial(rbf) * cut[:, None])
-        y = attention(x, b, cut, **kw)
-        pseudo = y.shape[-3] == 2
-        if product is None:
-          x = change_max_degree_or_type(x, degree, pseudo) + y
-        else:  # the product reads all degrees, also in a last block that keeps only scalars
-          L_z = max(max_degree_of(x.shape), degree)
-          z = change_max_degree_or_type(x, L_z, pseudo) + change_max_degree_or_type(y, L_z, pseudo)
-          x = change_max_degree_or_type(z, degree) + product(z)
-        x = x + mlp_out(gate(mlp_in(x)))
+    def stages(species, ylm, rbf, basis, cut, first, stop, x=None, **kw):
+      """Features after stages ``[first, stop)`` (``x``: the input of stage ``first`` > 0)."""
+      offset = int(density is not None)  # stage 0 is the density alone when there is one
+      if first == 0:
+        x = embed(species).astype(r.dtype)
+        if density is not None:
+          rho = _neighbour_density(species, basis, cut, num_species=self.num_species, **kw)
+          x = x.at[:, 0, 0, :].add(density(rho))
+      for block in blocks[max(first - offset, 0) : stop - offset]:
+        x = apply_block(block, x, ylm, rbf, basis, cut, **kw)
+      return x
+
+    def apply_block(block, x, ylm, rbf, basis, cut, **kw):
+      degree, attention, mlp_in, gate, mlp_out, product, radial = block
+      b = basis if radial is None else radial_lib.combine(ylm, radial(rbf) * cut[:, None])
+      y = attention(x, b, cut, **kw)
+      pseudo = y.shape[-3] == 2
+      if product is None:
+        x = change_max_degree_or_type(x, degree, pseudo) + y
+      else:  # the product reads all degrees, also in a last block that keeps only scalars
+        L_z = max(max_degree_of(x.shape), degree)
+        z = change_max_degree_or_type(x, L_z, pseudo) + change_max_degree_or_type(y, L_z, pseudo)
+        x = change_max_degree_or_type(z, degree) + product(z)
+      return x + mlp_out(gate(mlp_in(x)))
+
+    def head(x):
       out = readout(nn.silu(hidden(x[:, 0, 0, :])))
       return (out[:, 0] if cfg.heads == 1 else out), x[:, 0, 0, :]
 
-    e, x = network(species, ylm, rbf, basis, cut, **pair_kw)
+    def network(species, ylm, rbf, basis, cut, **kw):
+      return head(stages(species, ylm, rbf, basis, cut, 0, cfg.num_stages, **kw))
+
+    if stage is not None and stage < cfg.num_stages - 1:
+      return stages(species, ylm, rbf, basis, cut, stage, stage + 1, features, **pair_kw)
+    if stage is None:
+      e, x = network(species, ylm, rbf, basis, cut, **pair_kw)
+    else:  # the last stage
+      e, x = head(stages(species, ylm, rbf, basis, cut, stage, stage + 1, features, **pair_kw))
     # The same network on one lone atom per species (no pairs): subtracting its output makes
     # an isolated atom's energy exactly its element's shift, the reference energy.
     none = jnp.zeros((0,), dst_idx.dtype)

@@ -149,6 +149,11 @@ class Potential:
     return self.config.receptive_field
 
   @property
+  def num_stages(self) -> int:
+    """Hops of the model over the pair graph (:attr:`ModelConfig.num_stages`)."""
+    return self.config.num_stages
+
+  @property
   def model(self) -> EnergyModel:
     return EnergyModel(self.config, len(self.species))
 
@@ -276,13 +281,53 @@ class Potential:
     apply = self._apply_fn(include_shift, member_forces=True)
     return _renamed(species="species_index")(apply)
 
-  def _apply_fn(self, include_shift: bool, member_forces: bool = False) -> Callable:
+  def stage_fn(self, stage: int) -> Callable:
+    """One hop of the model, for domain decompositions that exchange features between hops
+    (``EnergyModel``'s ``stage``): ``f(params, species_index, r, dst, src, features=None,
+    atom_mask=None, indices_are_sorted=False)``. Stages before the last return features
+    (a committee's with a leading member axis, which ``features`` then also has); the last
+    returns the per-atom energies without element shifts (an ensemble's mean, ``(N,)``).
+    Chaining ``stage_fn(0) ... stage_fn(num_stages - 1)`` equals ``pair_energies_fn(False)``.
+    """
+    cfg = self.config
+    last = stage == cfg.num_stages - 1
+    apply = self._apply_fn(False, stage=stage)
+
+    def one(params, species_index, r, dst, src, features, atom_mask, indices_are_sorted):
+      out = apply(params, species_index, r, dst, src, atom_mask, indices_are_sorted, features)
+      return out if not last or cfg.heads == 1 else jnp.mean(out, axis=-1)
+
+    def f(
+      params,
+      species_index,
+      r,
+      dst,
+      src,
+      features=None,
+      atom_mask=None,
+      indices_are_sorted=False,
+    ):
+      run = lambda p, x: one(p, species_index, r, dst, src, x, atom_mask, indices_are_sorted)
+      if cfg.committee == 1:
+        return run(params, features)
+      out = jax.vmap(run, (0, None if features is None else 0))(params, features)
+      return jnp.mean(out, axis=0) if last else out
+
+    return f
+
+  def _apply_fn(
+    self, include_shift: bool, member_forces: bool = False, stage: int | None = None
+  ) -> Callable:
     """One parameter set's ``(params, species_index, r, dst, src, atom_mask,
-    indices_are_sorted) -> (N,)`` (``(N, heads)`` with several heads)."""
+    indices_are_sorted) -> (N,)`` (``(N, heads)`` with several heads); with ``stage``, that
+    stage only, taking ``features`` as a last argument (:meth:`stage_fn`)."""
     model = self.model
     zs = jnp.asarray(self.species)
+    staged = {} if stage is None else {"stage": stage}
 
-    def apply(params, species_index, r, dst, src, atom_mask=None, indices_are_sorted=False):
+    def apply(
+      params, species_index, r, dst, src, atom_mask=None, indices_are_sorted=False, features=None
+    ):
       return model.apply(
         {"params": params},
         species_index,
@@ -294,6 +339,8 @@ class Potential:
         indices_are_sorted,
         include_shift,
         member_forces,
+        features=features,
+        **staged,
       )
 
     return _renamed(species="species_index")(apply)

@@ -3,7 +3,8 @@ decomposition, and NVE. Each case is one `mpirun ... python -m plugin.lammps` su
 (start-up plus a compilation: ~15-30 s on 2 cores), so the default selection is 1 and 2 ranks
 on 256 copper atoms plus a short NVE; 4 ranks, triclinic boxes, tiled communication and the
 10 ps conservation run are marked slow. Parity runs in float64 (tolerances of rounding, so a
-missing ghost or a wrong receptive field shows); the NVE runs in float32, the MD default."""
+missing ghost, feature exchange or gradient exchange shows); the NVE runs in float32, the MD
+default."""
 
 from __future__ import annotations
 
@@ -166,7 +167,8 @@ def parity(
 # ----------------------------------------------------------------------------- fast, no LAMMPS
 def test_receptive_field_is_the_reach_of_an_atom_energy(copper):
   """Atoms beyond the receptive field do not change an atom's energy, atoms just inside do
-  (the density features add one cutoff to the attention hops): the ghost shell is right."""
+  (the density features add one cutoff to the attention hops): a ghost shell of one cutoff
+  is enough only because features are exchanged between all num_stages hops."""
   from plugin.neighbors import neighbor_pairs
 
   atoms = crystal().repeat((3, 3, 3))
@@ -174,7 +176,7 @@ def test_receptive_field_is_the_reach_of_an_atom_energy(copper):
   centre = int(np.argmin(np.linalg.norm(atoms.positions - atoms.positions.mean(0), axis=1)))
   dist = np.linalg.norm(atoms.positions - atoms.positions[centre], axis=1)
   rf = copper.receptive_field
-  assert rf == 3 * copper.cutoff  # copper: 2 attention blocks + density features
+  assert rf == 3 * copper.cutoff == copper.num_stages * copper.cutoff  # 2 blocks + density
 
   def centre_energy(radius):
     keep = np.flatnonzero(dist < radius)
@@ -254,9 +256,8 @@ def test_parity_with_ase(tmp_path, copper, ranks, processors):
     (1, "", True, "", 4),
     (2, "1 2 1", True, "", 4),
     (4, "2 2 1", True, "", 4),
-    # no undivided direction, every ghost is evaluated; tiled needs a box wider than the
-    # ghost cutoff (13.5 + 1 Å)
-    (2, "", False, "comm_style tiled", 5),
+    # no undivided direction: every ghost row is kept and exchanged
+    (2, "", False, "comm_style tiled", 4),
   ],
 )
 def test_parity_with_ase_decompositions(

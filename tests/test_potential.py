@@ -361,3 +361,30 @@ def test_density_features_option():
   centre = lambda p, pos: p.atomic_energies(z[: len(pos)], pos, *all_pairs(pos, RC))[0]
   assert abs(centre(off, three) - centre(off, three[:2])) < 1e-6
   assert abs(centre(on, three) - centre(on, three[:2])) > 1e-4
+
+
+@pytest.mark.parametrize("extra", [None, dict(density_features=False, heads=2, committee=2)])
+def test_stages_chain_to_the_whole_model(pot, system, extra):
+  """Potential.stage_fn, one hop at a time (what LAMMPS exchanges features between), chains to
+  pair_energies_fn exactly; stage arguments are checked."""
+  z, pos = system
+  if extra is not None:
+    kw = {k: v for k, v in HYPER.items() if k not in ("product", "radial_mlp")}
+    pot = pt.Potential.create(2, species=["H", "C", "O"], cutoff=RC, **{**kw, **extra})
+  assert pot.num_stages == pot.config.num_iterations + int(pot.config.density_features)
+  dst, src = (jnp.asarray(i) for i in all_pairs(pos, RC))
+  sp, r = (
+    jnp.asarray(pot.species_index(z)),
+    jnp.asarray(pos[np.asarray(src)] - pos[np.asarray(dst)]),
+  )
+  x = None
+  for s in range(pot.num_stages):
+    x = pot.stage_fn(s)(pot.params, sp, r, dst, src, features=x)
+  whole = pot.pair_energies_fn(include_shift=False)(pot.params, sp, r, dst, src)
+  np.testing.assert_allclose(x, whole, rtol=1e-6, atol=1e-6)
+  assert x.shape == (len(z),)
+  apply = lambda **k: pot.model.apply({"params": pot.params}, sp, r, dst, src, **k)
+  with pytest.raises(ValueError, match="stage must be in"):
+    apply(stage=pot.num_stages)
+  with pytest.raises(ValueError, match="features are the input of stages after the first"):
+    apply(stage=1)

@@ -9,9 +9,10 @@
 * :mod:`plugin.lammps.evaluate`: the model on one rank's local + ghost atoms;
 * :mod:`plugin.lammps.driver`: the MPI driver (``run``, ``main``).
 
-Limits: the ghost shell is the model's receptive field (``Potential.receptive_field``) plus the
-skin, so subdomains should be wider than it (else most rows are ghosts); one GPU per rank;
-``newton pair on``; no per-atom virial.
+Ghost atoms reach one model cutoff plus the skin: between the model's hops the pair style
+exchanges the atoms' features (forward communication) and, in the backward pass, their
+gradients (reverse communication), so each rank computes pairs of its own atoms only.
+Limits: one GPU per rank; ``newton pair on``; no per-atom virial.
 """
 
 from .driver import main, run

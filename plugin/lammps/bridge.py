@@ -1,12 +1,14 @@
 """The ctypes bridge between the C++ pair style (``pair_eqattn.cpp``) and Python.
 
-:func:`register` loads the built library into this process and hands it two C function
+:func:`register` loads the built library into this process and hands it three C function
 pointers made from Python functions: ``init`` (one per ``run`` command: parses the pair_style
-arguments, loads the model, returns the ghost cutoff) and ``compute`` (every force evaluation:
-wraps LAMMPS' arrays as NumPy views without copying, calls :class:`RankEvaluator` and adds the
-forces in place). The library must be loaded here before LAMMPS' ``plugin load`` opens the same
-file, so that both see one copy of its callback pointers. Python exceptions never cross into
-C++: they become the message of a LAMMPS error.
+arguments, loads the model, returns the ghost cutoff and the widest exchanged feature row),
+``compute`` (every force evaluation: wraps LAMMPS' arrays as NumPy views without copying and
+starts :meth:`RankEvaluator.compute`) and ``exchange`` (after each feature exchange LAMMPS
+runs for it: resumes the computation); the computation's end adds the forces in place. The
+library must be loaded here before LAMMPS' ``plugin load`` opens the same file, so that both
+see one copy of its callback pointers. Python exceptions never cross into C++: they become the
+message of a LAMMPS error.
 
 pair_style syntax: ``pair_style eqattn MODEL [dtype float32|float64] [min_distance D]``, MODEL
 a shipped model name (``copper``) or an ``.eqm`` path; ``pair_coeff * * Cu ...`` gives one
@@ -26,18 +28,19 @@ from .evaluate import RankEvaluator
 
 __all__ = ["register", "evaluators", "parse_pair_style"]
 
+_D = ctypes.POINTER(ctypes.c_double)
+_I = ctypes.POINTER(ctypes.c_int)
 _INIT = ctypes.CFUNCTYPE(
   ctypes.c_int,
   ctypes.c_char_p,
   ctypes.c_char_p,
   ctypes.c_int,
-  ctypes.POINTER(ctypes.c_int),
-  ctypes.POINTER(ctypes.c_double),
+  _I,
+  _D,
+  _I,
   ctypes.c_void_p,
   ctypes.c_int,
 )
-_D = ctypes.POINTER(ctypes.c_double)
-_I = ctypes.POINTER(ctypes.c_int)
 _COMPUTE = ctypes.CFUNCTYPE(
   ctypes.c_int,
   ctypes.c_int,
@@ -53,14 +56,22 @@ _COMPUTE = ctypes.CFUNCTYPE(
   _D,
   _D,
   _D,
+  _D,
+  _I,
+  _I,
   ctypes.c_void_p,
   ctypes.c_int,
+)
+_EXCHANGE = ctypes.CFUNCTYPE(
+  ctypes.c_int, ctypes.c_int, ctypes.c_int, _I, ctypes.c_void_p, ctypes.c_int
 )
 
 _state: Dict[str, object] = {"default_dtype": "float32", "model": None}
 _evaluators: List[RankEvaluator] = []
 _by_key: Dict[tuple, int] = {}
 _potentials: Dict[str, object] = {}
+# per handle: the running computation of this rank's step and where its results go
+_pending: Dict[int, tuple] = {}
 
 
 def evaluators() -> List[RankEvaluator]:
@@ -106,7 +117,7 @@ def _error(err: int, length: int, exc: BaseException) -> int:
   return 1
 
 
-def _init(args, elements, ntypes, handle, cutoff, err, errlen) -> int:
+def _init(args, elements, ntypes, handle, cutoff, width, err, errlen) -> int:
   try:
     args, elements = args.decode(), elements.decode().split()
     key = (args, tuple(elements))
@@ -124,6 +135,7 @@ def _init(args, elements, ntypes, handle, cutoff, err, errlen) -> int:
       _by_key[key] = len(_evaluators) - 1
     handle[0] = _by_key[key]
     cutoff[0] = _evaluators[_by_key[key]].cutoff
+    width[0] = _evaluators[_by_key[key]].width
     return 0
   except Exception as e:  # noqa: BLE001 - reported by LAMMPS
     return _error(err, errlen, e)
@@ -143,6 +155,9 @@ def _compute(
   energy,
   virial,
   eatom,
+  features,
+  nexchange,
+  width,
   err,
   errlen,
 ) -> int:
@@ -153,7 +168,8 @@ def _compute(
       xs, ts, tg = view(x, shape=(nall, 3)), view(types, shape=(nall,)), view(tags, shape=(nall,))
     else:
       xs, ts, tg = np.zeros((0, 3)), np.zeros(0, np.int32), np.zeros(0, np.int32)
-    e, rows, forces, v, energies = _evaluators[handle].compute(
+    evaluator = _evaluators[handle]
+    steps = evaluator.compute(
       xs,
       ts,
       tg,
@@ -161,21 +177,53 @@ def _compute(
       box=view(box, shape=(6,)),
       periodicity=view(periodicity, shape=(3,)),
       procgrid=view(procgrid, shape=(3,)),
+      features=view(features, shape=(max(nall, 1), max(evaluator.width, 1))),
     )
-    if len(rows):
-      view(f, shape=(nall, 3))[rows] += forces  # rows are distinct
-    energy[0] = e
-    view(virial, shape=(6,))[:] = v
-    if eatom and nlocal:
-      view(eatom, shape=(nlocal,))[:] = energies
+    outputs = (nall, nlocal, f, energy, virial, eatom)
+    nexchange[0] = 0
+    _pending.pop(handle, None)
+    try:
+      width[0] = next(steps)
+    except StopIteration as done:
+      _write(outputs, done.value)
+      return 0
+    nexchange[0] = len(evaluator.widths)
+    _pending[handle] = (steps, outputs)
     return 0
   except Exception as e:  # noqa: BLE001 - reported by LAMMPS
     traceback.print_exc()
     return _error(err, errlen, e)
 
 
+def _exchange(handle, k, width, err, errlen) -> int:
+  try:
+    steps, outputs = _pending[handle]
+    try:
+      width[0] = next(steps)
+    except StopIteration as done:
+      del _pending[handle]
+      _write(outputs, done.value)
+    return 0
+  except Exception as e:  # noqa: BLE001 - reported by LAMMPS
+    traceback.print_exc()
+    return _error(err, errlen, e)
+
+
+def _write(outputs, result) -> None:
+  """A rank's result into LAMMPS' arrays."""
+  nall, nlocal, f, energy, virial, eatom = outputs
+  e, rows, forces, v, energies = result
+  view = np.ctypeslib.as_array
+  if len(rows):
+    view(f, shape=(nall, 3))[rows] += forces  # rows are distinct
+  energy[0] = e
+  view(virial, shape=(6,))[:] = v
+  if eatom and nlocal:
+    view(eatom, shape=(nlocal,))[:] = energies
+
+
 # The C function pointers must outlive every LAMMPS call: module globals.
-_CALLBACKS = (_INIT(_init), _COMPUTE(_compute))
+_CALLBACKS = (_INIT(_init), _COMPUTE(_compute), _EXCHANGE(_exchange))
 
 
 def register(
@@ -188,7 +236,5 @@ def register(
     _state["default_dtype"] = default_dtype
   _state["model"] = model
   lib = ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
-  lib.eqattn_set_callbacks(
-    ctypes.cast(_CALLBACKS[0], ctypes.c_void_p), ctypes.cast(_CALLBACKS[1], ctypes.c_void_p)
-  )
+  lib.eqattn_set_callbacks(*(ctypes.cast(c, ctypes.c_void_p) for c in _CALLBACKS))
   return lib

