@@ -122,12 +122,12 @@ class RankEvaluator:
     ``-dE/dε`` (``xx yy zz xy xz yz``, eV) and the local atoms' energies; ``procgrid``:
     ranks along x, y, z (0 0 0: treat every direction as divided).
 
-    A generator: it returns that result (``StopIteration.value``) after yielding, when ghost
-    rows are kept, the width of each of the ``2 * len(widths)`` exchanges of ``features``
-    (``(len(x), width)`` float64, LAMMPS' per-row buffer) that must happen before it is
-    resumed: forward communication (owners' rows copied to their ghosts) for the first
-    half, reverse communication (ghost rows added to their owners) for the second.
-    :func:`evaluate` runs it where the rank has no neighbours (tests, one process)."""
+    A generator: it returns that result (``StopIteration.value``) after yielding, when the
+    processor grid divides a direction (several ranks), the width of each of the
+    ``2 * len(widths)`` exchanges of ``features`` (``(len(x), width)`` float64, LAMMPS'
+    per-row buffer) that must happen before it is resumed: forward communication (owners'
+    rows copied to their ghosts) for the first half, reverse communication (ghost rows added
+    to their owners) for the second."""
     cell = lammps_cell(box)
     pbc = np.asarray(periodicity, bool) & (np.asarray(procgrid) == 1)
     if pbc.all():  # one rank, fully periodic: every ghost is an image of a local atom
@@ -203,6 +203,8 @@ class RankEvaluator:
   def _staged(self, args, rows, nlocal, features):
     """Stage by stage with feature exchanges (module docstring); yields exchange widths,
     returns ``(energies, forces, dE/dε, closest d², its pair)``."""
+    if features is None:
+      raise ValueError("ranks that exchange features need LAMMPS' feature buffer")
     stages, widths, n = self._stages, self.widths, len(rows)
     species, positions, cell, dst, src, shifts, local = args
     na = len(species)
@@ -232,20 +234,6 @@ class RankEvaluator:
     grad_pos, grad_eps = stages.finish(r_vjp, grads)
     self.compilations += int(stages.traces > traces)  # one per new shape, as unstaged
     return jax.device_get((energies, -grad_pos, grad_eps, *closest))
-
-
-def evaluate(evaluator: RankEvaluator, x, types, tags, nlocal, **kwargs) -> Result:
-  """Run :meth:`RankEvaluator.compute` to its end, with exchanges within this process only
-  (every ghost row's owner must be a local row: one rank). For tests and benchmarks."""
-  steps = evaluator.compute(
-    x, types, tags, nlocal, features=np.zeros((len(x), max(evaluator.width, 1))), **kwargs
-  )
-  try:
-    while True:
-      next(steps)
-      raise RuntimeError("evaluate() cannot exchange features between ranks")
-  except StopIteration as done:
-    return done.value
 
 
 class _Stages:
