@@ -283,10 +283,10 @@ class Potential:
 
   def stage_fn(self, stage: int) -> Callable:
     """One hop of the model, for domain decompositions that exchange features between hops
-    (``EnergyModel``'s ``stage``): ``f(params, species_index, r, dst, src, features=None,
-    atom_mask=None, indices_are_sorted=False)``. Stages before the last return features
-    (a committee's with a leading member axis, which ``features`` then also has); the last
-    returns the per-atom energies without element shifts (an ensemble's mean, ``(N,)``).
+    (``EnergyModel``'s ``stage``): ``f(params, species_index, r, dst, src, *,
+    features=None, atom_mask=None, indices_are_sorted=False)``. Stages before the last return
+    features (a committee's with a leading member axis, which ``features`` then also has); the
+    last returns the per-atom energies without element shifts (an ensemble's mean, ``(N,)``).
     Chaining ``stage_fn(0) ... stage_fn(num_stages - 1)`` equals ``pair_energies_fn(False)``.
     """
     cfg = self.config
@@ -303,6 +303,7 @@ class Potential:
       r,
       dst,
       src,
+      *,
       features=None,
       atom_mask=None,
       indices_are_sorted=False,

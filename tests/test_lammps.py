@@ -1,8 +1,9 @@
 """eqattn inside LAMMPS (plugin.lammps): parity with the ASE calculator under MPI domain
 decomposition, and NVE. Each case is one `mpirun ... python -m plugin.lammps` subprocess
-(start-up plus a compilation: ~15-30 s on 2 cores), so the default selection is 1 and 2 ranks
-on 256 copper atoms plus a short NVE; 4 ranks, triclinic boxes, tiled communication and the
-10 ps conservation run are marked slow. Parity runs in float64 (tolerances of rounding, so a
+(start-up plus a compilation: ~7-30 s on 2 cores), so the default selection is 1 and 2 ranks
+on 256 copper atoms, a tiled run with an empty rank and a short NVE, plus the staged
+evaluation with its exchanges done in this process; 4 ranks, triclinic boxes, tiled parity and
+the 10 ps conservation run are marked slow. Parity runs in float64 (tolerances of rounding, so a
 missing ghost, feature exchange or gradient exchange shows); the NVE runs in float32, the MD
 default."""
 
@@ -210,6 +211,82 @@ def test_keep_rows_one_copy_per_atom_along_undivided_directions():
   assert len(keep_rows(x, t, 5, cell, np.array([True, True, True]))) == 5
 
 
+def with_ghost_images(atoms, width: float):
+  """The cell's atoms (local rows, tags 1..N) and their periodic images within ``width`` Å of
+  the cell (ghost rows), as LAMMPS holds them on one rank of a tiled layout."""
+  cell = atoms.cell.array
+  frac = atoms.get_scaled_positions(wrap=False)
+  pad = width / np.abs(np.diag(cell))
+  x, tags = [atoms.positions], [np.arange(1, len(atoms) + 1)]
+  for shift in np.array(np.meshgrid(*[[-1, 0, 1]] * 3)).reshape(3, -1).T:
+    if not shift.any():
+      continue
+    f = frac + shift
+    inside = np.all((f > -pad) & (f < 1 + pad), axis=1)
+    x.append(f[inside] @ cell)
+    tags.append(np.flatnonzero(inside) + 1)
+  return np.concatenate(x), np.concatenate(tags).astype(np.int32)
+
+
+@pytest.mark.parametrize("kind", ["density", "committee"])
+def test_feature_exchange_in_one_process_matches_ase(kind):
+  """RankEvaluator's staged path (what several ranks run) with the exchanges done here: each
+  ghost row copies its owner's features forward and adds its gradient to the owner backward.
+  Energy, forces (ghost forces summed into owners) and virial equal the ASE calculator's on
+  the periodic cell, for a density + 2-block model and a committee of shallow ensembles with
+  pseudotensors (features with a member axis)."""
+  from plugin.lammps.evaluate import RankEvaluator
+
+  extra = (
+    dict(num_iterations=2)
+    if kind == "density"
+    else dict(
+      num_iterations=2, density_features=False, committee=2, heads=2, include_pseudotensors=True
+    )
+  )
+  pot = potentials.Potential.create(
+    3, species=["Cu"], cutoff=3.0, features=8, max_degree=1, **extra
+  )
+  atoms = crystal(cells=2)
+  x, tags = with_ghost_images(atoms, pot.cutoff + 0.5)
+  nlocal = len(atoms)
+  ev = RankEvaluator(pot, type_elements=["Cu"], dtype="float64")
+  assert len(ev.widths) == pot.num_stages - 1 >= 1
+  features = np.full((len(x), ev.width), np.nan)  # rows never written must never be read
+  owner = tags - 1  # local rows are the first nlocal, in tag order
+  steps = ev.compute(
+    x,
+    np.ones(len(x), np.int32),
+    tags,
+    nlocal,
+    box=[*np.diag(atoms.cell.array), 0, 0, 0],
+    periodicity=[1, 1, 1],
+    procgrid=[0, 0, 0],
+    features=features,
+  )
+  exchanges = []
+  try:
+    while True:
+      w = steps.send(None)
+      if len(exchanges) < len(ev.widths):  # forward: owners to ghosts
+        features[nlocal:, :w] = features[owner[nlocal:], :w]
+      else:  # reverse: ghosts added to owners
+        np.add.at(features, (owner[nlocal:], slice(0, w)), features[nlocal:, :w])
+      exchanges.append(w)
+  except StopIteration as done:
+    energy, rows, forces, virial, energies = done.value
+  assert exchanges == ev.widths + ev.widths[::-1]
+  f = np.zeros((nlocal, 3))
+  np.add.at(f, owner[rows], forces)
+  atoms.calc = Calculator(pot, dtype="float64")
+  w_ase = -atoms.get_volume() * atoms.get_stress()[[0, 1, 2, 5, 4, 3]]
+  assert abs(energy - atoms.get_potential_energy()) < 1e-9
+  np.testing.assert_allclose(energies, atoms.get_potential_energies(), atol=1e-9)
+  np.testing.assert_allclose(f, atoms.get_forces(), atol=1e-9)
+  np.testing.assert_allclose(virial, w_ase, atol=1e-8)
+  assert np.abs(atoms.get_forces()).max() > 1e-3
+
+
 def test_pair_style_options():
   from plugin.lammps.bridge import parse_pair_style
 
@@ -264,6 +341,24 @@ def test_parity_with_ase_decompositions(
   tmp_path, copper, ranks, processors, triclinic, setup, cells
 ):
   parity(tmp_path, copper, ranks, processors, triclinic, setup, cells)
+
+
+@needs_lammps
+def test_a_rank_without_atoms_takes_part_in_the_exchanges(tmp_path, copper):
+  """comm_style tiled messages every neighbour, even with nothing to send: a rank whose
+  subdomain holds no atom and no ghost (vacuum along a fixed x boundary) must still run every
+  feature exchange, or the run hangs. Energies and forces equal the ASE calculator's."""
+  atoms = crystal()
+  atoms.positions[:, 0] += 0.5
+  atoms.cell[0, 0] *= 3  # atoms in the first third: the second rank's half is empty
+  atoms.pbc = [False, True, True]
+  write_data(atoms, tmp_path / "data.lmp")
+  text = PARITY.format(setup="comm_style tiled").replace("boundary p p p", "boundary f p p")
+  out = run_lammps(tmp_path, text, 2, "--dtype", "float64", "--log", "none", timeout=600)
+  dump = np.loadtxt(tmp_path / "forces.dump", skiprows=9)
+  atoms.calc = Calculator(copper, dtype="float64")
+  assert abs(thermo(out)[0][1] - atoms.get_potential_energy()) < 1e-8
+  np.testing.assert_allclose(dump[:, 1:4], atoms.get_forces(), atol=1e-8)
 
 
 @needs_lammps

@@ -11,7 +11,8 @@
 
 Ghost atoms reach one model cutoff plus the skin: between the model's hops the pair style
 exchanges the atoms' features (forward communication) and, in the backward pass, their
-gradients (reverse communication), so each rank computes pairs of its own atoms only.
+gradients (reverse communication), so on several ranks each computes pairs of its own atoms
+only.
 Limits: one GPU per rank; ``newton pair on``; no per-atom virial.
 """
 

@@ -177,7 +177,7 @@ def _compute(
       box=view(box, shape=(6,)),
       periodicity=view(periodicity, shape=(3,)),
       procgrid=view(procgrid, shape=(3,)),
-      features=view(features, shape=(max(nall, 1), max(evaluator.width, 1))),
+      features=view(features, shape=(nall, evaluator.width)) if nall and evaluator.width else None,
     )
     outputs = (nall, nlocal, f, energy, virial, eatom)
     nexchange[0] = 0
@@ -188,7 +188,7 @@ def _compute(
       _write(outputs, done.value)
       return 0
     nexchange[0] = len(evaluator.widths)
-    _pending[handle] = (steps, outputs)
+    _pending[handle] = (steps, outputs, 2 * len(evaluator.widths))
     return 0
   except Exception as e:  # noqa: BLE001 - reported by LAMMPS
     traceback.print_exc()
@@ -197,12 +197,20 @@ def _compute(
 
 def _exchange(handle, k, width, err, errlen) -> int:
   try:
-    steps, outputs = _pending[handle]
+    if handle not in _pending:
+      raise RuntimeError(f"exchange {k} of pair_style eqattn without a computation in progress")
+    steps, outputs, total = _pending[handle]
     try:
       width[0] = next(steps)
     except StopIteration as done:
       del _pending[handle]
+      if k != total:
+        raise RuntimeError(f"the computation ended after exchange {k} of {total}") from None
       _write(outputs, done.value)
+      return 0
+    if k == total:
+      del _pending[handle]
+      raise RuntimeError(f"the computation asked for more than {total} exchanges")
     return 0
   except Exception as e:  # noqa: BLE001 - reported by LAMMPS
     traceback.print_exc()

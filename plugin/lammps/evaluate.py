@@ -15,9 +15,9 @@ only:
   owners by reverse communication before the owner's stage is differentiated. Forces are
   ``-dE/dR`` of every row, as gradients of all stages; LAMMPS adds the ghost rows' forces to
   their owners;
-* the virial is ``-dE/dε``, the strain derivative of every stage's pair vectors summed (a
-  ghost row's features come from its owner's stages, which see the same strain); LAMMPS sums
-  it over ranks.
+* the virial is ``-dE/dε``: every stage's gradient in the pair vectors, summed per pair, then
+  one strain derivative of the pair vectors (a ghost row's features come from its owner's
+  stages, which see the same strain); LAMMPS sums it over ranks.
 
 So each rank computes pairs of its own atoms only, whatever the model's receptive field.
 Along a periodic direction that LAMMPS does not divide among ranks (processor grid 1 there,
@@ -26,8 +26,11 @@ periodic images of the rank's own rows. There the rank keeps one row per atom an
 the divided directions (local rows first), and the neighbour list is periodic along the
 undivided directions, as the ASE calculator's is: exact, and those ghosts are neither
 evaluated nor read. Forces on the dropped rows are zero; their atoms' forces reach the kept
-row through the periodic shifts. When no ghost row is kept (one rank), the whole model runs
-at once (the ASE calculator's jitted function) and nothing is exchanged.
+row through the periodic shifts. On one rank of a brick layout (processor grid 1 1 1) and for
+a one-stage model (whose receptive field is one cutoff), the whole model runs at once on all
+kept rows, pairs centred on ghosts included (the ASE calculator's jitted function), and
+nothing is exchanged. Exchanges are collective: every rank makes this choice alike, from the
+processor grid, and a rank without atoms still takes part.
 
 Shapes are padded as in the ASE calculator (atom ladder, pair capacity buckets), so a LAMMPS
 run compiles a few times at the start and rarely after; ``compilations`` counts them.
@@ -122,8 +125,8 @@ class RankEvaluator:
     ``-dE/dε`` (``xx yy zz xy xz yz``, eV) and the local atoms' energies; ``procgrid``:
     ranks along x, y, z (0 0 0: treat every direction as divided).
 
-    A generator: it returns that result (``StopIteration.value``) after yielding, when the
-    processor grid divides a direction (several ranks), the width of each of the
+    A generator: it returns that result (``StopIteration.value``) after yielding, unless the
+    processor grid is 1 1 1 or the model has one stage, the width of each of the
     ``2 * len(widths)`` exchanges of ``features`` (``(len(x), width)`` float64, LAMMPS'
     per-row buffer) that must happen before it is resumed: forward communication (owners'
     rows copied to their ghosts) for the first half, reverse communication (ghost rows added
@@ -138,7 +141,12 @@ class RankEvaluator:
       rows = np.arange(len(x))
     self.rows += len(rows)
     self.local += nlocal
-    if len(rows) == 0:
+    # one rank (its ghosts are periodic images, dropped above) or a one-hop model: the whole
+    # model at once. Every rank decides alike: exchanges are collective.
+    exchanging = not np.all(np.asarray(procgrid) == 1) and bool(self.widths)
+    if len(rows) == 0:  # an empty subdomain still takes part in every exchange
+      for w in self.widths + self.widths[::-1] if exchanging else []:
+        yield w
       return 0.0, rows, np.zeros((0, 3)), np.zeros(6), np.zeros(0)
     cell = np.where(pbc[:, None], cell, 0.0)  # open directions need no cell vector
     species = self.type_species[types[rows]]
@@ -155,9 +163,7 @@ class RankEvaluator:
     pos = np.zeros((na, 3), self.dtype)
     pos[:n] = positions
     local = np.arange(na) < nlocal  # ghost rows are neighbours only: no energy of their own
-    if np.all(np.asarray(procgrid) == 1) or not self.widths:
-      # one rank (its ghosts are periodic images, dropped above) or a one-hop model: the
-      # whole model at once. Every rank decides alike: exchanges are collective.
+    if not exchanging:
       pairs = self.neighbors.build(positions, cell, pbc)
       dst, src, shifts, num_pairs = pairs.dst, pairs.src, pairs.shifts, pairs.num_pairs
       dst[num_pairs:] = na  # padding index: the padded atom count
@@ -249,7 +255,7 @@ class _Stages:
   derivative is one sum over pairs, as the whole model's) into ``(dE/dR, dE/dε)``.
   """
 
-  def __init__(self, potential: potentials.Potential, dtype: np.dtype) -> None:
+  def __init__(self, potential: potentials.Potential) -> None:
     self.traces = 0  # programs built so far
     self.widths, shapes = _feature_shapes(potential)
     stages = [self._stage(potential, s, shapes) for s in range(potential.num_stages)]
@@ -345,7 +351,7 @@ _STAGES: dict[tuple, _Stages] = {}
 def _shared_stages(potential: potentials.Potential, dtype: np.dtype) -> _Stages:
   key = (potential.config, tuple(potential.species), np.dtype(dtype).name)
   if key not in _STAGES:
-    _STAGES[key] = _Stages(potential, dtype)
+    _STAGES[key] = _Stages(potential)
   return _STAGES[key]
 
 

