@@ -591,12 +591,19 @@ class NeighborListBuilder:
     )
     return len(pos), dst, src, shifts
 
-  def build(self, positions: Any, cell: Any, pbc: Any) -> PaddedPairs:
+  def build(
+    self, positions: Any, cell: Any, pbc: Any, *, centres: int | None = None
+  ) -> PaddedPairs:
     """Pair list for ``positions`` ``(N, 3)``, ``cell`` ``(3, 3)``, ``pbc``, padded to capacity.
+    ``centres``: keep only the pairs centred on the first ``centres`` atoms (a domain
+    decomposition's own atoms; the others are neighbours only).
 
     Raises the same ``ValueError``s as `neighbor_pairs`.
     """
     num_atoms, dst, src, shifts = self._pairs(positions, cell, pbc)
+    if centres is not None:
+      own = dst < centres  # the list is sorted by centre: it stays sorted
+      dst, src, shifts = dst[own], src[own], shifts[own]
     n = len(dst)
     new = self.capacity
     if new is None or self._refit or n > new:

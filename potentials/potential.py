@@ -293,10 +293,6 @@ class Potential:
     last = stage == cfg.num_stages - 1
     apply = self._apply_fn(False, stage=stage)
 
-    def one(params, species_index, r, dst, src, features, atom_mask, indices_are_sorted):
-      out = apply(params, species_index, r, dst, src, atom_mask, indices_are_sorted, features)
-      return out if not last or cfg.heads == 1 else jnp.mean(out, axis=-1)
-
     def f(
       params,
       species_index,
@@ -308,11 +304,15 @@ class Potential:
       atom_mask=None,
       indices_are_sorted=False,
     ):
-      run = lambda p, x: one(p, species_index, r, dst, src, x, atom_mask, indices_are_sorted)
+      run = lambda p, x: apply(p, species_index, r, dst, src, atom_mask, indices_are_sorted, x)
       if cfg.committee == 1:
-        return run(params, features)
-      out = jax.vmap(run, (0, None if features is None else 0))(params, features)
-      return jnp.mean(out, axis=0) if last else out
+        out = run(params, features)
+      else:
+        out = jax.vmap(run, (0, None if features is None else 0))(params, features)
+      if not last:
+        return out
+      out = out if cfg.heads == 1 else jnp.mean(out, axis=-1)  # members: heads, then networks
+      return out if cfg.committee == 1 else jnp.mean(out, axis=0)
 
     return f
 

@@ -539,6 +539,23 @@ def test_builder_grows_geometrically_and_never_shrinks():
   assert builder.capacity_changes == 5
 
 
+def test_builder_keeps_the_pairs_of_the_first_centres():
+  """``centres=k`` (a domain decomposition's own atoms): exactly the full list's pairs centred
+  on atoms 0..k-1, in order, padded to a capacity fitted to them."""
+  atoms = _cu((2, 2, 2))
+  full = NeighborListBuilder(cutoff=4.0).build_from_atoms(atoms)
+  k = len(atoms) // 3
+  out = NeighborListBuilder(cutoff=4.0).build(
+    atoms.positions, atoms.cell.array, atoms.pbc, centres=k
+  )
+  own = full.dst[: full.num_pairs] < k
+  assert 0 < out.num_pairs == np.count_nonzero(own) < full.num_pairs
+  np.testing.assert_array_equal(out.dst[: out.num_pairs], full.dst[: full.num_pairs][own])
+  np.testing.assert_array_equal(out.src[: out.num_pairs], full.src[: full.num_pairs][own])
+  np.testing.assert_array_equal(out.shifts[: out.num_pairs], full.shifts[: full.num_pairs][own])
+  assert out.capacity < full.capacity and np.all(out.dst[out.num_pairs :] == len(atoms))
+
+
 def test_builder_rejects_bad_input_without_changing_state():
   builder = NeighborListBuilder(cutoff=3.0)
   builder.build([[0.0, 0, 0], [1.0, 0, 0]], None, False)

@@ -49,7 +49,7 @@ import potentials
 from potentials import elements, observables
 from potentials.ops import pair_vectors
 from plugin.ase import Calculator, _shared_evaluator, atom_capacity, device_params, resolve_dtype
-from plugin.neighbors import NeighborListBuilder, bucket_capacity, pad_pairs
+from plugin.neighbors import NeighborListBuilder
 
 __all__ = ["RankEvaluator", "keep_rows", "lammps_cell"]
 
@@ -99,12 +99,11 @@ class RankEvaluator:
     self.min_distance = float(min_distance or 0.0)
     self.neighbors = NeighborListBuilder(potential.cutoff, shift_dtype=self.dtype)
     self.atom_capacity: int | None = None
-    self.pair_capacity: int | None = None
     self.compilations = self.rows = self.local = 0
     self._params = device_params(potential, self.dtype)
     self._shifts = potential.element_shifts
     self._evaluator = _shared_evaluator(potential, self.dtype, uncertainty=False)
-    self._stages = _shared_stages(potential, self.dtype)
+    self._stages = _shared_stages(potential)
     self.widths = self._stages.widths
     self.width = max(self.widths, default=0)
 
@@ -155,31 +154,24 @@ class RankEvaluator:
     previous = self.atom_capacity
     na = self.atom_capacity = atom_capacity(n, previous)
     if previous is not None and na != previous:
-      # a new atom axis compiles anyway: refit the pairs too
-      self.neighbors.reset_capacity()
-      self.pair_capacity = None
+      self.neighbors.reset_capacity()  # a new atom axis compiles anyway: refit the pairs too
+    # with exchanges, only pairs centred on local atoms (ghost rows are neighbours only)
+    pairs = self.neighbors.build(positions, cell, pbc, centres=nlocal if exchanging else None)
+    dst, src, shifts, num_pairs = pairs.dst, pairs.src, pairs.shifts, pairs.num_pairs
+    dst[num_pairs:] = na  # padding index: the padded atom count
+    src[num_pairs:] = na
     padded_species = np.zeros(na, np.int32)
     padded_species[:n] = species
     pos = np.zeros((na, 3), self.dtype)
     pos[:n] = positions
     local = np.arange(na) < nlocal  # ghost rows are neighbours only: no energy of their own
+    args = (padded_species, pos, cell.astype(self.dtype), dst, src, shifts, local)
     if not exchanging:
-      pairs = self.neighbors.build(positions, cell, pbc)
-      dst, src, shifts, num_pairs = pairs.dst, pairs.src, pairs.shifts, pairs.num_pairs
-      dst[num_pairs:] = na  # padding index: the padded atom count
-      src[num_pairs:] = na
       traces = self._evaluator.traces
-      out = self._evaluator.fn(
-        self._params, padded_species, pos, cell.astype(self.dtype), dst, src, shifts, local
-      )
+      out = self._evaluator.fn(self._params, *args)
       self.compilations += self._evaluator.traces - traces
       e_model, forces, de, _, d2, closest, _ = jax.device_get(out)  # per-atom virials, spread
     else:
-      dst, src, shifts = self.neighbors.pairs(positions, cell, pbc)
-      own = dst < nlocal  # pairs centred on local atoms (the list is sorted by centre)
-      dst, src, shifts = self._padded(dst[own], src[own], shifts[own], na)
-      num_pairs = int(np.count_nonzero(own))
-      args = (padded_species, pos, cell.astype(self.dtype), dst, src, shifts, local)
       e_model, forces, de, d2, closest = yield from self._staged(args, rows, nlocal, features)
     if num_pairs and self.min_distance and d2 < self.min_distance**2:
       raise ValueError(
@@ -199,12 +191,6 @@ class RankEvaluator:
     de = np.asarray(de, np.float64)
     virial = -np.array([de[0, 0], de[1, 1], de[2, 2], de[0, 1], de[0, 2], de[1, 2]])
     return energy, rows, forces, virial, energies
-
-  def _padded(self, dst, src, shifts, na):
-    """Pairs padded to a capacity that only grows (until the atom axis changes)."""
-    if self.pair_capacity is None or len(dst) > self.pair_capacity:
-      self.pair_capacity = bucket_capacity(len(dst))
-    return pad_pairs(dst, src, shifts, self.pair_capacity, na)
 
   def _staged(self, args, rows, nlocal, features):
     """Stage by stage with feature exchanges (module docstring); yields exchange widths,
@@ -243,7 +229,7 @@ class RankEvaluator:
 
 
 class _Stages:
-  """The jitted stages of one model and dtype, shared by rank evaluators.
+  """The jitted stages of one architecture, shared by rank evaluators.
 
   ``pairs(positions, cell, dst, src, shifts)`` returns the pair vectors (strained by a zero
   strain), their VJP in ``(positions, strain)`` and the closest real pair's squared distance
@@ -348,8 +334,9 @@ def _feature_shapes(potential: potentials.Potential) -> tuple[list[int], list[tu
 _STAGES: dict[tuple, _Stages] = {}
 
 
-def _shared_stages(potential: potentials.Potential, dtype: np.dtype) -> _Stages:
-  key = (potential.config, tuple(potential.species), np.dtype(dtype).name)
+def _shared_stages(potential: potentials.Potential) -> _Stages:
+  # jit compiles per dtype and shape itself; the stages depend on the architecture only
+  key = (potential.config, tuple(potential.species))
   if key not in _STAGES:
     _STAGES[key] = _Stages(potential)
   return _STAGES[key]
