@@ -24,6 +24,15 @@ shared core, both CPU and wall are reported):
     ... --eqattn my.eqm                 # another eqattn model file (default: shipped ethanol)
     ... --reuse                         # evaluate the MACE model already trained in --out
 
+Equal time, both trained here side by side (``--train-eqattn M``): ``eqattn train DATA
+--species ... --time-limit M`` (no other option) on one core while MACE trains for the epochs
+that fit M CPU-minutes on the other, each process pinned to its core (``--cores``); ``--new``
+adds whole trajectories no training frame came from (benchmarks/recipe_check.py --new makes
+them, one above the training temperatures), reported per temperature::
+
+    python benchmarks/accuracy.py --mace-python /work/venvs/mace/bin/python --train-eqattn 15 \
+        --mace-minutes 15 --new out/recipes/ethanol-new.extxyz.gz --out out/acc/ethanol15
+
 MACE recipe (issue 13): hidden irreps 32x0e+32x1o, max_ell 3, correlation 3, 2 interactions,
 r_max 5 Å, 8 Bessel functions, EMA 0.99, AMSGrad, lr 0.01, batch 10, energy weight 1,
 forces weight 100, float32, E0s by least squares ("average"); everything else MACE's defaults.
@@ -38,6 +47,7 @@ import json
 import os
 import pathlib
 import subprocess
+import threading
 import sys
 import time
 
@@ -51,6 +61,7 @@ from plugin.data import read_frames, read_images
 import accuracy_worker
 
 WORKER = pathlib.Path(accuracy_worker.__file__).resolve()
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 CUTOFF = 5.0
 PARTS = ("train", "valid", "test", "test_random")
 MACE_RECIPE = [
@@ -123,10 +134,15 @@ def write_parts(images, frames, out: pathlib.Path) -> dict:
 
 
 def timing_structures(images, test_idx, out: pathlib.Path) -> pathlib.Path:
-  """One ethanol molecule, and 64 test molecules 12 Å apart (no pairs between them)."""
+  """One test molecule, and 64 of them 12 Å apart (no pairs between them); for a periodic
+  cell, one test cell and its 2 x 2 x 2 supercell."""
   import ase.io
 
   single = images[int(test_idx[0])].copy()
+  if single.pbc.any():
+    path = out / "timing.xyz"
+    ase.io.write(path, [single, single.repeat(2)], format="extxyz")
+    return path
   many = single.copy()
   del many[:]
   for k in range(64):
@@ -153,27 +169,38 @@ def errors(pred: dict, frames) -> dict:
   }
 
 
-def report(predictions: dict, split: dict, frames) -> dict:
+def report(predictions: dict, split: dict, frames, new=None) -> dict:
+  """Errors on the held-out trajectories (all, and per temperature), the random frames, and
+  ``new`` = (path, frames) trajectories per temperature (``new_T=...``)."""
   out = {}
   for name in ("test", "test_random"):
     pred = predictions[str(split["paths"][name])]
     idx = split["parts"][name]
     out[name] = errors(pred, [frames[i] for i in idx])
     if name == "test":
-      temps = np.array([frames[i].temperature for i in idx])
-      for t in sorted(set(temps)):
-        sel = np.flatnonzero(temps == t)
-        sub = {
-          "energy": [pred["energy"][k] for k in sel],
-          "forces": [pred["forces"][k] for k in sel],
-        }
-        out[f"test_T={t:g}K"] = errors(sub, [frames[idx[k]] for k in sel])
+      out.update(_by_temperature(pred, [frames[i] for i in idx], "test"))
+  if new is not None:
+    out["new"] = errors(predictions[str(new[0])], new[1])
+    out.update(_by_temperature(predictions[str(new[0])], new[1], "new"))
+  return out
+
+
+def _by_temperature(pred: dict, frames, prefix: str) -> dict:
+  temps = np.array([f.temperature for f in frames])
+  out = {}
+  for t in sorted(set(temps)):
+    sel = np.flatnonzero(temps == t)
+    sub = {"energy": [pred["energy"][k] for k in sel], "forces": [pred["forces"][k] for k in sel]}
+    out[f"{prefix}_T={t:g}K"] = errors(sub, [frames[k] for k in sel])
   return out
 
 
 # ----------------------------------------------------------------------------- MACE
-def _run_timed(cmd, log: pathlib.Path) -> dict:
-  """Run a command, stdout+stderr to ``log``; its own CPU seconds (user+sys) and wall."""
+def _run_timed(cmd, log: pathlib.Path, pin=(), cwd=None) -> dict:
+  """Run a command (on the cores in ``pin``, if any), stdout+stderr to ``log``; its own CPU
+  seconds (user+sys) and wall."""
+  if pin:
+    cmd = ["taskset", "-c", ",".join(map(str, pin)), *cmd]
   env = {
     **os.environ,
     "OMP_NUM_THREADS": "1",
@@ -182,19 +209,20 @@ def _run_timed(cmd, log: pathlib.Path) -> dict:
   }  # e3nn 0.4.4 pickles with torch >= 2.6
   t0 = time.perf_counter()
   with open(log, "w") as fh:
-    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     _, status, usage = os.wait4(proc.pid, 0)
   proc.returncode = os.waitstatus_to_exitcode(status)
   wall = time.perf_counter() - t0
   if proc.returncode != 0:
     tail = log.read_text().splitlines()[-25:]
     raise RuntimeError(
-      f"{cmd[2]} failed (exit {proc.returncode}); end of {log}:\n" + "\n".join(tail)
+      f"{' '.join(map(str, cmd[:4]))} failed (exit {proc.returncode}); end of {log}:\n"
+      + "\n".join(tail)
     )
   return {"cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": wall}
 
 
-def train_mace(py, split, out: pathlib.Path, epochs: int, name="mace") -> dict:
+def train_mace(py, split, out: pathlib.Path, epochs: int, name="mace", pin=()) -> dict:
   work = out / name
   work.mkdir(parents=True, exist_ok=True)
   dirs = [f"--{d}" for d in ("work_dir", "model_dir", "log_dir", "checkpoints_dir", "results_dir")]
@@ -216,7 +244,7 @@ def train_mace(py, split, out: pathlib.Path, epochs: int, name="mace") -> dict:
     *MACE_RECIPE,
     *args,
   ]
-  res = _run_timed(cmd, work / "train.log")
+  res = _run_timed(cmd, work / "train.log", pin)
   res.update(
     epochs=epochs,
     model=str(work / f"{name}.model"),
@@ -226,11 +254,11 @@ def train_mace(py, split, out: pathlib.Path, epochs: int, name="mace") -> dict:
   return res
 
 
-def calibrated_epochs(py, split, out, minutes: float) -> tuple:
+def calibrated_epochs(py, split, out, minutes: float, pin=()) -> tuple:
   """Epochs that fit ``minutes`` of CPU: a 2-epoch run gives the CPU seconds of its last
   epoch (training + validation) and the fixed overhead (the rest: start-up, final
   evaluation)."""
-  cal = train_mace(py, split, out, 2, name="mace_calibration")
+  cal = train_mace(py, split, out, 2, name="mace_calibration", pin=pin)
   stamps = cal["epoch_cpu_s"]
   if len(stamps) < 3:
     raise RuntimeError(f"no epoch CPU times from {cal['log']}; pass --mace-epochs")
@@ -278,20 +306,35 @@ def check_no_leak(pot, split, frames):
     )
 
 
-def eqattn_row(path, split, frames, timing_path) -> dict:
+def eqattn_row(path, split, frames, timing_path, new=None, run=None) -> dict:
+  """Measures of an eqattn model file; ``run``: the ``eqattn train`` process's own times."""
   pot = potentials.load(path)
   check_no_leak(pot, split, frames)
   parts = [str(split["paths"][n]) for n in ("test", "test_random")]
+  parts += [str(new[0])] if new else []
   res = accuracy_worker.measure(Calculator(pot), timing_path, parts)
   info = pot.metadata.get("training", {})
   return {
     "model": f"eqattn ({path})",
     "epochs": info.get("epochs_run"),
-    "train_wall_s": info.get("seconds"),
-    "train_cpu_s": info.get("cpu_seconds"),
-    "metrics": report(res["predictions"], split, frames),
+    "train_wall_s": run["wall_s"] if run else info.get("seconds"),
+    "train_cpu_s": run["cpu_s"] if run else info.get("cpu_seconds"),
+    "training": {k: info.get(k) for k in ("seconds", "training_seconds", "finish_seconds")},
+    "metrics": report(res["predictions"], split, frames, new),
     "timing": res["timing"],
   }
+
+
+def train_eqattn(data, species, minutes: float, out: pathlib.Path, pin=()) -> dict:
+  """``eqattn train DATA --species ... --time-limit M``, nothing else; the process's times."""
+  model = out / "eqattn.eqm"
+  for stale in (model, out / "eqattn.ckpt"):
+    stale.unlink(missing_ok=True)
+  # `eqattn` of this script's tree (python -m from its root), whatever is installed
+  args = ["train", str(data), "--species", *species, "--time-limit", f"{minutes:g}"]
+  cmd = [sys.executable, "-m", "plugin.cli", *args, "--out", str(model)]
+  res = _run_timed(cmd, out / "eqattn_train.log", pin, cwd=ROOT)
+  return {**res, "model": str(model), "command": "eqattn " + " ".join(args)}
 
 
 # ----------------------------------------------------------------------------- table
@@ -300,9 +343,14 @@ def _fmt(x, spec=".1f"):
 
 
 def table(rows) -> str:
-  temps = sorted(
-    {k for r in rows for k in r["metrics"] if k.startswith("test_T=")}, key=lambda k: float(k[7:-1])
-  )
+  temps = [
+    k
+    for prefix in ("test_T=", "new_T=")
+    for k in sorted(
+      {k for r in rows for k in r["metrics"] if k.startswith(prefix)},
+      key=lambda k: float(k.split("=")[1][:-1]),
+    )
+  ]
   head = (
     [
       "model",
@@ -313,7 +361,7 @@ def table(rows) -> str:
       "F RMSE",
       "E MAE (meV)",
     ]
-    + [f"F MAE {k[7:]}" for k in temps]
+    + [f"F MAE {k.replace('_T=', ' ')}" for k in temps]
     + ["test_random F MAE", "test_random E MAE"]
     + [f"µs/atom ({t['atoms']} atoms)" for t in rows[0]["timing"]]
   )
@@ -328,7 +376,7 @@ def table(rows) -> str:
       _fmt(m["test"]["forces_mae"]),
       _fmt(m["test"]["forces_rmse"]),
       _fmt(m["test"]["energy_mae"]),
-    ] + [_fmt(m[k]["forces_mae"]) for k in temps]
+    ] + [_fmt(m[k]["forces_mae"]) if k in m else "—" for k in temps]
     cells += [_fmt(m["test_random"]["forces_mae"]), _fmt(m["test_random"]["energy_mae"])]
     cells += [_fmt(1e6 * t["cpu_s"] / t["atoms"], ".0f") for t in r["timing"]]
     lines.append("| " + " | ".join(cells) + " |")
@@ -339,6 +387,15 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--data", default="data/ethanol.extxyz.gz")
   ap.add_argument("--eqattn", default="ethanol", help="eqattn model file or shipped name")
+  ap.add_argument(
+    "--train-eqattn",
+    type=float,
+    metavar="MINUTES",
+    help="train eqattn here with `eqattn train DATA --species ... --time-limit MINUTES` "
+    "(beside MACE, each on one core) instead of measuring --eqattn",
+  )
+  ap.add_argument("--new", help="extra held-out trajectories (extxyz) reported per temperature")
+  ap.add_argument("--cores", type=int, nargs=2, default=(0, 1), help="eqattn's and MACE's core")
   ap.add_argument(
     "--mace-python",
     default=os.environ.get("MACE_PYTHON"),
@@ -353,7 +410,7 @@ def main(argv=None):
   )
   budget.add_argument("--mace-epochs", type=int, help="train MACE for exactly this many epochs")
   ap.add_argument(
-    "--reuse", action="store_true", help="evaluate the MACE model already trained in --out"
+    "--reuse", action="store_true", help="evaluate the models already trained in --out"
   )
   ap.add_argument("--out", default="accuracy_out", help="split files, MACE run, results")
   ap.add_argument("--json", help="results file (default OUT/accuracy.json)")
@@ -365,32 +422,29 @@ def main(argv=None):
   frames = read_frames(images, CUTOFF)
   split = write_parts(images, frames, out)
   timing_path = timing_structures(images, split["parts"]["test"], out)
+  new = None
+  if args.new:
+    new = (pathlib.Path(args.new).resolve(), read_frames(args.new, CUTOFF))
   print({n: len(v) for n, v in split["parts"].items()}, flush=True)
-  eq_row = eqattn_row(args.eqattn, split, frames, timing_path)  # fails fast on a leaky model
-
-  state = out / "mace" / "train.json"
-  if args.reuse and state.exists():
-    run = json.loads(state.read_text())
-  else:
-    cal = None
-    epochs = args.mace_epochs
-    if epochs is None:
-      epochs, cal = calibrated_epochs(py, split, out, args.mace_minutes)
-      print(
-        f"MACE calibration: {cal['per_epoch_cpu_s']:.1f} CPU s/epoch, "
-        f"{cal['overhead_cpu_s']:.0f} s overhead -> {epochs} epochs",
-        flush=True,
-      )
-    run = train_mace(py, split, out, epochs)
-    run["calibration"] = cal
-    state.write_text(json.dumps(run, indent=1))
+  eq_cores, mace_cores = ((args.cores[0],), (args.cores[1],))
+  eq_run, eq_thread = _start_eqattn(args, images, out, eq_cores)
+  if eq_thread is None:
+    eq_row = eqattn_row(args.eqattn, split, frames, timing_path, new)  # fails fast if leaky
+  run = _mace_run(args, py, split, out, mace_cores)
+  if eq_thread is not None:
+    eq_thread.join()
+    if "error" in eq_run:
+      raise SystemExit(eq_run["error"])
+    (out / "eqattn_train.json").write_text(json.dumps(eq_run, indent=1))
+    eq_row = eqattn_row(eq_run["model"], split, frames, timing_path, new, eq_run)
+    eq_row["command"] = eq_run["command"]
   print(
     f"MACE trained: {run['epochs']} epochs, {run['cpu_s'] / 60:.1f} CPU-min, "
     f"{run['wall_s'] / 60:.1f} wall-min",
     flush=True,
   )
   res_path = out / "mace" / "evaluate.json"
-  parts = [str(split["paths"][n]) for n in ("test", "test_random")]
+  parts = [str(split["paths"][n]) for n in ("test", "test_random")] + ([str(new[0])] if new else [])
   _run_timed(
     [py, str(WORKER), "evaluate", run["model"], str(res_path), str(timing_path), *parts],
     out / "mace" / "evaluate.log",
@@ -401,7 +455,7 @@ def main(argv=None):
     "epochs": run["epochs"],
     "train_wall_s": run["wall_s"],
     "train_cpu_s": run["cpu_s"],
-    "metrics": report(mres["predictions"], split, frames),
+    "metrics": report(mres["predictions"], split, frames, new),
     "timing": mres["timing"],
   }
   rows = [eq_row, mace_row]
@@ -410,15 +464,92 @@ def main(argv=None):
   path.write_text(
     json.dumps(
       {
+        "data": args.data,
+        "new": args.new,
         "rows": rows,
         "mace_run": run,
         "mace_recipe": MACE_RECIPE,
         "split": {n: len(v) for n, v in split["parts"].items()},
+        "provenance": provenance(),
       },
       indent=1,
     )
   )
   print(f"wrote {path}")
+
+
+def _start_eqattn(args, images, out, cores):
+  """``(run, thread)``: ``eqattn train`` started in a thread when ``--train-eqattn`` asks
+  (``run`` fills in when it ends; an earlier model with ``--reuse``), else ``({}, None)``."""
+  run: dict = {}
+  if not args.train_eqattn:
+    return run, None
+  state = out / "eqattn_train.json"
+  if args.reuse and state.exists():
+    run.update(json.loads(state.read_text()))
+    return run, threading.Thread(target=lambda: None)
+  species = sorted({s for a in images for s in a.get_chemical_symbols()})
+
+  def work():
+    try:
+      run.update(
+        train_eqattn(pathlib.Path(args.data).resolve(), species, args.train_eqattn, out, cores)
+      )
+    except Exception as err:  # reported by the main thread
+      run["error"] = str(err)
+
+  thread = threading.Thread(target=work)
+  thread.start()
+  return run, thread
+
+
+def _mace_run(args, py, split, out, cores) -> dict:
+  """MACE trained for ``--mace-epochs`` or the epochs that fit ``--mace-minutes`` of CPU."""
+  state = out / "mace" / "train.json"
+  if args.reuse and state.exists():
+    return json.loads(state.read_text())
+  cal = None
+  epochs = args.mace_epochs
+  if epochs is None:
+    epochs, cal = calibrated_epochs(py, split, out, args.mace_minutes, cores)
+    print(
+      f"MACE calibration: {cal['per_epoch_cpu_s']:.1f} CPU s/epoch, "
+      f"{cal['overhead_cpu_s']:.0f} s overhead -> {epochs} epochs",
+      flush=True,
+    )
+  run = train_mace(py, split, out, epochs, pin=cores)
+  run["calibration"] = cal
+  state.parent.mkdir(parents=True, exist_ok=True)
+  state.write_text(json.dumps(run, indent=1))
+  return run
+
+
+def provenance() -> dict:
+  """Machine, date and commit of a measurement (recorded by the script, not typed)."""
+  import datetime
+  import platform
+
+  try:
+    commit = subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"],
+      capture_output=True,
+      text=True,
+      cwd=pathlib.Path(__file__).parent,
+    ).stdout.strip()
+    dirty = subprocess.run(
+      ["git", "status", "--porcelain", "--untracked-files=no"],
+      capture_output=True,
+      text=True,
+      cwd=pathlib.Path(__file__).parent,
+    ).stdout.strip()
+  except OSError:
+    commit, dirty = "unknown", ""
+  return {
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "commit": commit + ("+changes" if dirty else ""),
+    "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+    "python": platform.python_version(),
+  }
 
 
 if __name__ == "__main__":

@@ -37,7 +37,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DATASETS = {"acetamide": ["H", "C", "N", "O"], "nial": ["Al", "Ni"]}
+# the tuning set chose the defaults; the checking set (made after them) only measures them
+TUNING = {"acetamide": ["H", "C", "N", "O"], "nial": ["Al", "Ni"]}
+CHECKING = {"dmso": ["H", "C", "O", "S"], "cuau": ["Cu", "Au"]}
+DATASETS = {**TUNING, **CHECKING}
 # model and training overrides on top of ModelConfig() / TrainConfig()
 RECIPES = {
   "defaults": ({}, {}),
@@ -88,6 +91,89 @@ def make_nial(path: Path, seed: int = 0) -> None:
           atoms, EMT(), temp, 2.0, 500, 40, frames_per_run, rng, info, stress=True
         )
   gen.write_frames(frames, str(path))
+
+
+def _molecule_runs(gen, name, temps, runs, frames_per_run, seed, tag):
+  """Langevin GFN2-xTB runs of one molecule: 0.5 fs steps, 0.5 ps equilibration, a frame every
+  25 fs; ``tag`` numbers the random streams (one per data file)."""
+  from ase.build import molecule
+
+  frames, stream = [], 0
+  for temp in temps:
+    for k in range(runs):
+      rng = np.random.default_rng([seed, tag, stream])
+      stream += 1
+      info = {"config_type": f"md_{int(temp)}K", "source": "GFN2-xTB/tblite"}
+      info["trajectory"] = f"md_{int(temp)}K/{k}"
+      frames += gen.run_langevin(
+        molecule(name), gen.ethanol_calc(), temp, 0.5, 1000, 50, frames_per_run, rng, info,
+        stress=False, molecule_=True,
+      )  # fmt: skip
+  return frames
+
+
+def make_dmso(path: Path, seed: int = 0) -> None:
+  """Dimethyl sulfoxide (C2H6SO, 10 atoms; sulfur is in no tuning set), GFN2-xTB, 300 / 500 /
+  700 K, 4 runs of 100 frames per temperature (1200 frames)."""
+  gen = _generator()
+  gen.write_frames(_molecule_runs(gen, "C2H6SO", (300.0, 500.0, 700.0), 4, 100, seed, 9), str(path))
+
+
+def _alloy_runs(gen, temps, runs, kinds, seed, tag):
+  """Random 50/50 Cu-Au fcc (32-atom cubic cells, a = 3.85 Å, Vegard's law on EMT's
+  lattice constants), EMT with stress, 2 fs steps, a frame every 80 fs."""
+  from ase.build import bulk
+  from ase.calculators.emt import EMT
+
+  frames, stream = [], 0
+  for kind, frames_per_run in kinds:
+    for temp in temps:
+      for k in range(runs):
+        rng = np.random.default_rng([seed, tag, stream])
+        stream += 1
+        atoms = bulk("Cu", "fcc", a=3.85, cubic=True) * (2, 2, 2)
+        atoms.numbers[rng.permutation(len(atoms))[: len(atoms) // 2]] = 79
+        if kind == "vacancy":
+          del atoms[int(rng.integers(len(atoms)))]
+        info = {"config_type": kind, "source": "EMT/ase", "trajectory": f"{kind}_{temp}/{k}"}
+        frames += gen.run_langevin(
+          atoms, EMT(), temp, 2.0, 500, 40, frames_per_run, rng, info, stress=True
+        )
+  return frames
+
+
+def make_cuau(path: Path, seed: int = 0) -> None:
+  """Cu-Au alloy bulk at 300 / 800 / 1200 K (4 runs x 20 frames per T) and with one vacancy
+  (4 runs x 10 frames per T): 360 frames."""
+  gen = _generator()
+  kinds = (("bulk_md", 20), ("vacancy", 10))
+  gen.write_frames(_alloy_runs(gen, (300.0, 800.0, 1200.0), 4, kinds, seed, 10), str(path))
+
+
+# New trajectories no training frame comes from: one run per temperature inside the training
+# range and one above it (own random streams), for the held-out figures of benchmarks/accuracy.py
+def make_new_ethanol(path: Path, seed: int = 0) -> None:
+  """Ethanol (data/ethanol.extxyz.gz spans 300-800 K) at 400 / 700 / 1000 K, 200 frames each."""
+  gen = _generator()
+  frames = _molecule_runs(gen, "CH3CH2OH", (400.0, 700.0, 1000.0), 1, 200, seed, 11)
+  gen.write_frames(frames, str(path))
+
+
+def make_new_dmso(path: Path, seed: int = 0) -> None:
+  """DMSO at 400 / 650 / 900 K, 200 frames each."""
+  gen = _generator()
+  gen.write_frames(_molecule_runs(gen, "C2H6SO", (400.0, 650.0, 900.0), 1, 200, seed, 12), str(path))
+
+
+def make_new_cuau(path: Path, seed: int = 0) -> None:
+  """Cu-Au bulk at 600 / 1000 / 1500 K, 2 runs x 40 frames each."""
+  gen = _generator()
+  frames = _alloy_runs(gen, (600.0, 1000.0, 1500.0), 2, (("bulk_md", 40),), seed, 13)
+  gen.write_frames(frames, str(path))
+
+
+MAKERS = {"acetamide": make_acetamide, "nial": make_nial, "dmso": make_dmso, "cuau": make_cuau}
+NEW = {"ethanol": make_new_ethanol, "dmso": make_new_dmso, "cuau": make_new_cuau}
 
 
 def _generator():
@@ -147,6 +233,9 @@ def main(argv=None) -> int:
     "--recipes", nargs="*", default=["defaults-before", "defaults"], help="none: only make the data"
   )
   ap.add_argument("--data", nargs="+", default=sorted(DATASETS))
+  ap.add_argument(
+    "--new", nargs="*", default=[], choices=sorted(NEW), help="also make OUT/NAME-new.extxyz.gz"
+  )
   ap.add_argument("--jobs", type=int, default=1, help="runs at once, each pinned to a core")
   ap.add_argument("--report", action="store_true", help="only print the table of finished runs")
   ap.add_argument("--one", nargs=2, metavar=("DATA", "RECIPE"), help=argparse.SUPPRESS)
@@ -164,8 +253,14 @@ def main(argv=None) -> int:
   for name in args.data:
     if not paths[name].exists():
       t0 = time.perf_counter()
-      {"acetamide": make_acetamide, "nial": make_nial}[name](paths[name])
+      MAKERS[name](paths[name])
       print(f"{paths[name]}: made in {time.perf_counter() - t0:.0f} s", flush=True)
+  for name in args.new:
+    path = out / f"{name}-new.extxyz.gz"
+    if not path.exists():
+      t0 = time.perf_counter()
+      NEW[name](path)
+      print(f"{path}: made in {time.perf_counter() - t0:.0f} s", flush=True)
   queue = [(d, r) for d in args.data for r in args.recipes]
   running: list = []
   cores = os.sched_getaffinity(0)

@@ -4,8 +4,8 @@
               [--dt FS] [--steps N | --time PS] [--engine jax-md|ase] [--out FILE] [--plot PNG]
               [--resume] [--max-temperature K] [--max-force EV_PER_A]
               [--max-force-uncertainty EV_PER_A [--flag-uncertainty]]
-    eqattn train DATA --species H C O [--epochs N] [--heads K [--force-heads] | --ensemble K]
-                 [--out MODEL]
+    eqattn train DATA --species H C O [--time-limit MINUTES] [--epochs N]
+                 [--heads K [--force-heads] | --ensemble K] [--out MODEL]
     eqattn train DATA --init MODEL [--time-limit MINUTES] [--out MODEL]     (fine-tune)
     eqattn select TRAJ --model MODEL [--n 50] [--out new.extxyz]
     eqattn eval MODEL DATA [--parity PNG]
@@ -34,11 +34,18 @@ import threading
 import warnings
 import time
 from pathlib import Path
+
+STARTED = time.perf_counter()  # a training budget counts from here: the command's own start
+
 from typing import List, Optional
 
 from plugin import cache
 from plugin.md.ensembles import CLI_NAMES as CLI_ENSEMBLES
 from plugin.md.settings import DEFAULTS
+
+# potentials.training.DEFAULT_MINUTES, stated here so that the parser needs no JAX import
+# (tests/test_cli.py holds the two equal)
+DEFAULT_TRAIN_MINUTES = 30
 
 DEFAULT_MODEL = "ethanol"
 RUNAWAY_STATUS = 3  # `eqattn md` stopped by a runaway guard (plugin.md.guards)
@@ -465,24 +472,45 @@ def cmd_train(args) -> int:
     )
   except (ValueError, TypeError) as e:
     raise UsageError(str(e)) from None
+  common = dict(checkpoint=args.checkpoint, progress=True, started=STARTED)
   if args.ensemble:
-    result = training.train_committee(
-      pot, frames, tcfg, members=args.ensemble, checkpoint=args.checkpoint, progress=True
-    )
+    result = training.train_committee(pot, frames, tcfg, members=args.ensemble, **common)
   else:
-    result = training.train(
-      pot, frames, tcfg, checkpoint=args.checkpoint, fine_tune=bool(args.init), progress=True
-    )
+    result = training.train(pot, frames, tcfg, fine_tune=bool(args.init), **common)
   out = Path(args.out)
   result.potential.replace(
     metadata={**result.potential.metadata, "provenance": {"data": str(args.data)}}
   ).save(out)
-  print(f"model written to {out} ({result.seconds:.0f} s); test metrics:")
-  print(json.dumps(result.metrics["test"], indent=1))
+  print(_train_report(result, tcfg))
+  print(f"model written to {out}")
   if "test_uncertainty" in result.potential.metadata:
     print("uncertainty on the test frames (calibrated on the validation frames):")
     print(json.dumps(result.potential.metadata["test_uncertainty"], indent=1))
   return 0
+
+
+def _train_report(result, config) -> str:
+  """What was trained (epochs, minutes, schedule) and the held-out figures in meV."""
+  info = result.potential.metadata["training"]
+  budget = config.budget_minutes
+  lines = [
+    f"trained {info['epochs_run']} epochs in {info['seconds'] / 60:.1f} min"
+    + (f" of a {budget:g}-minute budget" if budget else "")
+    + f" ({info['training_seconds'] / 60:.1f} min of training, then evaluation); lr "
+    f"{config.learning_rate:g} -> {config.learning_rate * config.final_lr_fraction:g} "
+    f"({config.schedule}), EMA {config.ema_decay:g}"
+  ]
+  for key, name in (("test", "held-out trajectories"), ("test_random", "random training frames")):
+    m = result.metrics.get(key) or {}
+    if m:
+      row = f"{name}: forces MAE {1e3 * m.get('forces_mae', float('nan')):.1f} meV/Å"
+      if "energy_mae" in m:
+        row += f", energy MAE {1e3 * m['energy_mae']:.2f} meV"
+        row += f" ({1e3 * m['energy_per_atom_mae']:.2f} meV/atom)"
+      if "stress_mae" in m:
+        row += f", stress MAE {1e3 * m['stress_mae']:.3f} meV/Å³"
+      lines.append(row)
+  return "\n".join(lines)
 
 
 def _initial_model(args):
@@ -703,12 +731,16 @@ def _add_train(sub) -> None:
   tr.add_argument("--cutoff", type=_positive(float), help="Å (default: ModelConfig's, 5)")
   tr.add_argument("--model-config", help="JSON of model hyperparameters, e.g. '{\"features\": 32}'")
   # training defaults live in potentials.training.TrainConfig; options only override them
-  tr.add_argument("--epochs", type=_positive(int), help="at most this many epochs")
+  tr.add_argument(
+    "--epochs", type=_positive(int), help="at most this many epochs (default: no cap)"
+  )
   tr.add_argument(
     "--time-limit",
     type=_positive(float),
     metavar="MINUTES",
-    help="wall-clock budget: stop cleanly with the best weights saved",
+    help="wall-clock budget of the whole command (training, evaluation, calibration); the "
+    "learning-rate schedule is fitted to it and the best weights are saved (default: "
+    f"{DEFAULT_TRAIN_MINUTES:g} minutes unless --epochs is given)",
   )
   tr.add_argument("--batch-size", type=_positive(int))
   tr.add_argument("--lr", type=_positive(float), help="peak learning rate")

@@ -253,6 +253,9 @@ def load_checkpoint(path: PathLike, template: dict) -> dict:
       what="eqattn training checkpoint",
       error=CheckpointError,
     )
+  # keys added to the state since the file was written keep the template's value
+  fresh = serialization.to_state_dict(template)
+  content = {**{k: v for k, v in fresh.items() if k not in content}, **content}
   try:
     return serialization.from_state_dict(template, content)
   except (ValueError, KeyError, TypeError) as e:

@@ -26,6 +26,7 @@ from .calibration import calibrate, uncertainty_metrics
 from .batching import Frame, batch_capacity, device_batch, make_batch
 from .config import MAX_SELECTION_FRAMES, TrainConfig
 from .readout_fit import fit_force_readout
+from .schedule import Schedule, budget_of
 from .evaluation import evaluate, fit_element_shifts, grouped_metrics, predict_fn, refit_shifts
 from .splits import split_parts, split_summary
 
@@ -89,16 +90,6 @@ class TrainResult:
   seconds: float
 
 
-def learning_rate(config: TrainConfig, step: int, total_steps: int, warmup_steps: int) -> float:
-  """Linear warm-up to ``config.learning_rate``, then cosine decay to
-  ``learning_rate * final_lr_fraction`` at ``total_steps``."""
-  peak, low = config.learning_rate, config.learning_rate * config.final_lr_fraction
-  if step < warmup_steps:
-    return peak * (step + 1) / warmup_steps
-  t = min(1.0, (step - warmup_steps) / max(total_steps - warmup_steps, 1))
-  return low + 0.5 * (peak - low) * (1 + math.cos(math.pi * t))
-
-
 def _step_fn(potential: Potential, config: TrainConfig):
   """Jitted ``step(params, ema, opt_state, batch, lr, energy_weight, decay)``."""
   loss = loss_fn(potential, config)
@@ -150,7 +141,8 @@ def _initial_state(
     "opt_state": optimizer.init(params),
     "epoch": 0,
     "step": 0,
-    "elapsed": 0.0,
+    "elapsed": 0.0,  # seconds of the budget used at the last checkpoint
+    "warm_progress": -1.0,  # progress at the end of warm-up (-1: not yet)
     "best_loss": np.inf,
     "best_params": params,
     "history": "[]",
@@ -170,12 +162,50 @@ def _batches_fn(potential: Potential, frames: Sequence[Frame], batch_size: int, 
   )
 
 
-def _planned_epochs(config: TrainConfig, done: int, elapsed: float, epoch_seconds: float) -> int:
-  """Epochs that fit the time limit at the measured pace (at least the ones done)."""
-  if config.time_limit is None:
-    return config.epochs
-  left = config.time_limit * 60 - elapsed
-  return max(done, min(config.epochs, done + int(left // max(epoch_seconds, 1e-9))))
+# validation runs when the time since the last one is at least this many times its cost
+# (at most ~5 % of the time goes to it; the last epoch is always validated)
+VALID_EVERY = 19.0
+
+
+@dataclasses.dataclass
+class _Validation:
+  """Validation of the EMA weights on the selection frames, run when due; measures its own
+  cost (per frame, and compilation) for the budget's reserve."""
+
+  eval_loss: Callable
+  batches: list
+  frames: int
+  seconds: float = 0.0  # one pass, compiled
+  compile_seconds: float = 0.0
+  last: float = -math.inf  # clock reading at the end of the last pass
+
+  def due(self, now: float) -> bool:
+    return now - self.last >= VALID_EVERY * self.seconds
+
+  def __call__(self, ema, clock) -> float:
+    t0 = clock()
+    v = float(np.mean([float(self.eval_loss(ema, bt)) for bt in self.batches]))
+    t1 = clock()
+    if self.last == -math.inf:  # first pass of this process: again, to split off compilation
+      float(np.mean([float(self.eval_loss(ema, bt)) for bt in self.batches]))
+      t2 = clock()
+      self.seconds, self.compile_seconds = t2 - t1, max(0.0, (t1 - t0) - (t2 - t1))
+      t1 = t2
+    self.last = t1
+    return v
+
+
+def _finish_seconds(potential: Potential, config: TrainConfig, sizes: dict, check) -> float:
+  """Estimated seconds of what follows training (:func:`_finish`): shifts refitted on the
+  training frames, every split part evaluated (the test part twice), an ensemble's member
+  forces on validation and test frames for calibration, a force readout's fit, at the
+  measured cost per validation frame, with a compilation per pass."""
+  passes = sum(sizes.values()) + sizes["train"] + sizes["test"]
+  if potential.num_members > 1:
+    passes += (sizes["valid"] + sizes["test"]) * potential.num_members
+  per_frame = check.seconds / max(check.frames, 1)
+  readout = 60.0 * config.readout_minutes if potential.config.force_heads else 0.0
+  return 1.25 * per_frame * passes + 6 * check.compile_seconds + readout
 
 
 def train(
@@ -189,20 +219,27 @@ def train(
   progress: bool = True,
   dtype=jnp.float32,
   log: Optional[Callable[[dict], None]] = None,
+  clock: Callable[[], float] = time.perf_counter,
+  started: Optional[float] = None,
 ) -> TrainResult:
   """Fit ``potential`` (its config and species fixed) to ``frames``.
 
   Per-element shifts are fitted by least squares before training and the energy scale is set
   from the force RMS; with ``fine_tune`` training starts from ``potential``'s parameters
   as they are (a trained model adapted to new data; its earlier training, provenance and
-  test metrics are kept as ``metadata["fine_tuned_from"]``). The best (EMA) parameters on
-  the validation set are kept; with ``checkpoint`` a checkpoint is written after every epoch
-  and, with ``resume``, an existing one is continued (the time limit counts the time already
-  spent). Returns the best potential, with its split and test metrics in ``metadata``.
+  test metrics are kept as ``metadata["fine_tuned_from"]``). The run is bounded by
+  ``config``'s budget (:attr:`TrainConfig.budget_minutes`, counted on ``clock`` from
+  ``started``, default now: a command passes the moment it began) and ``epochs``; the
+  learning rate follows the fraction used (:mod:`~potentials.training.schedule`). The best
+  (EMA) parameters on the validation set are kept; with ``checkpoint`` a checkpoint is
+  written after every epoch and, with ``resume``, an existing one is continued with the time
+  its earlier processes left. Returns the best potential, with its split and test metrics in
+  ``metadata``.
   """
-  start = time.perf_counter()
+  started = clock() if started is None else started
   frames = list(frames)
   parts = split_parts(frames, config)
+  sizes = {k: len(v) for k, v in parts.items()}
   train_set, valid_set = ([frames[i] for i in parts[k]] for k in ("train", "valid"))
   step, optimizer, eval_loss = _step_fn(potential, config)
   state = _initial_state(potential, train_set, optimizer, checkpoint if resume else None, fine_tune)
@@ -211,70 +248,65 @@ def train(
   # model selection reads evenly spaced validation frames (neighbouring MD frames are
   # correlated, so a subsample loses little); the final metrics use all of them
   stride = max(1, math.ceil(len(valid_set) / MAX_SELECTION_FRAMES))
-  valid_batches = list(batches(valid_set[::stride]))
+  selection = valid_set[::stride] or train_set[:MAX_SELECTION_FRAMES]
+  check = _Validation(eval_loss, list(batches(selection)), len(selection))
   rng = np.random.default_rng(config.seed + 1)
   for _ in range(state["epoch"]):  # replay the shuffles of completed epochs when resuming
     rng.permutation(len(train_set))
   steps_per_epoch = max(1, math.ceil(len(train_set) / config.batch_size))
-  warmup = max(1, min(config.warmup_epochs * steps_per_epoch, steps_per_epoch * config.epochs - 1))
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm  # only a display dependency
-
-    bar = tqdm(total=config.epochs, initial=int(state["epoch"]), unit="epoch", dynamic_ncols=True)
-  clock0, planned, epoch_s = time.perf_counter() - float(state["elapsed"]), config.epochs, None
+  budget = budget_of(
+    config,
+    steps_per_epoch,
+    clock=clock,
+    started=started,
+    spent=float(state["elapsed"]),
+    reserve=0.02 * 60 * (config.budget_minutes or 0.0),  # until the costs are measured
+  )
+  warm = float(state["warm_progress"])
+  sched = Schedule(config, config.warmup_epochs * steps_per_epoch, None if warm < 0 else warm)
+  bar = _progress_bar(config, budget, int(state["epoch"])) if progress else None
   params, ema, opt_state, t = state["params"], state["ema"], state["opt_state"], int(state["step"])
-  first_epoch = int(state["epoch"])
-  for epoch in range(first_epoch, config.epochs):
-    if epoch >= planned:
-      break
-    t_epoch = time.perf_counter()
-    late = epoch >= (1 - config.late_fraction) * planned and config.late_energy_weight is not None
+  epoch, lr = int(state["epoch"]), 0.0
+  while t == 0 or not budget.exhausted(t):  # a fresh run takes at least one step
+    late = budget.progress(t) >= 1 - config.late_fraction and config.late_energy_weight is not None
     e_weight = config.late_energy_weight if late else config.energy_weight
     losses = []
     for bt in batches([train_set[j] for j in rng.permutation(len(train_set))]):
-      lr = learning_rate(config, t, planned * steps_per_epoch, warmup)
+      p = budget.progress(t)
+      if p >= 1.0 and losses:  # out of time mid-epoch
+        break
+      lr = sched(t, p)
       decay = min(config.ema_decay, (1 + t) / (10 + t))
       params, ema, opt_state, l = step(params, ema, opt_state, bt, lr, e_weight, decay)
       losses.append(float(l))
       t += 1
-      if len(losses) == 1:  # the first step of a process also compiles: pace from the rest
-        t_first = time.perf_counter()
-    v = (
-      float(np.mean([float(eval_loss(ema, bt)) for bt in valid_batches]))
-      if valid_batches
-      else float(np.mean(losses))
-    )
-    if not np.isfinite(v):
-      raise FloatingPointError(
-        f"validation loss became {v} at epoch {epoch + 1}; lower the learning rate"
-      )
-    if v < state["best_loss"]:
-      state["best_loss"], state["best_params"] = v, ema
-    now = time.perf_counter()
-    elapsed = now - clock0
-    # pace of an epoch from this one's steps after the first (compiles), scaled to all steps
-    epoch_s = (
-      (now - t_first) * len(losses) / max(len(losses) - 1, 1) if len(losses) > 1 else now - t_epoch
-    )
-    planned = _planned_epochs(config, epoch + 1, elapsed, epoch_s)
-    if epoch == first_epoch and config.time_limit and elapsed < config.time_limit * 60:
-      planned = max(planned, min(epoch + 2, config.epochs))  # measure the pace once compiled
+    epoch += 1
+    v = None
+    if budget.exhausted(t) or check.due(clock()):
+      v = check(ema, clock)
+      if not np.isfinite(v):
+        raise FloatingPointError(
+          f"validation loss became {v} at epoch {epoch}; lower the learning rate"
+        )
+      if v < state["best_loss"]:
+        state["best_loss"], state["best_params"] = v, ema
+      budget.reserve = _finish_seconds(potential, config, sizes, check)
     record = {
-      "epoch": epoch + 1,
-      "train_loss": float(np.mean(losses)),
+      "epoch": epoch,
+      "train_loss": float(np.mean(losses)) if losses else None,
       "valid_loss": v,
       "lr": lr,
-      "seconds": round(elapsed, 1),
+      "seconds": round(budget.used(), 1),
     }
     history.append(record)
     state.update(
       params=params,
       ema=ema,
       opt_state=opt_state,
-      epoch=epoch + 1,
+      epoch=epoch,
       step=t,
-      elapsed=elapsed,
+      elapsed=budget.used(),
+      warm_progress=-1.0 if sched.warm_progress is None else sched.warm_progress,
       history=json.dumps(history),
     )
     if checkpoint:
@@ -282,15 +314,43 @@ def train(
     if log:
       log(record)
     if bar is not None:
-      bar.set_postfix(loss=f"{record['train_loss']:.4g}", valid=f"{v:.4g}")
-      bar.update(1)
+      _show(bar, config, budget, t, record)
   if bar is not None:
     bar.close()
   if fine_tune:
     keep = ("training", "provenance", "test_metrics", "fine_tuned_from")  # a chain of fine-tunes
     earlier = {k: potential.metadata[k] for k in keep if k in potential.metadata}
     potential = potential.replace(metadata={**potential.metadata, "fine_tuned_from": earlier})
-  return _finish(potential, frames, parts, state, config, dtype, history, start)
+  return _finish(potential, frames, parts, state, config, dtype, history, budget)
+
+
+def _progress_bar(config: TrainConfig, budget, epoch: int):
+  """A bar in epochs for an epoch-bounded run, else in seconds of the training time."""
+  from tqdm.auto import tqdm  # only a display dependency
+
+  if budget.seconds is None:
+    return tqdm(total=config.epochs, initial=epoch, unit="epoch", dynamic_ncols=True)
+  return tqdm(
+    total=100,
+    unit="%",
+    dynamic_ncols=True,
+    bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}",
+  )
+
+
+def _show(bar, config: TrainConfig, budget, step: int, record: dict) -> None:
+  v = record["valid_loss"]
+  bar.set_postfix(
+    epoch=record["epoch"],
+    loss=f"{record['train_loss']:.4g}" if record["train_loss"] is not None else "-",
+    **({"valid": f"{v:.4g}"} if v is not None else {}),
+    lr=f"{record['lr']:.2g}",
+  )
+  if budget.seconds is None:
+    bar.update(1)
+  else:
+    bar.n = round(100 * budget.progress(step))
+    bar.refresh()
 
 
 def train_committee(
@@ -304,9 +364,10 @@ def train_committee(
 ) -> TrainResult:
   """A committee of ``members`` models of ``potential``'s architecture, each trained by
   :func:`train` on the same split (member 0 from ``potential``'s parameters, member ``k``
-  from a fresh initialisation with key ``fold_in(PRNGKey(config.seed), k)``), with
-  ``config.time_limit`` shared equally; stacked (:meth:`Potential.stack`), evaluated and
-  calibrated on the validation frames. ``checkpoint``: one file per member (``PATH.k``)."""
+  from a fresh initialisation with key ``fold_in(PRNGKey(config.seed), k)``); stacked
+  (:meth:`Potential.stack`), evaluated and calibrated on the validation frames. ``config``'s budget covers the whole committee: each
+  member gets an equal share of what is left when it starts, less the committee's own
+  evaluation. ``checkpoint``: one file per member (``PATH.k``)."""
   if members < 2 or potential.config.committee != 1:
     raise ValueError(f"a committee needs members >= 2 single models, got members={members}")
   if potential.config.force_heads:
@@ -314,18 +375,23 @@ def train_committee(
       "a committee differentiates its members' forces and has no force readout: train it "
       "from a model without force_heads (potentials.training.without_readout)"
     )
-  start = time.perf_counter()
-  per_member = config
-  if config.time_limit is not None:
-    per_member = dataclasses.replace(config, time_limit=config.time_limit / members)
-  trained = []
+  clock = kwargs.pop("clock", time.perf_counter)
+  start = kwargs.pop("started", None)
+  start = clock() if start is None else start
+  minutes, finish, trained = config.budget_minutes, 0.0, []
   for k in range(members):
     p = potential
     if k:
       key = jax.random.fold_in(jax.random.PRNGKey(config.seed), k)
       p = potential.replace(params=init_params(potential.config, len(potential.species), key))
+    member = config
+    if minutes is not None:  # what is left, less the committee's evaluation, shared equally
+      left = 60 * minutes - (clock() - start) - finish
+      member = dataclasses.replace(config, time_limit=max(left / (members - k), 1.0) / 60)
     ckpt = f"{checkpoint}.{k}" if checkpoint else None
-    trained.append(train(p, frames, per_member, checkpoint=ckpt, **kwargs))
+    trained.append(train(p, frames, member, checkpoint=ckpt, clock=clock, **kwargs))
+    # the stacked committee's evaluation: about members x one member's
+    finish = members * trained[0].potential.metadata["training"]["finish_seconds"]
   committee = Potential.stack([r.potential for r in trained])
   frames = list(frames)
   parts = split_parts(frames, config)
@@ -334,14 +400,16 @@ def train_committee(
   meta = dict(trained[0].potential.metadata)
   meta["training"] = dict(
     meta["training"],
+    config=dataclasses.asdict(config),
     committee=[r.potential.metadata["training"]["epochs_run"] for r in trained],
-    seconds=time.perf_counter() - start,
+    member_minutes=[r.potential.metadata["training"]["config"]["time_limit"] for r in trained],
+    seconds=clock() - start,
     training_seconds=sum(r.potential.metadata["training"]["training_seconds"] for r in trained),
   )
   meta["member_test_metrics"] = [r.metrics["test"] for r in trained]
   committee, metrics = _evaluated(committee.replace(metadata=meta), sets, config, dtype)
   history = [dict(h, member=k) for k, r in enumerate(trained) for h in r.history]
-  return TrainResult(committee, history, metrics, time.perf_counter() - start)
+  return TrainResult(committee, history, metrics, clock() - start)
 
 
 def _evaluated(potential: Potential, sets: dict, config: TrainConfig, dtype):
@@ -363,8 +431,9 @@ def _evaluated(potential: Potential, sets: dict, config: TrainConfig, dtype):
   return potential, metrics
 
 
-def _finish(potential, frames, parts, state, config, dtype, history, start) -> TrainResult:
+def _finish(potential, frames, parts, state, config, dtype, history, budget) -> TrainResult:
   """The best parameters with refitted shifts, evaluated on every split part."""
+  finish_start = budget.used()
   sets = {k: [frames[i] for i in idx] for k, idx in parts.items()}
   best = potential.replace(params=jax.tree_util.tree_map(np.asarray, state["best_params"]))
   best = refit_shifts(best, sets["train"], config.batch_size, dtype)
@@ -377,7 +446,6 @@ def _finish(potential, frames, parts, state, config, dtype, history, start) -> T
       seed=config.seed,
       dtype=dtype,
     )
-  seconds = time.perf_counter() - start
   meta = dict(best.metadata)
   meta.update(
     {
@@ -387,11 +455,16 @@ def _finish(potential, frames, parts, state, config, dtype, history, start) -> T
         "split": [len(parts[k]) for k in ("train", "valid", "test")],
         "split_parts": {k: split_summary(frames, idx) for k, idx in parts.items()},
         "epochs_run": int(state["epoch"]),
-        "seconds": seconds,
+        "steps": int(state["step"]),
+        "budget_seconds": budget.seconds,
         "training_seconds": float(state["elapsed"]),
+        "reserved_seconds": budget.reserve,
         "best_valid_loss": float(state["best_loss"]),
       },
     }
   )
   best, metrics = _evaluated(best.replace(metadata=meta), sets, config, dtype)
+  seconds = budget.used()
+  training = dict(best.metadata["training"], seconds=seconds, finish_seconds=seconds - finish_start)
+  best = best.replace(metadata={**best.metadata, "training": training})
   return TrainResult(best, history, metrics, seconds)
