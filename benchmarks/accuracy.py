@@ -59,6 +59,7 @@ from plugin.ase import Calculator
 from plugin.data import read_frames, read_images
 
 import accuracy_worker
+from provenance import provenance
 
 WORKER = pathlib.Path(accuracy_worker.__file__).resolve()
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -522,34 +523,6 @@ def _mace_run(args, py, split, out, cores) -> dict:
   state.parent.mkdir(parents=True, exist_ok=True)
   state.write_text(json.dumps(run, indent=1))
   return run
-
-
-def provenance() -> dict:
-  """Machine, date and commit of a measurement (recorded by the script, not typed)."""
-  import datetime
-  import platform
-
-  try:
-    commit = subprocess.run(
-      ["git", "rev-parse", "--short", "HEAD"],
-      capture_output=True,
-      text=True,
-      cwd=pathlib.Path(__file__).parent,
-    ).stdout.strip()
-    dirty = subprocess.run(
-      ["git", "status", "--porcelain", "--untracked-files=no"],
-      capture_output=True,
-      text=True,
-      cwd=pathlib.Path(__file__).parent,
-    ).stdout.strip()
-  except OSError:
-    commit, dirty = "unknown", ""
-  return {
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    "commit": commit + ("+changes" if dirty else ""),
-    "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
-    "python": platform.python_version(),
-  }
 
 
 if __name__ == "__main__":

@@ -162,7 +162,9 @@ def make_new_ethanol(path: Path, seed: int = 0) -> None:
 def make_new_dmso(path: Path, seed: int = 0) -> None:
   """DMSO at 400 / 650 / 900 K, 200 frames each."""
   gen = _generator()
-  gen.write_frames(_molecule_runs(gen, "C2H6SO", (400.0, 650.0, 900.0), 1, 200, seed, 12), str(path))
+  gen.write_frames(
+    _molecule_runs(gen, "C2H6SO", (400.0, 650.0, 900.0), 1, 200, seed, 12), str(path)
+  )
 
 
 def make_new_cuau(path: Path, seed: int = 0) -> None:

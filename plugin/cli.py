@@ -35,8 +35,6 @@ import warnings
 import time
 from pathlib import Path
 
-STARTED = time.perf_counter()  # a training budget counts from here: the command's own start
-
 from typing import List, Optional
 
 from plugin import cache
@@ -47,6 +45,7 @@ from plugin.md.settings import DEFAULTS
 # (tests/test_cli.py holds the two equal)
 DEFAULT_TRAIN_MINUTES = 30
 
+STARTED = time.perf_counter()  # a training budget counts from here: the command's own start
 DEFAULT_MODEL = "ethanol"
 RUNAWAY_STATUS = 3  # `eqattn md` stopped by a runaway guard (plugin.md.guards)
 
@@ -858,17 +857,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"eqattn {args.command}: error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
-    print("\ninterrupted; files written so far are kept (continue with --resume)", file=sys.stderr)
+    print(f"\ninterrupted; {_continue_hint(args)}", file=sys.stderr)
     return 130
   except _Terminated:
-    print(
-      "\nterminated (SIGTERM); files written so far are kept (continue with --resume)",
-      file=sys.stderr,
-    )
+    print(f"\nterminated (SIGTERM); {_continue_hint(args)}", file=sys.stderr)
     return 143
   finally:
     if main_thread:
       signal.signal(signal.SIGTERM, old)
+
+
+def _continue_hint(args) -> str:
+  if args.command == "train":
+    if getattr(args, "checkpoint", None):
+      return f"rerun the same command to continue from {args.checkpoint} with the time left"
+    return "nothing was saved (pass --checkpoint FILE to make a run resumable)"
+  return "files written so far are kept (continue with --resume)"
 
 
 class _Terminated(Exception):

@@ -165,6 +165,9 @@ def test_train_with_time_limit_then_eval_reports_held_out_trajectories(tmp_path,
     )
     == 0
   )
+  out = capsys.readouterr().out  # what was trained and the held-out figures, in meV
+  assert "trained 2 epochs in" in out and "of a 5-minute budget" in out
+  assert "held-out trajectories: forces MAE" in out and "meV/atom), stress MAE" in out
   meta = potentials.load(model).metadata["training"]
   assert meta["config"]["ema_decay"] == 0.9 and meta["config"]["split"] == "trajectory"
   assert meta["split_parts"]["test"]["trajectories"] and meta["epochs_run"] == 2
@@ -277,6 +280,16 @@ def test_md_options_come_from_the_ensembles_table_and_defaults():
   }
   assert options["temperature"].default == DEFAULTS.temperature
   assert options["dt"].default == DEFAULTS.timestep
+
+
+def test_train_budget_default_is_the_training_default():
+  from potentials.training import DEFAULT_MINUTES
+
+  sub = cli.build_parser()._subparsers._group_actions[0].choices["train"]
+  help_text = {a.dest: a.help for a in sub._actions}["time_limit"]
+  assert (
+    cli.DEFAULT_TRAIN_MINUTES == DEFAULT_MINUTES and f"{DEFAULT_MINUTES:g} minutes" in help_text
+  )
 
 
 def test_parser_imports_neither_jax_nor_jax_md():

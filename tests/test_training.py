@@ -274,3 +274,49 @@ def test_time_limit_ema_and_amsgrad(copper_frames, tmp_path):
   assert meta["split"] == [11, 2, 2] and meta["split_parts"]["test_random"]["frames"] == 1
   assert "test_metrics_by_group" in res.potential.metadata
   assert res.potential.metadata["test_random_metrics"]["forces_mae"] > 0
+
+
+class TickClock:
+  """A clock that moves one second at each reading: a budget becomes a count of readings,
+  the same on any machine. ``stop_after`` readings, it interrupts the run (a kill)."""
+
+  def __init__(self, stop_after=None):
+    self.now, self.stop_after = 0.0, stop_after
+
+  def __call__(self):
+    self.now += 1.0
+    if self.stop_after is not None and self.now > self.stop_after:
+      raise KeyboardInterrupt
+    return self.now
+
+
+def test_budget_drives_schedule_and_stop_epochs_cap_and_resume(copper_frames, tmp_path):
+  pot = pt.Potential.create(0, species=["Cu"], cutoff=3.0, **HYPER)
+  cfg = training.TrainConfig(batch_size=4, time_limit=240 / 60)  # 240 clock readings
+  kw = dict(progress=False, dtype=np.float64)
+  full = training.train(pot, copper_frames, cfg, clock=TickClock(), **kw)
+  meta = full.potential.metadata["training"]
+  # no epoch cap: the budget alone ends it, with only the measured finishing cost left
+  assert cfg.epochs is None and meta["epochs_run"] > 10
+  assert 240 - 10 < meta["training_seconds"] + meta["reserved_seconds"] <= 240 * 1.05
+  assert meta["seconds"] <= 240 * 1.05
+  lrs = [h["lr"] for h in full.history]
+  peak, low = cfg.learning_rate, cfg.learning_rate * cfg.final_lr_fraction
+  assert max(lrs) == pytest.approx(peak, rel=0.2) and lrs[-1] == pytest.approx(low, rel=0.3)
+  assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))  # decays after warm-up
+  # validation only when due, always at the end; the best weights are the ones kept
+  checked = [h["valid_loss"] for h in full.history if h["valid_loss"] is not None]
+  assert full.history[-1]["valid_loss"] is not None and meta["best_valid_loss"] == min(checked)
+  # an explicit epoch count still caps, and the schedule ends with it
+  capped = training.train(pot, copper_frames, dataclasses.replace(cfg, epochs=3), **kw)
+  assert capped.potential.metadata["training"]["epochs_run"] == 3
+  assert capped.history[-1]["lr"] < 0.2 * peak
+  # killed after 120 readings, resumed from its checkpoint with the time it had left
+  ckpt = str(tmp_path / "run.ckpt")
+  with pytest.raises(KeyboardInterrupt):
+    training.train(pot, copper_frames, cfg, checkpoint=ckpt, clock=TickClock(120), **kw)
+  done = training.load_checkpoint(ckpt, {"epoch": 0, "elapsed": 0.0})
+  resumed = training.train(pot, copper_frames, cfg, checkpoint=ckpt, clock=TickClock(), **kw)
+  seconds = [h["seconds"] for h in resumed.history]
+  assert seconds == sorted(seconds) and seconds[done["epoch"]] > done["elapsed"]
+  assert abs(resumed.potential.metadata["training"]["epochs_run"] - meta["epochs_run"]) <= 3

@@ -267,7 +267,8 @@ def train(
   bar = _progress_bar(config, budget, int(state["epoch"])) if progress else None
   params, ema, opt_state, t = state["params"], state["ema"], state["opt_state"], int(state["step"])
   epoch, lr = int(state["epoch"]), 0.0
-  while t == 0 or not budget.exhausted(t):  # a fresh run takes at least one step
+  done = t > 0 and budget.exhausted(t)  # a fresh run takes at least one step
+  while not done:
     late = budget.progress(t) >= 1 - config.late_fraction and config.late_energy_weight is not None
     e_weight = config.late_energy_weight if late else config.energy_weight
     losses = []
@@ -281,8 +282,8 @@ def train(
       losses.append(float(l))
       t += 1
     epoch += 1
-    v = None
-    if budget.exhausted(t) or check.due(clock()):
+    v, done = None, budget.exhausted(t)
+    if done or check.due(clock()):  # the last epoch is always validated
       v = check(ema, clock)
       if not np.isfinite(v):
         raise FloatingPointError(
@@ -365,9 +366,9 @@ def train_committee(
   """A committee of ``members`` models of ``potential``'s architecture, each trained by
   :func:`train` on the same split (member 0 from ``potential``'s parameters, member ``k``
   from a fresh initialisation with key ``fold_in(PRNGKey(config.seed), k)``); stacked
-  (:meth:`Potential.stack`), evaluated and calibrated on the validation frames. ``config``'s budget covers the whole committee: each
-  member gets an equal share of what is left when it starts, less the committee's own
-  evaluation. ``checkpoint``: one file per member (``PATH.k``)."""
+  (:meth:`Potential.stack`), evaluated and calibrated on the validation frames. ``config``'s
+  budget covers the whole committee: each member gets an equal share of what is left when it
+  starts, less the committee's own evaluation. ``checkpoint``: one file per member (``PATH.k``)."""
   if members < 2 or potential.config.committee != 1:
     raise ValueError(f"a committee needs members >= 2 single models, got members={members}")
   if potential.config.force_heads:
