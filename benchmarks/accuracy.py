@@ -384,6 +384,33 @@ def table(rows) -> str:
   return "\n".join(lines)
 
 
+def budget_table(paths) -> str:
+  """Equal-time rows of several ``accuracy.json`` files: held-out force MAE per temperature
+  (the split's test trajectories, then the new ones), eqattn / MACE and their ratio, energy
+  MAE, and the minutes each side trained."""
+  lines = [
+    "| data | budget (min) | held-out set | eqattn F MAE (meV/Å) | MACE F MAE | ratio "
+    "| eqattn E MAE (meV/atom) | MACE E MAE |",
+    "|---|---:|---|---:|---:|---:|---:|---:|",
+  ]
+  for path in paths:
+    res = json.loads(pathlib.Path(path).read_text())
+    eq, mace = res["rows"]
+    name = pathlib.Path(res["data"]).name.split(".")[0]
+    words = eq.get("command", "").split()
+    minutes = res.get("minutes") or words[words.index("--time-limit") + 1]
+    keys = ["test"] + [k for k in eq["metrics"] if "_T=" in k]
+    for k in keys:
+      a, b = eq["metrics"][k], mace["metrics"][k]
+      label = "all held-out trajectories" if k == "test" else k.replace("_T=", " ")
+      lines.append(
+        f"| {name} | {minutes} | {label} | {a['forces_mae']:.1f} | "
+        f"{b['forces_mae']:.1f} | {a['forces_mae'] / b['forces_mae']:.2f} | "
+        f"{a['energy_per_atom_mae']:.2f} | {b['energy_per_atom_mae']:.2f} |"
+      )
+  return "\n".join(lines)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--data", default="data/ethanol.extxyz.gz")
@@ -415,7 +442,11 @@ def main(argv=None):
   )
   ap.add_argument("--out", default="accuracy_out", help="split files, MACE run, results")
   ap.add_argument("--json", help="results file (default OUT/accuracy.json)")
+  ap.add_argument("--report", nargs="+", metavar="JSON", help="only print the equal-time table")
   args = ap.parse_args(argv)
+  if args.report:
+    print(budget_table(args.report))
+    return 0
   py = mace_python(args.mace_python)
   out = pathlib.Path(args.out).resolve()
   out.mkdir(parents=True, exist_ok=True)
@@ -467,6 +498,7 @@ def main(argv=None):
       {
         "data": args.data,
         "new": args.new,
+        "minutes": args.train_eqattn,
         "rows": rows,
         "mace_run": run,
         "mace_recipe": MACE_RECIPE,

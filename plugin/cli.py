@@ -495,7 +495,7 @@ def _train_report(result, config) -> str:
   lines = [
     f"trained {info['epochs_run']} epochs in {info['seconds'] / 60:.1f} min"
     + (f" of a {budget:g}-minute budget" if budget else "")
-    + f" ({info['training_seconds'] / 60:.1f} min of training, then evaluation); lr "
+    + f" ({info['optimisation_seconds'] / 60:.1f} min of optimisation steps); lr "
     f"{config.learning_rate:g} -> {config.learning_rate * config.final_lr_fraction:g} "
     f"({config.schedule}), EMA {config.ema_decay:g}"
   ]

@@ -143,6 +143,7 @@ def _initial_state(
     "step": 0,
     "elapsed": 0.0,  # seconds of the budget used at the last checkpoint
     "warm_progress": -1.0,  # progress at the end of warm-up (-1: not yet)
+    "optimisation_seconds": 0.0,  # of which in optimisation steps (not validation, saving)
     "best_loss": np.inf,
     "best_params": params,
     "history": "[]",
@@ -271,7 +272,7 @@ def train(
   while not done:
     late = budget.progress(t) >= 1 - config.late_fraction and config.late_energy_weight is not None
     e_weight = config.late_energy_weight if late else config.energy_weight
-    losses = []
+    losses, t_steps = [], clock()
     for bt in batches([train_set[j] for j in rng.permutation(len(train_set))]):
       p = budget.progress(t)
       if p >= 1.0 and losses:  # out of time mid-epoch
@@ -281,6 +282,7 @@ def train(
       params, ema, opt_state, l = step(params, ema, opt_state, bt, lr, e_weight, decay)
       losses.append(float(l))
       t += 1
+    state["optimisation_seconds"] = float(state["optimisation_seconds"]) + clock() - t_steps
     epoch += 1
     v, done = None, budget.exhausted(t)
     if done or check.due(clock()):  # the last epoch is always validated
@@ -457,6 +459,7 @@ def _finish(potential, frames, parts, state, config, dtype, history, budget) -> 
         "split_parts": {k: split_summary(frames, idx) for k, idx in parts.items()},
         "epochs_run": int(state["epoch"]),
         "steps": int(state["step"]),
+        "optimisation_seconds": float(state["optimisation_seconds"]),
         "budget_seconds": budget.seconds,
         "training_seconds": float(state["elapsed"]),
         "reserved_seconds": budget.reserve,
