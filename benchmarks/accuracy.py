@@ -46,6 +46,7 @@ import argparse
 import json
 import os
 import pathlib
+import shlex
 import subprocess
 import threading
 import sys
@@ -326,15 +327,18 @@ def eqattn_row(path, split, frames, timing_path, new=None, run=None) -> dict:
   }
 
 
-def train_eqattn(data, species, minutes: float, out: pathlib.Path, pin=()) -> dict:
-  """``eqattn train DATA --species ... --time-limit M``, nothing else; the process's times."""
-  model = out / "eqattn.eqm"
-  for stale in (model, out / "eqattn.ckpt"):
+def train_eqattn(
+  data, species, minutes: float, out: pathlib.Path, pin=(), extra=(), tag=""
+) -> dict:
+  """``eqattn train DATA --species ... --time-limit M`` (and ``extra`` options, none for the
+  defaults); the process's times."""
+  model = out / f"eqattn{tag}.eqm"
+  for stale in (model, out / f"eqattn{tag}.ckpt"):
     stale.unlink(missing_ok=True)
   # `eqattn` of this script's tree (python -m from its root), whatever is installed
-  args = ["train", str(data), "--species", *species, "--time-limit", f"{minutes:g}"]
+  args = ["train", str(data), "--species", *species, "--time-limit", f"{minutes:g}", *extra]
   cmd = [sys.executable, "-m", "plugin.cli", *args, "--out", str(model)]
-  res = _run_timed(cmd, out / "eqattn_train.log", pin, cwd=ROOT)
+  res = _run_timed(cmd, out / f"eqattn{tag}_train.log", pin, cwd=ROOT)
   return {**res, "model": str(model), "command": "eqattn " + " ".join(args)}
 
 
@@ -422,6 +426,11 @@ def main(argv=None):
     help="train eqattn here with `eqattn train DATA --species ... --time-limit MINUTES` "
     "(beside MACE, each on one core) instead of measuring --eqattn",
   )
+  ap.add_argument(
+    "--eqattn-args", default="", help="options added to that command (a variant's; none: defaults)"
+  )
+  ap.add_argument("--tag", default="", help="names this eqattn run's files (MACE's are shared)")
+  ap.add_argument("--mace-only", action="store_true", help="train and evaluate MACE only")
   ap.add_argument("--new", help="extra held-out trajectories (extxyz) reported per temperature")
   ap.add_argument("--cores", type=int, nargs=2, default=(0, 1), help="eqattn's and MACE's core")
   ap.add_argument(
@@ -460,14 +469,14 @@ def main(argv=None):
   print({n: len(v) for n, v in split["parts"].items()}, flush=True)
   eq_cores, mace_cores = ((args.cores[0],), (args.cores[1],))
   eq_run, eq_thread = _start_eqattn(args, images, out, eq_cores)
-  if eq_thread is None:
+  if eq_thread is None and not args.mace_only:
     eq_row = eqattn_row(args.eqattn, split, frames, timing_path, new)  # fails fast if leaky
   run = _mace_run(args, py, split, out, mace_cores)
   if eq_thread is not None:
     eq_thread.join()
     if "error" in eq_run:
       raise SystemExit(eq_run["error"])
-    (out / "eqattn_train.json").write_text(json.dumps(eq_run, indent=1))
+    (out / f"eqattn{args.tag}_train.json").write_text(json.dumps(eq_run, indent=1))
     eq_row = eqattn_row(eq_run["model"], split, frames, timing_path, new, eq_run)
     eq_row["command"] = eq_run["command"]
   print(
@@ -477,10 +486,14 @@ def main(argv=None):
   )
   res_path = out / "mace" / "evaluate.json"
   parts = [str(split["paths"][n]) for n in ("test", "test_random")] + ([str(new[0])] if new else [])
-  _run_timed(
-    [py, str(WORKER), "evaluate", run["model"], str(res_path), str(timing_path), *parts],
-    out / "mace" / "evaluate.log",
-  )
+  if not (args.reuse and res_path.exists()):
+    _run_timed(
+      [py, str(WORKER), "evaluate", run["model"], str(res_path), str(timing_path), *parts],
+      out / "mace" / "evaluate.log",
+      mace_cores,
+    )
+  if args.mace_only:
+    return 0
   mres = json.loads(res_path.read_text())
   mace_row = {
     "model": f"MACE {mres['version']}",
@@ -492,13 +505,14 @@ def main(argv=None):
   }
   rows = [eq_row, mace_row]
   print(table(rows))
-  path = pathlib.Path(args.json or out / "accuracy.json")
+  path = pathlib.Path(args.json or out / f"accuracy{args.tag}.json")
   path.write_text(
     json.dumps(
       {
         "data": args.data,
         "new": args.new,
         "minutes": args.train_eqattn,
+        "eqattn_args": args.eqattn_args,
         "rows": rows,
         "mace_run": run,
         "mace_recipe": MACE_RECIPE,
@@ -517,7 +531,7 @@ def _start_eqattn(args, images, out, cores):
   run: dict = {}
   if not args.train_eqattn:
     return run, None
-  state = out / "eqattn_train.json"
+  state = out / f"eqattn{args.tag}_train.json"
   if args.reuse and state.exists():
     run.update(json.loads(state.read_text()))
     return run, threading.Thread(target=lambda: None)
@@ -526,7 +540,15 @@ def _start_eqattn(args, images, out, cores):
   def work():
     try:
       run.update(
-        train_eqattn(pathlib.Path(args.data).resolve(), species, args.train_eqattn, out, cores)
+        train_eqattn(
+          pathlib.Path(args.data).resolve(),
+          species,
+          args.train_eqattn,
+          out,
+          cores,
+          shlex.split(args.eqattn_args),
+          args.tag,
+        )
       )
     except Exception as err:  # reported by the main thread
       run["error"] = str(err)

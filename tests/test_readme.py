@@ -1,24 +1,35 @@
-"""Every Python snippet in the README runs as written."""
+"""Every Python snippet in the README and the documentation pages runs as written."""
 
 import pathlib
 import re
 
 import pytest
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+# (page, snippet): a snippet shown on several pages (the README's quick starts) runs once
+SNIPPETS = list(
+  {
+    code: (page.relative_to(ROOT), code)
+    for page in reversed(PAGES)
+    if "_build" not in page.parts and "generated" not in page.parts
+    for code in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+  }.values()
+)
 
 
 def test_readme_has_snippets():
-  assert len(SNIPPETS) >= 2
+  readme = re.findall(r"```python\n(.*?)```", PAGES[0].read_text(), flags=re.S)
+  assert len(readme) >= 2 and all(any(code == s for _, s in SNIPPETS) for code in readme)
 
 
-@pytest.mark.parametrize("index", range(len(SNIPPETS)))
+@pytest.mark.parametrize("index", range(len(SNIPPETS)), ids=lambda i: f"{SNIPPETS[i][0]}-{i}")
 def test_readme_snippet_runs(index, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)  # snippets may write files
+  page, code = SNIPPETS[index]
   scope = {"__name__": "__readme__"}
-  exec(compile(SNIPPETS[index], f"README.md snippet {index}", "exec"), scope)
-  # test functions shown in the README run too, with the fixtures our pytest plugin provides
+  exec(compile(code, f"{page} snippet", "exec"), scope)
+  # test functions shown in the pages run too, with the fixtures our pytest plugin provides
   from plugin.testing import assert_energy_conserved
 
   fixtures = {"energy_conservation": assert_energy_conserved}

@@ -266,58 +266,32 @@ def train(
   warm = float(state["warm_progress"])
   sched = Schedule(config, config.warmup_epochs * steps_per_epoch, None if warm < 0 else warm)
   bar = _progress_bar(config, budget, int(state["epoch"])) if progress else None
-  params, ema, opt_state, t = state["params"], state["ema"], state["opt_state"], int(state["step"])
-  epoch, lr = int(state["epoch"]), 0.0
-  done = t > 0 and budget.exhausted(t)  # a fresh run takes at least one step
+  done = int(state["step"]) > 0 and budget.exhausted(int(state["step"]))  # fresh: >= 1 step
   while not done:
-    late = budget.progress(t) >= 1 - config.late_fraction and config.late_energy_weight is not None
-    e_weight = config.late_energy_weight if late else config.energy_weight
-    losses, t_steps = [], clock()
-    for bt in batches([train_set[j] for j in rng.permutation(len(train_set))]):
-      p = budget.progress(t)
-      if p >= 1.0 and losses:  # out of time mid-epoch
-        break
-      lr = sched(t, p)
-      decay = min(config.ema_decay, (1 + t) / (10 + t))
-      params, ema, opt_state, l = step(params, ema, opt_state, bt, lr, e_weight, decay)
-      losses.append(float(l))
-      t += 1
-    state["optimisation_seconds"] = float(state["optimisation_seconds"]) + clock() - t_steps
-    epoch += 1
-    v, done = None, budget.exhausted(t)
+    order = [train_set[j] for j in rng.permutation(len(train_set))]
+    losses, lr = _epoch(step, batches(order), state, budget, sched, clock)
+    epoch, v, done = int(state["epoch"]) + 1, None, budget.exhausted(int(state["step"]))
     if done or check.due(clock()):  # the last epoch is always validated
-      v = check(ema, clock)
-      if not np.isfinite(v):
-        raise FloatingPointError(
-          f"validation loss became {v} at epoch {epoch}; lower the learning rate"
-        )
-      if v < state["best_loss"]:
-        state["best_loss"], state["best_params"] = v, ema
+      v = _validate(check, state, epoch, clock)
       budget.reserve = _finish_seconds(potential, config, sizes, check)
     record = {
       "epoch": epoch,
-      "train_loss": float(np.mean(losses)) if losses else None,
+      "train_loss": float(np.mean(losses)),
       "valid_loss": v,
       "lr": lr,
       "seconds": round(budget.used(), 1),
     }
     history.append(record)
+    warm = -1.0 if sched.warm_progress is None else sched.warm_progress
     state.update(
-      params=params,
-      ema=ema,
-      opt_state=opt_state,
-      epoch=epoch,
-      step=t,
-      elapsed=budget.used(),
-      warm_progress=-1.0 if sched.warm_progress is None else sched.warm_progress,
-      history=json.dumps(history),
+      epoch=epoch, elapsed=budget.used(), warm_progress=warm, history=json.dumps(history)
     )
     if checkpoint:
       save_checkpoint(checkpoint, state)
     if log:
       log(record)
     if bar is not None:
-      _show(bar, config, budget, t, record)
+      _show(bar, config, budget, int(state["step"]), record)
   if bar is not None:
     bar.close()
   if fine_tune:
@@ -325,6 +299,41 @@ def train(
     earlier = {k: potential.metadata[k] for k in keep if k in potential.metadata}
     potential = potential.replace(metadata={**potential.metadata, "fine_tuned_from": earlier})
   return _finish(potential, frames, parts, state, config, dtype, history, budget)
+
+
+def _epoch(step, batches, state: dict, budget, sched, clock):
+  """One pass over ``batches`` (the shuffled training frames), or until the budget runs out
+  after at least one step: ``state``'s parameters, EMA, optimiser state, step and optimisation
+  seconds are updated in place. Returns the batch losses and the last learning rate."""
+  config = sched.config
+  t, lr, losses, t0 = int(state["step"]), 0.0, [], clock()
+  late = budget.progress(t) >= 1 - config.late_fraction and config.late_energy_weight is not None
+  e_weight = config.late_energy_weight if late else config.energy_weight
+  params, ema, opt_state = state["params"], state["ema"], state["opt_state"]
+  for bt in batches:
+    p = budget.progress(t)
+    if p >= 1.0 and losses:  # out of time mid-epoch
+      break
+    lr = sched(t, p)
+    decay = min(config.ema_decay, (1 + t) / (10 + t))
+    params, ema, opt_state, l = step(params, ema, opt_state, bt, lr, e_weight, decay)
+    losses.append(float(l))
+    t += 1
+  seconds = float(state["optimisation_seconds"]) + clock() - t0
+  state.update(params=params, ema=ema, opt_state=opt_state, step=t, optimisation_seconds=seconds)
+  return losses, lr
+
+
+def _validate(check, state: dict, epoch: int, clock) -> float:
+  """The validation loss of ``state``'s EMA weights, kept as the best if it is."""
+  v = check(state["ema"], clock)
+  if not np.isfinite(v):
+    raise FloatingPointError(
+      f"validation loss became {v} at epoch {epoch}; lower the learning rate"
+    )
+  if v < state["best_loss"]:
+    state["best_loss"], state["best_params"] = v, state["ema"]
+  return v
 
 
 def _progress_bar(config: TrainConfig, budget, epoch: int):
