@@ -415,6 +415,26 @@ def budget_table(paths) -> str:
   return "\n".join(lines)
 
 
+def variants_table(paths) -> str:
+  """One row per eqattn run of several ``accuracy.json`` files (variants of the defaults on
+  one dataset): its options, epochs, held-out and new-trajectory force MAE, energy MAE."""
+  lines = [
+    "| options added to `eqattn train` | budget (min) | epochs | held-out F MAE (meV/Å) "
+    "| new trajectories F MAE | E MAE (meV/atom) | provenance |",
+    "|---|---:|---:|---:|---:|---:|---|",
+  ]
+  for path in paths:
+    res = json.loads(pathlib.Path(path).read_text())
+    eq, m, prov = res["rows"][0], res["rows"][0]["metrics"], res.get("provenance", {})
+    new = f"{m['new']['forces_mae']:.1f}" if "new" in m else "—"
+    lines.append(
+      f"| {res.get('eqattn_args') or '(none)'} | {res.get('minutes')} | {eq['epochs']} | "
+      f"{m['test']['forces_mae']:.1f} | {new} | {m['test']['energy_per_atom_mae']:.2f} | "
+      f"{prov.get('date', '?')[:10]}, {prov.get('commit', '?')} |"
+    )
+  return "\n".join(lines)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--data", default="data/ethanol.extxyz.gz")
@@ -452,9 +472,10 @@ def main(argv=None):
   ap.add_argument("--out", default="accuracy_out", help="split files, MACE run, results")
   ap.add_argument("--json", help="results file (default OUT/accuracy.json)")
   ap.add_argument("--report", nargs="+", metavar="JSON", help="only print the equal-time table")
+  ap.add_argument("--report-variants", nargs="+", metavar="JSON", help="only print variants")
   args = ap.parse_args(argv)
-  if args.report:
-    print(budget_table(args.report))
+  if args.report or args.report_variants:
+    print(budget_table(args.report) if args.report else variants_table(args.report_variants))
     return 0
   py = mace_python(args.mace_python)
   out = pathlib.Path(args.out).resolve()

@@ -39,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 # the tuning set chose the defaults; the checking set (made after them) only measures them
 TUNING = {"acetamide": ["H", "C", "N", "O"], "nial": ["Al", "Ni"]}
-CHECKING = {"dmso": ["H", "C", "O", "S"], "cuau": ["Cu", "Au"]}
+CHECKING = {"dmso": ["H", "C", "O", "S"], "cuau": ["Cu", "Au"], "agpd": ["Ag", "Pd"]}
 DATASETS = {**TUNING, **CHECKING}
 # model and training overrides on top of ModelConfig() / TrainConfig()
 RECIPES = {
@@ -119,9 +119,10 @@ def make_dmso(path: Path, seed: int = 0) -> None:
   gen.write_frames(_molecule_runs(gen, "C2H6SO", (300.0, 500.0, 700.0), 4, 100, seed, 9), str(path))
 
 
-def _alloy_runs(gen, temps, runs, kinds, seed, tag):
-  """Random 50/50 Cu-Au fcc (32-atom cubic cells, a = 3.85 Å, Vegard's law on EMT's
-  lattice constants), EMT with stress, 2 fs steps, a frame every 80 fs."""
+def _alloy_runs(gen, temps, runs, kinds, seed, tag, pair=("Cu", "Au", 3.85)):
+  """Random 50/50 fcc alloy of ``pair`` = (host, guest, a) (32-atom cubic cells; Cu-Au: a =
+  3.85 Å, Vegard's law on EMT's lattice constants), EMT with stress, 2 fs steps, a frame
+  every 80 fs."""
   from ase.build import bulk
   from ase.calculators.emt import EMT
 
@@ -131,8 +132,9 @@ def _alloy_runs(gen, temps, runs, kinds, seed, tag):
       for k in range(runs):
         rng = np.random.default_rng([seed, tag, stream])
         stream += 1
-        atoms = bulk("Cu", "fcc", a=3.85, cubic=True) * (2, 2, 2)
-        atoms.numbers[rng.permutation(len(atoms))[: len(atoms) // 2]] = 79
+        atoms = bulk(pair[0], "fcc", a=pair[2], cubic=True) * (2, 2, 2)
+        guest = bulk(pair[1]).numbers[0]
+        atoms.numbers[rng.permutation(len(atoms))[: len(atoms) // 2]] = guest
         if kind == "vacancy":
           del atoms[int(rng.integers(len(atoms)))]
         info = {"config_type": kind, "source": "EMT/ase", "trajectory": f"{kind}_{temp}/{k}"}
@@ -148,6 +150,25 @@ def make_cuau(path: Path, seed: int = 0) -> None:
   gen = _generator()
   kinds = (("bulk_md", 20), ("vacancy", 10))
   gen.write_frames(_alloy_runs(gen, (300.0, 800.0, 1200.0), 4, kinds, seed, 10), str(path))
+
+
+AGPD = ("Ag", "Pd", 4.0)  # a: Vegard's law on EMT's Ag and Pd lattice constants
+
+
+def make_agpd(path: Path, seed: int = 0) -> None:
+  """Ag-Pd alloy, as Cu-Au (a second alloy, made after the stress weight was changed on
+  Cu-Au's evidence, so that one check stays untouched by it)."""
+  gen = _generator()
+  kinds = (("bulk_md", 20), ("vacancy", 10))
+  frames = _alloy_runs(gen, (300.0, 800.0, 1200.0), 4, kinds, seed, 14, AGPD)
+  gen.write_frames(frames, str(path))
+
+
+def make_new_agpd(path: Path, seed: int = 0) -> None:
+  """Ag-Pd bulk at 600 / 1000 / 1500 K, 2 runs x 40 frames each."""
+  gen = _generator()
+  frames = _alloy_runs(gen, (600.0, 1000.0, 1500.0), 2, (("bulk_md", 40),), seed, 15, AGPD)
+  gen.write_frames(frames, str(path))
 
 
 # New trajectories no training frame comes from: one run per temperature inside the training
@@ -174,8 +195,19 @@ def make_new_cuau(path: Path, seed: int = 0) -> None:
   gen.write_frames(frames, str(path))
 
 
-MAKERS = {"acetamide": make_acetamide, "nial": make_nial, "dmso": make_dmso, "cuau": make_cuau}
-NEW = {"ethanol": make_new_ethanol, "dmso": make_new_dmso, "cuau": make_new_cuau}
+MAKERS = {
+  "acetamide": make_acetamide,
+  "nial": make_nial,
+  "dmso": make_dmso,
+  "cuau": make_cuau,
+  "agpd": make_agpd,
+}
+NEW = {
+  "ethanol": make_new_ethanol,
+  "dmso": make_new_dmso,
+  "cuau": make_new_cuau,
+  "agpd": make_new_agpd,
+}
 
 
 def _generator():
