@@ -1,4 +1,5 @@
 import dataclasses
+import warnings
 
 import jax
 import numpy as np
@@ -320,3 +321,23 @@ def test_budget_drives_schedule_and_stop_epochs_cap_and_resume(copper_frames, tm
   seconds = [h["seconds"] for h in resumed.history]
   assert seconds == sorted(seconds) and seconds[done["epoch"]] > done["elapsed"]
   assert abs(resumed.potential.metadata["training"]["epochs_run"] - meta["epochs_run"]) <= 3
+
+
+def test_diverged_epoch_is_dropped_and_learning_rate_halved(copper_frames):
+  # a learning rate far too high: an epoch whose loss jumps 100-fold is undone (the weights of
+  # the epoch before come back) and the rest of the run goes on at half the learning rate
+  pot = pt.Potential.create(0, species=["Cu"], cutoff=3.0, **HYPER)
+  cfg = training.TrainConfig(epochs=8, batch_size=4, learning_rate=0.7, warmup_epochs=1)
+  with pytest.warns(RuntimeWarning, match="training diverged at epoch"):
+    res = training.train(pot, copper_frames, cfg, progress=False, dtype=np.float64)
+  flagged = [h for h in res.history if h.get("diverged")]
+  assert flagged and not res.history[-1].get("diverged")  # it went on after the last one
+  assert np.isfinite(res.metrics["test"]["forces_mae"])
+  assert np.isfinite(res.metrics["test"]["forces_mae"])
+  # one that cannot be rescued says so and names the fix
+  with pytest.raises(FloatingPointError, match="lower it \\(--lr\\)"):
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      training.train(
+        pot, copper_frames, dataclasses.replace(cfg, learning_rate=1e3, epochs=10), progress=False
+      )

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -144,6 +145,8 @@ def _initial_state(
     "elapsed": 0.0,  # seconds of the budget used at the last checkpoint
     "warm_progress": -1.0,  # progress at the end of warm-up (-1: not yet)
     "optimisation_seconds": 0.0,  # of which in optimisation steps (not validation, saving)
+    "lr_scale": 1.0,  # halved after each diverged epoch
+    "lowest_loss": np.inf,  # the lowest mean training loss of an epoch
     "best_loss": np.inf,
     "best_params": params,
     "history": "[]",
@@ -162,6 +165,12 @@ def _batches_fn(potential: Potential, frames: Sequence[Frame], batch_size: int, 
     for i in range(0, len(subset), batch_size)
   )
 
+
+# an epoch whose mean training loss is this many times the lowest so far has diverged: its
+# weights are dropped for the last good epoch's and the learning rate is halved for the rest
+# of the run (at most MAX_HALVINGS times)
+DIVERGED = 100.0
+MAX_HALVINGS = 6
 
 # validation runs when the time since the last one is at least this many times its cost
 # (at most ~5 % of the time goes to it; the last epoch is always validated)
@@ -269,8 +278,12 @@ def train(
   done = int(state["step"]) > 0 and budget.exhausted(int(state["step"]))  # fresh: >= 1 step
   while not done:
     order = [train_set[j] for j in rng.permutation(len(train_set))]
+    good = {k: state[k] for k in ("params", "ema", "opt_state")}
     losses, lr = _epoch(step, batches(order), state, budget, sched, clock)
     epoch, v, done = int(state["epoch"]) + 1, None, budget.exhausted(int(state["step"]))
+    diverged = _diverged(state, losses, epoch)
+    if diverged:
+      state.update(good)
     if done or check.due(clock()):  # the last epoch is always validated
       v = _validate(check, state, epoch, clock)
       budget.reserve = _finish_seconds(potential, config, sizes, check)
@@ -280,6 +293,7 @@ def train(
       "valid_loss": v,
       "lr": lr,
       "seconds": round(budget.used(), 1),
+      **({"diverged": True} if diverged else {}),
     }
     history.append(record)
     warm = -1.0 if sched.warm_progress is None else sched.warm_progress
@@ -314,7 +328,7 @@ def _epoch(step, batches, state: dict, budget, sched, clock):
     p = budget.progress(t)
     if p >= 1.0 and losses:  # out of time mid-epoch
       break
-    lr = sched(t, p)
+    lr = sched(t, p) * float(state["lr_scale"])
     decay = min(config.ema_decay, (1 + t) / (10 + t))
     params, ema, opt_state, l = step(params, ema, opt_state, bt, lr, e_weight, decay)
     losses.append(float(l))
@@ -322,6 +336,29 @@ def _epoch(step, batches, state: dict, budget, sched, clock):
   seconds = float(state["optimisation_seconds"]) + clock() - t0
   state.update(params=params, ema=ema, opt_state=opt_state, step=t, optimisation_seconds=seconds)
   return losses, lr
+
+
+def _diverged(state: dict, losses: list, epoch: int) -> bool:
+  """Whether the epoch with these batch losses diverged (then the learning rate is halved);
+  else its mean becomes the lowest if it is."""
+  mean = float(np.mean(losses))
+  if np.isfinite(mean) and mean <= DIVERGED * float(state["lowest_loss"]):
+    state["lowest_loss"] = min(float(state["lowest_loss"]), mean)
+    return False
+  state["lr_scale"] = float(state["lr_scale"]) / 2
+  if state["lr_scale"] < 0.5**MAX_HALVINGS:
+    raise FloatingPointError(
+      f"training diverged at epoch {epoch} again after {MAX_HALVINGS} halvings of the learning "
+      "rate: lower it (--lr) or check the data for outliers"
+    )
+  warnings.warn(
+    f"training diverged at epoch {epoch} (mean loss {mean:.3g}, lowest "
+    f"{float(state['lowest_loss']):.3g}): back to the epoch before, learning rate x"
+    f"{state['lr_scale']:g} from now on",
+    RuntimeWarning,
+    stacklevel=3,
+  )
+  return True
 
 
 def _validate(check, state: dict, epoch: int, clock) -> float:
