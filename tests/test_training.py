@@ -330,8 +330,8 @@ def test_diverged_epoch_is_dropped_and_learning_rate_halved(copper_frames):
   cfg = training.TrainConfig(epochs=8, batch_size=4, learning_rate=0.7, warmup_epochs=1)
   with pytest.warns(RuntimeWarning, match="training diverged at epoch"):
     res = training.train(pot, copper_frames, cfg, progress=False, dtype=np.float64)
-  flagged = [h for h in res.history if h.get("diverged")]
-  assert flagged and not res.history[-1].get("diverged")  # it went on after the last one
+  flagged = [h["epoch"] for h in res.history if h.get("diverged")]
+  assert flagged and len(res.history) == 8  # it went on after each, at a lower rate
   assert np.isfinite(res.metrics["test"]["forces_mae"])
   assert np.isfinite(res.metrics["test"]["forces_mae"])
   # one that cannot be rescued says so and names the fix
