@@ -321,7 +321,10 @@ def eqattn_row(path, split, frames, timing_path, new=None, run=None) -> dict:
     "epochs": info.get("epochs_run"),
     "train_wall_s": run["wall_s"] if run else info.get("seconds"),
     "train_cpu_s": run["cpu_s"] if run else info.get("cpu_seconds"),
-    "training": {k: info.get(k) for k in ("seconds", "training_seconds", "finish_seconds")},
+    "training": {
+      k: info.get(k)
+      for k in ("seconds", "training_seconds", "optimisation_seconds", "finish_seconds", "steps")
+    },
     "metrics": report(res["predictions"], split, frames, new),
     "timing": res["timing"],
   }

@@ -166,10 +166,11 @@ def _batches_fn(potential: Potential, frames: Sequence[Frame], batch_size: int, 
   )
 
 
-# an epoch whose mean training loss is this many times the lowest so far has diverged: its
+# an epoch whose mean training loss is this many times the lowest so far has diverged (epoch
+# means move by less than 2x in training that goes well; on DMSO a 50x epoch came before NaN): its
 # weights are dropped for the last good epoch's and the learning rate is halved for the rest
 # of the run (at most MAX_HALVINGS times)
-DIVERGED = 100.0
+DIVERGED = 10.0
 MAX_HALVINGS = 6
 
 # validation runs when the time since the last one is at least this many times its cost
