@@ -324,7 +324,7 @@ def test_budget_drives_schedule_and_stop_epochs_cap_and_resume(copper_frames, tm
 
 
 def test_diverged_epoch_is_dropped_and_learning_rate_halved(copper_frames):
-  # a learning rate far too high: an epoch whose loss jumps 100-fold is undone (the weights of
+  # a learning rate far too high: an epoch whose loss jumps 10-fold is undone (the weights of
   # the epoch before come back) and the rest of the run goes on at half the learning rate
   pot = pt.Potential.create(0, species=["Cu"], cutoff=3.0, **HYPER)
   cfg = training.TrainConfig(epochs=8, batch_size=4, learning_rate=0.7, warmup_epochs=1)
