@@ -2,29 +2,23 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import pathlib
+import platform
 import subprocess
 
 
-def provenance() -> dict:
-  """Machine, date and commit of a measurement (recorded by the script, not typed)."""
-  import datetime
-  import platform
+def _git(*args: str) -> str:
+  here = pathlib.Path(__file__).parent
+  return subprocess.run(["git", *args], capture_output=True, text=True, cwd=here).stdout.strip()
 
+
+def provenance() -> dict:
+  """Machine, date and commit of a measurement (recorded by the script, not typed); the
+  commit is marked ``+changes`` when tracked files differ from it."""
   try:
-    commit = subprocess.run(
-      ["git", "rev-parse", "--short", "HEAD"],
-      capture_output=True,
-      text=True,
-      cwd=pathlib.Path(__file__).parent,
-    ).stdout.strip()
-    dirty = subprocess.run(
-      ["git", "status", "--porcelain", "--untracked-files=no"],
-      capture_output=True,
-      text=True,
-      cwd=pathlib.Path(__file__).parent,
-    ).stdout.strip()
+    commit, dirty = _git("rev-parse", "--short", "HEAD"), _git("status", "--porcelain", "-uno")
   except OSError:
     commit, dirty = "unknown", ""
   return {

@@ -311,7 +311,7 @@ def test_budget_drives_schedule_and_stop_epochs_cap_and_resume(copper_frames, tm
   # an explicit epoch count still caps, and the schedule ends with it
   capped = training.train(pot, copper_frames, dataclasses.replace(cfg, epochs=3), **kw)
   assert capped.potential.metadata["training"]["epochs_run"] == 3
-  assert capped.history[-1]["lr"] < 0.2 * peak
+  assert capped.history[-1]["lr"] == pytest.approx(low, rel=0.3)
   # killed after 120 readings, resumed from its checkpoint with the time it had left
   ckpt = str(tmp_path / "run.ckpt")
   with pytest.raises(KeyboardInterrupt):
