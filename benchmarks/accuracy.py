@@ -558,7 +558,9 @@ def _start_eqattn(args, images, out, cores):
   state = out / f"eqattn{args.tag}_train.json"
   if args.reuse and state.exists():
     run.update(json.loads(state.read_text()))
-    return run, threading.Thread(target=lambda: None)
+    thread = threading.Thread(target=lambda: None)  # nothing to wait for
+    thread.start()
+    return run, thread
   species = sorted({s for a in images for s in a.get_chemical_symbols()})
 
   def work():

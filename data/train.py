@@ -65,7 +65,9 @@ def command(name: str, out: Path, checkpoint: Path, time_limit=None) -> list:
   data, *options = RECIPES[name]
   if time_limit is not None:
     options += ["--time-limit", f"{time_limit:g}"]  # the last one given wins
-  return ["train", str(HERE / data), *options, "--out", str(out), "--checkpoint", str(checkpoint)]
+  # --force: the recipe's purpose is to replace the model file it names
+  out_args = ["--out", str(out), "--force", "--checkpoint", str(checkpoint)]
+  return ["train", str(HERE / data), *options, *out_args]
 
 
 def main(argv=None) -> int:

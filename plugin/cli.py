@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -453,6 +454,9 @@ def cmd_train(args) -> int:
 
   if not Path(args.data).exists():
     raise UsageError(f"data file {args.data!r} does not exist")
+  _check_writable(Path(args.out), "--out", overwrite=args.force)
+  if args.checkpoint:  # an existing checkpoint is resumed
+    _check_writable(Path(args.checkpoint), "--checkpoint", overwrite=True)
   try:
     pot = _initial_model(args)
     frames = read_frames(args.data, pot.cutoff)
@@ -486,6 +490,18 @@ def cmd_train(args) -> int:
     print("uncertainty on the test frames (calibrated on the validation frames):")
     print(json.dumps(result.potential.metadata["test_uncertainty"], indent=1))
   return 0
+
+
+def _check_writable(path: Path, option: str, *, overwrite: bool) -> None:
+  """Before any work: ``path``'s folder exists and is writable, and an existing file is only
+  replaced when ``overwrite``."""
+  folder = path.parent if str(path.parent) else Path(".")
+  if not folder.is_dir():
+    raise UsageError(f"{option} {path}: folder {folder} does not exist (create it first)")
+  if not os.access(folder, os.W_OK):
+    raise UsageError(f"{option} {path}: folder {folder} is not writable")
+  if path.exists() and not overwrite:
+    raise UsageError(f"{option} {path} exists: pass --force to replace it, or choose another path")
 
 
 def _train_report(result, config) -> str:
@@ -774,7 +790,8 @@ def _add_train(sub) -> None:
   )
   tr.add_argument("--seed", type=int, default=0)
   tr.add_argument("--checkpoint", help="checkpoint file (resumed if it exists)")
-  tr.add_argument("--out", default="model.eqm")
+  tr.add_argument("--out", default="model.eqm", help="model file (default: model.eqm)")
+  tr.add_argument("--force", action="store_true", help="replace --out if it exists")
   tr.set_defaults(func=cmd_train)
 
 

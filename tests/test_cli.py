@@ -166,6 +166,14 @@ def test_train_with_time_limit_then_eval_reports_held_out_trajectories(tmp_path,
     == 0
   )
   out = capsys.readouterr().out  # what was trained and the held-out figures, in meV
+  # outputs are checked before any work: a trained model is never replaced without --force,
+  # and a missing folder is named
+  kept = model.read_bytes()
+  argv = ["train", str(data), "--species", "Cu", "--epochs", "1", "--out"]
+  assert cli.main(argv + [str(model)]) == 2 and model.read_bytes() == kept
+  assert "exists: pass --force" in capsys.readouterr().err
+  assert cli.main(argv + [str(tmp_path / "nodir" / "m.eqm")]) == 2
+  assert "does not exist (create it first)" in capsys.readouterr().err
   assert "trained 2 epochs in" in out and "of a 5-minute budget" in out
   assert "held-out trajectories: forces MAE" in out and "meV/atom), stress MAE" in out
   meta = potentials.load(model).metadata["training"]

@@ -194,11 +194,12 @@ class _Validation:
     return now - self.last >= VALID_EVERY * self.seconds
 
   def __call__(self, ema, clock) -> float:
+    one_pass = lambda: float(np.mean([float(self.eval_loss(ema, bt)) for bt in self.batches]))
     t0 = clock()
-    v = float(np.mean([float(self.eval_loss(ema, bt)) for bt in self.batches]))
+    v = one_pass()
     t1 = clock()
     if self.last == -math.inf:  # first pass of this process: again, to split off compilation
-      float(np.mean([float(self.eval_loss(ema, bt)) for bt in self.batches]))
+      one_pass()
       t2 = clock()
       self.seconds, self.compile_seconds = t2 - t1, max(0.0, (t1 - t0) - (t2 - t1))
       t1 = t2
@@ -375,7 +376,7 @@ def _validate(check, state: dict, epoch: int, clock) -> float:
 
 
 def _progress_bar(config: TrainConfig, budget, epoch: int):
-  """A bar in epochs for an epoch-bounded run, else in seconds of the training time."""
+  """A bar in epochs for an epoch-bounded run, else in percent of the budget's training time."""
   from tqdm.auto import tqdm  # only a display dependency
 
   if budget.seconds is None:
