@@ -9,6 +9,7 @@ from ase.calculators.emt import EMT
 
 import potentials as pt
 from potentials import training
+from potentials.training import loop
 from plugin.data import read_frames
 
 HYPER = dict(features=8, max_degree=1, num_iterations=2, num_heads=2, num_basis=6)
@@ -323,9 +324,24 @@ def test_budget_drives_schedule_and_stop_epochs_cap_and_resume(copper_frames, tm
   assert abs(resumed.potential.metadata["training"]["epochs_run"] - meta["epochs_run"]) <= 3
 
 
+def test_divergence_guard_restores_the_lowest_loss_epoch():
+  # an epoch that climbs (3x) is kept but does not become the fallback; the one that then
+  # diverges (10x) brings back the weights of the lowest-loss epoch, not of the one before
+  state = {"params": 0, "ema": 0, "opt_state": 0, "lowest_loss": np.inf, "lr_scale": 1.0}
+  safe = loop._weights(state)
+  for epoch, (params, loss) in enumerate([(1, 1.0), (2, 0.1), (3, 0.3), (4, 5.0)], start=1):
+    state.update(params=params, ema=params, opt_state=params)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      diverged, safe = loop._guard(state, safe, [loss], epoch)
+    assert diverged == (epoch == 4) and len(caught) == diverged
+  assert state["params"] == state["ema"] == state["opt_state"] == 2
+  assert state["lowest_loss"] == 0.1 and state["lr_scale"] == 0.5
+
+
 def test_diverged_epoch_is_dropped_and_learning_rate_halved(copper_frames):
   # a learning rate far too high: an epoch whose loss jumps 10-fold is undone (the weights of
-  # the epoch before come back) and the rest of the run goes on at half the learning rate
+  # the lowest-loss epoch come back) and the rest of the run goes on at half the learning rate
   pot = pt.Potential.create(0, species=["Cu"], cutoff=3.0, **HYPER)
   cfg = training.TrainConfig(epochs=8, batch_size=4, learning_rate=0.7, warmup_epochs=1)
   with pytest.warns(RuntimeWarning, match="training diverged at epoch"):
