@@ -260,22 +260,27 @@ def _cmd_md_many(args, pot, systems, temps, seeds) -> int:
   finally:
     bar.close()
   wall = time.perf_counter() - t0
-  stopped = [r for r in results if r.stopped and r.stopped != "other_system"]
-  if stopped:
-    print(
-      f"eqattn md: {stopped[0].reason}; frames up to it are in the trajectories", file=sys.stderr
-    )
-    return RUNAWAY_STATUS
-  done = results[0].steps
+  done = max(r.steps for r in results)
   nve = ensemble.invariant is not None and not ensemble.thermostat
   for i, (r, a, t) in enumerate(zip(results, systems, temps)):
     print(f"system {i} ({a.get_chemical_formula()}, {t:g} K, {trajs[i]}): ", end="")
+    if r.stopped:
+      print(f"left the batch: {r.reason}; frames up to it are in {trajs[i]}")
+      continue
     _summary(r.log, len(a), wall, done, args.dt, nve)
   print(
     f"all: {done} steps x {len(systems)} systems in {wall:.1f} s: "
-    f"{done * atoms_total / wall:.3g} atom-steps/s, "
+    f"{sum(r.steps * len(a) for r, a in zip(results, systems)) / wall:.3g} atom-steps/s, "
     f"{done / wall * args.dt * 1e-6 * 86400:.3g} ns/day per system"
   )
+  stopped = [i for i, r in enumerate(results) if r.stopped]
+  if stopped:
+    print(
+      f"eqattn md: system {stopped[0]}: {results[stopped[0]].reason}"
+      + (f" (and {len(stopped) - 1} more)" if len(stopped) > 1 else ""),
+      file=sys.stderr,
+    )
+    return RUNAWAY_STATUS
   return 0
 
 

@@ -238,3 +238,24 @@ def test_cli_exit_status_and_one_line_reason(exploding, tmp_path, capsys, engine
   last = md.read_trajectory(out, -1)
   assert np.all(np.isfinite(last.positions)) and last.get_temperature() <= 5000.0
   assert f"the last good frame is step {last.info['md_step']}" in reason[0]
+
+
+def test_cli_batch_finishes_the_systems_that_did_not_run_away(exploding, tmp_path, capsys):
+  # the rattled cell runs away, the perfect one (no forces) finishes: its summary is printed,
+  # the runaway's line names the guard, and the exit status says one stopped
+  model, calm, hot = tmp_path / "boom.eqm", tmp_path / "calm.extxyz", tmp_path / "hot.extxyz"
+  exploding.save(model)
+  perfect = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
+  write(calm, perfect)
+  write(hot, cu32())
+  out = tmp_path / "b.traj"
+  argv = ["md", str(calm), str(hot), "--model", str(model), "--ensemble", "nve"]
+  argv += ["--temperature", "1", "--dt", "2", "--steps", "100", "--out", str(out)]
+  status = cli.main(argv)
+  captured = capsys.readouterr()
+  assert status == cli.RUNAWAY_STATUS
+  assert "system 0 (Cu32, 1 K, " in captured.out and "done: 100 steps" in captured.out
+  assert "system 1 (Cu32, 1 K, " in captured.out and "left the batch: MD stopped" in captured.out
+  assert captured.err.strip().splitlines()[-1].startswith("eqattn md: system 1: MD stopped")
+  assert md.read_trajectory(tmp_path / "b.0.traj", -1).info["md_step"] == 100
+  assert md.read_trajectory(tmp_path / "b.1.traj", -1).info["md_step"] < 100

@@ -184,36 +184,41 @@ def test_nose_hoover_replicas_and_refusals(pot):
     md.run([], cu, steps=1)
 
 
-def test_guard_in_one_replica_stops_the_batch_with_last_good_frames(tmp_path):
+def test_a_runaway_replica_leaves_the_batch_and_the_others_finish(tmp_path):
+  # the hot replica runs away: it stops at its last good step (frame written, guard named)
+  # while the calm ones go on to the end in a batch without it, each as it runs alone
   pot = tiny_copper_potential(3.0)
   exploding = pot.replace(params=dict(pot.params, scale=jnp.array([2000.0], jnp.float32)))
   calm = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)  # perfect: no forces
   hot = calm.copy()
   hot.rattle(0.15, seed=0)
   out = tmp_path / "g.traj"
+  kw = dict(
+    ensemble="nve",
+    timestep=2.0,
+    steps=200,
+    chunk=20,
+    log_interval=5,
+    dr_threshold=0.2,
+    dtype=jnp.float64,
+    max_temperature=5000.0,
+  )
   with pytest.warns(RuntimeWarning, match="system 1: MD stopped at step"):
     res = md.run(
-      [calm, hot],
-      exploding,
-      ensemble="nve",
-      temperature=[1.0, 300.0],
-      timestep=2.0,
-      steps=200,
-      chunk=20,
-      log_interval=5,
-      dr_threshold=0.2,
-      dtype=jnp.float64,
-      traj=out,
-      max_temperature=5000.0,
+      [calm, hot, calm], exploding, temperature=[1.0, 300.0, 2.0], seed=[0, 1, 2], traj=out, **kw
     )
-  assert res[1].stopped == "max_temperature" and res[0].stopped == "other_system"
-  assert res[0].total_steps == res[1].total_steps < 200
-  assert "stopped with system 1" in res[0].reason
+  assert res[1].stopped == "max_temperature" and res[1].total_steps < 200
+  assert "system" not in res[1].reason and res[1].reason.startswith("MD stopped at step")
   for i, r in enumerate(res):
     last = md.read_trajectory(md.driver.replica_path(out, i))[-1]
     assert last.info["md_step"] == r.total_steps == r.log.step[-1]
     assert last.get_temperature() <= 5000.0 and np.all(np.isfinite(last.positions))
-  assert res[0].log.temperature[-1] < 50.0
+  for i in (0, 2):
+    assert res[i].stopped is None and res[i].total_steps == 200
+    alone = md.run(calm, exploding, temperature=[1.0, 300.0, 2.0][i], seed=i, **kw)
+    assert position_difference(res[i].atoms, alone.atoms) < 1e-10
+    np.testing.assert_allclose(res[i].log.etot, alone.log.etot, rtol=0, atol=1e-9)
+  assert res[0].num_compilations >= 2  # the batch without the runaway is a new program
 
 
 def test_padding_and_pair_list_match_brute_force(pot):

@@ -46,7 +46,8 @@ class MDResult:
     chunk_times_s: seconds per chunk (including replays), for benchmarks.
     stopped: None, or the guard that stopped the run early (``"non_finite"``,
       ``"max_temperature"``, ``"max_force"``; :mod:`plugin.md.guards`); ``atoms`` and the
-      trajectory's last frame are then the last good state (step ``total_steps``); or
+      trajectory's last frame are then the last good state (step ``total_steps``; in a batch
+      the other systems go on without this one); or
       ``"max_uncertainty"``: the state (and frame) where the uncertainty was too high.
     reason: the guard's one-line reason (None when the run finished).
     uncertain: the chunk ends at which an ensemble's force uncertainty exceeded
@@ -676,6 +677,28 @@ def _replica_view(batch: mrep.Batch, i: int):
   return logs, frames, observed
 
 
+@dataclasses.dataclass
+class _Member:
+  """One system of a batch run: where it (re)starts, its options, seed, output and result."""
+
+  index: int
+  start: _Start
+  opts: RunOptions
+  seed: int
+  rec: "_Recorder"
+  first_step: int
+  result: Optional[MDResult] = None
+
+
+@dataclasses.dataclass
+class _Tally:
+  """What every segment of a batch run adds up: compilations, reallocations, chunk times."""
+
+  compilations: int = 0
+  reallocations: int = 0
+  chunk_times: List[float] = dataclasses.field(default_factory=list)
+
+
 @_quiet_float64_requests
 def _run_many(
   systems: List[ase.Atoms],
@@ -689,23 +712,56 @@ def _run_many(
   progress,
   **common,
 ) -> List[MDResult]:
+  """Systems in one compiled program; a system that runs away leaves the batch (its result
+  names the guard, its last good frame is written) and the others go on in a batch without
+  it (a new program, from their state at that step)."""
   opts, seeds, trajs, logs, starts, first = _batch_plan(
     systems, potential, temperature, seed, traj, log_file, resume, common
   )
-  B = len(systems)
+  members = [
+    _Member(i, st, o, s, _Recorder(_columns(o, st), st, o, t, lf), first)
+    for i, (st, o, s, t, lf) in enumerate(zip(starts, opts, seeds, trajs, logs))
+  ]
+  report = _batch_reporter(progress, opts[0], first, [len(a) for a in systems])
+  tally, g, cutoff = _Tally(), first, float(potential.cutoff)
+  try:
+    while True:
+      live = [m for m in members if m.result is None]
+      g, fired, view = _segment(potential, live, g, tally, report)
+      if fired is None:
+        for k, m in enumerate(live):
+          m.result = _member_result(m, g, tally, view(k))
+        break
+      _drop(live[fired.where], fired, g, tally, view(fired.where))
+      for k, m in enumerate(live):
+        if m.result is None:
+          m.start = m.rec.start = _carried_on(m.rec, view(k), g, cutoff)
+      if all(m.result is not None for m in members):
+        break
+  finally:
+    report.close()
+  return [m.result for m in members]
+
+
+def _columns(opts: RunOptions, start: _Start):
+  return output.columns_for(eng.observables(_engine_key(opts, start.system)))
+
+
+def _segment(potential, live: List[_Member], g: int, tally: _Tally, report):
+  """Runs the systems ``live`` in one batch from step ``g`` to the end or to the first guard.
+  Returns ``(step, chunk whose guard fired or None, view)``; ``view(k)`` is system ``k``'s
+  ``(state, observables, box)`` at that step."""
+  starts, opts = [m.start for m in live], [m.opts for m in live]
   momenta = [
-    msys.start_momenta(st.system, o.init_temperature, o.seed) for st, o in zip(starts, opts)
+    msys.start_momenta(st.system, o.init_temperature, m.seed)
+    for st, o, m in zip(starts, opts, live)
   ]
   batch = mrep.stack([st.system for st in starts], momenta, potential)
   engine = _batch_engine(potential, _batch_key(opts, [st.system for st in starts]), batch)
   traces0 = engine.traces[0]
-  carry, extra = mrep.start(engine, batch, seeds, opts[0].dtype)
+  carry, extra = mrep.start(engine, batch, [m.seed for m in live], opts[0].dtype)
   carry = (_restore_replicas(carry[0], starts),) + carry[1:]
-  recs = [
-    _Recorder(output.columns_for(eng.observables(_engine_key(o, st.system))), st, o, t, lf)
-    for st, o, t, lf in zip(starts, opts, trajs, logs)
-  ]
-  views = [_replica_view(batch, i) for i in range(B)]
+  views = [_replica_view(batch, i) for i in range(len(live))]
 
   def observed_all(carry):
     state, obs, boxes = _observed(engine, carry)
@@ -713,66 +769,67 @@ def _run_many(
 
   if all(st.last is None for st in starts):
     state, obs, boxes = observed_all(carry)
-    for rec, (lg, _, view) in zip(recs, views):
+    for m, (_, _, view) in zip(live, views):
       s_i, o_i, b_i = view(state, obs, boxes)
-      rec.first(
-        s_i, dict(jax.tree.map(lambda x: np.asarray(x)[None], o_i), step=np.array([first])), b_i
-      )
+      rows = dict(jax.tree.map(lambda x: np.asarray(x)[None], o_i), step=np.array([g]))
+      m.rec.first(s_i, rows, b_i)
   limits = jnp.asarray(
-    [[r.limits["max_temperature"], r.limits["max_force"]] for r in recs], opts[0].dtype
+    [[m.rec.limits["max_temperature"], m.rec.limits["max_force"]] for m in live], opts[0].dtype
   )
-  bar = (
-    output.ProgressBar(
-      opts[0].steps - first,
-      opts[0].timestep,
-      desc=f"MD {opts[0].ensemble} x{B}",
-      atoms=int(batch.sizes.sum()),
-    )
-    if progress is True
-    else None
-  )
-  g, reallocations, chunk_times, guard, where, value = first, 0, [], 0, 0, 0.0
+  fired = None
+  write = any(m.rec.traj is not None for m in live)
   try:
-    for c in eng.simulate_chunks(engine, carry, first, opts[0].steps, extra, limits):
-      fr = jax.device_get(c.frames) if any(t is not None for t in trajs) else None
-      # the last good state of the whole batch, observed once (only when a guard fired)
+    for c in eng.simulate_chunks(engine, carry, g, opts[0].steps, extra, limits):
+      fr = jax.device_get(c.frames) if write else None
+      # the last good state of the batch, observed once (only when a guard fired)
       last = functools.lru_cache(maxsize=1)(lambda c=c: observed_all(c.carry))
-      for rec, (lg, frames, view) in zip(recs, views):
-        rec.chunk(
-          lg(c.logs),
-          c.num_logs,
-          lambda: frames(fr, int(c.num_frames)),
-          c.stop,
-          c.guard,
-          lambda: view(*last()),
-        )
+      for k, (m, (lg, frames, view)) in enumerate(zip(live, views)):
+        guard = c.guard if k == c.where else 0
+        frames_k = lambda: frames(fr, int(c.num_frames))
+        m.rec.chunk(lg(c.logs), c.num_logs, frames_k, c.stop, guard, lambda: view(*last()))
       carry, g = c.carry, c.stop
-      reallocations += c.reallocations
-      chunk_times.append(time.perf_counter() - c.t_start)
-      _report_many(
-        bar,
-        progress,
-        recs,
-        g,
-        first,
-        opts[0],
-        max(c.stop - c.start, 1),
-        chunk_times[-1],
-        int(batch.sizes.sum()),
-      )
-      guard, where, value = c.guard, c.where, c.value
+      tally.reallocations += c.reallocations
+      tally.chunk_times.append(time.perf_counter() - c.t_start)
+      report(g, max(c.stop - c.start, 1), tally.chunk_times[-1], [m.rec for m in live])
+      fired = c if c.guard else None
   finally:
-    if bar is not None:
-      bar.close()
-  return _batch_results(
-    recs,
-    views,
-    observed_all(carry),
-    engine.traces[0] - traces0,
-    (guard, where, value),
-    steps=(first, g),
-    reallocations=reallocations,
-    chunk_times=chunk_times,
+    tally.compilations += engine.traces[0] - traces0
+  state, obs, boxes = observed_all(carry)
+  return g, fired, lambda k: views[k][2](state, obs, boxes)
+
+
+def _drop(m: _Member, fired: eng.Chunk, g: int, tally: _Tally, observed) -> None:
+  """The system whose guard fired leaves the batch with its result (a warning names it)."""
+  reason = guards.reason(fired.guard, g + 1, fired.value, **m.rec.limits)
+  warnings.warn(f"system {m.index}: {reason}", RuntimeWarning, stacklevel=5)
+  m.result = _member_result(m, g, tally, observed, stopped=guards.NAMES[fired.guard], reason=reason)
+
+
+def _carried_on(rec: "_Recorder", observed, g: int, cutoff: float) -> _Start:
+  """Where a system that goes on in a new batch starts: its state at step ``g`` (integrator
+  variables included), as a resumed run starts from its last frame."""
+  state, obs, box = observed
+  frame = rec.frame(state, obs["epot"], box, g, obs.get("virial"))
+  saved = frame.info.pop("md_state")
+  reference = None if rec.start.system.periodic else rec.start.system
+  system = msys.from_atoms(frame, cutoff, rec.opts.dr_threshold, reference=reference)
+  if system.momenta is None:
+    system = dataclasses.replace(system, momenta=np.zeros_like(system.R))
+  return _Start(system, g, rec.time_fs(g), saved, frame)
+
+
+def _member_result(m: _Member, g: int, tally: _Tally, observed, **stop) -> MDResult:
+  return MDResult(
+    atoms=m.rec.final(g, lambda: observed),
+    log=MDLog.from_rows(m.rec.columns, m.rec.rows),
+    steps=g - m.first_step,
+    first_step=m.first_step,
+    total_steps=g,
+    num_compilations=tally.compilations,
+    num_reallocations=tally.reallocations,
+    wall_time_s=float(sum(tally.chunk_times)),
+    chunk_times_s=list(tally.chunk_times),
+    **stop,
   )
 
 
@@ -806,71 +863,40 @@ def _batch_plan(systems, potential, temperature, seed, traj, log_file, resume, c
   return opts, seeds, trajs, logs, starts, first.pop()
 
 
-def _batch_results(
-  recs, views, observed, compilations, stop, *, steps, reallocations, chunk_times
-) -> List[MDResult]:
-  """One :class:`MDResult` per system; ``stop = (guard, where, value)`` of the batch."""
-  (first, g), (guard, where, value) = steps, stop
-  state, obs, boxes = observed
-  stopped = reason = None
-  if guard:
-    reason = guards.reason(guard, g + 1, value, **recs[where].limits)
-    warnings.warn(f"system {where}: {reason}", RuntimeWarning, stacklevel=4)
-  results = []
-  for i, (rec, (_, _, view)) in enumerate(zip(recs, views)):
-    if guard:
-      stopped = guards.NAMES[guard] if i == where else "other_system"
-      why = reason if i == where else f"stopped with system {where}: {reason}"
-    results.append(
-      MDResult(
-        atoms=rec.final(g, lambda: view(state, obs, boxes)),
-        log=MDLog.from_rows(rec.columns, rec.rows),
-        steps=g - first,
-        first_step=first,
-        total_steps=g,
-        num_compilations=compilations,
-        num_reallocations=reallocations,
-        wall_time_s=float(sum(chunk_times)),
-        chunk_times_s=chunk_times,
-        stopped=stopped,
-        reason=why if guard else None,
-      )
+def _batch_reporter(progress, opts: RunOptions, first: int, sizes: List[int]) -> Callable:
+  """``report(step, steps, seconds, recorders)`` after each chunk of a batch (mean
+  temperature and energies over the running systems' latest rows); ``close`` ends a bar."""
+  bar = (
+    output.ProgressBar(
+      opts.steps - first, opts.timestep, desc=f"MD {opts.ensemble} x{len(sizes)}", atoms=sum(sizes)
     )
-  return results
+    if progress is True
+    else None
+  )
 
-
-def _report_many(
-  bar,
-  progress,
-  recs: List[_Recorder],
-  g: int,
-  first: int,
-  opts: RunOptions,
-  n: int,
-  seconds: float,
-  atoms: int,
-) -> None:
-  """Progress of a batch: mean temperature and energies over the systems' latest rows."""
-  rows = [r.rows[-1] for r in recs if r.rows]
-  if not rows:
-    return
-  temperature = float(np.mean([r["temperature_K"] for r in rows]))
-  etot = float(np.mean([r["etot_eV"] for r in rows]))
-  if bar is not None:
-    bar.update(g - first, temperature, etot)
-  if callable(progress):
-    time_ps = recs[0].time_fs(g) * 1e-3
-    progress(
-      Progress(
-        step=g,
-        total_steps=opts.steps,
-        time_ps=time_ps,
-        temperature=temperature,
-        epot=float(np.mean([r["epot_eV"] for r in rows])),
-        ekin=float(np.mean([r["ekin_eV"] for r in rows])),
-        etot=etot,
-        steps_per_s=n / seconds,
-        systems=len(recs),
-        atom_steps_per_s=atoms * n / seconds,
+  def report(g: int, n: int, seconds: float, recs: List[_Recorder]) -> None:
+    rows = [r.rows[-1] for r in recs if r.rows]
+    if not rows:
+      return
+    mean = lambda key: float(np.mean([r[key] for r in rows]))
+    if bar is not None:
+      bar.update(g - first, mean("temperature_K"), mean("etot_eV"))
+    if callable(progress):
+      atoms = sum(len(r.start.system.masses) for r in recs)
+      progress(
+        Progress(
+          step=g,
+          total_steps=opts.steps,
+          time_ps=recs[0].time_fs(g) * 1e-3,
+          temperature=mean("temperature_K"),
+          epot=mean("epot_eV"),
+          ekin=mean("ekin_eV"),
+          etot=mean("etot_eV"),
+          steps_per_s=n / seconds,
+          systems=len(recs),
+          atom_steps_per_s=atoms * n / seconds,
+        )
       )
-    )
+
+  report.close = bar.close if bar is not None else (lambda: None)
+  return report
