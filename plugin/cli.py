@@ -141,8 +141,6 @@ def cmd_md(args) -> int:
   for atoms in structures:
     _check_species(pot, atoms.numbers)
   if len(systems) > 1:
-    if args.max_force_uncertainty is not None:
-      raise UsageError("--max-force-uncertainty is checked for one structure at a time")
     return _cmd_md_many(args, pot, systems, temps, seeds)
   atoms, args.temperature = systems[0], temps[0]
   from plugin import md
@@ -254,6 +252,8 @@ def _cmd_md_many(args, pot, systems, temps, seeds) -> int:
         progress=bar,
         max_temperature=args.max_temperature,
         max_force=args.max_force,
+        max_uncertainty=args.max_force_uncertainty,
+        uncertainty_action="flag" if args.flag_uncertainty else "stop",
       )
   except ValueError as e:
     raise UsageError(str(e)) from None
@@ -727,7 +727,8 @@ def _add_md(sub) -> None:
     type=_positive(float),
     metavar="EV_PER_A",
     help="ensemble models: stop (exit status "
-    f"{RUNAWAY_STATUS}, that frame written, the atoms named) when an atom's calibrated "
+    f"{RUNAWAY_STATUS}, that frame written, the atoms named; one system of several leaves the "
+    "batch and the others go on) when an atom's calibrated "
     f"force uncertainty exceeds this (eV/Å), checked every {DEFAULTS.chunk} steps",
   )
   md.add_argument(

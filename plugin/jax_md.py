@@ -735,10 +735,8 @@ def _energy_fn(
       r = vectors(R) if committee == 1 else jax.vmap(vectors)(R)
       return jnp.sum(energies(r), axis=0)
 
-    member_e, vjp = jax.vjp(totals, ensemble.replicate(R, committee))
-    (grads,) = jax.vmap(vjp)(ensemble.cotangents(member_e.shape, committee, member_e.dtype))
-    grads = ensemble.member_gradients(grads, committee)
-    out = ensemble.spread(member_e, -grads, energy_scale=energy_scale, forces_scale=forces_scale)
+    member_e, forces = ensemble.member_forces(totals, R, committee)
+    out = ensemble.spread(member_e, forces, energy_scale=energy_scale, forces_scale=forces_scale)
     return jax.tree_util.tree_map(lambda x: loud(x, ok), out)
 
   energy_fn._eqattn_atom_virials = atom_virials  # found by atom_virial_fn

@@ -23,7 +23,7 @@ in the file's metadata under ``"uncertainty"``:
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -143,6 +143,15 @@ def member_gradients(g: Array, committee: int) -> Array:
   if committee == 1:
     return g
   return jnp.swapaxes(g, 0, 1).reshape((-1,) + g.shape[2:])
+
+
+def member_forces(totals: Callable, positions: Array, committee: int):
+  """``(member_energies (M,), member_forces (M, N, 3))`` from one forward pass of
+  ``totals(replicate(positions, committee)) -> (M,)`` total energies and one backward pass per
+  head (``vmap`` over :func:`cotangents`): the helper every engine's uncertainty uses."""
+  member_e, vjp = jax.vjp(totals, replicate(positions, committee))
+  (grads,) = jax.vmap(vjp)(cotangents(member_e.shape, committee, member_e.dtype))
+  return member_e, -member_gradients(grads, committee)
 
 
 def replicate(positions: Array, committee: int) -> Array:

@@ -212,8 +212,19 @@ def test_md_uncertainty_guard_stops_or_flags_and_names_atoms(tmp_path):
   )
   with pytest.raises(ValueError, match="ensemble"):
     md.run(atoms, good, max_uncertainty=0.1, **kw)
-  with pytest.raises(ValueError, match="one system at a time"):
-    md.run([atoms, atoms], bad, max_uncertainty=0.1, **kw)
+  # a batch checks every replica: the molecule leaves at its uncertain chunk with the value
+  # it has alone; two H atoms beyond the cutoff (no forces, no spread) go on to the end
+  far = ase.Atoms("H2", positions=[[0, 0, 0], [0, 0, 8.0]])
+  with pytest.warns(RuntimeWarning, match="system 0: MD stopped at step 20: force uncertainty"):
+    rs = md.run([atoms, far], bad, max_uncertainty=1e-3, seed=[0, 1], **kw)
+  assert rs[0].stopped == "max_uncertainty" and rs[0].total_steps == 20
+  assert rs[0].uncertain[0]["max_uncertainty"] == pytest.approx(
+    r.uncertain[0]["max_uncertainty"], rel=1e-4
+  )
+  assert rs[1].stopped is None and rs[1].total_steps == 60 and rs[1].uncertain == []
+  with pytest.warns(RuntimeWarning, match="system 1: MD flagged at step (20|40|60)"):
+    flagged = md.run([far, atoms], bad, max_uncertainty=1e-3, uncertainty_action="flag", **kw)
+  assert [e["step"] for e in flagged[1].uncertain] == [20, 40, 60] and not flagged[0].uncertain
 
 
 def test_shallow_training_calibrates_and_select_picks_frames(copper_data, tmp_path, capsys):

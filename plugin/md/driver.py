@@ -9,7 +9,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import ase
 import jax
@@ -461,11 +461,6 @@ def run(
   )
   check_uncertain = _uncertainty_check(potential, max_uncertainty, uncertainty_action)
   if not isinstance(atoms, ase.Atoms) and isinstance(atoms, (list, tuple)):
-    if check_uncertain is not None:
-      raise ValueError(
-        "max_uncertainty is checked for one system at a time; run the systems one by one "
-        "(plugin.md.run(atoms, ...) for each) to guard them by uncertainty"
-      )
     return _run_many(
       list(atoms),
       potential,
@@ -475,6 +470,7 @@ def run(
       log_file=log_file,
       resume=resume,
       progress=progress,
+      uncertainty=None if check_uncertain is None else (check_uncertain, uncertainty_action),
       **common,
     )
   opts = run_options(
@@ -498,7 +494,8 @@ def run(
     for c in eng.simulate_chunks(engine, carry, start.first_step, opts.steps, extra, limits):
       code = c.guard
       if not code and check_uncertain is not None:
-        event = check_uncertain(engine, c.carry, c.stop)
+        state, nbrs, _ = c.carry
+        event = check_uncertain(eng.force_uncertainty_fn(engine)(state, nbrs), c.stop)
         if event is not None:
           uncertain.append(event)
           code = guards.UNCERTAIN if uncertainty_action == "stop" else 0
@@ -551,16 +548,22 @@ def _uncertainty_check(potential, limit: Optional[float], action: str) -> Option
       "(committee), or stack models with potentials.Potential.stack([...])"
     )
 
-  def check(engine, carry, step):
-    state, nbrs, _ = carry
-    u = np.asarray(eng.force_uncertainty_fn(engine)(state, nbrs), np.float64)
+  def check(u, step: int, label: str = "") -> Optional[Dict[str, Any]]:
+    """The event of per-atom uncertainties ``u`` at ``step`` (None: within the limit); a
+    flagged one warns (``label`` names the system of a batch)."""
+    u = np.asarray(u, np.float64)
     if not u.max() > limit:
       return None
     why = guards.uncertainty_reason(step, u, limit, stop=action == "stop")
     if action == "flag":
-      warnings.warn(why, RuntimeWarning, stacklevel=4)
-    atoms = guards.uncertain_atoms(u, limit)
-    return {"step": step, "max_uncertainty": float(u.max()), "atoms": atoms.tolist(), "reason": why}
+      warnings.warn(label + why, RuntimeWarning, stacklevel=5)
+    atoms = guards.uncertain_atoms(u, limit).tolist()
+    return {
+      "step": step,
+      "max_uncertainty": float(u.max()),
+      "atoms": atoms,
+      "reason": why,
+    }
 
   return check
 
@@ -688,6 +691,7 @@ class _Member:
   rec: "_Recorder"
   first_step: int
   result: Optional[MDResult] = None
+  uncertain: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -710,11 +714,13 @@ def _run_many(
   log_file,
   resume: bool,
   progress,
+  uncertainty: Optional[Tuple[Callable, str]] = None,
   **common,
 ) -> List[MDResult]:
-  """Systems in one compiled program; a system that runs away leaves the batch (its result
-  names the guard, its last good frame is written) and the others go on in a batch without
-  it (a new program, from their state at that step)."""
+  """Systems in one compiled program; a system that runs away (or, ``uncertainty = (check,
+  "stop")``, whose force uncertainty is too high) leaves the batch (its result names the
+  guard, its last good frame is written) and the others go on in a batch without it (a new
+  program, from their state at that step)."""
   opts, seeds, trajs, logs, starts, first = _batch_plan(
     systems, potential, temperature, seed, traj, log_file, resume, common
   )
@@ -727,12 +733,13 @@ def _run_many(
   try:
     while True:
       live = [m for m in members if m.result is None]
-      g, fired, view = _segment(potential, live, g, tally, report)
-      if fired is None:
+      g, leaving, view = _segment(potential, live, g, tally, report, uncertainty)
+      if not leaving:
         for k, m in enumerate(live):
           m.result = _member_result(m, g, tally, view(k))
         break
-      _drop(live[fired.where], fired, g, tally, view(fired.where))
+      for k, code, reason in leaving:
+        _drop(live[k], code, reason, g, tally, view(k))
       for k, m in enumerate(live):
         if m.result is None:
           m.start = m.rec.start = _carried_on(m.rec, view(k), g, cutoff)
@@ -747,10 +754,10 @@ def _columns(opts: RunOptions, start: _Start):
   return output.columns_for(eng.observables(_engine_key(opts, start.system)))
 
 
-def _segment(potential, live: List[_Member], g: int, tally: _Tally, report):
-  """Runs the systems ``live`` in one batch from step ``g`` to the end or to the first guard.
-  Returns ``(step, chunk whose guard fired or None, view)``; ``view(k)`` is system ``k``'s
-  ``(state, observables, box)`` at that step."""
+def _segment(potential, live: List[_Member], g: int, tally: _Tally, report, uncertainty):
+  """Runs the systems ``live`` in one batch from step ``g`` to the end or to the first chunk
+  after which some leave (:func:`_leaving`). Returns ``(step, leaving, view)``; ``view(k)`` is
+  system ``k``'s ``(state, observables, box)`` at that step."""
   starts, opts = [m.start for m in live], [m.opts for m in live]
   momenta = [
     msys.start_momenta(st.system, o.init_temperature, m.seed)
@@ -776,33 +783,62 @@ def _segment(potential, live: List[_Member], g: int, tally: _Tally, report):
   limits = jnp.asarray(
     [[m.rec.limits["max_temperature"], m.rec.limits["max_force"]] for m in live], opts[0].dtype
   )
-  fired = None
+  leaving: List[Tuple[int, int, str]] = []
   write = any(m.rec.traj is not None for m in live)
   try:
     for c in eng.simulate_chunks(engine, carry, g, opts[0].steps, extra, limits):
+      leaving = _leaving(c, live, batch.sizes, uncertainty, potential)
+      codes = {k: code for k, code, _ in leaving}
       fr = jax.device_get(c.frames) if write else None
-      # the last good state of the batch, observed once (only when a guard fired)
+      # the last good state of the batch, observed once (only when some system leaves)
       last = functools.lru_cache(maxsize=1)(lambda c=c: observed_all(c.carry))
       for k, (m, (lg, frames, view)) in enumerate(zip(live, views)):
-        guard = c.guard if k == c.where else 0
         frames_k = lambda: frames(fr, int(c.num_frames))
-        m.rec.chunk(lg(c.logs), c.num_logs, frames_k, c.stop, guard, lambda: view(*last()))
+        m.rec.chunk(
+          lg(c.logs), c.num_logs, frames_k, c.stop, codes.get(k, 0), lambda: view(*last())
+        )
       carry, g = c.carry, c.stop
       tally.reallocations += c.reallocations
       tally.chunk_times.append(time.perf_counter() - c.t_start)
       report(g, max(c.stop - c.start, 1), tally.chunk_times[-1], [m.rec for m in live])
-      fired = c if c.guard else None
+      if leaving:
+        break
   finally:
     tally.compilations += engine.traces[0] - traces0
   state, obs, boxes = observed_all(carry)
-  return g, fired, lambda k: views[k][2](state, obs, boxes)
+  return g, leaving, lambda k: views[k][2](state, obs, boxes)
 
 
-def _drop(m: _Member, fired: eng.Chunk, g: int, tally: _Tally, observed) -> None:
-  """The system whose guard fired leaves the batch with its result (a warning names it)."""
-  reason = guards.reason(fired.guard, g + 1, fired.value, **m.rec.limits)
+def _leaving(c: eng.Chunk, live: List[_Member], sizes, uncertainty, potential):
+  """``(k, guard code, reason)`` of the systems that leave the batch after chunk ``c``: the
+  one whose runaway guard fired, else (``uncertainty = (check, action)``) those whose force
+  uncertainty exceeds the limit when the action is "stop" (flagged ones are recorded)."""
+  if c.guard:
+    limits = live[c.where].rec.limits
+    return [(c.where, c.guard, guards.reason(c.guard, c.stop + 1, c.value, **limits))]
+  if uncertainty is None:
+    return []
+  check, action = uncertainty
+  state, nbrs, _ = c.carry
+  u = np.asarray(_replica_uncertainty(potential)(state.position, nbrs))
+  out = []
+  for k, m in enumerate(live):
+    event = check(u[k, : int(sizes[k])], c.stop, f"system {m.index}: ")
+    if event is not None:
+      m.uncertain.append(event)
+      if action == "stop":
+        out.append((k, guards.UNCERTAIN, event["reason"]))
+  return out
+
+
+# the jitted per-replica uncertainty of a potential (batch shapes retrace inside the jit)
+_replica_uncertainty = functools.lru_cache(maxsize=8)(mrep.force_uncertainty_fn)
+
+
+def _drop(m: _Member, code: int, reason: str, g: int, tally: _Tally, observed) -> None:
+  """A system leaves the batch with its result (a warning names it)."""
   warnings.warn(f"system {m.index}: {reason}", RuntimeWarning, stacklevel=5)
-  m.result = _member_result(m, g, tally, observed, stopped=guards.NAMES[fired.guard], reason=reason)
+  m.result = _member_result(m, g, tally, observed, stopped=guards.NAMES[code], reason=reason)
 
 
 def _carried_on(rec: "_Recorder", observed, g: int, cutoff: float) -> _Start:
@@ -829,6 +865,7 @@ def _member_result(m: _Member, g: int, tally: _Tally, observed, **stop) -> MDRes
     num_reallocations=tally.reallocations,
     wall_time_s=float(sum(tally.chunk_times)),
     chunk_times_s=list(tally.chunk_times),
+    uncertain=m.uncertain,
     **stop,
   )
 

@@ -42,6 +42,7 @@ from jax_md import space
 
 import potentials
 import plugin.jax_md as pjm
+from potentials import ensemble
 from plugin import thermo
 from plugin.md import engine as eng
 from plugin.md import guards
@@ -167,30 +168,60 @@ def shift(R: Array, dR: Array, neighbor: ReplicaList, **kwargs) -> Array:
   return jnp.where(neighbor.geometry.periodic, wrapped, R + dR)
 
 
+def _model_inputs(cutoff: float) -> Callable:
+  """``inputs(R, neighbor, perturbation=None) -> (r, kwargs)``: one replica's pair vectors
+  (padding pairs: a finite vector beyond the cutoff, which also zeroes their gradients) and
+  the keyword arguments of the potential's per-atom functions."""
+  far = 2.0 * cutoff + 1.0
+
+  def inputs(R, neighbor, perturbation=None):
+    valid = neighbor.dst < R.shape[0]
+    r = pair_vectors(R, neighbor, perturbation)
+    r = jnp.where(valid[:, None], r, jnp.zeros_like(r).at[:, 0].set(far))
+    geom = neighbor.geometry
+    kw = dict(species_index=geom.species, dst=neighbor.dst, src=neighbor.src, atom_mask=geom.mask)
+    return r, dict(kw, indices_are_sorted=True)
+
+  return inputs
+
+
 def energy_fn(potential: potentials.Potential) -> Callable:
   """``energy(R, neighbor, perturbation=None, **ignored) -> ()`` eV of one replica (element
   shifts included, as ``plugin.jax_md``'s energy)."""
-  pair_fn = potential.pair_energies_fn()
-  params = potential.params
-  far = 2.0 * float(potential.cutoff) + 1.0
+  pair_fn, params = potential.pair_energies_fn(), potential.params
+  inputs = _model_inputs(float(potential.cutoff))
 
   def energy(R, neighbor, perturbation=None, **kwargs):
-    n = R.shape[0]
-    valid = neighbor.dst < n
-    r = pair_vectors(R, neighbor, perturbation)
-    r = jnp.where(valid[:, None], r, jnp.zeros_like(r).at[:, 0].set(far))
-    e = pair_fn(
-      params,
-      species_index=neighbor.geometry.species,
-      r=r,
-      dst=neighbor.dst,
-      src=neighbor.src,
-      atom_mask=neighbor.geometry.mask,
-      indices_are_sorted=True,
-    )
-    return jnp.sum(e)
+    r, kw = inputs(R, neighbor, perturbation)
+    return jnp.sum(pair_fn(params, r=r, **kw))
 
   return energy
+
+
+def force_uncertainty_fn(potential: potentials.Potential) -> Callable:
+  """Jitted ``(R (B, N, 3), neighbor) -> (B, N)``: every replica's calibrated per-atom force
+  uncertainty (eV/Å; padding atoms 0) of an ensemble potential, as
+  :func:`plugin.jax_md.uncertainty_fn` gives for one system."""
+  params, committee = potential.params, potential.config.committee
+  scale = potential.uncertainty_scales[1]
+  inputs = _model_inputs(float(potential.cutoff))
+  members = (
+    potential.member_forces_fn() if potential.config.force_heads else potential.member_energies_fn()
+  )
+
+  def one(R, neighbor):
+    r, kw = inputs(R, neighbor)
+    if potential.config.force_heads:  # read out in the forward pass
+      member_e, deviations = members(params, r=r, **kw)
+      spread = ensemble.readout_spread(jnp.sum(member_e, 0), deviations, forces_scale=scale)
+    else:
+      vectors = lambda R: inputs(R, neighbor)[0]
+      pairs = lambda R: vectors(R) if committee == 1 else jax.vmap(vectors)(R)
+      totals = lambda R: jnp.sum(members(params, r=pairs(R), **kw), axis=0)
+      spread = ensemble.spread(*ensemble.member_forces(totals, R, committee), forces_scale=scale)
+    return spread.forces * neighbor.geometry.mask
+
+  return jax.jit(jax.vmap(one))
 
 
 @dataclasses.dataclass(frozen=True)
