@@ -56,23 +56,12 @@ def enable_compilation_cache(path: Union[str, os.PathLike, None] = None) -> Opti
   # -1: no size floor and no per-filesystem override (0 lets JAX pick one).
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
   _FOLDER = folder
-  _remember_model_shapes()
   if previous and previous != str(folder):
     # JAX opens the cache once per process; a new folder needs it reopened.
     from jax.experimental.compilation_cache import compilation_cache
 
     compilation_cache.reset_cache()
   return folder
-
-
-def _remember_model_shapes() -> None:
-  """Model files are checked against parameter shapes the model is traced for: keep them in
-  the cache too (used only while it is enabled)."""
-  from potentials import potential
-
-  from . import exported
-
-  potential.REFERENCE_MEMO = exported.json_memo("param-shapes")
 
 
 def current_folder() -> Optional[Path]:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from typing import List, Optional
 
-from plugin import cache
+from plugin import cache, jax_md_import
 from plugin.md.ensembles import CLI_NAMES as CLI_ENSEMBLES
 from plugin.md.settings import DEFAULTS
 
@@ -80,9 +80,10 @@ def _temperature_list(text):
 
 def _load_model(name_or_path: str):
   import potentials
+  from plugin.exported import json_memo
 
   try:
-    return potentials.load(name_or_path)
+    return potentials.load(name_or_path, memo=json_memo("param-shapes"))
   except FileNotFoundError as e:
     raise UsageError(str(e)) from None
   except potentials.ModelFileError as e:
@@ -869,6 +870,7 @@ def _check_plotting(args) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+  jax_md_import.install()  # this process is eqattn's own: JAX-MD's submodules on first use
   args = build_parser().parse_args(argv)
   main_thread = threading.current_thread() is threading.main_thread()
   old = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None

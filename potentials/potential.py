@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import Any, Callable, Mapping, Sequence, Tuple, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,9 @@ from . import elements, ensemble, io, observables
 from .elements import ELEMENTS, UnknownElementError  # noqa: F401  (old home of both)
 from .model import EnergyModel, ModelConfig
 from .ops import pair_vectors  # noqa: F401  (old home; use potentials.ops.pair_vectors)
+
+# ``memo(key, compute) -> value``: ``compute()``, possibly remembered (see reference_params)
+Memo = Callable[[str, Callable[[], Any]], Any]
 
 PRNGLike = Union[int, jax.Array]
 ArrayLike = Any
@@ -65,18 +68,18 @@ def init_params(config: ModelConfig, num_species: int, key: jax.Array):
   return jax.vmap(one)(jax.random.split(key, config.committee))
 
 
-# ``memo(key, compute) -> compute()``, possibly remembered between processes: plugin.cache
-# installs one on disk while eqattn's cache is enabled (tracing the model for the shapes takes
-# a good part of a second of every start-up). The key says everything the value depends on
-# besides eqattn's source.
-REFERENCE_MEMO: Callable[[str, Callable[[], Any]], Any] = lambda key, compute: compute()
+def _compute(key: str, compute: Callable[[], Any]) -> Any:
+  return compute()
 
 
-def reference_params(config: ModelConfig, num_species: int) -> dict:
+def reference_params(config: ModelConfig, num_species: int, *, memo: Optional[Memo] = None) -> dict:
   """Zeros shaped like :func:`init_params`' tree (nested dicts; the model traced abstractly),
-  the template model files are checked against."""
+  the template model files are checked against. ``memo(key, compute) -> compute()`` may
+  remember the shapes between processes (tracing the model for them takes a good part of a
+  second; :func:`plugin.exported.json_memo` keeps them in eqattn's cache); the key says
+  everything the value depends on besides eqattn's source."""
   key = f"{sorted(config.to_dict().items())}|{num_species}"
-  code = REFERENCE_MEMO(key, lambda: _shape_code(_abstract_params(config, num_species)))
+  code = (memo or _compute)(key, lambda: _shape_code(_abstract_params(config, num_species)))
   return _from_shape_code(code)
 
 
@@ -454,8 +457,9 @@ class Potential:
     )
 
   @classmethod
-  def load(cls, name_or_path) -> "Potential":
-    """A model file, or a shipped model by name (e.g. ``Potential.load("ethanol")``)."""
+  def load(cls, name_or_path, *, memo: Optional[Memo] = None) -> "Potential":
+    """A model file, or a shipped model by name (e.g. ``Potential.load("ethanol")``);
+    ``memo``: see :func:`reference_params`."""
     path = io.resolve(name_or_path)
     content = io.read_model(path)
     try:
@@ -465,14 +469,15 @@ class Potential:
       raise io.ModelFileError(f"{path}: bad model config or species: {e}") from None
     if abs(float(content["cutoff"]) - config.cutoff) > 0:
       raise io.ModelFileError(f"{path}: cutoff {content['cutoff']} disagrees with config")
-    params = io.check_params(content["params"], reference_params(config, len(species)), path)
+    reference = reference_params(config, len(species), memo=memo)
+    params = io.check_params(content["params"], reference, path)
     params = jax.tree_util.tree_map(np.asarray, params)
     return cls(config, species, params, dict(content["metadata"]))
 
 
-def load(name_or_path) -> Potential:
+def load(name_or_path, *, memo: Optional[Memo] = None) -> Potential:
   """Load a model file, or a shipped model by name (e.g. ``load("ethanol")``)."""
-  return Potential.load(name_or_path)
+  return Potential.load(name_or_path, memo=memo)
 
 
 def save(potential: Potential, path) -> None:

@@ -26,6 +26,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import plugin  # noqa: E402
+from plugin import jax_md_import  # noqa: E402
+
+# the suite's processes are its own: JAX-MD's submodules load on first use, as in `eqattn`
+jax_md_import.install()
 
 jax.config.update("jax_enable_x64", True)
 plugin.enable_compilation_cache()

@@ -72,3 +72,25 @@ def test_cli_cache_folder_unwritable(model, monkeypatch, tmp_path, capsys, resto
   monkeypatch.setenv(cache.ENV_VAR, str(blocker / "xla"))
   assert cli.main(["info", model]) == 0  # runs without the cache, and says so
   assert "compilation cache off" in capsys.readouterr().err
+
+
+def test_model_shapes_are_remembered_in_the_cache(model, tmp_path, restore_jax_cache):
+  # the shapes a model file is checked against are traced once, then read from the cache;
+  # the core only sees the memo it is given (no global state)
+  import potentials
+  from plugin.exported import json_memo
+
+  plain = potentials.load(model)
+  memo, calls = json_memo("param-shapes"), []
+
+  def counting(key, compute):
+    return memo(key, lambda: calls.append(key) or compute())
+
+  folder = plugin.enable_compilation_cache(tmp_path / "xla")
+  first = potentials.load(model, memo=counting)
+  again = potentials.load(model, memo=counting)
+  assert len(calls) == 1 and list((folder / "exported").glob("param-shapes-*.json"))
+  for p in (first, again):
+    assert jax.tree_util.tree_all(
+      jax.tree_util.tree_map(lambda a, b: bool((a == b).all()), p.params, plain.params)
+    )

@@ -1,5 +1,6 @@
-"""plugin.jax_md_import: eqattn loads only the JAX-MD submodules it uses, and users' JAX-MD
-code keeps working (submodules load on first use)."""
+"""plugin.jax_md_import: importing eqattn changes no other package; the eqattn command (and
+a script that asks) loads only the JAX-MD submodules it uses, and users' JAX-MD code keeps
+working (submodules load on first use)."""
 
 import subprocess
 import sys
@@ -9,6 +10,8 @@ from plugin import jax_md_import
 
 FRESH = """
 import sys
+from plugin import jax_md_import
+jax_md_import.install()
 import plugin.md.engine, plugin.md.driver, plugin.md.replicas, plugin.testing
 heavy = sorted({"jax_md.energy", "jax_md.nn", "jax_md.rigid_body", "e3nn_jax"} & set(sys.modules))
 assert not heavy, heavy
@@ -28,6 +31,24 @@ print("ok")
 
 def test_only_the_submodules_eqattn_uses_are_imported():
   done = subprocess.run([sys.executable, "-c", FRESH], capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+UNTOUCHED = """
+import sys
+import plugin, plugin.ase, plugin.md, plugin.cli, plugin.testing, potentials
+assert "jax_md" not in sys.modules or "eqattn" not in (sys.modules["jax_md"].__doc__ or "")
+import plugin.jax_md
+import jax_md
+assert jax_md.energy.__name__ == "jax_md.energy" and "eqattn" not in (jax_md.__doc__ or "")
+print("ok")
+"""
+
+
+def test_importing_eqattn_changes_no_other_package():
+  done = subprocess.run(
+    [sys.executable, "-c", UNTOUCHED], capture_output=True, text=True, timeout=300
+  )
   assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 

@@ -129,8 +129,9 @@ def _init(args, elements, ntypes, handle, cutoff, width, err, errlen) -> int:
       options.pop("model", None)
       if model not in _potentials:
         import potentials
+        from plugin.exported import json_memo
 
-        _potentials[model] = potentials.load(model)
+        _potentials[model] = potentials.load(model, memo=json_memo("param-shapes"))
       _evaluators.append(RankEvaluator(_potentials[model], type_elements=elements, **options))
       _by_key[key] = len(_evaluators) - 1
     handle[0] = _by_key[key]
