@@ -71,7 +71,8 @@ allocation for the narrow box then gives an image list.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence, Tuple
+import weakref
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -739,9 +740,20 @@ def _energy_fn(
     out = ensemble.spread(member_e, forces, energy_scale=energy_scale, forces_scale=forces_scale)
     return jax.tree_util.tree_map(lambda x: loud(x, ok), out)
 
-  energy_fn._eqattn_atom_virials = atom_virials  # found by atom_virial_fn
-  energy_fn._eqattn_uncertainty = uncertainty  # found by uncertainty_fn
+  _COMPANIONS[energy_fn] = _Companions(atom_virials, uncertainty)
   return energy_fn
+
+
+class _Companions(NamedTuple):
+  """What :func:`atom_virial_fn` and :func:`uncertainty_fn` find for an energy function."""
+
+  atom_virials: Callable
+  uncertainty: Callable
+
+
+# energy function -> its companions: the energy function stays a plain function (what
+# jax_md.simulate takes), nothing is hung on it, and an entry goes when the function does
+_COMPANIONS: "weakref.WeakKeyDictionary[Callable, _Companions]" = weakref.WeakKeyDictionary()
 
 
 def uncertainty_fn(energy_fn: EnergyFn) -> Callable[..., "ensemble.Spread"]:
@@ -756,7 +768,7 @@ def uncertainty_fn(energy_fn: EnergyFn) -> Callable[..., "ensemble.Spread"]:
   single model (one member) gives zeros. NaN, like ``energy_fn``, for a ``box=`` the list
   cannot hold.
   """
-  spread = getattr(energy_fn, "_eqattn_uncertainty", None)
+  spread = getattr(_COMPANIONS.get(energy_fn), "uncertainty", None)
   if spread is None:
     raise TypeError(
       "uncertainty_fn needs the energy_fn returned by plugin.jax_md.neighbor_list(...) "
@@ -781,7 +793,7 @@ def atom_virial_fn(energy_fn: EnergyFn) -> Callable[..., Array]:
   ``-W_i / V``. NaN, like ``energy_fn``, for a ``box=`` the list cannot hold. Shapes: ``R``
   ``(N, 3)`` (real or fractional, as for ``energy_fn``), result ``(N, 3, 3)``, symmetric.
   """
-  virials = getattr(energy_fn, "_eqattn_atom_virials", None)
+  virials = getattr(_COMPANIONS.get(energy_fn), "atom_virials", None)
   if virials is None:
     raise TypeError(
       "atom_virial_fn needs the energy_fn returned by "
