@@ -238,24 +238,17 @@ def _cmd_md_many(args, pot, systems, temps, seeds) -> int:
   try:
     with warnings.catch_warnings():
       warnings.filterwarnings("ignore", message="system .*MD stopped", category=RuntimeWarning)
-      results = md.run(
-        systems,
-        pot,
-        ensemble=ensemble.name,
-        temperature=temps,
-        timestep=args.dt,
+      options = _md_options(
+        md,
+        args,
+        ensemble=ensemble,
         steps=steps,
-        traj=[str(t) for t in trajs],
-        resume=args.resume,
+        temperature=temps,
         seed=seeds,
+        traj=[str(t) for t in trajs],
         log_file=[str(t.with_suffix(".csv")) for t in trajs],
-        chunk=min(md.DEFAULTS.chunk, steps),
-        progress=bar,
-        max_temperature=args.max_temperature,
-        max_force=args.max_force,
-        max_uncertainty=args.max_force_uncertainty,
-        uncertainty_action="flag" if args.flag_uncertainty else "stop",
       )
+      results = md.run(systems, pot, options, progress=bar)
   except ValueError as e:
     raise UsageError(str(e)) from None
   finally:
@@ -290,25 +283,17 @@ def _run_md(md, args, atoms, pot, ensemble, steps, out, bar):
   if args.max_force_uncertainty is not None and args.engine != "jax-md":
     raise UsageError("--max-force-uncertainty is checked by the jax-md engine")
   if args.engine == "jax-md":
-    limits.update(
-      max_uncertainty=args.max_force_uncertainty,
-      uncertainty_action="flag" if args.flag_uncertainty else "stop",
-    )
-    return md.run(
-      atoms,
-      pot,
-      ensemble=ensemble.name,
-      temperature=args.temperature,
-      timestep=args.dt,
+    options = _md_options(
+      md,
+      args,
+      ensemble=ensemble,
       steps=steps,
-      traj=str(out),
-      resume=args.resume,
-      log_file=str(out.with_suffix(".csv")),
+      temperature=args.temperature,
       seed=args.seed,
-      chunk=min(md.DEFAULTS.chunk, steps),
-      progress=bar,
-      **limits,
+      traj=str(out),
+      log_file=str(out.with_suffix(".csv")),
     )
+    return md.run(atoms, pot, options, progress=bar)
   from plugin.ase import Calculator
 
   return md.run_ase(
@@ -323,6 +308,25 @@ def _run_md(md, args, atoms, pot, ensemble, steps, out, bar):
     traj=str(out),
     progress=bar.update,
     **limits,
+  )
+
+
+def _md_options(md, args, *, ensemble, steps, temperature, seed, traj, log_file):
+  """The run's :class:`plugin.md.MDOptions` from the command line, made once."""
+  return md.MDOptions(
+    ensemble=ensemble.name,
+    temperature=temperature,
+    timestep=args.dt,
+    steps=steps,
+    traj=traj,
+    resume=args.resume,
+    log_file=log_file,
+    seed=seed,
+    chunk=min(md.DEFAULTS.chunk, steps),
+    max_temperature=args.max_temperature,
+    max_force=args.max_force,
+    max_uncertainty=args.max_force_uncertainty,
+    uncertainty_action="flag" if args.flag_uncertainty else "stop",
   )
 
 

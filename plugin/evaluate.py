@@ -18,6 +18,7 @@ import potentials
 from potentials import observables, training
 
 from .data import frame_from_atoms
+from .host import resolve_dtype
 
 PROPERTIES = ("energy", "free_energy", "forces", "stress")
 
@@ -38,8 +39,6 @@ def evaluate(
   Batches hold up to ``batch_size`` structures and ``max_atoms`` atoms; ``dtype`` is the
   model's (``"float64"`` needs ``jax_enable_x64``).
   """
-  from .ase import resolve_dtype
-
   unknown = set(properties) - set(PROPERTIES)
   if unknown:
     raise ValueError(f"unknown properties {sorted(unknown)}; choose from {PROPERTIES}")

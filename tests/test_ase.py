@@ -225,6 +225,12 @@ def test_dtype_errors(pot):
   with jax.enable_x64(False):
     with pytest.raises(ValueError, match="jax_enable_x64"):
       Calculator(pot, dtype="float64")
+    # one dtype rule for every engine: None is JAX's default float
+    from plugin import host
+    from plugin.md.settings import resolve_dtype
+
+    assert host.resolve_dtype(None) == resolve_dtype(None) == np.float32
+  assert host.resolve_dtype(None) == Calculator(pot, dtype=None).dtype == np.float64
   assert jax.config.jax_enable_x64  # left as it was
 
 

@@ -10,6 +10,7 @@ settings). conftest enables float64; the NVT Langevin test runs float32 on purpo
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 
 import ase
@@ -525,3 +526,31 @@ def test_errors(pot, tmp_path):
   gold.numbers[3] = 79
   with pytest.raises(potentials.UnknownElementError, match="Au"):
     md.run(gold, pot, steps=10, dr_threshold=SKIN)
+
+
+def test_options_object_checked_once_and_overridden():
+  # one frozen, checked options object: run's keywords are overrides of it
+  base = md.MDOptions(ensemble="nvt_langevin", temperature=500.0, steps=20, chunk=10)
+  assert md.MDOptions.make(base, steps=40) == dataclasses.replace(base, steps=40)
+  assert md.MDOptions.make() == md.MDOptions() and md.MDOptions().timestep == md.DEFAULTS.timestep
+  with pytest.raises(TypeError, match="unknown MD option.*tempreature.*fields: ensemble"):
+    md.MDOptions.make(base, tempreature=300.0)
+  for bad, match in [
+    (dict(ensemble="nvp"), "unknown ensemble"),
+    (dict(timestep=-1.0), "timestep must be a finite number > 0"),
+    (dict(temperature=float("nan")), "temperature must be a finite number"),
+    (dict(chunk=0), "chunk must be a positive integer"),
+    (dict(max_uncertainty=-0.1), "max_uncertainty must be a number > 0"),
+    (dict(uncertainty_action="ignore"), "uncertainty_action must be 'stop' or 'flag'"),
+    (dict(max_temperature=0.0), "max_temperature must be > 0 K"),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      md.MDOptions(**bad)
+  many = md.MDOptions(temperature=[300.0, 400.0], seed=7)
+  assert many.temperature == (300.0, 400.0)
+  assert [many.for_system(i, 2).seed for i in range(2)] == [7, 8]
+  assert many.for_system(1, 2).temperature == 400.0
+  with pytest.raises(ValueError, match="temperature has 2 entries for 3 systems"):
+    many.for_system(0, 3)
+  with pytest.raises(ValueError, match="one temperature or seed per system is for a list"):
+    md.run(cu32(), None, many)

@@ -48,7 +48,8 @@ import numpy as np
 import potentials
 from potentials import elements, observables
 from potentials.ops import pair_vectors
-from plugin.ase import Calculator, _shared_evaluator, atom_capacity, device_params, resolve_dtype
+from plugin import host
+from plugin.host import atom_capacity, device_params, resolve_dtype
 from plugin.neighbors import NeighborListBuilder
 
 __all__ = ["RankEvaluator", "keep_rows", "lammps_cell"]
@@ -102,7 +103,7 @@ class RankEvaluator:
     self.compilations = self.rows = self.local = 0
     self._params = device_params(potential, self.dtype)
     self._shifts = potential.element_shifts
-    self._evaluator = _shared_evaluator(potential, self.dtype, uncertainty=False)
+    self._evaluator = host.shared_evaluator(potential, self.dtype, uncertainty=False)
     self._stages = _shared_stages(potential)
     self.widths = self._stages.widths
     self.width = max(self.widths, default=0)
@@ -149,7 +150,7 @@ class RankEvaluator:
       return 0.0, rows, np.zeros((0, 3)), np.zeros(6), np.zeros(0)
     cell = np.where(pbc[:, None], cell, 0.0)  # open directions need no cell vector
     species = self.type_species[types[rows]]
-    positions = Calculator._reference_positions(x[rows], cell, pbc)
+    positions = host.reference_positions(x[rows], cell, pbc)
     n = len(rows)
     previous = self.atom_capacity
     na = self.atom_capacity = atom_capacity(n, previous)
@@ -183,11 +184,7 @@ class RankEvaluator:
     energies = e_model[:nlocal].astype(np.float64) + self._shifts[species[:nlocal]]
     forces = forces[:n].astype(np.float64)
     energy = float(np.sum(energies))
-    if not (np.isfinite(energy) and np.isfinite(forces).all()):
-      raise FloatingPointError(
-        "the model returned a non-finite energy or forces; check the "
-        "structure for atoms far outside the training data"
-      )
+    host.check_finite(energy, forces)
     de = np.asarray(de, np.float64)
     virial = -np.array([de[0, 0], de[1, 1], de[2, 2], de[0, 1], de[0, 2], de[1, 2]])
     return energy, rows, forces, virial, energies

@@ -63,6 +63,7 @@ import importlib
 # the defaults (the CLI's parser) does not import JAX and JAX-MD.
 _EXPORTS = {
   "run": "plugin.md.driver",
+  "MDOptions": "plugin.md.options",
   "MDResult": "plugin.md.driver",
   "temperature_of": "plugin.md.driver",
   "ENSEMBLES": "plugin.md.ensembles",

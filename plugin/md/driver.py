@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import functools
 import os
 import time
@@ -24,7 +23,8 @@ from plugin.md import engine as eng
 from plugin.md import guards, output, replicas as mrep, system as msys
 from plugin.md.ensembles import TABLE, Params
 from plugin.md.output import MDLog, Progress
-from plugin.md.settings import DEFAULTS, RunOptions, guard_limits, run_options
+from plugin.md.options import MDOptions
+from plugin.md.settings import RunOptions, guard_limits
 
 PathLike = Union[str, os.PathLike]
 
@@ -356,31 +356,8 @@ _quiet_float64_requests = quiet("Explicitly requested dtype float64", UserWarnin
 def run(
   atoms: Union[ase.Atoms, Sequence[ase.Atoms]],
   potential: potentials.Potential,
-  *,
-  ensemble: str = DEFAULTS.ensemble,
-  temperature: Union[float, Sequence[float]] = DEFAULTS.temperature,
-  timestep: float = DEFAULTS.timestep,
-  steps: int = DEFAULTS.steps,
-  pressure: float = DEFAULTS.pressure,
-  friction: float = DEFAULTS.friction,
-  tau_t: Optional[float] = None,
-  tau_p: Optional[float] = None,
-  init_temperature: Optional[float] = None,
-  chunk: int = DEFAULTS.chunk,
-  log_interval: Optional[int] = None,
-  traj: Optional[PathLike] = None,
-  traj_interval: Optional[int] = None,
-  resume: bool = False,
-  log_file: Optional[PathLike] = None,
-  seed: Union[int, Sequence[int]] = DEFAULTS.seed,
-  dr_threshold: float = DEFAULTS.dr_threshold,
-  capacity_multiplier: float = DEFAULTS.capacity_multiplier,
-  dtype: Any = DEFAULTS.dtype,
-  progress: Union[bool, Callable[[Progress], None]] = False,
-  max_temperature: Optional[float] = None,
-  max_force: Optional[float] = DEFAULTS.max_force,
-  max_uncertainty: Optional[float] = None,
-  uncertainty_action: str = "stop",
+  options: Optional[MDOptions] = None,
+  **overrides,
 ) -> Union[MDResult, List[MDResult]]:
   """Run molecular dynamics of ``atoms`` with ``potential``; see :mod:`plugin.md`.
 
@@ -388,105 +365,44 @@ def run(
     atoms: the start structure (positions Å, masses amu, cell, pbc all or none; momenta are
       used if any is non-zero). Not modified. A list of structures (any sizes, species and
       cells) runs them together in one compiled program (:mod:`plugin.md.replicas`) and returns
-      a list of results; ``temperature`` and ``seed`` may then be one per system (a single
-      ``seed`` gives system ``i`` the seed ``seed + i``), and ``traj`` / ``log_file`` are one
-      path per system or one path from which they are named (``md.traj`` -> ``md.0.traj``,
-      ``md.1.traj``, ...). NPT runs one system at a time.
+      a list of results; ``temperature`` and ``seed`` may then be one per system, and
+      ``traj`` / ``log_file`` one path per system or one path from which they are named.
+      NPT runs one system at a time.
     potential: the :class:`potentials.Potential`.
-    ensemble: a name in :data:`plugin.md.ENSEMBLES` (``"nve"``, ``"nvt_langevin"``,
-      ``"nvt_nose_hoover"``, ``"npt"``).
-    temperature: thermostat target (K); also the initial temperature unless
-      ``init_temperature`` is given or the atoms have momenta.
-    timestep: fs.
-    steps: the step number at which the run ends (a fresh run runs ``steps`` steps; a resumed
-      one continues from the last frame's ``md_step``).
-    pressure: NPT target (bar).
-    friction: Langevin friction (1/fs).
-    tau_t, tau_p: Nose-Hoover thermostat / barostat times (fs); defaults ``100 * timestep`` and
-      ``1000 * timestep`` (JAX-MD's).
-    init_temperature: temperature (K) of the Maxwell-Boltzmann start velocities.
-    chunk: steps per compiled call; between chunks the host checks the neighbour list, writes
-      the log and frames, and calls ``progress``.
-    log_interval: steps between log rows (default ``chunk``); the first and last steps are
-      always logged.
-    traj: trajectory file, its format by extension (:data:`plugin.md.output.FORMATS`):
-      ``.traj`` (ASE), ``.xyz``/``.extxyz``, ``.h5``/``.h5md`` (H5MD, needs h5py); None: no
-      frames. Read any of them back with :func:`plugin.md.read_trajectory`.
-    traj_interval: steps between frames (default ``log_interval``); the first (fresh runs) and
-      the last step are always written.
-    resume: continue from the last complete frame of ``traj`` if it exists (else start from
-      ``atoms``); any format.
-      Without it an existing non-empty ``traj`` is an error, never overwritten.
-    log_file: CSV file for the log rows (appended to; a header is written to a new file).
-    seed: seeds the Maxwell-Boltzmann velocities and the Langevin noise.
-    dr_threshold: neighbour-list skin (Å).
-    capacity_multiplier: initial neighbour-list headroom (JAX-MD's); it grows on overflow.
-    dtype: ``jnp.float32`` (default) or ``jnp.float64`` (needs ``jax_enable_x64``).
-    progress: True for a tqdm bar, or a callable taking a :class:`Progress` after each chunk.
-    max_temperature: K; the run stops (``MDResult.stopped``, last good frame written) when the
-      temperature exceeds it; None: ``max(10 x reference, 5000 K)`` (``DEFAULTS``; reference:
-      the thermostat target, or in NVE the start temperature); ``inf``: off.
-    max_force: eV/Å; the run stops when a force exceeds it; None (default): off. Non-finite
-      positions, momenta, forces or energies always stop a run. Checked at every step.
-    max_uncertainty: eV/Å; for an ensemble potential (``potential.num_members > 1``), the
-      largest calibrated per-atom force uncertainty (:mod:`potentials.ensemble`) allowed,
-      checked at the end of every chunk (``chunk`` steps; it costs a backward pass per
-      member, or one forward pass with ``force_heads``, so it is not in the compiled step).
-      None (default): off. When exceeded:
-    uncertainty_action: ``"stop"`` (default): the run ends there (``stopped =
-      "max_uncertainty"``, that frame written, the atoms named in ``reason``); ``"flag"``: it
-      warns, records the step and atoms in ``MDResult.uncertain`` and goes on.
+    options: the run's :class:`MDOptions` (default ``MDOptions()``: :data:`plugin.md.DEFAULTS`).
+    **overrides: any of :class:`MDOptions`' fields, replacing ``options``' (the keywords ``run``
+      has always taken: ``ensemble=``, ``temperature=``, ``timestep=``, ``steps=``,
+      ``traj=``, ``resume=``, ``max_uncertainty=``, ...).
 
   Returns:
-    :class:`MDResult`.
+    :class:`MDResult`, or a list of them for a list of structures.
   """
-  # the options every system of a run shares (per-system ones are passed beside them)
-  common = dict(
-    ensemble=ensemble,
-    timestep=timestep,
-    steps=steps,
-    pressure=pressure,
-    friction=friction,
-    tau_t=tau_t,
-    tau_p=tau_p,
-    init_temperature=init_temperature,
-    chunk=chunk,
-    log_interval=log_interval,
-    traj_interval=traj_interval,
-    dr_threshold=dr_threshold,
-    capacity_multiplier=capacity_multiplier,
-    dtype=dtype,
-    max_temperature=max_temperature,
-    max_force=max_force,
-  )
-  check_uncertain = _uncertainty_check(potential, max_uncertainty, uncertainty_action)
+  opts = MDOptions.make(options, **overrides)
+  check = _uncertainty_check(potential, opts)
   if not isinstance(atoms, ase.Atoms) and isinstance(atoms, (list, tuple)):
-    return _run_many(
-      list(atoms),
-      potential,
-      temperature=temperature,
-      seed=seed,
-      traj=traj,
-      log_file=log_file,
-      resume=resume,
-      progress=progress,
-      uncertainty=None if check_uncertain is None else (check_uncertain, uncertainty_action),
-      **common,
-    )
-  opts = run_options(
-    ensembles=TABLE, temperature=temperature, seed=seed, has_traj=traj is not None, **common
-  )
-  traj_path = None if traj is None else Path(traj)
+    return _run_many(list(atoms), potential, opts, check)
+  if isinstance(opts.temperature, tuple) or isinstance(opts.seed, tuple):
+    raise ValueError("one temperature or seed per system is for a list of systems")
+  if isinstance(opts.traj, tuple) or isinstance(opts.log_file, tuple):
+    raise ValueError("one traj or log_file per system is for a list of systems")
+  return _run_one(atoms, potential, opts, check)
+
+
+def _run_one(atoms: ase.Atoms, potential, options: MDOptions, check_uncertain) -> MDResult:
+  """One system in one compiled program, chunk by chunk."""
+  opts = options.for_system(0, 1)
+  traj_path = None if options.traj is None else Path(options.traj)
   if traj_path is not None:
     output.traj_format(traj_path)
-  start = _start(atoms, traj_path, resume, opts, float(potential.cutoff))
+  start = _start(atoms, traj_path, options.resume, opts, float(potential.cutoff))
   engine = eng.engine(potential, _engine_key(opts, start.system))
   traces0 = engine.traces[0]
   carry, extra = _start_carry(engine, start, opts)
-  rec = _Recorder(output.columns_for(eng.observables(engine.key)), start, opts, traj_path, log_file)
+  columns = output.columns_for(eng.observables(engine.key))
+  rec = _Recorder(columns, start, opts, traj_path, options.log_file)
   if start.last is None:
     rec.first(carry[0], eng.start_logs(engine, carry, start.first_step), engine.box_fn(carry[0]))
-  report = _reporter(progress, opts, start)
+  report = _reporter(options.progress, opts, start)
   g, reallocations, chunk_times, stopped, reason = start.first_step, 0, [], None, None
   limits = jnp.asarray([rec.limits["max_temperature"], rec.limits["max_force"]], opts.dtype)
   uncertain = []
@@ -498,7 +414,7 @@ def run(
         event = check_uncertain(eng.force_uncertainty_fn(engine)(state, nbrs), c.stop)
         if event is not None:
           uncertain.append(event)
-          code = guards.UNCERTAIN if uncertainty_action == "stop" else 0
+          code = guards.UNCERTAIN if options.uncertainty_action == "stop" else 0
       rec.chunk(
         c.logs, c.num_logs, lambda: _frames(c), c.stop, code, lambda: _observed(engine, c.carry)
       )
@@ -532,15 +448,12 @@ def run(
   )
 
 
-def _uncertainty_check(potential, limit: Optional[float], action: str) -> Optional[Callable]:
-  """``check(engine, carry, step) -> event or None`` for ``max_uncertainty`` (None: off);
-  a flagged event warns here, a stopping one is worded by the caller."""
+def _uncertainty_check(potential, options: MDOptions) -> Optional[Callable]:
+  """``check(u, step, label="") -> event or None`` for ``max_uncertainty`` (None: off); a
+  flagged event warns here, a stopping one is worded by the caller."""
+  limit, action = options.max_uncertainty, options.uncertainty_action
   if limit is None:
     return None
-  if not (isinstance(limit, (int, float)) and math.isfinite(limit) and limit > 0):
-    raise ValueError(f"max_uncertainty must be a number > 0 (eV/Å), got {limit!r}")
-  if action not in ("stop", "flag"):
-    raise ValueError(f"uncertainty_action must be 'stop' or 'flag', got {action!r}")
   if potential.num_members == 1:
     raise ValueError(
       "max_uncertainty needs an ensemble potential (several members); this one is a single "
@@ -704,31 +617,18 @@ class _Tally:
 
 
 @_quiet_float64_requests
-def _run_many(
-  systems: List[ase.Atoms],
-  potential,
-  *,
-  temperature,
-  seed,
-  traj,
-  log_file,
-  resume: bool,
-  progress,
-  uncertainty: Optional[Tuple[Callable, str]] = None,
-  **common,
-) -> List[MDResult]:
-  """Systems in one compiled program; a system that runs away (or, ``uncertainty = (check,
-  "stop")``, whose force uncertainty is too high) leaves the batch (its result names the
-  guard, its last good frame is written) and the others go on in a batch without it (a new
-  program, from their state at that step)."""
-  opts, seeds, trajs, logs, starts, first = _batch_plan(
-    systems, potential, temperature, seed, traj, log_file, resume, common
-  )
+def _run_many(systems: List[ase.Atoms], potential, options: MDOptions, check) -> List[MDResult]:
+  """Systems in one compiled program; a system that runs away (or, with ``check`` and
+  ``uncertainty_action="stop"``, whose force uncertainty is too high) leaves the batch (its
+  result names the guard, its last good frame is written) and the others go on in a batch
+  without it (a new program, from their state at that step)."""
+  opts, trajs, logs, starts, first = _batch_plan(systems, potential, options)
+  uncertainty = None if check is None else (check, options.uncertainty_action)
   members = [
-    _Member(i, st, o, s, _Recorder(_columns(o, st), st, o, t, lf), first)
-    for i, (st, o, s, t, lf) in enumerate(zip(starts, opts, seeds, trajs, logs))
+    _Member(i, st, o, o.seed, _Recorder(_columns(o, st), st, o, t, lf), first)
+    for i, (st, o, t, lf) in enumerate(zip(starts, opts, trajs, logs))
   ]
-  report = _batch_reporter(progress, opts[0], first, [len(a) for a in systems])
+  report = _batch_reporter(options.progress, opts[0], first, [len(a) for a in systems])
   tally, g, cutoff = _Tally(), first, float(potential.cutoff)
   try:
     while True:
@@ -870,19 +770,14 @@ def _member_result(m: _Member, g: int, tally: _Tally, observed, **stop) -> MDRes
   )
 
 
-def _batch_plan(systems, potential, temperature, seed, traj, log_file, resume, common):
-  """Per-system options, seeds, output paths and starting points of a batch run."""
+def _batch_plan(systems, potential, options: MDOptions):
+  """Per-system options, output paths and starting points of a batch run."""
   if not systems:
     raise ValueError("the list of systems is empty")
   B = len(systems)
-  temps = _per_system("temperature", temperature, B, lambda t, i: t)
-  seeds = _per_system("seed", seed, B, lambda s, i: int(s) + i)
-  trajs = _per_system("traj", traj, B, replica_path)
-  logs = _per_system("log_file", log_file, B, replica_path)
-  opts = [
-    run_options(ensembles=TABLE, temperature=t, seed=s, has_traj=traj is not None, **common)
-    for t, s in zip(temps, seeds)
-  ]
+  opts = [options.for_system(i, B) for i in range(B)]
+  trajs = _per_system("traj", options.traj, B, replica_path)
+  logs = _per_system("log_file", options.log_file, B, replica_path)
   trajs = [None if t is None else Path(t) for t in trajs]
   for t in trajs:
     if t is not None:
@@ -890,14 +785,14 @@ def _batch_plan(systems, potential, temperature, seed, traj, log_file, resume, c
   if len({str(t) for t in trajs if t is not None}) < sum(t is not None for t in trajs):
     raise ValueError("two systems would write the same trajectory file; give one path each")
   cutoff = float(potential.cutoff)
-  starts = [_start(a, t, resume, o, cutoff) for a, t, o in zip(systems, trajs, opts)]
+  starts = [_start(a, t, options.resume, o, cutoff) for a, t, o in zip(systems, trajs, opts)]
   first = {st.first_step for st in starts}
   if len(first) > 1:
     raise ValueError(
       f"cannot resume systems that stopped at different steps {sorted(first)}; "
       f"resume them one at a time"
     )
-  return opts, seeds, trajs, logs, starts, first.pop()
+  return opts, trajs, logs, starts, first.pop()
 
 
 def _batch_reporter(progress, opts: RunOptions, first: int, sizes: List[int]) -> Callable:

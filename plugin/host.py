@@ -1,0 +1,196 @@
+"""What every host-side evaluator shares (the ASE calculator, LAMMPS, batch evaluation and the
+MD driver): the dtype rule, parameters on the device, the padding ladder of the atom axis,
+the jitted model evaluation shared by calculators, positions moved into the cell, and the
+checks of the model's output.
+
+Shapes: ``positions (N, 3)`` Å, ``cell (3, 3)`` rows are lattice vectors, ``pbc (3,)`` bool.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import potentials
+from potentials import ensemble, observables
+
+from . import exported
+from .neighbors import bucket_capacity
+
+__all__ = [
+  "Evaluator",
+  "atom_capacity",
+  "check_finite",
+  "device_params",
+  "reference_positions",
+  "resolve_dtype",
+  "shared_evaluator",
+]
+
+
+def resolve_dtype(dtype: Any = None) -> np.dtype:
+  """The dtype rule: ``"float32"``/``"float64"``/``np.float32``/``jnp.float64``... as a NumPy
+  dtype; ``None`` is JAX's default float (float64 only under ``jax_enable_x64``).
+
+  Raises ``ValueError`` for anything but float32 and float64, and for float64 when JAX's x64
+  mode is off (library code never flips global JAX flags).
+  """
+  if dtype is None:
+    return np.dtype(np.float64 if jax.config.jax_enable_x64 else np.float32)
+  try:
+    dt = np.dtype(dtype)
+  except TypeError:
+    raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}") from None
+  if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+    raise ValueError(f"dtype must be 'float32' or 'float64', got {dt.name}")
+  if dt == np.float64 and jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
+    raise ValueError(
+      "dtype='float64' needs JAX's 64-bit mode, which is off. Enable it at the start of "
+      "your program with jax.config.update('jax_enable_x64', True) (or set the "
+      "environment variable JAX_ENABLE_X64=1), or use dtype='float32'."
+    )
+  return dt
+
+
+def check_finite(energy: float, forces: np.ndarray) -> None:
+  """Raises ``FloatingPointError`` when the model's energy or forces are not finite."""
+  if not (math.isfinite(energy) and np.isfinite(forces).all()):
+    raise FloatingPointError(
+      "the model returned a non-finite energy or forces for this structure; check it "
+      "for atoms far outside the training data (e.g. nearly overlapping atoms)"
+    )
+
+
+# Atom-axis ladder: multiples of 8, about 12.5 % apart. Padded atoms cost only per-atom work (no
+# pairs), so a fine ladder wastes little while absorbing small changes in the atom count.
+_ATOM_MINIMUM = 8
+_ATOM_GROWTH = 1.125
+# The atom capacity is refitted downwards only when less than this fraction is used.
+_SHRINK_BELOW = 0.5
+
+
+def device_params(potential: potentials.Potential, dtype: np.dtype) -> Any:
+  """The parameters on the device, floating-point ones in ``dtype`` (once per calculator,
+  so float64 runs are float64 end to end and no per-call conversion happens)."""
+  return jax.tree_util.tree_map(
+    lambda p: jnp.asarray(p, dtype) if jnp.issubdtype(p.dtype, jnp.floating) else jnp.asarray(p),
+    potential.params,
+  )
+
+
+def atom_capacity(n: int, current: int | None) -> int:
+  """Padded length of the atom axis for ``n`` atoms: ``current`` while ``n`` fits and uses at
+  least half of it, so small changes in the atom count keep the compiled shape."""
+  if current is None or n > current or n < _SHRINK_BELOW * current:
+    return bucket_capacity(n, _ATOM_MINIMUM, _ATOM_GROWTH, 0.0)
+  return current
+
+
+class Evaluator:
+  """The jitted model evaluation for one architecture and dtype, shared by calculators.
+
+  ``fn(params, species, positions, cell, dst, src, shifts, atom_mask)`` returns the per-atom
+  model energies (without element shifts), the forces, ``dE/dε`` (3, 3), its per-atom split
+  (N, 3, 3), the squared distance and index of the closest pair, and for an ensemble its
+  uncalibrated :class:`potentials.ensemble.Spread` (else None); a :class:`plugin.exported.
+  ExportedJit`, so with eqattn's cache enabled a new process loads the traced program instead
+  of tracing the model again. ``traces`` counts programs built, i.e. compilations.
+  """
+
+  def __init__(self, potential: potentials.Potential, dtype: np.dtype, uncertainty: bool) -> None:
+    members = uncertainty and potential.num_members > 1
+    readout = members and potential.config.force_heads  # member forces without backward passes
+    if readout:
+      pair_fn = ensemble.readout_mean(potential.member_forces_fn(include_shift=False))
+    else:
+      pair_fn = (potential.member_energies_fn if members else potential.pair_energies_fn)(
+        include_shift=False
+      )
+
+    def evaluate(params, species, positions, cell, dst, src, shifts, atom_mask):
+      # pairs come sorted by dst from the neighbour list, padding (= n) last
+      energies = lambda r: pair_fn(
+        params,
+        species_index=species,
+        r=r,
+        dst=dst,
+        src=src,
+        atom_mask=atom_mask,
+        indices_are_sorted=True,
+      )
+      out = observables.compute(
+        energies,
+        positions,
+        dst=dst,
+        src=src,
+        shifts=shifts,
+        cell=cell,
+        atom_strain=True,
+        members=members and not readout and potential.config.committee,
+        aux=readout,
+      )
+      spread = None
+      if readout:
+        member_e, deviations = out.aux
+        spread = ensemble.readout_spread(jnp.sum(member_e, axis=0), deviations)
+      elif members:  # padded atoms have zero forces in every member: no spread
+        spread = ensemble.spread(out.member_energies, out.member_forces)
+      # closest real pair, for the overlap check on the host
+      r = out.pair_vectors
+      d2 = jnp.where(dst < positions.shape[0], jnp.sum(r * r, axis=-1), jnp.inf)
+      closest = jnp.argmin(d2)
+      return (
+        out.energies,
+        out.forces,
+        out.strain_derivative,
+        out.atom_strain_derivatives,
+        d2[closest],
+        closest,
+        spread,
+      )
+
+    key = (potential.config, tuple(potential.species), np.dtype(dtype).name, uncertainty)
+    self.fn = exported.ExportedJit(evaluate, "ase-evaluate", key)
+
+  @property
+  def traces(self) -> int:
+    """Programs built so far (traced, or loaded traced from the cache), i.e. compilations."""
+    return self.fn.builds
+
+
+# Keyed by what the compiled code depends on (not the parameters, which are arguments), so that
+# many calculators for one model - or for retrained versions of it - compile only once per shape.
+_EVALUATORS: dict[tuple, Evaluator] = {}
+
+
+def shared_evaluator(
+  potential: potentials.Potential, dtype: np.dtype, uncertainty: bool = True
+) -> Evaluator:
+  """``uncertainty=False``: an ensemble's mean only (no member forces; LAMMPS)."""
+  key = (potential.config, tuple(potential.species), dtype.name, uncertainty)
+  if key not in _EVALUATORS:
+    _EVALUATORS[key] = Evaluator(potential, dtype, uncertainty)
+  return _EVALUATORS[key]
+
+
+def reference_positions(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+  """Positions moved by lattice vectors into the cell (fully periodic) or centred on the
+  origin (fully open), which keeps float32 pair vectors precise for atoms that drifted
+  far. Neither move changes energy, forces or stress; the neighbour list is built from
+  the moved positions, so its shifts stay consistent."""
+  pos = np.asarray(positions, dtype=np.float64)
+  if not np.isfinite(pos).all():
+    return pos  # the neighbour list names the bad atom
+  if pbc.all():
+    det = np.linalg.det(cell) if np.isfinite(cell).all() else 0.0
+    if abs(det) > 1e-6 * max(np.abs(cell).max(), 1e-300) ** 3:
+      frac = pos @ np.linalg.inv(cell)
+      return pos - np.floor(frac) @ cell
+    return pos  # singular: the neighbour list raises the error
+  if not pbc.any():
+    return pos - pos.mean(axis=0)
+  return pos
