@@ -70,7 +70,6 @@ allocation for the narrow box then gives an image list.
 
 from __future__ import annotations
 
-import math
 import weakref
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
 
@@ -82,6 +81,14 @@ from jax_md import partition, space
 
 import potentials
 from plugin.defaults import DEFAULTS
+from plugin.neighbors.cells import box_matrix, box_widths, box_widths_traced, check_box
+from plugin.neighbors.images import (
+  ImageNeighborList,
+  check_image_geometry,
+  image_geometry,
+  image_list_fns,
+  is_general,
+)
 from plugin.quiet import quiet
 from potentials import ensemble, observables
 
@@ -99,73 +106,6 @@ Array = jax.Array
 Box = Any  # scalar, (3,) side lengths, or (3, 3) upper-triangular matrix (columns = vectors)
 DisplacementFn = Callable[..., Array]
 EnergyFn = Callable[..., Array]
-
-
-# --------------------------------------------------------------------------------------------
-# boxes
-
-
-def box_matrix(box: Box) -> np.ndarray:
-  """JAX-MD box (scalar, ``(3,)`` or ``(3, 3)``) as a float64 ``(3, 3)`` matrix whose *columns*
-  are the lattice vectors (``x = box @ u`` for fractional ``u``; ASE's ``cell.T``)."""
-  b = np.asarray(box, dtype=np.float64)
-  if b.ndim == 0:
-    b = np.full(3, float(b))
-  if b.ndim == 1:
-    if b.shape != (3,):
-      raise ValueError(f"box side lengths must have shape (3,), got {b.shape}")
-    b = np.diag(b)
-  if b.shape != (3, 3):
-    raise ValueError(
-      f"box must be a scalar, a (3,) vector or a (3, 3) matrix; got shape "
-      f"{b.shape} (eqattn's JAX-MD plugin is three-dimensional)"
-    )
-  if not np.all(np.isfinite(b)):
-    raise ValueError(f"box contains non-finite values:\n{b}")
-  return b
-
-
-def box_widths(box: Box) -> np.ndarray:
-  """Perpendicular widths ``(3,)`` (Å) of the box: the distance between opposite faces, i.e.
-  ``V / |a_j x a_k|`` = ``1 / |row i of box^-1|``. Zero for a singular box."""
-  b = box_matrix(box)
-  if abs(np.linalg.det(b)) <= 1e-12 * max(np.abs(b).max(), 1e-300) ** 3:
-    return np.zeros(3)
-  return 1.0 / np.linalg.norm(np.linalg.inv(b), axis=1)
-
-
-def _box_widths_jnp(box: Array) -> Array:
-  """Traceable :func:`box_widths` for a box passed at call time (NPT changes it every step)."""
-  box = jnp.asarray(box)
-  if box.ndim == 0:
-    return jnp.full((3,), box)
-  if box.ndim == 1:
-    return box
-  return 1.0 / jnp.linalg.norm(jnp.linalg.inv(box), axis=1)
-
-
-def check_box(box: Box, cutoff: float, dr_threshold: float = 0.0) -> None:
-  """Raise ``ValueError`` unless every perpendicular width of ``box`` is at least
-  ``2 * (cutoff + dr_threshold)``, the limit of JAX-MD's minimum image convention (its own
-  neighbour list and displacement functions). :func:`neighbor_list` does not need it: it
-  switches to an :class:`ImageNeighborList` below that width."""
-  widths = box_widths(box)
-  need = 2.0 * (cutoff + dr_threshold)
-  if np.all(widths >= need):
-    return
-  if np.any(widths <= 0):
-    raise ValueError(f"box is singular (zero volume):\n{box_matrix(box)}")
-  axis = int(np.argmin(widths))
-  reps = tuple(max(1, math.ceil(need / w)) for w in widths)
-  raise ValueError(
-    f"box too small for JAX-MD's minimum image convention: its perpendicular width across "
-    f"lattice vector {axis} (the distance between the two faces that vector crosses) is "
-    f"{widths[axis]:.4g} Å, but 2 * (cutoff {cutoff:g} Å + "
-    f"dr_threshold {dr_threshold:g} Å) = {need:.4g} Å is needed (widths: "
-    f"{np.array2string(widths, precision=4)} Å). Pairs with periodic images would be missed "
-    f"silently. Fix: simulate a supercell, e.g. atoms.repeat({reps}) in ASE, replicating "
-    f"positions and species accordingly (or use a smaller dr_threshold if that suffices)."
-  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,220 +193,6 @@ def _check_positions(
       )
 
 
-# --------------------------------------------------------------------------------------------
-# neighbour lists with periodic images (boxes narrower than 2 * (cutoff + dr_threshold))
-
-
-@jmd_dataclasses.dataclass
-class ImageNeighborList(partition.NeighborList):
-  """A JAX-MD ``Sparse`` neighbour list whose pairs carry integer image shifts.
-
-  ``idx (2, capacity)``: ``idx[0]`` = src, ``idx[1]`` = dst (sorted), padding ``N``, as
-  JAX-MD's. ``shifts (capacity, 3)`` int32: pair ``k`` is
-  ``r_k = box @ (u[src] - u[dst] + shifts[k])`` for the fractional positions ``u`` at the last
-  rebuild (``reference_position``); atoms that have wrapped across a face since then are
-  unwrapped against it, so the vector stays continuous. Padded pairs have shift 0.
-  ``images`` (static): the largest ``|n|`` per lattice vector the list covers.
-  """
-
-  shifts: Array
-  images: Tuple[int, int, int] = jmd_dataclasses.static_field()
-
-
-def _box_matrix_jnp(box: Array, dtype=None) -> Array:
-  box = jnp.asarray(box, dtype)
-  if box.ndim == 0:
-    return box * jnp.eye(3, dtype=dtype)
-  if box.ndim == 1:
-    return jnp.diag(box)
-  return box
-
-
-def _images_needed(widths, list_cutoff: float, xp=np):
-  """Largest image shift per lattice vector that can hold a pair within ``list_cutoff`` once
-  fractional differences are wrapped into [-1/2, 1/2): ``|n| - 1/2 < list_cutoff / width``
-  (generous by a hair at equality, never short)."""
-  return xp.floor(list_cutoff / widths + 0.5 + 1e-6)
-
-
-def _shift_table(images: Tuple[int, int, int]) -> np.ndarray:
-  ranges = [np.arange(-k, k + 1) for k in images]
-  return np.stack(np.meshgrid(*ranges, indexing="ij"), -1).reshape(-1, 3).astype(np.int32)
-
-
-def _image_geometry(bmat: np.ndarray, fractional: bool, general: bool):
-  """``(boxes, fractional_of, pair_vectors)`` reading ``box=``/``new_box=``/``perturbation=``
-  as JAX-MD's ``space.periodic_general`` (``general``) or ``space.periodic`` do, with
-  ``space.transform``, whose derivative keeps gradients in real space as theirs do."""
-  inv0 = np.linalg.inv(bmat)
-
-  def boxes(kw, dtype):
-    """(box the positions live in, box the displacements are measured in)."""
-    if not general and "box" in kw:
-      raise space.UnexpectedBoxException(
-        "`space.periodic` does not accept a box argument. Perhaps you meant to use "
-        "`space.periodic_general`?"
-      )
-    t_pos = _box_matrix_jnp(kw["box"], dtype) if "box" in kw else jnp.asarray(bmat, dtype)
-    t_disp = _box_matrix_jnp(kw["new_box"], dtype) if general and "new_box" in kw else t_pos
-    return t_pos, t_disp
-
-  def fractional_of(R, t_pos):
-    return R if fractional else space.transform(jnp.linalg.inv(t_pos), R)
-
-  def pair_vectors(R, reference, src, dst, shifts, kw):
-    take = lambda a, i: jnp.take(a, i, axis=0, mode="clip")
-    t_pos, t_disp = boxes(kw, R.dtype)
-    n = shifts.astype(R.dtype)
-    if fractional or (general and ("box" in kw or "new_box" in kw)):
-      f, f_ref = fractional_of(R, t_pos), fractional_of(reference, t_pos)
-      g = f - jnp.round(jax.lax.stop_gradient(f - f_ref))  # unwrapped against the rebuild
-      r = space.transform(t_disp, take(g, src) - take(g, dst) + n)
-    else:
-      # Real coordinates in the list's own box: stay in real space (no round trip through
-      # fractional coordinates, which costs float32 precision).
-      jump = jnp.round(jax.lax.stop_gradient(space.raw_transform(inv0, R - reference)))
-      m = n - take(jump, src) + take(jump, dst)
-      r = take(R, src) - take(R, dst) + space.raw_transform(t_pos, m)
-    if kw.get("perturbation") is not None:
-      r = space.raw_transform(kw["perturbation"], r)
-    return r
-
-  return boxes, fractional_of, pair_vectors
-
-
-def _image_list_fns(
-  geometry,
-  bmat: np.ndarray,
-  n: int,
-  list_cutoff: float,
-  dr_threshold: float,
-  capacity_multiplier: float,
-  fractional: bool,
-):
-  """``(allocate, update, too_few_images)`` of :class:`ImageNeighborList` (see the module
-  docstring)."""
-  boxes, fractional_of, _ = geometry
-
-  def build(R, kw, images, capacity):
-    """All ``(dst, src, shift)`` within ``list_cutoff`` (dst-major, so dst is sorted),
-    compacted into ``capacity`` slots; also their count."""
-    t_pos, t_disp = boxes(kw, R.dtype)
-    f = jax.lax.stop_gradient(fractional_of(R, t_pos))
-    d = f[None, :, :] - f[:, None, :]  # [dst, src]: u_src - u_dst
-    k = jnp.floor(d + 0.5)
-    table = _shift_table(images)
-    c = (d - k)[:, :, None, :] + table.astype(R.dtype)  # (N, N, S, 3)
-    r = jnp.einsum("...j,ij->...i", c, t_disp)
-    self_pair = np.eye(n, dtype=bool)[:, :, None] & np.all(table == 0, axis=1)
-    mask = ((jnp.sum(r * r, axis=-1) < list_cutoff**2) & ~self_pair).reshape(-1)
-    shifts = (table[None, None] - k[:, :, None].astype(jnp.int32)).reshape(-1, 3)
-    count = jnp.sum(mask, dtype=jnp.int32)
-    slot = jnp.where(mask, jnp.cumsum(mask) - 1, capacity)  # slot >= capacity: dropped
-    ends = lambda a: jnp.asarray(np.broadcast_to(a, c.shape[:3]).reshape(-1), jnp.int32)
-    dst_all, src_all = ends(np.arange(n)[:, None, None]), ends(np.arange(n)[None, :, None])
-    fill = lambda a, pad: (
-      jnp.full((capacity,) + a.shape[1:], pad, a.dtype).at[slot].set(a, mode="drop")
-    )
-    idx = jnp.stack([fill(src_all, n), fill(dst_all, n)])
-    return idx, fill(shifts, 0), count
-
-  def too_few_images(kw, images, cutoff):
-    need = _images_needed(_box_widths_jnp(_box_matrix_jnp(kw["box"])), cutoff, jnp)
-    return jnp.any(need > jnp.asarray(images))
-
-  def allocate(R, extra_capacity=0, **kw):
-    widths = box_widths(kw["box"] if "box" in kw else bmat)
-    images = tuple(int(x) for x in _images_needed(widths, list_cutoff))
-    R = jnp.asarray(R)
-    count = int(build(R, kw, images, 0)[2])
-    full = n * n * len(_shift_table(images)) - n
-    capacity = max(1, min(full, int(count * capacity_multiplier + n * extra_capacity)))
-    idx, shifts, count = build(R, kw, images, capacity)
-    error = partition.PartitionError(jnp.zeros((), jnp.uint8))
-    return ImageNeighborList(
-      idx=idx,
-      reference_position=R,
-      error=error.update(partition.PEC.NEIGHBOR_LIST_OVERFLOW, count > capacity),
-      cell_list_capacity=None,
-      max_occupancy=capacity,
-      format=partition.Sparse,
-      cell_size=None,
-      cell_list_fn=None,
-      update_fn=update,
-      shifts=shifts,
-      images=images,
-    )
-
-  def update(R, nbrs, **kw):
-    if "box" in kw and not fractional:
-      raise ValueError(
-        "neighbour lists accept a box= keyword only with fractional "
-        "coordinates (space.periodic_general(..., fractional_coordinates=True))"
-      )
-    error = nbrs.error
-    if "box" in kw:
-      # A new box moves every pair: rebuild, and say so if it needs more image shifts.
-      error = error.update(
-        partition.PEC.NEIGHBOR_LIST_OVERFLOW, too_few_images(kw, nbrs.images, list_cutoff)
-      )
-
-    def rebuild(R):
-      idx, shifts, count = build(R, kw, nbrs.images, nbrs.max_occupancy)
-      return jmd_dataclasses.replace(
-        nbrs,
-        idx=idx,
-        shifts=shifts,
-        reference_position=R,
-        error=error.update(partition.PEC.NEIGHBOR_LIST_OVERFLOW, count > nbrs.max_occupancy),
-      )
-
-    if "box" in kw or dr_threshold == 0:
-      return rebuild(R)
-    t_pos, _ = boxes({}, R.dtype)
-    du = fractional_of(R, t_pos) - fractional_of(nbrs.reference_position, t_pos)
-    dx = space.raw_transform(t_pos, du - jnp.round(du))
-    moved = jnp.max(jnp.sum(dx * dx, axis=-1)) > (0.5 * dr_threshold) ** 2
-    return jax.lax.cond(moved, rebuild, lambda R: jmd_dataclasses.replace(nbrs, error=error), R)
-
-  return allocate, update, too_few_images
-
-
-def _is_general(displacement_fn: DisplacementFn, bmat: np.ndarray) -> bool:
-  """``space.periodic_general`` takes ``box=``; ``space.periodic`` raises."""
-  try:
-    displacement_fn(jnp.zeros(3), jnp.zeros(3), box=jnp.asarray(bmat))
-  except space.UnexpectedBoxException:
-    return False
-  return True
-
-
-def _check_image_geometry(
-  displacement_fn: DisplacementFn, geometry, bmat: np.ndarray, fractional: bool, general: bool
-) -> None:
-  """The image list computes pair vectors itself: check them against the user's space on a
-  pair whose wrapped displacement crosses the box (which depends on the box)."""
-  u = np.array([[0.1, 0.15, 0.2], [0.9, 0.8, 0.75]])
-  R = jnp.asarray(u if fractional else u @ bmat.T)
-  shift = -jnp.floor(jnp.asarray(u[1] - u[0]) + 0.5).astype(jnp.int32)[None]
-  kws = [{}, {"perturbation": 1.01 * jnp.eye(3)}]
-  if general and fractional:
-    kws.append({"box": jnp.asarray(1.02 * bmat)})
-  for kw in kws:
-    ours = geometry[2](R, R, jnp.ones(1, jnp.int32), jnp.zeros(1, jnp.int32), shift, kw)[0]
-    theirs = displacement_fn(R[1], R[0], **kw)
-    if not np.allclose(ours, theirs, rtol=1e-5, atol=1e-5 * np.abs(bmat).max()):
-      raise ValueError(
-        "displacement_fn does not match the box given to neighbor_list: small boxes use a "
-        "list with periodic images, which needs space.periodic(box) or "
-        "space.periodic_general(box, fractional_coordinates=...) built with that same box"
-      )
-
-
-# --------------------------------------------------------------------------------------------
-# the public constructor
-
-
 def neighbor_list(
   potential: potentials.Potential,
   displacement_fn: DisplacementFn,
@@ -540,12 +266,12 @@ def neighbor_list(
   if periodic:
     if np.any(box_widths(bmat) <= 0):
       raise ValueError(f"box is singular (zero volume):\n{bmat}")
-    general = _is_general(displacement_fn, bmat)
-    geometry = _image_geometry(bmat, fractional_coordinates, general)
-    _check_image_geometry(displacement_fn, geometry, bmat, fractional_coordinates, general)
+    general = is_general(displacement_fn, bmat)
+    geometry = image_geometry(bmat, fractional_coordinates, general)
+    check_image_geometry(displacement_fn, geometry, bmat, fractional_coordinates, general)
     # (allocate, update, too_few_images, pair_vectors)
     image_fns = (
-      *_image_list_fns(
+      *image_list_fns(
         geometry,
         bmat,
         n,
@@ -578,7 +304,7 @@ def neighbor_list(
     if periodic and "box" in kwargs:
       # A shrinking box (NPT) can break the minimum image convention mid-run; report it with
       # JAX-MD's own error bit, readable as nbrs.cell_size_too_small.
-      too_small = jnp.any(_box_widths_jnp(kwargs["box"]) < min_list_width)
+      too_small = jnp.any(box_widths_traced(kwargs["box"]) < min_list_width)
       nbrs = jmd_dataclasses.replace(
         nbrs, error=nbrs.error.update(partition.PEC.CELL_SIZE_TOO_SMALL, too_small)
       )
@@ -662,7 +388,7 @@ def _energy_fn(
       r = d(jnp.take(R, src, axis=0, mode="clip"), jnp.take(R, dst, axis=0, mode="clip"))
       if periodic and "box" in kwargs:
         # A box narrower than 2 * cutoff makes minimum-image pair vectors wrong.
-        ok = jnp.all(_box_widths_jnp(kwargs["box"]) >= 2.0 * cutoff)
+        ok = jnp.all(box_widths_traced(kwargs["box"]) >= 2.0 * cutoff)
     # Padded pairs: a finite vector beyond the cutoff; `where` also zeroes their gradients.
     far = jnp.zeros_like(r).at[:, 0].set(2.0 * cutoff + 1.0)
     return jnp.where(valid[:, None], r, far), dst, src, ok

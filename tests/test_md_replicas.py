@@ -22,6 +22,7 @@ from conftest import tiny_copper_potential
 import potentials
 import plugin.md as md
 from plugin.md import replicas
+from plugin.neighbors.replicas import image_table
 
 NVE = dict(
   ensemble="nve",
@@ -228,9 +229,8 @@ def test_padding_and_pair_list_match_brute_force(pot):
 
   systems = [msys.from_atoms(a, 3.0, 0.3) for a in mixed_systems()]
   batch = replicas.stack(systems, [np.zeros_like(s.R) for s in systems], pot)
-  fns = replicas.ReplicaNeighborFns(
-    batch.geometry, replicas._image_table(batch, 3.3), 3.3, 0.3, 1.5
-  )
+  table = image_table([s.box for s in systems], [s.periodic for s in systems], 3.3)
+  fns = replicas.ReplicaNeighborFns(batch.geometry, table, 3.3, 0.3, 1.5)
   nbrs = fns.allocate(jnp.asarray(batch.R))
   for i, (s, a) in enumerate(zip(systems, mixed_systems())):
     n = int(nbrs.count[i])

@@ -200,7 +200,7 @@ def test_sorted_even_when_vesin_is_not():
 
 @pytest.mark.parametrize("num_atoms", [1, 1000, 70_000, 3_000_000])
 def test_stable_order_matches_numpy(num_atoms):
-  from plugin.neighbors import _stable_order
+  from plugin.neighbors.host import _stable_order
 
   keys = np.random.default_rng(num_atoms).integers(0, num_atoms, 200_000).astype(np.int32)
   np.testing.assert_array_equal(_stable_order(keys, num_atoms), np.argsort(keys, kind="stable"))
@@ -309,7 +309,7 @@ def test_huge_coordinates_along_open_directions():
 
 
 def test_close_gaps_keeps_pairs_and_shrinks_extent():
-  from plugin.neighbors import _close_gaps, _open_directions
+  from plugin.neighbors.host import _close_gaps, _open_directions
 
   rng = np.random.default_rng(3)
   pos = rng.uniform(0, 8, (60, 3))
