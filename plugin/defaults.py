@@ -39,6 +39,9 @@ class Defaults:
   # 1.14-1.18x their runs alone, one at a time 1.03x; 9-atom ethanol vmapped 8 at once 0.67x.
   # Accelerators and sharded runs map all replicas at once.
   replica_group_atoms: int = 64
+  # compiled functions kept per process (plugin.registry: evaluators, MD and batch engines,
+  # LAMMPS stages), least recently used evicted beyond it
+  compiled_functions: int = 32
   dtype: Any = np.float32  # MD speed; float64 needs jax_enable_x64 (see resolve_dtype)
   # the ASE engine's Berendsen NPT (``eqattn md --engine ase --ensemble npt``)
   berendsen_tau_t: float = 100.0  # fs

@@ -20,6 +20,7 @@ from potentials import ensemble, observables
 
 from . import exported
 from .neighbors import bucket_capacity
+from .registry import COMPILED
 
 __all__ = [
   "Evaluator",
@@ -162,19 +163,15 @@ class Evaluator:
     return self.fn.builds
 
 
-# Keyed by what the compiled code depends on (not the parameters, which are arguments), so that
-# many calculators for one model - or for retrained versions of it - compile only once per shape.
-_EVALUATORS: dict[tuple, Evaluator] = {}
-
-
 def shared_evaluator(
   potential: potentials.Potential, dtype: np.dtype, uncertainty: bool = True
 ) -> Evaluator:
-  """``uncertainty=False``: an ensemble's mean only (no member forces; LAMMPS)."""
+  """The evaluator of ``potential``'s architecture in ``dtype`` (:data:`plugin.registry.
+  COMPILED`), keyed by what the compiled code depends on (not the parameters, which are
+  arguments), so that many calculators for one model - or for retrained versions of it -
+  compile only once per shape. ``uncertainty=False``: an ensemble's mean only (LAMMPS)."""
   key = (potential.config, tuple(potential.species), dtype.name, uncertainty)
-  if key not in _EVALUATORS:
-    _EVALUATORS[key] = Evaluator(potential, dtype, uncertainty)
-  return _EVALUATORS[key]
+  return COMPILED.get("evaluator", key, lambda: Evaluator(potential, dtype, uncertainty))
 
 
 def reference_positions(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:

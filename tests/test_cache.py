@@ -94,3 +94,22 @@ def test_model_shapes_are_remembered_in_the_cache(model, tmp_path, restore_jax_c
     assert jax.tree_util.tree_all(
       jax.tree_util.tree_map(lambda a, b: bool((a == b).all()), p.params, plain.params)
     )
+
+
+def test_one_registry_of_compiled_functions_least_recently_used_goes():
+  from plugin.registry import Registry
+
+  made = []
+  reg = Registry(size=2)
+  get = lambda kind, key: reg.get(kind, key, lambda: made.append((kind, key)) or (kind, key))
+  assert get("a", 1) == ("a", 1) and get("a", 1) == ("a", 1) and made == [("a", 1)]
+  get("b", 1)
+  get("a", 1)  # used again: now the most recent
+  get("c", 1)  # evicts ("b", 1), the least recently used
+  assert len(reg) == 2 and len(made) == 3
+  get("a", 1)
+  assert len(made) == 3
+  get("b", 1)
+  assert made[-1] == ("b", 1) and len(made) == 4  # made again
+  reg.clear("b")
+  assert len(reg) == 1

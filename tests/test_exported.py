@@ -110,9 +110,9 @@ def test_calculator_results_equal_with_and_without_stored_programs(tmp_path, res
       jax.config.update("jax_compilation_cache_dir", None)
     else:
       plugin.enable_compilation_cache(folder)
-    from plugin import host
+    from plugin.registry import COMPILED
 
-    host._EVALUATORS.clear()  # a fresh evaluator, as in a new process
+    COMPILED.clear("evaluator")  # a fresh evaluator, as in a new process
     a = atoms.copy()
     a.calc = Calculator(pot)
     results.append((a.get_potential_energy(), a.get_forces(), a.calc.results["forces_uncertainty"]))

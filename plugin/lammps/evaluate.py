@@ -51,6 +51,7 @@ from potentials.ops import pair_vectors
 from plugin import host
 from plugin.host import atom_capacity, device_params, resolve_dtype
 from plugin.neighbors import NeighborListBuilder
+from plugin.registry import COMPILED
 
 __all__ = ["RankEvaluator", "keep_rows", "lammps_cell"]
 
@@ -328,15 +329,10 @@ def _feature_shapes(potential: potentials.Potential) -> tuple[list[int], list[tu
   return widths, shapes
 
 
-_STAGES: dict[tuple, _Stages] = {}
-
-
 def _shared_stages(potential: potentials.Potential) -> _Stages:
   # jit compiles per dtype and shape itself; the stages depend on the architecture only
   key = (potential.config, tuple(potential.species))
-  if key not in _STAGES:
-    _STAGES[key] = _Stages(potential)
-  return _STAGES[key]
+  return COMPILED.get("lammps-stages", key, lambda: _Stages(potential))
 
 
 def keep_rows(

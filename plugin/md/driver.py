@@ -24,6 +24,7 @@ from plugin.md import guards, output, replicas as mrep, system as msys
 from plugin.md.ensembles import TABLE, Params
 from plugin.md.output import MDLog, Progress
 from plugin.md.options import MDOptions
+from plugin.registry import COMPILED, registered
 from plugin.md.settings import RunOptions, guard_limits
 
 PathLike = Union[str, os.PathLike]
@@ -530,16 +531,11 @@ def _batch_key(opts: List[RunOptions], systems: List[msys.System]) -> mrep.Batch
   )
 
 
-_BATCH_ENGINES: Dict[tuple, eng.Engine] = {}
-
-
 def _batch_engine(potential, key: mrep.BatchKey, batch: mrep.Batch) -> eng.Engine:
   """One engine per potential and key (the key fixes every system's geometry)."""
-  if (potential, key) not in _BATCH_ENGINES:
-    if len(_BATCH_ENGINES) >= 8:
-      _BATCH_ENGINES.pop(next(iter(_BATCH_ENGINES)))
-    _BATCH_ENGINES[(potential, key)] = mrep.make_engine(potential, key, batch)
-  return _BATCH_ENGINES[(potential, key)]
+  return COMPILED.get(
+    "batch-engine", (potential, key), lambda: mrep.make_engine(potential, key, batch)
+  )
 
 
 def _restore_replicas(state, starts: List[_Start]):
@@ -732,7 +728,7 @@ def _leaving(c: eng.Chunk, live: List[_Member], sizes, uncertainty, potential):
 
 
 # the jitted per-replica uncertainty of a potential (batch shapes retrace inside the jit)
-_replica_uncertainty = functools.lru_cache(maxsize=8)(mrep.force_uncertainty_fn)
+_replica_uncertainty = registered("replica-uncertainty")(mrep.force_uncertainty_fn)
 
 
 def _drop(m: _Member, code: int, reason: str, g: int, tally: _Tally, observed) -> None:

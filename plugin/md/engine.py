@@ -47,6 +47,7 @@ from plugin import exported, thermo
 from plugin.md import guards
 from plugin.md.ensembles import TABLE, Ensemble, Params, neighbor_kwargs
 from plugin.md.settings import DEFAULTS
+from plugin.registry import registered
 
 Array = jax.Array
 
@@ -355,7 +356,7 @@ def _stored(fn: Callable, key, traces: List[int]) -> exported.ExportedJit:
   return exported.ExportedJit(fn, f"md-{name}", key, on_load=loaded)
 
 
-@functools.lru_cache(maxsize=8)
+@registered("md-engine")
 def engine(potential: potentials.Potential, key: EngineKey) -> Engine:
   """The engine of an eqattn potential (once per potential and key): ``space.periodic_general``
   in fractional coordinates for periodic systems, ``space.free()`` otherwise, and
