@@ -87,6 +87,7 @@ from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 
 import potentials
 from potentials import elements, observables
+from plugin.defaults import DEFAULTS
 
 from . import host
 from .host import atom_capacity, device_params, resolve_dtype
@@ -126,8 +127,8 @@ class Calculator(_AseCalculator):
     self,
     potential: potentials.Potential,
     *,
-    dtype: Any = "float32",
-    min_distance: float | None = 0.1,
+    dtype: Any = DEFAULTS.dtype,
+    min_distance: float | None = DEFAULTS.min_distance,
     **kwargs: Any,
   ) -> None:
     if not isinstance(potential, potentials.Potential):

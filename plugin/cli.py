@@ -5,7 +5,7 @@
               [--resume] [--max-temperature K] [--max-force EV_PER_A]
               [--max-force-uncertainty EV_PER_A [--flag-uncertainty]]
     eqattn train DATA --species H C O [--time-limit MINUTES] [--epochs N]
-                 [--heads K [--force-heads] | --ensemble K] [--out MODEL]
+                 [--heads K [--force-heads] | --committee K] [--out MODEL]
     eqattn train DATA --init MODEL [--time-limit MINUTES] [--out MODEL]     (fine-tune)
     eqattn select TRAJ --model MODEL [--n 50] [--out new.extxyz]
     eqattn eval MODEL DATA [--parity PNG]
@@ -486,8 +486,8 @@ def cmd_train(args) -> int:
   except (ValueError, TypeError) as e:
     raise UsageError(str(e)) from None
   common = dict(checkpoint=args.checkpoint, progress=True, started=STARTED)
-  if args.ensemble:
-    result = training.train_committee(pot, frames, tcfg, members=args.ensemble, **common)
+  if args.committee:
+    result = training.train_committee(pot, frames, tcfg, members=args.committee, **common)
   else:
     result = training.train(pot, frames, tcfg, fine_tune=bool(args.init), **common)
   out = Path(args.out)
@@ -552,10 +552,10 @@ def _initial_model(args):
       hyper["heads"] = args.heads
     if args.force_heads:
       hyper["force_heads"] = True
-    if hyper.get("force_heads") and (args.ensemble or hyper.get("heads", 1) < 2):
+    if hyper.get("force_heads") and (args.committee or hyper.get("heads", 1) < 2):
       raise UsageError(
         "--force-heads reads out the members of a shallow ensemble: use it with --heads K "
-        "(K >= 2), not with --ensemble"
+        "(K >= 2), not with --committee"
       )
     return potentials.Potential.create(args.seed, species=args.species, **hyper)
   fixed = [
@@ -565,7 +565,7 @@ def _initial_model(args):
       ("--cutoff", args.cutoff),
       ("--heads", args.heads),
       ("--force-heads", args.force_heads),
-      ("--ensemble", args.ensemble),
+      ("--committee", args.committee),
     )
     if v
   ]
@@ -589,7 +589,7 @@ def cmd_select(args) -> int:
   if pot.num_members == 1:
     raise UsageError(
       f"{args.model} is a single model; selection needs an ensemble (train one with "
-      "eqattn train ... --heads 4 or --ensemble 4)"
+      "eqattn train ... --heads 4 or --committee 4)"
     )
   try:
     frames = read_images(args.traj)
@@ -690,7 +690,7 @@ def _add_md(sub) -> None:
     help="one copy of each structure per temperature (K), run together",
   )
   md.add_argument("--model", default=DEFAULT_MODEL, help="shipped model name or .eqm path")
-  md.add_argument("--ensemble", choices=list(CLI_ENSEMBLES), default="nvt")
+  md.add_argument("--ensemble", choices=list(CLI_ENSEMBLES), default=DEFAULTS.command_ensemble)
   md.add_argument("--temperature", type=_positive(float), default=DEFAULTS.temperature, help="K")
   md.add_argument("--dt", type=_positive(float), default=DEFAULTS.timestep, help="timestep in fs")
   g = md.add_mutually_exclusive_group()
@@ -786,11 +786,18 @@ def _add_train(sub) -> None:
     help="shallow ensemble: K readout heads on one network (one training, one forward pass)",
   )
   ens.add_argument(
-    "--ensemble",
+    "--committee",
     type=_positive(int),
     metavar="K",
     help="committee: K independently trained models in one file (K x the cost); "
     "--time-limit is shared between them",
+  )
+  ens.add_argument(  # its old name, which `eqattn md --ensemble` means otherwise
+    "--ensemble",
+    type=_positive(int),
+    dest="committee",
+    action=_Deprecated,
+    help=argparse.SUPPRESS,
   )
   tr.add_argument(
     "--force-heads",
@@ -871,6 +878,18 @@ def _check_plotting(args) -> None:
       import matplotlib  # noqa: F401
     except ImportError:
       raise UsageError("plots need matplotlib: pip install 'eqattn[plot]'") from None
+
+
+class _Deprecated(argparse.Action):
+  """An option's old name: it still works, with a warning naming the new one (removal: the
+  version CHANGELOG.md lists)."""
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    new = "--" + self.dest.replace("_", "-")
+    print(
+      f"eqattn: {option_string} is deprecated here, use {new} (removed in 0.3)", file=sys.stderr
+    )
+    setattr(namespace, self.dest, values)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

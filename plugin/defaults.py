@@ -18,7 +18,9 @@ class Defaults:
   """The one home of the MD defaults (``plugin.md.run``, the ASE engine, ``plugin.testing``,
   the ``eqattn`` command)."""
 
-  ensemble: str = "nve"
+  ensemble: str = "nve"  # plugin.md.run: the dynamics as given, nothing added
+  # the eqattn command starts from structures at rest: a thermostat brings them to temperature
+  command_ensemble: str = "nvt"  # a name of plugin.md.CLI_ENSEMBLES
   temperature: float = 300.0  # K
   timestep: float = 0.5  # fs
   steps: int = 1000
@@ -42,7 +44,10 @@ class Defaults:
   # compiled functions kept per process (plugin.registry: evaluators, MD and batch engines,
   # LAMMPS stages), least recently used evicted beyond it
   compiled_functions: int = 32
-  dtype: Any = np.float32  # MD speed; float64 needs jax_enable_x64 (see resolve_dtype)
+  # MD and host evaluators (ASE calculator, LAMMPS): speed; float64 needs jax_enable_x64
+  dtype: Any = np.float32
+  # Å: host evaluators refuse two atoms closer than this (the model is not meant for overlaps)
+  min_distance: float = 0.1
   # the ASE engine's Berendsen NPT (``eqattn md --engine ase --ensemble npt``)
   berendsen_tau_t: float = 100.0  # fs
   berendsen_tau_p: float = 1000.0  # fs

@@ -18,6 +18,7 @@ import potentials
 from potentials import observables, training
 
 from .data import frame_from_atoms
+from .defaults import DEFAULTS
 from .host import resolve_dtype
 
 PROPERTIES = ("energy", "free_energy", "forces", "stress")
@@ -28,7 +29,7 @@ def evaluate(
   structures: Sequence[Atoms],
   *,
   properties: Sequence[str] = ("energy", "forces", "stress"),
-  dtype: Any = "float32",
+  dtype: Any = DEFAULTS.dtype,
   batch_size: int = 64,
   max_atoms: int = 4096,
 ) -> List[Dict[str, Any]]:

@@ -245,7 +245,7 @@ def _run_jax_md(
 
 
 def jax_md_functions(
-  potential, atoms: Atoms, dtype: Any = "float32", dr_threshold: float = DEFAULTS.dr_threshold
+  potential, atoms: Atoms, dtype: Any = DEFAULTS.dtype, dr_threshold: float = DEFAULTS.dr_threshold
 ) -> dict:
   """``energy_fn``, ``neighbor_fn`` and ``shift_fn`` of an eqattn ``potential`` for ``atoms``
   (any periodic cell, in real coordinates, or free space), ready for the JAX-MD path of
@@ -288,7 +288,7 @@ def engine_kwargs(
   engine: str,
   potential,
   atoms: Atoms,
-  dtype: Any = "float32",
+  dtype: Any = DEFAULTS.dtype,
   dr_threshold: float = DEFAULTS.dr_threshold,
 ) -> dict:
   """Keyword arguments of :func:`check_energy_conservation` that run an eqattn ``potential``

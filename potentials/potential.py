@@ -123,16 +123,16 @@ class Potential:
     key: PRNGLike = 0,
     *,
     species: Sequence[Union[int, str]],
-    cutoff: float = 5.0,
     **hyperparameters,
   ) -> "Potential":
     """A randomly initialised potential for ``species`` (atomic numbers or symbols).
 
-    ``hyperparameters`` are :class:`ModelConfig` fields (features, max_degree,
+    ``hyperparameters`` are :class:`ModelConfig` fields (cutoff, features, max_degree,
     num_iterations, num_heads, num_basis, radial, cutoff_function, include_pseudotensors,
-    use_fused_tensor, repulsion, repulsion_cutoff, density_features, product).
+    use_fused_tensor, repulsion, repulsion_cutoff, density_features, product, ...), each
+    defaulting to :class:`ModelConfig`'s.
     """
-    config = ModelConfig(cutoff=cutoff, **hyperparameters)
+    config = ModelConfig(**hyperparameters)
     zs = elements.species_list(species)
     if isinstance(key, (int, np.integer)):
       key = jax.random.PRNGKey(int(key))

@@ -320,3 +320,15 @@ def test_parser_imports_neither_jax_nor_jax_md():
   )
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == "[]"
+
+
+def test_train_committee_option_and_its_deprecated_name(capsys):
+  # `--ensemble` means the thermodynamic ensemble in `eqattn md`; train's committee size is
+  # `--committee`, and the old name still works with a warning naming the new one
+  parser = cli.build_parser()
+  new = parser.parse_args(["train", "data.extxyz", "--species", "H", "--committee", "3"])
+  assert new.committee == 3 and "deprecated" not in capsys.readouterr().err
+  old = parser.parse_args(["train", "data.extxyz", "--species", "H", "--ensemble", "3"])
+  assert old.committee == 3
+  assert "--ensemble is deprecated here, use --committee" in capsys.readouterr().err
+  assert "--ensemble" not in parser._subparsers._group_actions[0].choices["train"].format_help()

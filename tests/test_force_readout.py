@@ -200,7 +200,8 @@ def test_cli_trains_force_heads_calibrated_and_the_file_round_trips(copper_data,
   plain = training.without_readout(pot)
   assert "uncertainty" not in plain.metadata and "force_readout" not in plain.metadata
   assert cli.main(argv + ["--force-heads", "--out", str(tmp_path / "x.eqm")]) == 2
-  assert cli.main(argv + ["--ensemble", "2", "--force-heads"]) == 2
+  assert cli.main(argv + ["--committee", "2", "--force-heads"]) == 2
+  assert cli.main(argv + ["--ensemble", "2", "--force-heads"]) == 2  # its deprecated name
   with pytest.raises(ValueError, match="readout_minutes"):
     training.TrainConfig(readout_minutes=0)
 

@@ -24,6 +24,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from plugin.defaults import DEFAULTS
+
 from .evaluate import RankEvaluator
 
 __all__ = ["register", "evaluators", "parse_pair_style"]
@@ -66,7 +68,7 @@ _EXCHANGE = ctypes.CFUNCTYPE(
   ctypes.c_int, ctypes.c_int, ctypes.c_int, _I, ctypes.c_void_p, ctypes.c_int
 )
 
-_state: Dict[str, object] = {"default_dtype": "float32", "model": None}
+_state: Dict[str, object] = {"default_dtype": np.dtype(DEFAULTS.dtype).name, "model": None}
 _evaluators: List[RankEvaluator] = []
 _by_key: Dict[tuple, int] = {}
 _potentials: Dict[str, object] = {}
@@ -79,12 +81,12 @@ def evaluators() -> List[RankEvaluator]:
   return list(_evaluators)
 
 
-def parse_pair_style(args: str, default_dtype: str = "float32") -> dict:
+def parse_pair_style(args: str, default_dtype: str = np.dtype(DEFAULTS.dtype).name) -> dict:
   """``MODEL [dtype float32|float64] [min_distance D]`` -> keyword arguments."""
   words = args.split()
   if not words:
     raise ValueError("pair_style eqattn needs a model: pair_style eqattn MODEL")
-  out = {"model": words[0], "dtype": default_dtype, "min_distance": 0.1}
+  out = {"model": words[0], "dtype": default_dtype, "min_distance": DEFAULTS.min_distance}
   rest = words[1:]
   if len(rest) % 2:
     raise ValueError(

@@ -25,6 +25,10 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
+
+from plugin.defaults import DEFAULTS
+
 __all__ = ["run", "main", "build_parser"]
 
 
@@ -55,7 +59,7 @@ def run(
   input_file: str,
   *,
   model: Optional[str] = None,
-  dtype: str = "float32",
+  dtype: str = np.dtype(DEFAULTS.dtype).name,
   variables: Sequence[Tuple[str, str]] = (),
   log: Optional[str] = "log.lammps",
   screen: bool = True,
@@ -128,8 +132,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
   ap.add_argument(
     "--dtype",
     choices=["float32", "float64"],
-    default="float32",
-    help="evaluation dtype (float64 turns on JAX's 64-bit mode)",
+    default=np.dtype(DEFAULTS.dtype).name,
+    help="evaluation dtype (float64 turns on JAX's 64-bit mode; default %(default)s)",
   )
   ap.add_argument(
     "--var",

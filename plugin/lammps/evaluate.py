@@ -47,6 +47,7 @@ import numpy as np
 
 import potentials
 from potentials import elements, observables
+from plugin.defaults import DEFAULTS
 from potentials.ops import pair_vectors
 from plugin import host
 from plugin.host import atom_capacity, device_params, resolve_dtype
@@ -89,8 +90,8 @@ class RankEvaluator:
     potential: potentials.Potential,
     *,
     type_elements: Sequence[str],
-    dtype: Any = "float32",
-    min_distance: float | None = 0.1,
+    dtype: Any = DEFAULTS.dtype,
+    min_distance: float | None = DEFAULTS.min_distance,
   ) -> None:
     self.potential = potential
     self.dtype = resolve_dtype(dtype)
