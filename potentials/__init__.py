@@ -23,6 +23,8 @@ from .io import CheckpointError, ModelFileError, shipped_models
 from .ops import pair_vectors, segment_softmax
 from .potential import Potential, load, save
 
+io.DEPRECATED.update(load=load, save=save)  # potentials.io.load/save, deprecated
+
 __all__ = [
   "SelfAttention",
   "Dense",

@@ -266,15 +266,20 @@ def load_checkpoint(path: PathLike, template: dict) -> dict:
     ) from None
 
 
+# ``potentials.io.load``/``save``, deprecated (removed in 0.3): they moved to
+# ``potentials.load``/``save`` (:mod:`potentials.potential`), so that this module needs nothing
+# of the model. The package fills this table, so this module imports nothing of the model.
+DEPRECATED: dict = {}
+
+
 def __getattr__(name: str):
-  """``potentials.io.load``/``save``, deprecated: they moved to ``potentials.load``/``save``
-  (:mod:`potentials.potential`), so that this module needs nothing of the model."""
-  if name in ("load", "save"):
+  if name in DEPRECATED:
     import warnings
-    from . import potential  # only on this deprecated access: no import circle at import time
 
     warnings.warn(
-      f"potentials.io.{name} is deprecated, use potentials.{name}", DeprecationWarning, stacklevel=2
+      f"potentials.io.{name} is deprecated (removed in 0.3), use potentials.{name}",
+      DeprecationWarning,
+      stacklevel=2,
     )
-    return getattr(potential, name)
+    return DEPRECATED[name]
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -154,3 +154,17 @@ def test_old_io_names_still_work(tmp_path):
   assert old_load(tmp_path / "m.eqm").species == pot.species
   with pytest.raises(AttributeError):
     io.nothing_here
+
+
+def test_deprecated_io_load_and_save_still_work(tmp_path):
+  import potentials
+
+  pot = potentials.Potential.create(0, species=["H"], features=4, num_basis=4, num_iterations=1)
+  path = tmp_path / "m.eqm"
+  with pytest.warns(DeprecationWarning, match="potentials.io.save is deprecated"):
+    io.save(pot, path)
+  with pytest.warns(DeprecationWarning, match="potentials.io.load is deprecated"):
+    again = io.load(path)
+  assert again.species == pot.species
+  with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+    io.nothing  # noqa: B018
