@@ -238,6 +238,37 @@ def neighbor_list(
     ``params=``, which replaces ``potential.params`` (e.g. to differentiate by parameters).
     Other keywords (``kT``, ... passed on by ``simulate``) are ignored, as in JAX-MD.
   """
+  z = _checked_arguments(species, format, dr_threshold, neighbor_kwargs)
+  species_idx = jnp.asarray(potential.species_index(z))  # raises UnknownElementError
+  n, cutoff, bmat = int(z.size), float(potential.cutoff), box_matrix(box)
+  periodic = _probe_space(displacement_fn, bmat, fractional_coordinates)
+  geometry = dict(bmat=bmat, n=n, fractional=fractional_coordinates)
+  image_fns = None
+  if periodic:
+    if np.any(box_widths(bmat) <= 0):
+      raise ValueError(f"box is singular (zero volume):\n{bmat}")
+    image_fns = _image_fns(displacement_fn, cutoff, dr_threshold, capacity_multiplier, geometry)
+  fns = partition.neighbor_list(
+    displacement_fn,
+    box,
+    cutoff,
+    dr_threshold=dr_threshold,
+    capacity_multiplier=capacity_multiplier,
+    fractional_coordinates=fractional_coordinates,
+    format=format,
+    **neighbor_kwargs,
+  )
+  fns = partition.NeighborListFns(
+    _quiet_index_scatter(fns.allocate), _quiet_index_scatter(fns.update)
+  )
+  width = 2.0 * (cutoff + dr_threshold)  # the narrowest box JAX-MD's own list serves
+  neighbor_fn = _list_fns(fns, image_fns, periodic, width, geometry, neighbor_kwargs)
+  energy_fn = _energy_fn(potential, displacement_fn, species_idx, periodic, per_particle, image_fns)
+  return neighbor_fn, energy_fn
+
+
+def _checked_arguments(species, format, dr_threshold: float, neighbor_kwargs) -> np.ndarray:
+  """The atomic numbers ``(N,)``, after checking :func:`neighbor_list`'s arguments."""
   if format is not partition.Sparse:
     raise ValueError(
       f"format must be partition.Sparse (both directions of each pair, "
@@ -256,46 +287,33 @@ def neighbor_list(
       f"species must be a non-empty 1-D integer array of atomic numbers, got "
       f"{z.dtype} array of shape {z.shape}"
     )
-  species_idx = jnp.asarray(potential.species_index(z))  # raises UnknownElementError
-  n = int(z.size)
-  cutoff = float(potential.cutoff)
-  bmat = box_matrix(box)
-  periodic = _probe_space(displacement_fn, bmat, fractional_coordinates)
-  min_list_width = 2.0 * (cutoff + dr_threshold)
-  image_fns = None
-  if periodic:
-    if np.any(box_widths(bmat) <= 0):
-      raise ValueError(f"box is singular (zero volume):\n{bmat}")
-    general = is_general(displacement_fn, bmat)
-    geometry = image_geometry(bmat, fractional_coordinates, general)
-    check_image_geometry(displacement_fn, geometry, bmat, fractional_coordinates, general)
-    # (allocate, update, too_few_images, pair_vectors)
-    image_fns = (
-      *image_list_fns(
-        geometry,
-        bmat,
-        n,
-        cutoff + dr_threshold,
-        dr_threshold,
-        capacity_multiplier,
-        fractional_coordinates,
-      ),
-      geometry[2],
-    )
+  return z
 
-  fns = partition.neighbor_list(
-    displacement_fn,
-    box,
-    cutoff,
-    dr_threshold=dr_threshold,
-    capacity_multiplier=capacity_multiplier,
-    fractional_coordinates=fractional_coordinates,
-    format=format,
-    **neighbor_kwargs,
+
+def _image_fns(displacement_fn, cutoff, dr_threshold, capacity_multiplier, geometry: dict):
+  """``(allocate, update, too_few_images, pair_vectors)`` of the image list for boxes too
+  narrow for JAX-MD's own (:mod:`plugin.neighbors.images`)."""
+  bmat, fractional = geometry["bmat"], geometry["fractional"]
+  general = is_general(displacement_fn, bmat)
+  space_of = image_geometry(bmat, fractional, general)
+  check_image_geometry(displacement_fn, space_of, bmat, fractional, general)
+  fns = image_list_fns(
+    space_of,
+    bmat,
+    geometry["n"],
+    cutoff + dr_threshold,
+    dr_threshold,
+    capacity_multiplier,
+    fractional,
   )
-  fns = partition.NeighborListFns(
-    _quiet_index_scatter(fns.allocate), _quiet_index_scatter(fns.update)
-  )
+  return (*fns, space_of[2])
+
+
+def _list_fns(fns, image_fns, periodic: bool, width: float, geometry: dict, neighbor_kwargs):
+  """``NeighborListFns`` whose ``allocate`` checks the positions and picks JAX-MD's list or
+  the image list (boxes narrower than ``width``), and whose ``update`` flags a box that
+  shrank below ``width`` (NPT) with JAX-MD's own error bit."""
+  bmat, n, fractional = geometry["bmat"], geometry["n"], geometry["fractional"]
 
   def update_fn(R: Array, neighbors: partition.NeighborList, **kwargs) -> partition.NeighborList:
     if isinstance(neighbors, ImageNeighborList):
@@ -304,7 +322,7 @@ def neighbor_list(
     if periodic and "box" in kwargs:
       # A shrinking box (NPT) can break the minimum image convention mid-run; report it with
       # JAX-MD's own error bit, readable as nbrs.cell_size_too_small.
-      too_small = jnp.any(box_widths_traced(kwargs["box"]) < min_list_width)
+      too_small = jnp.any(box_widths_traced(kwargs["box"]) < width)
       nbrs = jmd_dataclasses.replace(
         nbrs, error=nbrs.error.update(partition.PEC.CELL_SIZE_TOO_SMALL, too_small)
       )
@@ -314,14 +332,14 @@ def neighbor_list(
     b = box_matrix(kwargs["box"]) if "box" in kwargs else bmat
     if periodic and np.any(box_widths(b) <= 0):
       raise ValueError(f"box is singular (zero volume):\n{b}")
-    small = periodic and box_widths(b).min() < min_list_width
-    _check_positions(R, n, b, periodic and not small, fractional_coordinates)
+    small = periodic and box_widths(b).min() < width
+    _check_positions(R, n, b, periodic and not small, fractional)
     if small:
       unsupported = set(neighbor_kwargs) - {"disable_cell_list", "mask_self"}
       if unsupported:
         raise ValueError(
           f"{sorted(unsupported)} not supported for boxes narrower than "
-          f"2 * (cutoff + dr_threshold) = {min_list_width:g} Å, which use a "
+          f"2 * (cutoff + dr_threshold) = {width:g} Å, which use a "
           f"list with periodic images"
         )
       return image_fns[0](R, extra_capacity, **kwargs)
@@ -337,9 +355,7 @@ def neighbor_list(
     # Route nbrs.update(...) through update_fn, so its box check runs too.
     return jmd_dataclasses.replace(nbrs, update_fn=update_fn, cell_size=cell_size)
 
-  neighbor_fn = partition.NeighborListFns(allocate_fn, update_fn)
-  energy_fn = _energy_fn(potential, displacement_fn, species_idx, periodic, per_particle, image_fns)
-  return neighbor_fn, energy_fn
+  return partition.NeighborListFns(allocate_fn, update_fn)
 
 
 # JAX's FutureWarning "scatter inputs have incompatible types" (int64 into int32) comes from
@@ -441,8 +457,16 @@ def _energy_fn(
     w = -observables.atom_strain_derivatives(r=r, grad_r=grad_r, dst=dst, src=src, num_atoms=n)
     return loud(w, ok)
 
-  energy_scale, forces_scale = potential.uncertainty_scales
+  uncertainty = _uncertainty_fn(potential, model, pairs, loud, member_energies)
+  _COMPANIONS[energy_fn] = _Companions(atom_virials, uncertainty)
+  return energy_fn
 
+
+def _uncertainty_fn(potential, model, pairs, loud, member_energies) -> Callable:
+  """The :func:`uncertainty_fn` of an energy function built from ``model``, ``pairs`` and
+  ``loud`` (:func:`_energy_fn`'s): every member's energy and forces, from one forward pass
+  with ``force_heads``, else one backward pass per head (``ensemble.member_forces``)."""
+  energy_scale, forces_scale = potential.uncertainty_scales
   committee = potential.config.committee
 
   def uncertainty(R: Array, neighbor: Optional[partition.NeighborList] = None, **kwargs):
@@ -466,8 +490,7 @@ def _energy_fn(
     out = ensemble.spread(member_e, forces, energy_scale=energy_scale, forces_scale=forces_scale)
     return jax.tree_util.tree_map(lambda x: loud(x, ok), out)
 
-  _COMPANIONS[energy_fn] = _Companions(atom_virials, uncertainty)
-  return energy_fn
+  return uncertainty
 
 
 class _Companions(NamedTuple):

@@ -348,37 +348,12 @@ def check_energy_conservation(
     raise ValueError(f"replicas must be a positive integer, got {replicas!r}")
   momenta = np.stack([start_momenta(atoms, temperature, seed + k) for k in range(replicas)])
   if energy_fn is None:
-    calculator = calculator if calculator is not None else atoms.calc
-    if calculator is None:
-      raise ValueError("give an ASE calculator (or atoms with one attached) or a JAX-MD energy_fn")
-    engine = "ase"
-
-    def run(dt, interval):
-      steps = int(round(duration * 1000.0 / dt))
-      runs = [_run_ase(atoms, calculator, dt, steps, interval, p) for p in momenta]
-      return runs[0][0], np.stack([r[1] for r in runs]), np.stack([r[2] for r in runs])
+    engine, run = "ase", _ase_runner(atoms, calculator, duration, momenta)
   else:
     if shift_fn is None:
       raise ValueError("a JAX-MD energy_fn needs its shift_fn")
     engine = "jax-md"
-    dt_ = resolve_dtype(dtype)
-
-    def run(dt, interval):
-      steps = int(round(duration * 1000.0 / dt))
-      steps -= steps % interval
-      t, epot, ekin = _run_jax_md(
-        atoms,
-        energy_fn,
-        neighbor_fn,
-        shift_fn,
-        dt,
-        steps,
-        interval,
-        momenta if replicas > 1 else momenta[0],
-        dt_,
-      )
-      return t, np.reshape(epot, (replicas, -1)), np.reshape(ekin, (replicas, -1))
-
+    run = _jax_md_runner(atoms, energy_fn, neighbor_fn, shift_fn, duration, momenta, dtype)
   n = len(atoms)
 
   def figures(t, epot, ekin):
@@ -414,6 +389,45 @@ def check_energy_conservation(
     replicas=replicas,
     replica_drifts=fig[:, 0],
   )
+
+
+def _ase_runner(atoms: Atoms, calculator, duration: float, momenta: np.ndarray) -> Callable:
+  """``run(dt, interval) -> (t, epot (K, T), ekin (K, T))``: the replicas one after the other
+  with ASE's velocity Verlet and ``calculator`` (default ``atoms.calc``)."""
+  calculator = calculator if calculator is not None else atoms.calc
+  if calculator is None:
+    raise ValueError("give an ASE calculator (or atoms with one attached) or a JAX-MD energy_fn")
+
+  def run(dt, interval):
+    steps = int(round(duration * 1000.0 / dt))
+    runs = [_run_ase(atoms, calculator, dt, steps, interval, p) for p in momenta]
+    return runs[0][0], np.stack([r[1] for r in runs]), np.stack([r[2] for r in runs])
+
+  return run
+
+
+def _jax_md_runner(atoms, energy_fn, neighbor_fn, shift_fn, duration, momenta, dtype) -> Callable:
+  """``run(dt, interval) -> (t, epot (K, T), ekin (K, T))``: the replicas in one JAX-MD
+  program."""
+  replicas, dt_ = len(momenta), resolve_dtype(dtype)
+
+  def run(dt, interval):
+    steps = int(round(duration * 1000.0 / dt))
+    steps -= steps % interval
+    t, epot, ekin = _run_jax_md(
+      atoms,
+      energy_fn,
+      neighbor_fn,
+      shift_fn,
+      dt,
+      steps,
+      interval,
+      momenta if replicas > 1 else momenta[0],
+      dt_,
+    )
+    return t, np.reshape(epot, (replicas, -1)), np.reshape(ekin, (replicas, -1))
+
+  return run
 
 
 def assert_energy_conserved(
