@@ -1,7 +1,8 @@
 """The ``eqattn`` command: MD, training, evaluation, conservation checks, model info.
 
     eqattn md [STRUCTURE] [--model NAME|PATH] [--ensemble nve|nvt|npt] [--temperature K]
-              [--dt FS] [--steps N | --time PS] [--engine jax-md|ase] [--out FILE] [--plot PNG]
+              [--dt FS] [--steps N | --time PS] [--pressure BAR] [--engine jax-md|ase]
+              [--out FILE] [--log-interval N] [--traj-interval N] [--plot PNG]
               [--resume] [--max-temperature K] [--max-force EV_PER_A]
               [--max-force-uncertainty EV_PER_A [--flag-uncertainty]]
     eqattn train DATA --species H C O [--time-limit MINUTES] [--epochs N]
@@ -45,6 +46,9 @@ from plugin.md.settings import DEFAULTS
 # potentials.training.DEFAULT_MINUTES, stated here so that the parser needs no JAX import
 # (tests/test_cli.py holds the two equal)
 DEFAULT_TRAIN_MINUTES = 30
+# TrainConfig's batch size and peak learning rate, shown in --help without importing JAX (a
+# test keeps them equal to potentials.training.TrainConfig's)
+TRAIN_HELP_DEFAULTS = {"batch_size": 8, "learning_rate": 1e-2}
 
 STARTED = time.perf_counter()  # a training budget counts from here: the command's own start
 DEFAULT_MODEL = "ethanol"
@@ -323,6 +327,9 @@ def _md_options(md, args, *, ensemble, steps, temperature, seed, traj, log_file)
     log_file=log_file,
     seed=seed,
     chunk=min(md.DEFAULTS.chunk, steps),
+    pressure=args.pressure,
+    log_interval=args.log_interval,
+    traj_interval=args.traj_interval,
     max_temperature=args.max_temperature,
     max_force=args.max_force,
     max_uncertainty=args.max_force_uncertainty,
@@ -649,11 +656,32 @@ def cmd_lammps(args) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
+class _Formatter(argparse.HelpFormatter):
+  """Help that shows each option's default (where it has one worth showing)."""
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+    if shown and "%(default)" not in text and "default" not in text:
+      text += " (default: %(default)s)"
+    return text
+
+
+def _version() -> str:
+  from importlib import metadata
+
+  try:
+    return metadata.version("eqattn")
+  except metadata.PackageNotFoundError:  # run from a source tree without installing
+    return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(
     prog="eqattn",
     description="E(3)-equivariant self-attention potentials: MD, training, evaluation.",
   )
+  ap.add_argument("--version", action="version", version=f"eqattn {_version()}")
   sub = ap.add_subparsers(dest="command", required=True)
 
   _add_md(sub)
@@ -667,6 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="do not use the compilation cache (see EQATTN_CACHE_DIR below)",
     )
     command.epilog = _CACHE_HELP
+    command.formatter_class = _Formatter
   return ap
 
 
@@ -690,22 +719,51 @@ def _add_md(sub) -> None:
     help="one copy of each structure per temperature (K), run together",
   )
   md.add_argument("--model", default=DEFAULT_MODEL, help="shipped model name or .eqm path")
-  md.add_argument("--ensemble", choices=list(CLI_ENSEMBLES), default=DEFAULTS.command_ensemble)
+  md.add_argument(
+    "--ensemble",
+    choices=list(CLI_ENSEMBLES),
+    default=DEFAULTS.command_ensemble,
+    help="thermodynamic ensemble (nvt: Langevin thermostat; npt: needs a periodic cell)",
+  )
   md.add_argument("--temperature", type=_positive(float), default=DEFAULTS.temperature, help="K")
   md.add_argument("--dt", type=_positive(float), default=DEFAULTS.timestep, help="timestep in fs")
+  md.add_argument(
+    "--pressure", type=float, default=DEFAULTS.pressure, help="bar, the NPT target (--ensemble npt)"
+  )
   g = md.add_mutually_exclusive_group()
-  g.add_argument("--steps", type=_positive(int))
+  g.add_argument("--steps", type=_positive(int), help="steps to run (instead of --time)")
   g.add_argument(
     "--time", type=_positive(float), default=DEFAULTS.duration, help="ps (default %(default)g)"
   )
-  md.add_argument("--engine", choices=["jax-md", "ase"], default="jax-md")
+  md.add_argument(
+    "--engine",
+    choices=["jax-md", "ase"],
+    default="jax-md",
+    help="jax-md: compiled chunks (fast); ase: ASE's integrators with the calculator",
+  )
   md.add_argument(
     "--out",
     help="trajectory file, format by extension: .traj (default "
     "md.traj), .extxyz/.xyz, .h5/.h5md (H5MD, needs h5py)",
   )
+  md.add_argument(
+    "--log-interval",
+    type=_positive(int),
+    metavar="STEPS",
+    help="steps between rows of the log (OUT with .csv: step, time, energies, temperature, "
+    f"pressure; default {DEFAULTS.chunk}, or the run's length if shorter)",
+  )
+  md.add_argument(
+    "--traj-interval",
+    type=_positive(int),
+    metavar="STEPS",
+    help="steps between trajectory frames (default: --log-interval); the first and last "
+    "steps are always written",
+  )
   md.add_argument("--plot", help="write a PNG of energies and temperature")
-  md.add_argument("--seed", type=int, default=DEFAULTS.seed)
+  md.add_argument(
+    "--seed", type=int, default=DEFAULTS.seed, help="start velocities and Langevin noise"
+  )
   md.add_argument(
     "--resume",
     action="store_true",
@@ -768,8 +826,16 @@ def _add_train(sub) -> None:
     "learning-rate schedule is fitted to it and the best weights are saved (default: "
     f"{DEFAULT_TRAIN_MINUTES:g} minutes unless --epochs is given)",
   )
-  tr.add_argument("--batch-size", type=_positive(int))
-  tr.add_argument("--lr", type=_positive(float), help="peak learning rate")
+  tr.add_argument(
+    "--batch-size",
+    type=_positive(int),
+    help=f"frames per batch (default {TRAIN_HELP_DEFAULTS['batch_size']})",
+  )
+  tr.add_argument(
+    "--lr",
+    type=_positive(float),
+    help=f"peak learning rate (default {TRAIN_HELP_DEFAULTS['learning_rate']:g})",
+  )
   tr.add_argument(
     "--split",
     choices=["trajectory", "random"],

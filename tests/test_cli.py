@@ -290,6 +290,51 @@ def test_md_options_come_from_the_ensembles_table_and_defaults():
   assert options["dt"].default == DEFAULTS.timestep
 
 
+def test_help_shows_defaults_and_version(capsys):
+  from potentials.training import TrainConfig
+
+  config = TrainConfig()
+  assert cli.TRAIN_HELP_DEFAULTS == {
+    "batch_size": config.batch_size,
+    "learning_rate": config.learning_rate,
+  }
+  choices = cli.build_parser()._subparsers._group_actions[0].choices
+  flat = lambda text: " ".join(text.split())  # wrapped lines joined
+  md_help, train_help = flat(choices["md"].format_help()), flat(choices["train"].format_help())
+  for text in ("(default: 300.0)", "(default: 0.5)", "(default: 1.01325)", "(default: nvt)"):
+    assert text in md_help
+  assert "(default 8)" in train_help and "(default 0.01)" in train_help
+  with pytest.raises(SystemExit) as e:
+    cli.main(["--version"])
+  assert e.value.code == 0 and capsys.readouterr().out.startswith("eqattn ")
+
+
+def test_md_pressure_and_intervals_reach_the_run(tiny_model, tmp_path, capsys):
+  out = tmp_path / "iv.extxyz"
+  argv = ["md", "--model", tiny_model, "--steps", "20", "--dt", "0.25", "--out", str(out)]
+  argv += ["--log-interval", "4", "--traj-interval", "10", "--pressure", "250"]
+  assert cli.main(argv) == 0
+  frames = read(out, ":")
+  assert [f.info["md_step"] for f in frames] == [0, 10, 20]
+  with open(out.with_suffix(".csv")) as f:
+    steps = [int(float(line.split(",")[0])) for line in f.readlines()[1:]]
+  assert steps == [0, 4, 8, 12, 16, 20]
+  args = cli.build_parser().parse_args(argv[:-6] + ["--pressure", "250", "--ensemble", "npt"])
+  from plugin import md
+
+  options = cli._md_options(
+    md,
+    args,
+    ensemble=md.ENSEMBLE_TABLE["npt"],
+    steps=20,
+    temperature=300.0,
+    seed=0,
+    traj=None,
+    log_file=None,
+  )
+  assert options.pressure == 250.0 and options.ensemble == "npt"
+
+
 def test_train_budget_default_is_the_training_default():
   from potentials.training import DEFAULT_MINUTES
 
