@@ -196,6 +196,8 @@ def cmd_md(args) -> int:
     steps,
     args.dt,
     ensemble.invariant is not None and not ensemble.thermostat,
+    getattr(result, "chunk_times_s", None),
+    min(DEFAULTS.chunk, steps),
   )
   if args.plot:
     _plot_md(result.log, args.plot)
@@ -337,14 +339,29 @@ def _md_options(md, args, *, ensemble, steps, temperature, seed, traj, log_file)
   )
 
 
-def _summary(log, n, wall, steps, dt, nve: bool):
+def _rates(wall: float, steps: int, dt: float, n: int, chunk_times=None, chunk=None) -> str:
+  """The run's speed: after the first chunk (which compiles) the steady rate in steps/s,
+  ns/day and µs/atom/step, and the start-up apart; one chunk only: its overall rate."""
+  if chunk_times and len(chunk_times) > 1 and chunk:
+    steady = (steps - min(chunk, steps)) / max(sum(chunk_times[1:]), 1e-9)
+    start = wall - sum(chunk_times[1:])
+    return (
+      f"done: {steps} steps in {wall:.1f} s (start-up and compilation {start:.1f} s); steady "
+      f"{steady:.1f} steps/s, {steady * dt * 1e-6 * 86400:.3g} ns/day, "
+      f"{1e6 / (steady * n):.3g} µs/atom/step"
+    )
+  return (
+    f"done: {steps} steps in {wall:.1f} s ({steps / wall:.1f} steps/s, "
+    f"{steps / wall * dt * 1e-6 * 86400:.3g} ns/day, compilation included)"
+  )
+
+
+def _summary(log, n, wall, steps, dt, nve: bool, chunk_times=None, chunk=None):
   import numpy as np
   from plugin.testing import drift_statistics
 
   line = (
-    f"done: {steps} steps in {wall:.1f} s ({steps / wall:.1f} steps/s, "
-    f"{steps / wall * dt * 1e-6 * 86400:.3g} ns/day); mean T "
-    f"{np.mean(log.temperature):.1f} K"
+    f"{_rates(wall, steps, dt, n, chunk_times, chunk)}; mean T {np.mean(log.temperature):.1f} K"
   )
   if nve and len(log.time_ps) >= 3:
     slope, err, rms = drift_statistics(log.time_ps, log.etot / n)

@@ -377,3 +377,12 @@ def test_train_committee_option_and_its_deprecated_name(capsys):
   assert old.committee == 3
   assert "--ensemble is deprecated here, use --committee" in capsys.readouterr().err
   assert "--ensemble" not in parser._subparsers._group_actions[0].choices["train"].format_help()
+
+
+def test_md_summary_separates_start_up_from_the_steady_rate():
+  # 3 chunks of 100 steps: the first compiles (10 s), the others take 1 s each
+  line = cli._rates(12.5, 300, 0.5, 9, chunk_times=[10.0, 1.0, 1.0], chunk=100)
+  assert "start-up and compilation 10.5 s" in line and "steady 100.0 steps/s" in line
+  assert "4.32 ns/day" in line and f"{1e6 / (100 * 9):.3g} µs/atom/step" in line
+  one = cli._rates(3.0, 20, 0.5, 9, chunk_times=[2.5], chunk=20)
+  assert "6.7 steps/s" in one and "compilation included" in one
