@@ -391,15 +391,52 @@ def _plot_md(log, path):
 # ----------------------------------------------------------------------------- other commands
 def cmd_info(args) -> int:
   pot = _load_model(args.model)
-  info = {
-    "species": list(pot.symbols),
-    "cutoff_A": pot.cutoff,
-    "config": pot.config.to_dict(),
-    "element_shifts_eV": dict(zip(pot.symbols, map(float, pot.element_shifts))),
-    "metadata": dict(pot.metadata),
-  }
-  print(json.dumps(info, indent=2, default=str))
+  if args.json:
+    info = {
+      "species": list(pot.symbols),
+      "cutoff_A": pot.cutoff,
+      "config": pot.config.to_dict(),
+      "element_shifts_eV": dict(zip(pot.symbols, map(float, pot.element_shifts))),
+      "metadata": dict(pot.metadata),
+    }
+    print(json.dumps(info, indent=2, default=str))
+  else:
+    print(_info_summary(pot, args.model))
   return 0
+
+
+def _info_summary(pot, name: str) -> str:
+  """A few lines a person reads: what the model is, how it was trained, its held-out errors
+  (meV, meV/Å)."""
+  c, meta = pot.config, pot.metadata
+  members = f"; ensemble of {pot.num_members}" if pot.num_members > 1 else ""
+  lines = [
+    f"{name}: {' '.join(pot.symbols)}, cutoff {pot.cutoff:g} Å, {c.num_iterations} attention "
+    f"blocks, {c.features} features, max degree {c.max_degree}{members}",
+  ]
+  training = meta.get("training", {})
+  if training:
+    minutes = training.get("seconds", 0.0) / 60
+    made = meta.get("provenance", {})
+    how = ", ".join(
+      x for x in (made.get("command"), made.get("stage") and f"stage {made['stage']}") if x
+    )
+    lines.append(
+      f"trained {training.get('epochs_run', '?')} epochs on {training.get('frames', '?')} "
+      f"frames in {minutes:.0f} min" + (f" ({how})" if how else "")
+    )
+  for key, what in (
+    ("test_metrics", "held-out trajectories"),
+    ("test_random_metrics", "random training frames"),
+  ):
+    m = meta.get(key)
+    if m:
+      lines.append(
+        f"{what}: forces MAE {1e3 * m['forces_mae']:.1f} meV/Å, energy MAE "
+        f"{1e3 * m['energy_mae']:.2f} meV ({1e3 * m['energy_per_atom_mae']:.2f} meV/atom)"
+      )
+  lines.append("(all fields: eqattn info --json)")
+  return "\n".join(lines)
 
 
 def cmd_eval(args) -> int:
@@ -924,8 +961,11 @@ def _add_tools(sub) -> None:
   sel.add_argument("--out", default="selected.extxyz")
   sel.set_defaults(func=cmd_select)
 
-  info = sub.add_parser("info", help="species, cutoff, hyperparameters and provenance")
+  info = sub.add_parser("info", help="what a model is, how it was trained, its held-out errors")
   info.add_argument("model")
+  info.add_argument(
+    "--json", action="store_true", help="every field (config, shifts, metadata) as JSON, in eV"
+  )
   info.set_defaults(func=cmd_info)
 
   lmp = sub.add_parser(

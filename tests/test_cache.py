@@ -59,7 +59,7 @@ def test_cli_cache_and_no_cache(model, monkeypatch, tmp_path, capsys, restore_ja
   assert not (tmp_path / "off-by-flag").exists()
   capsys.readouterr()
   monkeypatch.setenv(cache.ENV_VAR, str(tmp_path / "on"))
-  assert cli.main(["info", model]) == 0
+  assert cli.main(["info", model, "--json"]) == 0
   assert json.loads(capsys.readouterr().out)["species"] == ["H"]
   assert jax.config.values["jax_compilation_cache_dir"] == str((tmp_path / "on").resolve())
   md_help = cli.build_parser()._subparsers._group_actions[0].choices["md"].format_help()

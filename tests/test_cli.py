@@ -32,9 +32,15 @@ DATA = pathlib.Path(__file__).resolve().parents[1] / "data"
 
 
 def test_info(tiny_model, capsys):
-  assert cli.main(["info", tiny_model]) == 0
+  assert cli.main(["info", tiny_model, "--json"]) == 0
   info = json.loads(capsys.readouterr().out)
   assert info["species"] == ["H", "C", "O"] and info["cutoff_A"] == 3.0
+  # without --json: a few lines, errors in meV
+  assert cli.main(["info", "ethanol"]) == 0
+  text = capsys.readouterr().out.splitlines()
+  assert len(text) <= 6 and text[0].startswith("ethanol: H C O, cutoff 5 Å")
+  assert "held-out trajectories: forces MAE 5.1 meV/Å" in text[2]
+  assert "stage 3 of 3" in text[1] and text[-1] == "(all fields: eqattn info --json)"
 
 
 def test_md_ase_engine_writes_trajectory_and_plot(tiny_model, tmp_path, capsys):
