@@ -472,17 +472,29 @@ def cmd_eval(args) -> int:
 
 
 def _eval_groups(pot, frames):
-  """All frames; then, where the model file records its held-out trajectories and the
-  frames carry trajectory tags, those never seen in training vs the rest; then per T."""
+  """All frames; then, where the model file records its split and the frames carry
+  trajectory tags: the test trajectories (never used in training: the file's test figures),
+  the validation ones (they chose the kept weights), the training ones, and the test ones
+  per temperature."""
   yield "all", frames
   parts = pot.metadata.get("training", {}).get("split_parts", {})
-  seen = set(parts.get("train", {}).get("trajectories", []))
-  if seen and any(f.trajectory is not None for f in frames):
-    held = [f for f in frames if f.trajectory is not None and f.trajectory not in seen]
+  named = lambda part: set(parts.get(part, {}).get("trajectories", []))
+  seen, valid, test = named("train"), named("valid"), named("test")
+  if not seen or all(f.trajectory is None for f in frames):
+    return
+  held = [f for f in frames if f.trajectory is not None and f.trajectory not in seen]
+  if test and valid:
+    held = [f for f in held if f.trajectory in test]
+    yield "test trajectories", held
+    yield "validation trajectories", [f for f in frames if f.trajectory in valid]
+  else:  # a split recorded without its parts: everything not trained on
     yield "held-out trajectories", held
-    yield "training trajectories", [f for f in frames if f.trajectory in seen]
-    for t in sorted({f.temperature for f in held if f.temperature is not None}):
-      yield f"held-out, {t:g} K", [f for f in held if f.temperature == t]
+  yield "training trajectories", [f for f in frames if f.trajectory in seen]
+  for t in sorted({f.temperature for f in held if f.temperature is not None}):
+    yield (
+      f"{'test' if test and valid else 'held-out'}, {t:g} K",
+      [f for f in held if f.temperature == t],
+    )
 
 
 def _parity_plot(pot, frames, path):

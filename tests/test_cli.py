@@ -2,7 +2,10 @@ import json
 
 import pathlib
 
+import re
+
 import numpy as np
+
 import pytest
 from ase.build import molecule
 from ase.io import read, write
@@ -188,7 +191,10 @@ def test_train_with_time_limit_then_eval_reports_held_out_trajectories(tmp_path,
   capsys.readouterr()
   assert cli.main(["eval", str(model), str(data)]) == 0
   out = capsys.readouterr().out
-  assert "| held-out trajectories | 6 |" in out and "| training trajectories | 6 |" in out
+  # the test and validation trajectories apart (together the 6 held-out frames)
+  rows = dict(re.findall(r"\| (test|validation|training) trajectories \| (\d+) \|", out))
+  assert int(rows["test"]) + int(rows["validation"]) == 6 and rows["training"] == "6"
+  assert int(rows["test"]) > 0 and int(rows["validation"]) > 0
   # fine-tune: the trained model is the start; its architecture is fixed, species optional
   tuned = tmp_path / "tuned.eqm"
   argv = ["train", str(data), "--init", str(model), "--epochs", "1", "--batch-size", "4"]
