@@ -160,6 +160,9 @@ def cmd_md(args) -> int:
     md_output.traj_format(out)  # the format by extension; h5py for .h5 / .h5md
   except (ValueError, ImportError) as e:
     raise UsageError(str(e)) from None
+  _check_md_inputs(args, [atoms], [out, out.with_suffix(".csv")])
+  if args.resume and not (out.exists() and out.stat().st_size > 0):
+    print(f"eqattn md: {out} holds no frames yet: --resume starts a fresh run", file=sys.stderr)
   print(
     f"eqattn md: {len(atoms)} atoms ({atoms.get_chemical_formula()}), model "
     f"{args.model!r}, {args.ensemble.upper()} {args.temperature:g} K, dt {args.dt:g} fs, "
@@ -189,6 +192,12 @@ def cmd_md(args) -> int:
   if result.stopped:
     print(f"eqattn md: {result.reason}; frames up to it are in {out}", file=sys.stderr)
     return RUNAWAY_STATUS
+  if steps == 0:  # a resumed run that had already reached --steps / --time
+    print(
+      f"eqattn md: {out} already reaches step {result.total_steps}: nothing to run (ask for "
+      "more --steps or --time to continue it)"
+    )
+    return 0
   _summary(
     result.log,
     len(atoms),
@@ -205,11 +214,35 @@ def cmd_md(args) -> int:
   return 0
 
 
+# step numbers are int32 inside the compiled MD loop
+MAX_STEPS = 2**31 - 1
+
+
 def _steps(args) -> int:
   steps = args.steps if args.steps else int(round(args.time * 1000.0 / args.dt))
   if steps < 1:
     raise UsageError("--time/--steps give no step to run")
+  if steps > MAX_STEPS:
+    raise UsageError(
+      f"{steps} steps is more than one run can count ({MAX_STEPS}); run in parts with "
+      "--resume, or a larger --dt"
+    )
   return steps
+
+
+def _check_md_inputs(args, structures, outputs) -> None:
+  """Before any work: finite positions and cells, and writable output paths (trajectory,
+  its CSV log, --plot)."""
+  import numpy as np
+
+  for i, atoms in enumerate(structures):
+    if not np.isfinite(atoms.positions).all() or not np.isfinite(atoms.cell.array).all():
+      where = f"structure {i}" if len(structures) > 1 else "the structure"
+      raise UsageError(f"{where} has NaN or infinite positions or cell values: fix the file")
+  for path in outputs:
+    _check_writable(Path(path), "--out", overwrite=True)
+  if args.plot:
+    _check_writable(Path(args.plot), "--plot", overwrite=True)
 
 
 def _cmd_md_many(args, pot, systems, temps, seeds) -> int:
@@ -228,6 +261,7 @@ def _cmd_md_many(args, pot, systems, temps, seeds) -> int:
   except (ValueError, ImportError) as e:
     raise UsageError(str(e)) from None
   trajs = [driver.replica_path(out, i) for i in range(len(systems))]
+  _check_md_inputs(args, systems, trajs + [t.with_suffix(".csv") for t in trajs])
   existing = [str(t) for t in trajs if t.exists() and t.stat().st_size > 0]
   if existing and not args.resume:
     raise UsageError(f"{existing[0]} exists; pass --resume to continue, or --out NEW_FILE")

@@ -1,6 +1,8 @@
 import json
+import os
 
 import pathlib
+from pathlib import Path
 
 import re
 
@@ -105,6 +107,61 @@ def test_usage_errors(tiny_model, argv, message, capsys):
   argv = [tiny_model if a == "TINY" else a for a in argv]
   assert cli.main(argv) == 2
   assert message in capsys.readouterr().err
+
+
+@pytest.fixture
+def read_only(tmp_path, monkeypatch):
+  """A folder nobody may write into (also for root, who ignores permission bits)."""
+  folder = tmp_path / "ro"
+  folder.mkdir()
+  folder.chmod(0o500)
+  real = os.access
+  monkeypatch.setattr(
+    cli.os, "access", lambda p, mode: real(p, mode) and not (Path(p) == folder and mode & os.W_OK)
+  )
+  yield folder
+  folder.chmod(0o700)
+
+
+@pytest.mark.parametrize(
+  "extra,message",
+  [
+    (["--out", "NODIR/x.traj"], "folder NODIR does not exist (create it first)"),
+    (["--out", "RO/x.traj"], "folder RO is not writable"),
+    (["--plot", "RO/x.png"], "--plot RO/x.png: folder RO is not writable"),
+    (["--steps", "2147483648"], "more than one run can count"),
+    (["--time", "1e9"], "more than one run can count"),
+    (["NAN"], "NaN or infinite positions"),
+  ],
+)
+def test_md_bad_inputs_before_any_work(tiny_model, tmp_path, read_only, capsys, extra, message):
+  # one line naming the fix, exit status 2, and nothing written anywhere
+  nan = tmp_path / "nan.extxyz"
+  atoms = molecule("CH3CH2OH")
+  atoms.positions[3, 1] = np.nan
+  write(nan, atoms)
+  names = {"NODIR": str(tmp_path / "nodir"), "RO": str(read_only), "NAN": str(nan)}
+  for key, value in names.items():
+    extra = [a.replace(key, value) for a in extra]
+    message = message.replace(key, value)
+  out = ["--out", str(tmp_path / "md.traj")] if "--out" not in extra else []
+  before = sorted(p.name for p in tmp_path.iterdir())
+  length = [] if {"--steps", "--time"} & set(extra) else ["--steps", "10"]
+  assert cli.main(["md", "--model", tiny_model, *length, *out, *extra]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and message in err[0]
+  assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_md_resume_of_a_finished_run_and_of_nothing(tiny_model, tmp_path, capsys):
+  traj = tmp_path / "done.traj"
+  argv = ["md", "--model", tiny_model, "--dt", "0.25", "--steps", "20", "--out", str(traj)]
+  assert cli.main(argv + ["--resume"]) == 0  # no file yet: says so and starts fresh
+  captured = capsys.readouterr()
+  assert "holds no frames yet: --resume starts a fresh run" in captured.err
+  assert cli.main(argv + ["--resume"]) == 0  # already at step 20
+  out = capsys.readouterr().out
+  assert "already reaches step 20: nothing to run" in out and "nan" not in out
 
 
 def test_unknown_element_and_bad_values(tiny_model, tmp_path, capsys):
