@@ -566,14 +566,18 @@ def _parity_plot(pot, frames, path):
 
 
 def cmd_train(args) -> int:
+  import potentials
   from potentials import training
   from plugin.data import read_frames
 
   if not Path(args.data).exists():
     raise UsageError(f"data file {args.data!r} does not exist")
   _check_writable(Path(args.out), "--out", overwrite=args.force)
-  if args.checkpoint:  # an existing checkpoint is resumed
-    _check_writable(Path(args.checkpoint), "--checkpoint", overwrite=True)
+  own_checkpoint = not args.checkpoint  # beside --out by default, removed once it is written
+  args.checkpoint = args.checkpoint or f"{args.out}.ckpt"
+  _check_writable(Path(args.checkpoint), "--checkpoint", overwrite=True)
+  if Path(args.checkpoint).exists() or Path(f"{args.checkpoint}.0").exists():
+    print(f"eqattn train: resuming from {args.checkpoint} with the time it had left", flush=True)
   try:
     pot = _initial_model(args)
     frames = read_frames(args.data, pot.cutoff)
@@ -593,14 +597,21 @@ def cmd_train(args) -> int:
   except (ValueError, TypeError) as e:
     raise UsageError(str(e)) from None
   common = dict(checkpoint=args.checkpoint, progress=True, started=STARTED)
-  if args.committee:
-    result = training.train_committee(pot, frames, tcfg, members=args.committee, **common)
-  else:
-    result = training.train(pot, frames, tcfg, fine_tune=bool(args.init), **common)
+  try:
+    if args.committee:
+      result = training.train_committee(pot, frames, tcfg, members=args.committee, **common)
+    else:
+      result = training.train(pot, frames, tcfg, fine_tune=bool(args.init), **common)
+  except potentials.CheckpointError as e:
+    raise UsageError(str(e)) from None
   out = Path(args.out)
   result.potential.replace(
     metadata={**result.potential.metadata, "provenance": {"data": str(args.data)}}
   ).save(out)
+  if own_checkpoint:  # the model is written: the run's checkpoint(s) have done their job
+    ckpt = Path(args.checkpoint)
+    for path in [ckpt, *ckpt.parent.glob(f"{ckpt.name}.*")]:
+      path.unlink(missing_ok=True)
   print(_train_report(result, tcfg))
   print(f"model written to {out}")
   if "test_uncertainty" in result.potential.metadata:
@@ -973,7 +984,11 @@ def _add_train(sub) -> None:
     "minutes after --time-limit; TrainConfig.readout_minutes)",
   )
   tr.add_argument("--seed", type=int, default=0)
-  tr.add_argument("--checkpoint", help="checkpoint file (resumed if it exists)")
+  tr.add_argument(
+    "--checkpoint",
+    help="checkpoint file, written after every epoch and resumed if it exists (default: "
+    "OUT.ckpt, removed once the model is written: rerunning an interrupted command resumes it)",
+  )
   tr.add_argument("--out", default="model.eqm", help="model file (default: model.eqm)")
   tr.add_argument("--force", action="store_true", help="replace --out if it exists")
   tr.set_defaults(func=cmd_train)
@@ -1088,7 +1103,7 @@ def _continue_hint(args) -> str:
   if args.command == "train":
     if getattr(args, "checkpoint", None):
       return f"rerun the same command to continue from {args.checkpoint} with the time left"
-    return "nothing was saved (pass --checkpoint FILE to make a run resumable)"
+    return "nothing was saved yet"
   return "files written so far are kept (continue with --resume)"
 
 

@@ -232,6 +232,7 @@ def test_train_with_time_limit_then_eval_reports_held_out_trajectories(tmp_path,
     == 0
   )
   out = capsys.readouterr().out  # what was trained and the held-out figures, in meV
+  assert not (tmp_path / "cu.eqm.ckpt").exists()  # the default checkpoint went with success
   # outputs are checked before any work: a trained model is never replaced without --force,
   # and a missing folder is named
   kept = model.read_bytes()
@@ -455,3 +456,37 @@ def test_md_summary_separates_start_up_from_the_steady_rate():
   assert "4.32 ns/day" in line and f"{1e6 / (100 * 9):.3g} µs/atom/step" in line
   one = cli._rates(3.0, 20, 0.5, 9, chunk_times=[2.5], chunk=20)
   assert "6.7 steps/s" in one and "compilation included" in one
+
+
+def test_train_checkpoints_by_default_and_the_same_command_resumes(tmp_path, capsys, monkeypatch):
+  from ase.build import bulk
+  from ase.calculators.emt import EMT
+
+  images = []
+  for i in range(8):
+    a = bulk("Cu", "fcc", a=3.6, cubic=True)
+    a.rattle(0.05, seed=i)
+    a.calc = EMT()
+    a.get_potential_energy(), a.get_forces()
+    a.info.update(trajectory=f"run{i // 2}", temperature_K=300.0)
+    images.append(a)
+  data, model = tmp_path / "cu.extxyz", tmp_path / "cu.eqm"
+  write(data, images)
+  hyper = '{"features": 8, "max_degree": 1, "num_iterations": 1, "num_basis": 4}'
+  argv = ["train", str(data), "--species", "Cu", "--cutoff", "3.0", "--model-config", hyper]
+  argv += ["--epochs", "2", "--batch-size", "4", "--out", str(model)]
+  real_save = potentials.Potential.save
+
+  def killed(self, path):  # interrupted after training, before the model is written
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(potentials.Potential, "save", killed)
+  assert cli.main(argv) == 130
+  err = capsys.readouterr().err
+  ckpt = tmp_path / "cu.eqm.ckpt"
+  assert ckpt.exists() and not model.exists() and f"continue from {ckpt}" in err
+  monkeypatch.setattr(potentials.Potential, "save", real_save)
+  assert cli.main(argv) == 0
+  out = capsys.readouterr().out
+  assert f"resuming from {ckpt}" in out and "trained 2 epochs" in out
+  assert model.exists() and not ckpt.exists()
