@@ -197,6 +197,7 @@ class Calculator(_AseCalculator):
       self.results = self._compute(atoms, periodic)
     except Exception:
       self.atoms = None  # nothing cached: the next call recomputes (and raises again)
+      self.neighbors.reset_capacity()  # a failed structure's pair capacity is not kept
       raise
 
   def _compute(self, atoms: Atoms, periodic: bool) -> dict[str, Any]:
@@ -223,6 +224,7 @@ class Calculator(_AseCalculator):
       # a fixed atom axis it only grows, so MD and NPT runs cannot flip between shapes.
       self.neighbors.reset_capacity()
     pairs = self.neighbors.build(positions, cell, atoms.pbc)  # validates positions and cell
+    self._refuse_before_allocating(atoms, positions, cell, pairs)
     if self._species_dev is None or self._species_dev.shape[0] != na:
       padded = np.zeros(na, np.int32)
       padded[:n] = species
@@ -290,6 +292,22 @@ class Calculator(_AseCalculator):
       self._species_dev = None
     self.atom_capacity = cap
     return cap
+
+  def _refuse_before_allocating(self, atoms: Atoms, positions, cell, pairs) -> None:
+    """Pairs that would need more memory than is available: overlapping atoms are named
+    (the usual cause), else the memory figure; checked on the host, before the model runs."""
+    config, dtype = self.potential.config, self.dtype
+    need, have = (
+      host.pair_memory_bytes(config, pairs.capacity, dtype),
+      host.available_memory_bytes(),
+    )
+    if have is None or need <= have:
+      return
+    args = (pairs.dst, pairs.src, pairs.shifts, pairs.num_pairs)
+    distance, k = host.closest_pair(np.asarray(positions, np.float64), cell, *args)
+    if self.min_distance and distance < self.min_distance:
+      self._raise_overlap(atoms, pairs, k, distance)
+    host.check_memory(config, pairs.capacity, len(atoms), dtype, distance)
 
   def _raise_overlap(self, atoms: Atoms, pairs: Any, k: int, distance: float) -> None:
     i, j = int(pairs.dst[k]), int(pairs.src[k])

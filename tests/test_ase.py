@@ -465,3 +465,30 @@ def test_evaluate_many_structures_in_few_compilations():
     plugin.ase.evaluate(pot, structures[:1], properties=("magmoms",))
   with pytest.raises(potentials.UnknownElementError):
     plugin.ase.evaluate(pot, [ase.Atoms("H")])
+
+
+def test_refused_before_allocating_and_the_calculator_recovers(pot, monkeypatch):
+  # structures whose pairs need more memory than is available are refused on the host, before
+  # the model runs (overlapping atoms named, else the figure), and a failed call leaves the
+  # calculator as usable as before (the failed structure's pair capacity is not kept)
+  from plugin import host
+
+  calc = Calculator(pot, dtype="float64")
+  cu = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+  cu.numbers[:] = 1  # the tiny model's species
+  cu.calc = calc
+  e0 = cu.get_potential_energy()
+  capacity = calc.neighbors.capacity
+  flat = Atoms("H4", positions=[[0, 0, 0], [2, 0, 0], [0, 2, 0], [2, 2, 0]], pbc=True)
+  flat.cell = [4.0, 4.0, 0.05]
+  need = host.pair_memory_bytes(pot.config, 10**6, np.float64)
+  monkeypatch.setattr(host, "available_memory_bytes", lambda: need // 10**4)
+  flat.calc = calc
+  with pytest.raises(ValueError, match="its own periodic image are only 0.05 Å apart"):
+    flat.get_potential_energy()
+  calc.min_distance = None
+  with pytest.raises(MemoryError, match=r"GiB for its \d+ pairs .* nothing was allocated"):
+    flat.get_potential_energy()
+  monkeypatch.undo()
+  calc.min_distance = 0.1
+  assert cu.get_potential_energy() == e0 and calc.neighbors.capacity <= 2 * capacity
