@@ -320,3 +320,43 @@ def test_cli_sigterm_keeps_the_frames_and_resumes(tiny_model_files, tmp_path):
   )
   assert more.returncode == 0, more.stderr[-2000:]
   assert md.read_trajectory(out, -1).info["md_step"] == done + 100
+
+
+def test_resume_keeps_one_log_row_per_step(pot, tmp_path):
+  # the trajectory lost its last frame (a cut), the CSV log kept rows past it and a row cut
+  # mid-write: the resumed run's log has every step exactly once
+  path, log = tmp_path / "cut.extxyz", tmp_path / "cut.csv"
+  md.run(cu32(), pot, steps=CUT, traj=path, log_file=log, **KW)
+  lines = path.read_text().splitlines(keepends=True)
+  path.write_text("".join(lines[: -(len(cu32()) + 2)]))  # the frame at CUT is gone
+  with open(log, "a") as f:
+    f.write(f"{CUT + 10},0.1,-3")  # a row cut short
+  resumed = md.run(cu32(), pot, steps=STEPS, traj=path, log_file=log, resume=True, **KW)
+  assert resumed.first_step == CUT - 10
+  with open(log) as f:
+    steps = [int(float(line.split(",")[0])) for line in f.read().splitlines()[1:]]
+  assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == STEPS
+  assert steps == list(range(0, STEPS + 1, 10))
+
+
+def test_traj_cut_at_its_end_reads_back_and_resumes(pot, straight, killed, tmp_path):
+  # a .traj cut at its end (disk full) loses the tail of its last counted frame: it reads back
+  # to the frame before, and a resume rewrites the good frames and continues from there
+  _, ref_frames = straight
+  path = tmp_path / "cut.traj"
+  shutil.copy(killed / "killed.traj", path)
+  with open(path, "r+b") as f:
+    f.truncate(path.stat().st_size - 37)
+  assert steps_of(md.read_trajectory(path)) == list(range(0, CUT, 10))
+  assert md.read_trajectory(path, -1).info["md_step"] == CUT - 10
+  resumed = md.run(cu32(), pot, steps=STEPS, traj=path, resume=True, **KW)
+  assert resumed.first_step == CUT - 10 and steps_of(md.read_trajectory(path)) == steps_of(
+    ref_frames
+  )
+  np.testing.assert_allclose(
+    md.read_trajectory(path, -1).positions, ref_frames[-1].positions, rtol=0, atol=1e-9
+  )
+  # a file damaged beyond that is one ValueError naming it
+  path.write_bytes(b"not a trajectory at all" * 10)
+  with pytest.raises(ValueError, match="cannot read .*cut.traj"):
+    md.read_trajectory(path)

@@ -201,6 +201,8 @@ class _Recorder:
     self.limits = _limits(opts, start)
     self.columns = columns
     self.csv = output.CsvLog(log_file, [c.csv for c in self.columns])
+    if start.last is not None:  # a resume: one row per step, whatever the cut left behind
+      self.csv.drop_after(start.first_step)
     self.context = output.RowContext(len(start.system.masses), self.time_fs)
     self.rows: List[Dict[str, float]] = []
     self.last_frame = start.first_step if start.last is not None else None  # its md_step

@@ -146,6 +146,21 @@ class CsvLog:
       with open(self.path, "w", newline="") as f:
         csv.writer(f).writerow(self.columns)
 
+  def drop_after(self, step: int) -> None:
+    """Keeps the rows up to ``step`` (a resume continues from that frame: rows logged after
+    it, and a row cut mid-write, would be written twice or be garbage), atomically."""
+    if self.path is None or not self.path.exists():
+      return
+    with open(self.path, newline="") as f:
+      rows = list(csv.reader(f))
+    keep = [r for r in rows[1:] if _row_step(r, len(self.columns)) <= step]
+    if len(keep) == len(rows) - 1:
+      return
+    tmp = self.path.with_name(self.path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+      csv.writer(f).writerows(rows[:1] + keep)
+    os.replace(tmp, self.path)
+
   def write(self, rows: Sequence[Mapping[str, float]]) -> None:
     if self.path is None or not rows:
       return
@@ -153,6 +168,14 @@ class CsvLog:
       w = csv.writer(f)
       for r in rows:
         w.writerow([r[c] for c in self.columns])
+
+
+def _row_step(row: Sequence[str], width: int) -> float:
+  """A CSV row's step (its first column); ``inf`` for a row cut short or unreadable."""
+  try:
+    return float(row[0]) if len(row) == width else np.inf
+  except (ValueError, IndexError):
+    return np.inf
 
 
 # ------------------------------------------------------------------------------------------
@@ -228,6 +251,8 @@ def decode_state(token: str) -> Optional[Dict[str, np.ndarray]]:
 
 # .traj: ASE's binary format. ASE's writer records a frame's offset in the header only after the
 # frame's data, so a frame cut short by a kill is not counted and appending continues cleanly.
+# A file cut at its end (disk full, a copy cut short) loses the tail of its counted last frame:
+# reading stops at the first frame that cannot be read, and a resume rewrites the good ones.
 
 
 def _traj_append(path: Path, frames: List[ase.Atoms]) -> None:
@@ -243,9 +268,42 @@ def _traj_read(path: Path, last_only: bool) -> List[ase.Atoms]:
   from ase.io.trajectory import Trajectory
 
   with Trajectory(str(path)) as t:
-    if last_only:
-      return [t[-1]] if len(t) else []
-    return list(t)
+    if last_only:  # the last frame that reads, from the end
+      for i in range(len(t) - 1, -1, -1):
+        frame = _traj_frame(t, i)
+        if frame is not None:
+          return [frame]
+      return []
+    frames = []
+    for i in range(len(t)):
+      frame = _traj_frame(t, i)
+      if frame is None:
+        break
+      frames.append(frame)
+    return frames
+
+
+def _traj_frame(t, i: int) -> Optional[ase.Atoms]:
+  """Frame ``i`` of an open ``Trajectory``, or None where it is cut short."""
+  try:
+    return t[i]
+  except Exception:  # noqa: BLE001 - a torn frame fails in ASE's JSON or array reader
+    return None
+
+
+def _traj_repair(path: Path) -> None:
+  """Rewrites the file with its good frames when some counted frame cannot be read."""
+  from ase.io.trajectory import Trajectory
+
+  with Trajectory(str(path)) as t:
+    counted = len(t)
+  good = _traj_read(path, False)
+  if len(good) == counted:
+    return
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.unlink(missing_ok=True)
+  _traj_append(tmp, good)
+  os.replace(tmp, path)
 
 
 # .extxyz / .xyz: text, one frame written and flushed at a time; a frame cut short (kill -9
@@ -510,7 +568,7 @@ class TrajFormat:
 FORMATS = {
   f.name: f
   for f in (
-    TrajFormat("traj", (".traj",), _traj_append, _traj_read),
+    TrajFormat("traj", (".traj",), _traj_append, _traj_read, _traj_repair),
     TrajFormat("extxyz", (".extxyz", ".xyz"), _xyz_append, _xyz_read, _xyz_repair),
     TrajFormat("h5md", (".h5", ".h5md"), _h5_append, _h5_read, _h5_repair, _h5py),
   )
@@ -543,16 +601,29 @@ def read_trajectory(
   ``index`` as ASE's (an int gives one frame). An incomplete last frame is left out."""
   fmt, path = traj_format(path), Path(path)
   if isinstance(index, int) and index == -1:
-    frames = fmt.read(path, True)
+    frames = _read(fmt, path, True)
     if not frames:
       raise IndexError(f"{str(path)!r} holds no complete frame")
     return frames[0]
-  frames = fmt.read(path, False)
+  frames = _read(fmt, path, False)
   if isinstance(index, str):
     index = (
       slice(None) if index == ":" else slice(*[int(x) if x else None for x in index.split(":")])
     )
   return frames[index]
+
+
+def _read(fmt, path: Path, last_only: bool) -> List[ase.Atoms]:
+  """``fmt.read``, a damaged file reported as one ``ValueError`` naming it."""
+  if not path.exists():
+    raise FileNotFoundError(f"{str(path)!r} does not exist")
+  try:
+    return fmt.read(path, last_only)
+  except Exception as e:  # noqa: BLE001 - any parse error: say which file and what happened
+    raise ValueError(
+      f"cannot read {str(path)!r} as {fmt.name} ({type(e).__name__}: {e}); the file is damaged "
+      "beyond the torn last frame eqattn repairs"
+    ) from e
 
 
 def read_last_frame(path: PathLike) -> Optional[ase.Atoms]:
