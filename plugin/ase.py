@@ -86,7 +86,7 @@ from ase.calculators.calculator import Calculator as _AseCalculator
 from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 
 import potentials
-from potentials import elements, observables
+from potentials import observables
 from plugin.defaults import DEFAULTS
 
 from . import host
@@ -310,20 +310,9 @@ class Calculator(_AseCalculator):
     host.check_memory(config, pairs.capacity, len(atoms), dtype, distance)
 
   def _raise_overlap(self, atoms: Atoms, pairs: Any, k: int, distance: float) -> None:
-    i, j = int(pairs.dst[k]), int(pairs.src[k])
-    zi, zj = elements.symbol(int(atoms.numbers[i])), elements.symbol(int(atoms.numbers[j]))
-    if i == j:
-      what = f"atom {i} ({zi}) and its own periodic image are"
-    elif np.any(pairs.shifts[k]):
-      what = f"atoms {i} ({zi}) and {j} ({zj}) (across the periodic boundary) are"
-    else:
-      what = f"atoms {i} ({zi}) and {j} ({zj}) are"
-    raise ValueError(
-      f"{what} only {distance:.3g} Å apart, closer than min_distance = "
-      f"{self.min_distance:g} Å; the model is not meant for overlapping atoms. Check the "
-      "structure (duplicated atoms? wrong units or cell?), or pass min_distance=None to "
-      "the Calculator to skip this check."
-    )
+    i, j, across = int(pairs.dst[k]), int(pairs.src[k]), bool(np.any(pairs.shifts[k]))
+    text = host.overlap_message(atoms.numbers, i, j, across, distance, self.min_distance)
+    raise ValueError(f"{text}, or pass min_distance=None to the Calculator to skip this check.")
 
 
 # Runaway guards as an ASE observer: guard(dyn, max_temperature=..., max_force=...).

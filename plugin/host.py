@@ -237,3 +237,43 @@ def closest_pair(positions: np.ndarray, cell: np.ndarray, dst, src, shifts, num_
   d2 = np.einsum("ij,ij->i", r, r)
   k = int(np.argmin(d2))
   return float(np.sqrt(d2[k])), k
+
+
+def overlap_message(numbers, i: int, j: int, across: bool, distance: float, limit: float) -> str:
+  """The one wording of "two atoms too close" (``across``: through the periodic boundary)."""
+  from potentials import elements
+
+  zi, zj = elements.symbol(int(numbers[i])), elements.symbol(int(numbers[j]))
+  if i == j:
+    what = f"atom {i} ({zi}) and its own periodic image are"
+  elif across:
+    what = f"atoms {i} ({zi}) and {j} ({zj}) (across the periodic boundary) are"
+  else:
+    what = f"atoms {i} ({zi}) and {j} ({zj}) are"
+  return (
+    f"{what} only {distance:.3g} Å apart, closer than min_distance = {limit:g} Å; the model "
+    "is not meant for overlapping atoms. Check the structure (duplicated atoms? wrong units "
+    "or cell?)"
+  )
+
+
+def check_overlaps(atoms, limit: float) -> None:
+  """Raises ``ValueError`` naming the closest two atoms of ``atoms`` if they are closer than
+  ``limit`` Å (periodic images included); a host pair search within ``limit`` only."""
+  from .neighbors import neighbor_pairs
+
+  if not limit or len(atoms) == 0:
+    return
+  pbc = np.asarray(atoms.pbc, bool)
+  cell = np.asarray(atoms.cell.array, np.float64)
+  dst, src, shifts = neighbor_pairs(atoms.positions, cell if pbc.any() else None, pbc, limit)
+  if len(dst) == 0:
+    return
+  distance, k = closest_pair(
+    np.asarray(atoms.positions, np.float64), cell, dst, src, shifts, len(dst)
+  )
+  raise ValueError(
+    overlap_message(
+      atoms.numbers, int(dst[k]), int(src[k]), bool(np.any(shifts[k])), distance, limit
+    )
+  )

@@ -153,6 +153,19 @@ def test_md_bad_inputs_before_any_work(tiny_model, tmp_path, read_only, capsys, 
   assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+@pytest.mark.parametrize("engine", ["jax-md", "ase"])
+def test_md_coincident_atoms_refused_up_front_by_both_engines(tiny_model, tmp_path, capsys, engine):
+  xyz = tmp_path / "twin.extxyz"
+  atoms = molecule("CH3CH2OH")
+  atoms.positions[4] = atoms.positions[2] + [0.01, 0, 0]
+  write(xyz, atoms)
+  argv = ["md", str(xyz), "--model", tiny_model, "--steps", "10", "--engine", engine]
+  assert cli.main(argv + ["--out", str(tmp_path / "t.traj")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert "atoms 2 (O) and 4 (H) are only 0.01 Å apart" in err[-1]
+  assert not (tmp_path / "t.traj").exists()
+
+
 def test_md_resume_of_a_finished_run_and_of_nothing(tiny_model, tmp_path, capsys):
   traj = tmp_path / "done.traj"
   argv = ["md", "--model", tiny_model, "--dt", "0.25", "--steps", "20", "--out", str(traj)]

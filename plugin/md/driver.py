@@ -17,7 +17,7 @@ import numpy as np
 from jax_md import simulate
 
 import potentials
-from plugin import thermo
+from plugin import host, thermo
 from plugin.quiet import quiet
 from plugin.md import engine as eng
 from plugin.md import guards, output, replicas as mrep, system as msys
@@ -25,7 +25,7 @@ from plugin.md.ensembles import TABLE, Params
 from plugin.md.output import MDLog, Progress
 from plugin.md.options import MDOptions
 from plugin.registry import COMPILED, registered
-from plugin.md.settings import RunOptions, guard_limits
+from plugin.md.settings import DEFAULTS, RunOptions, guard_limits
 
 PathLike = Union[str, os.PathLike]
 
@@ -90,6 +90,7 @@ def _start(
     raise ValueError(f"{opts.ensemble} needs a periodic system (atoms.pbc all True and a cell)")
   last = None if traj is None else output.read_last_frame(traj)
   if last is None:
+    host.check_overlaps(atoms, DEFAULTS.min_distance)  # as the ASE engine refuses them
     if traj is not None:
       output.prepare_resume(traj)  # only an incomplete frame (or nothing): drop it
     return _Start(system)

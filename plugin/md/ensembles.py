@@ -162,13 +162,19 @@ def _ase_verlet(atoms, timestep, temperature, seed):
 
 
 def _ase_langevin(atoms, timestep, temperature, seed):
+  from ase.constraints import FixCom
   from ase.md.langevin import Langevin
 
+  # the centre of mass held by a constraint, as ASE now asks (its fixcm=True samples NVT only
+  # approximately and is deprecated); the engine's own copy of the atoms carries it
+  if not atoms.constraints:
+    atoms.set_constraint(FixCom())
   return Langevin(
     atoms,
     timestep=timestep * thermo.FS,
     temperature_K=temperature,
     friction=DEFAULTS.friction / thermo.FS,
+    fixcm=False,
     rng=np.random.default_rng(seed),
   )
 
