@@ -344,8 +344,9 @@ def _run_md(md, args, atoms, pot, ensemble, steps, out, bar):
     steps=steps,
     temperature=args.temperature,
     seed=args.seed,
-    interval=max(1, min(50, steps // 200 or 1)),
+    interval=args.traj_interval or args.log_interval or min(DEFAULTS.chunk, steps),
     traj=str(out),
+    log_file=str(out.with_suffix(".csv")),
     progress=bar.update,
     **limits,
   )

@@ -68,6 +68,8 @@ def test_md_ase_engine_writes_trajectory_and_plot(tiny_model, tmp_path, capsys):
         str(traj),
         "--plot",
         str(png),
+        "--log-interval",
+        "5",
       ]
     )
     == 0
@@ -75,7 +77,10 @@ def test_md_ase_engine_writes_trajectory_and_plot(tiny_model, tmp_path, capsys):
   out = capsys.readouterr().out
   assert "steps/s" in out and "drift" in out
   frames = read(traj, ":")
-  assert len(frames) >= 2 and frames[-1].get_chemical_formula() == "C2H6O"
+  assert [f.info["md_step"] for f in frames] == list(range(0, 41, 5))
+  assert frames[-1].get_chemical_formula() == "C2H6O"
+  with open(traj.with_suffix(".csv")) as f:  # the same CSV log as the JAX-MD engine's
+    assert [int(float(r.split(",")[0])) for r in f.read().splitlines()[1:]] == list(range(0, 41, 5))
   assert png.stat().st_size > 5000
 
 

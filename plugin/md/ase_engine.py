@@ -86,6 +86,7 @@ def run_ase(
   progress: Optional[Callable[[int, float, float], None]] = None,
   max_temperature: Optional[float] = None,
   max_force: Optional[float] = DEFAULTS.max_force,
+  log_file: Optional[str] = None,
 ) -> ASEResult:
   """Run ``steps`` steps of ``ensemble`` with ASE's integrator on a copy of ``atoms``.
 
@@ -93,7 +94,8 @@ def run_ase(
   :func:`start_momenta` at ``temperature`` from ``seed``. Every ``interval`` steps (and at the
   start) a log row is taken, a frame appended to ``traj`` (any format of
   :data:`plugin.md.output.FORMATS`; an existing file is replaced) and
-  ``progress(step, temperature_K, total_energy_eV)`` called. The runaway guards
+  ``progress(step, temperature_K, total_energy_eV)`` called; ``log_file``: the rows as CSV
+  (:func:`plugin.md.run`'s columns; an existing file is replaced). The runaway guards
   (:func:`plugin.md.guards.guard`, every step; ``max_temperature`` None: the default rule for
   ``temperature``) end the run early with its last good frame written (``ASEResult.stopped``).
   """
@@ -111,6 +113,9 @@ def run_ase(
   if traj is not None:
     output.traj_format(traj)
     Path(traj).unlink(missing_ok=True)
+  if log_file is not None:
+    Path(log_file).unlink(missing_ok=True)
+  csv = output.CsvLog(log_file, [c.csv for c in columns])
   written = [-1]  # md_step of the last frame in traj
 
   def write(frame: ase.Atoms) -> None:
@@ -123,14 +128,14 @@ def run_ase(
     if rows and rows[-1]["step"] == step:  # ASE versions differ in calling observers at start
       return
     epot, ekin = a.get_potential_energy(), a.get_kinetic_energy()
-    rows.extend(
-      output.make_rows(
-        columns,
-        {"step": [step], "epot": [epot], "ekin": [ekin], "conserved": [epot + ekin]},
-        1,
-        context,
-      )
+    new = output.make_rows(
+      columns,
+      {"step": [step], "epot": [epot], "ekin": [ekin], "conserved": [epot + ekin]},
+      1,
+      context,
     )
+    rows.extend(new)
+    csv.write(new)
     if traj is not None:
       write(snapshot(a, step, timestep, ensemble))
     if progress is not None:
