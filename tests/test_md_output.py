@@ -360,3 +360,14 @@ def test_traj_cut_at_its_end_reads_back_and_resumes(pot, straight, killed, tmp_p
   path.write_bytes(b"not a trajectory at all" * 10)
   with pytest.raises(ValueError, match="cannot read .*cut.traj"):
     md.read_trajectory(path)
+
+
+def test_progress_bar_eta_from_the_steady_rate():
+  # the first chunk compiles: no rate or ETA until a second one ran, then from the steady rate
+  clock = iter([110.0, 111.0])
+  bar = output.ProgressBar(1000, 1.0, clock=lambda: next(clock))
+  bar.update(100, 300.0, -1.0)
+  assert "ETA" not in bar.bar.postfix and "T=300 K" in bar.bar.postfix
+  bar.update(200, 301.0, -1.0)  # 100 steps in 1 s: 800 left, 8 s at 100 steps/s
+  assert "ETA 00:08" in bar.bar.postfix and "8.64 ns/day" in bar.bar.postfix
+  bar.close()

@@ -671,26 +671,50 @@ class Progress:
   atom_steps_per_s: float = 0.0  # all systems' atoms times steps per second (0: not given)
 
 
+def _clock(seconds: float) -> str:
+  seconds = int(round(seconds))
+  h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+  return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
 class ProgressBar:
   """A tqdm bar showing ns/day, temperature and total energy; a ``progress`` callback of
   :func:`plugin.md.run` (``bar(progress)``) and of the ASE engine (``bar.update(...)``)."""
 
-  def __init__(self, steps: int, dt_fs: float, desc: Optional[str] = None, atoms: int = 0):
+  def __init__(
+    self,
+    steps: int,
+    dt_fs: float,
+    desc: Optional[str] = None,
+    atoms: int = 0,
+    clock: Callable[[], float] = time.perf_counter,
+  ):
     from tqdm.auto import tqdm
 
     self.dt, self.atoms = dt_fs, atoms  # atoms: of all systems together (atom-steps/s shown)
-    self.bar = tqdm(total=steps, unit="step", dynamic_ncols=True, mininterval=0.5, desc=desc)
-    self.t0 = time.perf_counter()
+    # tqdm's own rate and ETA would count the compilation of the first chunk: both are ours,
+    # from the steady rate after it, shown once a second chunk has run
+    fmt = "{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+    self.bar = tqdm(
+      total=steps, unit="step", dynamic_ncols=True, mininterval=0.5, desc=desc, bar_format=fmt
+    )
+    self.first: Optional[Tuple[int, float]] = None  # (steps, time) after the first chunk
+    self.clock = clock
 
   def update(self, step: int, temperature: float, energy: float) -> None:
     """``step`` steps done (counted from this bar's start)."""
     self.bar.update(step - self.bar.n)
-    rate = self.bar.n / max(time.perf_counter() - self.t0, 1e-9)
-    ns_day = rate * self.dt * 1e-6 * 86400
-    rate_atoms = f", {rate * self.atoms:.3g} atom-steps/s" if self.atoms else ""
-    self.bar.set_postfix_str(
-      f"{ns_day:.3g} ns/day{rate_atoms}, T={temperature:.0f} K, E={energy:.4f} eV"
-    )
+    now = self.clock()
+    if self.first is None:
+      self.first = (self.bar.n, now)
+    done, t = self.bar.n - self.first[0], now - self.first[1]
+    speed = ""
+    if done > 0 and t > 0:
+      rate = done / t
+      eta = (self.bar.total - self.bar.n) / rate
+      atoms = f", {rate * self.atoms:.3g} atom-steps/s" if self.atoms else ""
+      speed = f", {rate * self.dt * 1e-6 * 86400:.3g} ns/day{atoms}, ETA {_clock(eta)}"
+    self.bar.set_postfix_str(f"T={temperature:.0f} K, E={energy:.4f} eV{speed}")
 
   def __call__(self, p: Progress) -> None:
     self.update(int(p.step), float(p.temperature), float(p.etot))
