@@ -155,7 +155,7 @@ def cmd_md(args) -> int:
   ensemble = md.ENSEMBLE_TABLE[md.CLI_ENSEMBLES[args.ensemble]]
   if ensemble.variable_box and not all(atoms.pbc):
     raise UsageError(f"--ensemble {args.ensemble} needs a periodic structure")
-  out = Path(args.out or "md.traj")
+  out = _out_path(args)
   try:
     md_output.traj_format(out)  # the format by extension; h5py for .h5 / .h5md
   except (ValueError, ImportError) as e:
@@ -230,6 +230,30 @@ def _steps(args) -> int:
   return steps
 
 
+DEFAULT_OUT = "md.traj"
+
+
+def _out_path(args, count: int = 1) -> Path:
+  """The trajectory path: --out as given (never overwritten: an existing one is refused with
+  the fix named), else ``md.traj`` or, when that run exists, the next free ``md-2.traj``,
+  ``md-3.traj``, ... (said on stdout): the README's first command works when repeated, and a
+  path the user named is never changed behind their back."""
+  if args.out or args.resume:
+    return Path(args.out or DEFAULT_OUT)
+  base = Path(DEFAULT_OUT)
+  names = [base] + [base.with_name(f"{base.stem}-{k}{base.suffix}") for k in range(2, 1000)]
+  from plugin.md import driver
+
+  def taken(path):
+    files = [path] if count == 1 else [driver.replica_path(path, i) for i in range(count)]
+    return any(f.exists() and f.stat().st_size > 0 for f in files)
+
+  path = next(p for p in names if not taken(p))
+  if path != base:
+    print(f"eqattn md: {base} holds an earlier run: writing {path} (--out names the file)")
+  return path
+
+
 def _check_md_inputs(args, structures, outputs) -> None:
   """Before any work: finite positions and cells, and writable output paths (trajectory,
   its CSV log, --plot)."""
@@ -255,7 +279,7 @@ def _cmd_md_many(args, pot, systems, temps, seeds) -> int:
     raise UsageError("several systems run together only with --engine jax-md")
   steps = _steps(args)
   ensemble = md.ENSEMBLE_TABLE[md.CLI_ENSEMBLES[args.ensemble]]
-  out = Path(args.out or "md.traj")
+  out = _out_path(args, len(systems))
   try:
     md_output.traj_format(out)
   except (ValueError, ImportError) as e:

@@ -508,3 +508,19 @@ def test_train_checkpoints_by_default_and_the_same_command_resumes(tmp_path, cap
   out = capsys.readouterr().out
   assert f"resuming from {ckpt}" in out and "trained 2 epochs" in out
   assert model.exists() and not ckpt.exists()
+
+
+def test_md_repeated_without_out_writes_the_next_free_file(
+  tiny_model, tmp_path, monkeypatch, capsys
+):
+  # the README's first command works when repeated; a path the user named is never changed
+  monkeypatch.chdir(tmp_path)
+  argv = ["md", "--model", tiny_model, "--steps", "10", "--dt", "0.25"]
+  assert cli.main(argv) == 0 and (tmp_path / "md.traj").exists()
+  capsys.readouterr()
+  assert cli.main(argv) == 0
+  assert "md.traj holds an earlier run: writing md-2.traj" in capsys.readouterr().out
+  assert read(tmp_path / "md-2.traj", -1).info["md_step"] == 10
+  assert (tmp_path / "md-2.csv").exists()
+  assert cli.main(argv + ["--out", "md.traj"]) == 2
+  assert "md.traj exists; pass --resume" in capsys.readouterr().err
