@@ -145,13 +145,22 @@ def member_gradients(g: Array, committee: int) -> Array:
   return jnp.swapaxes(g, 0, 1).reshape((-1,) + g.shape[2:])
 
 
+def member_vjp(totals: Callable, positions: Array, *others, committee: int, has_aux=False):
+  """Every member's gradients from one forward pass of ``totals(replicate(positions,
+  committee), *others) -> (..., M)`` member totals and one backward pass per head (``vmap``
+  over :func:`cotangents`): ``(member totals, (positions' gradients (M, N, 3) committee-major,
+  *each of others' per cotangent), aux)`` (``aux`` with ``has_aux``, else None). The one
+  helper behind every member force (:func:`member_forces`, ``observables.compute``)."""
+  out = jax.vjp(totals, replicate(positions, committee), *others, has_aux=has_aux)
+  member_e, vjp, aux = out if has_aux else (*out, None)
+  grads = jax.vmap(vjp)(cotangents(member_e.shape, committee, member_e.dtype))
+  return member_e, (member_gradients(grads[0], committee), *grads[1:]), aux
+
+
 def member_forces(totals: Callable, positions: Array, committee: int):
-  """``(member_energies (M,), member_forces (M, N, 3))`` from one forward pass of
-  ``totals(replicate(positions, committee)) -> (M,)`` total energies and one backward pass per
-  head (``vmap`` over :func:`cotangents`): the helper every engine's uncertainty uses."""
-  member_e, vjp = jax.vjp(totals, replicate(positions, committee))
-  (grads,) = jax.vmap(vjp)(cotangents(member_e.shape, committee, member_e.dtype))
-  return member_e, -member_gradients(grads, committee)
+  """``(member_energies (M,), member_forces (M, N, 3))`` of ``totals`` (:func:`member_vjp`)."""
+  member_e, (grads,), _ = member_vjp(totals, positions, committee=committee)
+  return member_e, -grads
 
 
 def replicate(positions: Array, committee: int) -> Array:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -219,8 +220,20 @@ class _RadialMLP(nn.Module):
     return nn.Dense(self.width, name="out")(h)
 
 
+class _Pairs(NamedTuple):
+  """One call's pair data: ``ylm``, ``rbf``, their product times the cutoff (``basis``), the
+  cutoff (zero on padding pairs), which pairs are real, and the segment-sum keywords."""
+
+  ylm: jax.Array
+  rbf: jax.Array
+  basis: jax.Array
+  cut: jax.Array
+  valid: jax.Array
+  kw: dict
+
+
 class EnergyModel(nn.Module):
-  """Per-atom energies from species and pairs.
+  """Per-atom energies from species and pairs, as named methods.
 
   ``E_i = scale[s_i] * (f(i) - f(lone atom of species s_i)) + shift[s_i]``, so ``shift`` is the
   energy of an isolated atom and ``scale`` the energy scale of the learned part.
@@ -228,25 +241,226 @@ class EnergyModel(nn.Module):
   Inputs: ``species (N,)`` indices into the model's species list, ``atomic_numbers (S,)``
   (constant table, for the repulsion), ``r (pairs, 3)`` pair vectors ``R[src] - R[dst]``,
   ``dst_idx``/``src_idx (pairs,)`` with padding index N, ``atom_mask (N,)`` (False for padded
-  atoms). Output: ``(N,)`` per-atom energies (eV), ``(N, heads)`` with several readout heads;
-  padded atoms get exactly 0. With ``member_forces=True`` (needs ``force_heads``) it returns
-  ``(energies (N, heads), deviations (N, heads, 3))``: every member's force deviation from the
-  mean force (eV/Å, :mod:`potentials.force_readout`). With
-  ``include_shift=False`` the per-element shifts are left out (add ``shift[species]`` in
-  float64 to keep float32 runs from rounding energies of ~1e3 eV per atom).
+  atoms).
 
-  Staged evaluation (a domain decomposition that exchanges features between hops, LAMMPS):
-  ``stage=s`` (``0 <= s < config.num_stages``) runs one hop only. Stage 0 starts from
-  ``species``; a later stage takes ``features``, the previous stage's output ``(N, P,
-  (L+1)**2, F)``. Every stage but the last returns its output features (rows of atoms that
-  are no pair's ``dst`` are meaningless there); the last returns the per-atom energies as
-  the whole model does. Chaining all stages equals the whole model.
+  * :meth:`energies`: ``(N,)`` per-atom energies (eV), ``(N, heads)`` with several readout
+    heads; padded atoms get exactly 0. With ``include_shift=False`` the per-element shifts are
+    left out (add ``shift[species]`` in float64 to keep float32 runs from rounding energies of
+    ~1e3 eV per atom).
+  * :meth:`with_member_forces` (needs ``force_heads``): ``(energies (N, heads), deviations (N,
+    heads, 3))``, every member's force deviation from the mean force (eV/Å,
+    :mod:`potentials.force_readout`).
+  * :meth:`stage` (a domain decomposition that exchanges features between hops, LAMMPS): hop
+    ``s`` (``0 <= s < config.num_stages``) only. Stage 0 starts from ``species``; a later
+    stage takes ``features``, the previous stage's output ``(N, P, (L+1)**2, F)``. Every stage
+    but the last returns its output features (rows of atoms that are no pair's ``dst`` are
+    meaningless there); the last returns the per-atom energies as :meth:`energies` does.
+    Chaining all stages equals the whole model.
+  * the pieces they are made of: :meth:`pairs`, :meth:`initial_features`, :meth:`block`,
+    :meth:`head`.
+
+  Calling the module (``apply`` without ``method``) gives :meth:`energies`; the flags
+  ``member_forces=`` and ``stage=``/``features=`` of earlier releases still select the other
+  two.
   """
 
   config: ModelConfig
   num_species: int
 
-  @nn.compact
+  def setup(self):
+    cfg = self.config
+    self.embed = Embed(self.num_species, cfg.features)
+    self.density = nn.Dense(cfg.features, use_bias=False) if cfg.density_features else None
+    for it in range(cfg.num_iterations):  # the names model files store
+      degree, pseudo = self._block_degree(it)
+      attention = SelfAttention(
+        max_degree=degree,
+        num_heads=cfg.num_heads,
+        include_pseudotensors=pseudo,
+        use_fused_tensor=cfg.use_fused_tensor,
+      )
+      setattr(self, f"attention_{it}", attention)
+      setattr(self, f"mlp_{it}_in", Dense(cfg.features))
+      setattr(self, f"mlp_{it}_gate", Gate())
+      setattr(self, f"mlp_{it}_out", Dense(cfg.features))
+      if cfg.product:
+        setattr(self, f"product_{it}", _Product(degree, pseudo))
+      if cfg.radial_mlp:
+        setattr(self, f"radial_{it}", _RadialMLP(cfg.radial_mlp))
+    self.readout_hidden = nn.Dense(cfg.features)
+    self.readout = nn.Dense(cfg.heads)
+    self.scale = self.param("scale", nn.initializers.ones, (self.num_species,), jnp.float32)
+    self.shift = self.param("shift", nn.initializers.zeros, (self.num_species,), jnp.float32)
+    if cfg.force_heads:
+      self.force_readout = ForceReadout(cfg.heads)
+
+  def _block_degree(self, it: int):
+    """``(degree, pseudotensors)`` of block ``it``: the last keeps only scalars (read out)."""
+    last = it == self.config.num_iterations - 1
+    return (0 if last else self.config.max_degree), self.config.include_pseudotensors and not last
+
+  def pairs(self, r, dst_idx, src_idx, num_atoms: int, indices_are_sorted: bool) -> _Pairs:
+    """The angular and radial basis of the pairs ``r (pairs, 3)``."""
+    cfg = self.config
+    valid = (dst_idx < num_atoms) & (src_idx < num_atoms)
+    ylm, rbf, cut = radial_lib.basis_parts(
+      r,
+      max_degree=cfg.max_degree,
+      num=cfg.num_basis,
+      radial_fn=cfg.radial_fn(),
+      cutoff_fn=cfg.cutoff_fn(),
+    )
+    basis = radial_lib.combine(ylm, rbf * cut[:, None])
+    kw = dict(
+      dst_idx=dst_idx,
+      src_idx=src_idx,
+      num_segments=num_atoms,
+      indices_are_sorted=indices_are_sorted,
+    )
+    return _Pairs(ylm, rbf, basis, jnp.where(valid, cut, 0), valid, kw)
+
+  def initial_features(self, species, p: _Pairs, dtype):
+    """``(N, 1, 1, F)`` species embedding, plus the neighbour density where configured."""
+    x = self.embed(species).astype(dtype)
+    if self.density is not None:
+      rho = _neighbour_density(species, p.basis, p.cut, num_species=self.num_species, **p.kw)
+      x = x.at[:, 0, 0, :].add(self.density(rho))
+    return x
+
+  def block(self, it: int, x, p: _Pairs):
+    """Attention block ``it``: self-attention over the pairs, residual, equivariant MLP."""
+    degree, _ = self._block_degree(it)
+    radial = getattr(self, f"radial_{it}", None) if self.config.radial_mlp else None
+    b = p.basis if radial is None else radial_lib.combine(p.ylm, radial(p.rbf) * p.cut[:, None])
+    y = getattr(self, f"attention_{it}")(x, b, p.cut, **p.kw)
+    pseudo = y.shape[-3] == 2
+    if not self.config.product:
+      x = change_max_degree_or_type(x, degree, pseudo) + y
+    else:  # the product reads all degrees, also in a last block that keeps only scalars
+      L_z = max(max_degree_of(x.shape), degree)
+      z = change_max_degree_or_type(x, L_z, pseudo) + change_max_degree_or_type(y, L_z, pseudo)
+      x = change_max_degree_or_type(z, degree) + getattr(self, f"product_{it}")(z)
+    mlp = (getattr(self, f"mlp_{it}_{part}") for part in ("in", "gate", "out"))
+    mlp_in, gate, mlp_out = mlp
+    return x + mlp_out(gate(mlp_in(x)))
+
+  def _features(self, species, p: _Pairs, first: int, stop: int, x=None, dtype=jnp.float32):
+    """Features after stages ``[first, stop)`` (``x``: the input of stage ``first`` > 0)."""
+    offset = int(self.density is not None)  # stage 0 is the density alone when there is one
+    if first == 0:
+      x = self.initial_features(species, p, dtype)
+    for it in range(max(first - offset, 0), stop - offset):
+      x = self.block(it, x, p)
+    return x
+
+  def head(self, x):
+    """``(energies (N,) or (N, heads), scalar features (N, F))`` of the last features."""
+    out = self.readout(nn.silu(self.readout_hidden(x[:, 0, 0, :])))
+    return (out[:, 0] if self.config.heads == 1 else out), x[:, 0, 0, :]
+
+  def _lone_atoms(self, p: _Pairs, dtype):
+    """The network's output for one lone atom of every species (no pairs)."""
+    none = jnp.zeros((0,), p.kw["dst_idx"].dtype)
+    lone = _Pairs(
+      p.ylm[:0],
+      p.rbf[:0],
+      p.basis[:0],
+      p.cut[:0],
+      p.valid[:0],
+      dict(dst_idx=none, src_idx=none, num_segments=self.num_species, indices_are_sorted=True),
+    )
+    species = jnp.arange(self.num_species)
+    return self.head(self._features(species, lone, 0, self.config.num_stages, dtype=dtype))[0]
+
+  def _finish(self, e, species, r, p: _Pairs, atom_mask, atomic_numbers, include_shift):
+    """Per-atom energies from the head's output: the lone atom's subtracted (an isolated
+    atom's energy is exactly its element's shift), scaled and shifted, the repulsion added,
+    padded atoms zeroed."""
+    cfg = self.config
+    e_iso = self._lone_atoms(p, r.dtype)
+    per_atom = lambda v: v[species] if cfg.heads == 1 else v[species][:, None]
+    e = (e - e_iso[species]) * per_atom(jnp.asarray(self.scale, e.dtype))
+    if include_shift:  # callers that sum in float64 add the (large) shifts themselves
+      e = e + per_atom(jnp.asarray(self.shift, e.dtype))
+    if cfg.repulsion and atomic_numbers is not None:
+      z = jnp.asarray(atomic_numbers, r.dtype)[species]
+      rep = _repulsion(r, z, p.valid, cfg.repulsion_cutoff, **p.kw)
+      e = e + (rep if cfg.heads == 1 else rep[:, None])
+    if atom_mask is not None:
+      e = jnp.where(atom_mask if cfg.heads == 1 else atom_mask[:, None], e, 0.0)
+    return e
+
+  def _energies_and_scalars(
+    self, species, r, dst_idx, src_idx, atom_mask, atomic_numbers, indices_are_sorted, shift
+  ):
+    p = self.pairs(r, dst_idx, src_idx, species.shape[0], indices_are_sorted)
+    x = self._features(species, p, 0, self.config.num_stages, dtype=r.dtype)
+    e, scalars = self.head(x)
+    return self._finish(e, species, r, p, atom_mask, atomic_numbers, shift), scalars, p
+
+  def energies(
+    self,
+    species,
+    r,
+    dst_idx,
+    src_idx,
+    atom_mask=None,
+    atomic_numbers=None,
+    indices_are_sorted: bool = False,
+    include_shift: bool = True,
+  ):
+    """Per-atom energies ``(N,)`` (``(N, heads)`` with several heads), eV."""
+    args = (atom_mask, atomic_numbers, indices_are_sorted, include_shift)
+    return self._energies_and_scalars(species, r, dst_idx, src_idx, *args)[0]
+
+  def with_member_forces(
+    self,
+    species,
+    r,
+    dst_idx,
+    src_idx,
+    atom_mask=None,
+    atomic_numbers=None,
+    indices_are_sorted: bool = False,
+    include_shift: bool = True,
+  ):
+    """``(energies (N, heads), deviations (N, heads, 3))`` of a shallow ensemble with
+    ``force_heads``: the members' force deviations read out in the forward pass."""
+    if not self.config.force_heads:
+      raise ValueError("member forces need a model with force_heads")
+    args = (atom_mask, atomic_numbers, indices_are_sorted, include_shift)
+    e, scalars, p = self._energies_and_scalars(species, r, dst_idx, src_idx, *args)
+    d = self.force_readout(jax.lax.stop_gradient(scalars), p.rbf, p.cut, r, **p.kw)
+    if atom_mask is not None:
+      d = jnp.where(atom_mask[:, None, None], d, 0.0)
+    return e, d
+
+  def stage(
+    self,
+    s: int,
+    species,
+    r,
+    dst_idx,
+    src_idx,
+    atom_mask=None,
+    atomic_numbers=None,
+    indices_are_sorted: bool = False,
+    include_shift: bool = True,
+    features=None,
+  ):
+    """Hop ``s`` only: its output features, or for the last stage the per-atom energies."""
+    cfg = self.config
+    if not 0 <= s < cfg.num_stages:
+      raise ValueError(f"stage must be in [0, {cfg.num_stages}), got {s}")
+    if (features is None) != (s == 0):
+      raise ValueError("features are the input of stages after the first, and only of those")
+    p = self.pairs(r, dst_idx, src_idx, species.shape[0], indices_are_sorted)
+    x = self._features(species, p, s, s + 1, features, dtype=r.dtype)
+    if s < cfg.num_stages - 1:
+      return x
+    e, _ = self.head(x)
+    return self._finish(e, species, r, p, atom_mask, atomic_numbers, include_shift)
+
   def __call__(
     self,
     species,
@@ -261,131 +475,22 @@ class EnergyModel(nn.Module):
     stage=None,
     features=None,
   ):
-    cfg = self.config
-    if member_forces and not cfg.force_heads:
+    """:meth:`energies`; ``member_forces=True`` is :meth:`with_member_forces` and ``stage=``
+    (with ``features=``) :meth:`stage`, the flags of earlier releases."""
+    args = (species, r, dst_idx, src_idx, atom_mask, atomic_numbers, indices_are_sorted)
+    if member_forces and not self.config.force_heads:
       raise ValueError("member_forces=True needs a model with force_heads")
-    if stage is not None and not 0 <= stage < cfg.num_stages:
-      raise ValueError(f"stage must be in [0, {cfg.num_stages}), got {stage}")
-    if stage is not None and member_forces:
-      raise ValueError("member_forces is for the whole model, not one stage")
-    if (features is None) != (stage is None or stage == 0):
+    if stage is not None:
+      if member_forces:
+        raise ValueError("member_forces is for the whole model, not one stage")
+      return self.stage(stage, *args, include_shift, features)
+    if features is not None:
       raise ValueError("features are the input of stages after the first, and only of those")
-    n = species.shape[0]
-    valid = (dst_idx < n) & (src_idx < n)
-    ylm, rbf, cut = radial_lib.basis_parts(
-      r,
-      max_degree=cfg.max_degree,
-      num=cfg.num_basis,
-      radial_fn=cfg.radial_fn(),
-      cutoff_fn=cfg.cutoff_fn(),
-    )
-    basis = radial_lib.combine(ylm, rbf * cut[:, None])
-    cut = jnp.where(valid, cut, 0)
-    pair_kw = dict(
-      dst_idx=dst_idx, src_idx=src_idx, num_segments=n, indices_are_sorted=indices_are_sorted
-    )
-    embed = Embed(self.num_species, cfg.features, name="embed")
-    blocks = []
-    for it in range(cfg.num_iterations):
-      last = it == cfg.num_iterations - 1
-      degree = 0 if last else cfg.max_degree  # only scalars are read after the last block
-      blocks.append(
-        (
-          degree,
-          SelfAttention(
-            max_degree=degree,
-            num_heads=cfg.num_heads,
-            include_pseudotensors=cfg.include_pseudotensors and not last,
-            use_fused_tensor=cfg.use_fused_tensor,
-            name=f"attention_{it}",
-          ),
-          Dense(cfg.features, name=f"mlp_{it}_in"),
-          Gate(name=f"mlp_{it}_gate"),
-          Dense(cfg.features, name=f"mlp_{it}_out"),
-          _Product(degree, cfg.include_pseudotensors and not last, name=f"product_{it}")
-          if cfg.product
-          else None,
-          _RadialMLP(cfg.radial_mlp, name=f"radial_{it}") if cfg.radial_mlp else None,
-        )
-      )
-    hidden = nn.Dense(cfg.features, name="readout_hidden")
-    readout = nn.Dense(cfg.heads, name="readout")
-    density = (
-      nn.Dense(cfg.features, use_bias=False, name="density") if cfg.density_features else None
-    )
-
-    def stages(species, ylm, rbf, basis, cut, first, stop, x=None, **kw):
-      """Features after stages ``[first, stop)`` (``x``: the input of stage ``first`` > 0)."""
-      offset = int(density is not None)  # stage 0 is the density alone when there is one
-      if first == 0:
-        x = embed(species).astype(r.dtype)
-        if density is not None:
-          rho = _neighbour_density(species, basis, cut, num_species=self.num_species, **kw)
-          x = x.at[:, 0, 0, :].add(density(rho))
-      for block in blocks[max(first - offset, 0) : stop - offset]:
-        x = apply_block(block, x, ylm, rbf, basis, cut, **kw)
-      return x
-
-    def apply_block(block, x, ylm, rbf, basis, cut, **kw):
-      degree, attention, mlp_in, gate, mlp_out, product, radial = block
-      b = basis if radial is None else radial_lib.combine(ylm, radial(rbf) * cut[:, None])
-      y = attention(x, b, cut, **kw)
-      pseudo = y.shape[-3] == 2
-      if product is None:
-        x = change_max_degree_or_type(x, degree, pseudo) + y
-      else:  # the product reads all degrees, also in a last block that keeps only scalars
-        L_z = max(max_degree_of(x.shape), degree)
-        z = change_max_degree_or_type(x, L_z, pseudo) + change_max_degree_or_type(y, L_z, pseudo)
-        x = change_max_degree_or_type(z, degree) + product(z)
-      return x + mlp_out(gate(mlp_in(x)))
-
-    def head(x):
-      out = readout(nn.silu(hidden(x[:, 0, 0, :])))
-      return (out[:, 0] if cfg.heads == 1 else out), x[:, 0, 0, :]
-
-    def network(species, ylm, rbf, basis, cut, **kw):
-      return head(stages(species, ylm, rbf, basis, cut, 0, cfg.num_stages, **kw))
-
-    if stage is not None and stage < cfg.num_stages - 1:
-      return stages(species, ylm, rbf, basis, cut, stage, stage + 1, features, **pair_kw)
-    if stage is None:
-      e, x = network(species, ylm, rbf, basis, cut, **pair_kw)
-    else:  # the last stage
-      e, x = head(stages(species, ylm, rbf, basis, cut, stage, stage + 1, features, **pair_kw))
-    # The same network on one lone atom per species (no pairs): subtracting its output makes
-    # an isolated atom's energy exactly its element's shift, the reference energy.
-    none = jnp.zeros((0,), dst_idx.dtype)
-    e_iso, _ = network(
-      jnp.arange(self.num_species),
-      ylm[:0],
-      rbf[:0],
-      basis[:0],
-      cut[:0],
-      dst_idx=none,
-      src_idx=none,
-      num_segments=self.num_species,
-      indices_are_sorted=True,
-    )
-    scale = self.param("scale", nn.initializers.ones, (self.num_species,), jnp.float32)
-    shift = self.param("shift", nn.initializers.zeros, (self.num_species,), jnp.float32)
-    per_atom = lambda v: v[species] if cfg.heads == 1 else v[species][:, None]
-    e = (e - e_iso[species]) * per_atom(jnp.asarray(scale, e.dtype))
-    if include_shift:  # callers that sum in float64 add the (large) shifts themselves
-      e = e + per_atom(jnp.asarray(shift, e.dtype))
-    if cfg.repulsion and atomic_numbers is not None:
-      rep = _repulsion(
-        r, jnp.asarray(atomic_numbers, r.dtype)[species], valid, cfg.repulsion_cutoff, **pair_kw
-      )
-      e = e + (rep if cfg.heads == 1 else rep[:, None])
-    if atom_mask is not None:
-      e = jnp.where(atom_mask if cfg.heads == 1 else atom_mask[:, None], e, 0.0)
-    if not cfg.force_heads or not (member_forces or self.is_initializing()):
-      return e
-    readout = ForceReadout(cfg.heads, name="force_readout")
-    d = readout(jax.lax.stop_gradient(x), rbf, cut, r, **pair_kw)
-    if atom_mask is not None:
-      d = jnp.where(atom_mask[:, None, None], d, 0.0)
-    return (e, d) if member_forces else e
+    if member_forces:
+      return self.with_member_forces(*args, include_shift)
+    if self.config.force_heads and self.is_initializing():  # the readout's parameters too
+      return self.with_member_forces(*args, include_shift)[0]
+    return self.energies(*args, include_shift)
 
 
 def _neighbour_density(

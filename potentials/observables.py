@@ -195,14 +195,13 @@ def _members(
       return jnp.sum(e, axis=0), (e, r)
     return jax.ops.segment_sum(e, atom_frame, num_segments=num_frames), (e, r)
 
-  positions = ensemble.replicate(positions, committee)
   eps_shape = (3, 3) if frames is None else (num_frames, 3, 3)
   eps = jnp.zeros(eps_shape, positions.dtype) if strain else None
   dr = jnp.zeros((dst.shape[0], 3), positions.dtype) if atom_strain else None
-  member_e, vjp, (e, r) = jax.vjp(totals, positions, eps, dr, has_aux=True)
+  member_e, (g_pos, g_eps, g_r), (e, r) = ensemble.member_vjp(
+    totals, positions, eps, dr, committee=committee, has_aux=True
+  )
   m = member_e.shape[-1]
-  g_pos, g_eps, g_r = jax.vmap(vjp)(ensemble.cotangents(member_e.shape, committee, e.dtype))
-  g_pos = ensemble.member_gradients(g_pos, committee)
   mean = lambda g: None if g is None else jnp.sum(g, axis=0) / m
   g_eps, g_r = mean(g_eps), mean(g_r)
   if r.ndim == 3:

@@ -327,25 +327,21 @@ class Potential:
     stage only, taking ``features`` as a last argument (:meth:`stage_fn`)."""
     model = self.model
     zs = jnp.asarray(self.species)
-    staged = {} if stage is None else {"stage": stage}
+    if stage is not None:  # one hop
+      method = lambda m, *args, features=None: m.stage(stage, *args, features=features)
+    elif member_forces:
+      method = EnergyModel.with_member_forces
+    else:
+      method = EnergyModel.energies
 
     def apply(
       params, species_index, r, dst, src, atom_mask=None, indices_are_sorted=False, features=None
     ):
-      return model.apply(
-        {"params": params},
-        species_index,
-        r,
-        dst,
-        src,
-        atom_mask,
-        zs,
-        indices_are_sorted,
-        include_shift,
-        member_forces,
-        features=features,
-        **staged,
-      )
+      if stage is None and features is not None:
+        raise ValueError("features are the input of stages after the first, and only of those")
+      args = (species_index, r, dst, src, atom_mask, zs, indices_are_sorted, include_shift)
+      kw = {} if stage is None else {"features": features}
+      return model.apply({"params": params}, *args, method=method, **kw)
 
     return _renamed(species="species_index")(apply)
 
