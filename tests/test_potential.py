@@ -383,7 +383,8 @@ def test_stages_chain_to_the_whole_model(pot, system, extra):
   whole = pot.pair_energies_fn(include_shift=False)(pot.params, sp, r, dst, src)
   np.testing.assert_allclose(x, whole, rtol=1e-6, atol=1e-6)
   assert x.shape == (len(z),)
-  apply = lambda **k: pot.model.apply({"params": pot.params}, sp, r, dst, src, **k)
+  one = pot.members()[0]  # the flax module takes one network's parameters (a committee has K)
+  apply = lambda **k: one.model.apply({"params": one.params}, sp, r, dst, src, **k)
   with pytest.raises(ValueError, match="stage must be in"):
     apply(stage=pot.num_stages)
   with pytest.raises(ValueError, match="features are the input of stages after the first"):
