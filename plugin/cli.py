@@ -905,6 +905,12 @@ def _add_md(sub) -> None:
     action="store_true",
     help="continue the trajectory in --out from its last frame (jax-md engine)",
   )
+  _add_md_guards(md)
+  md.set_defaults(func=cmd_md)
+
+
+def _add_md_guards(md) -> None:
+  """The runaway and uncertainty guards of ``eqattn md``."""
   md.add_argument(
     "--max-temperature",
     type=_positive(float),
@@ -935,7 +941,6 @@ def _add_md(sub) -> None:
     action="store_true",
     help="with --max-force-uncertainty: only report the steps and atoms, do not stop",
   )
-  md.set_defaults(func=cmd_md)
 
 
 def _add_train(sub) -> None:

@@ -173,22 +173,8 @@ class SelfAttention(nn.Module):
     u, inv = segment_softmax(logits, cut, valid, dst, n_tot, indices_are_sorted=sorted_)
 
     # ---- weighted messages, summed per centre, normalised once per centre
-    u_f = jnp.repeat(u, qkv // heads, axis=-1)
-    msg = map_blocks(lambda c: _take(c, src) * u_f, v)
-    L_out = self.max_degree
-    P_out = P
-    if self.use_relative_positional_encoding_v:
-      msg, L_out, P_out = self._filter_messages(msg, basis_blocks, P, L_in, qkv, dense)
-    L_msg = L_in if not self.use_relative_positional_encoding_v else L_out
-    agg = map_blocks(
-      lambda c: jax.ops.segment_sum(c, dst, num_segments=n_tot, indices_are_sorted=sorted_), msg
-    )
-    if not agg:
-      agg = {(0, 0): (jnp.zeros((n_tot, qkv), dt),)}
-    agg = merge_blocks(agg, P_out, L_msg)
-    agg = agg * jnp.repeat(inv, qkv // heads, axis=-1)[:, None, None, :]
-    if L_out is not None:
-      agg = change_max_degree_or_type(agg, L_out)
+    u_f, inv_f = (jnp.repeat(a, qkv // heads, axis=-1) for a in (u, inv))
+    agg = self._aggregate(v, u_f, inv_f, (dst, src, n_tot, sorted_), basis_blocks, P, L_in, dense)
     out = Dense(
       out_features,
       use_bias=self.output_use_bias,
@@ -198,6 +184,25 @@ class SelfAttention(nn.Module):
       **dense,
     )(agg)
     return out.reshape(batch_shape + (N,) + out.shape[-3:]) if nb else out
+
+  def _aggregate(self, v, u_f, inv_f, pairs, basis_blocks, P: int, L_in: int, dense: dict):
+    """``(n_tot, P', (L'+1)**2, qkv)``: the values ``v`` (blocks) of each pair's source times
+    its attention weight ``u_f`` (per feature), filtered by the basis where configured, summed
+    per centre and normalised by ``inv_f``; ``pairs = (dst, src, n_tot, sorted)``."""
+    dst, src, n_tot, sorted_ = pairs
+    qkv = u_f.shape[-1]
+    msg = map_blocks(lambda c: _take(c, src) * u_f, v)
+    L_out, P_out = self.max_degree, P
+    if self.use_relative_positional_encoding_v:
+      msg, L_out, P_out = self._filter_messages(msg, basis_blocks, P, L_in, qkv, dense)
+    L_msg = L_in if not self.use_relative_positional_encoding_v else L_out
+    agg = map_blocks(
+      lambda c: jax.ops.segment_sum(c, dst, num_segments=n_tot, indices_are_sorted=sorted_), msg
+    )
+    if not agg:
+      agg = {(0, 0): (jnp.zeros((n_tot, qkv), u_f.dtype),)}
+    agg = merge_blocks(agg, P_out, L_msg) * inv_f[:, None, None, :]
+    return agg if L_out is None else change_max_degree_or_type(agg, L_out)
 
   def _filter_messages(self, msg, basis, P: int, L_in: int, qkv: int, dense: dict):
     """Value messages ``{(p, l): (pairs, 2l+1, F)}`` times a learned radial filter of the
