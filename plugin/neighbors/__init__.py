@@ -12,6 +12,7 @@
 The host list's names are importable from here, as before the package existed.
 """
 
+from plugin.neighbors import host
 from plugin.neighbors.host import (
   NeighborListBuilder,
   PaddedPairs,
@@ -21,11 +22,4 @@ from plugin.neighbors.host import (
   pad_pairs,
 )
 
-__all__ = [
-  "neighbor_pairs",
-  "neighbor_pairs_from_atoms",
-  "bucket_capacity",
-  "pad_pairs",
-  "PaddedPairs",
-  "NeighborListBuilder",
-]
+__all__ = list(host.__all__)
