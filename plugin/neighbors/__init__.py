@@ -13,7 +13,7 @@ The host list's names are importable from here, as before the package existed.
 """
 
 from plugin.neighbors import host
-from plugin.neighbors.host import (
+from plugin.neighbors.host import (  # noqa: F401  (re-exported: __all__ is host's)
   NeighborListBuilder,
   PaddedPairs,
   bucket_capacity,
