@@ -149,6 +149,7 @@ class Calculator(_AseCalculator):
     self._params = device_params(potential, self.dtype)
     self._shifts = potential.element_shifts  # float64, added on the host
     self._evaluator = host.shared_evaluator(potential, self.dtype)
+    self._fits: int | None = None  # the pair capacity last found to fit in memory
     if potential.num_members > 1:
       self.implemented_properties = type(self).implemented_properties + list(UNCERTAINTY)
     # per-structure cache: species and mask on the device, rebuilt when numbers change
@@ -198,6 +199,7 @@ class Calculator(_AseCalculator):
     except Exception:
       self.atoms = None  # nothing cached: the next call recomputes (and raises again)
       self.neighbors.reset_capacity()  # a failed structure's pair capacity is not kept
+      self._fits = None
       raise
 
   def _compute(self, atoms: Atoms, periodic: bool) -> dict[str, Any]:
@@ -295,19 +297,19 @@ class Calculator(_AseCalculator):
 
   def _refuse_before_allocating(self, atoms: Atoms, positions, cell, pairs) -> None:
     """Pairs that would need more memory than is available: overlapping atoms are named
-    (the usual cause), else the memory figure; checked on the host, before the model runs."""
-    config, dtype = self.potential.config, self.dtype
-    need, have = (
-      host.pair_memory_bytes(config, pairs.capacity, dtype),
-      host.available_memory_bytes(),
-    )
-    if have is None or need <= have:
+    (the usual cause), else the memory figure; checked on the host, before the model runs,
+    once per pair capacity that passed (the memory figure is read from the system)."""
+    if pairs.capacity == self._fits:
+      return
+    short = host.memory_shortfall(self.potential.config, pairs.capacity, self.dtype)
+    if short is None:
+      self._fits = pairs.capacity
       return
     args = (pairs.dst, pairs.src, pairs.shifts, pairs.num_pairs)
     distance, k = host.closest_pair(np.asarray(positions, np.float64), cell, *args)
     if self.min_distance and distance < self.min_distance:
       self._raise_overlap(atoms, pairs, k, distance)
-    host.check_memory(config, pairs.capacity, len(atoms), dtype, distance)
+    raise host.memory_error(*short, pairs.capacity, len(atoms), distance)
 
   def _raise_overlap(self, atoms: Atoms, pairs: Any, k: int, distance: float) -> None:
     i, j, across = int(pairs.dst[k]), int(pairs.src[k]), bool(np.any(pairs.shifts[k]))

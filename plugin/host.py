@@ -214,13 +214,17 @@ def available_memory_bytes() -> int | None:
   return None
 
 
-def check_memory(config, num_pairs: int, num_atoms: int, dtype, closest: float) -> None:
-  """Refuses, before anything is allocated, a structure whose pairs need more memory than is
-  available, naming the figure and the likely cause (``closest``: the shortest pair, Å)."""
+def memory_shortfall(config, num_pairs: int, dtype) -> tuple[int, int] | None:
+  """``(needed, available)`` bytes when ``num_pairs`` pairs need more memory than is
+  available, else None (also where the available memory is unknown)."""
   need, have = pair_memory_bytes(config, num_pairs, dtype), available_memory_bytes()
-  if have is None or need <= have:
-    return
-  raise MemoryError(
+  return None if have is None or need <= have else (need, have)
+
+
+def memory_error(need: int, have: int, num_pairs: int, num_atoms: int, closest: float):
+  """The ``MemoryError`` that refuses a structure before anything is allocated, with the
+  figure and the likely cause (``closest``: the shortest pair, Å)."""
+  return MemoryError(
     f"this structure needs about {need / 2**30:.1f} GiB for its {num_pairs} pairs "
     f"({num_pairs / max(num_atoms, 1):.0f} per atom; the closest {closest:.3g} Å apart), more "
     f"than the {have / 2**30:.1f} GiB available: a periodic cell much thinner than the cutoff "
