@@ -121,9 +121,9 @@ def jax_md_step_ms(n: int, chunks: int, chunk: int) -> tuple[float, float]:
   potential = potentials.load("copper")
   kw = dict(ensemble="nve", temperature=300.0, timestep=1.0, chunk=chunk, dr_threshold=SKIN)
   t = time.perf_counter()
-  md.run(atoms, potential, steps=chunk, **kw)
+  md.run(atoms, potential, total_steps=chunk, **kw)
   warm = time.perf_counter() - t
-  result = md.run(atoms, potential, steps=chunks * chunk, **kw)
+  result = md.run(atoms, potential, total_steps=chunks * chunk, **kw)
   return 1e3 * statistics.median(result.chunk_times_s) / chunk, warm
 
 

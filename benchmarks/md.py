@@ -76,7 +76,7 @@ def driver_energy(potential, atoms, dr_threshold: float = SKIN):
     potential,
     displacement_fn,
     box,
-    species=atoms.numbers,
+    atomic_numbers=atoms.numbers,
     dr_threshold=dr_threshold,
     capacity_multiplier=1.25,
     fractional_coordinates=True,
@@ -130,7 +130,7 @@ def small_cell_row(n: int, rounds: int, chunks: int, repeats: int):
     dr_threshold=SKIN,
     capacity_multiplier=1.25,
   )
-  warm = md.run(atoms, potential, steps=CHUNK, **kw)  # compiles
+  warm = md.run(atoms, potential, total_steps=CHUNK, **kw)  # compiles
   ase_atoms = warm.atoms.copy()  # thermalised start (positions and momenta)
   ase_atoms.calc = Calculator(potential)
   dyn = VelocityVerlet(ase_atoms, timestep=1.0 * units.fs)
@@ -138,7 +138,7 @@ def small_cell_row(n: int, rounds: int, chunks: int, repeats: int):
   bare, jax_md_ms, ase_ms = [], [], []
   for _ in range(rounds):
     bare.append(1e3 * median_time(lambda: f(R, nbrs), repeats))
-    result = md.run(atoms, potential, steps=chunks * CHUNK, **kw)
+    result = md.run(atoms, potential, total_steps=chunks * CHUNK, **kw)
     assert result.num_compilations == 0, "the timed run recompiled"
     jax_md_ms.append(1e3 * statistics.median(result.chunk_times_s) / CHUNK)
     times = []
@@ -188,13 +188,13 @@ def main() -> None:
       capacity_multiplier=1.25,
     )
     t = time.perf_counter()
-    warm = md.run(atoms, potential, steps=CHUNK, **kw)  # compiles the chunk once
+    warm = md.run(atoms, potential, total_steps=CHUNK, **kw)  # compiles the chunk once
     compile_s = time.perf_counter() - t
     bare, looped, step = [], [], []
     for _ in range(args.rounds):
       bare.append(median_time(lambda: f(R, nbrs), args.repeats))
       looped.append(median_time(lambda: loop(R), 1, LOOP))
-      result = md.run(atoms, potential, steps=args.chunks * CHUNK, **kw)
+      result = md.run(atoms, potential, total_steps=args.chunks * CHUNK, **kw)
       assert result.num_compilations == 0, "the timed run recompiled"
       step.append(statistics.median(result.chunk_times_s) / CHUNK)
     bare_ms, loop_ms, step_ms = 1e3 * min(bare), 1e3 * min(looped), 1e3 * min(step)

@@ -112,7 +112,7 @@ def main(argv=None):
 
   pot = potentials.Potential.create(0, species=["Cu"], cutoff=5.0, repulsion=False)
   cfg = pot.config
-  ours_fn = pot.pair_energies_fn()
+  ours_fn = pot.atomic_energies_from_pairs_fn()
   ref = E3xEnergyModel(
     features=cfg.features,
     max_degree=cfg.max_degree,

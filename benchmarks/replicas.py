@@ -41,7 +41,9 @@ SYSTEMS = {
 
 
 def timed(atoms, pot, steps: int, dt: float, batch: int) -> float:
-  kw = dict(ensemble="nve", temperature=300.0, timestep=dt, steps=steps, chunk=100, dtype="float32")
+  kw = dict(
+    ensemble="nve", temperature=300.0, timestep=dt, total_steps=steps, chunk=100, dtype="float32"
+  )
   if batch == 0:
     return md.run(atoms, pot, **kw).wall_time_s
   return md.run([atoms] * batch, pot, seed=0, **kw)[0].wall_time_s

@@ -43,9 +43,9 @@ def one(data: str, batch: int, epochs: int) -> dict:
   epoch_s = (seconds[-1] - seconds[0]) / (len(seconds) - 1)
   parts = training.split_parts(frames, cfg)
   valid = [frames[i] for i in parts["valid"]][: training.MAX_SELECTION_FRAMES]
-  training.evaluate(res.potential, valid, batch)  # compiles
+  training.error_metrics(res.potential, valid, batch)  # compiles
   t0 = time.perf_counter()
-  training.evaluate(res.potential, valid, batch)
+  training.error_metrics(res.potential, valid, batch)
   valid_s = time.perf_counter() - t0
   return {
     "batch": batch,

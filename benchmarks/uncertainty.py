@@ -128,7 +128,7 @@ def cost_table(k_heads: int, k_committee: int) -> list:
   ):
     kinds = {
       "single": {},
-      "heads": dict(heads=k_heads),
+      "heads": dict(readout_heads=k_heads),
       "readout": dict(heads=k_heads, force_heads=True),
       "committee": dict(committee=k_committee),
     }

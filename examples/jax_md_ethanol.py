@@ -88,7 +88,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
   R = jnp.asarray(atoms.positions - atoms.positions.mean(axis=0), dtype)
   # For space.free the box only bounds the cell-list region; a 9-atom molecule needs none.
   neighbor_fn, energy_fn = eq_jax_md.neighbor_list(
-    pot, displacement, 20.0, species=atoms.numbers, dr_threshold=0.5, disable_cell_list=True
+    pot, displacement, 20.0, atomic_numbers=atoms.numbers, dr_threshold=0.5, disable_cell_list=True
   )
   nbrs = neighbor_fn.allocate(R)
   mass = jnp.asarray(atoms.get_masses(), dtype)

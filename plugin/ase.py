@@ -86,7 +86,7 @@ from ase.calculators.calculator import Calculator as _AseCalculator
 from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 
 import potentials
-from potentials import observables
+from potentials import deprecation, observables
 from plugin.defaults import DEFAULTS
 
 from . import host
@@ -321,10 +321,16 @@ class Calculator(_AseCalculator):
 from plugin.md.guards import RunawayError, guard  # noqa: E402,F401
 
 
-def evaluate(potential: potentials.Potential, structures: Sequence[Atoms], **kwargs):
+def calculate_many(potential: potentials.Potential, structures: Sequence[Atoms], **kwargs):
   """Energies, forces and stresses of many structures in size-bucketed batches, one dict per
-  structure: :func:`plugin.evaluate.evaluate` (imported on first use, so that this module stays
-  quick to import)."""
-  from plugin.evaluate import evaluate as _evaluate
+  structure: :func:`plugin.screening.calculate_many` (imported on first use, so that this
+  module stays quick to import)."""
+  from plugin.screening import calculate_many as _calculate_many
 
-  return _evaluate(potential, structures, **kwargs)
+  return _calculate_many(potential, structures, **kwargs)
+
+
+def evaluate(potential: potentials.Potential, structures: Sequence[Atoms], **kwargs):
+  """Deprecated name of :func:`calculate_many` (one of three unrelated ``evaluate``s)."""
+  deprecation.warn("plugin.ase.evaluate", "plugin.ase.calculate_many")
+  return calculate_many(potential, structures, **kwargs)

@@ -6,7 +6,7 @@
               [--resume] [--max-temperature K] [--max-force EV_PER_A]
               [--max-force-uncertainty EV_PER_A [--flag-uncertainty]]
     eqattn train DATA --species H C O [--time-limit MINUTES] [--epochs N]
-                 [--heads K [--force-heads] | --committee K] [--out MODEL]
+                 [--readout-heads K [--force-heads] | --committee K] [--out MODEL]
     eqattn train DATA --init MODEL [--time-limit MINUTES] [--out MODEL]     (fine-tune)
     eqattn select TRAJ --model MODEL [--n 50] [--out new.extxyz]
     eqattn eval MODEL DATA [--parity PNG]
@@ -382,7 +382,7 @@ def _md_options(md, args, *, ensemble, steps, temperature, seed, traj, log_file)
     ensemble=ensemble.name,
     temperature=temperature,
     timestep=args.dt,
-    steps=steps,
+    total_steps=steps,
     traj=traj,
     resume=args.resume,
     log_file=log_file,
@@ -518,7 +518,7 @@ def cmd_eval(args) -> int:
   )
   print("|---|---|---|---|---|---|---|")
   for label, subset in _eval_groups(pot, frames):
-    m = training.evaluate(pot, subset)
+    m = training.error_metrics(pot, subset)
     cell = lambda key: f"{m[key] * 1e3:.3f}" if key in m else "—"
     print(
       f"| {label} | {len(subset)} | {cell('energy_mae')} | {cell('energy_per_atom_mae')} | "
@@ -691,13 +691,14 @@ def _initial_model(args):
     hyper = json.loads(args.model_config) if args.model_config else {}
     if args.cutoff is not None:
       hyper["cutoff"] = args.cutoff
-    if args.heads is not None:
-      hyper["heads"] = args.heads
+    if args.readout_heads is not None:
+      hyper["readout_heads"] = args.readout_heads
     if args.force_heads:
       hyper["force_heads"] = True
-    if hyper.get("force_heads") and (args.committee or hyper.get("heads", 1) < 2):
+    heads = hyper.get("readout_heads", hyper.get("heads", 1))
+    if hyper.get("force_heads") and (args.committee or heads < 2):
       raise UsageError(
-        "--force-heads reads out the members of a shallow ensemble: use it with --heads K "
+        "--force-heads reads out the members of a shallow ensemble: use it with --readout-heads K "
         "(K >= 2), not with --committee"
       )
     return potentials.Potential.create(args.seed, species=args.species, **hyper)
@@ -706,7 +707,7 @@ def _initial_model(args):
     for o, v in (
       ("--model-config", args.model_config),
       ("--cutoff", args.cutoff),
-      ("--heads", args.heads),
+      ("--readout-heads", args.readout_heads),
       ("--force-heads", args.force_heads),
       ("--committee", args.committee),
     )
@@ -732,7 +733,7 @@ def cmd_select(args) -> int:
   if pot.num_members == 1:
     raise UsageError(
       f"{args.model} is a single model; selection needs an ensemble (train one with "
-      "eqattn train ... --heads 4 or --committee 4)"
+      "eqattn train ... --readout-heads 4 or --committee 4)"
     )
   try:
     frames = read_images(args.traj)
@@ -987,10 +988,13 @@ def _add_train(sub) -> None:
   )
   ens = tr.add_mutually_exclusive_group()
   ens.add_argument(
-    "--heads",
+    "--readout-heads",
     type=_positive(int),
     metavar="K",
     help="shallow ensemble: K readout heads on one network (one training, one forward pass)",
+  )
+  ens.add_argument(  # its old name, which read as the attention's heads
+    "--heads", type=_positive(int), dest="readout_heads", action=_Deprecated, help=argparse.SUPPRESS
   )
   ens.add_argument(
     "--committee",
@@ -1009,7 +1013,7 @@ def _add_train(sub) -> None:
   tr.add_argument(
     "--force-heads",
     action="store_true",
-    help="with --heads: every head also reads out its member's force deviation, so the "
+    help="with --readout-heads: every head also reads out its member's force deviation, so the "
     "force uncertainty costs no backward pass per head (fitting the readout takes 2 more "
     "minutes after --time-limit; TrainConfig.readout_minutes)",
   )
@@ -1099,10 +1103,11 @@ class _Deprecated(argparse.Action):
   version CHANGELOG.md lists)."""
 
   def __call__(self, parser, namespace, values, option_string=None):
+    from potentials.deprecation import REMOVAL
+
     new = "--" + self.dest.replace("_", "-")
-    print(
-      f"eqattn: {option_string} is deprecated here, use {new} (removed in 0.3)", file=sys.stderr
-    )
+    msg = f"eqattn: {option_string} is deprecated here, use {new} (removed in {REMOVAL})"
+    print(msg, file=sys.stderr)
     setattr(namespace, self.dest, values)
 
 

@@ -108,9 +108,8 @@ class Evaluator:
     if readout:
       pair_fn = ensemble.readout_mean(potential.member_forces_fn(include_shift=False))
     else:
-      pair_fn = (potential.member_energies_fn if members else potential.pair_energies_fn)(
-        include_shift=False
-      )
+      make = potential.member_energies_fn if members else potential.atomic_energies_from_pairs_fn
+      pair_fn = make(include_shift=False)
 
     def evaluate(params, species, positions, cell, dst, src, shifts, atom_mask):
       # pairs come sorted by dst from the neighbour list, padding (= n) last

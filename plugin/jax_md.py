@@ -4,7 +4,7 @@ Shaped like JAX-MD's ``energy.*_neighbor_list`` functions::
 
     displacement_fn, shift_fn = space.periodic_general(box)      # fractional coordinates
     neighbor_fn, energy_fn = plugin.jax_md.neighbor_list(
-        potential, displacement_fn, box, species=atomic_numbers, fractional_coordinates=True)
+        potential, displacement_fn, box, atomic_numbers=Z, fractional_coordinates=True)
     nbrs = neighbor_fn.allocate(R)
     E = energy_fn(R, nbrs)                    # eV; forces: -jax.grad(energy_fn)(R, nbrs)
     init_fn, apply_fn = simulate.nve(energy_fn, shift_fn, dt)   # metal units: Å, eV, amu
@@ -90,7 +90,7 @@ from plugin.neighbors.images import (
   is_general,
 )
 from plugin.quiet import quiet
-from potentials import ensemble, observables
+from potentials import deprecation, ensemble, observables
 
 __all__ = [
   "neighbor_list",
@@ -193,12 +193,13 @@ def _check_positions(
       )
 
 
+@deprecation.renamed(species="atomic_numbers")
 def neighbor_list(
   potential: potentials.Potential,
   displacement_fn: DisplacementFn,
   box: Box,
   *,
-  species: Sequence[int],
+  atomic_numbers: Sequence[int],
   dr_threshold: float = DEFAULTS.dr_threshold,
   capacity_multiplier: float = DEFAULTS.capacity_multiplier,
   fractional_coordinates: bool = False,
@@ -217,8 +218,9 @@ def neighbor_list(
       narrower one an :class:`ImageNeighborList` (chosen at ``allocate``, from the box it
       allocates for; see the module docstring). For ``space.free`` it is only the cell-list
       region.
-    species: ``(N,)`` atomic numbers, one per atom (unknown elements raise
-      :class:`potentials.UnknownElementError`).
+    atomic_numbers: ``(N,)`` one per atom (unknown elements raise
+      :class:`potentials.UnknownElementError`). Its old name ``species=`` (which elsewhere
+      means a model's elements) still works, deprecated.
     dr_threshold: skin (Å); the list is rebuilt when an atom moved more than half of it.
     capacity_multiplier: extra room in the list, as in ``partition.neighbor_list``.
     fractional_coordinates: positions in the unit cube (``space.periodic_general`` default);
@@ -238,7 +240,7 @@ def neighbor_list(
     ``params=``, which replaces ``potential.params`` (e.g. to differentiate by parameters).
     Other keywords (``kT``, ... passed on by ``simulate``) are ignored, as in JAX-MD.
   """
-  z = _checked_arguments(species, format, dr_threshold, neighbor_kwargs)
+  z = _checked_arguments(atomic_numbers, format, dr_threshold, neighbor_kwargs)
   species_idx = jnp.asarray(potential.species_index(z))  # raises UnknownElementError
   n, cutoff, bmat = int(z.size), float(potential.cutoff), box_matrix(box)
   periodic = _probe_space(displacement_fn, bmat, fractional_coordinates)
@@ -267,7 +269,7 @@ def neighbor_list(
   return neighbor_fn, energy_fn
 
 
-def _checked_arguments(species, format, dr_threshold: float, neighbor_kwargs) -> np.ndarray:
+def _checked_arguments(atomic_numbers, format, dr_threshold: float, neighbor_kwargs) -> np.ndarray:
   """The atomic numbers ``(N,)``, after checking :func:`neighbor_list`'s arguments."""
   if format is not partition.Sparse:
     raise ValueError(
@@ -281,10 +283,10 @@ def _checked_arguments(species, format, dr_threshold: float, neighbor_kwargs) ->
     )
   if not (np.isfinite(dr_threshold) and dr_threshold >= 0):
     raise ValueError(f"dr_threshold must be a finite number >= 0, got {dr_threshold}")
-  z = np.asarray(species)
+  z = np.asarray(atomic_numbers)
   if z.ndim != 1 or z.size == 0 or not np.issubdtype(z.dtype, np.integer):
     raise ValueError(
-      f"species must be a non-empty 1-D integer array of atomic numbers, got "
+      f"atomic_numbers must be a non-empty 1-D integer array, got "
       f"{z.dtype} array of shape {z.shape}"
     )
   return z
@@ -376,7 +378,9 @@ def _energy_fn(
 ) -> EnergyFn:
   # jitted: its trace is cached, so init, step and observe (and their gradients) trace the
   # model once per shape between them, not once each.
-  pair_energies = jax.jit(potential.pair_energies_fn(), static_argnames=("indices_are_sorted",))
+  pair_energies = jax.jit(
+    potential.atomic_energies_from_pairs_fn(), static_argnames=("indices_are_sorted",)
+  )
   # with force_heads the members' force deviations are read out: no backward pass per member
   members_fn = (
     potential.member_forces_fn if potential.config.force_heads else potential.member_energies_fn
@@ -427,7 +431,7 @@ def _energy_fn(
     if "species" in kwargs:
       raise TypeError(
         "species are fixed when the energy function is built "
-        "(neighbor_list(..., species=...)); build a new one for other species"
+        "(neighbor_list(..., atomic_numbers=...)); build a new one for other species"
       )
     if R.shape != (n, 3):
       raise ValueError(f"positions must have shape ({n}, 3) to match species, got {R.shape}")

@@ -277,7 +277,7 @@ def jax_md_functions(
     potential,
     displacement,
     box,
-    species=atoms.numbers,
+    atomic_numbers=atoms.numbers,
     dr_threshold=dr_threshold,
     disable_cell_list=not periodic,
   )

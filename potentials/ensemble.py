@@ -5,7 +5,7 @@ Two kinds live in one model file, and combine (``members = committee * heads``):
 * a *committee* (``ModelConfig.committee = K``): K independently initialised and trained
   parameter sets of one architecture, stacked on a leading axis of every parameter
   (:func:`stack`, :func:`unstack`); about K times the cost of one model;
-* a *shallow ensemble* (``ModelConfig.heads = H``): H readout heads on one shared network,
+* a *shallow ensemble* (``ModelConfig.readout_heads = H``): H readout heads on one shared network,
   which cost almost nothing more in energies (forces of every member cost one backward pass
   each, unless ``ModelConfig.force_heads`` reads their deviations out directly:
   :mod:`potentials.force_readout`, :func:`readout_spread`).

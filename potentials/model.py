@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from . import deprecation
 from . import radial as radial_lib
 from .attention import SelfAttention
 from .force_readout import ForceReadout
@@ -23,8 +24,10 @@ from .so3 import safe_norm
 
 RADIAL_FUNCTIONS = ("reciprocal_bernstein", "bessel", "gaussian")
 CUTOFF_FUNCTIONS = ("smooth", "cosine")
+RENAMED = {"heads": "readout_heads"}  # ModelConfig's old field names (keywords, file keys)
 
 
+@deprecation.renamed_fields(**RENAMED)
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Hyperparameters of :class:`EnergyModel` (every field is stored in model files).
@@ -63,12 +66,14 @@ class ModelConfig:
       ``w`` radial channels (as the radial networks of NequIP/MACE-class models). Off by
       default: with w = 32 on ethanol an epoch took 2.4x as long and the model trained worse
       at equal time (benchmarks/training_ablation.py). Old model files load with it off.
-    heads: readout heads on the shared network (a *shallow ensemble*: ``heads`` members that
-      differ only in their last layer). With more than one, :class:`EnergyModel` returns
-      ``(N, heads)`` per-atom energies; a :class:`potentials.Potential` averages them and
-      reads their spread as an uncertainty (:mod:`potentials.ensemble`). Costs one extra
-      backward pass per head where member forces are asked for (see ``force_heads``).
-    force_heads: with ``heads > 1``, every head also reads out its member's force deviation
+    readout_heads: readout heads on the shared network (a *shallow ensemble*:
+      ``readout_heads`` members that differ only in their last layer; not the attention's
+      ``num_heads``). With more than one, :class:`EnergyModel` returns ``(N, readout_heads)``
+      per-atom energies; a :class:`potentials.Potential` averages them and reads their spread
+      as an uncertainty (:mod:`potentials.ensemble`). Costs one extra backward pass per head
+      where member forces are asked for (see ``force_heads``). Its old name ``heads`` (keyword,
+      attribute, model-file key) still works, deprecated.
+    force_heads: with ``readout_heads > 1``, every head also reads out its member's force deviation
       from the mean force (:class:`potentials.force_readout.ForceReadout`, a pass over the
       pairs in the forward pass), so the force uncertainty costs no backward pass per head.
       The readout does not change energies or forces; after training it is fitted to the
@@ -96,7 +101,7 @@ class ModelConfig:
   density_features: bool = True
   product: bool = False
   radial_mlp: int = 0
-  heads: int = 1
+  readout_heads: int = 1
   committee: int = 1
   force_heads: bool = False
 
@@ -111,12 +116,13 @@ class ModelConfig:
         f"num_heads ({self.num_heads}) must divide features ({self.features})",
       ),
       (self.num_basis >= 1, f"num_basis must be >= 1, got {self.num_basis}"),
-      (self.heads >= 1, f"heads must be >= 1, got {self.heads}"),
+      (self.readout_heads >= 1, f"readout_heads must be >= 1, got {self.readout_heads}"),
       (self.committee >= 1, f"committee must be >= 1, got {self.committee}"),
       (
-        not self.force_heads or (self.heads > 1 and self.committee == 1),
-        "force_heads reads out the members of a shallow ensemble: it needs heads > 1 and "
-        f"committee = 1 (a committee's member forces cost no extra), got heads={self.heads}, "
+        not self.force_heads or (self.readout_heads > 1 and self.committee == 1),
+        "force_heads reads out the members of a shallow ensemble: it needs readout_heads > 1 "
+        "and committee = 1 (a committee's member forces cost no extra), got "
+        f"readout_heads={self.readout_heads}, "
         f"committee={self.committee}",
       ),
       (self.radial_mlp >= 0, f"radial_mlp must be >= 0 (0: off), got {self.radial_mlp}"),
@@ -139,6 +145,7 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, d: dict) -> "ModelConfig":
+    d = deprecation.rename_keys(d, RENAMED, quiet=True)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - known
     if unknown:
@@ -149,6 +156,12 @@ class ModelConfig:
     # files older than an option: the model without it
     d = {"density_features": False, "product": False, "radial_mlp": 0, **d}
     return cls(**d)
+
+  @property
+  def heads(self) -> int:
+    """Deprecated name of :attr:`readout_heads`."""
+    deprecation.warn("ModelConfig.heads", "ModelConfig.readout_heads")
+    return self.readout_heads
 
   @property
   def num_stages(self) -> int:
@@ -288,11 +301,11 @@ class EnergyModel(nn.Module):
       if cfg.radial_mlp:
         setattr(self, f"radial_{it}", _RadialMLP(cfg.radial_mlp))
     self.readout_hidden = nn.Dense(cfg.features)
-    self.readout = nn.Dense(cfg.heads)
+    self.readout = nn.Dense(cfg.readout_heads)
     self.scale = self.param("scale", nn.initializers.ones, (self.num_species,), jnp.float32)
     self.shift = self.param("shift", nn.initializers.zeros, (self.num_species,), jnp.float32)
     if cfg.force_heads:
-      self.force_readout = ForceReadout(cfg.heads)
+      self.force_readout = ForceReadout(cfg.readout_heads)
 
   def _block_degree(self, it: int):
     """``(degree, pseudotensors)`` of block ``it``: the last keeps only scalars (read out)."""
@@ -356,7 +369,7 @@ class EnergyModel(nn.Module):
   def head(self, x):
     """``(energies (N,) or (N, heads), scalar features (N, F))`` of the last features."""
     out = self.readout(nn.silu(self.readout_hidden(x[:, 0, 0, :])))
-    return (out[:, 0] if self.config.heads == 1 else out), x[:, 0, 0, :]
+    return (out[:, 0] if self.config.readout_heads == 1 else out), x[:, 0, 0, :]
 
   def _lone_atoms(self, p: _Pairs, dtype):
     """The network's output for one lone atom of every species (no pairs)."""
@@ -378,16 +391,16 @@ class EnergyModel(nn.Module):
     padded atoms zeroed."""
     cfg = self.config
     e_iso = self._lone_atoms(p, r.dtype)
-    per_atom = lambda v: v[species] if cfg.heads == 1 else v[species][:, None]
+    per_atom = lambda v: v[species] if cfg.readout_heads == 1 else v[species][:, None]
     e = (e - e_iso[species]) * per_atom(jnp.asarray(self.scale, e.dtype))
     if include_shift:  # callers that sum in float64 add the (large) shifts themselves
       e = e + per_atom(jnp.asarray(self.shift, e.dtype))
     if cfg.repulsion and atomic_numbers is not None:
       z = jnp.asarray(atomic_numbers, r.dtype)[species]
       rep = _repulsion(r, z, p.valid, cfg.repulsion_cutoff, **p.kw)
-      e = e + (rep if cfg.heads == 1 else rep[:, None])
+      e = e + (rep if cfg.readout_heads == 1 else rep[:, None])
     if atom_mask is not None:
-      e = jnp.where(atom_mask if cfg.heads == 1 else atom_mask[:, None], e, 0.0)
+      e = jnp.where(atom_mask if cfg.readout_heads == 1 else atom_mask[:, None], e, 0.0)
     return e
 
   def _energies_and_scalars(

@@ -3,7 +3,7 @@
 It hands out the pure functions the simulator plugins differentiate (call them with keywords
 across the core/adapter seam):
 
-* ``pair_energies_fn()``: ``f(params, species_index, r, dst, src, atom_mask=None,
+* ``atomic_energies_from_pairs_fn()``: ``f(params, species_index, r, dst, src, atom_mask=None,
   indices_are_sorted=False) -> (N,)`` from pair vectors (JAX-MD computes them with its own
   displacement function);
 * ``atomic_energies_fn()``: the same from positions, integer image shifts and a cell
@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import elements, ensemble, io, observables
+from . import deprecation, elements, ensemble, io, observables
 from .elements import ELEMENTS, UnknownElementError  # noqa: F401  (old home of both)
+from .deprecation import renamed
 from .model import EnergyModel, ModelConfig
 from .ops import pair_vectors  # noqa: F401  (old home; use potentials.ops.pair_vectors)
 
@@ -37,23 +37,6 @@ Memo = Callable[[str, Callable[[], Any]], Any]
 PRNGLike = Union[int, jax.Array]
 ArrayLike = Any
 element_symbol = elements.symbol  # old name
-
-
-def _renamed(**old_to_new: str) -> Callable:
-  """Accept deprecated keyword names (``old=``) for renamed arguments, with a warning."""
-
-  def wrap(fn):
-    @functools.wraps(fn)
-    def inner(*args, **kwargs):
-      for old, new in old_to_new.items():
-        if old in kwargs:
-          warnings.warn(f"{old}= is deprecated, use {new}=", DeprecationWarning, stacklevel=2)
-          kwargs[new] = kwargs.pop(old)
-      return fn(*args, **kwargs)
-
-    return inner
-
-  return wrap
 
 
 def init_params(config: ModelConfig, num_species: int, key: jax.Array):
@@ -175,7 +158,7 @@ class Potential:
   @property
   def num_members(self) -> int:
     """Ensemble members (``committee * heads``; 1 for a single model)."""
-    return self.config.committee * self.config.heads
+    return self.config.committee * self.config.readout_heads
 
   @property
   def uncertainty_scales(self) -> Tuple[float, float]:
@@ -224,7 +207,7 @@ class Potential:
     return elements.species_indices(self._species_table, atomic_numbers, self.species)
 
   # ------------------------------------------------------------------ pure functions
-  def pair_energies_fn(self, include_shift: bool = True) -> Callable:
+  def atomic_energies_from_pairs_fn(self, include_shift: bool = True) -> Callable:
     """``f(params, species_index, r, dst, src, atom_mask=None, indices_are_sorted=False)
     -> (N,)`` per-atom energies (eV) from pair vectors; ``species_index`` per atom
     (``species=`` is its deprecated name). An ensemble gives its members' mean.
@@ -236,10 +219,15 @@ class Potential:
     if self.num_members == 1:
       return self._apply_fn(include_shift)
     members = self.member_energies_fn(include_shift)
-    return _renamed(species="species_index")(lambda *a, **k: jnp.mean(members(*a, **k), -1))
+    return renamed(species="species_index")(lambda *a, **k: jnp.mean(members(*a, **k), -1))
+
+  def pair_energies_fn(self, include_shift: bool = True) -> Callable:
+    """Deprecated name of :meth:`atomic_energies_from_pairs_fn` (it gives per-atom energies)."""
+    deprecation.warn("Potential.pair_energies_fn", "Potential.atomic_energies_from_pairs_fn")
+    return self.atomic_energies_from_pairs_fn(include_shift)
 
   def member_energies_fn(self, include_shift: bool = True) -> Callable:
-    """Like :meth:`pair_energies_fn`, but ``-> (N, members)``: every ensemble member's
+    """Like :meth:`atomic_energies_from_pairs_fn`, but ``-> (N, members)``: every ensemble member's
     per-atom energies (committee-major; ``(N, 1)`` for a single model). Without shifts, a
     committee member's own shifts minus the mean ones (:attr:`element_shifts`) stay in, so
     the members differ by exactly what they would with shifts. A committee also takes ``r``
@@ -248,7 +236,7 @@ class Potential:
     apply = self._apply_fn(include_shift)
     cfg = self.config
 
-    @_renamed(species="species_index")
+    @renamed(species="species_index")
     def f(params, species_index, r, dst, src, atom_mask=None, indices_are_sorted=False):
       if cfg.committee > 1:  # of the params given, which may not be self.params
         mean_shift = jnp.mean(jnp.asarray(params["shift"], r.dtype), axis=0)
@@ -260,13 +248,13 @@ class Potential:
         d = (jnp.asarray(p["shift"], e.dtype) - mean_shift.astype(e.dtype))[species_index]
         if atom_mask is not None:
           d = jnp.where(atom_mask, d, 0.0)
-        return e + (d if cfg.heads == 1 else d[:, None])
+        return e + (d if cfg.readout_heads == 1 else d[:, None])
 
       if cfg.committee == 1:
         e = one(params, r)
       else:  # pair vectors (pairs, 3) shared, or (K, pairs, 3) one copy per network
         e = jax.vmap(one, (0, 0 if r.ndim == 3 else None))(params, r)
-      e = ensemble.member_axis(e, cfg.committee, cfg.heads)
+      e = ensemble.member_axis(e, cfg.committee, cfg.readout_heads)
       return e if e.ndim == 2 else e[:, None]
 
     return f
@@ -282,7 +270,7 @@ class Potential:
         "get member forces by differentiating member_energies_fn"
       )
     apply = self._apply_fn(include_shift, member_forces=True)
-    return _renamed(species="species_index")(apply)
+    return renamed(species="species_index")(apply)
 
   def stage_fn(self, stage: int) -> Callable:
     """One hop of the model, for domain decompositions that exchange features between hops
@@ -290,7 +278,8 @@ class Potential:
     features=None, atom_mask=None, indices_are_sorted=False)``. Stages before the last return
     features (a committee's with a leading member axis, which ``features`` then also has); the
     last returns the per-atom energies without element shifts (an ensemble's mean, ``(N,)``).
-    Chaining ``stage_fn(0) ... stage_fn(num_stages - 1)`` equals ``pair_energies_fn(False)``.
+    Chaining ``stage_fn(0) ... stage_fn(num_stages - 1)`` equals
+    ``atomic_energies_from_pairs_fn(False)``.
     """
     cfg = self.config
     last = stage == cfg.num_stages - 1
@@ -314,7 +303,8 @@ class Potential:
         out = jax.vmap(run, (0, None if features is None else 0))(params, features)
       if not last:
         return out
-      out = out if cfg.heads == 1 else jnp.mean(out, axis=-1)  # members: heads, then networks
+      # members: readout heads, then networks
+      out = out if cfg.readout_heads == 1 else jnp.mean(out, axis=-1)
       return out if cfg.committee == 1 else jnp.mean(out, axis=0)
 
     return f
@@ -343,14 +333,14 @@ class Potential:
       kw = {} if stage is None else {"features": features}
       return model.apply({"params": params}, *args, method=method, **kw)
 
-    return _renamed(species="species_index")(apply)
+    return renamed(species="species_index")(apply)
 
   def atomic_energies_fn(self, include_shift: bool = True) -> Callable:
     """``f(params, species_index, positions, dst, src, shifts=None, cell=None,
     atom_mask=None, indices_are_sorted=False) -> (N,)`` per-atom energies (eV)."""
-    pair_fn = self.pair_energies_fn(include_shift)
+    pair_fn = self.atomic_energies_from_pairs_fn(include_shift)
 
-    @_renamed(species="species_index")
+    @renamed(species="species_index")
     def f(
       params,
       species_index,
@@ -385,7 +375,7 @@ class Potential:
   def _evaluate(self) -> Callable:
     """Jitted ``(params, species_index, positions, dst, src, shifts, cell, forces=)`` ->
     :class:`potentials.observables.Observables` (no strain)."""
-    pair_fn = self.pair_energies_fn()
+    pair_fn = self.atomic_energies_from_pairs_fn()
 
     def evaluate(params, species_index, positions, dst, src, shifts, cell, forces):
       energies = lambda r: pair_fn(params, species_index=species_index, r=r, dst=dst, src=src)

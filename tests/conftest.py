@@ -116,7 +116,9 @@ def assert_jax_md_spread_matches(pot, atoms, results):
   from plugin import jax_md as pjm
 
   disp, _ = space.free()
-  nbr, efn = pjm.neighbor_list(pot, disp, 20.0, species=atoms.numbers, disable_cell_list=True)
+  nbr, efn = pjm.neighbor_list(
+    pot, disp, 20.0, atomic_numbers=atoms.numbers, disable_cell_list=True
+  )
   R = jnp.asarray(atoms.positions, jnp.float32)
   u = jax.jit(pjm.uncertainty_fn(efn))(R, nbr.allocate(R))
   assert float(u.energy) == pytest.approx(results["energy_uncertainty"], rel=1e-4)

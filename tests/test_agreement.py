@@ -51,7 +51,12 @@ def test_ase_and_jax_md_agree(pot, shear):
   box = jnp.asarray(atoms.cell[:].T)  # jax-md: lattice vectors as columns
   displacement, _ = space.periodic_general(box)
   neighbor_fn, energy_fn = pj.neighbor_list(
-    pot, displacement, box, species=atoms.numbers, dr_threshold=0.1, fractional_coordinates=True
+    pot,
+    displacement,
+    box,
+    atomic_numbers=atoms.numbers,
+    dr_threshold=0.1,
+    fractional_coordinates=True,
   )
   frac = jnp.asarray(atoms.get_scaled_positions())
   nbrs = neighbor_fn.allocate(frac)

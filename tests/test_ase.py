@@ -419,7 +419,7 @@ def test_bad_arguments(pot):
 
 
 def test_evaluate_many_structures_in_few_compilations():
-  """plugin.ase.evaluate: 40 structures of 13 sizes (open molecules and clusters, cubic,
+  """plugin.ase.calculate_many: 40 structures of 13 sizes (open molecules and clusters, cubic,
   triclinic and small periodic cells) agree with the calculator structure by structure
   (float64) and compile only one program per size bucket."""
   import ase.build
@@ -445,7 +445,7 @@ def test_evaluate_many_structures_in_few_compilations():
     structures.append(a)
   predict = evaluation._jitted_predict(pot.config, pot.species)
   before = predict._cache_size()
-  out = plugin.ase.evaluate(
+  out = plugin.ase.calculate_many(
     pot, structures, dtype="float64", batch_size=8, properties=("energy", "forces", "stress")
   )
   frames = [frame_from_atoms(a, pot.cutoff) for a in structures]
@@ -462,9 +462,12 @@ def test_evaluate_many_structures_in_few_compilations():
     else:
       assert r["stress"] is None
   with pytest.raises(ValueError, match="unknown properties"):
-    plugin.ase.evaluate(pot, structures[:1], properties=("magmoms",))
+    plugin.ase.calculate_many(pot, structures[:1], properties=("magmoms",))
   with pytest.raises(potentials.UnknownElementError):
-    plugin.ase.evaluate(pot, [ase.Atoms("H")])
+    plugin.ase.calculate_many(pot, [ase.Atoms("H")])
+  with pytest.warns(DeprecationWarning, match="plugin.ase.evaluate is deprecated"):
+    old = plugin.ase.evaluate(pot, structures[:3], dtype="float64", batch_size=8)
+  assert [r["energy"] for r in old] == [r["energy"] for r in out[:3]]
 
 
 def test_refused_before_allocating_and_the_calculator_recovers(pot, monkeypatch):

@@ -467,6 +467,19 @@ def test_train_committee_option_and_its_deprecated_name(capsys):
   assert "--ensemble" not in parser._subparsers._group_actions[0].choices["train"].format_help()
 
 
+def test_train_readout_heads_option_and_its_deprecated_name(capsys):
+  # `--heads` read as the attention's heads (ModelConfig.num_heads): it is --readout-heads now
+  parser = cli.build_parser()
+  new = parser.parse_args(["train", "data.extxyz", "--species", "H", "--readout-heads", "3"])
+  assert new.readout_heads == 3 and "deprecated" not in capsys.readouterr().err
+  old = parser.parse_args(["train", "data.extxyz", "--species", "H", "--heads", "3"])
+  assert old.readout_heads == 3
+  err = capsys.readouterr().err
+  assert "--heads is deprecated here, use --readout-heads (removed in 0.3)" in err
+  help_text = parser._subparsers._group_actions[0].choices["train"].format_help()
+  assert "--heads" not in help_text and "--readout-heads" in help_text
+
+
 def test_md_summary_separates_start_up_from_the_steady_rate():
   # 3 chunks of 100 steps: the first compiles (10 s), the others take 1 s each
   line = cli._rates(12.5, 300, 0.5, 9, chunk_times=[10.0, 1.0, 1.0], chunk=100)

@@ -43,7 +43,7 @@ def members():
 @pytest.fixture(scope="module")
 def both():
   """A committee of 2 networks with 3 heads each (6 members)."""
-  p = potentials.Potential.create(0, species=["H", "C", "O"], heads=3, committee=2, **TINY)
+  p = potentials.Potential.create(0, species=["H", "C", "O"], readout_heads=3, committee=2, **TINY)
   return _scaled(p)
 
 
@@ -195,7 +195,7 @@ def _bad_committee(good):
 def test_md_uncertainty_guard_stops_or_flags_and_names_atoms(tmp_path):
   good = tiny_molecule_potential()
   atoms = ase.build.molecule("CH3CH2OH")
-  kw = dict(ensemble="nvt_langevin", temperature=300, timestep=0.25, steps=60, chunk=20)
+  kw = dict(ensemble="nvt_langevin", temperature=300, timestep=0.25, total_steps=60, chunk=20)
   quiet = md.run(atoms, potentials.Potential.stack([good, good]), max_uncertainty=1e-3, **kw)
   assert quiet.stopped is None and quiet.uncertain == []
   bad = _bad_committee(good)
@@ -231,11 +231,11 @@ def test_shallow_training_calibrates_and_select_picks_frames(copper_data, tmp_pa
   model = tmp_path / "heads.eqm"
   hyper = '{"features": 8, "max_degree": 1, "num_iterations": 1, "num_basis": 4}'
   argv = ["train", str(copper_data), "--species", "Cu", "--cutoff", "3.0", "--model-config", hyper]
-  argv += ["--epochs", "2", "--batch-size", "4", "--heads", "3", "--out", str(model)]
+  argv += ["--epochs", "2", "--batch-size", "4", "--readout-heads", "3", "--out", str(model)]
   assert cli.main(argv) == 0
   pot = potentials.load(model)
   cal = pot.metadata["uncertainty"]
-  assert pot.config.heads == 3 and cal["members"] == 3 and cal["forces_scale"] > 0
+  assert pot.config.readout_heads == 3 and cal["members"] == 3 and cal["forces_scale"] > 0
   assert pot.uncertainty_scales == (cal["energy_scale"], cal["forces_scale"])
   assert "forces_spearman" in pot.metadata["test_uncertainty"]
   assert "uncertainty on the test frames" in capsys.readouterr().out

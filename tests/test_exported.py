@@ -102,7 +102,7 @@ def test_calculator_results_equal_with_and_without_stored_programs(tmp_path, res
   import plugin
   import potentials
 
-  pot = potentials.Potential.create(0, species=["H", "C", "O"], features=8, heads=2)
+  pot = potentials.Potential.create(0, species=["H", "C", "O"], features=8, readout_heads=2)
   atoms = molecule("CH3CH2OH")
   results = []
   for folder in (None, tmp_path, tmp_path):  # plain jit, then traced+stored, then loaded
@@ -148,7 +148,7 @@ def test_md_runs_equal_with_stored_programs(tmp_path, restore_jax_cache):
   from conftest import tiny_molecule_potential
 
   atoms = molecule("CH3CH2OH")
-  kw = dict(steps=12, chunk=5, temperature=300.0, seed=1)
+  kw = dict(total_steps=12, chunk=5, temperature=300.0, seed=1)
   plain, traced, loaded = _md_runs(
     [None, tmp_path, tmp_path], atoms, tiny_molecule_potential(), **kw
   )
@@ -168,7 +168,7 @@ def test_periodic_npt_runs_equal_with_stored_programs(tmp_path, restore_jax_cach
   from conftest import tiny_copper_potential
 
   atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
-  kw = dict(ensemble="npt", steps=6, chunk=3, temperature=300.0, pressure=1.0, seed=2)
+  kw = dict(ensemble="npt", total_steps=6, chunk=3, temperature=300.0, pressure=1.0, seed=2)
   plain, traced, loaded = _md_runs([None, tmp_path, tmp_path], atoms, tiny_copper_potential(), **kw)
   assert len(list((tmp_path / "exported").glob("md-chunk-*"))) == 1
   for pos, energy, _ in (traced, loaded):

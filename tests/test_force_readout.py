@@ -2,12 +2,14 @@
 physics, that they leave the model alone, both engines, training, the file and the guard."""
 
 import dataclasses
+import warnings
 
 import ase
 import ase.build
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 import pytest
 
 import potentials
@@ -32,7 +34,7 @@ def _with_readout_scale(pot, factor):
 @pytest.fixture(scope="module")
 def readout():
   """3 heads with read-out force deviations of ~0.1-1 eV/Å, forces of a few eV/Å."""
-  p = potentials.Potential.create(0, species=["H", "C", "O"], heads=3, force_heads=True, **TINY)
+  p = potentials.Potential.create(0, species=["H", "C", "O"], readout_heads=3, force_heads=True, **TINY)
   p = p.replace(params={**p.params, "scale": np.full_like(p.params["scale"], 5.0)})
   return _with_readout_scale(p, 300.0)
 
@@ -45,16 +47,32 @@ def _members(pot, z, pos, dst, src, **kw):
 
 
 def test_config_checks_and_old_configs():
-  with pytest.raises(ValueError, match="heads > 1"):
-    potentials.ModelConfig(heads=1, force_heads=True)
+  with pytest.raises(ValueError, match="readout_heads > 1"):
+    potentials.ModelConfig(readout_heads=1, force_heads=True)
   with pytest.raises(ValueError, match="committee = 1"):
-    potentials.ModelConfig(heads=2, committee=2, force_heads=True)
-  old = potentials.ModelConfig(heads=3).to_dict()
+    potentials.ModelConfig(readout_heads=2, committee=2, force_heads=True)
+  old = potentials.ModelConfig(readout_heads=3).to_dict()
   del old["force_heads"]  # a file written before the option
   assert potentials.ModelConfig.from_dict(old).force_heads is False
   single = potentials.Potential.create(0, species=["H"], **TINY)
   with pytest.raises(ValueError, match="force_heads"):
     single.member_forces_fn()
+
+
+def test_heads_is_a_deprecated_name_of_readout_heads():
+  """``heads`` (keyword, attribute, model-file key) read as the attention's heads: renamed."""
+  with pytest.warns(DeprecationWarning, match="heads= is deprecated .*use readout_heads="):
+    cfg = potentials.ModelConfig(heads=3)
+  assert cfg.readout_heads == 3 and cfg == potentials.ModelConfig(readout_heads=3)
+  with pytest.warns(DeprecationWarning, match="ModelConfig.heads is deprecated"):
+    assert cfg.heads == 3
+  old_file = {**cfg.to_dict(), "heads": 4}
+  del old_file["readout_heads"]
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # an old file is not the user's code: no warning
+    assert potentials.ModelConfig.from_dict(old_file).readout_heads == 4
+  with pytest.raises(TypeError, match="give only readout_heads="):
+    potentials.ModelConfig(heads=2, readout_heads=2)
 
 
 def test_deviations_rotate_with_the_structure_and_average_to_zero(readout, hco_cluster):
@@ -136,7 +154,7 @@ def test_zero_readout_has_zero_spread_and_the_guard_fires_on_a_wide_one(readout)
   """Identical members (a zero readout) never trip the MD guard; a planted wide readout
   stops the run at the first check."""
   atoms = ase.build.molecule("CH3CH2OH")
-  kw = dict(ensemble="nvt_langevin", temperature=300, timestep=0.25, steps=40, chunk=20)
+  kw = dict(ensemble="nvt_langevin", temperature=300, timestep=0.25, total_steps=40, chunk=20)
   quiet = md.run(atoms, _with_readout_scale(readout, 0.0), max_uncertainty=1e-6, **kw)
   assert quiet.stopped is None and quiet.uncertain == []
   with pytest.warns(RuntimeWarning, match="force uncertainty"):
@@ -192,7 +210,7 @@ def test_cli_trains_force_heads_calibrated_and_the_file_round_trips(copper_data,
   hyper = '{"features": 8, "max_degree": 1, "num_iterations": 1, "num_basis": 4}'
   argv = ["train", str(copper_data), "--species", "Cu", "--cutoff", "3.0", "--model-config", hyper]
   argv += ["--epochs", "2", "--batch-size", "4", "--train-config", '{"readout_minutes": 0.05}']
-  assert cli.main(argv + ["--heads", "3", "--force-heads", "--out", str(model)]) == 0
+  assert cli.main(argv + ["--readout-heads", "3", "--force-heads", "--out", str(model)]) == 0
   pot = potentials.load(model)
   assert pot.config.force_heads and pot.metadata["uncertainty"]["forces_scale"] > 0
   assert pot.metadata["force_readout"]["epochs"] >= 2 and "test_uncertainty" in pot.metadata
@@ -212,7 +230,7 @@ def test_committees_refuse_readouts_before_any_work(readout, copper_data):
   with pytest.raises(ValueError, match="without_readout"):
     potentials.Potential.stack([readout, readout])
   frames = read_frames(str(copper_data), 3.0)
-  cu = potentials.Potential.create(0, species=["Cu"], heads=2, force_heads=True, **TINY)
+  cu = potentials.Potential.create(0, species=["Cu"], readout_heads=2, force_heads=True, **TINY)
   with pytest.raises(ValueError, match="without_readout"):
     training.train_committee(cu, frames, training.TrainConfig(epochs=1), members=2)
   with pytest.raises(ValueError, match="structures"):

@@ -113,7 +113,7 @@ def make_case(pot, name: str, **kw):
     displacement_fn, shift_fn = space.free()
     R = atoms.positions
     nfn, efn = pjm.neighbor_list(
-      pot, displacement_fn, box, species=atoms.numbers, dr_threshold=SKIN, **kw
+      pot, displacement_fn, box, atomic_numbers=atoms.numbers, dr_threshold=SKIN, **kw
     )
   elif name == "periodic":
     atoms = fcc32(CELLS[name], seed=3)
@@ -121,7 +121,7 @@ def make_case(pot, name: str, **kw):
     displacement_fn, shift_fn = space.periodic(box)
     R = atoms.positions
     nfn, efn = pjm.neighbor_list(
-      pot, displacement_fn, box, species=atoms.numbers, dr_threshold=SKIN, **kw
+      pot, displacement_fn, box, atomic_numbers=atoms.numbers, dr_threshold=SKIN, **kw
     )
   else:
     atoms = fcc32(CELLS[name], seed=1 if "ortho" in name else 2)
@@ -132,7 +132,7 @@ def make_case(pot, name: str, **kw):
       pot,
       displacement_fn,
       box,
-      species=atoms.numbers,
+      atomic_numbers=atoms.numbers,
       dr_threshold=SKIN,
       fractional_coordinates=True,
       **kw,
@@ -222,7 +222,7 @@ def test_per_atom_energies(pot, triclinic):
     pot,
     displacement_fn,
     box,
-    species=atoms.numbers,
+    atomic_numbers=atoms.numbers,
     dr_threshold=SKIN,
     fractional_coordinates=True,
     per_particle=True,
@@ -304,7 +304,12 @@ def test_nve_float32_conserves_energy(pot):
   box = jnp.asarray(atoms.cell.array.T, jnp.float32)
   displacement_fn, shift_fn = space.periodic_general(box, fractional_coordinates=True)
   nfn, efn = pjm.neighbor_list(
-    pot, displacement_fn, box, species=atoms.numbers, dr_threshold=SKIN, fractional_coordinates=True
+    pot,
+    displacement_fn,
+    box,
+    atomic_numbers=atoms.numbers,
+    dr_threshold=SKIN,
+    fractional_coordinates=True,
   )
   R = jnp.asarray(atoms.get_scaled_positions(), jnp.float32)
   nbrs = nfn.allocate(R)
@@ -413,7 +418,12 @@ def small_case(pot, name: str, kind: str):
     box = atoms.cell.array.T
     displacement_fn, shift_fn = space.periodic_general(box, fractional_coordinates=frac)
   nfn, efn = pjm.neighbor_list(
-    pot, displacement_fn, box, species=atoms.numbers, dr_threshold=SKIN, fractional_coordinates=frac
+    pot,
+    displacement_fn,
+    box,
+    atomic_numbers=atoms.numbers,
+    dr_threshold=SKIN,
+    fractional_coordinates=frac,
   )
   R = jnp.asarray(atoms.get_scaled_positions() if frac else atoms.positions)
 
@@ -474,7 +484,12 @@ def test_small_cell_energy_per_atom_equals_supercell(pot, name):
   box = big.cell.array.T
   displacement_fn, _ = space.periodic_general(box, fractional_coordinates=True)
   nfn_big, efn_big = pjm.neighbor_list(
-    pot, displacement_fn, box, species=big.numbers, dr_threshold=SKIN, fractional_coordinates=True
+    pot,
+    displacement_fn,
+    box,
+    atomic_numbers=big.numbers,
+    dr_threshold=SKIN,
+    fractional_coordinates=True,
   )
   R_big = jnp.asarray(big.get_scaled_positions())
   nbrs_big = nfn_big.allocate(R_big)
@@ -535,7 +550,12 @@ def test_small_cell_compressed_box_overflows_instead_of_missing_pairs(pot):
   box = atoms.cell.array.T
   displacement_fn, _ = space.periodic_general(box, fractional_coordinates=True)
   nfn, efn = pjm.neighbor_list(
-    pot, displacement_fn, box, species=atoms.numbers, dr_threshold=SKIN, fractional_coordinates=True
+    pot,
+    displacement_fn,
+    box,
+    atomic_numbers=atoms.numbers,
+    dr_threshold=SKIN,
+    fractional_coordinates=True,
   )
   R = jnp.asarray(atoms.get_scaled_positions())
   scales = np.linspace(1.0, 0.9, 11)
@@ -624,7 +644,7 @@ def test_list_choice_follows_the_box(pot):
   box = np.diag([8.0, 6.0, 8.0])
   displacement_fn, _ = space.periodic_general(box, fractional_coordinates=True)
   nfn, _ = pjm.neighbor_list(
-    pot, displacement_fn, box, species=z, dr_threshold=SKIN, fractional_coordinates=True
+    pot, displacement_fn, box, atomic_numbers=z, dr_threshold=SKIN, fractional_coordinates=True
   )
   nbrs = nfn.allocate(R)
   assert isinstance(nbrs, pjm.ImageNeighborList) and nbrs.images == (0, 1, 0)
@@ -636,21 +656,21 @@ def test_list_choice_follows_the_box(pot):
   assert np.linalg.norm(box, axis=0).min() > 6.4 and pjm.box_widths(box).min() < 6.4
   displacement_fn, _ = space.periodic_general(box, fractional_coordinates=True)
   nfn, _ = pjm.neighbor_list(
-    pot, displacement_fn, box, species=z, dr_threshold=SKIN, fractional_coordinates=True
+    pot, displacement_fn, box, atomic_numbers=z, dr_threshold=SKIN, fractional_coordinates=True
   )
   assert isinstance(nfn.allocate(R), pjm.ImageNeighborList)
   # space.periodic, real coordinates; the skin counts
   displacement_fn, _ = space.periodic(6.3)
   for skin, images in ((0.1, False), (0.2, True)):
-    nfn, _ = pjm.neighbor_list(pot, displacement_fn, 6.3, species=z, dr_threshold=skin)
+    nfn, _ = pjm.neighbor_list(pot, displacement_fn, 6.3, atomic_numbers=z, dr_threshold=skin)
     assert isinstance(nfn.allocate(6.3 * R), pjm.ImageNeighborList) == images
   # the image list computes pair vectors itself: a space built for another box is refused
   displacement_fn, _ = space.periodic(6.0)
   with pytest.raises(ValueError, match="does not match the box"):
-    pjm.neighbor_list(pot, displacement_fn, 6.3, species=z, dr_threshold=SKIN)
+    pjm.neighbor_list(pot, displacement_fn, 6.3, atomic_numbers=z, dr_threshold=SKIN)
   # open boundaries: a small cell-list region is fine
   displacement_fn, _ = space.free()
-  pjm.neighbor_list(pot, displacement_fn, 4.0, species=z)
+  pjm.neighbor_list(pot, displacement_fn, 4.0, atomic_numbers=z)
 
 
 def test_bad_input(pot):
@@ -658,14 +678,18 @@ def test_bad_input(pot):
   displacement_fn, _ = space.periodic_general(box, fractional_coordinates=True)
   kw = dict(dr_threshold=SKIN, fractional_coordinates=True)
   with pytest.raises(potentials.UnknownElementError, match="Fe"):
-    pjm.neighbor_list(pot, displacement_fn, box, species=[29, 26, 29], **kw)
-  with pytest.raises(ValueError, match="atomic numbers"):
-    pjm.neighbor_list(pot, displacement_fn, box, species=np.full((2, 2), 29), **kw)
+    pjm.neighbor_list(pot, displacement_fn, box, atomic_numbers=[29, 26, 29], **kw)
+  with pytest.raises(ValueError, match="atomic_numbers must be a non-empty 1-D integer"):
+    pjm.neighbor_list(pot, displacement_fn, box, atomic_numbers=np.full((2, 2), 29), **kw)
   with pytest.raises(ValueError, match="fractional_coordinates=False"):
-    pjm.neighbor_list(pot, displacement_fn, box, species=[29], dr_threshold=SKIN)
+    pjm.neighbor_list(pot, displacement_fn, box, atomic_numbers=[29], dr_threshold=SKIN)
   with pytest.raises(ValueError, match="Sparse"):
-    pjm.neighbor_list(pot, displacement_fn, box, species=[29], format=partition.OrderedSparse, **kw)
-  nfn, efn = pjm.neighbor_list(pot, displacement_fn, box, species=[29] * 3, **kw)
+    pjm.neighbor_list(
+      pot, displacement_fn, box, atomic_numbers=[29], format=partition.OrderedSparse, **kw
+    )
+  with pytest.warns(DeprecationWarning, match="species= is deprecated .*use atomic_numbers="):
+    pjm.neighbor_list(pot, displacement_fn, box, species=[29] * 3, **kw)  # its old name
+  nfn, efn = pjm.neighbor_list(pot, displacement_fn, box, atomic_numbers=[29] * 3, **kw)
   R = np.array([[0.1, 0.1, 0.1], [0.5, 0.5, 0.5], [0.3, 0.7, 0.2]])
   with pytest.raises(ValueError, match=r"shape \(3, 3\)"):
     nfn.allocate(jnp.asarray(R[:2]))

@@ -195,7 +195,7 @@ def test_receptive_field_is_the_reach_of_an_atom_energy(copper):
 
 
 def test_keep_rows_one_copy_per_atom_along_undivided_directions():
-  from plugin.lammps.evaluate import keep_rows
+  from plugin.lammps.rank import keep_rows
 
   cell = np.array([[10.0, 0, 0], [1.0, 8.0, 0], [-0.5, 0.7, 9.0]])
   rng = np.random.default_rng(1)
@@ -235,13 +235,17 @@ def test_feature_exchange_in_one_process_matches_ase(kind):
   Energy, forces (ghost forces summed into owners) and virial equal the ASE calculator's on
   the periodic cell, for a density + 2-block model and a committee of shallow ensembles with
   pseudotensors (features with a member axis)."""
-  from plugin.lammps.evaluate import RankEvaluator
+  from plugin.lammps.rank import RankEvaluator
 
   extra = (
     dict(num_iterations=2)
     if kind == "density"
     else dict(
-      num_iterations=2, density_features=False, committee=2, heads=2, include_pseudotensors=True
+      num_iterations=2,
+      density_features=False,
+      committee=2,
+      readout_heads=2,
+      include_pseudotensors=True,
     )
   )
   pot = potentials.Potential.create(

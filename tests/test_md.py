@@ -66,7 +66,7 @@ STEPS = 200
 @pytest.fixture(scope="module")
 def reference(pot, tmp_path_factory):
   path = tmp_path_factory.mktemp("md") / "reference.traj"
-  result = md.run(cu32(), pot, steps=STEPS, traj=path, **REF)
+  result = md.run(cu32(), pot, total_steps=STEPS, traj=path, **REF)
   return result, path
 
 
@@ -91,7 +91,7 @@ def test_free_particle_moves_v_times_t(pot):
   atoms = ase.Atoms("Cu", positions=[[0.3, -1.0, 2.0]])
   v = np.array([[0.01, -0.02, 0.005]])  # Å per ASE time unit
   atoms.set_velocities(v)
-  result = md.run(atoms, pot, steps=100, chunk=50, timestep=1.5, dtype=jnp.float64)
+  result = md.run(atoms, pot, total_steps=100, chunk=50, timestep=1.5, dtype=jnp.float64)
   expected = atoms.positions + v * (100 * 1.5 * ase.units.fs)
   # JAX-MD rounds dt to float32 inside velocity Verlet: relative 6e-8 of the displacement.
   np.testing.assert_allclose(result.atoms.positions, expected, rtol=0, atol=1e-8)
@@ -135,7 +135,7 @@ def test_nve_conserves_energy(reference):
 def test_same_settings_do_not_recompile(pot, reference, tmp_path):
   # 3 chunks, the last one short (20 steps). Whether frames are recorded is compiled in, so
   # this run writes a trajectory as the reference did.
-  result = md.run(cu32(), pot, steps=120, traj=tmp_path / "again.traj", **REF)
+  result = md.run(cu32(), pot, total_steps=120, traj=tmp_path / "again.traj", **REF)
   assert result.num_compilations == 0
   assert result.total_steps == 120 and result.log.step[-1] == 120
 
@@ -145,7 +145,7 @@ def test_overflow_replay_matches_run_without_overflow(pot, reference, tmp_path):
   # capacity_multiplier=1.0: the list has room for exactly the start's pairs, and the second
   # shell crossing the list cutoff overflows it within the first chunks.
   result = md.run(
-    cu32(), pot, steps=STEPS, capacity_multiplier=1.0, **REF, traj=tmp_path / "overflow.traj"
+    cu32(), pot, total_steps=STEPS, capacity_multiplier=1.0, **REF, traj=tmp_path / "overflow.traj"
   )
   dx = np.abs(result.atoms.positions - ref.atoms.positions).max()
   dp = np.abs(result.atoms.get_momenta() - ref.atoms.get_momenta()).max()
@@ -190,13 +190,13 @@ def test_interrupted_run_resumes_to_the_same_trajectory(pot, reference, tmp_path
     raise KeyboardInterrupt  # e.g. Ctrl-C, or a job killed between chunks
 
   with pytest.raises(KeyboardInterrupt):
-    md.run(cu32(), pot, steps=STEPS, traj=path, log_file=log_path, progress=interrupt, **REF)
+    md.run(cu32(), pot, total_steps=STEPS, traj=path, log_file=log_path, progress=interrupt, **REF)
   assert [f.info["md_step"] for f in frames(path)] == [0, 10, 20, 30, 40, 50]
   with pytest.raises(FileExistsError, match="resume=True"):
-    md.run(cu32(), pot, steps=STEPS, traj=path, **REF)
+    md.run(cu32(), pot, total_steps=STEPS, traj=path, **REF)
 
   # The same call with resume=True continues from the last frame (step 50) to step 200.
-  result = md.run(cu32(), pot, steps=STEPS, traj=path, log_file=log_path, resume=True, **REF)
+  result = md.run(cu32(), pot, total_steps=STEPS, traj=path, log_file=log_path, resume=True, **REF)
   assert result.first_step == 50 and result.steps == 150
   # The list is allocated afresh at step 50; a new capacity (pair count) compiles once more.
   assert result.num_compilations <= 1
@@ -227,7 +227,7 @@ def test_interrupted_run_resumes_to_the_same_trajectory(pot, reference, tmp_path
   }
 
   # Resuming a finished run is a no-op that returns its last frame.
-  done = md.run(cu32(), pot, steps=STEPS, traj=path, resume=True, **REF)
+  done = md.run(cu32(), pot, total_steps=STEPS, traj=path, resume=True, **REF)
   assert done.steps == 0 and len(frames(path)) == len(want)
   np.testing.assert_allclose(done.atoms.positions, got[-1].positions)
 
@@ -248,7 +248,7 @@ def test_rotated_cell_gives_the_rotated_trajectory(pot, reference):
   turned.set_cell(atoms.cell.array @ rot.T, scale_atoms=False)
   turned.positions = atoms.positions @ rot.T
   turned.set_momenta(atoms.get_momenta() @ rot.T)
-  kw = dict(REF, steps=50)
+  kw = dict(REF, total_steps=50)
   straight, rotated = md.run(atoms, pot, **kw), md.run(turned, pot, **kw)
   a, b = straight.atoms, rotated.atoms
   np.testing.assert_allclose(b.cell.array, a.cell.array @ rot.T, atol=1e-12)
@@ -271,7 +271,7 @@ def test_nvt_langevin_reaches_target_temperature(pot):
     init_temperature=100.0,
     friction=0.05,
     timestep=2.0,
-    steps=400,
+    total_steps=400,
     chunk=100,
     log_interval=10,
     dr_threshold=SKIN,
@@ -321,7 +321,7 @@ def test_npt_compression(pot, tmp_path):
     timestep=1.0,
     tau_p=500.0,
     tau_t=50.0,
-    steps=100,
+    total_steps=100,
     chunk=50,
     log_interval=10,
     dr_threshold=SKIN,
@@ -350,7 +350,7 @@ def test_npt_compression(pot, tmp_path):
   # The list carried through the compression was complete: the final energy equals one from a
   # freshly allocated list (a zero-step run only allocates and evaluates). Without the forced
   # rebuilds the difference is ~4e-6 eV here.
-  fresh = md.run(result.atoms, pot, steps=0, dr_threshold=SKIN, dtype=jnp.float64)
+  fresh = md.run(result.atoms, pot, total_steps=0, dr_threshold=SKIN, dtype=jnp.float64)
   assert abs(fresh.log.epot[0] - result.log.epot[-1]) <= 1e-12 * abs(fresh.log.epot[0])
 
 
@@ -375,7 +375,7 @@ def test_small_cell_nve(pot):
     ensemble="nve",
     temperature=600.0,
     timestep=1.0,
-    steps=100,
+    total_steps=100,
     chunk=50,
     log_interval=10,
     dr_threshold=SKIN,
@@ -409,7 +409,7 @@ def test_npt_small_cell_compression(pot):
     timestep=1.0,
     tau_p=300.0,
     tau_t=50.0,
-    steps=150,
+    total_steps=150,
     chunk=50,
     log_interval=10,
     dr_threshold=SKIN,
@@ -444,7 +444,7 @@ def test_npt_box_shrinking_below_the_minimum_image_limit(pot):
     timestep=1.0,
     tau_p=500.0,
     tau_t=50.0,
-    steps=100,
+    total_steps=100,
     chunk=50,
     log_interval=10,
     dr_threshold=SKIN,
@@ -472,7 +472,7 @@ def test_molecule_open_boundaries(pot, tmp_path):
     ensemble="nvt_nose_hoover",
     temperature=300.0,
     timestep=1.0,
-    steps=100,
+    total_steps=100,
     chunk=50,
     traj=path,
     traj_interval=25,
@@ -509,29 +509,32 @@ def test_errors(pot, tmp_path):
   with pytest.raises(ValueError, match="unknown ensemble 'nvp'.*nve, nvt_langevin"):
     md.run(atoms, pot, ensemble="nvp")
   with pytest.raises(ValueError, match="steps must be an integer >= 0"):
-    md.run(atoms, pot, steps=-1)
+    md.run(atoms, pot, total_steps=-1)
   with pytest.raises(ValueError, match="timestep"):
     md.run(atoms, pot, timestep=0.0)
   slab = atoms.copy()
   slab.pbc = [True, True, False]
   with pytest.raises(ValueError, match="periodic along all axes or none"):
-    md.run(slab, pot, steps=10)
+    md.run(slab, pot, total_steps=10)
   molecule = atoms.copy()
   molecule.pbc = False
   with pytest.raises(ValueError, match="npt needs a periodic system"):
-    md.run(molecule, pot, ensemble="npt", steps=10)
+    md.run(molecule, pot, ensemble="npt", total_steps=10)
   with pytest.raises(ValueError, match=r"\.traj"):
-    md.run(atoms, pot, steps=10, traj=tmp_path / "out.dcd")
+    md.run(atoms, pot, total_steps=10, traj=tmp_path / "out.dcd")
   gold = atoms.copy()
   gold.numbers[3] = 79
   with pytest.raises(potentials.UnknownElementError, match="Au"):
-    md.run(gold, pot, steps=10, dr_threshold=SKIN)
+    md.run(gold, pot, total_steps=10, dr_threshold=SKIN)
 
 
 def test_options_object_checked_once_and_overridden():
   # one frozen, checked options object: run's keywords are overrides of it
-  base = md.MDOptions(ensemble="nvt_langevin", temperature=500.0, steps=20, chunk=10)
-  assert md.MDOptions.make(base, steps=40) == dataclasses.replace(base, steps=40)
+  base = md.MDOptions(ensemble="nvt_langevin", temperature=500.0, total_steps=20, chunk=10)
+  assert md.MDOptions.make(base, total_steps=40) == dataclasses.replace(base, total_steps=40)
+  # run()'s old keyword: a count it was not once a run resumed
+  with pytest.warns(DeprecationWarning, match="steps= is deprecated .*use total_steps="):
+    assert md.MDOptions.make(base, steps=40) == dataclasses.replace(base, total_steps=40)
   assert md.MDOptions.make() == md.MDOptions() and md.MDOptions().timestep == md.DEFAULTS.timestep
   with pytest.raises(TypeError, match="unknown MD option.*tempreature.*fields: ensemble"):
     md.MDOptions.make(base, tempreature=300.0)

@@ -22,7 +22,7 @@ def ethanol():
 
 def test_both_engines_start_alike_and_report_the_same_temperature(ethanol):
   pot = tiny_molecule_potential()
-  jax_md_run = md.run(ethanol, pot, steps=0, temperature=300.0, seed=4, dtype=jnp.float64)
+  jax_md_run = md.run(ethanol, pot, total_steps=0, temperature=300.0, seed=4, dtype=jnp.float64)
   ase_run = md.run_ase(
     ethanol, Calculator(pot, dtype="float64"), steps=0, temperature=300.0, seed=4
   )
@@ -37,7 +37,7 @@ def test_both_engines_start_alike_and_report_the_same_temperature(ethanol):
   # the same state with given momenta: the engines agree with each other and with ASE
   hot = ethanol.copy()
   hot.set_momenta(np.random.default_rng(0).normal(size=(len(hot), 3)))
-  a = md.run(hot, pot, steps=0, dtype=jnp.float64).log
+  a = md.run(hot, pot, total_steps=0, dtype=jnp.float64).log
   b = md.run_ase(hot, Calculator(pot, dtype="float64"), steps=0).log
   assert a.temperature[0] == pytest.approx(b.temperature[0], rel=1e-12)
   assert a.temperature[0] == pytest.approx(hot.get_temperature(), rel=1e-12)

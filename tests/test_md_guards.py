@@ -135,7 +135,7 @@ def test_non_finite_forces_stop_the_compiled_loop_at_the_last_good_step():
 def test_exploding_run_stopped_by_the_default_temperature_guard(exploding, tmp_path):
   path = tmp_path / "boom.extxyz"
   with pytest.warns(RuntimeWarning, match="MD stopped at step"):
-    result = md.run(cu32(), exploding, steps=200, traj=path, **KW)
+    result = md.run(cu32(), exploding, total_steps=200, traj=path, **KW)
   assert result.stopped == "max_temperature" and result.total_steps < 200
   assert result.reason.startswith(f"MD stopped at step {result.total_steps + 1}: temperature")
   assert "exceeded max_temperature 5000 K" in result.reason and "\n" not in result.reason
@@ -148,7 +148,9 @@ def test_exploding_run_stopped_by_the_default_temperature_guard(exploding, tmp_p
   np.testing.assert_allclose(last.positions, result.atoms.positions, atol=1e-6)
   assert result.log.temperature[-1] == pytest.approx(last.get_temperature(), rel=1e-6)
   # the same run with the guard off goes on to the end, far hotter
-  off = md.run(cu32(), exploding, steps=result.total_steps + 10, max_temperature=math.inf, **KW)
+  off = md.run(
+    cu32(), exploding, total_steps=result.total_steps + 10, max_temperature=math.inf, **KW
+  )
   assert off.stopped is None and off.log.temperature[-1] > 5000.0
 
 
@@ -157,7 +159,7 @@ def test_force_guard(exploding, tmp_path):
   # run's largest force per frame: the limit lies between the start's and the run's largest,
   # so the guard must fire no later than the first frame above it.
   unguarded = tmp_path / "unguarded.extxyz"
-  md.run(cu32(0.0), exploding, steps=40, traj=unguarded, max_temperature=math.inf, **KW)
+  md.run(cu32(0.0), exploding, total_steps=40, traj=unguarded, max_temperature=math.inf, **KW)
   fmax = np.array(
     [np.linalg.norm(f.get_forces(), axis=1).max() for f in md.read_trajectory(unguarded)]
   )
@@ -167,7 +169,13 @@ def test_force_guard(exploding, tmp_path):
   path = tmp_path / "force.h5"
   with pytest.warns(RuntimeWarning, match="max_force"):
     result = md.run(
-      cu32(0.0), exploding, steps=200, traj=path, max_force=limit, max_temperature=math.inf, **KW
+      cu32(0.0),
+      exploding,
+      total_steps=200,
+      traj=path,
+      max_force=limit,
+      max_temperature=math.inf,
+      **KW,
     )
   assert result.stopped == "max_force" and result.total_steps < first_above
   assert f"exceeded max_force {limit:g} eV/Å" in result.reason
@@ -176,7 +184,7 @@ def test_force_guard(exploding, tmp_path):
   assert all(np.linalg.norm(f.get_forces(), axis=1).max() <= limit for f in frames)
   # a start already beyond the limit is refused, naming the option
   with pytest.raises(ValueError, match="start structure fails a runaway guard.*max_force"):
-    md.run(cu32(), exploding, steps=10, max_force=1e-3, **KW)
+    md.run(cu32(), exploding, total_steps=10, max_force=1e-3, **KW)
 
 
 # ------------------------------------------------------------------------------------------

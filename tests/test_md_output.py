@@ -56,7 +56,7 @@ def pot():
 def straight(pot, tmp_path_factory):
   """The run the interrupted ones must reproduce: STEPS steps in one go (.traj)."""
   path = tmp_path_factory.mktemp("straight") / "straight.traj"
-  result = md.run(cu32(), pot, steps=STEPS, traj=path, **KW)
+  result = md.run(cu32(), pot, total_steps=STEPS, traj=path, **KW)
   return result, output.read_trajectory(path)
 
 
@@ -150,7 +150,7 @@ def check_h5md_layout(path, frames):
 def test_each_format_written_read_back_and_resumed(pot, straight, tmp_path, fmt):
   ref, ref_frames = straight
   path = tmp_path / f"run.{fmt}"
-  first = md.run(cu32(), pot, steps=CUT, traj=path, **KW)
+  first = md.run(cu32(), pot, total_steps=CUT, traj=path, **KW)
   frames = md.read_trajectory(path)
   assert steps_of(frames) == list(range(0, CUT + 1, 10))
   last, want = frames[-1], first.atoms
@@ -172,7 +172,7 @@ def test_each_format_written_read_back_and_resumed(pot, straight, tmp_path, fmt)
 
   with warnings.catch_warnings():
     warnings.simplefilter("error", UserWarning)  # "saved integrator state does not match"
-    resumed = md.run(cu32(), pot, steps=STEPS, traj=path, resume=True, **KW)
+    resumed = md.run(cu32(), pot, total_steps=STEPS, traj=path, resume=True, **KW)
   assert resumed.first_step == CUT and resumed.total_steps == STEPS
   got = md.read_trajectory(path)
   assert steps_of(got) == steps_of(ref_frames)
@@ -216,7 +216,7 @@ def kill_after(p):
   if p.step >= {cut}:
     os.kill(os.getpid(), signal.SIGKILL)  # right after a chunk's frames were written
 
-md.run(t.cu32(), t.tiny_copper_potential(3.0), steps={steps}, traj=str(base) + ".traj",
+md.run(t.cu32(), t.tiny_copper_potential(3.0), total_steps={steps}, traj=str(base) + ".traj",
        progress=kill_after, **t.KW)
 """
 
@@ -259,7 +259,7 @@ def test_killed_run_reads_back_to_its_last_frame_and_resumes(pot, straight, kill
   assert steps_of(md.read_trajectory(path)) == list(range(0, CUT + 1, 10))
   tear(path, fmt)
   assert steps_of(md.read_trajectory(path)) == list(range(0, CUT + 1, 10))
-  resumed = md.run(cu32(), pot, steps=STEPS, traj=path, resume=True, **KW)
+  resumed = md.run(cu32(), pot, total_steps=STEPS, traj=path, resume=True, **KW)
   assert resumed.first_step == CUT
   got = md.read_trajectory(path)
   assert steps_of(got) == steps_of(ref_frames)
@@ -326,12 +326,12 @@ def test_resume_keeps_one_log_row_per_step(pot, tmp_path):
   # the trajectory lost its last frame (a cut), the CSV log kept rows past it and a row cut
   # mid-write: the resumed run's log has every step exactly once
   path, log = tmp_path / "cut.extxyz", tmp_path / "cut.csv"
-  md.run(cu32(), pot, steps=CUT, traj=path, log_file=log, **KW)
+  md.run(cu32(), pot, total_steps=CUT, traj=path, log_file=log, **KW)
   lines = path.read_text().splitlines(keepends=True)
   path.write_text("".join(lines[: -(len(cu32()) + 2)]))  # the frame at CUT is gone
   with open(log, "a") as f:
     f.write(f"{CUT + 10},0.1,-3")  # a row cut short
-  resumed = md.run(cu32(), pot, steps=STEPS, traj=path, log_file=log, resume=True, **KW)
+  resumed = md.run(cu32(), pot, total_steps=STEPS, traj=path, log_file=log, resume=True, **KW)
   assert resumed.first_step == CUT - 10
   with open(log) as f:
     steps = [int(float(line.split(",")[0])) for line in f.read().splitlines()[1:]]
@@ -349,7 +349,7 @@ def test_traj_cut_at_its_end_reads_back_and_resumes(pot, straight, killed, tmp_p
     f.truncate(path.stat().st_size - 37)
   assert steps_of(md.read_trajectory(path)) == list(range(0, CUT, 10))
   assert md.read_trajectory(path, -1).info["md_step"] == CUT - 10
-  resumed = md.run(cu32(), pot, steps=STEPS, traj=path, resume=True, **KW)
+  resumed = md.run(cu32(), pot, total_steps=STEPS, traj=path, resume=True, **KW)
   assert resumed.first_step == CUT - 10 and steps_of(md.read_trajectory(path)) == steps_of(
     ref_frames
   )

@@ -28,7 +28,7 @@ NVE = dict(
   ensemble="nve",
   temperature=300.0,
   timestep=0.5,
-  steps=200,
+  total_steps=200,
   chunk=50,
   log_interval=10,
   dr_threshold=0.3,
@@ -112,7 +112,7 @@ def test_overflow_replay_changes_no_replica(pot):
   systems = mixed_systems()
   systems[1] = ase.build.bulk("Cu", "fcc", a=3.4, cubic=True).repeat(2)
   systems[1].rattle(0.15, seed=0)
-  kw = dict(NVE, steps=100)
+  kw = dict(NVE, total_steps=100)
   roomy = md.run(systems, pot, seed=[0, 1, 2], capacity_multiplier=3.0, **kw)
   tight = md.run(systems, pot, seed=[0, 1, 2], capacity_multiplier=1.0, **kw)
   short = md.run(systems, pot, seed=[0, 1, 2], capacity_multiplier=0.5, **kw)
@@ -138,9 +138,9 @@ def test_temperatures_and_seeds_per_replica_langevin(tmp_path):
     friction=0.02,
   )
   out = tmp_path / "md.extxyz"
-  many = md.run([cu, cu], pot, temperature=[300.0, 600.0], seed=5, steps=40, traj=out, **kw)
+  many = md.run([cu, cu], pot, temperature=[300.0, 600.0], seed=5, total_steps=40, traj=out, **kw)
   for i, (t, many_i) in enumerate(zip((300.0, 600.0), many)):
-    one = md.run(cu, pot, temperature=t, seed=5 + i, steps=40, **kw)
+    one = md.run(cu, pot, temperature=t, seed=5 + i, total_steps=40, **kw)
     assert position_difference(one.atoms, many_i.atoms) < 1e-4
     np.testing.assert_allclose(many_i.log.temperature, one.log.temperature, rtol=1e-3)
   assert many[1].log.temperature[-1] > many[0].log.temperature[-1]
@@ -150,7 +150,7 @@ def test_temperatures_and_seeds_per_replica_langevin(tmp_path):
   assert [f.info["md_step"] for f in frames] == [0, 10, 20, 30, 40]
   # resume both to step 60; the first 40 steps are not rerun
   more = md.run(
-    [cu, cu], pot, temperature=[300.0, 600.0], seed=5, steps=60, traj=out, resume=True, **kw
+    [cu, cu], pot, temperature=[300.0, 600.0], seed=5, total_steps=60, traj=out, resume=True, **kw
   )
   assert [r.first_step for r in more] == [40, 40] and [r.total_steps for r in more] == [60, 60]
   assert [f.info["md_step"] for f in md.read_trajectory(paths[0])][-3:] == [40, 50, 60]
@@ -162,7 +162,7 @@ def test_nose_hoover_replicas_and_refusals(pot):
   kw = dict(
     ensemble="nvt_nose_hoover",
     timestep=2.0,
-    steps=20,
+    total_steps=20,
     chunk=20,
     dr_threshold=0.3,
     dtype=jnp.float64,
@@ -174,15 +174,15 @@ def test_nose_hoover_replicas_and_refusals(pot):
     np.testing.assert_allclose(m.log.conserved, one.log.conserved, atol=1e-10)
   systems = mixed_systems()
   with pytest.raises(ValueError, match="must have one size; use nvt_langevin"):
-    md.run(systems, pot, **dict(kw, steps=1))
+    md.run(systems, pot, **dict(kw, total_steps=1))
   with pytest.raises(ValueError, match="not run for several systems at once"):
-    md.run([cell, cell], cu, ensemble="npt", steps=1)
+    md.run([cell, cell], cu, ensemble="npt", total_steps=1)
   with pytest.raises(ValueError, match="3 entries for 2 systems"):
-    md.run([cell, cell], cu, temperature=[1.0, 2.0, 3.0], steps=1)
+    md.run([cell, cell], cu, temperature=[1.0, 2.0, 3.0], total_steps=1)
   with pytest.raises(ValueError, match="same trajectory file"):
-    md.run([cell, cell], cu, traj=["a.traj", "a.traj"], steps=1)
+    md.run([cell, cell], cu, traj=["a.traj", "a.traj"], total_steps=1)
   with pytest.raises(ValueError, match="empty"):
-    md.run([], cu, steps=1)
+    md.run([], cu, total_steps=1)
 
 
 def test_a_runaway_replica_leaves_the_batch_and_the_others_finish(tmp_path):
@@ -197,7 +197,7 @@ def test_a_runaway_replica_leaves_the_batch_and_the_others_finish(tmp_path):
   kw = dict(
     ensemble="nve",
     timestep=2.0,
-    steps=200,
+    total_steps=200,
     chunk=20,
     log_interval=5,
     dr_threshold=0.2,
@@ -258,7 +258,7 @@ SHARDED = textwrap.dedent("""
     from test_md_replicas import mixed_potential, mixed_systems, NVE
     assert jax.device_count() == 2
     systems = mixed_systems()[1:] * 2  # four periodic systems: two per device
-    res = md.run(systems, mixed_potential(), seed=[0, 1, 2, 3], **dict(NVE, steps=60))
+    res = md.run(systems, mixed_potential(), seed=[0, 1, 2, 3], **dict(NVE, total_steps=60))
     np.save({out!r}, np.concatenate([r.atoms.positions.ravel() for r in res]
                                     + [r.log.etot for r in res]))
 """)
@@ -276,6 +276,6 @@ def test_sharded_over_two_devices_equals_one_device(pot, tmp_path):
     timeout=600,
   )
   systems = mixed_systems()[1:] * 2
-  res = md.run(systems, pot, seed=[0, 1, 2, 3], **dict(NVE, steps=60))
+  res = md.run(systems, pot, seed=[0, 1, 2, 3], **dict(NVE, total_steps=60))
   ref = np.concatenate([r.atoms.positions.ravel() for r in res] + [r.log.etot for r in res])
   np.testing.assert_allclose(np.load(out), ref, atol=1e-10)

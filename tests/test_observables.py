@@ -210,13 +210,16 @@ def test_potential_functions_take_keywords_and_the_old_species_keyword():
   pos = np.array([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.0]])
   dst, src = np.nonzero(~np.eye(3, dtype=bool))
   idx = jnp.asarray(pot.species_index(z))
-  f = pot.pair_energies_fn()
+  f = pot.atomic_energies_from_pairs_fn()
   r = ops.pair_vectors(jnp.asarray(pos), dst, src)
   new = f(pot.params, species_index=idx, r=r, dst=dst, src=src)
   np.testing.assert_array_equal(new, f(pot.params, idx, r, dst, src))
   with pytest.warns(DeprecationWarning, match="species_index"):
     old = f(pot.params, species=idx, r=r, dst=dst, src=src)
   np.testing.assert_array_equal(new, old)
+  with pytest.warns(DeprecationWarning, match="pair_energies_fn is deprecated"):
+    old_name = pot.pair_energies_fn()  # it returned per-atom energies all along
+  np.testing.assert_array_equal(new, old_name(pot.params, species_index=idx, r=r, dst=dst, src=src))
   out = observables.compute(
     lambda r: f(pot.params, species_index=idx, r=r, dst=dst, src=src),
     jnp.asarray(pos),

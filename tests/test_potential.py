@@ -363,10 +363,12 @@ def test_density_features_option():
   assert abs(centre(on, three) - centre(on, three[:2])) > 1e-4
 
 
-@pytest.mark.parametrize("extra", [None, dict(density_features=False, heads=2, committee=2)])
+@pytest.mark.parametrize(
+  "extra", [None, dict(density_features=False, readout_heads=2, committee=2)]
+)
 def test_stages_chain_to_the_whole_model(pot, system, extra):
   """Potential.stage_fn, one hop at a time (what LAMMPS exchanges features between), chains to
-  pair_energies_fn exactly; stage arguments are checked."""
+  atomic_energies_from_pairs_fn exactly; stage arguments are checked."""
   z, pos = system
   if extra is not None:
     kw = {k: v for k, v in HYPER.items() if k not in ("product", "radial_mlp")}
@@ -380,7 +382,7 @@ def test_stages_chain_to_the_whole_model(pot, system, extra):
   x = None
   for s in range(pot.num_stages):
     x = pot.stage_fn(s)(pot.params, sp, r, dst, src, features=x)
-  whole = pot.pair_energies_fn(include_shift=False)(pot.params, sp, r, dst, src)
+  whole = pot.atomic_energies_from_pairs_fn(include_shift=False)(pot.params, sp, r, dst, src)
   np.testing.assert_allclose(x, whole, rtol=1e-6, atol=1e-6)
   assert x.shape == (len(z),)
   one = pot.members()[0]  # the flax module takes one network's parameters (a committee has K)

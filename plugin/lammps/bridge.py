@@ -26,7 +26,7 @@ import numpy as np
 
 from plugin.defaults import DEFAULTS
 
-from .evaluate import RankEvaluator
+from .rank import RankEvaluator
 
 __all__ = ["register", "evaluators", "parse_pair_style"]
 

@@ -4,11 +4,11 @@
 
     import plugin.md
     result = plugin.md.run(atoms, potential, ensemble="nvt_langevin", temperature=300.0,
-                           timestep=1.0, steps=10_000, traj="md.traj", log_file="md.csv")
+                           timestep=1.0, total_steps=10_000, traj="md.traj", log_file="md.csv")
     result.atoms            # final structure (positions, momenta, cell, energy, forces)
     result.log.temperature  # (num_rows,) K
     # after an interruption, the same call with resume=True continues from the last frame:
-    plugin.md.run(atoms, potential, ..., steps=10_000, traj="md.traj", resume=True)
+    plugin.md.run(atoms, potential, ..., total_steps=10_000, traj="md.traj", resume=True)
 
 The package, in the order :func:`run` composes it (jax-md style: small functions returning
 closures, ``(init_fn, apply_fn)`` integrators):

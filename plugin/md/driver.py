@@ -319,7 +319,7 @@ def _reporter(progress, opts: RunOptions, start: _Start) -> Callable:
   ``close`` attribute ends a bar."""
   first, masses = start.first_step, start.system.masses
   bar = (
-    output.ProgressBar(opts.steps - first, opts.timestep, desc=f"MD {opts.ensemble}")
+    output.ProgressBar(opts.total_steps - first, opts.timestep, desc=f"MD {opts.ensemble}")
     if progress is True
     else None
   )
@@ -336,7 +336,7 @@ def _reporter(progress, opts: RunOptions, start: _Start) -> Callable:
       progress(
         Progress(
           step=g,
-          total_steps=opts.steps,
+          total_steps=opts.total_steps,
           time_ps=time_ps,
           temperature=temperature,
           epot=r["epot_eV"],
@@ -375,7 +375,7 @@ def run(
     potential: the :class:`potentials.Potential`.
     options: the run's :class:`MDOptions` (default ``MDOptions()``: :data:`plugin.md.DEFAULTS`).
     **overrides: any of :class:`MDOptions`' fields, replacing ``options``' (the keywords ``run``
-      has always taken: ``ensemble=``, ``temperature=``, ``timestep=``, ``steps=``,
+      has always taken: ``ensemble=``, ``temperature=``, ``timestep=``, ``total_steps=``,
       ``traj=``, ``resume=``, ``max_uncertainty=``, ...).
 
   Returns:
@@ -411,7 +411,7 @@ def _run_one(atoms: ase.Atoms, potential, options: MDOptions, check_uncertain) -
   limits = jnp.asarray([rec.limits["max_temperature"], rec.limits["max_force"]], opts.dtype)
   uncertain = []
   try:
-    for c in eng.simulate_chunks(engine, carry, start.first_step, opts.steps, extra, limits):
+    for c in eng.simulate_chunks(engine, carry, start.first_step, opts.total_steps, extra, limits):
       code = c.guard
       if not code and check_uncertain is not None:
         state, nbrs, _ = c.carry
@@ -461,7 +461,7 @@ def _uncertainty_check(potential, options: MDOptions) -> Optional[Callable]:
   if potential.num_members == 1:
     raise ValueError(
       "max_uncertainty needs an ensemble potential (several members); this one is a single "
-      "model. Train one with `eqattn train ... --heads 4` (shallow) or `--ensemble 4` "
+      "model. Train one with `eqattn train ... --readout-heads 4` (shallow) or `--committee 4` "
       "(committee), or stack models with potentials.Potential.stack([...])"
     )
 
@@ -685,7 +685,7 @@ def _segment(potential, live: List[_Member], g: int, tally: _Tally, report, unce
   leaving: List[Tuple[int, int, str]] = []
   write = any(m.rec.traj is not None for m in live)
   try:
-    for c in eng.simulate_chunks(engine, carry, g, opts[0].steps, extra, limits):
+    for c in eng.simulate_chunks(engine, carry, g, opts[0].total_steps, extra, limits):
       leaving = _leaving(c, live, batch.sizes, uncertainty, potential)
       codes = {k: code for k, code, _ in leaving}
       fr = jax.device_get(c.frames) if write else None
@@ -799,7 +799,10 @@ def _batch_reporter(progress, opts: RunOptions, first: int, sizes: List[int]) ->
   temperature and energies over the running systems' latest rows); ``close`` ends a bar."""
   bar = (
     output.ProgressBar(
-      opts.steps - first, opts.timestep, desc=f"MD {opts.ensemble} x{len(sizes)}", atoms=sum(sizes)
+      opts.total_steps - first,
+      opts.timestep,
+      desc=f"MD {opts.ensemble} x{len(sizes)}",
+      atoms=sum(sizes),
     )
     if progress is True
     else None
@@ -817,7 +820,7 @@ def _batch_reporter(progress, opts: RunOptions, first: int, sizes: List[int]) ->
       progress(
         Progress(
           step=g,
-          total_steps=opts.steps,
+          total_steps=opts.total_steps,
           time_ps=recs[0].time_fs(g) * 1e-3,
           temperature=mean("temperature_K"),
           epot=mean("epot_eV"),

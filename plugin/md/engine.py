@@ -370,7 +370,7 @@ def engine(potential: potentials.Potential, key: EngineKey) -> Engine:
     potential,
     displacement_fn,
     box,
-    species=np.asarray(key.numbers),
+    atomic_numbers=np.asarray(key.numbers),
     dr_threshold=key.dr_threshold,
     capacity_multiplier=key.capacity_multiplier,
     fractional_coordinates=key.periodic,

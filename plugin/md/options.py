@@ -20,6 +20,7 @@ from plugin.md.settings import DEFAULTS, RunOptions, guard_limits, resolve_dtype
 
 PathLike = Union[str, os.PathLike]
 UNCERTAINTY_ACTIONS = ("stop", "flag")
+RENAMED = {"steps": "total_steps"}  # run()'s old keywords (a count it was not, after a resume)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +35,10 @@ class MDOptions:
       ``init_temperature`` is given or the atoms have momenta. With a list of systems, one
       per system (a tuple) or one for all.
     timestep: fs.
-    steps: the step number at which the run ends (a fresh run runs ``steps`` steps; a resumed
-      one continues from the last frame's ``md_step``).
+    total_steps: the run's length in steps, counting those done before a resume: a fresh run
+      runs ``total_steps`` steps, a resumed one continues from its last frame's ``md_step`` up
+      to it. Its old keyword ``steps=`` (in :func:`plugin.md.run` and :meth:`make`) still
+      works, deprecated.
     pressure: NPT target (bar).
     friction: Langevin friction (1/fs).
     tau_t, tau_p: Nose-Hoover thermostat / barostat times (fs); defaults ``100 * timestep`` and
@@ -80,7 +83,7 @@ class MDOptions:
   ensemble: str = DEFAULTS.ensemble
   temperature: Union[float, Tuple[float, ...]] = DEFAULTS.temperature
   timestep: float = DEFAULTS.timestep
-  steps: int = DEFAULTS.steps
+  total_steps: int = DEFAULTS.steps
   pressure: float = DEFAULTS.pressure
   friction: float = DEFAULTS.friction
   tau_t: Optional[float] = None
@@ -114,7 +117,11 @@ class MDOptions:
 
   @classmethod
   def make(cls, options: Optional["MDOptions"] = None, **overrides) -> "MDOptions":
-    """``options`` (default ``MDOptions()``) with ``overrides`` (any of its fields)."""
+    """``options`` (default ``MDOptions()``) with ``overrides`` (any of its fields, or a
+    deprecated name in :data:`RENAMED`)."""
+    from potentials import deprecation  # JAX: only here, where a run is being made
+
+    overrides = deprecation.rename_keys(overrides, RENAMED)
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
       raise TypeError(
@@ -174,8 +181,9 @@ def _check(o: MDOptions, temperature: float) -> None:
   """The checks of one system's options (clear errors)."""
   if o.ensemble not in TABLE:
     raise ValueError(f"unknown ensemble {o.ensemble!r}; choose one of {', '.join(TABLE)}")
-  if isinstance(o.steps, bool) or not isinstance(o.steps, (int, np.integer)) or o.steps < 0:
-    raise ValueError(f"steps must be an integer >= 0, got {o.steps!r}")
+  n = o.total_steps
+  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+    raise ValueError(f"total_steps must be an integer >= 0, got {n!r}")
   for name in ("chunk", "log_interval", "traj_interval"):
     _positive_int(name, getattr(o, name))
   _finite("timestep", o.timestep, strict=True)
@@ -208,7 +216,7 @@ def _run_options(o: MDOptions, *, temperature: float, seed: int) -> RunOptions:
     ensemble=o.ensemble,
     temperature=float(temperature),
     timestep=float(o.timestep),
-    steps=int(o.steps),
+    total_steps=int(o.total_steps),
     pressure=float(o.pressure),
     friction=float(o.friction),
     tau_t=tau_t,

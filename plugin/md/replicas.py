@@ -77,7 +77,7 @@ def _model_inputs(cutoff: float) -> Callable:
 def energy_fn(potential: potentials.Potential) -> Callable:
   """``energy(R, neighbor, perturbation=None, **ignored) -> ()`` eV of one replica (element
   shifts included, as ``plugin.jax_md``'s energy)."""
-  pair_fn, params = potential.pair_energies_fn(), potential.params
+  pair_fn, params = potential.atomic_energies_from_pairs_fn(), potential.params
   inputs = _model_inputs(float(potential.cutoff))
 
   def energy(R, neighbor, perturbation=None, **kwargs):

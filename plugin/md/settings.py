@@ -29,7 +29,7 @@ class RunOptions:
   ensemble: str
   temperature: float
   timestep: float
-  steps: int
+  total_steps: int
   pressure: float
   friction: float
   tau_t: float

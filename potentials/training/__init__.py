@@ -14,6 +14,7 @@ from .batching import _device_batch  # noqa: F401  (old name of device_batch)
 from .config import DEFAULT_MINUTES, LOSSES, MAX_SELECTION_FRAMES, OPTIMIZERS, SCHEDULES, SPLITS
 from .config import TrainConfig
 from .evaluation import (
+  error_metrics,
   evaluate,
   fit_element_shifts,
   grouped_metrics,
@@ -45,6 +46,7 @@ __all__ = [
   "OPTIMIZERS",
   "SPLITS",
   "TrainConfig",
+  "error_metrics",
   "evaluate",
   "fit_element_shifts",
   "grouped_metrics",

@@ -99,7 +99,7 @@ def calibrate(
     "forces_scale": forces_scale,
     "members": potential.num_members,
     "committee": potential.config.committee,
-    "heads": potential.config.heads,
+    "heads": potential.config.readout_heads,
     "calibration_frames": len(recs),
   }
   return potential.replace(metadata=meta)

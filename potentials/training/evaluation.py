@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import observables
+from .. import deprecation, observables
 from ..potential import Potential
 from .batching import Frame, buckets, device_batch, make_batch
 
@@ -24,7 +24,7 @@ def predict_fn(potential: Potential, members: bool = False) -> Callable:
     member_fn = potential.member_energies_fn(include_shift=True)
     pair_fn = lambda *a, **k: member_fn(*a, **k) / m
   else:
-    pair_fn = potential.pair_energies_fn(include_shift=True)
+    pair_fn = potential.atomic_energies_from_pairs_fn(include_shift=True)
 
   def predict(params, bt):
     out = batch_observables(pair_fn, params, bt, volumes=bt["volumes"])
@@ -36,8 +36,9 @@ def predict_fn(potential: Potential, members: bool = False) -> Callable:
 
 
 def batch_observables(pair_fn: Callable, params, bt: dict, **options) -> observables.Observables:
-  """:func:`potentials.observables.compute` of a pair-energy function (``pair_energies_fn``
-  or ``member_energies_fn``) on a device batch; ``options`` go to ``compute``."""
+  """:func:`potentials.observables.compute` of a function of pair vectors
+  (``atomic_energies_from_pairs_fn`` or ``member_energies_fn``) on a device batch; ``options``
+  go to ``compute``."""
   energies = lambda r: pair_fn(
     params,
     species_index=bt["species"],
@@ -109,7 +110,7 @@ def predictions(
     yield b, idx, tuple(np.asarray(x, np.float64) for x in out)
 
 
-def evaluate(
+def error_metrics(
   potential: Potential, frames: Sequence[Frame], batch_size: int = 16, dtype=jnp.float32
 ) -> Dict[str, float]:
   """MAE/RMSE of energy (per atom and total, eV), forces (eV/Å) and stress (eV/Å^3)."""
@@ -131,6 +132,12 @@ def evaluate(
       out[f"{names[key]}_mae"] = float(np.mean(np.abs(v)))
       out[f"{names[key]}_rmse"] = float(np.sqrt(np.mean(v**2)))
   return out
+
+
+def evaluate(*args, **kwargs) -> Dict[str, float]:
+  """Deprecated name of :func:`error_metrics`."""
+  deprecation.warn("potentials.training.evaluate", "potentials.training.error_metrics")
+  return error_metrics(*args, **kwargs)
 
 
 def predict_energies(
@@ -162,7 +169,7 @@ def refit_shifts(
 def grouped_metrics(
   potential: Potential, frames: Sequence[Frame], batch_size: int = 16, dtype=jnp.float32
 ) -> Dict[str, Dict[str, float]]:
-  """:func:`evaluate` per config_type and per temperature (keys 'config_type=...',
+  """:func:`error_metrics` per config_type and per temperature (keys 'config_type=...',
   'T=...K'), for tables of held-out error against temperature."""
   groups: Dict[str, List[Frame]] = {}
   for f in frames:
@@ -170,4 +177,4 @@ def grouped_metrics(
       groups.setdefault(f"config_type={f.config_type}", []).append(f)
     if f.temperature is not None:
       groups.setdefault(f"T={f.temperature:g}K", []).append(f)
-  return {k: evaluate(potential, v, batch_size, dtype) for k, v in sorted(groups.items())}
+  return {k: error_metrics(potential, v, batch_size, dtype) for k, v in sorted(groups.items())}

@@ -28,7 +28,7 @@ from .batching import Frame, batch_capacity, device_batch, make_batch
 from .config import MAX_SELECTION_FRAMES, TrainConfig
 from .readout_fit import fit_force_readout
 from .schedule import Schedule, budget_of
-from .evaluation import evaluate, fit_element_shifts, grouped_metrics, predict_fn, refit_shifts
+from .evaluation import error_metrics, fit_element_shifts, grouped_metrics, predict_fn, refit_shifts
 from .splits import split_parts, split_summary
 
 
@@ -482,7 +482,7 @@ def _evaluated(potential: Potential, sets: dict, config: TrainConfig, dtype):
   """``(potential, metrics)``: metrics on every split part, the test ones (overall and by
   group) in the metadata; an ensemble also calibrated on the validation frames, with its
   uncertainty measures on the test frames (``test_uncertainty``)."""
-  metrics = {k: evaluate(potential, v, config.batch_size, dtype) for k, v in sets.items()}
+  metrics = {k: error_metrics(potential, v, config.batch_size, dtype) for k, v in sets.items()}
   meta = dict(
     potential.metadata,
     test_metrics=metrics["test"],

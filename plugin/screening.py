@@ -1,6 +1,6 @@
 """Many structures at once: energies, forces and stresses for screening sets.
 
-``plugin.ase.evaluate(potential, structures)`` evaluates a list of ``ase.Atoms`` of any sizes
+``plugin.ase.calculate_many(potential, structures)`` evaluates a list of ``ase.Atoms`` of any sizes
 and cells in padded batches sorted into size buckets (:func:`potentials.training.buckets`), so
 thousands of structures compile a handful of programs, and returns one dict of results per
 structure, in ASE's units and conventions (those of :class:`plugin.ase.Calculator`, with which
@@ -24,7 +24,7 @@ from .host import resolve_dtype
 PROPERTIES = ("energy", "free_energy", "forces", "stress")
 
 
-def evaluate(
+def calculate_many(
   potential: potentials.Potential,
   structures: Sequence[Atoms],
   *,
