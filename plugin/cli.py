@@ -182,7 +182,7 @@ def cmd_md(args) -> int:
         warnings.filterwarnings("ignore", message=what, category=RuntimeWarning)
       result = _run_md(md, args, atoms, pot, ensemble, steps, out, bar)
     steps = result.steps if args.engine == "jax-md" else steps  # a resumed run: the rest only
-  except ValueError as e:  # e.g. mixed periodicity (a slab with pbc=(1, 1, 0))
+  except (ValueError, MemoryError) as e:  # e.g. mixed periodicity, a cell too thin
     raise UsageError(str(e)) from None
   finally:
     bar.close()
@@ -313,7 +313,7 @@ def _cmd_md_many(args, pot, systems, temps, seeds) -> int:
         log_file=[str(t.with_suffix(".csv")) for t in trajs],
       )
       results = md.run(systems, pot, options, progress=bar)
-  except ValueError as e:
+  except (ValueError, MemoryError) as e:
     raise UsageError(str(e)) from None
   finally:
     bar.close()

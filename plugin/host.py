@@ -260,6 +260,23 @@ def overlap_message(numbers, i: int, j: int, across: bool, distance: float, limi
   )
 
 
+def check_pair_memory(atoms, config, reach: float, dtype, headroom: float = 1.0) -> None:
+  """``MemoryError`` (the figure and the closest pair) when the pairs within ``reach`` Å of
+  ``atoms``, with ``headroom`` (a neighbour list's spare capacity), would need more memory
+  than is available: found on the host, before anything is compiled or allocated."""
+  from .neighbors import neighbor_pairs
+
+  pbc = np.asarray(atoms.pbc, bool)
+  cell = np.asarray(atoms.cell.array, np.float64)
+  dst, src, shifts = neighbor_pairs(atoms.positions, cell if pbc.any() else None, pbc, reach)
+  num_pairs = int(np.ceil(len(dst) * headroom))
+  short = memory_shortfall(config, num_pairs, dtype)
+  if short is not None:
+    positions = np.asarray(atoms.positions, np.float64)
+    distance, _ = closest_pair(positions, cell, dst, src, shifts, len(dst))
+    raise memory_error(*short, num_pairs, len(atoms), distance)
+
+
 def check_overlaps(atoms, limit: float) -> None:
   """Raises ``ValueError`` naming the closest two atoms of ``atoms`` if they are closer than
   ``limit`` Å (periodic images included); a host pair search within ``limit`` only."""

@@ -182,6 +182,20 @@ def test_md_resume_of_a_finished_run_and_of_nothing(tiny_model, tmp_path, capsys
   assert "already reaches step 20: nothing to run" in out and "nan" not in out
 
 
+@pytest.mark.parametrize("engine", ["jax-md", "ase"])
+def test_md_refuses_what_would_not_fit_in_memory(tiny_model, tmp_path, capsys, monkeypatch, engine):
+  # both engines: one line with the figure and exit 2, before any work; nothing written
+  from plugin import host
+
+  monkeypatch.setattr(host, "available_memory_bytes", lambda: 1000)
+  out = tmp_path / "md.traj"
+  argv = ["md", "--model", tiny_model, "--engine", engine, "--steps", "10", "--out", str(out)]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert "GiB for its" in err and "nothing was allocated" in err and "Traceback" not in err
+  assert not out.exists()
+
+
 def test_unknown_element_and_bad_values(tiny_model, tmp_path, capsys):
   xyz = tmp_path / "cu.xyz"
   write(xyz, molecule("H2O") + molecule("H2O"))

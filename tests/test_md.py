@@ -528,6 +528,22 @@ def test_errors(pot, tmp_path):
     md.run(gold, pot, total_steps=10, dr_threshold=SKIN)
 
 
+def test_refused_before_allocating_as_the_calculator_refuses(pot, tmp_path, monkeypatch):
+  # pairs that need more memory than is available are refused on the host before anything
+  # is compiled (the figure and the closest pair), as plugin.ase.Calculator refuses them;
+  # nothing is written, and the same call runs once the memory is there
+  from plugin import host
+
+  need = host.pair_memory_bytes(pot.config, 100, np.float32)  # 32 atoms have more pairs
+  monkeypatch.setattr(host, "available_memory_bytes", lambda: need)
+  traj = tmp_path / "md.traj"
+  with pytest.raises(MemoryError, match=r"GiB for its \d+ pairs .* nothing was allocated"):
+    md.run(cu32(), pot, total_steps=10, traj=traj, dr_threshold=SKIN)
+  assert not traj.exists()
+  monkeypatch.undo()
+  assert md.run(cu32(), pot, total_steps=10, traj=traj, dr_threshold=SKIN).total_steps == 10
+
+
 def test_options_object_checked_once_and_overridden():
   # one frozen, checked options object: run's keywords are overrides of it
   base = md.MDOptions(ensemble="nvt_langevin", temperature=500.0, total_steps=20, chunk=10)

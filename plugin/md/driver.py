@@ -82,15 +82,18 @@ class _Start:
 
 
 def _start(
-  atoms: ase.Atoms, traj: Optional[Path], resume: bool, opts: RunOptions, cutoff: float
+  atoms: ase.Atoms, traj: Optional[Path], resume: bool, opts: RunOptions, potential
 ) -> _Start:
   """The start of a fresh run, or (``resume``) of the last frame of ``traj``."""
+  cutoff = float(potential.cutoff)
   system = msys.from_atoms(atoms, cutoff, opts.dr_threshold)
   if TABLE[opts.ensemble].variable_box and not system.periodic:
     raise ValueError(f"{opts.ensemble} needs a periodic system (atoms.pbc all True and a cell)")
   last = None if traj is None else output.read_last_frame(traj)
   if last is None:
     host.check_overlaps(atoms, DEFAULTS.min_distance)  # as the ASE engine refuses them
+    reach, spare = cutoff + opts.dr_threshold, opts.capacity_multiplier
+    host.check_pair_memory(atoms, potential.config, reach, opts.dtype, spare)
     if traj is not None:
       output.prepare_resume(traj)  # only an incomplete frame (or nothing): drop it
     return _Start(system)
@@ -398,7 +401,7 @@ def _run_one(atoms: ase.Atoms, potential, options: MDOptions, check_uncertain) -
   traj_path = None if options.traj is None else Path(options.traj)
   if traj_path is not None:
     output.traj_format(traj_path)
-  start = _start(atoms, traj_path, options.resume, opts, float(potential.cutoff))
+  start = _start(atoms, traj_path, options.resume, opts, potential)
   engine = eng.engine(potential, _engine_key(opts, start.system))
   traces0 = engine.traces[0]
   carry, extra = _start_carry(engine, start, opts)
@@ -783,8 +786,7 @@ def _batch_plan(systems, potential, options: MDOptions):
       output.traj_format(t)
   if len({str(t) for t in trajs if t is not None}) < sum(t is not None for t in trajs):
     raise ValueError("two systems would write the same trajectory file; give one path each")
-  cutoff = float(potential.cutoff)
-  starts = [_start(a, t, options.resume, o, cutoff) for a, t, o in zip(systems, trajs, opts)]
+  starts = [_start(a, t, options.resume, o, potential) for a, t, o in zip(systems, trajs, opts)]
   first = {st.first_step for st in starts}
   if len(first) > 1:
     raise ValueError(
