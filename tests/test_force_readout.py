@@ -34,7 +34,9 @@ def _with_readout_scale(pot, factor):
 @pytest.fixture(scope="module")
 def readout():
   """3 heads with read-out force deviations of ~0.1-1 eV/Å, forces of a few eV/Å."""
-  p = potentials.Potential.create(0, species=["H", "C", "O"], readout_heads=3, force_heads=True, **TINY)
+  p = potentials.Potential.create(
+    0, species=["H", "C", "O"], readout_heads=3, force_heads=True, **TINY
+  )
   p = p.replace(params={**p.params, "scale": np.full_like(p.params["scale"], 5.0)})
   return _with_readout_scale(p, 300.0)
 
