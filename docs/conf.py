@@ -6,6 +6,7 @@ parser (sphinx-argparse).
 """
 
 import pathlib
+import shutil
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -25,6 +26,9 @@ source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 exclude_patterns = ["_build", "benchmarks/*.json"]
 myst_heading_anchors = 3
 autosummary_generate = True
+# autosummary writes pages for what api.md lists but never deletes the pages of names no
+# longer listed (a rename leaves an orphan page, which -W turns into an error): start clean
+shutil.rmtree(pathlib.Path(__file__).parent / "generated", ignore_errors=True)
 autodoc_member_order = "bysource"
 autodoc_typehints = "none"  # the docstrings state shapes and units
 napoleon_google_docstring = True

@@ -8,6 +8,10 @@
     eqattn train DATA --species H C O [--time-limit MINUTES] [--epochs N]
                  [--readout-heads K [--force-heads] | --committee K] [--out MODEL]
     eqattn train DATA --init MODEL [--time-limit MINUTES] [--out MODEL]     (fine-tune)
+    eqattn learn START.xyz [MORE.xyz ...] [--reference gfn2|gfn1|emt|module:callable]
+                 [--temperatures 300,600] [--time-limit MINUTES] [--max-labels N]
+                 [--uncertainty-target EV_PER_A] [--workers N] [--label-timeout S]
+                 [--test FILE] [--out learn] [--resume]
     eqattn select TRAJ --model MODEL [--n 50] [--out new.extxyz]
     eqattn eval MODEL DATA [--parity PNG]
     eqattn check-conservation MODEL STRUCTURE [--temperature K] [--dt FS] [--time PS]
@@ -494,8 +498,29 @@ def _info_summary(pot, name: str) -> str:
         f"{what}: forces MAE {1e3 * m['forces_mae']:.1f} meV/Å, energy MAE "
         f"{1e3 * m['energy_mae']:.2f} meV ({1e3 * m['energy_per_atom_mae']:.2f} meV/atom)"
       )
+  lines += _learn_summary(meta.get("learn"))
   lines.append("(all fields: eqattn info --json)")
   return "\n".join(lines)
+
+
+def _learn_summary(learn) -> list:
+  """How `eqattn learn` made the model: reference, calls, rounds, the last check."""
+  if not learn:
+    return []
+  out = [
+    f"learnt from {learn['reference_calls']} {learn['reference']} calls "
+    f"({learn['failed_calls']} failed) in {learn['rounds']} rounds, {learn['minutes']:.0f} min, "
+    f"stopped: {learn['stop_reason']}"
+  ]
+  for kind, m in (learn.get("last_next_round") or {}).items():
+    if m:
+      out.append(
+        f"last round, before training on it ({kind}ed frames): forces MAE "
+        f"{m['forces_mae_meV_A']:.1f} meV/Å, energy MAE {m['energy_mae_meV_atom']:.2f} meV/atom"
+      )
+  if learn.get("test"):
+    out.append(f"test file: forces MAE {learn['test']['forces_mae_meV_A']:.1f} meV/Å")
+  return out
 
 
 def cmd_eval(args) -> int:
@@ -786,6 +811,16 @@ def cmd_check_conservation(args) -> int:
   return 0
 
 
+def cmd_learn(args) -> int:
+  from plugin.learn import command
+
+  try:
+    prepared = command.prepare(args)
+  except ValueError as e:  # UnknownElementError too
+    raise UsageError(str(e)) from None
+  return command.run(prepared, args)
+
+
 def cmd_lammps(args) -> int:
   from plugin.lammps.driver import run_args
 
@@ -823,6 +858,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   _add_md(sub)
   _add_train(sub)
+  _add_learn(sub)
   _add_tools(sub)
 
   for command in sub.choices.values():
@@ -834,6 +870,16 @@ def build_parser() -> argparse.ArgumentParser:
     command.epilog = _CACHE_HELP
     command.formatter_class = _Formatter
   return ap
+
+
+def _add_learn(sub) -> None:
+  from plugin.learn.command import add_arguments
+
+  p = sub.add_parser(
+    "learn", help="learn a potential for your own system from a reference (active learning)"
+  )
+  add_arguments(p, temperatures=_temperature_list, positive=_positive)
+  p.set_defaults(func=cmd_learn)
 
 
 def _add_md(sub) -> None:
@@ -1135,6 +1181,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _continue_hint(args) -> str:
+  if args.command == "learn":
+    return f"rerun the same command with --resume to continue in {args.out}"
   if args.command == "train":
     if getattr(args, "checkpoint", None):
       return f"rerun the same command to continue from {args.checkpoint} with the time left"

@@ -5,6 +5,7 @@ compile for minutes, so those runs are ``slow``; the ``_tiny`` variants run the 
 the tiny stand-in models of conftest and check everything but the trained physics.
 """
 
+import json
 import os
 import runpy
 import subprocess
@@ -36,6 +37,19 @@ def test_ase_md_ethanol(tmp_path, capsys):
   assert summary["compilations"] <= 1  # 0 if an earlier test compiled this model already
   assert summary["fluctuation_mev_atom"] < 1.0  # 0.5 fs velocity Verlet: ~0.03 meV/atom
   assert "NVE: drift" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # a learning run: about a minute
+def test_learn_alloy(tmp_path, capsys):
+  tiny = dict(cutoff=3.5, features=8, num_iterations=1, num_heads=1, num_basis=4)
+  options = dict(max_labels=20, seed_labels=8, replicas=1, explore_ps=0.1, workers=1, model=tiny)
+  out = example_main("learn_alloy")(
+    ["--minutes", "1", "--out", str(tmp_path / "run"), "--md-ps", "0.2"]
+    + ["--options", json.dumps(options)]
+  )
+  assert out["report"]["reference_calls"] <= 20 and out["report"]["rounds"]
+  assert (tmp_path / "run" / "model.eqm").exists() and out["md"].total_steps == 100
+  assert "reference calls, stopped:" in capsys.readouterr().out
 
 
 def test_ase_md_ethanol_tiny(tiny_model_files, tmp_path, capsys):
