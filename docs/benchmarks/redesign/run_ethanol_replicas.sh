@@ -1,0 +1,12 @@
+#!/bin/bash
+# the old tree: git worktree add --detach /tmp/old d0516c2 (before the redesign)
+# ethanol replicas only, old/new alternating twice (rounds 4 and 5), nothing else running
+cd /tmp
+for R in 4 5; do
+for tree in old new; do
+  root=/tmp/old; [ $tree = new ] && root=/work/main
+  echo "=== round $R $tree replicas $(cd $root && git rev-parse --short HEAD) $(date +%H:%M:%S)"
+  ( cd $root && PYTHONPATH=$root XLA_FLAGS=--xla_cpu_multi_thread_eigen=false taskset -c 0 python3 benchmarks/replicas.py --systems ethanol --steps 300 2>&1 | grep -v cpu_aot | tail -8 )
+done
+done
+echo "=== done $(date +%H:%M:%S)"
