@@ -522,6 +522,10 @@ def test_errors(pot, tmp_path):
     md.run(molecule, pot, ensemble="npt", total_steps=10)
   with pytest.raises(ValueError, match=r"\.traj"):
     md.run(atoms, pot, total_steps=10, traj=tmp_path / "out.dcd")
+  with pytest.raises(ValueError, match="folder .*nodir does not exist .create it first"):
+    md.run(atoms, pot, total_steps=10, traj=tmp_path / "nodir" / "md.traj")  # before any work
+  with pytest.raises(ValueError, match="log_file .*folder .*nodir does not exist"):
+    md.run(atoms, pot, total_steps=10, log_file=tmp_path / "nodir" / "md.csv")
   gold = atoms.copy()
   gold.numbers[3] = 79
   with pytest.raises(potentials.UnknownElementError, match="Au"):

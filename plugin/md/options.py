@@ -113,6 +113,7 @@ class MDOptions:
     for t in _values(self.temperature):  # each system's own checks run in for_system
       _finite("temperature", t, strict=False)
     _check_uncertainty(self.max_uncertainty, self.uncertainty_action)
+    _check_folders(self)
     _run_options(self, temperature=_values(self.temperature)[0], seed=0)  # the shared checks
 
   @classmethod
@@ -150,6 +151,20 @@ def _per_system(name: str, value, i: int, count: int, spread: Callable):
       f"{name} has {len(value)} entries for {count} systems; give one per system or a single value"
     )
   return value[i]
+
+
+def _check_folders(o: MDOptions) -> None:
+  """Before any work: the folders of ``traj`` and ``log_file`` exist and are writable (a run
+  found out only when its first frames were due, after compiling and running a chunk)."""
+  for name in ("traj", "log_file"):
+    for path in _values(getattr(o, name)):
+      if path is None:
+        continue
+      folder = os.path.dirname(os.fspath(path)) or "."
+      if not os.path.isdir(folder):
+        raise ValueError(f"{name} {path}: folder {folder} does not exist (create it first)")
+      if not os.access(folder, os.W_OK):
+        raise ValueError(f"{name} {path}: folder {folder} is not writable")
 
 
 def _positive_int(name: str, value: Any) -> None:
