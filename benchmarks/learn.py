@@ -36,7 +36,7 @@ import potentials
 from plugin import enable_compilation_cache, md
 from plugin.ase import Calculator
 from plugin.data import frame_from_atoms, read_images
-from plugin.learn import LearnOptions, learn, reference_from_spec
+from plugin.learn import LearnOptions, learn, loop, reference_from_spec
 from potentials import training
 
 SYSTEMS = {  # name: (reference spec, temperatures K, test temperatures: in range, above)
@@ -110,12 +110,8 @@ def train_on(images, minutes: float, seed: int, species) -> potentials.Potential
 
 
 def errors(pot, images) -> dict:
-  frames = [frame_from_atoms(a, pot.cutoff) for a in images]
-  m = training.error_metrics(pot, frames)
-  return {
-    "forces_mae_meV_A": 1e3 * m["forces_mae"],
-    "energy_mae_meV_atom": 1e3 * m["energy_per_atom_mae"],
-  }
+  """learn's own figures (meV/Å, meV/atom) on reference frames."""
+  return loop.errors(pot, [frame_from_atoms(a, pot.cutoff) for a in images])
 
 
 def stability(pot, start, temperature: float, ps: float) -> dict:

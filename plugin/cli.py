@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from plugin import cache, jax_md_import
+from plugin.paths import check_writable_folder
 from plugin.md.ensembles import CLI_NAMES as CLI_ENSEMBLES
 from plugin.md.settings import DEFAULTS
 
@@ -673,11 +673,10 @@ def cmd_train(args) -> int:
 def _check_writable(path: Path, option: str, *, overwrite: bool) -> None:
   """Before any work: ``path``'s folder exists and is writable, and an existing file is only
   replaced when ``overwrite``."""
-  folder = path.parent if str(path.parent) else Path(".")
-  if not folder.is_dir():
-    raise UsageError(f"{option} {path}: folder {folder} does not exist (create it first)")
-  if not os.access(folder, os.W_OK):
-    raise UsageError(f"{option} {path}: folder {folder} is not writable")
+  try:
+    check_writable_folder(path, option)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
   if path.exists() and not overwrite:
     raise UsageError(f"{option} {path} exists: pass --force to replace it, or choose another path")
 

@@ -122,7 +122,7 @@ def read_only(tmp_path, monkeypatch):
   folder.chmod(0o500)
   real = os.access
   monkeypatch.setattr(
-    cli.os, "access", lambda p, mode: real(p, mode) and not (Path(p) == folder and mode & os.W_OK)
+    os, "access", lambda p, mode: real(p, mode) and not (Path(p) == folder and mode & os.W_OK)
   )
   yield folder
   folder.chmod(0o700)

@@ -167,7 +167,7 @@ def test_loop_end_to_end_with_failures_and_resume_after_a_kill(tmp_path, capsys)
     (["{start}", "--reference", "dft"], "unknown reference 'dft': use 'gfn2'"),
     (["{start}", "--reference", "nosuchmodule:make"], "cannot import module 'nosuchmodule'"),
     (["{start}", "--temperatures", "300,-5"], None),
-    (["{start}", "--out", "{missing}/run"], "is not a writable folder"),
+    (["{start}", "--out", "{missing}/run"], "nope does not exist (create it first)"),
     (["{start}", "--test", "{start}"], "every frame needs energy and forces"),
   ],
 )

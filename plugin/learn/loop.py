@@ -275,11 +275,13 @@ def pick(ctx: Context, potential, ex, count: int) -> List[Atoms]:
   o = ctx.options
   species = sorted(set(int(z) for a in ctx.starts for z in a.numbers))
   fps = np.array([fingerprint(a, species, potential.cutoff) for a in ex.frames])
-  done = np.array([fingerprint(a, species, potential.cutoff) for a in ctx.labels.read()])
+  labelled = ctx.labels.read()  # once: the file grows to hundreds of frames
+  done = np.array([fingerprint(a, species, potential.cutoff) for a in labelled])
   chosen = select(ex.scores, fps, count, labelled=done, threshold=o.uncertainty_target)
   rest = np.setdiff1d(np.arange(len(ex.frames)), chosen)
-  room = max(0, o.max_labels - labels_used(ctx) - len(chosen))
-  rng = np.random.default_rng([o.seed, len(ctx.labels.read())])
+  used = len(labelled) + len(ctx.labels.failures())  # labels_used, without a second read
+  room = max(0, o.max_labels - used - len(chosen))
+  rng = np.random.default_rng([o.seed, len(labelled)])
   checks = rng.permutation(rest)[: min(o.check_per_round, room)]
   out = []
   for kind, idx in (("select", chosen), ("check", checks)):

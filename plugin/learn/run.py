@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Union
@@ -27,6 +26,7 @@ from ase import Atoms
 
 import potentials
 from plugin.data import frame_from_atoms, read_images
+from plugin.paths import check_writable_folder
 
 from . import loop
 from .labels import LabelError, LabelFile, LabelPool
@@ -128,9 +128,8 @@ def check_run(folder: Path, options: LearnOptions, starts: List[Atoms], resume: 
   species = sorted({int(z) for a in starts for z in a.numbers})
   if species[0] < 1:
     raise ValueError(f"start structures hold atomic number {species[0]}: not an element")
-  parent = folder if folder.exists() else folder.parent
-  if not parent.is_dir() or not os.access(parent, os.W_OK):
-    raise ValueError(f"{folder}: {parent} is not a writable folder")
+  # the run's folder is made if missing: its parent must take it (or it must take files)
+  check_writable_folder(folder / "state.json" if folder.is_dir() else folder, "--out")
   if not (folder / "state.json").exists():
     if (folder / loop.LABELS).exists():
       raise ValueError(f"{folder} holds labels but no state.json: choose a new folder")

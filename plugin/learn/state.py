@@ -47,8 +47,9 @@ class LearnState:
     """Write ``folder/state.json`` atomically (a kill leaves the old or the new one)."""
     path = Path(folder) / FILE
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"version": VERSION, **dataclasses.asdict(self)}, indent=1))
-    with open(tmp) as fh:
+    with open(tmp, "w") as fh:
+      fh.write(json.dumps({"version": VERSION, **dataclasses.asdict(self)}, indent=1))
+      fh.flush()
       os.fsync(fh.fileno())
     os.replace(tmp, path)
 

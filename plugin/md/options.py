@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 import numpy as np
 
 from plugin.md.ensembles import TABLE
+from plugin.paths import check_writable_folder
 from plugin.md.settings import DEFAULTS, RunOptions, guard_limits, resolve_dtype
 
 PathLike = Union[str, os.PathLike]
@@ -158,13 +159,8 @@ def _check_folders(o: MDOptions) -> None:
   found out only when its first frames were due, after compiling and running a chunk)."""
   for name in ("traj", "log_file"):
     for path in _values(getattr(o, name)):
-      if path is None:
-        continue
-      folder = os.path.dirname(os.fspath(path)) or "."
-      if not os.path.isdir(folder):
-        raise ValueError(f"{name} {path}: folder {folder} does not exist (create it first)")
-      if not os.access(folder, os.W_OK):
-        raise ValueError(f"{name} {path}: folder {folder} is not writable")
+      if path is not None:
+        check_writable_folder(path, name)
 
 
 def _positive_int(name: str, value: Any) -> None:
