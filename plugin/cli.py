@@ -50,9 +50,9 @@ from plugin.md.settings import DEFAULTS
 # potentials.training.DEFAULT_MINUTES, stated here so that the parser needs no JAX import
 # (tests/test_cli.py holds the two equal)
 DEFAULT_TRAIN_MINUTES = 30
-# TrainConfig's batch size and peak learning rate, shown in --help without importing JAX (a
-# test keeps them equal to potentials.training.TrainConfig's)
-TRAIN_HELP_DEFAULTS = {"batch_size": 8, "learning_rate": 1e-2}
+# TrainConfig's batch rule and peak learning rate, shown in --help without importing JAX (a
+# test keeps them equal to potentials.training's)
+TRAIN_HELP_DEFAULTS = {"pairs_per_batch": 720, "max_auto_batch": 8, "learning_rate": 1e-2}
 
 STARTED = time.perf_counter()  # a training budget counts from here: the command's own start
 DEFAULT_MODEL = "ethanol"
@@ -1016,7 +1016,9 @@ def _add_train(sub) -> None:
   tr.add_argument(
     "--batch-size",
     type=_positive(int),
-    help=f"frames per batch (default {TRAIN_HELP_DEFAULTS['batch_size']})",
+    help="frames per batch (default: as many as hold about "
+    f"{TRAIN_HELP_DEFAULTS['pairs_per_batch']} neighbour pairs, 1 to "
+    f"{TRAIN_HELP_DEFAULTS['max_auto_batch']} frames)",
   )
   tr.add_argument(
     "--lr",

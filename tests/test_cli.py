@@ -393,19 +393,19 @@ def test_md_options_come_from_the_ensembles_table_and_defaults():
 
 
 def test_help_shows_defaults_and_version(capsys):
-  from potentials.training import TrainConfig
+  from potentials.training import TrainConfig, config as training_config
 
-  config = TrainConfig()
   assert cli.TRAIN_HELP_DEFAULTS == {
-    "batch_size": config.batch_size,
-    "learning_rate": config.learning_rate,
+    "pairs_per_batch": training_config.PAIRS_PER_BATCH,
+    "max_auto_batch": training_config.MAX_AUTO_BATCH,
+    "learning_rate": TrainConfig().learning_rate,
   }
   choices = cli.build_parser()._subparsers._group_actions[0].choices
   flat = lambda text: " ".join(text.split())  # wrapped lines joined
   md_help, train_help = flat(choices["md"].format_help()), flat(choices["train"].format_help())
   for text in ("(default: 300.0)", "(default: 0.5)", "(default: 1.01325)", "(default: nvt)"):
     assert text in md_help
-  assert "(default 8)" in train_help and "(default 0.01)" in train_help
+  assert "about 720 neighbour pairs, 1 to 8 frames" in train_help and "(default 0.01)" in train_help
   with pytest.raises(SystemExit) as e:
     cli.main(["--version"])
   assert e.value.code == 0 and capsys.readouterr().out.startswith("eqattn ")

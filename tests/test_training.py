@@ -10,6 +10,7 @@ from ase.calculators.emt import EMT
 import potentials as pt
 from potentials import training
 from potentials.training import loop
+from potentials.training.splits import split_parts
 from plugin.data import read_frames
 
 HYPER = dict(features=8, max_degree=1, num_iterations=2, num_heads=2, num_basis=6)
@@ -278,6 +279,27 @@ def test_time_limit_ema_and_amsgrad(copper_frames, tmp_path):
   assert res.potential.metadata["test_random_metrics"]["forces_mae"] > 0
 
 
+def test_batch_size_by_pairs_when_not_given(copper_frames):
+  """Unset, the batch holds about PAIRS_PER_BATCH neighbour pairs (1 to MAX_AUTO_BATCH
+  frames); the number used is what the model file stores; a given batch size is kept."""
+  from potentials.training import config as tc
+
+  cfg = training.TrainConfig()
+  assert cfg.batch_size is None
+  assert cfg.frames_per_batch([72] * 5) == 8  # ethanol
+  assert cfg.frames_per_batch([1300, 1290, 1250]) == 1  # a 32-atom alloy cell
+  assert cfg.frames_per_batch([tc.PAIRS_PER_BATCH // 3]) == 3
+  assert cfg.frames_per_batch([6]) == tc.MAX_AUTO_BATCH and cfg.frames_per_batch([]) == 8
+  assert training.TrainConfig(batch_size=5).frames_per_batch([1300]) == 5
+  with pytest.raises(ValueError, match="batch_size"):
+    training.TrainConfig(batch_size=0)
+  pot = pt.Potential.create(0, species=["Cu"], cutoff=3.0, **HYPER)
+  res = training.train(pot, copper_frames, training.TrainConfig(epochs=1), progress=False)
+  train_part = split_parts(copper_frames, cfg)["train"]
+  expected = cfg.frames_per_batch([len(copper_frames[i].dst) for i in train_part])
+  assert res.potential.metadata["training"]["config"]["batch_size"] == expected
+
+
 class TickClock:
   """A clock that moves one second at each reading: a budget becomes a count of readings,
   the same on any machine. ``stop_after`` readings, it interrupts the run (a kill)."""
@@ -357,3 +379,24 @@ def test_diverged_epoch_is_dropped_and_learning_rate_halved(copper_frames):
       training.train(
         pot, copper_frames, dataclasses.replace(cfg, learning_rate=1e3, epochs=10), progress=False
       )
+
+
+def test_parts_of_a_training_set_share_one_evaluation_shape():
+  """Frames of alike sizes (bulk and vacancy cells) are evaluated in one padded shape whatever
+  the number of frames of a part (its last, partial batch included), so the train, validation,
+  test and per-temperature parts compile once; frames of widely varied sizes keep their own
+  size buckets (padding a 4-atom cell to a 500-atom shape would cost more than a compile)."""
+
+  def frame(n, pairs):
+    z = np.zeros(n, np.int32)
+    return training.Frame(
+      numbers=z + 29, positions=np.zeros((n, 3)), cell=np.eye(3), pbc=np.ones(3, bool),
+      dst=np.zeros(pairs, np.int32), src=np.zeros(pairs, np.int32), shifts=np.zeros((pairs, 3)),
+    )  # fmt: skip
+
+  alike = [frame(32 - (k % 3 == 0), 1290 + k % 7) for k in range(171)]
+  parts = (alike, alike[:90], alike[:30], alike[:9])
+  shapes = {caps for part in parts for _, caps in training.buckets(part, 8, 4096)}
+  assert len(shapes) == 1
+  varied = [frame(n, 40 * n) for n in (4, 4, 8, 64, 300, 500)]
+  assert len({caps for _, caps in training.buckets(varied, 2, 4096)}) == 3

@@ -104,12 +104,26 @@ def buckets(
       atoms = 0
     groups[-1].append(i)
     atoms += n
-  caps = lambda g: (
-    bucket(len(g)),
-    bucket(sum(frames[i].num_atoms for i in g) + 1),
-    bucket(sum(len(frames[i].dst) for i in g) + 1),
-  )
-  return [(g, caps(g)) for g in groups]
+  caps = [
+    (
+      bucket(len(g)),
+      bucket(sum(frames[i].num_atoms for i in g) + 1),
+      bucket(sum(len(frames[i].dst) for i in g) + 1),
+    )
+    for g in groups
+  ]
+  # frames of alike sizes (a training set's parts): every batch in the shape of full batches
+  # of the largest frame, so the set compiles once and so do other sets like it. A
+  # compilation costs as much as hundreds of batches (~20 s for an alloy on one core), so
+  # padding up to twice the work pays
+  if frames:
+    n = max(f.num_atoms for f in frames)
+    per = min(max_frames, max(1, max_atoms // max(n, 1)))
+    pairs = max(len(f.dst) for f in frames)
+    full = (bucket(per), bucket(per * n + 1), bucket(per * pairs + 1))
+    if len(groups) * full[2] <= 2 * sum(c[2] for c in caps):
+      caps = [full] * len(groups)
+  return list(zip(groups, caps))
 
 
 def make_batch(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import statistics
+from typing import Optional, Sequence
 
 SPLITS = ("trajectory", "random")
 MAX_SELECTION_FRAMES = 256  # validation frames read per epoch to pick the best weights
@@ -15,6 +16,17 @@ SCHEDULES = ("exponential", "cosine")
 # fitted to whichever budget is given; 30 minutes on 2 CPU cores reach MACE-class accuracy on
 # a small molecule (docs/benchmarks.md)
 DEFAULT_MINUTES = 30.0
+# frames per batch when ``batch_size`` is not given: as many as hold about this many
+# neighbour pairs (a step's cost is proportional to its pairs), 1 to MAX_AUTO_BATCH frames.
+# At equal epochs smaller batches trained better, down to a batch of ~1000-2600 pairs: on a
+# Ni-Al alloy (32 atoms, ~1300 pairs a frame; 8-minute runs, two side by side, 16 epochs
+# each) 43 meV/Å held out with 8 frames, 40 with 4, 34 with 2, and in a second pair (18
+# epochs each) 31 with 1 frame and 31 with 2; ethanol (9 atoms, 72 pairs a frame) trained best
+# at 8 frames (4 and 16 worse at equal time). benchmarks/recipe_check.py, docs/benchmarks.md.
+# 720 keeps the 8 frames that the molecules of the tuning and checking sets (72 to 90 pairs)
+# were measured with
+PAIRS_PER_BATCH = 720
+MAX_AUTO_BATCH = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +36,9 @@ class TrainConfig:
   Attributes:
     epochs: at most this many passes over the training set (None: no cap). With neither
       ``epochs`` nor ``time_limit``, the run has a budget of ``DEFAULT_MINUTES``.
-    batch_size: frames per batch (batches are padded to a fixed atom and pair capacity).
+    batch_size: frames per batch (batches are padded to a fixed atom and pair capacity);
+      None: about ``PAIRS_PER_BATCH`` neighbour pairs a batch (:meth:`frames_per_batch`),
+      resolved when training starts and stored as a number.
     learning_rate: peak learning rate; warm-up over ``warmup_epochs`` (at most a tenth of the
       run), then a decay (``schedule``) to ``learning_rate * final_lr_fraction`` at the end of
       the run: the time limit or the last epoch, whichever comes first.
@@ -63,10 +77,10 @@ class TrainConfig:
   """
 
   epochs: Optional[int] = None
-  # batch 8 and lr 1e-2 (with the model defaults): the best at equal time on ethanol
-  # (training_ablation.py) and, against batch 16 / lr 2e-3, 2.3x lower held-out force errors
-  # on a molecule and 4x on an alloy nobody tuned for (benchmarks/recipe_check.py)
-  batch_size: int = 8
+  batch_size: Optional[int] = None
+  # lr 1e-2 (with the model defaults): the best at equal time on ethanol (training_ablation.py)
+  # and, against batch 16 / lr 2e-3, 2.3x lower held-out force errors on a molecule and 4x on
+  # an alloy nobody tuned for (benchmarks/recipe_check.py)
   learning_rate: float = 1e-2
   warmup_epochs: int = 2
   schedule: str = "exponential"
@@ -108,6 +122,8 @@ class TrainConfig:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     if not 0 <= self.ema_decay < 1:
       raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+    if self.batch_size is not None and self.batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1 (or None: by pairs), got {self.batch_size}")
     if self.epochs is not None and self.epochs < 1:
       raise ValueError(f"epochs must be >= 1 (or None: bounded by time), got {self.epochs}")
     if self.time_limit is not None and self.time_limit <= 0:
@@ -123,6 +139,14 @@ class TrainConfig:
     if self.time_limit is None and self.epochs is None:
       return DEFAULT_MINUTES
     return self.time_limit
+
+  def frames_per_batch(self, pairs_per_frame: Sequence[int]) -> int:
+    """``batch_size``, or when it is None the frames that hold about ``PAIRS_PER_BATCH``
+    pairs at the median frame's count (1 to ``MAX_AUTO_BATCH``)."""
+    if self.batch_size is not None:
+      return self.batch_size
+    typical = max(statistics.median(pairs_per_frame), 1) if len(pairs_per_frame) else 1
+    return int(min(MAX_AUTO_BATCH, max(1, round(PAIRS_PER_BATCH / typical))))
 
   @classmethod
   def from_dict(cls, d: dict) -> "TrainConfig":
