@@ -269,7 +269,8 @@ def test_committee_training_shares_the_split(copper_data):
   # the budget is the committee's, shared: each member gets half of what is left
   assert c.metadata["training"]["config"]["time_limit"] == 5.0
   first, second = c.metadata["training"]["member_minutes"]
-  assert first == pytest.approx(2.5) and 2.5 < second < 5.0  # member 0 ended early (1 epoch)
+  # member 0 gets half of what is left once the split is made; it ended early (1 epoch)
+  assert first == pytest.approx(2.5, abs=0.01) and 2.5 < second < 5.0
   assert len(c.metadata["member_test_metrics"]) == 2 and "uncertainty" in c.metadata
   f = frames[0]
   e = [m.energy(f.numbers, f.positions, f.dst, f.src, f.shifts, f.cell) for m in c.members()]
