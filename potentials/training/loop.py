@@ -457,8 +457,8 @@ def train_committee(
   start = kwargs.pop("started", None)
   start = clock() if start is None else start
   frames = list(frames)
-  train_part = split_parts(frames, config)["train"]
-  config = with_batch_size(config, [frames[i] for i in train_part])
+  parts = split_parts(frames, config)  # the batch size leaves the split as it is
+  config = with_batch_size(config, [frames[i] for i in parts["train"]])
   minutes, finish, trained = config.budget_minutes, 0.0, []
   for k in range(members):
     p = potential
@@ -474,7 +474,6 @@ def train_committee(
     # the stacked committee's evaluation: about members x one member's
     finish = members * trained[0].potential.metadata["training"]["finish_seconds"]
   committee = Potential.stack([r.potential for r in trained])
-  parts = split_parts(frames, config)
   dtype = kwargs.get("dtype", jnp.float32)
   sets = {k: [frames[i] for i in idx] for k, idx in parts.items()}
   meta = dict(trained[0].potential.metadata)
