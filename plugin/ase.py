@@ -86,12 +86,12 @@ from ase.calculators.calculator import Calculator as _AseCalculator
 from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 
 import potentials
-from potentials import deprecation, observables
+from potentials import deprecation, electrostatics, observables
 from plugin.defaults import DEFAULTS
 
 from . import host
 from .host import atom_capacity, device_params, resolve_dtype
-from .neighbors import NeighborListBuilder
+from .neighbors import NeighborListBuilder, bucket_capacity
 
 __all__ = ["Calculator", "resolve_dtype", "atom_capacity", "device_params"]
 
@@ -152,6 +152,9 @@ class Calculator(_AseCalculator):
     self._fits: int | None = None  # the pair capacity last found to fit in memory
     if potential.num_members > 1:
       self.implemented_properties = type(self).implemented_properties + list(UNCERTAINTY)
+    if potential.config.electrostatics:
+      self.implemented_properties = type(self).implemented_properties + ["charges"]
+    self._kvector_capacity = 0
     # per-structure cache: species and mask on the device, rebuilt when numbers change
     self._numbers: np.ndarray | None = None
     self._species_host: np.ndarray | None = None
@@ -241,18 +244,15 @@ class Calculator(_AseCalculator):
     src[pairs.num_pairs :] = na
     evaluator = self._evaluator
     traces = evaluator.traces
-    out = evaluator.fn(
-      self._params,
-      self._species_dev,
-      pos,
-      cell.astype(self.dtype),
-      dst,
-      src,
-      pairs.shifts,
-      self._mask_dev,
-    )
+    args = (self._params, self._species_dev, pos, cell.astype(self.dtype), dst, src)
+    args = args + (pairs.shifts, self._mask_dev)
+    if evaluator.fn is None:  # learnt charges: the electrostatics' inputs too
+      fn = evaluator.charged[periodic]
+      out = fn(*args, *self._electrostatics_inputs(atoms, cell, periodic))
+    else:
+      out = evaluator.fn(*args)
     self._compilations += evaluator.traces - traces
-    e_model, forces, virial, atom_virials, d2, closest, spread = jax.device_get(out)
+    e_model, forces, virial, atom_virials, d2, closest, spread, *charges = jax.device_get(out)
 
     if pairs.num_pairs and self.min_distance and d2 < self.min_distance**2:
       self._raise_overlap(atoms, pairs, int(closest), float(np.sqrt(d2)))
@@ -267,7 +267,29 @@ class Calculator(_AseCalculator):
       results["stresses"] = _voigt(np.asarray(atom_virials[:n], np.float64) / volume)
     if spread is not None:
       results.update(self._uncertainty(spread, float(np.sum(self._shifts[species])), n))
+    if charges:
+      results["charges"] = np.asarray(charges[0][:n], np.float64)
     return results
+
+  def _electrostatics_inputs(self, atoms: Atoms, cell: np.ndarray, periodic: bool) -> tuple:
+    """``(total_charge, kvectors, kmask)`` of a model with learnt charges: the total charge
+    is ``atoms.info["charge"]`` (default 0); the reciprocal vectors of the cell are padded to
+    a capacity that only grows (NPT runs keep their compiled shape)."""
+    if not periodic and np.any(atoms.pbc):
+      raise ValueError(
+        "this model has long-range electrostatics, which need a fully periodic cell or an "
+        f"open system, but pbc = {np.asarray(atoms.pbc).tolist()}; set atoms.pbc to all True "
+        "(with a cell) or all False"
+      )
+    total = float(atoms.info.get("charge", 0.0))
+    cfg = self.potential.config
+    table, _ = electrostatics.kvector_table(cell, periodic, cfg.cutoff, cfg.ewald_accuracy)
+    need = table.shape[1]
+    if need > self._kvector_capacity:
+      self._kvector_capacity = bucket_capacity(need, 8, 1.25, 0.1)
+    kvectors = np.zeros((self._kvector_capacity, 3), np.int32)
+    kvectors[:need] = table[0]
+    return np.asarray(total, self.dtype), kvectors, np.arange(self._kvector_capacity) < need
 
   def _uncertainty(self, spread, shift: float, n: int) -> dict[str, Any]:
     """Calibrated ensemble results (see :mod:`potentials.ensemble`)."""

@@ -630,7 +630,7 @@ def cmd_train(args) -> int:
     print(f"eqattn train: resuming from {args.checkpoint} with the time it had left", flush=True)
   try:
     pot = _initial_model(args)
-    frames = read_frames(args.data, pot.cutoff)
+    frames = read_frames(args.data, pot.cutoff, charge=args.charge)
     for f in frames:
       _check_species(pot, f.numbers)
     given = {
@@ -719,6 +719,8 @@ def _initial_model(args):
       hyper["readout_heads"] = args.readout_heads
     if args.force_heads:
       hyper["force_heads"] = True
+    if args.electrostatics:
+      hyper["electrostatics"] = True
     heads = hyper.get("readout_heads", hyper.get("heads", 1))
     if hyper.get("force_heads") and (args.committee or heads < 2):
       raise UsageError(
@@ -734,6 +736,7 @@ def _initial_model(args):
       ("--readout-heads", args.readout_heads),
       ("--force-heads", args.force_heads),
       ("--committee", args.committee),
+      ("--electrostatics", args.electrostatics),
     )
     if v
   ]
@@ -1063,6 +1066,18 @@ def _add_train(sub) -> None:
     help="with --readout-heads: every head also reads out its member's force deviation, so the "
     "force uncertainty costs no backward pass per head (fitting the readout takes 2 more "
     "minutes after --time-limit; TrainConfig.readout_minutes)",
+  )
+  tr.add_argument(
+    "--electrostatics",
+    action="store_true",
+    help="learnt charges with long-range electrostatics (open sum, or Ewald in periodic "
+    "cells), trained from energies and forces alone; for single models",
+  )
+  tr.add_argument(
+    "--charge",
+    type=float,
+    default=0.0,
+    help="total charge (e) of frames whose info has no 'charge' (default 0)",
   )
   tr.add_argument("--seed", type=int, default=0)
   tr.add_argument(

@@ -36,10 +36,10 @@ def _tag(atoms: Atoms, key: str, kind):
   return None if value is None else kind(value)
 
 
-def frame_from_atoms(atoms: Atoms, cutoff: float) -> Frame:
+def frame_from_atoms(atoms: Atoms, cutoff: float, charge: float = 0.0) -> Frame:
   """One :class:`potentials.training.Frame` (labels from ``atoms.calc``, pairs within cutoff;
   ``info`` keys ``trajectory``, ``config_type`` and ``temperature_K`` tag it for held-out
-  splits)."""
+  splits; ``info["charge"]`` is its total charge, else ``charge``)."""
   dst, src, shifts = neighbor_pairs_from_atoms(atoms, cutoff)
   return Frame(
     numbers=np.asarray(atoms.numbers),
@@ -55,6 +55,7 @@ def frame_from_atoms(atoms: Atoms, cutoff: float) -> Frame:
     trajectory=_tag(atoms, "trajectory", str),
     config_type=_tag(atoms, "config_type", str),
     temperature=_tag(atoms, "temperature_K", float),
+    charge=float(atoms.info.get("charge", charge)),
   )
 
 
@@ -84,16 +85,21 @@ def read_images(path, index: Union[str, slice] = ":") -> List[Atoms]:
 
 
 def read_frames(
-  source: Union[str, Sequence[Atoms]], cutoff: float, index: Union[str, slice] = ":"
+  source: Union[str, Sequence[Atoms]],
+  cutoff: float,
+  index: Union[str, slice] = ":",
+  *,
+  charge: float = 0.0,
 ) -> List[Frame]:
-  """Read labelled frames from a file (extxyz, ASE db, traj, ...) or a list of Atoms."""
+  """Read labelled frames from a file (extxyz, ASE db, traj, ...) or a list of Atoms
+  (``charge``: the total charge of frames whose ``info`` has none)."""
   if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
     images = read_images(source, index)
   else:
     images = list(source)
   if not images:
     raise ValueError(f"no structures in {source!r}")
-  frames = [frame_from_atoms(a, cutoff) for a in images]
+  frames = [frame_from_atoms(a, cutoff, charge) for a in images]
   if not any(f.energy is not None or f.forces is not None for f in frames):
     raise ValueError(f"{source!r} has no energy or force labels to train on")
   return frames

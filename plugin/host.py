@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import potentials
-from potentials import ensemble, observables
+from potentials import electrostatics, ensemble, observables
 
 from . import exported
 from .neighbors import bucket_capacity
@@ -94,7 +94,9 @@ def atom_capacity(n: int, current: int | None) -> int:
 class Evaluator:
   """The jitted model evaluation for one architecture and dtype, shared by calculators.
 
-  ``fn(params, species, positions, cell, dst, src, shifts, atom_mask)`` returns the per-atom
+  ``fn(params, species, positions, cell, dst, src, shifts, atom_mask)`` (for a model with
+  electrostatics ``charged[periodic]``, taking and giving more: :func:`_charged_evaluate`)
+  returns the per-atom
   model energies (without element shifts), the forces, ``dE/dε`` (3, 3), its per-atom split
   (N, 3, 3), the squared distance and index of the closest pair, and for an ensemble its
   uncalibrated :class:`potentials.ensemble.Spread` (else None); a :class:`plugin.exported.
@@ -103,6 +105,13 @@ class Evaluator:
   """
 
   def __init__(self, potential: potentials.Potential, dtype: np.dtype, uncertainty: bool) -> None:
+    key = (potential.config, tuple(potential.species), np.dtype(dtype).name, uncertainty)
+    self.fn, self.charged = None, {}
+    if potential.config.electrostatics:  # one program for open systems, one for periodic
+      for periodic in (False, True):
+        fn = _charged_evaluate(potential, periodic)
+        self.charged[periodic] = exported.ExportedJit(fn, "ase-evaluate-charged", key + (periodic,))
+      return
     members = uncertainty and potential.num_members > 1
     readout = members and potential.config.force_heads  # member forces without backward passes
     if readout:
@@ -112,16 +121,7 @@ class Evaluator:
       pair_fn = make(include_shift=False)
 
     def evaluate(params, species, positions, cell, dst, src, shifts, atom_mask):
-      # pairs come sorted by dst from the neighbour list, padding (= n) last
-      energies = lambda r: pair_fn(
-        params,
-        species_index=species,
-        r=r,
-        dst=dst,
-        src=src,
-        atom_mask=atom_mask,
-        indices_are_sorted=True,
-      )
+      energies = _of_pairs(pair_fn, params, species, dst, src, atom_mask)
       out = observables.compute(
         energies,
         positions,
@@ -139,27 +139,79 @@ class Evaluator:
         spread = ensemble.readout_spread(jnp.sum(member_e, axis=0), deviations)
       elif members:  # padded atoms have zero forces in every member: no spread
         spread = ensemble.spread(out.member_energies, out.member_forces)
-      # closest real pair, for the overlap check on the host
-      r = out.pair_vectors
-      d2 = jnp.where(dst < positions.shape[0], jnp.sum(r * r, axis=-1), jnp.inf)
-      closest = jnp.argmin(d2)
-      return (
-        out.energies,
-        out.forces,
-        out.strain_derivative,
-        out.atom_strain_derivatives,
-        d2[closest],
-        closest,
-        spread,
-      )
+      return _results(out, dst, positions.shape[0], spread)
 
-    key = (potential.config, tuple(potential.species), np.dtype(dtype).name, uncertainty)
     self.fn = exported.ExportedJit(evaluate, "ase-evaluate", key)
 
   @property
   def traces(self) -> int:
     """Programs built so far (traced, or loaded traced from the cache), i.e. compilations."""
+    if self.fn is None:
+      return sum(f.builds for f in self.charged.values())
     return self.fn.builds
+
+
+def _of_pairs(pair_fn, params, species, dst, src, atom_mask):
+  """``r -> pair_fn(...)`` on the neighbour list's pairs (sorted by dst, padding last)."""
+  return lambda r: pair_fn(
+    params,
+    species_index=species,
+    r=r,
+    dst=dst,
+    src=src,
+    atom_mask=atom_mask,
+    indices_are_sorted=True,
+  )
+
+
+def _results(out: observables.Observables, dst, num_atoms: int, spread) -> tuple:
+  """:class:`Evaluator`'s outputs, with the closest real pair (the host's overlap check)."""
+  r = out.pair_vectors
+  d2 = jnp.where(dst < num_atoms, jnp.sum(r * r, axis=-1), jnp.inf)
+  closest = jnp.argmin(d2)
+  return (
+    out.energies,
+    out.forces,
+    out.strain_derivative,
+    out.atom_strain_derivatives,
+    d2[closest],
+    closest,
+    spread,
+  )
+
+
+def _charged_evaluate(potential: potentials.Potential, periodic: bool):
+  """:class:`Evaluator`'s function for a model with electrostatics (one system, fully
+  periodic or open): also takes ``total_charge`` (scalar, e), ``kvectors (K, 3)`` and
+  ``kmask (K,)`` (:func:`potentials.electrostatics.kvector_table`) and also returns the
+  charges ``(N,)``."""
+  pair_fn = potential.energies_and_charges_from_pairs_fn(include_shift=False)
+  config = potential.config
+
+  def evaluate(params, species, positions, cell, dst, src, shifts, atom_mask, total, kvec, kmask):
+    energies = _of_pairs(pair_fn, params, species, dst, src, atom_mask)
+    frames = electrostatics.Frames(
+      jnp.where(atom_mask, 0, 1),
+      atom_mask,
+      jnp.reshape(total, (1,)).astype(positions.dtype),
+      jnp.array([periodic]),
+      kvec[None],
+      kmask[None],
+    )
+    long_range = electrostatics.model_long_range_fn(config, frames, dst, src, any_open=not periodic)
+    out = observables.compute(
+      energies,
+      positions,
+      dst=dst,
+      src=src,
+      shifts=shifts,
+      cell=cell,
+      atom_strain=True,
+      long_range=long_range,
+    )
+    return _results(out, dst, positions.shape[0], None) + (out.charges,)
+
+  return evaluate
 
 
 def shared_evaluator(

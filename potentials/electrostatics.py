@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import erf, erfc
+
+from . import observables
 
 COULOMB = 14.399645  # e^2 / (4 pi eps0) in eV Å (the ZBL repulsion of model.py uses the same)
 
@@ -163,3 +165,178 @@ def ewald_energy(
   )
   recip = reciprocal_energy(positions, charges, cell, alpha=params.alpha, kvectors=params.kvectors)
   return real + recip
+
+
+# ------------------------------------------------------------------ per-atom, batches of frames
+# What a model with learnt charges uses: every frame of a padded batch (one system is a batch
+# of one) gets its own total charge, boundaries and reciprocal vectors; energies come per atom
+# as ``q_i phi_i / 2`` (``phi_i``: the potential at atom i of every other charge, its images
+# and, in a periodic cell, the background), which sums to the frame's energy.
+
+
+class Frames(NamedTuple):
+  """Per-frame data of a padded batch of ``B`` frames (one system: ``B = 1``).
+
+  ``atom_frame (N,)`` frame of each atom (padding: ``B``); ``atom_mask (N,)``;
+  ``total_charge (B,)`` in e; ``periodic (B,)`` bool (fully periodic frames take Ewald sums,
+  others the open sum); ``kvectors (B, K, 3)`` integer reciprocal indices of each periodic
+  frame's cell and ``kmask (B, K)`` which of them are real (:func:`kvector_table`)."""
+
+  atom_frame: jax.Array
+  atom_mask: jax.Array
+  total_charge: jax.Array
+  periodic: jax.Array
+  kvectors: jax.Array
+  kmask: jax.Array
+
+
+def alpha_for(real_cutoff: float, accuracy: float) -> float:
+  """Ewald's splitting parameter (1/Å) with ``erfc(alpha real_cutoff) ~ accuracy``."""
+  return math.sqrt(-math.log(accuracy)) / real_cutoff
+
+
+def kvector_table(cells, periodic, real_cutoff: float, accuracy: float, capacity=None):
+  """``(kvectors (B, K, 3) int32, kmask (B, K))`` of ``cells (B, 3, 3)`` (host, NumPy):
+  :func:`ewald_parameters`' vectors of each periodic cell, none for the others, padded to
+  ``K = capacity`` (default: the most any cell needs)."""
+  cells = np.asarray(cells, np.float64).reshape(-1, 3, 3)
+  periodic = np.broadcast_to(np.asarray(periodic, bool), (len(cells),))
+  sets = [
+    ewald_parameters(c, real_cutoff, accuracy).kvectors if p else np.zeros((0, 3), np.int32)
+    for c, p in zip(cells, periodic)
+  ]
+  need = max([len(s) for s in sets] + [0])
+  k = need if capacity is None else int(capacity)
+  if need > k:
+    raise ValueError(f"a cell needs {need} reciprocal vectors, more than the capacity {k}")
+  table, mask = np.zeros((len(cells), k, 3), np.int32), np.zeros((len(cells), k), bool)
+  for b, s in enumerate(sets):
+    table[b, : len(s)], mask[b, : len(s)] = s, True
+  return table, mask
+
+
+def neutral_charges(raw: jax.Array, frames: Frames) -> jax.Array:
+  """``(N,)`` charges that sum to each frame's ``total_charge``: the raw charges less their
+  frame's excess spread evenly over its atoms (padded atoms get 0)."""
+  num = frames.total_charge.shape[0]
+  seg = lambda v: jax.ops.segment_sum(v, frames.atom_frame, num_segments=num)  # noqa: E731
+  raw = jnp.where(frames.atom_mask, raw, 0.0)
+  count = jnp.maximum(seg(frames.atom_mask.astype(raw.dtype)), 1.0)
+  excess = (seg(raw) - frames.total_charge.astype(raw.dtype)) / count
+  per_atom = jnp.take(excess, frames.atom_frame, mode="fill", fill_value=0.0)
+  return jnp.where(frames.atom_mask, raw - per_atom, 0.0)
+
+
+def _of_frame(values: jax.Array, frames: Frames, fill=0):
+  return jnp.take(values, frames.atom_frame, axis=0, mode="fill", fill_value=fill)
+
+
+def open_potentials(positions, charges, frames: Frames, *, sigma: float) -> jax.Array:
+  """``(N,)`` potential (eV/e) at each atom of the other charges of its frame, for frames that
+  are not periodic (0 at atoms of periodic frames); all pairs, ``O(N^2)``."""
+  d = positions[:, None, :] - positions[None, :, :]
+  same = frames.atom_frame[:, None] == frames.atom_frame[None, :]
+  open_atom = frames.atom_mask & ~_of_frame(frames.periodic, frames, True)
+  pair = same & open_atom[:, None] & open_atom[None, :] & ~jnp.eye(len(charges), dtype=bool)
+  r = jnp.sqrt(jnp.where(pair, jnp.sum(d**2, axis=-1), 1.0))  # safe gradients off the pairs
+  return COULOMB * jnp.sum(jnp.where(pair, _kernel(r, 0.5 / sigma) * charges[None, :], 0.0), 1)
+
+
+def real_space_potentials(r, charges, dst, src, frames: Frames, *, alpha, sigma, real_cutoff):
+  """``(N,)`` real-space part of the Ewald potential at each atom of a periodic frame from the
+  directed pairs ``(dst, src)`` with vectors ``r (pairs, 3)`` (self-images included)."""
+  n = charges.shape[0]
+  periodic_atom = _of_frame(frames.periodic, frames, False)
+  q_src = jnp.take(charges * periodic_atom, src, mode="fill", fill_value=0.0)
+  d = jnp.linalg.norm(jnp.where(jnp.all(r == 0, axis=-1, keepdims=True), 1.0, r), axis=-1)
+  term = (erfc(alpha * d) - erfc(0.5 / sigma * d)) / d
+  term = jnp.where((d <= real_cutoff) & jnp.any(r != 0, axis=-1), term, 0.0)
+  phi = jax.ops.segment_sum(q_src * term, dst, num_segments=n)
+  return COULOMB * jnp.where(periodic_atom, phi, 0.0)
+
+
+def reciprocal_potentials(positions, charges, cells, frames: Frames, *, alpha) -> jax.Array:
+  """``(N,)`` reciprocal part of the Ewald potential at each atom of a periodic frame, with
+  its self term and the share of a charged frame's background."""
+  num = cells.shape[0]
+  periodic = frames.periodic
+  safe = jnp.where(periodic[:, None, None], cells, jnp.eye(3, dtype=cells.dtype))
+  volume = jnp.abs(jnp.linalg.det(safe))  # (B,)
+  recip = 2 * math.pi * jnp.swapaxes(jnp.linalg.inv(safe), 1, 2)
+  k = jnp.einsum("bkm,bmj->bkj", frames.kvectors.astype(positions.dtype), recip)  # (B, K, 3)
+  k2 = jnp.where(frames.kmask, jnp.sum(k**2, axis=-1), 1.0)
+  weight = jnp.where(frames.kmask, 4 * math.pi / k2 * jnp.exp(-k2 / (4 * alpha**2)), 0.0)
+  phase = jnp.einsum("nj,nkj->nk", positions, _of_frame(k, frames))  # (N, K)
+  cos, sin = jnp.cos(phase), jnp.sin(phase)
+  seg = lambda v: jax.ops.segment_sum(v, frames.atom_frame, num_segments=num)  # noqa: E731
+  s_re, s_im = seg(charges[:, None] * cos), seg(charges[:, None] * sin)  # (B, K)
+  w = _of_frame(weight / volume[:, None], frames)
+  long = 2 * jnp.sum(w * (cos * _of_frame(s_re, frames) + sin * _of_frame(s_im, frames)), -1)
+  total = seg(charges)
+  background = math.pi * _of_frame(total / volume, frames) / alpha**2
+  phi = long - 2 * alpha / math.sqrt(math.pi) * charges - background
+  return COULOMB * jnp.where(_of_frame(periodic, frames, False), phi, 0.0)
+
+
+def atom_energies(
+  positions, cells, r, dst, src, charges, frames: Frames, *, sigma, alpha, cutoff, any_open=True
+):
+  """``(N,)`` electrostatic energy of each atom, ``q_i phi_i / 2`` (eV), of neutralised
+  ``charges`` in a batch of frames: the open sum in open frames, Ewald in periodic ones (its
+  real-space part over the pairs given, which must hold every pair within ``cutoff``).
+  ``any_open=False`` (static) skips the ``O(N^2)`` open sum where every frame is periodic."""
+  phi = open_potentials(positions, charges, frames, sigma=sigma) if any_open else 0.0
+  phi = phi + real_space_potentials(
+    r, charges, dst, src, frames, alpha=alpha, sigma=sigma, real_cutoff=cutoff
+  )
+  phi = phi + reciprocal_potentials(positions, charges, cells, frames, alpha=alpha)
+  return 0.5 * charges * phi
+
+
+def long_range_fn(
+  frames: Frames, dst, src, *, sigma: float, cutoff: float, accuracy: float, any_open=True
+):
+  """The ``long_range`` term of :func:`potentials.observables.compute` for a model with
+  learnt charges on a batch of ``frames`` with the pair list ``(dst, src)``: raw charges
+  neutralised per frame (:func:`neutral_charges`), their :func:`atom_energies`, and each
+  atom an equal share of its frame's strain derivative not carried by pairs (the reciprocal
+  and open sums'; ``docs/conventions.md``)."""
+  alpha = alpha_for(cutoff, accuracy)
+  num = frames.total_charge.shape[0]
+
+  def term(positions, cell, r, raw) -> observables.LongRange:
+    q = neutral_charges(raw, frames)
+    cells = cell if cell.ndim == 3 else cell[None]
+    e = atom_energies(
+      positions,
+      cells,
+      r,
+      dst,
+      src,
+      q,
+      frames,
+      sigma=sigma,
+      alpha=alpha,
+      cutoff=cutoff,
+      any_open=any_open,
+    )
+    mask = frames.atom_mask.astype(positions.dtype)
+    count = jax.ops.segment_sum(mask, frames.atom_frame, num_segments=num)
+    shares = mask / _of_frame(jnp.maximum(count, 1.0), frames, 1.0)
+    return observables.LongRange(e, q, shares)
+
+  return term
+
+
+def model_long_range_fn(config, frames: Frames, dst, src, any_open=True):
+  """:func:`long_range_fn` with the settings of a model's config (``ModelConfig``): Gaussian
+  width ``charge_width``, real-space cutoff = the model's cutoff, ``ewald_accuracy``."""
+  return long_range_fn(
+    frames,
+    dst,
+    src,
+    sigma=config.charge_width,
+    cutoff=config.cutoff,
+    accuracy=config.ewald_accuracy,
+    any_open=any_open,
+  )

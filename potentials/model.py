@@ -78,6 +78,18 @@ class ModelConfig:
       pairs in the forward pass), so the force uncertainty costs no backward pass per head.
       The readout does not change energies or forces; after training it is fitted to the
       members' differentiated deviations. Off by default; old model files load with it off.
+    electrostatics: learnt charges and their long-range electrostatics: a per-atom charge
+      read out of the last scalar features (``charge_hidden``, ``charge_out``), made to sum to
+      the structure's total charge (``atoms.info["charge"]``, default 0) and interacting as
+      Gaussians of width ``charge_width`` (:mod:`potentials.electrostatics`: the open sum, or
+      Ewald in periodic cells with its real-space part on the model's own pairs, so the
+      model's cutoff is its real-space cutoff, and ``ewald_accuracy`` setting the split). The
+      charges are trained from energies and forces alone. Single models for now
+      (``readout_heads = committee = 1``); old model files load with it off.
+    charge_width: the charges' Gaussian width ``sigma`` (Å): two interact through ``erf(r / 2
+      sigma) / r``, the Coulomb law beyond ~4 sigma, finite at contact.
+    ewald_accuracy: truncation of the Ewald sums, relative to the pair energy at the cutoff
+      (``potentials.electrostatics.ewald_parameters``).
     committee: independently initialised (and trained) parameter sets of this architecture,
       stacked on a leading axis of every parameter (a *committee*; about ``committee`` times
       the cost). 1: one parameter set, no stacked axis (every file written before ensembles).
@@ -104,6 +116,9 @@ class ModelConfig:
   readout_heads: int = 1
   committee: int = 1
   force_heads: bool = False
+  electrostatics: bool = False
+  charge_width: float = 1.0
+  ewald_accuracy: float = 1e-6
 
   def __post_init__(self):
     checks = [
@@ -124,6 +139,16 @@ class ModelConfig:
         "and committee = 1 (a committee's member forces cost no extra), got "
         f"readout_heads={self.readout_heads}, "
         f"committee={self.committee}",
+      ),
+      (
+        not self.electrostatics or (self.readout_heads == 1 and self.committee == 1),
+        "electrostatics is for single models for now (readout_heads = committee = 1), got "
+        f"readout_heads={self.readout_heads}, committee={self.committee}",
+      ),
+      (self.charge_width > 0, f"charge_width must be > 0 Å, got {self.charge_width}"),
+      (
+        0 < self.ewald_accuracy < 1,
+        f"ewald_accuracy must be in (0, 1), got {self.ewald_accuracy}",
       ),
       (self.radial_mlp >= 0, f"radial_mlp must be >= 0 (0: off), got {self.radial_mlp}"),
       (self.radial in RADIAL_FUNCTIONS, f"radial must be one of {RADIAL_FUNCTIONS}"),
@@ -306,6 +331,9 @@ class EnergyModel(nn.Module):
     self.shift = self.param("shift", nn.initializers.zeros, (self.num_species,), jnp.float32)
     if cfg.force_heads:
       self.force_readout = ForceReadout(cfg.readout_heads)
+    if cfg.electrostatics:
+      self.charge_hidden = nn.Dense(cfg.features)
+      self.charge_out = nn.Dense(1)
 
   def _block_degree(self, it: int):
     """``(degree, pseudotensors)`` of block ``it``: the last keeps only scalars (read out)."""
@@ -426,6 +454,29 @@ class EnergyModel(nn.Module):
     args = (atom_mask, atomic_numbers, indices_are_sorted, include_shift)
     return self._energies_and_scalars(species, r, dst_idx, src_idx, *args)[0]
 
+  def energies_and_charges(
+    self,
+    species,
+    r,
+    dst_idx,
+    src_idx,
+    atom_mask=None,
+    atomic_numbers=None,
+    indices_are_sorted: bool = False,
+    include_shift: bool = True,
+  ):
+    """``(energies (N,), raw charges (N,))`` of a model with ``electrostatics``: the local
+    per-atom energies (eV; the electrostatic energy is added by the caller, who knows the
+    frames, cells and total charges) and the charges read out of the same features, before
+    they are made to sum to the total charge (:func:`potentials.electrostatics.
+    neutral_charges`); padded atoms get 0."""
+    if not self.config.electrostatics:
+      raise ValueError("charges need a model with electrostatics")
+    args = (atom_mask, atomic_numbers, indices_are_sorted, include_shift)
+    e, scalars, _ = self._energies_and_scalars(species, r, dst_idx, src_idx, *args)
+    q = self.charge_out(nn.silu(self.charge_hidden(scalars)))[:, 0]
+    return e, (q if atom_mask is None else jnp.where(atom_mask, q, 0.0))
+
   def with_member_forces(
     self,
     species,
@@ -503,6 +554,8 @@ class EnergyModel(nn.Module):
       return self.with_member_forces(*args, include_shift)
     if self.config.force_heads and self.is_initializing():  # the readout's parameters too
       return self.with_member_forces(*args, include_shift)[0]
+    if self.config.electrostatics and self.is_initializing():  # the charge readout's too
+      return self.energies_and_charges(*args, include_shift)[0]
     return self.energies(*args, include_shift)
 
 

@@ -48,7 +48,8 @@ class Observables(NamedTuple):
   ``atom_strain_derivatives``: per-atom ``dE/dε`` ``(N, 3, 3)`` (with ``atom_strain``);
   ``member_energies`` ``(M,)`` and ``member_forces`` ``(M, N, 3)``: an ensemble's members
   (with ``members``; the other fields are then the members' mean); ``aux``: what
-  ``energies_fn`` returned beside the energies (with ``aux``).
+  ``energies_fn`` returned beside the energies (with ``aux``); ``charges``: ``(N,)`` the
+  charges of a ``long_range`` term.
   """
 
   energy: Array
@@ -61,12 +62,35 @@ class Observables(NamedTuple):
   member_energies: Optional[Array] = None
   member_forces: Optional[Array] = None
   aux: Any = None
+  charges: Optional[Array] = None
+
+
+class LongRange(NamedTuple):
+  """What a ``long_range`` term of :func:`compute` returns: ``energies (N,)`` per atom (eV),
+  ``charges (N,)`` and ``shares (N,)``, each atom's share of its frame's strain derivative
+  not carried by pairs (summing to 1 over a frame's atoms; ``docs/conventions.md``)."""
+
+  energies: Array
+  charges: Array
+  shares: Array
+
+
+# ``long_range(positions, cell, r, aux) -> LongRange``: a term that also reads positions and
+# cell (strained with the pair vectors ``r``) and what ``energies_fn`` returned beside the
+# energies (a model's raw charges)
+LongRangeFn = Callable[[Array, Array, Array, Any], LongRange]
 
 
 def voigt(s):
   """Symmetric ``(..., 3, 3)`` as ASE's Voigt ``(..., 6)``: ``xx yy zz yz xz xy`` (NumPy or
   JAX arrays)."""
   return s[..., [0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+
+
+def strained_cell(cell: Array, strain: Array) -> Array:
+  """``cell (I + sym(strain))``: rows are lattice vectors; ``(3, 3)`` or ``(B, 3, 3)``."""
+  eye = jnp.eye(3, dtype=strain.dtype)
+  return cell @ (eye + 0.5 * (strain + jnp.swapaxes(strain, -1, -2)))
 
 
 def strained(r: Array, strain: Array, pair_frame: Optional[Array] = None) -> Array:
@@ -96,6 +120,7 @@ def compute(
   atom_strain: bool = False,
   members: Union[bool, int] = False,
   aux: bool = False,
+  long_range: Optional[LongRangeFn] = None,
 ) -> Observables:
   """The observables of ``energies_fn`` at ``positions`` on the pair graph ``(dst, src)``.
 
@@ -118,6 +143,12 @@ def compute(
       every member's forces (K*H cost, not (K*H)^2); else one backward pass per member.
     aux: ``energies_fn`` returns ``(energies, aux)``; ``aux`` (any pytree, not
       differentiated) comes back in ``Observables.aux``, from the same forward pass.
+    long_range: a term read from positions and cell as well as from pairs (electrostatics):
+      ``energies_fn`` then returns ``(energies, aux)`` and ``long_range(positions, cell, r,
+      aux)`` a :class:`LongRange` whose energies are added (its charges come back in
+      ``Observables.charges``). Positions and cell are strained with the pairs, so stress
+      includes the term; per-atom strain derivatives get the pairs' split plus ``shares``
+      of the rest of their frame's. Not with ``members`` or ``aux``.
   """
   batched = atom_frame is not None
   if batched and (pair_frame is None or cell is None or cell.ndim != 3):
@@ -125,6 +156,10 @@ def compute(
   if atom_strain and not forces:
     raise ValueError("atom_strain=True needs forces=True (it is a gradient)")
   num_frames = cell.shape[0] if batched else None
+  if long_range is not None and (members or aux):
+    raise ValueError("a long_range term is for one model's energies, not with members or aux")
+  if long_range is not None and atom_strain and not strain:
+    raise ValueError("atom_strain with a long_range term needs strain=True (its split needs it)")
   if members:
     if aux:
       raise ValueError("aux is for energies_fn of one model, not with members")
@@ -152,14 +187,21 @@ def compute(
       r = strained(r, eps, pair_frame)
     if dr is not None:
       r = r + dr  # zero: its gradient is dE/dr per pair
-    e, extra = energies_fn(r) if aux else (energies_fn(r), None)
+    e, extra = energies_fn(r) if aux or long_range else (energies_fn(r), None)
+    if long_range is not None:
+      pos, box = positions, cell
+      if eps is not None:
+        pos = strained(positions, eps, atom_frame)
+        box = strained_cell(cell, eps)
+      extra = long_range(pos, box, r, extra)
+      e = e + extra.energies
     per_frame = jax.ops.segment_sum(e, atom_frame, num_segments=num_frames) if batched else None
     return jnp.sum(e if per_frame is None else per_frame), (e, per_frame, r, extra)
 
   if not forces:
     energy, (e, per_frame, r, extra) = total(positions, None, None)
     energy = energy if per_frame is None else per_frame
-    return Observables(energy, e, None, None, None, r, aux=extra)
+    return _with_long_range(Observables(energy, e, None, None, None, r, aux=extra), long_range)
   eps = jnp.zeros((num_frames, 3, 3) if batched else (3, 3), positions.dtype) if strain else None
   dr = jnp.zeros((dst.shape[0], 3), positions.dtype) if atom_strain else None
   (energy, (e, per_frame, r, extra)), (g_pos, g_eps, g_r) = jax.value_and_grad(
@@ -171,8 +213,28 @@ def compute(
   per_atom = None
   if atom_strain:
     per_atom = atom_strain_derivatives(r, g_r, dst=dst, src=src, num_atoms=positions.shape[0])
+    if long_range is not None:
+      per_atom = per_atom + _rest_by_share(per_atom, g_eps, extra.shares, atom_frame)
   energy = energy if per_frame is None else per_frame
-  return Observables(energy, e, -g_pos, g_eps, stress, r, per_atom, aux=extra)
+  out = Observables(energy, e, -g_pos, g_eps, stress, r, per_atom, aux=extra)
+  return _with_long_range(out, long_range)
+
+
+def _with_long_range(out: Observables, long_range) -> Observables:
+  """The long-range term's charges in their field (``aux`` stays for ``energies_fn``'s)."""
+  if long_range is None:
+    return out
+  return out._replace(aux=None, charges=out.aux.charges)
+
+
+def _rest_by_share(per_atom, strain_derivative, shares, atom_frame):
+  """Each atom's share of its frame's strain derivative not carried by the pairs."""
+  if atom_frame is None:
+    return shares[:, None, None] * (strain_derivative - jnp.sum(per_atom, axis=0))
+  num = strain_derivative.shape[0]
+  rest = strain_derivative - jax.ops.segment_sum(per_atom, atom_frame, num_segments=num)
+  rest = jnp.take(rest, atom_frame, axis=0, mode="fill", fill_value=0.0)
+  return shares[:, None, None] * rest
 
 
 def _members(

@@ -216,10 +216,30 @@ class Potential:
     ``self.element_shifts[species_index]`` in float64 on the host (float32 runs keep their
     precision).
     """
+    self._refuse_electrostatics("atomic_energies_from_pairs_fn")
     if self.num_members == 1:
       return self._apply_fn(include_shift)
     members = self.member_energies_fn(include_shift)
     return renamed(species="species_index")(lambda *a, **k: jnp.mean(members(*a, **k), -1))
+
+  def energies_and_charges_from_pairs_fn(self, include_shift: bool = True) -> Callable:
+    """For a model with ``electrostatics``: ``f(params, species_index, r, dst, src,
+    atom_mask=None, indices_are_sorted=False) -> (energies (N,), raw charges (N,))``, the
+    local per-atom energies and the charges before neutralisation; the electrostatic energy
+    is the ``long_range`` term of :func:`potentials.observables.compute`
+    (:func:`potentials.electrostatics.model_long_range_fn`)."""
+    if not self.config.electrostatics:
+      raise ValueError("energies_and_charges_from_pairs_fn needs a model with electrostatics")
+    return renamed(species="species_index")(self._apply_fn(include_shift, charges=True))
+
+  def _refuse_electrostatics(self, what: str) -> None:
+    """A model with electrostatics never runs as its local part alone, silently."""
+    if self.config.electrostatics:  # a ValueError: the command line's exit 2
+      raise ValueError(
+        f"this model has learnt charges and long-range electrostatics, which {what} leaves "
+        "out (it gives the local energy only); evaluate it with plugin.ase.Calculator "
+        "(eqattn md --engine ase) or train it with potentials.training, which include them"
+      )
 
   def pair_energies_fn(self, include_shift: bool = True) -> Callable:
     """Deprecated name of :meth:`atomic_energies_from_pairs_fn` (it gives per-atom energies)."""
@@ -233,6 +253,7 @@ class Potential:
     the members differ by exactly what they would with shifts. A committee also takes ``r``
     of shape ``(committee, pairs, 3)``, one copy per network (what
     ``potentials.observables.compute(members=committee)`` passes to get forces per member)."""
+    self._refuse_electrostatics("member_energies_fn")
     apply = self._apply_fn(include_shift)
     cfg = self.config
 
@@ -281,6 +302,7 @@ class Potential:
     Chaining ``stage_fn(0) ... stage_fn(num_stages - 1)`` equals
     ``atomic_energies_from_pairs_fn(False)``.
     """
+    self._refuse_electrostatics("stage_fn (domain decomposition, LAMMPS)")
     cfg = self.config
     last = stage == cfg.num_stages - 1
     apply = self._apply_fn(False, stage=stage)
@@ -310,7 +332,11 @@ class Potential:
     return f
 
   def _apply_fn(
-    self, include_shift: bool, member_forces: bool = False, stage: int | None = None
+    self,
+    include_shift: bool,
+    member_forces: bool = False,
+    stage: int | None = None,
+    charges: bool = False,
   ) -> Callable:
     """One parameter set's ``(params, species_index, r, dst, src, atom_mask,
     indices_are_sorted) -> (N,)`` (``(N, heads)`` with several heads); with ``stage``, that
@@ -321,6 +347,8 @@ class Potential:
       method = lambda m, *args, features=None: m.stage(stage, *args, features=features)
     elif member_forces:
       method = EnergyModel.with_member_forces
+    elif charges:
+      method = EnergyModel.energies_and_charges
     else:
       method = EnergyModel.energies
 

@@ -10,6 +10,7 @@ public name is importable from ``potentials.training`` as before the split.
 
 from ..io import load_checkpoint, save_checkpoint
 from .batching import Batch, Frame, batch_capacity, bucket, buckets, device_batch, make_batch
+from .batching import kvector_capacity
 from .batching import _device_batch  # noqa: F401  (old name of device_batch)
 from .config import DEFAULT_MINUTES, LOSSES, MAX_SELECTION_FRAMES, OPTIMIZERS, SCHEDULES, SPLITS
 from .config import TrainConfig
@@ -37,6 +38,7 @@ __all__ = [
   "buckets",
   "device_batch",
   "make_batch",
+  "kvector_capacity",
   "predictions",
   "DEFAULT_MINUTES",
   "LOSSES",

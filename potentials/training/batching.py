@@ -14,6 +14,7 @@ from typing import List, Optional, Sequence, Tuple
 import jax.numpy as jnp
 import numpy as np
 
+from .. import electrostatics
 from ..potential import Potential
 
 
@@ -38,6 +39,11 @@ class Frame:
   trajectory: Optional[str] = None  # id of the MD run the frame came from (held-out splits)
   config_type: Optional[str] = None  # kind of structure; splits are stratified by it
   temperature: Optional[float] = None  # thermostat target (K), to stratify and report by
+  charge: float = 0.0  # total charge (e), what a model's learnt charges sum to
+
+  @property
+  def periodic(self) -> bool:
+    return bool(np.all(self.pbc))
 
   @property
   def num_atoms(self) -> int:
@@ -69,6 +75,10 @@ class Batch:
   has_energy: np.ndarray  # (B,) bool
   has_forces: np.ndarray  # (A,) bool
   has_stress: np.ndarray  # (B,) bool
+  total_charge: np.ndarray  # (B,)
+  periodic: np.ndarray  # (B,) bool: fully periodic
+  kvectors: np.ndarray  # (B, K, 3) int32 reciprocal indices (K = 0 without electrostatics)
+  kmask: np.ndarray  # (B, K) bool
 
 
 def batch_capacity(frames: Sequence[Frame], batch_size: int) -> Tuple[int, int]:
@@ -126,15 +136,29 @@ def buckets(
   return list(zip(groups, caps))
 
 
+def kvector_capacity(frames: Sequence[Frame], potential: Potential) -> int:
+  """Reciprocal vectors a batch of these frames needs per frame (0 without electrostatics):
+  the most any periodic frame needs, rounded up to a :func:`bucket`."""
+  cfg = potential.config
+  cells = [f.cell for f in frames if cfg.electrostatics and f.periodic]
+  if not cells:
+    return 0
+  table, _ = electrostatics.kvector_table(cells, True, cfg.cutoff, cfg.ewald_accuracy)
+  return bucket(table.shape[1])
+
+
 def make_batch(
   frames: Sequence[Frame],
   potential: Potential,
   batch_size: int,
   atom_capacity: int,
   pair_capacity: int,
+  kvectors: Optional[int] = None,
 ) -> Batch:
-  """Pack up to ``batch_size`` frames into one padded system."""
+  """Pack up to ``batch_size`` frames into one padded system (``kvectors``: reciprocal
+  vectors per frame of a model with electrostatics, default :func:`kvector_capacity`)."""
   A, E, B = atom_capacity, pair_capacity, batch_size
+  K = kvector_capacity(frames, potential) if kvectors is None else kvectors
   b = Batch(
     species=np.zeros(A, np.int32),
     positions=np.zeros((A, 3)),
@@ -153,6 +177,10 @@ def make_batch(
     has_energy=np.zeros(B, bool),
     has_forces=np.zeros(A, bool),
     has_stress=np.zeros(B, bool),
+    total_charge=np.zeros(B),
+    periodic=np.zeros(B, bool),
+    kvectors=np.zeros((B, K, 3), np.int32),
+    kmask=np.zeros((B, K), bool),
   )
   a = e = 0
   for k, f in enumerate(frames):
@@ -176,7 +204,14 @@ def make_batch(
       b.forces[sl], b.has_forces[sl] = f.forces, True
     if f.stress is not None and f.volume > 0:
       b.stress[k], b.has_stress[k] = f.stress, True
+    b.total_charge[k], b.periodic[k] = f.charge, f.periodic
     a, e = a + n, e + m
+  if K:
+    cfg = potential.config
+    table, mask = electrostatics.kvector_table(
+      b.cells, b.periodic, cfg.cutoff, cfg.ewald_accuracy, capacity=K
+    )
+    b.kvectors[:], b.kmask[:] = table, mask
   return b
 
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import deprecation, observables
+from .. import deprecation, electrostatics, observables
 from ..potential import Potential
 from .batching import Frame, buckets, device_batch, make_batch
 
@@ -20,14 +20,16 @@ def predict_fn(potential: Potential, members: bool = False) -> Callable:
   is ``(1/V) dE/dε``, ASE's sign, 0 for non-periodic frames); with ``members``, also the
   members' energies ``(B, M)`` (of the same forward pass; forces are the mean's)."""
   m = potential.num_members
-  if members:  # columns of the members' energies / M: their sum is the mean's energy
+  if potential.config.electrostatics:
+    pair_fn = potential.energies_and_charges_from_pairs_fn(include_shift=True)
+  elif members:  # columns of the members' energies / M: their sum is the mean's energy
     member_fn = potential.member_energies_fn(include_shift=True)
     pair_fn = lambda *a, **k: member_fn(*a, **k) / m
   else:
     pair_fn = potential.atomic_energies_from_pairs_fn(include_shift=True)
 
   def predict(params, bt):
-    out = batch_observables(pair_fn, params, bt, volumes=bt["volumes"])
+    out = batch_observables(pair_fn, params, bt, config=potential.config, volumes=bt["volumes"])
     if members:
       return jnp.sum(out.energy, axis=-1), out.forces, out.stress, out.energy * m
     return out.energy, out.forces, out.stress
@@ -35,10 +37,14 @@ def predict_fn(potential: Potential, members: bool = False) -> Callable:
   return predict
 
 
-def batch_observables(pair_fn: Callable, params, bt: dict, **options) -> observables.Observables:
+def batch_observables(
+  pair_fn: Callable, params, bt: dict, *, config=None, **options
+) -> observables.Observables:
   """:func:`potentials.observables.compute` of a function of pair vectors
   (``atomic_energies_from_pairs_fn`` or ``member_energies_fn``) on a device batch; ``options``
-  go to ``compute``."""
+  go to ``compute``. For a model with electrostatics, ``pair_fn`` is its
+  ``energies_and_charges_from_pairs_fn`` and ``config`` its :class:`ModelConfig`: the
+  charges' long-range term is added per frame."""
   energies = lambda r: pair_fn(
     params,
     species_index=bt["species"],
@@ -48,6 +54,16 @@ def batch_observables(pair_fn: Callable, params, bt: dict, **options) -> observa
     atom_mask=bt["atom_mask"],
     indices_are_sorted=True,
   )
+  if config is not None and config.electrostatics:
+    frames = electrostatics.Frames(
+      bt["atom_frame"],
+      bt["atom_mask"],
+      bt["total_charge"],
+      bt["periodic"],
+      bt["kvectors"],
+      bt["kmask"],
+    )
+    options["long_range"] = electrostatics.model_long_range_fn(config, frames, bt["dst"], bt["src"])
   return observables.compute(
     energies,
     bt["positions"],

@@ -24,7 +24,7 @@ import optax
 from ..io import load_checkpoint, save_checkpoint
 from ..potential import Potential, init_params
 from .calibration import calibrate, uncertainty_metrics
-from .batching import Frame, batch_capacity, device_batch, make_batch
+from .batching import Frame, batch_capacity, device_batch, kvector_capacity, make_batch
 from .config import MAX_SELECTION_FRAMES, TrainConfig
 from .readout_fit import fit_force_readout
 from .schedule import Schedule, budget_of
@@ -167,9 +167,10 @@ def _batches_fn(potential: Potential, frames: Sequence[Frame], batch_size: int, 
   """``batches(subset)``: device batches of ``subset`` with one capacity for all ``frames``
   (one compilation for the whole run)."""
   cap = batch_capacity(frames, batch_size)
+  k = kvector_capacity(frames, potential)
+  pack = lambda part: make_batch(part, potential, batch_size, *cap, kvectors=k)  # noqa: E731
   return lambda subset: (
-    device_batch(make_batch(subset[i : i + batch_size], potential, batch_size, *cap), dtype)
-    for i in range(0, len(subset), batch_size)
+    device_batch(pack(subset[i : i + batch_size]), dtype) for i in range(0, len(subset), batch_size)
   )
 
 

@@ -1,0 +1,319 @@
+"""Beyond the cutoff: the same architecture with and without learnt-charge electrostatics.
+
+Reference: GFN2-xTB (tblite, ``pip install '.[data]'``). Three pairs of molecules: water-water,
+water-methanol (polar) and ammonium-water (charged, +1). The training pool (``make``): monomer
+MD frames and dimers of MD monomers in random orientations at centre distances of 2.6-12 Å,
+labelled with energies and forces (each dimer ``info["charge"]`` set). Held out: binding
+curves of orientations and monomer geometries no training frame used (a separate MD run), at
+centre distances 3-12 Å; the interaction energy ``E(AB) - E(A) - E(B)`` of the reference and
+of each model is compared, apart for the points with no intermolecular atom pair within the
+model's cutoff ("beyond the cutoff": a local model gives exactly 0 there) and the others::
+
+    python benchmarks/long_range.py --out out/long_range --make
+    python benchmarks/long_range.py --out out/long_range --minutes 10 --jobs 2
+    python benchmarks/long_range.py --out out/long_range --report
+
+``--jobs 2`` trains the two models side by side, each pinned to its own core, each for
+``--minutes`` of wall time (``potentials.training.train`` with ``time_limit``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECIES = ["H", "C", "N", "O"]
+PAIRS = {"water-water": ("H2O", "H2O", 0), "water-methanol": ("H2O", "CH3OH", 0)}
+PAIRS["ammonium-water"] = ("NH4+", "H2O", 1)
+MODELS = {"local": {}, "electrostatics": {"electrostatics": True}}
+MIN_CONTACT = 1.6  # Å: closest intermolecular atoms in a dimer
+
+
+def molecule(name: str):
+  """An ASE molecule (with its charge in ``info``); NH4+ built as a tetrahedron."""
+  import ase
+  import ase.build
+
+  if name == "NH4+":
+    h = np.array([[1, 1, 1], [-1, -1, 1], [-1, 1, -1], [1, -1, -1]]) * (1.03 / np.sqrt(3))
+    atoms = ase.Atoms("NH4", positions=np.vstack([[0, 0, 0], h]))
+    atoms.info["charge"] = 1.0
+    return atoms
+  atoms = ase.build.molecule(name)
+  atoms.info["charge"] = 0.0
+  return atoms
+
+
+def reference(charge: float):
+  from tblite.ase import TBLite
+
+  return TBLite(method="GFN2-xTB", charge=charge, verbosity=0, accuracy=0.01)
+
+
+def label(atoms):
+  """``atoms`` with GFN2-xTB energy and forces attached (single point)."""
+  from ase.calculators.singlepoint import SinglePointCalculator
+
+  a = atoms.copy()
+  a.calc = reference(a.info.get("charge", 0.0))
+  e, f = a.get_potential_energy(), a.get_forces()
+  a.calc = SinglePointCalculator(a, energy=e, forces=f)
+  return a
+
+
+def monomer_md(name: str, frames: int, seed: int, temperature=400.0):
+  """``frames`` geometries of a monomer from GFN2-xTB Langevin MD, 20 fs apart."""
+  from ase import units
+  from ase.md.langevin import Langevin
+  from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+  atoms = molecule(name)
+  atoms.calc = reference(atoms.info["charge"])
+  rng = np.random.default_rng(seed)
+  MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+  dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=temperature, friction=0.02, rng=rng)
+  dyn.run(200)
+  out = []
+  for _ in range(frames):
+    dyn.run(40)
+    a = atoms.copy()
+    a.info = dict(atoms.info)
+    out.append(a)
+  return out
+
+
+def random_rotation(rng):
+  q = rng.standard_normal(4)
+  a, b, c, d = q / np.linalg.norm(q)
+  return np.array(
+    [
+      [a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+      [2 * (b * c + a * d), a * a - b * b + c * c - d * d, 2 * (c * d - a * b)],
+      [2 * (b * d - a * c), 2 * (c * d + a * b), a * a - b * b - c * c + d * d],
+    ]
+  )
+
+
+def dimer(a, b, rot_a, rot_b, direction, distance):
+  """Monomers ``a`` and ``b`` turned and their centres of mass ``distance`` Å apart."""
+  pa = (a.positions - a.get_center_of_mass()) @ rot_a.T
+  pb = (b.positions - b.get_center_of_mass()) @ rot_b.T + distance * direction
+  both = a.copy() + b.copy()
+  both.positions = np.vstack([pa, pb])
+  both.info = {"charge": a.info["charge"] + b.info["charge"]}
+  return both, float(np.min(np.linalg.norm(pa[:, None] - pb[None], axis=-1)))
+
+
+def make(out: Path, seed: int = 0) -> None:
+  """The training pool (``pool.extxyz``) and the held-out curves (``curves.json``)."""
+  from ase.io import write
+
+  rng = np.random.default_rng(seed)
+  names = sorted({m for a, b, _ in PAIRS.values() for m in (a, b)})
+  train = {n: monomer_md(n, 60, seed + k) for k, n in enumerate(names)}
+  held = {n: monomer_md(n, 8, seed + 100 + k) for k, n in enumerate(names)}
+  pool = []
+  for n, frames in train.items():
+    for k, a in enumerate(frames[:30]):
+      a = label(a)
+      a.info.update(trajectory=f"{n}-{k // 10}", config_type=f"monomer {n}")
+      pool.append(a)
+  for pair, (na, nb, _) in PAIRS.items():
+    made = 0
+    while made < 400:
+      a, b = train[na][rng.integers(60)], train[nb][rng.integers(60)]
+      direction = rng.standard_normal(3)
+      distance = 2.6 + 9.4 * rng.random() ** 1.5  # more of them near contact
+      d, closest = dimer(
+        a,
+        b,
+        random_rotation(rng),
+        random_rotation(rng),
+        direction / np.linalg.norm(direction),
+        distance,
+      )
+      if closest < MIN_CONTACT:
+        continue
+      d = label(d)
+      d.info.update(trajectory=f"{pair}-{made // 40}", config_type=pair)
+      pool.append(d)
+      made += 1
+  write(out / "pool.extxyz", pool)
+  curves = []
+  for pair, (na, nb, _) in PAIRS.items():
+    for k in range(6):
+      a, b = held[na][k], held[nb][k]
+      rot_a, rot_b = random_rotation(rng), random_rotation(rng)
+      direction = rng.standard_normal(3)
+      direction /= np.linalg.norm(direction)
+      ea, eb = label(a).get_potential_energy(), label(b).get_potential_energy()
+      points = []
+      for distance in np.arange(3.0, 12.01, 0.5):
+        d, closest = dimer(a, b, rot_a, rot_b, direction, distance)
+        if closest < MIN_CONTACT:
+          continue
+        e = label(d).get_potential_energy()
+        points.append(
+          {
+            "distance": float(distance),
+            "closest": closest,
+            "positions": d.positions.tolist(),
+            "interaction": e - ea - eb,
+          }
+        )
+      curves.append(
+        {
+          "pair": pair,
+          "numbers": (a + b).numbers.tolist(),
+          "split": len(a),
+          "charges": [a.info["charge"], b.info["charge"]],
+          "points": points,
+        }
+      )
+  (out / "curves.json").write_text(json.dumps(curves))
+
+
+def train_one(out: Path, name: str, minutes: float) -> None:
+  t0 = time.perf_counter()
+  import potentials
+  from plugin.data import read_frames
+  from potentials import training
+
+  pot = potentials.Potential.create(0, species=SPECIES, **MODELS[name])
+  frames = read_frames(str(out / "pool.extxyz"), pot.cutoff)
+  cfg = training.TrainConfig(time_limit=minutes)
+  res = training.train(pot, frames, cfg, progress=False, started=t0)
+  res.potential.save(out / f"{name}.eqm")
+  meta = res.potential.metadata["training"]
+  row = {
+    "model": name,
+    "minutes": minutes,
+    "epochs": meta["epochs_run"],
+    "test": res.metrics["test"],
+    "wall_s": round(time.perf_counter() - t0, 1),
+  }
+  row.update(curve_errors(out, res.potential))
+  (out / f"{name}.json").write_text(json.dumps(row, indent=1))
+
+
+def curve_errors(out: Path, potential) -> dict:
+  """Interaction-energy errors (meV) on the held-out curves, beyond and within the cutoff."""
+  import ase
+
+  from plugin.ase import Calculator
+
+  calc = Calculator(potential)
+  curves = json.loads((out / "curves.json").read_text())
+  beyond, within, by_pair = [], [], {}
+  for c in curves:
+    split, numbers = c["split"], np.asarray(c["numbers"])
+    for p in c["points"]:
+      pos = np.asarray(p["positions"])
+      parts = []
+      for sel, q in (
+        (slice(None), sum(c["charges"])),
+        (slice(0, split), c["charges"][0]),
+        (slice(split, None), c["charges"][1]),
+      ):
+        atoms = ase.Atoms(numbers[sel], positions=pos[sel])
+        atoms.info["charge"] = q
+        atoms.calc = calc
+        parts.append(atoms.get_potential_energy())
+      err = abs(parts[0] - parts[1] - parts[2] - p["interaction"]) * 1e3
+      (beyond if p["closest"] > potential.cutoff else within).append(err)
+      by_pair.setdefault(c["pair"], []).append((p["closest"] > potential.cutoff, err))
+  pairs = {
+    k: {
+      "beyond": float(np.mean([e for b, e in v if b] or [np.nan])),
+      "within": float(np.mean([e for b, e in v if not b] or [np.nan])),
+    }
+    for k, v in by_pair.items()
+  }
+  return {
+    "beyond_mae_meV": float(np.mean(beyond)),
+    "within_mae_meV": float(np.mean(within)),
+    "points": [len(beyond), len(within)],
+    "pairs": pairs,
+  }
+
+
+def report(out: Path) -> None:
+  rows = {
+    n: json.loads((out / f"{n}.json").read_text()) for n in MODELS if (out / f"{n}.json").exists()
+  }
+  print(
+    "| model | epochs | held-out frames F MAE (meV/Å) | E_int MAE beyond cutoff (meV) "
+    "| within (meV) | beyond, per pair |"
+  )
+  print("|---|---:|---:|---:|---:|---|")
+  for n, r in rows.items():
+    per = ", ".join(f"{k} {v['beyond']:.2f}" for k, v in r["pairs"].items())
+    print(
+      f"| {n} | {r['epochs']} | {1e3 * r['test']['forces_mae']:.1f} | {r['beyond_mae_meV']:.2f} "
+      f"| {r['within_mae_meV']:.2f} | {per} |"
+    )
+  if len(rows) == 2:
+    b = rows["electrostatics"]["beyond_mae_meV"] / rows["local"]["beyond_mae_meV"]
+    w = rows["electrostatics"]["within_mae_meV"] / rows["local"]["within_mae_meV"]
+    print(
+      f"\nratio electrostatics / local: beyond the cutoff {b:.2f} (target <= 0.3), "
+      f"within {w:.2f} (<= 1.1)"
+    )
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--out", default="out/long_range")
+  ap.add_argument("--make", action="store_true", help="make the pool and the curves")
+  ap.add_argument("--minutes", type=float, default=10.0)
+  ap.add_argument("--jobs", type=int, default=2)
+  ap.add_argument("--report", action="store_true")
+  ap.add_argument("--one", help=argparse.SUPPRESS)
+  args = ap.parse_args(argv)
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  if args.make:
+    t0 = time.perf_counter()
+    make(out)
+    print(f"pool and curves made in {time.perf_counter() - t0:.0f} s")
+    return 0
+  if args.report:
+    report(out)
+    return 0
+  if args.one:
+    train_one(out, args.one, args.minutes)
+    return 0
+  cores = sorted(os.sched_getaffinity(0))
+  procs = []
+  for k, name in enumerate(MODELS):
+    cmd = [
+      sys.executable,
+      __file__,
+      "--out",
+      str(out),
+      "--minutes",
+      str(args.minutes),
+      "--one",
+      name,
+    ]
+    if args.jobs > 1:
+      cmd = ["taskset", "-c", str(cores[k % len(cores)])] + cmd
+    procs.append(subprocess.Popen(cmd))
+    if args.jobs == 1:
+      procs[-1].wait()
+  if any(p.wait() for p in procs):
+    raise SystemExit("a training run failed")
+  report(out)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
