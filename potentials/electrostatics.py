@@ -215,15 +215,17 @@ def kvector_table(cells, periodic, real_cutoff: float, accuracy: float, capacity
   return table, mask
 
 
-def neutral_charges(raw: jax.Array, frames: Frames) -> jax.Array:
+def neutral_charges(raw: jax.Array, frames: Frames, weights=None) -> jax.Array:
   """``(N,)`` charges that sum to each frame's ``total_charge``: the raw charges less their
-  frame's excess spread evenly over its atoms (padded atoms get 0)."""
+  frame's excess, shared in proportion to the positive ``weights`` (default: evenly), so a
+  model can put a molecule's net charge on that molecule (padded atoms get 0)."""
   num = frames.total_charge.shape[0]
   seg = lambda v: jax.ops.segment_sum(v, frames.atom_frame, num_segments=num)  # noqa: E731
   raw = jnp.where(frames.atom_mask, raw, 0.0)
-  count = jnp.maximum(seg(frames.atom_mask.astype(raw.dtype)), 1.0)
-  excess = (seg(raw) - frames.total_charge.astype(raw.dtype)) / count
-  per_atom = jnp.take(excess, frames.atom_frame, mode="fill", fill_value=0.0)
+  w = frames.atom_mask.astype(raw.dtype) if weights is None else weights
+  w = jnp.where(frames.atom_mask, w, 0.0)
+  excess = (seg(raw) - frames.total_charge.astype(raw.dtype)) / jnp.maximum(seg(w), 1e-12)
+  per_atom = w * jnp.take(excess, frames.atom_frame, mode="fill", fill_value=0.0)
   return jnp.where(frames.atom_mask, raw - per_atom, 0.0)
 
 
@@ -298,14 +300,16 @@ def long_range_fn(
 ):
   """The ``long_range`` term of :func:`potentials.observables.compute` for a model with
   learnt charges on a batch of ``frames`` with the pair list ``(dst, src)``: raw charges
-  neutralised per frame (:func:`neutral_charges`), their :func:`atom_energies`, and each
+  (or ``(raw charges, weights)``, as the model gives them) neutralised per frame
+  (:func:`neutral_charges`), their :func:`atom_energies`, and each
   atom an equal share of its frame's strain derivative not carried by pairs (the reciprocal
   and open sums'; ``docs/conventions.md``)."""
   alpha = alpha_for(cutoff, accuracy)
   num = frames.total_charge.shape[0]
 
-  def term(positions, cell, r, raw) -> observables.LongRange:
-    q = neutral_charges(raw, frames)
+  def term(positions, cell, r, charges) -> observables.LongRange:
+    raw, weights = charges if isinstance(charges, tuple) else (charges, None)
+    q = neutral_charges(raw, frames, weights)
     cells = cell if cell.ndim == 3 else cell[None]
     e = atom_energies(
       positions,

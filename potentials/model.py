@@ -215,6 +215,8 @@ class ModelConfig:
 _ZBL_C = (0.18175, 0.50986, 0.28022, 0.02817)
 _ZBL_D = (3.19980, 0.94229, 0.40290, 0.20162)
 _COULOMB = 14.399645  # e^2 / (4 pi eps0) in eV Å
+# the least weight of an atom in the neutralisation of learnt charges (keeps sums positive)
+CHARGE_WEIGHT_FLOOR = 1e-3
 
 
 def zbl_pair_energy(r: jax.Array, z1: jax.Array, z2: jax.Array, r_off: float) -> jax.Array:
@@ -333,7 +335,7 @@ class EnergyModel(nn.Module):
       self.force_readout = ForceReadout(cfg.readout_heads)
     if cfg.electrostatics:
       self.charge_hidden = nn.Dense(cfg.features)
-      self.charge_out = nn.Dense(1)
+      self.charge_out = nn.Dense(2)  # a raw charge and its weight in the neutralisation
 
   def _block_degree(self, it: int):
     """``(degree, pseudotensors)`` of block ``it``: the last keeps only scalars (read out)."""
@@ -465,17 +467,21 @@ class EnergyModel(nn.Module):
     indices_are_sorted: bool = False,
     include_shift: bool = True,
   ):
-    """``(energies (N,), raw charges (N,))`` of a model with ``electrostatics``: the local
-    per-atom energies (eV; the electrostatic energy is added by the caller, who knows the
-    frames, cells and total charges) and the charges read out of the same features, before
-    they are made to sum to the total charge (:func:`potentials.electrostatics.
-    neutral_charges`); padded atoms get 0."""
+    """``(energies (N,), (raw charges (N,), weights (N,)))`` of a model with
+    ``electrostatics``: the local per-atom energies (eV; the electrostatic energy is added by
+    the caller, who knows the frames, cells and total charges) and, read out of the same
+    features, the charges before they are made to sum to the total charge and each atom's
+    positive weight in that correction (:func:`potentials.electrostatics.neutral_charges`);
+    padded atoms get 0."""
     if not self.config.electrostatics:
       raise ValueError("charges need a model with electrostatics")
     args = (atom_mask, atomic_numbers, indices_are_sorted, include_shift)
     e, scalars, _ = self._energies_and_scalars(species, r, dst_idx, src_idx, *args)
-    q = self.charge_out(nn.silu(self.charge_hidden(scalars)))[:, 0]
-    return e, (q if atom_mask is None else jnp.where(atom_mask, q, 0.0))
+    out = self.charge_out(nn.silu(self.charge_hidden(scalars)))
+    q, w = out[:, 0], nn.softplus(out[:, 1]) + CHARGE_WEIGHT_FLOOR
+    if atom_mask is not None:
+      q, w = jnp.where(atom_mask, q, 0.0), jnp.where(atom_mask, w, 0.0)
+    return e, (q, w)
 
   def with_member_forces(
     self,

@@ -224,8 +224,9 @@ class Potential:
 
   def energies_and_charges_from_pairs_fn(self, include_shift: bool = True) -> Callable:
     """For a model with ``electrostatics``: ``f(params, species_index, r, dst, src,
-    atom_mask=None, indices_are_sorted=False) -> (energies (N,), raw charges (N,))``, the
-    local per-atom energies and the charges before neutralisation; the electrostatic energy
+    atom_mask=None, indices_are_sorted=False) -> (energies (N,), (raw charges (N,), weights
+    (N,)))``, the local per-atom energies, the charges before neutralisation and the atoms'
+    weights in it (:meth:`EnergyModel.energies_and_charges`); the electrostatic energy
     is the ``long_range`` term of :func:`potentials.observables.compute`
     (:func:`potentials.electrostatics.model_long_range_fn`)."""
     if not self.config.electrostatics:

@@ -83,6 +83,12 @@ def test_per_atom_energies_of_a_batch_sum_to_the_whole_system_sums():
   q = es.neutral_charges(jnp.asarray(raw), frames)
   np.testing.assert_allclose([q[:8].sum(), q[8:13].sum(), q[13:].sum()], [0, -1, 0], atol=1e-12)
   np.testing.assert_allclose(q[8:13], q_mol - (q_mol.sum() + 1) / 5, atol=1e-12)
+  w = jnp.asarray(np.concatenate([np.ones(8), [1.0, 3.0, 0.0, 0.0, 0.0], [1.0, 1.0]]))
+  weighted = es.neutral_charges(jnp.asarray(raw), frames, w)  # the excess where the weight is
+  np.testing.assert_allclose(
+    weighted[8:13] - q_mol, -(q_mol.sum() + 1) * np.array([1, 3, 0, 0, 0]) / 4, atol=1e-12
+  )
+  np.testing.assert_allclose(weighted[:8], q[:8], atol=1e-12)
   from ase.neighborlist import primitive_neighbor_list
 
   i, j, s = primitive_neighbor_list("ijS", (True,) * 3, salt.cell.array, salt.positions, cutoff)

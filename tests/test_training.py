@@ -398,5 +398,13 @@ def test_parts_of_a_training_set_share_one_evaluation_shape():
   parts = (alike, alike[:90], alike[:30], alike[:9])
   shapes = {caps for part in parts for _, caps in training.buckets(part, 8, 4096)}
   assert len(shapes) == 1
-  varied = [frame(n, 40 * n) for n in (4, 4, 8, 64, 300, 500)]
-  assert len({caps for _, caps in training.buckets(varied, 2, 4096)}) == 3
+  varied = [frame(n, 40 * n) for n in (4, 4, 8, 64, 300, 500)] * 10
+  assert len({caps for _, caps in training.buckets(varied, 2, 4096)}) == 5
+  # ... unless the whole set is small: molecules of 3 to 12 atoms share one shape, and the
+  # reserve for finishing counts the shapes evaluation will compile
+  small = [frame(3 + k % 10, 6 * (3 + k % 10)) for k in range(400)]
+  assert len({caps for _, caps in training.buckets(small, 8, 4096)}) == 1
+  from potentials.training.evaluation import evaluation_shapes
+
+  assert evaluation_shapes([small, small[:50], varied[:6]], 8) == 2
+  assert evaluation_shapes([alike, alike[:9]], 8) == 1

@@ -88,6 +88,11 @@ def batch_capacity(frames: Sequence[Frame], batch_size: int) -> Tuple[int, int]:
   return int(sum(atoms)) + 1, int(sum(pairs)) + 1
 
 
+# padded pairs whose evaluation costs less than one compilation (~60k pairs/s evaluated on
+# one core against ~15-20 s to compile a program)
+FREE_PAIRS = 500_000
+
+
 def bucket(n: int) -> int:
   """The shape bucket of a size ``n``: the next of 8, 12, 16, 24, 32, 48, ... (powers of two
   and their 1.5 multiples), so padded shapes, i.e. compilations, are few and padding < 50 %."""
@@ -125,13 +130,16 @@ def buckets(
   # frames of alike sizes (a training set's parts): every batch in the shape of full batches
   # of the largest frame, so the set compiles once and so do other sets like it. A
   # compilation costs as much as hundreds of batches (~20 s for an alloy on one core), so
-  # padding up to twice the work pays
+  # padding up to twice the work pays, and any padding while the whole set stays under
+  # FREE_PAIRS (small molecules of varied sizes: 12 shapes, ~200 s of compilation, for
+  # 1300 GFN2-xTB dimers of 3 to 12 atoms)
   if frames:
     n = max(f.num_atoms for f in frames)
     per = min(max_frames, max(1, max_atoms // max(n, 1)))
     pairs = max(len(f.dst) for f in frames)
     full = (bucket(per), bucket(per * n + 1), bucket(per * pairs + 1))
-    if len(groups) * full[2] <= 2 * sum(c[2] for c in caps):
+    padded = len(groups) * full[2]
+    if padded <= max(2 * sum(c[2] for c in caps), FREE_PAIRS):
       caps = [full] * len(groups)
   return list(zip(groups, caps))
 

@@ -97,6 +97,7 @@ def fit_element_shifts(
 
 
 _PREDICT_CACHE: Dict[tuple, Callable] = {}
+MAX_ATOMS = 4096  # atoms in one batch of predictions
 
 
 def _jitted_predict(config, species) -> Callable:
@@ -113,7 +114,7 @@ def predictions(
   frames: Sequence[Frame],
   *,
   batch_size: int = 16,
-  max_atoms: int = 4096,
+  max_atoms: int = MAX_ATOMS,
   dtype=jnp.float32,
 ):
   """Yields ``(batch, indices, (energies, forces, stress))`` over ``frames`` in size buckets
@@ -187,10 +188,21 @@ def grouped_metrics(
 ) -> Dict[str, Dict[str, float]]:
   """:func:`error_metrics` per config_type and per temperature (keys 'config_type=...',
   'T=...K'), for tables of held-out error against temperature."""
+  groups = frame_groups(frames)
+  return {k: error_metrics(potential, v, batch_size, dtype) for k, v in sorted(groups.items())}
+
+
+def frame_groups(frames: Sequence[Frame]) -> Dict[str, List[Frame]]:
+  """The frames of every config_type and every temperature (:func:`grouped_metrics`' keys)."""
   groups: Dict[str, List[Frame]] = {}
   for f in frames:
     if f.config_type is not None:
       groups.setdefault(f"config_type={f.config_type}", []).append(f)
     if f.temperature is not None:
       groups.setdefault(f"T={f.temperature:g}K", []).append(f)
-  return {k: error_metrics(potential, v, batch_size, dtype) for k, v in sorted(groups.items())}
+  return groups
+
+
+def evaluation_shapes(frame_sets: Sequence[Sequence[Frame]], batch_size: int) -> int:
+  """Padded batch shapes, i.e. compilations, that :func:`predictions` of every set needs."""
+  return len({cap for frames in frame_sets for _, cap in buckets(frames, batch_size, MAX_ATOMS)})

@@ -28,7 +28,8 @@ from .batching import Frame, batch_capacity, device_batch, kvector_capacity, mak
 from .config import MAX_SELECTION_FRAMES, TrainConfig
 from .readout_fit import fit_force_readout
 from .schedule import Schedule, budget_of
-from .evaluation import error_metrics, fit_element_shifts, grouped_metrics, predict_fn, refit_shifts
+from .evaluation import error_metrics, evaluation_shapes, fit_element_shifts, frame_groups
+from .evaluation import grouped_metrics, predict_fn, refit_shifts
 from .splits import split_parts, split_summary
 
 
@@ -217,15 +218,20 @@ class _Validation:
     return v
 
 
-def _finish_seconds(potential: Potential, config: TrainConfig, sizes: dict, check) -> float:
+def _finish_seconds(
+  potential: Potential, config: TrainConfig, sizes: dict, check, shapes: int
+) -> float:
   """Estimated seconds of what follows training (:func:`_finish`): shifts refitted on the
   training frames, every split part evaluated (the test part twice), an ensemble's member
   forces on validation and test frames for calibration, a force readout's fit, at the
-  measured cost per validation frame, with a compilation per pass."""
+  measured cost per validation frame, with a compilation per batch shape (``shapes``,
+  :func:`~potentials.training.evaluation.evaluation_shapes`)."""
   passes = sum(sizes.values()) + sizes["train"] + sizes["test"]
-  # the parts share one batch shape (batching.buckets): one program, and a margin of two (on
-  # a Ni-Al alloy, 8-minute budget, 2 estimated 48 s for the 58 s that finishing took)
-  compiles = 3
+  # a margin of two compilations (on a Ni-Al alloy, 8-minute budget, one shape: 2 estimated
+  # 48 s for the 58 s that finishing took). Molecules of varied sizes need more shapes: on
+  # GFN2-xTB dimers of 3 to 12 atoms, 10 minutes, 3 compilations reserved 47-62 s for
+  # finishing that took 176-227 s
+  compiles = shapes + 2
   if potential.num_members > 1:
     passes += (sizes["valid"] + sizes["test"]) * potential.num_members
     compiles += 2  # the members' predictions
@@ -266,8 +272,13 @@ def train(
   frames = list(frames)
   parts = split_parts(frames, config)
   sizes = {k: len(v) for k, v in parts.items()}
-  train_set, valid_set = ([frames[i] for i in parts[k]] for k in ("train", "valid"))
+  sets = {k: [frames[i] for i in v] for k, v in parts.items()}
+  train_set, valid_set = sets["train"], sets["valid"]
   config = with_batch_size(config, train_set)
+  # the programs finishing compiles: one per batch shape of the parts and the test groups
+  shapes = evaluation_shapes(
+    [*sets.values(), *frame_groups(sets["test"]).values()], config.batch_size
+  )
   step, optimizer, eval_loss = _step_fn(potential, config)
   state = _initial_state(potential, train_set, optimizer, checkpoint if resume else None, fine_tune)
   history = json.loads(str(state["history"]))
@@ -301,7 +312,7 @@ def train(
     diverged, safe = _guard(state, safe, losses, epoch)
     if done or check.due(clock()):  # the last epoch is always validated
       v = _validate(check, state, epoch, clock)
-      budget.reserve = _finish_seconds(potential, config, sizes, check)
+      budget.reserve = _finish_seconds(potential, config, sizes, check, shapes)
     record = {
       "epoch": epoch,
       "train_loss": float(np.mean(losses)),
