@@ -245,6 +245,49 @@ def curve_errors(out: Path, potential) -> dict:
   }
 
 
+def cost(out: Path, sizes=(96, 3000), repeats: int = 5) -> None:
+  """Seconds of one energy+forces call (ASE calculator, float32, compiled) of the default
+  model with and without electrostatics, on water boxes (periodic) and the same atoms as an
+  open cluster; written to ``cost.json``."""
+  import ase.build
+
+  import potentials
+  from plugin.ase import Calculator
+
+  rows = []
+  for n in sizes:
+    k = max(1, round((n / 3) ** (1 / 3)))
+    box = ase.build.molecule("H2O")
+    cell = 3.1 * k
+    grid = np.stack(np.meshgrid(*[np.arange(k)] * 3, indexing="ij"), -1).reshape(-1, 3) * 3.1
+    atoms = ase.Atoms()
+    rng = np.random.default_rng(0)
+    for g in grid:
+      w = box.copy()
+      w.rotate(rng.uniform(0, 360), rng.standard_normal(3))
+      w.translate(g + 1.0)
+      atoms += w
+    atoms.cell, atoms.pbc = np.eye(3) * cell, True
+    for periodic in (True, False):
+      a = atoms.copy()
+      a.pbc = periodic
+      for name, options in MODELS.items():
+        pot = potentials.Potential.create(0, species=SPECIES, **options)
+        a.calc = Calculator(pot)
+        a.get_forces()  # compiles
+        times = []
+        for _ in range(repeats):
+          a.positions += 1e-4
+          t0 = time.perf_counter()
+          a.get_forces()
+          times.append(time.perf_counter() - t0)
+        rows.append(
+          {"atoms": len(a), "periodic": periodic, "model": name, "seconds": float(np.median(times))}
+        )
+        print(rows[-1], flush=True)
+  (out / "cost.json").write_text(json.dumps(rows, indent=1))
+
+
 def report(out: Path) -> None:
   rows = {
     n: json.loads((out / f"{n}.json").read_text()) for n in MODELS if (out / f"{n}.json").exists()
@@ -276,6 +319,7 @@ def main(argv=None) -> int:
   ap.add_argument("--minutes", type=float, default=10.0)
   ap.add_argument("--jobs", type=int, default=2)
   ap.add_argument("--report", action="store_true")
+  ap.add_argument("--cost", action="store_true", help="time E+F calls with and without")
   ap.add_argument("--one", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   out = Path(args.out)
@@ -287,6 +331,9 @@ def main(argv=None) -> int:
     return 0
   if args.report:
     report(out)
+    return 0
+  if args.cost:
+    cost(out)
     return 0
   if args.one:
     train_one(out, args.one, args.minutes)
