@@ -130,6 +130,9 @@ def _systems(args):
   (each structure times ``--replicas`` / ``--temperatures``) with its temperature and seed."""
   paths = args.structure or [None]
   structures = [_read_structure(p) for p in paths]
+  if args.charge is not None:
+    for atoms in structures:
+      atoms.info["charge"] = args.charge
   temps = args.temperatures
   replicas = args.replicas or (len(temps) if temps else 1)
   if temps and len(temps) != replicas:
@@ -919,6 +922,12 @@ def _add_md(sub) -> None:
   g.add_argument("--steps", type=_positive(int), help="steps to run (instead of --time)")
   g.add_argument(
     "--time", type=_positive(float), default=DEFAULTS.duration, help="ps (default %(default)g)"
+  )
+  md.add_argument(
+    "--charge",
+    type=float,
+    help="total charge (e) of the structures, for a model with electrostatics (default: "
+    "the file's info['charge'], else 0)",
   )
   md.add_argument(
     "--engine",

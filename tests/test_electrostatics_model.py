@@ -279,3 +279,20 @@ def test_command_line_switch_and_total_charge(tmp_path):
   assert cli.main([*argv, "--electrostatics", "--split", "random", "--out", str(out)]) == 0
   assert potentials.load(out).config.electrostatics
   assert cli.main([*argv[:2], "--init", str(out), "--electrostatics", "--out", "x.eqm"]) == 2
+
+
+def test_md_on_the_ase_engine_and_a_clear_refusal_on_jax_md(tmp_path, capsys):
+  from ase.io import write
+
+  from plugin import cli
+
+  model = tmp_path / "m.eqm"
+  tiny = dict(features=8, num_iterations=1, num_basis=6, cutoff=3.0, electrostatics=True)
+  potentials.Potential.create(0, species=["Na", "Cl"], **tiny).save(model)
+  start = tmp_path / "ion.xyz"
+  write(start, dimer_pair(6.0)[2][:3])  # Na Cl Na
+  common = ["md", str(start), "--model", str(model), "--steps", "4", "--charge", "1"]
+  out = tmp_path / "md.traj"
+  assert cli.main([*common, "--engine", "ase", "--out", str(out), "--dt", "0.5"]) == 0
+  assert cli.main([*common, "--out", str(tmp_path / "b.traj")]) == 2
+  assert "plugin.ase.Calculator (eqattn md --engine ase)" in capsys.readouterr().err
