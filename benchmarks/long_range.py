@@ -91,15 +91,10 @@ def monomer_md(name: str, frames: int, seed: int, temperature=400.0):
 
 
 def random_rotation(rng):
-  q = rng.standard_normal(4)
-  a, b, c, d = q / np.linalg.norm(q)
-  return np.array(
-    [
-      [a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
-      [2 * (b * c + a * d), a * a - b * b + c * c - d * d, 2 * (c * d - a * b)],
-      [2 * (b * d - a * c), 2 * (c * d + a * b), a * a - b * b - c * c + d * d],
-    ]
-  )
+  """A Haar-random rotation drawn from ``rng`` (``potentials.so3.random_rotation``)."""
+  from potentials import so3
+
+  return so3.random_rotation(int(rng.integers(2**31)))
 
 
 def dimer(a, b, rot_a, rot_b, direction, distance):

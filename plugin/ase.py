@@ -283,13 +283,12 @@ class Calculator(_AseCalculator):
       )
     total = float(atoms.info.get("charge", 0.0))
     cfg = self.potential.config
-    table, _ = electrostatics.kvector_table(cell, periodic, cfg.cutoff, cfg.ewald_accuracy)
-    need = table.shape[1]
+    args = (cell, periodic, cfg.cutoff, cfg.ewald_accuracy)
+    need = electrostatics.kvector_table(*args)[0].shape[1]
     if need > self._kvector_capacity:
       self._kvector_capacity = bucket_capacity(need, 8, 1.25, 0.1)
-    kvectors = np.zeros((self._kvector_capacity, 3), np.int32)
-    kvectors[:need] = table[0]
-    return np.asarray(total, self.dtype), kvectors, np.arange(self._kvector_capacity) < need
+    table, mask = electrostatics.kvector_table(*args, capacity=self._kvector_capacity)
+    return np.asarray(total, self.dtype), table[0], mask[0]
 
   def _uncertainty(self, spread, shift: float, n: int) -> dict[str, Any]:
     """Calibrated ensemble results (see :mod:`potentials.ensemble`)."""

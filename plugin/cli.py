@@ -32,6 +32,7 @@ SIGTERM with 143, the files kept for ``--resume``.
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import signal
 import sys
@@ -74,6 +75,16 @@ def _positive(kind):
     return value
 
   return parse
+
+
+def _finite(text):
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a valid float") from None
+  if not math.isfinite(value):
+    raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+  return value
 
 
 def _temperature_list(text):
@@ -925,7 +936,7 @@ def _add_md(sub) -> None:
   )
   md.add_argument(
     "--charge",
-    type=float,
+    type=_finite,
     help="total charge (e) of the structures, for a model with electrostatics (default: "
     "the file's info['charge'], else 0)",
   )
@@ -1084,7 +1095,7 @@ def _add_train(sub) -> None:
   )
   tr.add_argument(
     "--charge",
-    type=float,
+    type=_finite,
     default=0.0,
     help="total charge (e) of frames whose info has no 'charge' (default 0)",
   )

@@ -22,6 +22,7 @@ positions and cell) and the chain rule through charges that depend on positions 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -32,7 +33,7 @@ from jax.scipy.special import erf, erfc
 
 from . import observables
 
-COULOMB = 14.399645  # e^2 / (4 pi eps0) in eV Å (the ZBL repulsion of model.py uses the same)
+COULOMB = 14.399645  # e^2 / (4 pi eps0) in eV Å (also the ZBL repulsion's, model.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +63,8 @@ def ewald_parameters(cell, real_cutoff: float, accuracy: float = 1e-6) -> EwaldP
   volume = abs(np.linalg.det(cell))
   if volume < 1e-9:
     raise ValueError("an Ewald sum needs a cell with a volume")
-  p = math.sqrt(-math.log(accuracy))
-  alpha = p / real_cutoff
-  k_cut = 2 * alpha * p
+  alpha = alpha_for(real_cutoff, accuracy)
+  k_cut = 2 * alpha * math.sqrt(-math.log(accuracy))
   # |m_i| <= |k| |a_i| / (2 pi): a_i . k = 2 pi m_i
   n = np.ceil(k_cut * np.linalg.norm(cell, axis=1) / (2 * math.pi)).astype(int)
   grid = np.stack(np.meshgrid(*[np.arange(-k, k + 1) for k in n], indexing="ij"), axis=-1).reshape(
@@ -114,11 +114,21 @@ def real_space_energy(
   """The real-space part over directed pairs (both directions listed, as the model's pair
   lists; self-image pairs included): ``(1/2) k sum q_i q_j [erfc(alpha r) - erfc(beta r)]/r``
   for pairs within ``real_cutoff``. ``r`` ``(pairs, 3)``; padded pairs need zero charges."""
-  d = jnp.linalg.norm(jnp.where(jnp.all(r == 0, axis=-1, keepdims=True), 1.0, r), axis=-1)
-  beta = 0.5 / sigma
-  term = (erfc(alpha * d) - erfc(beta * d)) / d
-  term = jnp.where((d <= real_cutoff) & jnp.any(r != 0, axis=-1), term, 0.0)
+  term = _real_space_term(r, alpha=alpha, sigma=sigma, real_cutoff=real_cutoff)
   return 0.5 * COULOMB * jnp.sum(q_dst * q_src * term)
+
+
+def _real_space_term(r, *, alpha, sigma, real_cutoff):
+  """``[erfc(alpha d) - erfc(d / 2 sigma)] / d`` per pair vector ``r (pairs, 3)`` within
+  ``real_cutoff``; 0 beyond it and for zero (padded) vectors."""
+  d = jnp.linalg.norm(jnp.where(jnp.all(r == 0, axis=-1, keepdims=True), 1.0, r), axis=-1)
+  term = (erfc(alpha * d) - erfc(0.5 / sigma * d)) / d
+  return jnp.where((d <= real_cutoff) & jnp.any(r != 0, axis=-1), term, 0.0)
+
+
+def _reciprocal_weight(k2, alpha):
+  """``4 pi / k^2 exp(-k^2 / (4 alpha^2))``: the Gaussian-screened Coulomb kernel at ``k``."""
+  return 4 * math.pi / k2 * jnp.exp(-k2 / (4 * alpha**2))
 
 
 def reciprocal_energy(
@@ -138,8 +148,7 @@ def reciprocal_energy(
   k2 = jnp.sum(k**2, axis=-1)
   phase = positions @ k.T  # (N, K)
   s_re, s_im = charges @ jnp.cos(phase), charges @ jnp.sin(phase)
-  weight = 4 * math.pi / k2 * jnp.exp(-k2 / (4 * alpha**2))
-  long = jnp.sum(weight * (s_re**2 + s_im**2)) / volume
+  long = jnp.sum(_reciprocal_weight(k2, alpha) * (s_re**2 + s_im**2)) / volume
   self_ = alpha / math.sqrt(math.pi) * jnp.sum(charges**2)
   background = math.pi * jnp.sum(charges) ** 2 / (2 * volume * alpha**2)
   return COULOMB * (long - self_ - background)
@@ -202,7 +211,7 @@ def kvector_table(cells, periodic, real_cutoff: float, accuracy: float, capacity
   cells = np.asarray(cells, np.float64).reshape(-1, 3, 3)
   periodic = np.broadcast_to(np.asarray(periodic, bool), (len(cells),))
   sets = [
-    ewald_parameters(c, real_cutoff, accuracy).kvectors if p else np.zeros((0, 3), np.int32)
+    kvectors_of(c, real_cutoff, accuracy) if p else np.zeros((0, 3), np.int32)
     for c, p in zip(cells, periodic)
   ]
   need = max([len(s) for s in sets] + [0])
@@ -213,6 +222,21 @@ def kvector_table(cells, periodic, real_cutoff: float, accuracy: float, capacity
   for b, s in enumerate(sets):
     table[b, : len(s)], mask[b, : len(s)] = s, True
   return table, mask
+
+
+def kvectors_of(cell, real_cutoff: float, accuracy: float) -> np.ndarray:
+  """:func:`ewald_parameters`' ``kvectors`` of ``cell``, remembered per cell: batches are
+  packed and MD steps taken many times over the same few cells."""
+  cell = np.ascontiguousarray(cell, np.float64)
+  return _kvectors(cell.tobytes(), float(real_cutoff), float(accuracy))
+
+
+@functools.lru_cache(maxsize=4096)
+def _kvectors(cell: bytes, real_cutoff: float, accuracy: float) -> np.ndarray:
+  cell_array = np.frombuffer(cell, np.float64).reshape(3, 3)
+  kvectors = ewald_parameters(cell_array, real_cutoff, accuracy).kvectors
+  kvectors.flags.writeable = False  # shared by every caller
+  return kvectors
 
 
 def neutral_charges(raw: jax.Array, frames: Frames, weights=None) -> jax.Array:
@@ -250,9 +274,7 @@ def real_space_potentials(r, charges, dst, src, frames: Frames, *, alpha, sigma,
   n = charges.shape[0]
   periodic_atom = _of_frame(frames.periodic, frames, False)
   q_src = jnp.take(charges * periodic_atom, src, mode="fill", fill_value=0.0)
-  d = jnp.linalg.norm(jnp.where(jnp.all(r == 0, axis=-1, keepdims=True), 1.0, r), axis=-1)
-  term = (erfc(alpha * d) - erfc(0.5 / sigma * d)) / d
-  term = jnp.where((d <= real_cutoff) & jnp.any(r != 0, axis=-1), term, 0.0)
+  term = _real_space_term(r, alpha=alpha, sigma=sigma, real_cutoff=real_cutoff)
   phi = jax.ops.segment_sum(q_src * term, dst, num_segments=n)
   return COULOMB * jnp.where(periodic_atom, phi, 0.0)
 
@@ -267,7 +289,7 @@ def reciprocal_potentials(positions, charges, cells, frames: Frames, *, alpha) -
   recip = 2 * math.pi * jnp.swapaxes(jnp.linalg.inv(safe), 1, 2)
   k = jnp.einsum("bkm,bmj->bkj", frames.kvectors.astype(positions.dtype), recip)  # (B, K, 3)
   k2 = jnp.where(frames.kmask, jnp.sum(k**2, axis=-1), 1.0)
-  weight = jnp.where(frames.kmask, 4 * math.pi / k2 * jnp.exp(-k2 / (4 * alpha**2)), 0.0)
+  weight = jnp.where(frames.kmask, _reciprocal_weight(k2, alpha), 0.0)
   phase = jnp.einsum("nj,nkj->nk", positions, _of_frame(k, frames))  # (N, K)
   cos, sin = jnp.cos(phase), jnp.sin(phase)
   seg = lambda v: jax.ops.segment_sum(v, frames.atom_frame, num_segments=num)  # noqa: E731
@@ -299,8 +321,8 @@ def long_range_fn(
   frames: Frames, dst, src, *, sigma: float, cutoff: float, accuracy: float, any_open=True
 ):
   """The ``long_range`` term of :func:`potentials.observables.compute` for a model with
-  learnt charges on a batch of ``frames`` with the pair list ``(dst, src)``: raw charges
-  (or ``(raw charges, weights)``, as the model gives them) neutralised per frame
+  learnt charges on a batch of ``frames`` with the pair list ``(dst, src)``: the model's
+  ``(raw charges, weights)`` neutralised per frame
   (:func:`neutral_charges`), their :func:`atom_energies`, and each
   atom an equal share of its frame's strain derivative not carried by pairs (the reciprocal
   and open sums'; ``docs/conventions.md``)."""
@@ -308,7 +330,7 @@ def long_range_fn(
   num = frames.total_charge.shape[0]
 
   def term(positions, cell, r, charges) -> observables.LongRange:
-    raw, weights = charges if isinstance(charges, tuple) else (charges, None)
+    raw, weights = charges
     q = neutral_charges(raw, frames, weights)
     cells = cell if cell.ndim == 3 else cell[None]
     e = atom_energies(

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from . import deprecation
 from . import radial as radial_lib
 from .attention import SelfAttention
+from .electrostatics import COULOMB
 from .force_readout import ForceReadout
 from .layers import Dense, Embed, Gate, Tensor, change_max_degree_or_type, max_degree_of
 from .so3 import safe_norm
@@ -214,7 +215,6 @@ class ModelConfig:
 # ZBL universal screening function: sum_i c_i exp(-d_i r/a).
 _ZBL_C = (0.18175, 0.50986, 0.28022, 0.02817)
 _ZBL_D = (3.19980, 0.94229, 0.40290, 0.20162)
-_COULOMB = 14.399645  # e^2 / (4 pi eps0) in eV Å
 # the least weight of an atom in the neutralisation of learnt charges (keeps sums positive)
 CHARGE_WEIGHT_FLOOR = 1e-3
 
@@ -227,7 +227,7 @@ def zbl_pair_energy(r: jax.Array, z1: jax.Array, z2: jax.Array, r_off: float) ->
   safe_r = jnp.where(r > 0, r, 1.0)
   x = safe_r / a
   phi = sum(c * jnp.exp(-d * x) for c, d in zip(_ZBL_C, _ZBL_D))
-  e = _COULOMB * z1 * z2 / safe_r * phi
+  e = COULOMB * z1 * z2 / safe_r * phi
   return jnp.where(r > 0, e * radial_lib.smooth_cutoff(safe_r, r_off), 0.0)
 
 

@@ -279,6 +279,9 @@ def test_command_line_switch_and_total_charge(tmp_path):
   assert cli.main([*argv, "--electrostatics", "--split", "random", "--out", str(out)]) == 0
   assert potentials.load(out).config.electrostatics
   assert cli.main([*argv[:2], "--init", str(out), "--electrostatics", "--out", "x.eqm"]) == 2
+  with pytest.raises(SystemExit) as bad:  # argparse: one line, exit 2, before any work
+    cli.main([*argv, "--charge", "nan", "--out", str(tmp_path / "nan.eqm")])
+  assert bad.value.code == 2 and not (tmp_path / "nan.eqm").exists()
 
 
 def test_md_on_the_ase_engine_and_a_clear_refusal_on_jax_md(tmp_path, capsys):
