@@ -30,7 +30,7 @@ QUICK = dict(
   workers=0,
   final_fraction=0.2,
   model=TINY,
-  train={"batch_size": 4, "readout_minutes": 0.02},
+  train={"batch_size": 4, "readout_minutes": 0.02, "epochs": 4},  # epochs cap: a quick test
 )
 
 
