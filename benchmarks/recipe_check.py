@@ -59,6 +59,9 @@ RECIPES = {
   # longer budgets: more capacity, or a decay that ends lower (the shipped recipe's 5e-4)
   "features-64": (dict(features=64), {}),
   "final-lr-0.05": ({}, dict(final_lr_fraction=0.05)),
+  # under-fitted at high temperature: more angular resolution, or a cheaper model (more steps)
+  "degree-2": (dict(max_degree=2), {}),
+  "iterations-2": (dict(num_iterations=2), {}),
 }
 
 
