@@ -12,6 +12,8 @@ model's cutoff ("beyond the cutoff": a local model gives exactly 0 there) and th
     python benchmarks/long_range.py --out out/long_range --make
     python benchmarks/long_range.py --out out/long_range --minutes 10 --jobs 2
     python benchmarks/long_range.py --out out/long_range --report
+    python benchmarks/long_range.py --out out/long_range --cost    # E+F call with and without
+    python benchmarks/long_range.py --out out/long_range --drift   # NVE, float32, both engines
 
 ``--jobs 2`` trains the two models side by side, each pinned to its own core, each for
 ``--minutes`` of wall time (``potentials.training.train`` with ``time_limit``).
@@ -244,25 +246,12 @@ def cost(out: Path, sizes=(96, 3000), repeats: int = 5) -> None:
   """Seconds of one energy+forces call (ASE calculator, float32, compiled) of the default
   model with and without electrostatics, on water boxes (periodic) and the same atoms as an
   open cluster; written to ``cost.json``."""
-  import ase.build
-
   import potentials
   from plugin.ase import Calculator
 
   rows = []
   for n in sizes:
-    k = max(1, round((n / 3) ** (1 / 3)))
-    box = ase.build.molecule("H2O")
-    cell = 3.1 * k
-    grid = np.stack(np.meshgrid(*[np.arange(k)] * 3, indexing="ij"), -1).reshape(-1, 3) * 3.1
-    atoms = ase.Atoms()
-    rng = np.random.default_rng(0)
-    for g in grid:
-      w = box.copy()
-      w.rotate(rng.uniform(0, 360), rng.standard_normal(3))
-      w.translate(g + 1.0)
-      atoms += w
-    atoms.cell, atoms.pbc = np.eye(3) * cell, True
+    atoms = water_box(max(1, round((n / 3) ** (1 / 3))))
     for periodic in (True, False):
       a = atoms.copy()
       a.pbc = periodic
@@ -281,6 +270,66 @@ def cost(out: Path, sizes=(96, 3000), repeats: int = 5) -> None:
         )
         print(rows[-1], flush=True)
   (out / "cost.json").write_text(json.dumps(rows, indent=1))
+
+
+def water_box(k: int, spacing: float = 3.1, seed: int = 0):
+  """``k^3`` randomly oriented water molecules on a cubic grid (~1 g/cm^3 at 3.1 Å), in a
+  periodic cubic cell."""
+  import ase
+  import ase.build
+
+  one = ase.build.molecule("H2O")
+  grid = np.stack(np.meshgrid(*[np.arange(k)] * 3, indexing="ij"), -1).reshape(-1, 3) * spacing
+  atoms = ase.Atoms()
+  rng = np.random.default_rng(seed)
+  for g in grid:
+    w = one.copy()
+    w.rotate(rng.uniform(0, 360), rng.standard_normal(3))
+    w.translate(g + 1.0)
+    atoms += w
+  atoms.cell, atoms.pbc = np.eye(3) * spacing * k, True
+  return atoms
+
+
+def drift(out: Path, ps: float = 2.0) -> None:
+  """NVE energy drift in float32 of the trained models (``--minutes`` runs) on both engines:
+  a periodic box of 27 water molecules (Ewald) and the same molecules as an open cluster,
+  300 K, 0.5 fs, ``ps`` picoseconds (the first 0.2 discarded); written to ``drift.json``."""
+  import potentials
+  from plugin import testing
+
+  rows = []
+  for name in MODELS:
+    pot = potentials.load(out / f"{name}.eqm")
+    for periodic in (True, False):
+      atoms = water_box(3)
+      atoms.pbc = periodic
+      for engine in ("ase", "jax-md"):
+        t0 = time.perf_counter()
+        rep = testing.check_energy_conservation(
+          atoms,
+          temperature=300.0,
+          timestep=0.5,
+          duration=ps,
+          warmup=0.2,
+          **testing.engine_kwargs(engine, pot, atoms, "float32"),
+        )
+        rows.append(
+          {
+            "model": name,
+            "periodic": periodic,
+            "engine": engine,
+            "atoms": len(atoms),
+            "ps": ps,
+            "drift_meV_atom_ps": rep.drift,
+            "drift_error_meV_atom_ps": rep.drift_error,
+            "fluctuation_meV_atom": rep.fluctuation,
+            "mean_temperature_K": rep.mean_temperature,
+            "seconds": round(time.perf_counter() - t0, 1),
+          }
+        )
+        print(rows[-1], flush=True)
+  (out / "drift.json").write_text(json.dumps(rows, indent=1))
 
 
 def report(out: Path) -> None:
@@ -315,6 +364,7 @@ def main(argv=None) -> int:
   ap.add_argument("--jobs", type=int, default=2)
   ap.add_argument("--report", action="store_true")
   ap.add_argument("--cost", action="store_true", help="time E+F calls with and without")
+  ap.add_argument("--drift", action="store_true", help="NVE drift (float32) on both engines")
   ap.add_argument("--one", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   out = Path(args.out)
@@ -329,6 +379,9 @@ def main(argv=None) -> int:
     return 0
   if args.cost:
     cost(out)
+    return 0
+  if args.drift:
+    drift(out)
     return 0
   if args.one:
     train_one(out, args.one, args.minutes)

@@ -281,7 +281,7 @@ class Calculator(_AseCalculator):
         f"open system, but pbc = {np.asarray(atoms.pbc).tolist()}; set atoms.pbc to all True "
         "(with a cell) or all False"
       )
-    total = float(atoms.info.get("charge", 0.0))
+    total = electrostatics.checked_charge(atoms.info.get("charge", 0.0), "atoms.info['charge']")
     cfg = self.potential.config
     args = (cell, periodic, cfg.cutoff, cfg.ewald_accuracy)
     need = electrostatics.kvector_table(*args)[0].shape[1]

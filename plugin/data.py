@@ -8,6 +8,7 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import PropertyNotImplementedError
 
+from potentials.electrostatics import checked_charge
 from potentials.training import Frame
 
 from .neighbors import neighbor_pairs_from_atoms
@@ -55,7 +56,7 @@ def frame_from_atoms(atoms: Atoms, cutoff: float, charge: float = 0.0) -> Frame:
     trajectory=_tag(atoms, "trajectory", str),
     config_type=_tag(atoms, "config_type", str),
     temperature=_tag(atoms, "temperature_K", float),
-    charge=float(atoms.info.get("charge", charge)),
+    charge=checked_charge(atoms.info.get("charge", charge), "info['charge']"),
   )
 
 

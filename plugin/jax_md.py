@@ -70,6 +70,7 @@ allocation for the narrow box then gives an image list.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
 
@@ -90,11 +91,12 @@ from plugin.neighbors.images import (
   is_general,
 )
 from plugin.quiet import quiet
-from potentials import deprecation, ensemble, observables
+from potentials import deprecation, electrostatics, ensemble, observables
 
 __all__ = [
   "neighbor_list",
   "atom_virial_fn",
+  "charge_fn",
   "uncertainty_fn",
   "ImageNeighborList",
   "box_matrix",
@@ -205,6 +207,7 @@ def neighbor_list(
   fractional_coordinates: bool = False,
   per_particle: bool = False,
   format: partition.NeighborListFormat = partition.Sparse,
+  charge: float = 0.0,
   **neighbor_kwargs,
 ) -> Tuple[partition.NeighborListFns, EnergyFn]:
   """JAX-MD neighbour list and energy function of an eqattn potential.
@@ -228,6 +231,9 @@ def neighbor_list(
     per_particle: if True, ``energy_fn`` returns per-atom energies ``(N,)`` instead of the total
       (JAX-MD's ``per_particle`` flag of its ``energy.*_neighbor_list`` functions).
     format: must be ``partition.Sparse`` (the model needs both directions of each pair).
+    charge: the system's total charge (e), for a model with learnt charges and
+      electrostatics (``ModelConfig.electrostatics``; the ASE calculator's
+      ``atoms.info["charge"]``); a local model refuses a non-zero value.
     **neighbor_kwargs: passed to ``partition.neighbor_list`` (e.g. ``disable_cell_list``).
 
   Returns:
@@ -241,6 +247,7 @@ def neighbor_list(
     Other keywords (``kT``, ... passed on by ``simulate``) are ignored, as in JAX-MD.
   """
   z = _checked_arguments(atomic_numbers, format, dr_threshold, neighbor_kwargs)
+  charge = _checked_charge(potential, charge)
   species_idx = jnp.asarray(potential.species_index(z))  # raises UnknownElementError
   n, cutoff, bmat = int(z.size), float(potential.cutoff), box_matrix(box)
   periodic = _probe_space(displacement_fn, bmat, fractional_coordinates)
@@ -265,8 +272,74 @@ def neighbor_list(
   )
   width = 2.0 * (cutoff + dr_threshold)  # the narrowest box JAX-MD's own list serves
   neighbor_fn = _list_fns(fns, image_fns, periodic, width, geometry, neighbor_kwargs)
-  energy_fn = _energy_fn(potential, displacement_fn, species_idx, periodic, per_particle, image_fns)
+  long_range = None
+  if potential.config.electrostatics:
+    long_range = _long_range_fn(potential.config, displacement_fn, geometry, periodic, charge)
+  energy_fn = _energy_fn(
+    potential, displacement_fn, species_idx, periodic, per_particle, image_fns, long_range
+  )
   return neighbor_fn, energy_fn
+
+
+def _checked_charge(potential: potentials.Potential, charge) -> float:
+  """The total charge, a finite number; non-zero only for a model with electrostatics."""
+  charge = electrostatics.checked_charge(charge)
+  if charge != 0 and not potential.config.electrostatics:
+    raise ValueError(
+      f"charge={charge:g} is for a model with learnt charges (ModelConfig.electrostatics); "
+      "this model is local and its energy does not depend on a total charge"
+    )
+  return charge
+
+
+def _long_range_fn(config, displacement_fn, geometry: dict, periodic: bool, charge: float):
+  """``term(R, r, dst, src, kwargs, charges, strain=None) -> observables.LongRange``: the
+  electrostatics of a model with learnt charges (``charges``: its raw charges and weights)
+  for one system of this space: the open sum in free space, Ewald in a periodic one, whose
+  reciprocal vectors are chosen once for the constructor's box (a box that changes, NPT,
+  scales them, as the ASE calculator's cell does not: fine while the box stays near it).
+
+  Positions are read through ``displacement_fn`` (each atom's displacement from the origin:
+  real coordinates, equal to the true ones up to lattice vectors, which the Ewald sum does not
+  see), so ``box=``, ``perturbation=`` and fractional coordinates act on them exactly as on
+  the pair vectors, derivatives included. The cell is ``new_box``/``box``/the constructor's,
+  times ``perturbation``; ``strain`` strains positions and cell as ``observables.compute``."""
+  n, bmat = geometry["n"], geometry["bmat"]
+  kvectors = np.zeros((0, 3), np.int32)
+  if periodic:
+    kvectors = electrostatics.kvectors_of(bmat.T, config.cutoff, config.ewald_accuracy)
+  origin = jnp.zeros(3)
+
+  def term(R, r, dst, src, kwargs, charges, strain=None):
+    frames = electrostatics.Frames(
+      atom_frame=jnp.zeros(n, jnp.int32),
+      atom_mask=jnp.ones(n, bool),
+      total_charge=jnp.full((1,), charge, R.dtype),
+      periodic=jnp.array([periodic]),
+      kvectors=jnp.asarray(kvectors)[None],
+      kmask=jnp.ones((1, len(kvectors)), bool),
+    )
+    positions = jax.vmap(lambda a: displacement_fn(a, origin.astype(R.dtype), **kwargs))(R)
+    cell = _cell_rows(bmat, kwargs, R.dtype)
+    if strain is not None:
+      positions = observables.strained(positions, strain)
+      cell = observables.strained_cell(cell, strain)
+    fn = electrostatics.model_long_range_fn(config, frames, dst, src, any_open=not periodic)
+    return fn(positions, cell, r, charges)
+
+  return term
+
+
+def _cell_rows(bmat: np.ndarray, kwargs: dict, dtype) -> Array:
+  """The cell (rows: lattice vectors) that ``kwargs`` give the displacement function."""
+  box = jnp.asarray(kwargs.get("new_box", kwargs.get("box", bmat)), dtype)
+  if box.ndim == 0:
+    box = box * jnp.eye(3, dtype=dtype)
+  elif box.ndim == 1:
+    box = jnp.diag(box)
+  if kwargs.get("perturbation") is not None:
+    box = space.raw_transform(kwargs["perturbation"], box.T).T  # the columns, perturbed
+  return box.T
 
 
 def _checked_arguments(atomic_numbers, format, dr_threshold: float, neighbor_kwargs) -> np.ndarray:
@@ -375,17 +448,20 @@ def _energy_fn(
   periodic: bool,
   per_particle: bool,
   image_fns,
+  long_range=None,
 ) -> EnergyFn:
   # jitted: its trace is cached, so init, step and observe (and their gradients) trace the
   # model once per shape between them, not once each.
-  pair_energies = jax.jit(
-    potential.atomic_energies_from_pairs_fn(), static_argnames=("indices_are_sorted",)
-  )
-  # with force_heads the members' force deviations are read out: no backward pass per member
-  members_fn = (
-    potential.member_forces_fn if potential.config.force_heads else potential.member_energies_fn
-  )
-  member_energies = jax.jit(members_fn(), static_argnames=("indices_are_sorted",))
+  jitted = lambda fn: jax.jit(fn, static_argnames=("indices_are_sorted",))  # noqa: E731
+  member_energies = None
+  if long_range is not None:  # local energies and raw charges; the term adds the rest
+    pair_energies = jitted(potential.energies_and_charges_from_pairs_fn())
+  else:
+    pair_energies = jitted(potential.atomic_energies_from_pairs_fn())
+    # with force_heads the members' force deviations are read out: no backward pass each
+    config = potential.config
+    members_fn = potential.member_forces_fn if config.force_heads else potential.member_energies_fn
+    member_energies = jitted(members_fn())
   default_params = potential.params
   cutoff = float(potential.cutoff)
   n = int(species_idx.shape[0])
@@ -449,21 +525,62 @@ def _energy_fn(
     # it loud instead of silently wrong.
     return x if ok is None else jnp.where(ok, x, jnp.nan)
 
+  def charged(R, neighbor, kwargs):
+    """:func:`model` of a model with electrostatics: ``energies(r, strain=None) ->
+    (local + electrostatic energies (N,), observables.LongRange)``."""
+    local, r, dst, src, ok = model(R, neighbor, kwargs)
+
+    def energies(r, strain=None):
+      rs = r if strain is None else observables.strained(r, strain)
+      e, charges = local(rs)
+      term = long_range(R, rs, dst, src, kwargs, charges, strain)
+      return e + term.energies, term
+
+    return energies, r, dst, src, ok
+
   def energy_fn(R: Array, neighbor: Optional[partition.NeighborList] = None, **kwargs) -> Array:
-    energies, r, _, _, ok = model(R, neighbor, kwargs)
-    e = loud(energies(r), ok)
+    if long_range is not None:
+      energies, r, _, _, ok = charged(R, neighbor, kwargs)
+      e = loud(energies(r)[0], ok)
+    else:
+      energies, r, _, _, ok = model(R, neighbor, kwargs)
+      e = loud(energies(r), ok)
     return e if per_particle else jnp.sum(e)
 
   def atom_virials(R: Array, neighbor: Optional[partition.NeighborList] = None, **kwargs) -> Array:
+    if long_range is not None:
+      return loud(*charged_atom_virials(R, neighbor, kwargs))
     energies, r, dst, src, ok = model(R, neighbor, kwargs)
     grad_r = jax.grad(lambda r: jnp.sum(energies(r)))(r)
     # JAX-MD's sign: minus the strain derivative (see atom_virial_fn)
     w = -observables.atom_strain_derivatives(r=r, grad_r=grad_r, dst=dst, src=src, num_atoms=n)
     return loud(w, ok)
 
-  uncertainty = _uncertainty_fn(potential, model, pairs, loud, member_energies)
-  _COMPANIONS[energy_fn] = _Companions(atom_virials, uncertainty)
+  def charged_atom_virials(R, neighbor, kwargs):
+    # the pairs' split plus an equal share of the rest (docs/conventions.md, Electrostatics)
+    energies, r, dst, src, ok = charged(R, neighbor, kwargs)
+    total = lambda eps, dr: jnp.sum(energies(r + dr, eps)[0])  # noqa: E731
+    zero = (jnp.zeros((3, 3), r.dtype), jnp.zeros_like(r))
+    g_eps, g_r = jax.grad(total, argnums=(0, 1))(*zero)
+    w = observables.atom_strain_derivatives(r=r, grad_r=g_r, dst=dst, src=src, num_atoms=n)
+    w = w + (g_eps - jnp.sum(w, axis=0)) / n
+    return -w, ok
+
+  def charges(R: Array, neighbor: Optional[partition.NeighborList] = None, **kwargs) -> Array:
+    energies, r, _, _, ok = charged(R, neighbor, kwargs)
+    return loud(energies(r)[1].charges, ok)
+
+  if long_range is not None:
+    uncertainty = functools.partial(_no_ensemble, "a model with electrostatics")
+    _COMPANIONS[energy_fn] = _Companions(atom_virials, uncertainty, charges)
+  else:
+    uncertainty = _uncertainty_fn(potential, model, pairs, loud, member_energies)
+    _COMPANIONS[energy_fn] = _Companions(atom_virials, uncertainty, None)
   return energy_fn
+
+
+def _no_ensemble(what: str, *args, **kwargs):
+  raise ValueError(f"{what} is a single model: it has no ensemble uncertainty")
 
 
 def _uncertainty_fn(potential, model, pairs, loud, member_energies) -> Callable:
@@ -498,10 +615,12 @@ def _uncertainty_fn(potential, model, pairs, loud, member_energies) -> Callable:
 
 
 class _Companions(NamedTuple):
-  """What :func:`atom_virial_fn` and :func:`uncertainty_fn` find for an energy function."""
+  """What :func:`atom_virial_fn`, :func:`uncertainty_fn` and :func:`charge_fn` find for an
+  energy function."""
 
   atom_virials: Callable
   uncertainty: Callable
+  charges: Optional[Callable]
 
 
 # energy function -> its companions: the energy function stays a plain function (what
@@ -554,3 +673,17 @@ def atom_virial_fn(energy_fn: EnergyFn) -> Callable[..., Array]:
       "pair vectors, not just an energy)"
     )
   return virials
+
+
+def charge_fn(energy_fn: EnergyFn) -> Callable[..., Array]:
+  """The learnt charges of an energy function from :func:`neighbor_list` of a model with
+  electrostatics (``ModelConfig.electrostatics``), like :func:`atom_virial_fn`:
+  ``charges_fn(R, neighbor, **kwargs) -> (N,)`` (e), summing to the ``charge`` the energy
+  function was built with; pure and jittable (the ASE calculator's ``charges``)."""
+  charges = getattr(_COMPANIONS.get(energy_fn), "charges", None)
+  if charges is None:
+    raise TypeError(
+      "charge_fn needs the energy_fn that plugin.jax_md.neighbor_list(...) returned for a "
+      "model with learnt charges (ModelConfig.electrostatics)"
+    )
+  return charges

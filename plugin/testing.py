@@ -280,6 +280,8 @@ def jax_md_functions(
     atomic_numbers=atoms.numbers,
     dr_threshold=dr_threshold,
     disable_cell_list=not periodic,
+    # a model with learnt charges reads the total charge, as the ASE calculator does
+    charge=atoms.info.get("charge", 0.0) if potential.config.electrostatics else 0.0,
   )
   return dict(energy_fn=energy_fn, neighbor_fn=neighbor_fn, shift_fn=shift)
 

@@ -199,6 +199,17 @@ class Frames(NamedTuple):
   kmask: jax.Array
 
 
+def checked_charge(value, name: str = "charge") -> float:
+  """A structure's total charge (e) as a float, or a ValueError naming ``name``."""
+  try:
+    charge = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a number (e), got {value!r}") from None
+  if not math.isfinite(charge):
+    raise ValueError(f"{name} must be finite, got {charge}")
+  return charge
+
+
 def alpha_for(real_cutoff: float, accuracy: float) -> float:
   """Ewald's splitting parameter (1/Å) with ``erfc(alpha real_cutoff) ~ accuracy``."""
   return math.sqrt(-math.log(accuracy)) / real_cutoff

@@ -284,8 +284,11 @@ def test_command_line_switch_and_total_charge(tmp_path):
   assert bad.value.code == 2 and not (tmp_path / "nan.eqm").exists()
 
 
-def test_md_on_the_ase_engine_and_a_clear_refusal_on_jax_md(tmp_path, capsys):
-  from ase.io import write
+def test_md_on_both_engines_with_charges_in_the_frames(tmp_path, capsys):
+  """``eqattn md --charge``: both engines run a charged system, every frame carries charges
+  that sum to the total, and the engines start from the same energy; a batch of replicas
+  (local energies only there) refuses with exit 2."""
+  from ase.io import read, write
 
   from plugin import cli
 
@@ -295,7 +298,92 @@ def test_md_on_the_ase_engine_and_a_clear_refusal_on_jax_md(tmp_path, capsys):
   start = tmp_path / "ion.xyz"
   write(start, dimer_pair(6.0)[2][:3])  # Na Cl Na
   common = ["md", str(start), "--model", str(model), "--steps", "4", "--charge", "1"]
-  out = tmp_path / "md.traj"
-  assert cli.main([*common, "--engine", "ase", "--out", str(out), "--dt", "0.5"]) == 0
-  assert cli.main([*common, "--out", str(tmp_path / "b.traj")]) == 2
-  assert "plugin.ase.Calculator (eqattn md --engine ase)" in capsys.readouterr().err
+  common += ["--dt", "0.5", "--traj-interval", "2"]
+  first = {}
+  for engine in ("ase", "jax-md"):
+    out = tmp_path / f"{engine}.traj"
+    assert cli.main([*common, "--engine", engine, "--out", str(out)]) == 0
+    frames = read(out, ":")
+    assert len(frames) == 3
+    for f in frames:
+      q = f.calc.results["charges"]
+      assert q.shape == (3,) and q.sum() == pytest.approx(1.0, abs=1e-5)
+    first[engine] = frames[0]
+  assert first["jax-md"].get_potential_energy() == pytest.approx(
+    first["ase"].get_potential_energy(), abs=1e-4
+  )
+  np.testing.assert_allclose(
+    first["jax-md"].calc.results["charges"], first["ase"].calc.results["charges"], atol=1e-5
+  )
+  capsys.readouterr()
+  assert cli.main([*common, "--replicas", "2", "--out", str(tmp_path / "b.traj")]) == 2
+  assert "one system at a time" in capsys.readouterr().err
+
+
+def _sheared_salt():
+  atoms = rattled_salt(3)
+  cell = atoms.cell[:].copy()
+  cell[1, 0] += 0.9
+  atoms.set_cell(cell, scale_atoms=True)
+  atoms.wrap()
+  return atoms
+
+
+@pytest.mark.parametrize("case", ["open-ion", "cubic-real", "triclinic-fractional"])
+def test_jax_md_agrees_with_the_calculator(charged, case):
+  """JAX-MD energy, forces, stress, per-atom energies and virials and charges equal the ASE
+  calculator's to float64 rounding: open (a charged Na Cl Na), a cubic cell in real
+  coordinates on JAX-MD's own list, a small triclinic one in fractional coordinates (image
+  list)."""
+  from jax_md import quantity, space
+
+  from plugin import jax_md as pj
+
+  charge = 1.0 if case == "open-ion" else 0.0
+  if case == "open-ion":
+    atoms = dimer_pair(4.0)[2][:3]
+    atoms.info["charge"] = charge
+  else:
+    atoms = rattled_salt(2).repeat(2) if case == "cubic-real" else _sheared_salt()
+    atoms.wrap()
+  e_ase, atoms = energy(charged, atoms)
+  box = jnp.asarray(atoms.cell[:].T if atoms.pbc.all() else 30.0 * np.eye(3))
+  fractional = case == "triclinic-fractional"
+  if case == "open-ion":
+    displacement, _ = space.free()
+  elif fractional:
+    displacement, _ = space.periodic_general(box)
+  else:
+    displacement, _ = space.periodic(jnp.diag(box))
+  kw = dict(atomic_numbers=atoms.numbers, fractional_coordinates=fractional, charge=charge)
+  neighbor_fn, energy_fn = pj.neighbor_list(charged, displacement, box, **kw)
+  atom_energy_fn = pj.neighbor_list(charged, displacement, box, per_particle=True, **kw)[1]
+  R = jnp.asarray(atoms.get_scaled_positions() if fractional else atoms.positions)
+  nbrs = neighbor_fn.allocate(R)
+  assert isinstance(nbrs, pj.ImageNeighborList) == fractional
+  e = float(energy_fn(R, nbrs))
+  assert abs(e - e_ase) <= 1e-9 * abs(e_ase)
+  f_ase = atoms.get_forces()
+  f = -np.asarray(jax.grad(energy_fn)(R, nbrs))
+  np.testing.assert_allclose(f, f_ase, rtol=0, atol=1e-9 * np.abs(f_ase).max())
+  np.testing.assert_allclose(atom_energy_fn(R, nbrs), atoms.get_potential_energies(), atol=1e-9)
+  q = np.asarray(pj.charge_fn(energy_fn)(R, nbrs))
+  np.testing.assert_allclose(q, atoms.calc.results["charges"], atol=1e-12)
+  assert q.sum() == pytest.approx(charge, abs=1e-12) and np.abs(q).max() > 1e-3
+  w = np.asarray(pj.atom_virial_fn(energy_fn)(R, nbrs))
+  if case == "open-ion":
+    return
+  s_ase = atoms.get_stress(voigt=False)
+  s = -np.asarray(quantity.stress(energy_fn, R, box, neighbor=nbrs))  # jax-md sign: -ASE
+  np.testing.assert_allclose(s, s_ase, rtol=0, atol=1e-9 * np.abs(s_ase).max())
+  stresses = atoms.get_stresses()  # ASE's per-atom Voigt form of -W_i / V
+  np.testing.assert_allclose(
+    -w / atoms.get_volume(), full(stresses), rtol=0, atol=1e-9 * np.abs(stresses).max()
+  )
+
+
+def full(voigt):
+  """ASE's Voigt ``(..., 6)`` as ``(..., 3, 3)``."""
+  xx, yy, zz, yz, xz, xy = np.moveaxis(voigt, -1, 0)
+  return np.stack([np.stack([xx, xy, xz], -1), np.stack([xy, yy, yz], -1),
+                   np.stack([xz, yz, zz], -1)], -2)  # fmt: skip

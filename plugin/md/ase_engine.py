@@ -55,7 +55,8 @@ def dynamics(atoms: ase.Atoms, ensemble: str, timestep: float, temperature: floa
 
 def snapshot(atoms: ase.Atoms, step: int, timestep: float, ensemble: str) -> ase.Atoms:
   """A trajectory frame of the live ``atoms``: a copy with its energy, forces (and stress where
-  periodic) in a ``SinglePointCalculator`` and ``md_step``, ``md_time_fs``, ``md_ensemble``."""
+  periodic; charges of a model with learnt charges) in a ``SinglePointCalculator`` and
+  ``md_step``, ``md_time_fs``, ``md_ensemble``."""
   from ase.calculators.calculator import PropertyNotImplementedError
   from ase.calculators.singlepoint import SinglePointCalculator
 
@@ -66,6 +67,9 @@ def snapshot(atoms: ase.Atoms, step: int, timestep: float, ensemble: str) -> ase
       results["stress"] = atoms.get_stress()
     except PropertyNotImplementedError:  # a calculator without stress
       pass
+  charges = getattr(atoms.calc, "results", {}).get("charges")
+  if charges is not None:  # a model with learnt charges
+    results["charges"] = np.array(charges)
   frame.calc = SinglePointCalculator(frame, **results)
   frame.info.update(md_step=int(step), md_time_fs=step * timestep, md_ensemble=ensemble)
   return frame

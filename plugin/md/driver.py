@@ -118,6 +118,7 @@ def _start(
   resumed = msys.from_atoms(
     last, cutoff, opts.dr_threshold, reference=None if system.periodic else system
   )
+  resumed = dataclasses.replace(resumed, charge=system.charge)  # the run's, as given
   if resumed.momenta is None:
     resumed = dataclasses.replace(resumed, momenta=np.zeros_like(resumed.R))
   return _Start(resumed, first_step, time0, saved, last)
@@ -143,6 +144,7 @@ def _engine_key(opts: RunOptions, system: msys.System) -> eng.EngineKey:
     chunk=opts.chunk,
     log_interval=opts.log_interval,
     traj_interval=opts.traj_interval,
+    charge=system.charge,
   )
 
 
@@ -214,7 +216,7 @@ class _Recorder:
   def time_fs(self, g: int) -> float:
     return self.start.time0_fs + (g - self.start.first_step) * self.opts.timestep
 
-  def frame(self, state, epot, box, g, virial=None) -> ase.Atoms:
+  def frame(self, state, epot, box, g, virial=None, charges=None) -> ase.Atoms:
     info = {
       "md_step": int(g),
       "md_time_fs": self.time_fs(int(g)),
@@ -230,6 +232,7 @@ class _Recorder:
       np.asarray(box),
       info,
       None if virial is None else np.asarray(virial),
+      None if charges is None else np.asarray(charges),
     )
 
   def logs(self, logs: Dict[str, np.ndarray], count: int) -> None:
@@ -260,7 +263,12 @@ class _Recorder:
         self.traj,
         [
           self.frame(
-            state, logs["epot"][0], box, self.start.first_step, logs.get("virial", [None])[0]
+            state,
+            logs["epot"][0],
+            box,
+            self.start.first_step,
+            logs.get("virial", [None])[0],
+            logs.get("charges", [None])[0],
           )
         ],
       )
@@ -269,7 +277,7 @@ class _Recorder:
   def chunk(
     self, logs, num_logs: int, frames: Callable, stop: int, guard: int, last: Callable
   ) -> None:
-    """A chunk's rows and frames (``frames()``: ``(state, epot, box, step, virial)`` each);
+    """A chunk's rows and frames (``frames()``: ``(state, epot, box, step, virial[, charges])``;
     after a guard fired, also the last good state (``last() -> (state, obs, box)``, at step
     ``stop``) unless the chunk recorded it already."""
     self.logs(logs, num_logs)
@@ -280,7 +288,9 @@ class _Recorder:
       if not self.rows or self.rows[-1]["step"] != stop:
         self.logs(dict(jax.tree.map(lambda x: np.asarray(x)[None], obs), step=np.array([stop])), 1)
       if self.traj is not None and last_step != stop:
-        atoms.append(self.frame(state, obs["epot"], box, stop, obs.get("virial")))
+        atoms.append(
+          self.frame(state, obs["epot"], box, stop, obs.get("virial"), obs.get("charges"))
+        )
     if atoms:
       output.append_frames(self.traj, atoms)
       self.last_frame = atoms[-1].info["md_step"]
@@ -291,7 +301,7 @@ class _Recorder:
       final.calc = self.start.last.calc
       return final
     state, obs, box = last()
-    final = self.frame(state, obs["epot"], box, g, obs.get("virial"))
+    final = self.frame(state, obs["epot"], box, g, obs.get("virial"), obs.get("charges"))
     final.info.pop("md_state")
     return final
 
@@ -303,7 +313,7 @@ def _observed(engine: eng.Engine, carry):
 
 
 def _frames(c: eng.Chunk) -> List[tuple]:
-  """A chunk's recorded frames as ``(state, epot, box, step, virial)``."""
+  """A chunk's recorded frames as ``(state, epot, box, step, virial, charges)``."""
   fr, n = jax.device_get(c.frames), int(c.num_frames)
   return [
     (
@@ -312,6 +322,7 @@ def _frames(c: eng.Chunk) -> List[tuple]:
       fr["box"][i],
       fr["step"][i],
       fr["virial"][i] if "virial" in fr else None,
+      fr["charges"][i] if "charges" in fr else None,
     )
     for i in range(n)
   ]
@@ -747,7 +758,7 @@ def _carried_on(rec: "_Recorder", observed, g: int, cutoff: float) -> _Start:
   """Where a system that goes on in a new batch starts: its state at step ``g`` (integrator
   variables included), as a resumed run starts from its last frame."""
   state, obs, box = observed
-  frame = rec.frame(state, obs["epot"], box, g, obs.get("virial"))
+  frame = rec.frame(state, obs["epot"], box, g, obs.get("virial"), obs.get("charges"))
   saved = frame.info.pop("md_state")
   reference = None if rec.start.system.periodic else rec.start.system
   system = msys.from_atoms(frame, cutoff, rec.opts.dr_threshold, reference=reference)

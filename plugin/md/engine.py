@@ -66,6 +66,7 @@ class EngineKey:
   chunk: int
   log_interval: int
   traj_interval: int  # 0: no frames recorded
+  charge: float = 0.0  # total charge (e): a model with learnt charges reads it
 
 
 @dataclasses.dataclass
@@ -146,14 +147,15 @@ def observables(key: EngineKey) -> Tuple[str, ...]:
 
 
 def observe_fn(key: EngineKey, energy_fn: Callable, box_fn: Callable) -> Callable:
-  """``(state, nbrs) -> {epot, ekin[, conserved][, pressure, volume, virial]}`` in eV,
-  eV/Å^3, Å^3, eV.
+  """``(state, nbrs) -> {epot, ekin[, conserved][, pressure, volume, virial][, charges]}`` in
+  eV, eV/Å^3, Å^3, eV, e (``charges (N,)``: a model with learnt charges).
 
   Pressure (periodic) is ``(2 E_kin - tr dU/d eps) / (3 V)`` with ``eps`` a strain (JAX-MD's
   ``quantity.pressure``); ``virial`` is the symmetric ``dU/d eps`` (3, 3) (ASE's stress is
   ``virial / V``); ``conserved`` is the ensemble's invariant (where it has one).
   """
   invariant = TABLE[key.ensemble].invariant
+  charges = _charges_fn(energy_fn)
 
   def observe(state, nbrs):
     R = state.position
@@ -176,11 +178,22 @@ def observe_fn(key: EngineKey, energy_fn: Callable, box_fn: Callable) -> Callabl
     else:
       epot = energy_fn(R, **neighbor_kwargs(nbrs))
     out["epot"] = epot
+    if charges is not None:
+      kw = {"box": box_fn(state)} if key.periodic else {}
+      out["charges"] = charges(R, neighbor=nbrs, **kw)
     if invariant is not None:
       out["conserved"] = invariant(state, epot, ekin, key.params)
     return out
 
   return observe
+
+
+def _charges_fn(energy_fn: Callable) -> Optional[Callable]:
+  """:func:`plugin.jax_md.charge_fn` of ``energy_fn`` (None: not a model with charges)."""
+  try:
+    return pjm.charge_fn(energy_fn)
+  except TypeError:
+    return None
 
 
 def guard_code(state, limits, num_atoms=None):
@@ -243,12 +256,15 @@ def chunk_fn(
   li, ti = key.log_interval, key.traj_interval
   n_logs = key.chunk // li + 2
   n_frames = key.chunk // ti + 2 if ti else 0
-  frame_keys = ("epot", "virial") if key.periodic else ("epot",)
+  # what observe gives of these (virial: periodic; charges: a model with learnt charges)
+  frame_keys = ("epot", "virial", "charges")
 
   def buffers(state, nbrs):
     obs_shape = jax.eval_shape(observe, state, nbrs)  # one trace of observe, not two
     frame_shape = dict(
-      {k: obs_shape[k] for k in frame_keys}, state=state, box=jax.eval_shape(box_fn, state)
+      {k: obs_shape[k] for k in frame_keys if k in obs_shape},
+      state=state,
+      box=jax.eval_shape(box_fn, state),
     )
     zeros = lambda k, tree: jax.tree.map(lambda x: jnp.zeros((k,) + x.shape, x.dtype), tree)
     return (
@@ -267,7 +283,7 @@ def chunk_fn(
       frames = put(
         frames,
         jnp.minimum(ifr, n_frames - 1),
-        dict({k: obs[k] for k in frame_keys}, state=state, box=box_fn(state), step=g),
+        dict({k: obs[k] for k in frame_keys if k in obs}, state=state, box=box_fn(state), step=g),
       )
     return logs, frames, jnp.all(jnp.isfinite(obs["epot"]))
 
@@ -374,6 +390,7 @@ def engine(potential: potentials.Potential, key: EngineKey) -> Engine:
     dr_threshold=key.dr_threshold,
     capacity_multiplier=key.capacity_multiplier,
     fractional_coordinates=key.periodic,
+    charge=key.charge if potential.config.electrostatics else 0.0,
   )
   return make_engine(
     key,

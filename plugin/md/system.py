@@ -19,7 +19,7 @@ import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from plugin import thermo
-from potentials import observables
+from potentials import electrostatics, observables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,7 @@ class System:
   Q: np.ndarray  # (3, 3)
   origin: np.ndarray  # (3,)
   cell_in: np.ndarray  # (3, 3) the input cell (kept for non-periodic output)
+  charge: float = 0.0  # total charge (e), atoms.info["charge"]: for learnt charges
 
 
 def _checked(atoms: ase.Atoms):
@@ -105,6 +106,7 @@ def from_atoms(
       Q,
       np.zeros(3),
       cell_in,
+      _charge(atoms),
     )
   if reference is not None:
     origin, box = reference.origin, reference.box
@@ -115,8 +117,23 @@ def from_atoms(
     origin = pos.min(axis=0) - margin
     box = np.diag(np.maximum(pos.max(axis=0) - origin + margin, 1.0))
   return System(
-    atoms.numbers.copy(), masses, False, pbc, pos - origin, p, box, np.eye(3), origin, cell_in
+    atoms.numbers.copy(),
+    masses,
+    False,
+    pbc,
+    pos - origin,
+    p,
+    box,
+    np.eye(3),
+    origin,
+    cell_in,
+    _charge(atoms),
   )
+
+
+def _charge(atoms: ase.Atoms) -> float:
+  """``atoms.info["charge"]`` (default 0), a finite number or a clear error."""
+  return electrostatics.checked_charge(atoms.info.get("charge", 0.0), "atoms.info['charge']")
 
 
 def start_momenta(system: System, temperature: float, seed: int) -> np.ndarray:
@@ -137,11 +154,13 @@ def to_atoms(
   box: np.ndarray,
   info: Dict[str, Any],
   virial: Optional[np.ndarray] = None,
+  charges: Optional[np.ndarray] = None,
 ) -> ase.Atoms:
   """Engine-frame arrays back to ASE ``Atoms`` (ASE's frame, Cartesian, float64); ``virial``
-  (periodic, (3, 3) ``dU/d eps``) becomes the calculator's ``stress`` (ASE's convention)."""
+  (periodic, (3, 3) ``dU/d eps``) becomes the calculator's ``stress`` (ASE's convention),
+  ``charges`` (a model with learnt charges) its ``charges``."""
   R, momenta, forces = (np.asarray(a, np.float64) for a in (R, momenta, forces))
-  results = {}
+  results = {} if charges is None else {"charges": np.asarray(charges, np.float64)}
   if system.periodic:
     cell = np.asarray(box, np.float64).T @ system.Q
     positions = R @ cell
@@ -159,7 +178,7 @@ def to_atoms(
     pbc=system.pbc,
     masses=system.masses,
     momenta=momenta,
-    info=dict(info),
+    info={**info, "charge": system.charge} if system.charge else dict(info),
   )
   atoms.calc = SinglePointCalculator(atoms, energy=float(energy), forces=forces, **results)
   return atoms
