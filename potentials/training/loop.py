@@ -350,15 +350,21 @@ def _epoch(step, batches, state: dict, budget, sched, clock):
   late = budget.progress(t) >= 1 - config.late_fraction and config.late_energy_weight is not None
   e_weight = config.late_energy_weight if late else config.energy_weight
   params, ema, opt_state = state["params"], state["ema"], state["opt_state"]
+  pending = None  # the loss of the step in flight: read one step late
   for bt in batches:
     p = budget.progress(t)
-    if p >= 1.0 and losses:  # out of time mid-epoch
+    if p >= 1.0 and (losses or pending is not None):  # out of time mid-epoch
       break
     lr = sched(t, p) * float(state["lr_scale"])
     decay = min(config.ema_decay, (1 + t) / (10 + t))
     params, ema, opt_state, l = step(params, ema, opt_state, bt, lr, e_weight, decay)
-    losses.append(float(l))
-    t += 1
+    # waiting for the step before this one (not this one) lets the next batch be packed
+    # while this step runs, and keeps one step in flight, so the clock still counts steps
+    if pending is not None:
+      losses.append(float(pending))
+    pending, t = l, t + 1
+  if pending is not None:
+    losses.append(float(pending))
   seconds = float(state["optimisation_seconds"]) + clock() - t0
   state.update(params=params, ema=ema, opt_state=opt_state, step=t, optimisation_seconds=seconds)
   return losses, lr
