@@ -245,8 +245,8 @@ class Potential:
     if self.config.electrostatics:  # a ValueError: the command line's exit 2
       raise ValueError(
         f"this model has learnt charges and long-range electrostatics, which {what} leaves "
-        "out (it gives the local energy only); evaluate it with plugin.ase.Calculator or "
-        "plugin.jax_md.neighbor_list (eqattn md, one system at a time) or train it with "
+        "out (it gives the local energy only); evaluate it with plugin.ase.Calculator, "
+        "plugin.jax_md.neighbor_list or plugin.md.run (eqattn md), or train it with "
         "potentials.training, which include them"
       )
 

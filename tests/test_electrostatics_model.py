@@ -284,10 +284,9 @@ def test_command_line_switch_and_total_charge(tmp_path):
   assert bad.value.code == 2 and not (tmp_path / "nan.eqm").exists()
 
 
-def test_md_on_both_engines_with_charges_in_the_frames(tmp_path, capsys):
-  """``eqattn md --charge``: both engines run a charged system, every frame carries charges
-  that sum to the total, and the engines start from the same energy; a batch of replicas
-  (local energies only there) refuses with exit 2."""
+def test_md_on_both_engines_and_replicas_with_charges_in_the_frames(tmp_path):
+  """``eqattn md --charge``: both engines and a batch of replicas run a charged system,
+  every frame carries charges that sum to the total, and all start from the same energy."""
   from ase.io import read, write
 
   from plugin import cli
@@ -315,9 +314,14 @@ def test_md_on_both_engines_with_charges_in_the_frames(tmp_path, capsys):
   np.testing.assert_allclose(
     first["jax-md"].calc.results["charges"], first["ase"].calc.results["charges"], atol=1e-5
   )
-  capsys.readouterr()
-  assert cli.main([*common, "--replicas", "2", "--out", str(tmp_path / "b.traj")]) == 2
-  assert "one system at a time" in capsys.readouterr().err
+  # a batch of replicas: each starts where the engines did, its charges in its frames
+  assert cli.main([*common, "--replicas", "2", "--out", str(tmp_path / "b.traj")]) == 0
+  for i in range(2):
+    frames = read(tmp_path / f"b.{i}.traj", ":")
+    assert frames[0].get_potential_energy() == pytest.approx(
+      first["ase"].get_potential_energy(), abs=1e-4
+    )
+    assert [f.calc.results["charges"].sum() for f in frames] == pytest.approx([1.0] * 3, abs=1e-5)
 
 
 def _sheared_salt():
@@ -387,3 +391,22 @@ def full(voigt):
   xx, yy, zz, yz, xz, xy = np.moveaxis(voigt, -1, 0)
   return np.stack([np.stack([xx, xy, xz], -1), np.stack([xy, yy, yz], -1),
                    np.stack([xz, yz, zz], -1)], -2)  # fmt: skip
+
+
+def test_a_batch_of_replicas_equals_each_run_alone(charged):
+  """NVE of a charged open ion and a periodic salt cell in one batch: each replica's energy,
+  positions and charges equal its run alone (float64)."""
+  from plugin import md
+
+  ion = dimer_pair(4.0)[2][:3]
+  ion.info["charge"] = 1.0
+  salt = rattled_salt(5)
+  kw = dict(ensemble="nve", temperature=300, timestep=1.0, total_steps=6, chunk=3)
+  kw.update(dtype="float64", seed=[0, 1])
+  both = md.run([ion, salt], charged, **kw)
+  for k, atoms in enumerate((ion, salt)):
+    alone = md.run(atoms, charged, **{**kw, "seed": k})
+    a, b = both[k].atoms, alone.atoms
+    assert a.get_potential_energy() == pytest.approx(b.get_potential_energy(), abs=1e-9)
+    np.testing.assert_allclose(a.positions, b.positions, atol=1e-9)
+    np.testing.assert_allclose(a.calc.results["charges"], b.calc.results["charges"], atol=1e-9)

@@ -536,7 +536,12 @@ def _batch_key(opts: List[RunOptions], systems: List[msys.System]) -> mrep.Batch
     ensemble=o.ensemble,
     params=single.params,
     systems=tuple(
-      (tuple(int(z) for z in s.numbers), bool(s.periodic), tuple(float(x) for x in s.box.ravel()))
+      (
+        tuple(int(z) for z in s.numbers),
+        bool(s.periodic),
+        tuple(float(x) for x in s.box.ravel()),
+        s.charge,
+      )
       for s in systems
     ),
     temperatures=tuple(x.temperature for x in opts),
@@ -596,12 +601,16 @@ def _replica_view(batch: mrep.Batch, i: int):
         fr["box"][j, i],
         fr["step"][j],
         fr["virial"][j, i],
+        fr["charges"][j, i, :n] if "charges" in fr else None,
       )
       for j in range(count)
     ]
 
   def observed(state, obs, boxes):
-    return mrep.replica(state, i, n), {k: np.asarray(v)[i] for k, v in obs.items()}, boxes[i]
+    mine = {k: np.asarray(v)[i] for k, v in obs.items()}
+    if "charges" in mine:
+      mine["charges"] = mine["charges"][:n]
+    return mrep.replica(state, i, n), mine, boxes[i]
 
   return logs, frames, observed
 

@@ -36,9 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax_md import dataclasses as jmd_dataclasses
+from jax_md import space
 
 import potentials
-from potentials import ensemble
+from potentials import electrostatics, ensemble
 from plugin import thermo
 from plugin.md import engine as eng
 from plugin.md import guards
@@ -76,7 +77,13 @@ def _model_inputs(cutoff: float) -> Callable:
 
 def energy_fn(potential: potentials.Potential) -> Callable:
   """``energy(R, neighbor, perturbation=None, **ignored) -> ()`` eV of one replica (element
-  shifts included, as ``plugin.jax_md``'s energy)."""
+  shifts included, as ``plugin.jax_md``'s energy; with a model's learnt charges, their
+  electrostatics)."""
+  if potential.config.electrostatics:
+    atom_energies = charged_energies_fn(potential)
+    return lambda R, neighbor, perturbation=None, **kw: jnp.sum(
+      atom_energies(R, neighbor, perturbation)[0]
+    )
   pair_fn, params = potential.atomic_energies_from_pairs_fn(), potential.params
   inputs = _model_inputs(float(potential.cutoff))
 
@@ -85,6 +92,39 @@ def energy_fn(potential: potentials.Potential) -> Callable:
     return jnp.sum(pair_fn(params, r=r, **kw))
 
   return energy
+
+
+def charged_energies_fn(potential: potentials.Potential) -> Callable:
+  """``(R, neighbor, perturbation=None) -> (energies (N,), charges (N,))`` of one replica for
+  a model with learnt charges: local energies plus the open sum or Ewald sum (the
+  replica's ``Geometry`` holds its total charge and reciprocal vectors)."""
+  pair_fn, params = potential.energies_and_charges_from_pairs_fn(), potential.params
+  inputs = _model_inputs(float(potential.cutoff))
+  config = potential.config
+
+  def energies(R, neighbor, perturbation=None):
+    r, kw = inputs(R, neighbor, perturbation)
+    local, raw = pair_fn(params, r=r, **kw)
+    geom = neighbor.geometry
+    # fractional (periodic) positions as real ones, with the pair vectors' derivatives
+    positions = jnp.where(geom.periodic, space.transform(geom.box, R), R)
+    box = jnp.where(geom.periodic, geom.box, jnp.eye(3, dtype=R.dtype))
+    if perturbation is not None:
+      positions = space.raw_transform(perturbation, positions)
+      box = perturbation @ box
+    frames = electrostatics.Frames(
+      atom_frame=jnp.where(geom.mask, 0, 1).astype(jnp.int32),
+      atom_mask=geom.mask,
+      total_charge=geom.charge[None].astype(R.dtype),
+      periodic=geom.periodic[None],
+      kvectors=geom.kvectors[None],
+      kmask=geom.kmask[None],
+    )
+    term = electrostatics.model_long_range_fn(config, frames, neighbor.dst, neighbor.src)
+    out = term(positions, box.T, r, raw)
+    return local + out.energies, out.charges
+
+  return energies
 
 
 def force_uncertainty_fn(potential: potentials.Potential) -> Callable:
@@ -119,7 +159,7 @@ class BatchKey:
 
   ensemble: str
   params: Params
-  systems: Tuple[Tuple, ...]  # per replica: (numbers, periodic, box)
+  systems: Tuple[Tuple, ...]  # per replica: (numbers, periodic, box, charge)
   temperatures: Tuple[float, ...]  # K
   dr_threshold: float
   capacity_multiplier: float
@@ -158,6 +198,7 @@ def stack(
       [pad(potential.species_index(s.numbers).astype(np.int32), 0) for s in systems]
     ),
     mask=np.stack([pad(np.ones(len(s.numbers), bool), False) for s in systems]),
+    **(_charge_geometry(systems, potential.config) if potential.config.electrostatics else {}),
   )
   return Batch(
     tuple(systems),
@@ -167,6 +208,15 @@ def stack(
     geometry,
     np.array([len(s.numbers) for s in systems]),
   )
+
+
+def _charge_geometry(systems: Sequence[msys.System], config) -> dict:
+  """Each replica's total charge and Ewald vectors (none for open replicas), for a model
+  with learnt charges."""
+  cells = np.stack([s.box.T for s in systems])  # rows: lattice vectors
+  periodic = np.array([s.periodic for s in systems])
+  table, mask = electrostatics.kvector_table(cells, periodic, config.cutoff, config.ewald_accuracy)
+  return dict(charge=np.array([s.charge for s in systems]), kvectors=table, kmask=mask)
 
 
 def _per_replica_kT(key: BatchKey) -> Array:
@@ -211,9 +261,12 @@ def _integrator(key: BatchKey, energy: Callable, group: Optional[int]):
   return jax.jit(init), apply
 
 
-def _observe(key: BatchKey, energy: Callable, group: Optional[int]) -> Callable:
-  """Vmapped observables (each ``(B,)``, ``virial (B, 3, 3)``): those of
-  :func:`plugin.md.engine.observe_fn`, ``pressure``/``volume`` NaN for open replicas."""
+def _observe(
+  key: BatchKey, energy: Callable, group: Optional[int], charges: Optional[Callable] = None
+) -> Callable:
+  """Vmapped observables (each ``(B,)``, ``virial (B, 3, 3)``, ``charges (B, N)`` with a
+  model's learnt charges): those of :func:`plugin.md.engine.observe_fn`,
+  ``pressure``/``volume`` NaN for open replicas."""
   invariant = TABLE[key.ensemble].invariant
   kTs = _per_replica_kT(key)
 
@@ -231,6 +284,8 @@ def _observe(key: BatchKey, energy: Callable, group: Optional[int]) -> Callable:
       "volume": volume,
       "virial": 0.5 * (dU + dU.T),
     }
+    if charges is not None:
+      out["charges"] = charges(R, nbrs)[1]
     if invariant is not None:
       out["conserved"] = invariant(state, epot, ekin, dataclasses.replace(key.params, kT=kT))
     return out
@@ -280,7 +335,8 @@ def make_engine(potential: potentials.Potential, key: BatchKey, batch: Batch) ->
   init, apply = _integrator(key, energy, group)
   boxes = jnp.asarray(batch.geometry.box)
   box_fn = lambda state: boxes.astype(state.position.dtype)
-  observe = _observe(key, energy, group)
+  charged = charged_energies_fn(potential) if potential.config.electrostatics else None
+  observe = _observe(key, energy, group, charged)
   traces = [0]
   step = eng.step_fn(key, apply, None, float(potential.cutoff))
   chunk = eng.chunk_fn(key, step, observe, box_fn, traces, guard=_guard(jnp.asarray(batch.sizes)))

@@ -9,7 +9,7 @@ only those replicas' lists. Shapes carry a leading replica axis in a batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,13 +38,18 @@ class Geometry:
 
   ``box (3, 3)``: lattice vectors as columns (periodic; positions are fractional) or the
   free-space box of :mod:`plugin.md.system` (open; positions Cartesian); ``periodic ()`` bool;
-  ``species (N,)`` species indices (padding 0); ``mask (N,)`` real atoms.
+  ``species (N,)`` species indices (padding 0); ``mask (N,)`` real atoms. For a model with
+  learnt charges also ``charge ()`` (e), and the Ewald sum's ``kvectors (K, 3)`` and
+  ``kmask (K,)`` (:func:`potentials.electrostatics.kvector_table`); None otherwise.
   """
 
   box: Array
   periodic: Array
   species: Array
   mask: Array
+  charge: Optional[Array] = None
+  kvectors: Optional[Array] = None
+  kmask: Optional[Array] = None
 
 
 @jmd_dataclasses.dataclass
