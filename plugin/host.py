@@ -190,14 +190,7 @@ def _charged_evaluate(potential: potentials.Potential, periodic: bool):
 
   def evaluate(params, species, positions, cell, dst, src, shifts, atom_mask, total, kvec, kmask):
     energies = _of_pairs(pair_fn, params, species, dst, src, atom_mask)
-    frames = electrostatics.Frames(
-      jnp.where(atom_mask, 0, 1),
-      atom_mask,
-      jnp.reshape(total, (1,)).astype(positions.dtype),
-      jnp.array([periodic]),
-      kvec[None],
-      kmask[None],
-    )
+    frames = electrostatics.one_system(atom_mask, total, periodic, kvec, kmask, positions.dtype)
     long_range = electrostatics.model_long_range_fn(config, frames, dst, src, any_open=not periodic)
     out = observables.compute(
       energies,

@@ -82,7 +82,13 @@ from jax_md import partition, space
 
 import potentials
 from plugin.defaults import DEFAULTS
-from plugin.neighbors.cells import box_matrix, box_widths, box_widths_traced, check_box
+from plugin.neighbors.cells import (
+  box_matrix,
+  box_matrix_traced,
+  box_widths,
+  box_widths_traced,
+  check_box,
+)
 from plugin.neighbors.images import (
   ImageNeighborList,
   check_image_geometry,
@@ -310,15 +316,10 @@ def _long_range_fn(config, displacement_fn, geometry: dict, periodic: bool, char
     kvectors = electrostatics.kvectors_of(bmat.T, config.cutoff, config.ewald_accuracy)
   origin = jnp.zeros(3)
 
+  kmask = np.ones(len(kvectors), bool)
+
   def term(R, r, dst, src, kwargs, charges, strain=None):
-    frames = electrostatics.Frames(
-      atom_frame=jnp.zeros(n, jnp.int32),
-      atom_mask=jnp.ones(n, bool),
-      total_charge=jnp.full((1,), charge, R.dtype),
-      periodic=jnp.array([periodic]),
-      kvectors=jnp.asarray(kvectors)[None],
-      kmask=jnp.ones((1, len(kvectors)), bool),
-    )
+    frames = electrostatics.one_system(np.ones(n, bool), charge, periodic, kvectors, kmask, R.dtype)
     positions = jax.vmap(lambda a: displacement_fn(a, origin.astype(R.dtype), **kwargs))(R)
     cell = _cell_rows(bmat, kwargs, R.dtype)
     if strain is not None:
@@ -332,11 +333,7 @@ def _long_range_fn(config, displacement_fn, geometry: dict, periodic: bool, char
 
 def _cell_rows(bmat: np.ndarray, kwargs: dict, dtype) -> Array:
   """The cell (rows: lattice vectors) that ``kwargs`` give the displacement function."""
-  box = jnp.asarray(kwargs.get("new_box", kwargs.get("box", bmat)), dtype)
-  if box.ndim == 0:
-    box = box * jnp.eye(3, dtype=dtype)
-  elif box.ndim == 1:
-    box = jnp.diag(box)
+  box = box_matrix_traced(kwargs.get("new_box", kwargs.get("box", bmat)), dtype)
   if kwargs.get("perturbation") is not None:
     box = space.raw_transform(kwargs["perturbation"], box.T).T  # the columns, perturbed
   return box.T
@@ -559,12 +556,15 @@ def _energy_fn(
   def charged_atom_virials(R, neighbor, kwargs):
     # the pairs' split plus an equal share of the rest (docs/conventions.md, Electrostatics)
     energies, r, dst, src, ok = charged(R, neighbor, kwargs)
-    total = lambda eps, dr: jnp.sum(energies(r + dr, eps)[0])  # noqa: E731
+
+    def total(eps, dr):
+      e, term = energies(r + dr, eps)
+      return jnp.sum(e), term.shares
+
     zero = (jnp.zeros((3, 3), r.dtype), jnp.zeros_like(r))
-    g_eps, g_r = jax.grad(total, argnums=(0, 1))(*zero)
+    (g_eps, g_r), shares = jax.grad(total, argnums=(0, 1), has_aux=True)(*zero)
     w = observables.atom_strain_derivatives(r=r, grad_r=g_r, dst=dst, src=src, num_atoms=n)
-    w = w + (g_eps - jnp.sum(w, axis=0)) / n
-    return -w, ok
+    return -(w + observables.rest_by_share(w, g_eps, shares)), ok
 
   def charges(R: Array, neighbor: Optional[partition.NeighborList] = None, **kwargs) -> Array:
     energies, r, _, _, ok = charged(R, neighbor, kwargs)
@@ -628,6 +628,14 @@ class _Companions(NamedTuple):
 _COMPANIONS: "weakref.WeakKeyDictionary[Callable, _Companions]" = weakref.WeakKeyDictionary()
 
 
+def _companion(energy_fn: EnergyFn, field: str, missing: str) -> Callable:
+  """``energy_fn``'s companion ``field`` (:class:`_Companions`), or a TypeError ``missing``."""
+  fn = getattr(_COMPANIONS.get(energy_fn), field, None)
+  if fn is None:
+    raise TypeError(missing)
+  return fn
+
+
 def uncertainty_fn(energy_fn: EnergyFn) -> Callable[..., "ensemble.Spread"]:
   """The ensemble uncertainty of an energy function from :func:`neighbor_list`, like
   :func:`atom_virial_fn`: ``spread_fn(R, neighbor, **kwargs) ->``
@@ -640,13 +648,12 @@ def uncertainty_fn(energy_fn: EnergyFn) -> Callable[..., "ensemble.Spread"]:
   single model (one member) gives zeros. NaN, like ``energy_fn``, for a ``box=`` the list
   cannot hold.
   """
-  spread = getattr(_COMPANIONS.get(energy_fn), "uncertainty", None)
-  if spread is None:
-    raise TypeError(
-      "uncertainty_fn needs the energy_fn returned by plugin.jax_md.neighbor_list(...) "
-      "itself (the uncertainty needs the ensemble's member energies, not just their mean)"
-    )
-  return spread
+  return _companion(
+    energy_fn,
+    "uncertainty",
+    "uncertainty_fn needs the energy_fn returned by plugin.jax_md.neighbor_list(...) "
+    "itself (the uncertainty needs the ensemble's member energies, not just their mean)",
+  )
 
 
 def atom_virial_fn(energy_fn: EnergyFn) -> Callable[..., Array]:
@@ -665,14 +672,12 @@ def atom_virial_fn(energy_fn: EnergyFn) -> Callable[..., Array]:
   ``-W_i / V``. NaN, like ``energy_fn``, for a ``box=`` the list cannot hold. Shapes: ``R``
   ``(N, 3)`` (real or fractional, as for ``energy_fn``), result ``(N, 3, 3)``, symmetric.
   """
-  virials = getattr(_COMPANIONS.get(energy_fn), "atom_virials", None)
-  if virials is None:
-    raise TypeError(
-      "atom_virial_fn needs the energy_fn returned by "
-      "plugin.jax_md.neighbor_list(...) itself (per-atom virials need the model's "
-      "pair vectors, not just an energy)"
-    )
-  return virials
+  return _companion(
+    energy_fn,
+    "atom_virials",
+    "atom_virial_fn needs the energy_fn returned by plugin.jax_md.neighbor_list(...) itself "
+    "(per-atom virials need the model's pair vectors, not just an energy)",
+  )
 
 
 def charge_fn(energy_fn: EnergyFn) -> Callable[..., Array]:
@@ -680,10 +685,9 @@ def charge_fn(energy_fn: EnergyFn) -> Callable[..., Array]:
   electrostatics (``ModelConfig.electrostatics``), like :func:`atom_virial_fn`:
   ``charges_fn(R, neighbor, **kwargs) -> (N,)`` (e), summing to the ``charge`` the energy
   function was built with; pure and jittable (the ASE calculator's ``charges``)."""
-  charges = getattr(_COMPANIONS.get(energy_fn), "charges", None)
-  if charges is None:
-    raise TypeError(
-      "charge_fn needs the energy_fn that plugin.jax_md.neighbor_list(...) returned for a "
-      "model with learnt charges (ModelConfig.electrostatics)"
-    )
-  return charges
+  return _companion(
+    energy_fn,
+    "charges",
+    "charge_fn needs the energy_fn that plugin.jax_md.neighbor_list(...) returned for a "
+    "model with learnt charges (ModelConfig.electrostatics)",
+  )

@@ -199,6 +199,20 @@ class Frames(NamedTuple):
   kmask: jax.Array
 
 
+def one_system(atom_mask, total_charge, periodic, kvectors, kmask, dtype) -> Frames:
+  """:class:`Frames` of one system (``B = 1``; padded atoms, ``atom_mask`` False, in the
+  padding frame): its scalar ``total_charge`` (e) and ``periodic`` flag, and its
+  ``kvectors (K, 3)`` and ``kmask (K,)``."""
+  return Frames(
+    atom_frame=jnp.where(atom_mask, 0, 1).astype(jnp.int32),
+    atom_mask=jnp.asarray(atom_mask),
+    total_charge=jnp.reshape(jnp.asarray(total_charge, dtype), (1,)),
+    periodic=jnp.reshape(jnp.asarray(periodic), (1,)),
+    kvectors=jnp.asarray(kvectors)[None],
+    kmask=jnp.asarray(kmask)[None],
+  )
+
+
 def checked_charge(value, name: str = "charge") -> float:
   """A structure's total charge (e) as a float, or a ValueError naming ``name``."""
   try:

@@ -214,7 +214,7 @@ def compute(
   if atom_strain:
     per_atom = atom_strain_derivatives(r, g_r, dst=dst, src=src, num_atoms=positions.shape[0])
     if long_range is not None:
-      per_atom = per_atom + _rest_by_share(per_atom, g_eps, extra.shares, atom_frame)
+      per_atom = per_atom + rest_by_share(per_atom, g_eps, extra.shares, atom_frame)
   energy = energy if per_frame is None else per_frame
   out = Observables(energy, e, -g_pos, g_eps, stress, r, per_atom, aux=extra)
   return _with_long_range(out, long_range)
@@ -227,8 +227,10 @@ def _with_long_range(out: Observables, long_range) -> Observables:
   return out._replace(aux=None, charges=out.aux.charges)
 
 
-def _rest_by_share(per_atom, strain_derivative, shares, atom_frame):
-  """Each atom's share of its frame's strain derivative not carried by the pairs."""
+def rest_by_share(per_atom, strain_derivative, shares, atom_frame=None):
+  """Each atom's share (``shares (N,)``, :class:`LongRange`'s) of its frame's strain
+  derivative not carried by the pairs' split ``per_atom (N, 3, 3)``; ``atom_frame`` for a
+  batch (``strain_derivative (B, 3, 3)``)."""
   if atom_frame is None:
     return shares[:, None, None] * (strain_derivative - jnp.sum(per_atom, axis=0))
   num = strain_derivative.shape[0]

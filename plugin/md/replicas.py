@@ -112,13 +112,8 @@ def charged_energies_fn(potential: potentials.Potential) -> Callable:
     if perturbation is not None:
       positions = space.raw_transform(perturbation, positions)
       box = perturbation @ box
-    frames = electrostatics.Frames(
-      atom_frame=jnp.where(geom.mask, 0, 1).astype(jnp.int32),
-      atom_mask=geom.mask,
-      total_charge=geom.charge[None].astype(R.dtype),
-      periodic=geom.periodic[None],
-      kvectors=geom.kvectors[None],
-      kmask=geom.kmask[None],
+    frames = electrostatics.one_system(
+      geom.mask, geom.charge, geom.periodic, geom.kvectors, geom.kmask, R.dtype
     )
     term = electrostatics.model_long_range_fn(config, frames, neighbor.dst, neighbor.src)
     out = term(positions, box.T, r, raw)
