@@ -155,6 +155,7 @@ class Calculator(_AseCalculator):
     if potential.config.electrostatics:
       self.implemented_properties = type(self).implemented_properties + ["charges"]
     self._kvector_capacity = 0
+    self._mesh = None  # PME grid moduli once a cell needed one
     # per-structure cache: species and mask on the device, rebuilt when numbers change
     self._numbers: np.ndarray | None = None
     self._species_host: np.ndarray | None = None
@@ -272,9 +273,10 @@ class Calculator(_AseCalculator):
     return results
 
   def _electrostatics_inputs(self, atoms: Atoms, cell: np.ndarray, periodic: bool) -> tuple:
-    """``(total_charge, kvectors, kmask)`` of a model with learnt charges: the total charge
-    is ``atoms.info["charge"]`` (default 0); the reciprocal vectors of the cell are padded to
-    a capacity that only grows (NPT runs keep their compiled shape)."""
+    """``(total_charge, kvectors, kmask, mesh)`` of a model with learnt charges: the total
+    charge is ``atoms.info["charge"]`` (default 0); the cell's reciprocal vectors padded to a
+    capacity, or its PME grid (``electrostatics.reciprocal_plan``), which only grow (NPT runs
+    keep their compiled shapes)."""
     if not periodic and np.any(atoms.pbc):
       raise ValueError(
         "this model has long-range electrostatics, which need a fully periodic cell or an "
@@ -284,11 +286,15 @@ class Calculator(_AseCalculator):
     total = electrostatics.checked_charge(atoms.info.get("charge", 0.0), "atoms.info['charge']")
     cfg = self.potential.config
     args = (cell, periodic, cfg.cutoff, cfg.ewald_accuracy)
-    need = electrostatics.kvector_table(*args)[0].shape[1]
-    if need > self._kvector_capacity:
-      self._kvector_capacity = bucket_capacity(need, 8, 1.25, 0.1)
+    shape = None if self._mesh is None else tuple(len(m) for m in self._mesh)
+    table, mask, mesh = electrostatics.reciprocal_plan(*args[:2], len(atoms), *args[2:], shape)
+    if mesh is not None:
+      self._mesh = mesh
+      return np.asarray(total, self.dtype), table[0], mask[0], mesh
+    if table.shape[1] > self._kvector_capacity:
+      self._kvector_capacity = bucket_capacity(table.shape[1], 8, 1.25, 0.1)
     table, mask = electrostatics.kvector_table(*args, capacity=self._kvector_capacity)
-    return np.asarray(total, self.dtype), table[0], mask[0]
+    return np.asarray(total, self.dtype), table[0], mask[0], None
 
   def _uncertainty(self, spread, shift: float, n: int) -> dict[str, Any]:
     """Calibrated ensemble results (see :mod:`potentials.ensemble`)."""

@@ -182,15 +182,18 @@ def _results(out: observables.Observables, dst, num_atoms: int, spread) -> tuple
 
 def _charged_evaluate(potential: potentials.Potential, periodic: bool):
   """:class:`Evaluator`'s function for a model with electrostatics (one system, fully
-  periodic or open): also takes ``total_charge`` (scalar, e), ``kvectors (K, 3)`` and
-  ``kmask (K,)`` (:func:`potentials.electrostatics.kvector_table`) and also returns the
-  charges ``(N,)``."""
+  periodic or open): also takes ``total_charge`` (scalar, e), ``kvectors (K, 3)``,
+  ``kmask (K,)`` and ``mesh`` (:func:`potentials.electrostatics.reciprocal_plan`) and also
+  returns the charges ``(N,)``."""
   pair_fn = potential.energies_and_charges_from_pairs_fn(include_shift=False)
   config = potential.config
 
-  def evaluate(params, species, positions, cell, dst, src, shifts, atom_mask, total, kvec, kmask):
+  def evaluate(
+    params, species, positions, cell, dst, src, shifts, atom_mask, total, kvec, kmask, mesh
+  ):
     energies = _of_pairs(pair_fn, params, species, dst, src, atom_mask)
-    frames = electrostatics.one_system(atom_mask, total, periodic, kvec, kmask, positions.dtype)
+    dtype = positions.dtype
+    frames = electrostatics.one_system(atom_mask, total, periodic, kvec, kmask, dtype, mesh)
     long_range = electrostatics.model_long_range_fn(config, frames, dst, src, any_open=not periodic)
     out = observables.compute(
       energies,

@@ -302,8 +302,9 @@ def _long_range_fn(config, displacement_fn, geometry: dict, periodic: bool, char
   """``term(R, r, dst, src, kwargs, charges, strain=None) -> observables.LongRange``: the
   electrostatics of a model with learnt charges (``charges``: its raw charges and weights)
   for one system of this space: the open sum in free space, Ewald in a periodic one, whose
-  reciprocal vectors are chosen once for the constructor's box (a box that changes, NPT,
-  scales them, as the ASE calculator's cell does not: fine while the box stays near it).
+  reciprocal vectors or PME grid (``electrostatics.reciprocal_plan``) are chosen once for the
+  constructor's box (a box that changes, NPT, scales them, as the ASE calculator's cell does
+  not: fine while the box stays near it).
 
   Positions are read through ``displacement_fn`` (each atom's displacement from the origin:
   real coordinates, equal to the true ones up to lattice vectors, which the Ewald sum does not
@@ -311,15 +312,14 @@ def _long_range_fn(config, displacement_fn, geometry: dict, periodic: bool, char
   the pair vectors, derivatives included. The cell is ``new_box``/``box``/the constructor's,
   times ``perturbation``; ``strain`` strains positions and cell as ``observables.compute``."""
   n, bmat = geometry["n"], geometry["bmat"]
-  kvectors = np.zeros((0, 3), np.int32)
-  if periodic:
-    kvectors = electrostatics.kvectors_of(bmat.T, config.cutoff, config.ewald_accuracy)
+  table, mask, mesh = electrostatics.reciprocal_plan(
+    bmat.T, periodic, n, config.cutoff, config.ewald_accuracy
+  )
   origin = jnp.zeros(3)
 
-  kmask = np.ones(len(kvectors), bool)
-
   def term(R, r, dst, src, kwargs, charges, strain=None):
-    frames = electrostatics.one_system(np.ones(n, bool), charge, periodic, kvectors, kmask, R.dtype)
+    args = (np.ones(n, bool), charge, periodic, table[0], mask[0], R.dtype, mesh)
+    frames = electrostatics.one_system(*args)
     positions = jax.vmap(lambda a: displacement_fn(a, origin.astype(R.dtype), **kwargs))(R)
     cell = _cell_rows(bmat, kwargs, R.dtype)
     if strain is not None:

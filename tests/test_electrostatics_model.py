@@ -2,6 +2,7 @@
 batches against the whole-system sums, neutrality, invariances, forces and stress against
 finite differences, padding, training and files, and engines that must refuse (float64)."""
 
+import dataclasses
 import math
 
 import ase
@@ -38,6 +39,12 @@ def charged():
     charge_width=0.5,
     ewald_accuracy=1e-10,
   )
+
+
+def coarse(potential):
+  """``potential`` with the default Ewald accuracy (1e-6): PME grids of test size."""
+  config = dataclasses.replace(potential.config, ewald_accuracy=1e-6)
+  return potential.replace(config=config)
 
 
 def calc(potential):
@@ -333,15 +340,19 @@ def _sheared_salt():
   return atoms
 
 
-@pytest.mark.parametrize("case", ["open-ion", "cubic-real", "triclinic-fractional"])
-def test_jax_md_agrees_with_the_calculator(charged, case):
+@pytest.mark.parametrize("case", ["open-ion", "cubic-real", "triclinic-fractional", "pme"])
+def test_jax_md_agrees_with_the_calculator(charged, case, monkeypatch):
   """JAX-MD energy, forces, stress, per-atom energies and virials and charges equal the ASE
   calculator's to float64 rounding: open (a charged Na Cl Na), a cubic cell in real
   coordinates on JAX-MD's own list, a small triclinic one in fractional coordinates (image
-  list)."""
+  list), and that cell again with PME instead of the Ewald sum on both sides."""
   from jax_md import quantity, space
 
   from plugin import jax_md as pj
+
+  if case == "pme":  # PME wherever a cell is periodic (a grid for 1e-6, not 1e-10: small)
+    monkeypatch.setattr(es, "MESH_COST", 0.0)
+    charged, case = coarse(charged), "triclinic-fractional"
 
   charge = 1.0 if case == "open-ion" else 0.0
   if case == "open-ion":
@@ -393,10 +404,16 @@ def full(voigt):
                    np.stack([xz, yz, zz], -1)], -2)  # fmt: skip
 
 
-def test_a_batch_of_replicas_equals_each_run_alone(charged):
+@pytest.mark.parametrize("mesh", [False, True], ids=["ewald", "pme"])
+def test_a_batch_of_replicas_equals_each_run_alone(charged, mesh, monkeypatch):
   """NVE of a charged open ion and a periodic salt cell in one batch: each replica's energy,
-  positions and charges equal its run alone (float64)."""
+  positions and charges equal its run alone (float64), with the Ewald sum and with PME."""
   from plugin import md
+
+  if mesh:  # PME (to its 1e-6 accuracy: each run's frame sees a different grid offset)
+    monkeypatch.setattr(es, "MESH_COST", 0.0)
+    charged = coarse(charged)
+  tol = dict(rel=1e-7) if mesh else dict(abs=1e-9)
 
   ion = dimer_pair(4.0)[2][:3]
   ion.info["charge"] = 1.0
@@ -407,6 +424,7 @@ def test_a_batch_of_replicas_equals_each_run_alone(charged):
   for k, atoms in enumerate((ion, salt)):
     alone = md.run(atoms, charged, **{**kw, "seed": k})
     a, b = both[k].atoms, alone.atoms
-    assert a.get_potential_energy() == pytest.approx(b.get_potential_energy(), abs=1e-9)
-    np.testing.assert_allclose(a.positions, b.positions, atol=1e-9)
-    np.testing.assert_allclose(a.calc.results["charges"], b.calc.results["charges"], atol=1e-9)
+    assert a.get_potential_energy() == pytest.approx(b.get_potential_energy(), **tol)
+    atol = 1e-6 if mesh else 1e-9
+    np.testing.assert_allclose(a.positions, b.positions, atol=atol)
+    np.testing.assert_allclose(a.calc.results["charges"], b.calc.results["charges"], atol=atol)

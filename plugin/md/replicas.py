@@ -113,7 +113,7 @@ def charged_energies_fn(potential: potentials.Potential) -> Callable:
       positions = space.raw_transform(perturbation, positions)
       box = perturbation @ box
     frames = electrostatics.one_system(
-      geom.mask, geom.charge, geom.periodic, geom.kvectors, geom.kmask, R.dtype
+      geom.mask, geom.charge, geom.periodic, geom.kvectors, geom.kmask, R.dtype, geom.mesh
     )
     term = electrostatics.model_long_range_fn(config, frames, neighbor.dst, neighbor.src)
     out = term(positions, box.T, r, raw)
@@ -206,12 +206,17 @@ def stack(
 
 
 def _charge_geometry(systems: Sequence[msys.System], config) -> dict:
-  """Each replica's total charge and Ewald vectors (none for open replicas), for a model
-  with learnt charges."""
+  """Each replica's total charge and Ewald vectors (none for open replicas) or one PME grid
+  for all (its moduli repeated per replica), for a model with learnt charges."""
   cells = np.stack([s.box.T for s in systems])  # rows: lattice vectors
   periodic = np.array([s.periodic for s in systems])
-  table, mask = electrostatics.kvector_table(cells, periodic, config.cutoff, config.ewald_accuracy)
-  return dict(charge=np.array([s.charge for s in systems]), kvectors=table, kmask=mask)
+  most = max(len(s.numbers) for s in systems)
+  table, mask, mesh = electrostatics.reciprocal_plan(
+    cells, periodic, most, config.cutoff, config.ewald_accuracy
+  )
+  if mesh is not None:
+    mesh = tuple(np.broadcast_to(m, (len(systems), len(m))) for m in mesh)
+  return dict(charge=np.array([s.charge for s in systems]), kvectors=table, kmask=mask, mesh=mesh)
 
 
 def _per_replica_kT(key: BatchKey) -> Array:

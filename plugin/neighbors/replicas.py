@@ -40,7 +40,8 @@ class Geometry:
   free-space box of :mod:`plugin.md.system` (open; positions Cartesian); ``periodic ()`` bool;
   ``species (N,)`` species indices (padding 0); ``mask (N,)`` real atoms. For a model with
   learnt charges also ``charge ()`` (e), and the Ewald sum's ``kvectors (K, 3)`` and
-  ``kmask (K,)`` (:func:`potentials.electrostatics.kvector_table`); None otherwise.
+  ``kmask (K,)``, or a PME grid's ``mesh`` (three spline moduli, ``(K_d,)``)
+  (:func:`potentials.electrostatics.reciprocal_plan`); None otherwise.
   """
 
   box: Array
@@ -50,6 +51,7 @@ class Geometry:
   charge: Optional[Array] = None
   kvectors: Optional[Array] = None
   kmask: Optional[Array] = None
+  mesh: Optional[tuple] = None
 
 
 @jmd_dataclasses.dataclass
