@@ -14,6 +14,7 @@ model's cutoff ("beyond the cutoff": a local model gives exactly 0 there) and th
     python benchmarks/long_range.py --out out/long_range --report
     python benchmarks/long_range.py --out out/long_range --cost    # E+F call with and without
     python benchmarks/long_range.py --out out/long_range --drift   # NVE, float32, both engines
+    python benchmarks/long_range.py --out out/long_range --drift --mesh   # the same with PME
 
 ``--jobs 2`` trains the two models side by side, each pinned to its own core, each for
 ``--minutes`` of wall time (``potentials.training.train`` with ``time_limit``).
@@ -291,19 +292,23 @@ def water_box(k: int, spacing: float = 3.1, seed: int = 0):
   return atoms
 
 
-def drift(out: Path, ps: float = 2.0) -> None:
+def drift(out: Path, ps: float = 2.0, mesh: bool = False) -> None:
   """NVE energy drift in float32 of the trained models (``--minutes`` runs) on both engines:
   8 water molecules 6 Å apart in a periodic 12 Å box (Ewald; dense water is outside the
   dimer pool these models learnt, and the local one runs away there) and the same molecules
   as an open cluster, 300 K, 0.5 fs, ``ps`` picoseconds (the first 0.2 discarded); written to
-  ``drift.json``."""
+  ``drift.json``. ``mesh``: the model with electrostatics in the box only, its reciprocal
+  part by PME instead of the vector sum (``drift_pme.json``)."""
   import potentials
   from plugin import testing
+  from potentials import electrostatics
 
+  if mesh:
+    electrostatics.MESH_COST = 0.0  # PME wherever a cell is periodic
   rows = []
-  for name in MODELS:
+  for name in ["electrostatics"] if mesh else MODELS:
     pot = potentials.load(out / f"{name}.eqm")
-    for periodic in (True, False):
+    for periodic in (True,) if mesh else (True, False):
       atoms = water_box(2, spacing=6.0)
       atoms.pbc = periodic
       for engine in ("ase", "jax-md"):
@@ -327,11 +332,12 @@ def drift(out: Path, ps: float = 2.0) -> None:
             "drift_error_meV_atom_ps": rep.drift_error,
             "fluctuation_meV_atom": rep.fluctuation,
             "mean_temperature_K": rep.mean_temperature,
+            "reciprocal": "pme" if mesh else "vectors",
             "seconds": round(time.perf_counter() - t0, 1),
           }
         )
         print(rows[-1], flush=True)
-  (out / "drift.json").write_text(json.dumps(rows, indent=1))
+  (out / ("drift_pme.json" if mesh else "drift.json")).write_text(json.dumps(rows, indent=1))
 
 
 def report(out: Path) -> None:
@@ -367,6 +373,7 @@ def main(argv=None) -> int:
   ap.add_argument("--report", action="store_true")
   ap.add_argument("--cost", action="store_true", help="time E+F calls with and without")
   ap.add_argument("--drift", action="store_true", help="NVE drift (float32) on both engines")
+  ap.add_argument("--mesh", action="store_true", help="--drift with PME, periodic only")
   ap.add_argument("--one", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   out = Path(args.out)
@@ -383,7 +390,7 @@ def main(argv=None) -> int:
     cost(out)
     return 0
   if args.drift:
-    drift(out)
+    drift(out, mesh=args.mesh)
     return 0
   if args.one:
     train_one(out, args.one, args.minutes)

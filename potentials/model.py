@@ -89,6 +89,14 @@ class ModelConfig:
       (``readout_heads = committee = 1``); old model files load with it off.
     charge_width: the charges' Gaussian width ``sigma`` (Å): two interact through ``erf(r / 2
       sigma) / r``, the Coulomb law beyond ~4 sigma, finite at contact.
+    charge_transfer: the charges move between atoms within the cutoff: each atom reads out an
+      electronegativity ``chi_i`` and receives ``(chi_j - chi_i) fc(r_ij)`` from every
+      neighbour (``fc``: the model's cutoff function), so the charges of a neutral structure
+      sum to zero exactly and a neutral molecule farther than the cutoff from the rest stays
+      neutral (the per-atom read-out shares a structure's excess over all its atoms, so two
+      far-apart molecules could exchange charge, a long-range error of its own). A total
+      charge is still shared by the learnt weights. New models: on; files written before it:
+      off (the per-atom read-out).
     ewald_accuracy: truncation of the Ewald sums, relative to the pair energy at the cutoff
       (``potentials.electrostatics.ewald_parameters``).
     committee: independently initialised (and trained) parameter sets of this architecture,
@@ -119,6 +127,7 @@ class ModelConfig:
   force_heads: bool = False
   electrostatics: bool = False
   charge_width: float = 1.0
+  charge_transfer: bool = True
   ewald_accuracy: float = 1e-6
 
   def __post_init__(self):
@@ -181,6 +190,7 @@ class ModelConfig:
       )
     # files older than an option: the model without it
     d = {"density_features": False, "product": False, "radial_mlp": 0, **d}
+    d.setdefault("charge_transfer", False)
     return cls(**d)
 
   @property
@@ -476,9 +486,11 @@ class EnergyModel(nn.Module):
     if not self.config.electrostatics:
       raise ValueError("charges need a model with electrostatics")
     args = (atom_mask, atomic_numbers, indices_are_sorted, include_shift)
-    e, scalars, _ = self._energies_and_scalars(species, r, dst_idx, src_idx, *args)
+    e, scalars, p = self._energies_and_scalars(species, r, dst_idx, src_idx, *args)
     out = self.charge_out(nn.silu(self.charge_hidden(scalars)))
     q, w = out[:, 0], nn.softplus(out[:, 1]) + CHARGE_WEIGHT_FLOOR
+    if self.config.charge_transfer:
+      q = _transferred(q, p.cut, **p.kw)
     if atom_mask is not None:
       q, w = jnp.where(atom_mask, q, 0.0), jnp.where(atom_mask, w, 0.0)
     return e, (q, w)
@@ -577,6 +589,16 @@ def _neighbour_density(
   per_pair = (s_j[:, :, None] * g[:, None, :]).reshape(g.shape[0], num_species * g.shape[1])
   return jax.ops.segment_sum(
     per_pair, dst_idx, num_segments=num_segments, indices_are_sorted=indices_are_sorted
+  )
+
+
+def _transferred(chi, cut, *, dst_idx, src_idx, num_segments, indices_are_sorted):
+  """``(N,)`` charges moved along the pairs: atom i receives ``(chi_j - chi_i) cut_ij`` from
+  each neighbour j (the list holds both directions, so every transfer is given and taken)."""
+  take = lambda idx: jnp.take(chi, idx, mode="fill", fill_value=0.0)  # noqa: E731
+  flow = (take(src_idx) - take(dst_idx)) * cut
+  return jax.ops.segment_sum(
+    flow, dst_idx, num_segments=num_segments, indices_are_sorted=indices_are_sorted
   )
 
 

@@ -132,6 +132,14 @@ def test_charges_sum_to_the_total_and_reach_beyond_the_receptive_field(charged):
   coulomb = es.COULOMB * np.sum(q1[:, None] * q2[None] * np.vectorize(math.erf)(d) / d)
   assert e12 - e1 - e2 == pytest.approx(coulomb, rel=1e-9)
   assert abs(coulomb) > 1e-4  # ~20 times the tolerance of the equality above
+  # charge moves only between atoms within the cutoff: a neutral molecule far from another,
+  # different one stays neutral (a per-atom read-out would share their excess)
+  stretched = two.copy()
+  stretched.positions[1] += 0.3 * (stretched.positions[1] - stretched.positions[0])
+  _, a = energy(charged, one + stretched)
+  q = a.calc.results["charges"]
+  assert abs(q[:2].sum()) < 1e-12 and abs(q[2:].sum()) < 1e-12
+  assert np.abs(q[2:] - q2).max() > 1e-3  # the stretched molecule's charges did change
   # a charged system: its charges sum to atoms.info["charge"]
   ion = one.copy()
   ion.info["charge"] = 1.0
@@ -253,9 +261,13 @@ def test_trains_saves_and_loads(charged, tmp_path):
 
 def test_old_configs_load_without_and_local_only_paths_refuse(charged):
   old = {k: v for k, v in potentials.ModelConfig().to_dict().items()}
-  for key in ("electrostatics", "charge_width", "ewald_accuracy"):
+  for key in ("electrostatics", "charge_width", "ewald_accuracy", "charge_transfer"):
     old.pop(key)
   assert not potentials.ModelConfig.from_dict(old).electrostatics
+  # files with learnt charges from before charge transfer: the per-atom read-out they had
+  before = potentials.ModelConfig.from_dict({**old, "electrostatics": True})
+  assert before.electrostatics and not before.charge_transfer
+  assert potentials.ModelConfig(electrostatics=True).charge_transfer  # new models
   with pytest.raises(ValueError, match="long-range electrostatics"):
     charged.atomic_energies_from_pairs_fn()
   with pytest.raises(ValueError, match="LAMMPS"):
