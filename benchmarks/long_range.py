@@ -15,6 +15,7 @@ model's cutoff ("beyond the cutoff": a local model gives exactly 0 there) and th
     python benchmarks/long_range.py --out out/long_range --cost    # E+F call with and without
     python benchmarks/long_range.py --out out/long_range --drift   # NVE, float32, both engines
     python benchmarks/long_range.py --out out/long_range --drift --mesh   # the same with PME
+    python benchmarks/long_range.py --out out/long_range --reciprocal     # PME against vectors
 
 ``--jobs 2`` trains the two models side by side, each pinned to its own core, each for
 ``--minutes`` of wall time (``potentials.training.train`` with ``time_limit``).
@@ -37,6 +38,8 @@ SPECIES = ["H", "C", "N", "O"]
 PAIRS = {"water-water": ("H2O", "H2O", 0), "water-methanol": ("H2O", "CH3OH", 0)}
 PAIRS["ammonium-water"] = ("NH4+", "H2O", 1)
 MODELS = {"local": {}, "electrostatics": {"electrostatics": True}}
+# charges moved along pairs (ModelConfig.charge_transfer): ``--models local,transfer``
+VARIANTS = {**MODELS, "transfer": {"electrostatics": True, "charge_transfer": True}}
 MIN_CONTACT = 1.6  # Å: closest intermolecular atoms in a dimer
 
 
@@ -185,7 +188,7 @@ def train_one(out: Path, name: str, minutes: float) -> None:
   from plugin.data import read_frames
   from potentials import training
 
-  pot = potentials.Potential.create(0, species=SPECIES, **MODELS[name])
+  pot = potentials.Potential.create(0, species=SPECIES, **VARIANTS[name])
   frames = read_frames(str(out / "pool.extxyz"), pot.cutoff)
   cfg = training.TrainConfig(time_limit=minutes)
   res = training.train(pot, frames, cfg, progress=False, started=t0)
@@ -273,6 +276,54 @@ def cost(out: Path, sizes=(96, 3000), repeats: int = 5) -> None:
   (out / "cost.json").write_text(json.dumps(rows, indent=1))
 
 
+def reciprocal(out: Path, sizes=(24, 96, 375, 1000, 3000), repeats: int = 5) -> None:
+  """Seconds of the reciprocal part alone (energy and forces, float32, compiled) by the sum
+  over reciprocal vectors and by PME, random neutral charges at water's atom density in cubic
+  cells, the default cutoff and accuracy; written to ``reciprocal.json``."""
+  import jax
+  import jax.numpy as jnp
+
+  from potentials import electrostatics as es
+  from potentials import model, pme
+
+  cutoff, accuracy = model.ModelConfig().cutoff, model.ModelConfig().ewald_accuracy
+  alpha = es.alpha_for(cutoff, accuracy)
+  rng = np.random.default_rng(0)
+  rows = []
+  for n in sizes:
+    cell = np.eye(3) * (n / 0.1) ** (1 / 3)  # 0.1 atoms per Å^3
+    x = jnp.asarray(rng.uniform(0, cell[0, 0], (n, 3)), jnp.float32)
+    q = rng.standard_normal(n)
+    q = jnp.asarray(q - q.mean(), jnp.float32)
+    kvectors = es.kvectors_of(cell, cutoff, accuracy)
+    shape = pme.mesh_shape(cell, alpha, accuracy)
+    ways = {
+      "vectors": es.one_system(
+        np.ones(n, bool), 0.0, True, kvectors, np.ones(len(kvectors), bool), jnp.float32
+      ),
+      "pme": es.one_system(
+        np.ones(n, bool), 0.0, True, kvectors[:0], np.ones(0, bool), jnp.float32, pme.moduli(shape)
+      ),
+    }
+    row = {"atoms": n, "kvectors": len(kvectors), "grid": list(shape)}
+    for name, frames in ways.items():
+      cells = jnp.asarray(cell, jnp.float32)[None]
+      energy = lambda x, f=frames: jnp.sum(
+        q * es.reciprocal_potentials(x, q, cells, f, alpha=alpha)
+      )  # noqa: E731
+      fn = jax.jit(jax.value_and_grad(energy))
+      jax.block_until_ready(fn(x))
+      times = []
+      for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(x))
+        times.append(time.perf_counter() - t0)
+      row[f"{name}_seconds"] = float(np.median(times))
+    rows.append(row)
+    print(rows[-1], flush=True)
+  (out / "reciprocal.json").write_text(json.dumps(rows, indent=1))
+
+
 def water_box(k: int, spacing: float = 3.1, seed: int = 0):
   """``k^3`` randomly oriented water molecules on a cubic grid (~1 g/cm^3 at 3.1 Å), in a
   periodic cubic cell."""
@@ -342,7 +393,7 @@ def drift(out: Path, ps: float = 2.0, mesh: bool = False) -> None:
 
 def report(out: Path) -> None:
   rows = {
-    n: json.loads((out / f"{n}.json").read_text()) for n in MODELS if (out / f"{n}.json").exists()
+    n: json.loads((out / f"{n}.json").read_text()) for n in VARIANTS if (out / f"{n}.json").exists()
   }
   print(
     "| model | epochs | held-out frames F MAE (meV/Å) | E_int MAE beyond cutoff (meV) "
@@ -355,12 +406,13 @@ def report(out: Path) -> None:
       f"| {n} | {r['epochs']} | {1e3 * r['test']['forces_mae']:.1f} | {r['beyond_mae_meV']:.2f} "
       f"| {r['within_mae_meV']:.2f} | {per} |"
     )
-  if len(rows) == 2:
-    b = rows["electrostatics"]["beyond_mae_meV"] / rows["local"]["beyond_mae_meV"]
-    w = rows["electrostatics"]["within_mae_meV"] / rows["local"]["within_mae_meV"]
+  for n in rows.keys() - {"local"}:
+    if "local" not in rows:
+      break
+    b = rows[n]["beyond_mae_meV"] / rows["local"]["beyond_mae_meV"]
+    w = rows[n]["within_mae_meV"] / rows["local"]["within_mae_meV"]
     print(
-      f"\nratio electrostatics / local: beyond the cutoff {b:.2f} (target <= 0.3), "
-      f"within {w:.2f} (<= 1.1)"
+      f"\nratio {n} / local: beyond the cutoff {b:.2f} (target <= 0.3), within {w:.2f} (<= 1.1)"
     )
 
 
@@ -370,10 +422,12 @@ def main(argv=None) -> int:
   ap.add_argument("--make", action="store_true", help="make the pool and the curves")
   ap.add_argument("--minutes", type=float, default=10.0)
   ap.add_argument("--jobs", type=int, default=2)
+  ap.add_argument("--models", default="local,electrostatics", help=f"of {sorted(VARIANTS)}")
   ap.add_argument("--report", action="store_true")
   ap.add_argument("--cost", action="store_true", help="time E+F calls with and without")
   ap.add_argument("--drift", action="store_true", help="NVE drift (float32) on both engines")
   ap.add_argument("--mesh", action="store_true", help="--drift with PME, periodic only")
+  ap.add_argument("--reciprocal", action="store_true", help="time PME against the vector sum")
   ap.add_argument("--one", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   out = Path(args.out)
@@ -392,12 +446,15 @@ def main(argv=None) -> int:
   if args.drift:
     drift(out, mesh=args.mesh)
     return 0
+  if args.reciprocal:
+    reciprocal(out)
+    return 0
   if args.one:
     train_one(out, args.one, args.minutes)
     return 0
   cores = sorted(os.sched_getaffinity(0))
   procs = []
-  for k, name in enumerate(MODELS):
+  for k, name in enumerate(args.models.split(",")):
     cmd = [
       sys.executable,
       __file__,

@@ -1090,7 +1090,7 @@ def _add_train(sub) -> None:
   tr.add_argument(
     "--electrostatics",
     action="store_true",
-    help="learnt charges with long-range electrostatics (open sum, or Ewald in periodic "
+    help="learnt charges with long-range electrostatics (open sum, or Ewald/PME in periodic "
     "cells), trained from energies and forces alone; for single models",
   )
   tr.add_argument(
