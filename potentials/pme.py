@@ -29,8 +29,8 @@ ORDER = 6  # spline order: even (the moduli of odd orders vanish at the Nyquist 
 
 
 def spline_weights(frac: jax.Array, order: int = ORDER) -> jax.Array:
-  """``(..., order)`` values ``M_order(frac + j)``, ``j = 0 .. order - 1``, of the cardinal
-  B-spline for ``frac`` in ``[0, 1)`` (they sum to 1): the weights of the grid points
+  """``(..., order)`` values ``M_order(frac + j)`` of the cardinal B-spline for ``frac`` in
+  ``[0, 1)`` and every ``j < order`` (they sum to 1): the weights of the grid points
   ``floor(u) - j`` for an atom at grid coordinate ``u``."""
   xp = jnp if isinstance(frac, jax.Array) else np
   w = xp.stack([frac, 1 - frac], axis=-1)  # order 2: M_2(x) = x on [0, 1), 2 - x on [1, 2)

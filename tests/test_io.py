@@ -114,6 +114,7 @@ def test_model_file_format_unchanged(tmp_path):
   added = set(again["config"]) - set(before["config"])
   at_old_values = {"radial_mlp": 0, "readout_heads": 1, "committee": 1, "force_heads": False}
   at_old_values.update(electrostatics=False, charge_width=1.0, ewald_accuracy=1e-6)
+  at_old_values.update(charge_transfer=False)
   assert added <= set(at_old_values) and all(again["config"][k] == at_old_values[k] for k in added)
   assert {k: v for k, v in again["config"].items() if k not in added} == before["config"]
   # everything else byte for byte: with the old config, the content encodes to the old file
