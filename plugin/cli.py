@@ -160,6 +160,11 @@ def _systems(args):
 
 def cmd_md(args) -> int:
   pot = _load_model(args.model)
+  if args.ewald_accuracy is not None:
+    try:
+      pot = pot.with_ewald_accuracy(args.ewald_accuracy)
+    except ValueError as e:
+      raise UsageError(f"--ewald-accuracy: {e}") from None
   structures, systems, temps, seeds = _systems(args)
   for atoms in structures:
     _check_species(pot, atoms.numbers)
@@ -939,6 +944,12 @@ def _add_md(sub) -> None:
     type=_finite,
     help="total charge (e) of the structures, for a model with electrostatics (default: "
     "the file's info['charge'], else 0)",
+  )
+  md.add_argument(
+    "--ewald-accuracy",
+    type=float,
+    help="truncation of the Ewald sums of a model with electrostatics, in (0, 1) (default: the "
+    "model file's, usually 1e-6)",
   )
   md.add_argument(
     "--engine",

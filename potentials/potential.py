@@ -131,6 +131,15 @@ class Potential:
   def replace(self, **changes) -> "Potential":
     return dataclasses.replace(self, **changes)
 
+  def with_ewald_accuracy(self, accuracy: float) -> "Potential":
+    """This model with its Ewald sums (reciprocal vectors or PME grid) truncated at
+    ``accuracy`` instead of the file's ``config.ewald_accuracy``: a numerical setting, not a
+    learnt one, so energies change by about the truncation errors' difference (``eqattn md
+    --ewald-accuracy``)."""
+    if not self.config.electrostatics:
+      raise ValueError("an Ewald accuracy is for a model with electrostatics; this one is local")
+    return self.replace(config=dataclasses.replace(self.config, ewald_accuracy=float(accuracy)))
+
   @property
   def cutoff(self) -> float:
     return self.config.cutoff

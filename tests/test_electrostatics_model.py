@@ -275,6 +275,17 @@ def test_old_configs_load_without_and_local_only_paths_refuse(charged):
     charged.stage_fn(0)
   with pytest.raises(ValueError, match="single models"):
     potentials.ModelConfig(electrostatics=True, readout_heads=4)
+  # the Ewald accuracy is a run-time setting: a coarser one moves the energy a little
+  salt = rattled_salt(4)
+  e_fine = energy(charged, salt)[0]
+  coarse_salt = energy(charged.with_ewald_accuracy(1e-3), salt)[0]
+  assert 1e-7 < abs(coarse_salt - e_fine) < 1e-2 * abs(e_fine)
+  assert charged.with_ewald_accuracy(1e-10).config == charged.config
+  with pytest.raises(ValueError, match="ewald_accuracy must be in"):
+    charged.with_ewald_accuracy(2.0)
+  local = potentials.Potential.create(0, species=["Na", "Cl"], features=8, num_iterations=1)
+  with pytest.raises(ValueError, match="model with electrostatics"):
+    local.with_ewald_accuracy(1e-4)
   slab = rattled_salt()
   slab.pbc = [True, True, False]
   slab.calc = calc(charged)
@@ -334,8 +345,12 @@ def test_md_on_both_engines_and_replicas_with_charges_in_the_frames(tmp_path):
   np.testing.assert_allclose(
     first["jax-md"].calc.results["charges"], first["ase"].calc.results["charges"], atol=1e-5
   )
-  # a batch of replicas: each starts where the engines did, its charges in its frames
-  assert cli.main([*common, "--replicas", "2", "--out", str(tmp_path / "b.traj")]) == 0
+  # a batch of replicas: each starts where the engines did, its charges in its frames (an
+  # Ewald accuracy set at run time: nothing periodic here, so the same energies)
+  fine = ["--ewald-accuracy", "1e-8"]
+  assert cli.main([*common, *fine, "--replicas", "2", "--out", str(tmp_path / "b.traj")]) == 0
+  assert cli.main([*common, "--ewald-accuracy", "2", "--out", str(tmp_path / "c.traj")]) == 2
+  assert not (tmp_path / "c.traj").exists()
   for i in range(2):
     frames = read(tmp_path / f"b.{i}.traj", ":")
     assert frames[0].get_potential_energy() == pytest.approx(
