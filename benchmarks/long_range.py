@@ -308,9 +308,10 @@ def reciprocal(out: Path, sizes=(24, 96, 375, 1000, 3000), repeats: int = 5) -> 
     row = {"atoms": n, "kvectors": len(kvectors), "grid": list(shape)}
     for name, frames in ways.items():
       cells = jnp.asarray(cell, jnp.float32)[None]
-      energy = lambda x, f=frames: jnp.sum(
-        q * es.reciprocal_potentials(x, q, cells, f, alpha=alpha)
-      )  # noqa: E731
+
+      def energy(x, frames=frames, cells=cells):
+        return jnp.sum(q * es.reciprocal_potentials(x, q, cells, frames, alpha=alpha))
+
       fn = jax.jit(jax.value_and_grad(energy))
       jax.block_until_ready(fn(x))
       times = []

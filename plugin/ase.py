@@ -285,14 +285,16 @@ class Calculator(_AseCalculator):
       )
     total = electrostatics.checked_charge(atoms.info.get("charge", 0.0), "atoms.info['charge']")
     cfg = self.potential.config
-    args = (cell, periodic, cfg.cutoff, cfg.ewald_accuracy)
     shape = None if self._mesh is None else tuple(len(m) for m in self._mesh)
-    table, mask, mesh = electrostatics.reciprocal_plan(*args[:2], len(atoms), *args[2:], shape)
+    table, mask, mesh = electrostatics.reciprocal_plan(
+      cell, periodic, len(atoms), cfg.cutoff, cfg.ewald_accuracy, mesh_at_least=shape
+    )
     if mesh is not None:
       self._mesh = mesh
       return np.asarray(total, self.dtype), table[0], mask[0], mesh
     if table.shape[1] > self._kvector_capacity:
       self._kvector_capacity = bucket_capacity(table.shape[1], 8, 1.25, 0.1)
+    args = (cell, periodic, cfg.cutoff, cfg.ewald_accuracy)
     table, mask = electrostatics.kvector_table(*args, capacity=self._kvector_capacity)
     return np.asarray(total, self.dtype), table[0], mask[0], None
 

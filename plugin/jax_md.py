@@ -318,8 +318,9 @@ def _long_range_fn(config, displacement_fn, geometry: dict, periodic: bool, char
   origin = jnp.zeros(3)
 
   def term(R, r, dst, src, kwargs, charges, strain=None):
-    args = (np.ones(n, bool), charge, periodic, table[0], mask[0], R.dtype, mesh)
-    frames = electrostatics.one_system(*args)
+    frames = electrostatics.one_system(
+      np.ones(n, bool), charge, periodic, table[0], mask[0], R.dtype, mesh
+    )
     positions = jax.vmap(lambda a: displacement_fn(a, origin.astype(R.dtype), **kwargs))(R)
     cell = _cell_rows(bmat, kwargs, R.dtype)
     if strain is not None:

@@ -64,7 +64,7 @@ def ewald_parameters(cell, real_cutoff: float, accuracy: float = 1e-6) -> EwaldP
   if volume < 1e-9:
     raise ValueError("an Ewald sum needs a cell with a volume")
   alpha = alpha_for(real_cutoff, accuracy)
-  k_cut = reciprocal_cutoff(alpha, accuracy)
+  k_cut = 2 * alpha * math.sqrt(-math.log(accuracy))
   # |m_i| <= |k| |a_i| / (2 pi): a_i . k = 2 pi m_i
   n = np.ceil(k_cut * np.linalg.norm(cell, axis=1) / (2 * math.pi)).astype(int)
   grid = np.stack(np.meshgrid(*[np.arange(-k, k + 1) for k in n], indexing="ij"), axis=-1).reshape(
@@ -226,12 +226,6 @@ def checked_charge(value, name: str = "charge") -> float:
   if not math.isfinite(charge):
     raise ValueError(f"{name} must be finite, got {charge}")
   return charge
-
-
-def reciprocal_cutoff(alpha: float, accuracy: float) -> float:
-  """The largest ``|k|`` (1/Å) the reciprocal sum keeps: ``exp(-k^2 / (4 alpha^2)) ~
-  accuracy``."""
-  return 2 * alpha * math.sqrt(-math.log(accuracy))
 
 
 def alpha_for(real_cutoff: float, accuracy: float) -> float:

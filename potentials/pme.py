@@ -67,6 +67,7 @@ def mesh_shape(cell, alpha: float, accuracy: float) -> tuple[int, int, int]:
   return tuple(_size_for(2 * math.pi / float(d), alpha, accuracy) for d in spacing)
 
 
+@functools.lru_cache(maxsize=4096)  # asked at every calculator call, mostly of the same cell
 def _size_for(k_step: float, alpha: float, accuracy: float) -> int:
   """The grid size along one direction whose frequencies ``m k_step`` (1/Å) meet
   :func:`mesh_shape`'s error bound."""

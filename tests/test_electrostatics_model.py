@@ -2,7 +2,6 @@
 batches against the whole-system sums, neutrality, invariances, forces and stress against
 finite differences, padding, training and files, and engines that must refuse (float64)."""
 
-import dataclasses
 import math
 
 import ase
@@ -41,12 +40,6 @@ def charged():
     ewald_accuracy=1e-10,
     charge_transfer=True,  # the default per-atom read-out: the command-line and md tests
   )
-
-
-def coarse(potential):
-  """``potential`` with the default Ewald accuracy (1e-6): PME grids of test size."""
-  config = dataclasses.replace(potential.config, ewald_accuracy=1e-6)
-  return potential.replace(config=config)
 
 
 def calc(potential):
@@ -380,7 +373,7 @@ def test_jax_md_agrees_with_the_calculator(charged, case, monkeypatch):
 
   if case == "pme":  # PME wherever a cell is periodic (a grid for 1e-6, not 1e-10: small)
     monkeypatch.setattr(es, "MESH_COST", 0.0)
-    charged, case = coarse(charged), "triclinic-fractional"
+    charged, case = charged.with_ewald_accuracy(1e-6), "triclinic-fractional"
 
   charge = 1.0 if case == "open-ion" else 0.0
   if case == "open-ion":
@@ -440,7 +433,7 @@ def test_a_batch_of_replicas_equals_each_run_alone(charged, mesh, monkeypatch):
 
   if mesh:  # PME (to its 1e-6 accuracy: each run's frame sees a different grid offset)
     monkeypatch.setattr(es, "MESH_COST", 0.0)
-    charged = coarse(charged)
+    charged = charged.with_ewald_accuracy(1e-6)
   tol = dict(rel=1e-7) if mesh else dict(abs=1e-9)
 
   ion = dimer_pair(4.0)[2][:3]
