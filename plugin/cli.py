@@ -55,7 +55,9 @@ DEFAULT_TRAIN_MINUTES = 30
 # test keeps them equal to potentials.training's)
 TRAIN_HELP_DEFAULTS = {"pairs_per_batch": 720, "max_auto_batch": 8, "learning_rate": 1e-2}
 
-STARTED = time.perf_counter()  # a training budget counts from here: the command's own start
+# A training budget bounds the whole command: from the console script, from this module's import
+# (JAX's start-up included); from `main(argv)` called in a longer-lived process, from that call.
+STARTED = time.perf_counter()
 DEFAULT_MODEL = "ethanol"
 RUNAWAY_STATUS = 3  # `eqattn md` stopped by a runaway guard (plugin.md.guards)
 
@@ -665,7 +667,7 @@ def cmd_train(args) -> int:
     )
   except (ValueError, TypeError) as e:
     raise UsageError(str(e)) from None
-  common = dict(checkpoint=args.checkpoint, progress=True, started=STARTED)
+  common = dict(checkpoint=args.checkpoint, progress=True, started=args.started)
   try:
     if args.committee:
       result = training.train_committee(pot, frames, tcfg, members=args.committee, **common)
@@ -1206,7 +1208,9 @@ class _Deprecated(argparse.Action):
 
 def main(argv: Optional[List[str]] = None) -> int:
   jax_md_import.install()  # this process is eqattn's own: JAX-MD's submodules on first use
+  started = STARTED if argv is None else time.perf_counter()
   args = build_parser().parse_args(argv)
+  args.started = started
   main_thread = threading.current_thread() is threading.main_thread()
   old = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
   try:

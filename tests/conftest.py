@@ -35,6 +35,47 @@ jax.config.update("jax_enable_x64", True)
 plugin.enable_compilation_cache()
 
 
+# The heaviest files first (by their time with a cold compilation cache): pytest-xdist
+# hands out whole files in collection order, so a heavy file collected last would leave one
+# worker running it alone at the end. Files not named keep their order after these.
+HEAVY_FIRST = (
+  "test_electrostatics_model.py",
+  "test_training.py",
+  "test_lammps.py",
+  "test_learn.py",
+  "test_md_replicas.py",
+  "test_potential.py",
+  "test_md.py",
+  "test_force_readout.py",
+  "test_examples.py",
+  "test_ensemble.py",
+  "test_cli.py",
+  "test_testing.py",
+  "test_conservation.py",
+  "test_attention.py",
+  "test_observables.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within files
+
+
+class TickClock:
+  """A clock that moves one second at each reading: a budget becomes a count of readings,
+  the same on any machine. ``stop_after`` readings, it interrupts the run (a kill)."""
+
+  def __init__(self, stop_after=None):
+    self.now, self.stop_after = 0.0, stop_after
+
+  def __call__(self):
+    self.now += 1.0
+    if self.stop_after is not None and self.now > self.stop_after:
+      raise KeyboardInterrupt
+    return self.now
+
+
 def random_cluster(n: int, seed: int = 0, box: float = 4.0) -> np.ndarray:
   """n atoms in a box with no two closer than 0.8 Å."""
   rng = np.random.default_rng(seed)

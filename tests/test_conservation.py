@@ -26,7 +26,8 @@ def copper_cell():
   return bulk("Cu", "fcc", a=3.61, cubic=True).repeat(3)
 
 
-@pytest.mark.parametrize("engine", ["ase", "jax-md"])
+# one engine per system by default (each engine conserves on one), both with -m slow
+@pytest.mark.parametrize("engine", ["ase", pytest.param("jax-md", marks=pytest.mark.slow)])
 def test_ethanol_short(ethanol_model, engine):
   atoms = molecule("CH3CH2OH")
   report = testing.assert_energy_conserved(
@@ -41,7 +42,7 @@ def test_ethanol_short(ethanol_model, engine):
   assert report.engine == engine and report.fluctuation < 0.5
 
 
-@pytest.mark.parametrize("engine", ["ase", "jax-md"])
+@pytest.mark.parametrize("engine", [pytest.param("ase", marks=pytest.mark.slow), "jax-md"])
 def test_copper_short(copper_model, engine):
   # 600 K, 2 fs, periodic: atoms cross the 0.25 Å half-skin within the run, so lists rebuild
   atoms = copper_cell()

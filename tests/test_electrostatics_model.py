@@ -239,6 +239,7 @@ def ion_pairs(n=12, seed=3):
   return structures
 
 
+@pytest.mark.slow  # the command-line test trains, saves and loads such a model by default
 def test_trains_saves_and_loads(charged, tmp_path):
   structures = ion_pairs()
   frames = [frame_from_atoms(a, charged.cutoff) for a in structures]
@@ -361,7 +362,17 @@ def _sheared_salt():
   return atoms
 
 
-@pytest.mark.parametrize("case", ["open-ion", "cubic-real", "triclinic-fractional", "pme"])
+# PME by default; open boundaries, a real-space Ewald cell and a triclinic one with -m slow
+# (tests/test_electrostatics.py and tests/test_pme.py check those sums themselves)
+@pytest.mark.parametrize(
+  "case",
+  [
+    pytest.param("open-ion", marks=pytest.mark.slow),
+    pytest.param("cubic-real", marks=pytest.mark.slow),
+    pytest.param("triclinic-fractional", marks=pytest.mark.slow),
+    "pme",
+  ],
+)
 def test_jax_md_agrees_with_the_calculator(charged, case, monkeypatch):
   """JAX-MD energy, forces, stress, per-atom energies and virials and charges equal the ASE
   calculator's to float64 rounding: open (a charged Na Cl Na), a cubic cell in real
@@ -425,6 +436,8 @@ def full(voigt):
                    np.stack([xz, yz, zz], -1)], -2)  # fmt: skip
 
 
+@pytest.mark.slow  # two minutes with a cold cache; the default selection runs replicas with
+# charges in test_md_on_both_engines_and_replicas_with_charges_in_the_frames
 @pytest.mark.parametrize("mesh", [False, True], ids=["ewald", "pme"])
 def test_a_batch_of_replicas_equals_each_run_alone(charged, mesh, monkeypatch):
   """NVE of a charged open ion and a periodic salt cell in one batch: each replica's energy,

@@ -192,6 +192,8 @@ def _bad_committee(good):
   return potentials.Potential.stack([good, good.replace(params=noisy)])
 
 
+# slow: test_force_readout.py stops a run on its spread, test_learn.py flags replicas by default
+@pytest.mark.slow
 def test_md_uncertainty_guard_stops_or_flags_and_names_atoms(tmp_path):
   good = tiny_molecule_potential()
   atoms = ase.build.molecule("CH3CH2OH")
@@ -257,6 +259,7 @@ def _single(tmp_path):
   return path
 
 
+@pytest.mark.slow  # committees of whole models; shallow ensembles (the default) train by default
 def test_committee_training_shares_the_split(copper_data):
   frames = read_frames(str(copper_data), 3.0)
   pot = potentials.Potential.create(0, species=["Cu"], **TINY)

@@ -142,6 +142,7 @@ def _md_runs(folders, atoms, pot, **kw):
   return out
 
 
+@pytest.mark.slow  # the calculator test stores and loads programs by default
 def test_md_runs_equal_with_stored_programs(tmp_path, restore_jax_cache):
   # the JAX-MD engine's init, observe and chunk programs (neighbour lists and integrator
   # states in and out) are stored on the first cached run and loaded by the next

@@ -19,7 +19,7 @@ from plugin import cli, md
 from plugin.ase import Calculator
 from plugin.data import frame_from_atoms, read_frames
 
-from conftest import all_pairs, assert_jax_md_spread_matches, dimer_fn, random_cluster
+from conftest import TickClock, all_pairs, assert_jax_md_spread_matches, dimer_fn, random_cluster
 
 TINY = dict(cutoff=3.0, features=8, max_degree=1, num_iterations=1, num_heads=2, num_basis=4)
 
@@ -164,6 +164,7 @@ def test_zero_readout_has_zero_spread_and_the_guard_fires_on_a_wide_one(readout)
   assert r.stopped == "max_uncertainty" and r.total_steps == 20 and r.uncertain[0]["atoms"]
 
 
+@pytest.mark.slow  # the loss gradient test shows the readout gets none by default
 def test_training_leaves_the_readout_and_the_network_alone(readout, hco_cluster):
   """With a readout, the loss and the network's gradients are those of the same ensemble
   without one, and the readout gets none (it is fitted afterwards)."""
@@ -196,7 +197,8 @@ def test_fitted_readout_imitates_the_differentiated_members(readout):
   ]
   copies = training.readout_fit.rattled(frames, 0.1)
   assert copies[0].forces is None and not np.allclose(copies[0].positions, frames[0].positions)
-  fitted = training.fit_force_readout(plain, frames, minutes=0.12, seed=1)
+  # 600 readings of a clock that ticks a second each: about 600 epochs on any machine
+  fitted = training.fit_force_readout(plain, frames, minutes=10, seed=1, clock=TickClock())
   assert fitted.config.force_heads and fitted.metadata["force_readout"]["r2"] > 0.8
   unseen = ase.Atoms(numbers=z, positions=random_cluster(6, seed=20, box=3.0))
   sigma = {}
@@ -207,6 +209,7 @@ def test_fitted_readout_imitates_the_differentiated_members(readout):
   assert err(sigma["fitted"]) < 0.5 < err(sigma["fresh"])
 
 
+@pytest.mark.slow  # the readout fit, calibration and file are tested in Python by default
 def test_cli_trains_force_heads_calibrated_and_the_file_round_trips(copper_data, tmp_path):
   model = tmp_path / "ro.eqm"
   hyper = '{"features": 8, "max_degree": 1, "num_iterations": 1, "num_basis": 4}'

@@ -228,7 +228,7 @@ def with_ghost_images(atoms, width: float):
   return np.concatenate(x), np.concatenate(tags).astype(np.int32)
 
 
-@pytest.mark.parametrize("kind", ["density", "committee"])
+@pytest.mark.parametrize("kind", ["density", pytest.param("committee", marks=pytest.mark.slow)])
 def test_feature_exchange_in_one_process_matches_ase(kind):
   """RankEvaluator's staged path (what several ranks run) with the exchanges done here: each
   ghost row copies its owner's features forward and adds its gradient to the owner backward.
@@ -322,7 +322,9 @@ def test_build_names_a_missing_compiler(monkeypatch, tmp_path):
 
 # ----------------------------------------------------------------------------- parity
 @needs_lammps
-@pytest.mark.parametrize("ranks, processors", [(1, ""), (2, "2 1 1")])
+@pytest.mark.parametrize(
+  "ranks, processors", [pytest.param(1, "", marks=pytest.mark.slow), (2, "2 1 1")]
+)
 def test_parity_with_ase(tmp_path, copper, ranks, processors):
   parity(tmp_path, copper, ranks, processors)
 
@@ -348,6 +350,7 @@ def test_parity_with_ase_decompositions(
 
 
 @needs_lammps
+@pytest.mark.slow  # an edge of the decomposition; the 2-rank parity runs by default
 def test_a_rank_without_atoms_takes_part_in_the_exchanges(tmp_path, copper):
   """comm_style tiled messages every neighbour, even with nothing to send: a rank whose
   subdomain holds no atom and no ghost (vacuum along a fixed x boundary) must still run every
@@ -420,6 +423,7 @@ def nve_drift(tmp_path, ranks: int, processors: str, steps: int, every: int, dt:
 
 
 @needs_lammps
+@pytest.mark.slow  # the 2-rank parity runs by default
 def test_short_nve_two_ranks(tmp_path):
   """10 steps of 2 fs at 600 K on 2 ranks: the total energy stays within float32 noise,
   atoms move (reneighbouring every step with check yes) and nothing recompiles after the

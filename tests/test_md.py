@@ -236,6 +236,7 @@ def test_interrupted_run_resumes_to_the_same_trajectory(pot, reference, tmp_path
 # thermostats, barostat, open boundaries
 
 
+@pytest.mark.slow  # the model tests check rotations by default
 def test_rotated_cell_gives_the_rotated_trajectory(pot, reference):
   # A cell that is not lower triangular is rotated into ASE's standard form inside and the
   # results rotated back: the same run on a rotated copy of the system is the rotated run.
@@ -306,6 +307,7 @@ def test_npt_atoms_at_rest_stay_at_fractional_positions():
     assert (du > 1e-3) if moves else (du < 1e-12)
 
 
+@pytest.mark.slow  # a long NPT run; NPT keeps fractional positions by default
 def test_npt_compression(pot, tmp_path):
   # Heavy atoms (1e5 amu) barely move while the barostat compresses the box fast (target
   # 4e4 bar, internal ~1.4e4 bar): pairs enter the cutoff because the box shrinks, not because

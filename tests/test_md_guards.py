@@ -214,7 +214,7 @@ def test_ase_observer_stops_dynamics_before_the_runaway_frame_is_written(tmp_pat
 # the CLI: exit status and one-line reason, both engines
 
 
-@pytest.mark.parametrize("engine", ["jax-md", "ase"])
+@pytest.mark.parametrize("engine", [pytest.param("jax-md", marks=pytest.mark.slow), "ase"])
 def test_cli_exit_status_and_one_line_reason(exploding, tmp_path, capsys, engine):
   model, structure = tmp_path / "boom.eqm", tmp_path / "cu.extxyz"
   exploding.save(model)
@@ -248,6 +248,7 @@ def test_cli_exit_status_and_one_line_reason(exploding, tmp_path, capsys, engine
   assert f"the last good frame is step {last.info['md_step']}" in reason[0]
 
 
+@pytest.mark.slow  # tests/test_md_replicas.py drops a runaway replica by default
 def test_cli_batch_finishes_the_systems_that_did_not_run_away(exploding, tmp_path, capsys):
   # the rattled cell runs away, the perfect one (no forces) finishes: its summary is printed,
   # the runaway's line names the guard, and the exit status says one stopped

@@ -104,6 +104,7 @@ def test_every_replica_equals_its_run_alone(batch, alone):
   np.testing.assert_allclose(periodic.log.pressure, alone[1].log.pressure, rtol=1e-9)
 
 
+@pytest.mark.slow  # two minutes cold; tests/test_md.py replays an overflow by default
 def test_overflow_replay_changes_no_replica(pot):
   """At a = 3.4 Å the second Cu shell straddles the list cutoff (3.3 Å): the 32-atom cell's
   pair count grows as it vibrates and overflows a list allocated without headroom; the replays
@@ -123,6 +124,7 @@ def test_overflow_replay_changes_no_replica(pot):
       np.testing.assert_allclose(a.log.etot, other.log.etot, atol=1e-12)
 
 
+@pytest.mark.slow  # each replica equals its run alone by default
 def test_temperatures_and_seeds_per_replica_langevin(tmp_path):
   """Copies of one system at two temperatures and seeds (float32, Langevin): each equals its
   run alone to round-off; files are named from one path, and resume continues every one."""
@@ -156,6 +158,7 @@ def test_temperatures_and_seeds_per_replica_langevin(tmp_path):
   assert [f.info["md_step"] for f in md.read_trajectory(paths[0])][-3:] == [40, 50, 60]
 
 
+@pytest.mark.slow  # a second integrator over replicas; Langevin runs by default
 def test_nose_hoover_replicas_and_refusals(pot):
   cu = tiny_copper_potential(3.0)
   cell = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
@@ -264,6 +267,7 @@ SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # forces two host devices; a GPU box has its own
 def test_sharded_over_two_devices_equals_one_device(pot, tmp_path):
   out = tmp_path / "sharded.npy"
   tests = str(Path(__file__).parent)

@@ -218,6 +218,7 @@ def test_unknown_element_error(pot, system):
     pot.energy(np.array([1] * 8), bad, [0], [1])
 
 
+@pytest.mark.slow  # training batches run many systems by default
 def test_vmap_over_systems(pot, system):
   z, pos = system
   dst, src = all_pairs(pos, RC)
@@ -302,6 +303,7 @@ def test_product_option_and_old_files(system):
   assert abs(with_products.energy(z, pos, dst, src) - on.energy(z, pos, dst, src)) > 1e-3
 
 
+@pytest.mark.slow  # a second radial option; the default one runs everywhere
 def test_radial_mlp_option(system):
   # files written before the option describe the model without it
   assert pt.ModelConfig.from_dict({"cutoff": 5.0}).radial_mlp == 0
@@ -364,7 +366,13 @@ def test_density_features_option():
 
 
 @pytest.mark.parametrize(
-  "extra", [None, dict(density_features=False, readout_heads=2, committee=2)]
+  "extra",
+  [
+    None,
+    pytest.param(
+      dict(density_features=False, readout_heads=2, committee=2), marks=pytest.mark.slow
+    ),
+  ],
 )
 def test_stages_chain_to_the_whole_model(pot, system, extra):
   """Potential.stage_fn, one hop at a time (what LAMMPS exchanges features between), chains to

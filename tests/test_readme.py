@@ -18,12 +18,29 @@ SNIPPETS = list(
 )
 
 
+# Snippets that compile a full-size model (a minute or more on 2 cores with a cold cache) run
+# with -m slow: eight replicas of the shipped ethanol model, the default model's first calls,
+# a 4-head model's uncertainty, and a learning loop (tests/test_learn.py runs the same loop in
+# the default selection).
+HEAVY = ('[ase.build.molecule("CH3CH2OH")] * 8', "observables.compute(energies", "LearnOptions(")
+HEAVY += ('pot.save("water.eqm")', "readout_heads=4, force_heads=True")
+
+
+def _marks(code):
+  return [pytest.mark.slow] if any(h in code for h in HEAVY) else []
+
+
 def test_readme_has_snippets():
   readme = re.findall(r"```python\n(.*?)```", PAGES[0].read_text(), flags=re.S)
   assert len(readme) >= 2 and all(any(code == s for _, s in SNIPPETS) for code in readme)
 
 
-@pytest.mark.parametrize("index", range(len(SNIPPETS)), ids=lambda i: f"{SNIPPETS[i][0]}-{i}")
+@pytest.mark.parametrize(
+  "index",
+  [
+    pytest.param(i, marks=_marks(code), id=f"{page}-{i}") for i, (page, code) in enumerate(SNIPPETS)
+  ],
+)
 def test_readme_snippet_runs(index, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)  # snippets may write files
   page, code = SNIPPETS[index]

@@ -116,6 +116,7 @@ def test_jax_md_engine_with_neighbor_list():
   assert abs(report.drift) < 1.0 and report.fluctuation < 1.0
 
 
+@pytest.mark.slow  # test_md_replicas.py checks replicas against runs alone by default
 def test_replicas_in_one_program_equal_separate_runs():
   """K replicas on the JAX-MD engine (one compiled program): each replica's drift is the drift
   of its run alone (seed + k), the report's drift their mean and its error their spread."""

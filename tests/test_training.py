@@ -13,6 +13,8 @@ from potentials.training import loop
 from potentials.training.splits import split_parts
 from plugin.data import read_frames
 
+from conftest import TickClock
+
 HYPER = dict(features=8, max_degree=1, num_iterations=2, num_heads=2, num_basis=6)
 
 
@@ -153,6 +155,7 @@ def test_training_lowers_loss_writes_loadable_model_and_resumes(copper_frames, t
     training.train(pot, copper_frames, cfg6, checkpoint=str(ckpt), progress=False)
 
 
+@pytest.mark.slow  # tests/test_cli.py fine-tunes with --init by default
 def test_fine_tune_starts_from_the_model_as_it_is(copper_frames):
   # a trained-looking model (its own energy scale); with a vanishing learning rate the
   # fine-tuned model's forces are the original's (shifts are refitted, forces do not see
@@ -256,6 +259,7 @@ def test_learning_rate_schedule_and_huber_loss():
     training.TrainConfig(ema_decay=1.0)
 
 
+@pytest.mark.slow  # the budget test drives a run by its time limit by default
 def test_time_limit_ema_and_amsgrad(copper_frames, tmp_path):
   # a budget smaller than one epoch stops after the first, with valid (EMA) weights saved
   pot = pt.Potential.create(0, species=["Cu"], cutoff=3.0, **HYPER)
@@ -298,20 +302,6 @@ def test_batch_size_by_pairs_when_not_given(copper_frames):
   train_part = split_parts(copper_frames, cfg)["train"]
   expected = cfg.frames_per_batch([len(copper_frames[i].dst) for i in train_part])
   assert res.potential.metadata["training"]["config"]["batch_size"] == expected
-
-
-class TickClock:
-  """A clock that moves one second at each reading: a budget becomes a count of readings,
-  the same on any machine. ``stop_after`` readings, it interrupts the run (a kill)."""
-
-  def __init__(self, stop_after=None):
-    self.now, self.stop_after = 0.0, stop_after
-
-  def __call__(self):
-    self.now += 1.0
-    if self.stop_after is not None and self.now > self.stop_after:
-      raise KeyboardInterrupt
-    return self.now
 
 
 def test_budget_drives_schedule_and_stop_epochs_cap_and_resume(copper_frames, tmp_path):
