@@ -5,6 +5,7 @@ import pathlib
 from pathlib import Path
 
 import re
+import time
 
 import numpy as np
 
@@ -242,8 +243,6 @@ def test_train_with_time_limit_then_eval_reports_held_out_trajectories(
   hyper = '{"features": 8, "max_degree": 1, "num_iterations": 1, "num_basis": 4}'
   # main(argv) called in a process that imported eqattn an hour ago: the budget counts from
   # the call (from the import only for the console script, whose import is its start)
-  import time
-
   monkeypatch.setattr(cli, "STARTED", time.perf_counter() - 3600)
   assert (
     cli.main(
