@@ -202,16 +202,16 @@ def table(paths) -> str:
     r = json.loads(Path(path).read_text())
     e = r["errors"]
     for t, m in e["learn"].items():
-      u, c = e["uniform"][t], e["ceiling"][t]
+      u, c = e.get("uniform", {}).get(t), e.get("ceiling", {}).get(t)  # a learn-only run: -
       one = e.get("learn_labels_one_run", {}).get(t)
+      ratio = lambda b: f"{m['forces_mae_meV_A'] / b['forces_mae_meV_A']:.2f}" if b else "-"  # noqa: E731
       s = r["stability"]
       stop = f" ({s['stopped']})" if s["stopped"] else ""
       cost = r["cost"]
       lines.append(
         f"| {r['system']} ({r['reference']}) | {r['reference_calls']} | "
         f"{r['learn_minutes']:.1f} | {t} | {f(m)} | {f(u)} | {f(c)} | {f(one)} | "
-        f"{m['forces_mae_meV_A'] / u['forces_mae_meV_A']:.2f} | "
-        f"{m['forces_mae_meV_A'] / c['forces_mae_meV_A']:.2f} | "
+        f"{ratio(u)} | {ratio(c)} | "
         f"{s['ps_stable']:.1f} of {s['ps_requested']:g}{stop} | "
         f"{cost['eqattn_ms']:.1f} / {cost['reference_ms']:.1f} ms |"
       )

@@ -2,6 +2,7 @@
 failed reference calls, resume after a kill, and the command's checks."""
 
 import json
+import types
 
 import ase.build
 import ase.io
@@ -11,7 +12,7 @@ from ase.calculators.emt import EMT
 
 import potentials
 from plugin import cli
-from plugin.learn import LearnOptions, learn
+from plugin.learn import LearnOptions, learn, loop
 from plugin.learn.select import fingerprint, select
 
 # a model and budgets small enough for a loop in well under a minute on 2 cores
@@ -110,6 +111,33 @@ def test_options_are_checked():
   assert a.fingerprint() == b.fingerprint()  # budgets may change on resume
   assert LearnOptions(reference="gfn1").fingerprint() != a.fingerprint()
   assert LearnOptions().timestep_for([1, 6]) == 0.5 and LearnOptions().timestep_for([29]) == 2.0
+
+
+def test_rounds_fit_their_fixed_costs():
+  """A round whose fixed costs (MD, scoring, labels, errors) leave its training less time than
+  they took is not planned: the time goes to the final training instead."""
+  options = LearnOptions(**{**QUICK, "time_limit": 15.0, "final_fraction": 0.3, "rounds": 3})
+  now = [0.0]
+  no_labels = types.SimpleNamespace(read=list, failures=list)
+  ctx = types.SimpleNamespace(options=options, minutes=lambda: now[0], labels=no_labels)
+  state = types.SimpleNamespace(rounds=[])
+  assert loop.shares_left(ctx, state) == 5  # 3 rounds + round 0's two: nothing measured yet
+  assert loop.share_minutes(ctx, state) == pytest.approx(2 * 10.5 / 5)
+  round_0 = {"round": 0, "started_minutes": 0.0, "train_minutes": 3.8, "minutes": 3.8}
+  # round 1 as glycine's: 2.8 minutes, 0.3 of them training (2.5 fixed)
+  round_1 = {"round": 1, "started_minutes": 3.8, "train_minutes": 0.3, "minutes": 6.6}
+  state.rounds, now[0] = [round_0], 3.8
+  assert loop.round_fixed_minutes(state) is None and loop.shares_left(ctx, state) == 3
+  state.rounds, now[0] = [round_0, round_1], 6.6
+  assert loop.round_fixed_minutes(state) == pytest.approx(2.5)
+  assert loop.affordable_rounds(ctx, state) == 0  # 3.9 minutes left < 2 x 2.5
+  assert loop.explore_round(ctx, state, None) == "time"
+  # cheap rounds: the planned count stands; dearer ones: fewer, longer shares
+  round_1["train_minutes"] = 2.5  # 0.3 fixed
+  assert loop.shares_left(ctx, state) == 2 and loop.affordable_rounds(ctx, state) == 6
+  state.rounds, now[0] = [round_0, {**round_1, "train_minutes": 1.6}], 6.6  # 1.2 fixed
+  assert loop.affordable_rounds(ctx, state) == 1 and loop.shares_left(ctx, state) == 1
+  assert loop.share_minutes(ctx, state) == pytest.approx(3.9)
 
 
 def test_loop_end_to_end_with_failures_and_resume_after_a_kill(tmp_path, capsys):

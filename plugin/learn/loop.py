@@ -212,9 +212,37 @@ def finish_round(ctx: Context, state: LearnState, potential) -> potentials.Poten
 
 def shares_left(ctx: Context, state: LearnState) -> int:
   """Shares of the exploration time and labels still to hand out: one per planned round left,
-  two for round 0 (a model from scratch needs more than a warm-started fine-tune)."""
+  two for round 0 (a model from scratch needs more than a warm-started fine-tune); fewer once
+  a round's fixed costs are known, so that each round's training gets at least as long as
+  its fixed costs (:func:`affordable_rounds`)."""
   done = len(state.rounds) + (1 if state.rounds else 0)  # round 0 took two
-  return max(1, ctx.options.planned_rounds + 2 - done)
+  planned = max(1, ctx.options.planned_rounds + 2 - done)
+  affordable = affordable_rounds(ctx, state)
+  return planned if affordable is None else max(1, min(planned, affordable))
+
+
+def round_fixed_minutes(state: LearnState) -> Optional[float]:
+  """Minutes the last exploration round spent outside its training (MD, scoring, labels,
+  next-round errors; None before one has finished). On glycine with GFN2-xTB at a 15-minute
+  limit these were 1.5-2.3 minutes of 2.1-minute shares, leaving the rounds' trainings
+  0.3 minutes each (docs' benchmarks, active learning)."""
+  done = [r for r in state.rounds if r.get("round", 0) > 0 and "train_minutes" in r]
+  if not done:
+    return None
+  r = done[-1]
+  return max(0.0, r["minutes"] - r["started_minutes"] - r["train_minutes"])
+
+
+def affordable_rounds(ctx: Context, state: LearnState) -> Optional[int]:
+  """Rounds that fit the exploration time left if each trains at least as long as its fixed
+  costs (None: those are not measured yet). A round whose model hardly trains explores with
+  nearly the model before it: the time is better spent in the final training."""
+  fixed = round_fixed_minutes(state)
+  if fixed is None:
+    return None
+  o = ctx.options
+  left = o.time_limit * (1 - o.final_fraction) - ctx.minutes()
+  return int(left // max(2 * fixed, 2 * MIN_TRAIN_MINUTES))
 
 
 def share_minutes(ctx: Context, state: LearnState) -> float:
@@ -241,6 +269,8 @@ def explore_round(ctx: Context, state: LearnState, potential) -> Optional[str]:
   if used >= o.max_labels:
     return "labels"
   if o.time_limit * (1 - o.final_fraction) - ctx.minutes() < 2 * MIN_TRAIN_MINUTES:
+    return "time"
+  if affordable_rounds(ctx, state) == 0:  # no round left whose training would pay
     return "time"
   record = {"round": r, "started_minutes": round(ctx.minutes(), 2)}
   wanted = labels_wanted(ctx, state)
