@@ -223,7 +223,8 @@ def shares_left(ctx: Context, state: LearnState) -> int:
 
 def round_fixed_minutes(state: LearnState) -> Optional[float]:
   """Minutes the last exploration round spent outside its training (MD, scoring, labels,
-  next-round errors; None before one has finished). On glycine with GFN2-xTB at a 15-minute
+  next-round and test errors; a resumed round also counts its restart, so it errs towards
+  fewer rounds; None before one has finished). On glycine with GFN2-xTB at a 15-minute
   limit these were 1.5-2.3 minutes of 2.1-minute shares, leaving the rounds' trainings
   0.3 minutes each (docs' benchmarks, active learning)."""
   done = [r for r in state.rounds if r.get("round", 0) > 0 and "train_minutes" in r]
