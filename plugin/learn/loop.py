@@ -241,17 +241,19 @@ def affordable_rounds(ctx: Context, state: LearnState) -> Optional[int]:
   fixed = round_fixed_minutes(state)
   if fixed is None:
     return None
+  return int(exploration_minutes_left(ctx) // (2 * max(fixed, MIN_TRAIN_MINUTES)))
+
+
+def exploration_minutes_left(ctx: Context) -> float:
+  """Minutes of the time limit left for rounds (the final training keeps its fraction)."""
   o = ctx.options
-  left = o.time_limit * (1 - o.final_fraction) - ctx.minutes()
-  return int(left // max(2 * fixed, 2 * MIN_TRAIN_MINUTES))
+  return o.time_limit * (1 - o.final_fraction) - ctx.minutes()
 
 
 def share_minutes(ctx: Context, state: LearnState) -> float:
   """The current round's minutes (explore, label, train) of the exploration time left."""
-  o = ctx.options
-  left = o.time_limit * (1 - o.final_fraction) - ctx.minutes()
   weight = 2 if not state.rounds else 1
-  return weight * left / shares_left(ctx, state)
+  return weight * exploration_minutes_left(ctx) / shares_left(ctx, state)
 
 
 def labels_wanted(ctx: Context, state: LearnState) -> int:
@@ -269,7 +271,7 @@ def explore_round(ctx: Context, state: LearnState, potential) -> Optional[str]:
   used = labels_used(ctx)
   if used >= o.max_labels:
     return "labels"
-  if o.time_limit * (1 - o.final_fraction) - ctx.minutes() < 2 * MIN_TRAIN_MINUTES:
+  if exploration_minutes_left(ctx) < 2 * MIN_TRAIN_MINUTES:
     return "time"
   if affordable_rounds(ctx, state) == 0:  # no round left whose training would pay
     return "time"

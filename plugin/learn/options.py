@@ -41,8 +41,8 @@ class LearnOptions:
     rounds: exploration rounds planned (None: a quarter of ``time_limit`` in minutes, 3 to
       12); each gets an equal share of the exploration time and of the labels left, and the
       first model, trained from scratch, twice a share. Once a round has measured its fixed
-      costs (MD, scoring, labels, next-round and test errors), only rounds whose training gets at least as long
-      are kept; the rest of the time goes to the final training.
+      costs (MD, scoring, labels, next-round and test errors), only rounds whose training
+      gets at least as long are kept; the rest of the time goes to the final training.
     per_round: at most this many labels selected per round (most uncertain, kept diverse).
     check_per_round: extra labels per round drawn uniformly from the exploration frames (an
       unbiased picture of MD's error, beside the selected frames' worst case).
