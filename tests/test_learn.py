@@ -13,6 +13,7 @@ from ase.calculators.emt import EMT
 import potentials
 from plugin import cli
 from plugin.learn import LearnOptions, learn, loop
+from plugin.learn import explore as explore_lib
 from plugin.learn.select import fingerprint, select
 
 # a model and budgets small enough for a loop in well under a minute on 2 cores
@@ -138,6 +139,21 @@ def test_rounds_fit_their_fixed_costs():
   state.rounds, now[0] = [round_0, {**round_1, "train_minutes": 1.6}], 6.6  # 1.2 fixed
   assert loop.affordable_rounds(ctx, state) == 1 and loop.shares_left(ctx, state) == 1
   assert loop.share_minutes(ctx, state) == pytest.approx(3.9)
+
+
+def test_exploration_stops_at_its_deadline(tmp_path):
+  """A round's MD ends at the first chunk end past its deadline, every replica with its frames
+  kept, and no second pass starts however few candidates it has: exploration never takes
+  the time of the round's labels and training."""
+  options = LearnOptions(**{**QUICK, "uncertainty_target": 100.0})  # no uncertainty stops
+  pot = potentials.Potential.create(0, species=["Cu"], readout_heads=2, force_heads=True, **TINY)
+  ex = explore_lib.explore(
+    pot, [copper()], options, folder=tmp_path, round_=1, wanted=1000, seconds=0.0
+  )
+  assert ex.stopped == ["max_wall_time"] * 2 and ex.cut and ex.runaways == 0
+  assert len(ex.frames) == 2 and [a.info["md_step"] for a in ex.frames] == [1, 1]
+  assert not list(tmp_path.glob("explore-1-1.*"))  # no second pass
+  assert ex.top_max(700.0) == float("inf")  # a cut round is no proof of convergence
 
 
 def test_loop_end_to_end_with_failures_and_resume_after_a_kill(tmp_path, capsys):

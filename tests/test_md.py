@@ -232,6 +232,22 @@ def test_interrupted_run_resumes_to_the_same_trajectory(pot, reference, tmp_path
   np.testing.assert_allclose(done.atoms.positions, got[-1].positions)
 
 
+def test_wall_time_limit_stops_after_a_chunk_and_resumes(pot, reference, tmp_path):
+  # a limit shorter than one chunk: the run stops at the first chunk's end with that frame
+  # written; resume=True (no limit) then gives the straight run's trajectory
+  ref, ref_path = reference
+  path = tmp_path / "walled.traj"
+  with pytest.warns(RuntimeWarning, match="max_wall_time 1e-06 s reached"):
+    cut = md.run(cu32(), pot, total_steps=STEPS, traj=path, max_wall_time=1e-6, **REF)
+  assert cut.stopped == "max_wall_time" and cut.total_steps == 50 and "resume=True" in cut.reason
+  assert frames(path)[-1].info["md_step"] == 50
+  done = md.run(cu32(), pot, total_steps=STEPS, traj=path, resume=True, **REF)
+  assert done.stopped is None and done.total_steps == STEPS
+  np.testing.assert_allclose(frames(path)[-1].positions, frames(ref_path)[-1].positions, atol=1e-9)
+  with pytest.raises(ValueError, match="max_wall_time"):
+    md.run(cu32(), pot, total_steps=STEPS, max_wall_time=0.0, **REF)
+
+
 # --------------------------------------------------------------------------------------------
 # thermostats, barostat, open boundaries
 

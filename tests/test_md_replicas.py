@@ -21,7 +21,9 @@ from conftest import tiny_copper_potential
 
 import potentials
 import plugin.md as md
-from plugin.md import replicas
+from plugin.md import driver, replicas
+from plugin.md import engine as eng
+from plugin.md import system as msys
 from plugin.neighbors.replicas import image_table
 
 NVE = dict(
@@ -190,7 +192,7 @@ def test_nose_hoover_replicas_and_refusals(pot):
 
 def test_a_runaway_replica_leaves_the_batch_and_the_others_finish(tmp_path):
   # the hot replica runs away: it stops at its last good step (frame written, guard named)
-  # while the calm ones go on to the end in a batch without it, each as it runs alone
+  # while the calm ones go on to the end in the same program, each as it runs alone
   pot = tiny_copper_potential(3.0)
   exploding = pot.replace(params=dict(pot.params, scale=jnp.array([2000.0], jnp.float32)))
   calm = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)  # perfect: no forces
@@ -222,7 +224,43 @@ def test_a_runaway_replica_leaves_the_batch_and_the_others_finish(tmp_path):
     alone = md.run(calm, exploding, temperature=[1.0, 300.0, 2.0][i], seed=i, **kw)
     assert position_difference(res[i].atoms, alone.atoms) < 1e-10
     np.testing.assert_allclose(res[i].log.etot, alone.log.etot, rtol=0, atol=1e-9)
-  assert res[0].num_compilations >= 2  # the batch without the runaway is a new program
+  assert res[0].num_compilations == 1  # the runaway is parked: one program for the whole run
+  # a wall-time limit stops every system still running at a chunk's end, its frame written
+  walled = tmp_path / "w.traj"
+  with pytest.warns(RuntimeWarning, match="max_wall_time"):
+    res = md.run(
+      [calm, hot, calm], exploding, temperature=[1.0, 300.0, 2.0], seed=[0, 1, 2], traj=walled,
+      max_wall_time=1e-6, **kw,
+    )  # fmt: skip
+  for i in (0, 2):
+    last = md.read_trajectory(md.driver.replica_path(walled, i))[-1]
+    assert res[i].stopped == "max_wall_time" and last.info["md_step"] == res[i].total_steps < 200
+
+
+def test_a_parked_replica_stands_still_and_keeps_no_pairs(pot):
+  """Parking (how a system leaves a batch without a new program): the replica's pairs,
+  momenta and forces are gone and stay gone through a reallocation of the list, it does not
+  move, and every other replica steps exactly as before."""
+  systems = [msys.from_atoms(a, 3.0, 0.3) for a in mixed_systems()]
+  rng = np.random.default_rng(0)
+  momenta = [0.1 * rng.normal(size=s.R.shape) for s in systems]
+  batch = replicas.stack(systems, momenta, pot)
+  key = driver._batch_key([md.MDOptions(**NVE).for_system(i, 3) for i in range(3)], systems)
+  engine = driver._batch_engine(pot, key, batch)
+  carry, extra = replicas.start(engine, batch, [0, 1, 2], jnp.float64)
+  parked = replicas.park(carry, [1])
+  assert int(parked[1].count[1]) == 0 and np.all(np.asarray(parked[1].dst[1]) == batch.num_atoms)
+  grown, _ = eng.allocate(engine, parked[0].position, None, extra + 1, like=parked[1])
+  assert int(grown.count[1]) == 0 and np.array_equal(
+    np.asarray(grown.count)[[0, 2]], np.asarray(carry[1].count)[[0, 2]]
+  )
+  limits = jnp.asarray([[np.inf, np.inf, 1.0], [np.inf, np.inf, 0.0], [np.inf, np.inf, 1.0]])
+  runs = [next(eng.simulate_chunks(engine, c, 0, 50, extra, limits)) for c in (carry, parked)]
+  (s0, _, _), (s1, _, _) = runs[0].carry, runs[1].carry
+  np.testing.assert_array_equal(s1.position[1], parked[0].position[1])
+  assert not np.any(np.asarray(s1.momentum[1])) and not np.any(np.asarray(s1.force[1]))
+  for k in (0, 2):
+    np.testing.assert_array_equal(s1.position[k], s0.position[k])
 
 
 def test_padding_and_pair_list_match_brute_force(pot):

@@ -4,12 +4,15 @@ Replicas of every start structure at every temperature of the ladder run togethe
 compiled program (:func:`plugin.md.run` on a list). A replica whose calibrated force
 uncertainty passes ``STOP_FACTOR`` times the target, or that trips a runaway guard, leaves the
 batch with its last good frame written: the frames before a runaway are where the model is
-most wrong, so they are candidates like any other, not an error.
+most wrong, so they are candidates like any other, not an error. A round's MD stops at its
+deadline (``seconds``, checked at each chunk's end), so exploration never eats the time of
+the round's labels and training.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
 from pathlib import Path
 from typing import List, Sequence
@@ -36,7 +39,8 @@ class Exploration:
   Attributes:
     frames: candidate structures, each with ``info["temperature_K"]`` and ``info["replica"]``.
     scores: ``(len(frames),)`` largest calibrated per-atom force uncertainty (eV/Å).
-    stopped: per replica, why it left the batch early (None: it ran to the end).
+    stopped: per replica, why it left the batch early (None: it ran to the end;
+      ``"max_wall_time"``: the round's deadline).
     temperatures: per replica, its thermostat target (K).
     picoseconds: MD time run, summed over replicas.
   """
@@ -46,6 +50,16 @@ class Exploration:
   stopped: List[str | None]
   temperatures: List[float]
   picoseconds: float
+
+  @property
+  def cut(self) -> bool:
+    """Whether the round's deadline stopped its MD."""
+    return "max_wall_time" in self.stopped
+
+  @property
+  def runaways(self) -> int:
+    """Replicas that left the batch early (guard or uncertainty; not the deadline)."""
+    return sum(s is not None and s != "max_wall_time" for s in self.stopped)
 
   def top_max(self, top: float) -> float:
     """The largest score at the top temperature (inf if a replica there stopped early)."""
@@ -75,12 +89,15 @@ def explore(
   folder: Path,
   round_: int,
   wanted: int = 0,
+  seconds: float = float("inf"),
 ) -> Exploration:
-  """Run the round's replicas (trajectories in ``folder``) and score every written frame.
+  """Run the round's replicas (trajectories in ``folder``) for at most ``seconds`` and score
+  every written frame.
 
   Replicas that leave early write few frames: while fewer than ``wanted`` candidates are in
-  hand, the batch runs again from the starts with new seeds (at most ``MAX_PASSES`` times;
-  the compiled program is reused)."""
+  hand and time is left, the batch runs again from the starts with new seeds (at most
+  ``MAX_PASSES`` times; the compiled program is reused)."""
+  deadline = time.perf_counter() + seconds
   systems, temps = replica_plan(starts, options)
   dt = options.timestep_for(np.concatenate([s.numbers for s in starts]))
   steps = max(1, int(round(options.explore_ps * 1000.0 / dt)))
@@ -90,7 +107,10 @@ def explore(
   ex = Exploration([], np.zeros(0), [], [], 0.0)
   for p in range(MAX_PASSES):
     traj, seed = folder / f"explore-{round_}-{p}.extxyz", options.seed + 1000 * round_ + 100 * p
-    results = _run(potential, systems, temps, options, dt, steps, traj, seed=seed)
+    left = deadline - time.perf_counter()
+    if p > 0 and left <= 0:
+      break
+    results = _run(potential, systems, temps, options, dt, steps, traj, seed=seed, seconds=left)
     offset = len(ex.stopped)
     new = _frames(folder, f"explore-{round_}-{p}", len(systems), temps, offset)
     ex.frames += new
@@ -103,8 +123,9 @@ def explore(
   return ex
 
 
-def _run(potential, systems, temps, options, dt, steps, traj: Path, seed: int):
-  """One pass of the batch (NVT Langevin), frames every ``steps / FRAMES_PER_REPLICA``."""
+def _run(potential, systems, temps, options, dt, steps, traj: Path, seed: int, seconds: float):
+  """One pass of the batch (NVT Langevin), frames every ``steps / FRAMES_PER_REPLICA``, for
+  at most ``seconds`` (at least one chunk)."""
   interval = max(1, steps // FRAMES_PER_REPLICA)
   with warnings.catch_warnings():  # a replica that leaves the batch warns; it is expected here
     warnings.simplefilter("ignore", RuntimeWarning)
@@ -120,6 +141,7 @@ def _run(potential, systems, temps, options, dt, steps, traj: Path, seed: int):
       traj=str(traj),
       traj_interval=interval,
       max_uncertainty=STOP_FACTOR * options.uncertainty_target,
+      max_wall_time=max(seconds, 1e-3) if np.isfinite(seconds) else None,
     )
 
 

@@ -32,6 +32,10 @@ from .state import LearnState
 LABELS, MODEL, PENDING, CHECKPOINT = "labels.extxyz", "model.eqm", "pending.extxyz", "train.ckpt"
 MIN_TRAIN_MINUTES = 0.25  # below this a training cannot compile and take a step or two
 REPORT_MINUTES = 0.5  # kept back at the end for the report and plots
+# a round's MD may use this share of the round's minutes, the rest being for its labels and
+# training (unbounded, glycine's first round explored for 12 of its 2-minute share), but no
+# less than MIN_EXPLORE_MINUTES, below which its program hardly compiles and runs a chunk
+EXPLORE_FRACTION, MIN_EXPLORE_MINUTES = 1 / 3, 0.5
 
 
 @dataclasses.dataclass
@@ -278,11 +282,14 @@ def explore_round(ctx: Context, state: LearnState, potential) -> Optional[str]:
   record = {"round": r, "started_minutes": round(ctx.minutes(), 2)}
   wanted = labels_wanted(ctx, state)
   folder = ctx.folder / "explore"
-  ex = explore_lib.explore(potential, ctx.starts, o, folder=folder, round_=r, wanted=3 * wanted)
+  seconds = 60.0 * max(MIN_EXPLORE_MINUTES, EXPLORE_FRACTION * share_minutes(ctx, state))
+  ex = explore_lib.explore(
+    potential, ctx.starts, o, folder=folder, round_=r, wanted=3 * wanted, seconds=seconds
+  )
   top = ex.top_max(o.top_temperature)
   # JSON has no infinity: None when a top-temperature replica left the batch
   record.update(explore_ps=round(ex.picoseconds, 3), top_uncertainty=_finite_or_none(top))
-  record.update(stopped_replicas=sum(s is not None for s in ex.stopped), candidates=len(ex.frames))
+  record.update(stopped_replicas=ex.runaways, explore_cut=ex.cut, candidates=len(ex.frames))
   if top < o.uncertainty_target:
     record.update(labels=used, minutes=round(ctx.minutes(), 2))
     state.rounds.append(record)

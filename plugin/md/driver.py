@@ -8,7 +8,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import ase
 import jax
@@ -49,7 +49,8 @@ class MDResult:
       ``"max_temperature"``, ``"max_force"``; :mod:`plugin.md.guards`); ``atoms`` and the
       trajectory's last frame are then the last good state (step ``total_steps``; in a batch
       the other systems go on without this one); or
-      ``"max_uncertainty"``: the state (and frame) where the uncertainty was too high.
+      ``"max_uncertainty"``: the state (and frame) where the uncertainty was too high; or
+      ``"max_wall_time"``: the state (and frame) at the first chunk end past that limit.
     reason: the guard's one-line reason (None when the run finished).
     uncertain: the chunk ends at which an ensemble's force uncertainty exceeded
       ``max_uncertainty``: ``{"step", "max_uncertainty" (eV/Å), "atoms" (indices, most
@@ -423,7 +424,7 @@ def _run_one(atoms: ase.Atoms, potential, options: MDOptions, check_uncertain) -
   report = _reporter(options.progress, opts, start)
   g, reallocations, chunk_times, stopped, reason = start.first_step, 0, [], None, None
   limits = jnp.asarray([rec.limits["max_temperature"], rec.limits["max_force"]], opts.dtype)
-  uncertain = []
+  uncertain, late = [], _deadline(options.max_wall_time)
   try:
     for c in eng.simulate_chunks(engine, carry, start.first_step, opts.total_steps, extra, limits):
       code = c.guard
@@ -433,6 +434,8 @@ def _run_one(atoms: ase.Atoms, potential, options: MDOptions, check_uncertain) -
         if event is not None:
           uncertain.append(event)
           code = guards.UNCERTAIN if options.uncertainty_action == "stop" else 0
+      limit = None if code or c.stop >= opts.total_steps else late()
+      code = guards.WALL_TIME if limit is not None else code
       rec.chunk(
         c.logs, c.num_logs, lambda: _frames(c), c.stop, code, lambda: _observed(engine, c.carry)
       )
@@ -444,8 +447,9 @@ def _run_one(atoms: ase.Atoms, potential, options: MDOptions, check_uncertain) -
         stopped = guards.NAMES[c.guard]
         reason = guards.reason(c.guard, g + 1, c.value, **rec.limits)
         warnings.warn(reason, RuntimeWarning, stacklevel=3)
-      elif code == guards.UNCERTAIN:
-        stopped, reason = guards.NAMES[code], uncertain[-1]["reason"]
+      elif code:
+        why = guards.wall_time_reason(g, limit) if limit else uncertain[-1]["reason"]
+        stopped, reason = guards.NAMES[code], why
         warnings.warn(reason, RuntimeWarning, stacklevel=3)
         break
   finally:
@@ -642,8 +646,9 @@ class _Tally:
 def _run_many(systems: List[ase.Atoms], potential, options: MDOptions, check) -> List[MDResult]:
   """Systems in one compiled program; a system that runs away (or, with ``check`` and
   ``uncertainty_action="stop"``, whose force uncertainty is too high) leaves the batch (its
-  result names the guard, its last good frame is written) and the others go on in a batch
-  without it (a new program, from their state at that step)."""
+  result names the guard, its last good frame is written) and is parked
+  (:func:`plugin.md.replicas.park`): the others go on in the same program, each as it runs
+  alone."""
   opts, trajs, logs, starts, first = _batch_plan(systems, potential, options)
   uncertainty = None if check is None else (check, options.uncertainty_action)
   members = [
@@ -651,105 +656,129 @@ def _run_many(systems: List[ase.Atoms], potential, options: MDOptions, check) ->
     for i, (st, o, t, lf) in enumerate(zip(starts, opts, trajs, logs))
   ]
   report = _batch_reporter(options.progress, opts[0], first, [len(a) for a in systems])
-  tally, g, cutoff = _Tally(), first, float(potential.cutoff)
   try:
-    while True:
-      live = [m for m in members if m.result is None]
-      g, leaving, view = _segment(potential, live, g, tally, report, uncertainty)
-      if not leaving:
-        for k, m in enumerate(live):
-          m.result = _member_result(m, g, tally, view(k))
-        break
-      for k, code, reason in leaving:
-        _drop(live[k], code, reason, g, tally, view(k))
-      for k, m in enumerate(live):
-        if m.result is None:
-          m.start = m.rec.start = _carried_on(m.rec, view(k), g, cutoff)
-      if all(m.result is not None for m in members):
-        break
+    _batch(potential, members, first, report, uncertainty, _deadline(options.max_wall_time))
   finally:
     report.close()
   return [m.result for m in members]
+
+
+def _deadline(limit: Optional[float]) -> Callable[[], Optional[float]]:
+  """``late()``: ``limit`` once ``limit`` seconds have passed since now, else None (always
+  None for ``limit`` None)."""
+  end = None if limit is None else time.perf_counter() + float(limit)
+  return lambda: limit if end is not None and time.perf_counter() >= end else None
 
 
 def _columns(opts: RunOptions, start: _Start):
   return output.columns_for(eng.observables(_engine_key(opts, start.system)))
 
 
-def _segment(potential, live: List[_Member], g: int, tally: _Tally, report, uncertainty):
-  """Runs the systems ``live`` in one batch from step ``g`` to the end or to the first chunk
-  after which some leave (:func:`_leaving`). Returns ``(step, leaving, view)``; ``view(k)`` is
-  system ``k``'s ``(state, observables, box)`` at that step."""
-  starts, opts = [m.start for m in live], [m.opts for m in live]
+def _batch(potential, members: List[_Member], g: int, report, uncertainty, late) -> None:
+  """Runs ``members`` in one batch from step ``g`` and sets each one's result: at the end,
+  or where it leaves (:func:`_leaving`; then it is parked and the rest go on)."""
+  starts, opts = [m.start for m in members], [m.opts for m in members]
   momenta = [
     msys.start_momenta(st.system, o.init_temperature, m.seed)
-    for st, o, m in zip(starts, opts, live)
+    for st, o, m in zip(starts, opts, members)
   ]
   batch = mrep.stack([st.system for st in starts], momenta, potential)
   engine = _batch_engine(potential, _batch_key(opts, [st.system for st in starts]), batch)
-  traces0 = engine.traces[0]
-  carry, extra = mrep.start(engine, batch, [m.seed for m in live], opts[0].dtype)
+  tally, traces0 = _Tally(), engine.traces[0]
+  carry, extra = mrep.start(engine, batch, [m.seed for m in members], opts[0].dtype)
   carry = (_restore_replicas(carry[0], starts),) + carry[1:]
-  views = [_replica_view(batch, i) for i in range(len(live))]
+  views = [_replica_view(batch, i)[2] for i in range(len(members))]
 
-  def observed_all(carry):
+  def at(carry):  # view(k): system k's (state, observables, box) in ``carry``
     state, obs, boxes = _observed(engine, carry)
-    return jax.device_get(state), obs, boxes
+    state = jax.device_get(state)
+    return lambda k: views[k](state, obs, boxes)
 
   if all(st.last is None for st in starts):
-    state, obs, boxes = observed_all(carry)
-    for m, (_, _, view) in zip(live, views):
-      s_i, o_i, b_i = view(state, obs, boxes)
-      rows = dict(jax.tree.map(lambda x: np.asarray(x)[None], o_i), step=np.array([g]))
-      m.rec.first(s_i, rows, b_i)
-  limits = jnp.asarray(
-    [[m.rec.limits["max_temperature"], m.rec.limits["max_force"]] for m in live], opts[0].dtype
-  )
-  leaving: List[Tuple[int, int, str]] = []
-  write = any(m.rec.traj is not None for m in live)
+    view = at(carry)
+    for k, m in enumerate(members):
+      s_k, o_k, b_k = view(k)
+      m.rec.first(
+        s_k, dict(jax.tree.map(lambda x: np.asarray(x)[None], o_k), step=np.array([g])), b_k
+      )
+  lim = [m.rec.limits for m in members]  # the third column 0: a parked system
+  limits = np.array([[x["max_temperature"], x["max_force"], 1.0] for x in lim])
   try:
-    for c in eng.simulate_chunks(engine, carry, g, opts[0].total_steps, extra, limits):
-      leaving = _leaving(c, live, batch.sizes, uncertainty, potential)
-      codes = {k: code for k, code, _ in leaving}
-      fr = jax.device_get(c.frames) if write else None
-      # the last good state of the batch, observed once (only when some system leaves)
-      last = functools.lru_cache(maxsize=1)(lambda c=c: observed_all(c.carry))
-      for k, (m, (lg, frames, view)) in enumerate(zip(live, views)):
-        frames_k = lambda: frames(fr, int(c.num_frames))
-        m.rec.chunk(
-          lg(c.logs), c.num_logs, frames_k, c.stop, codes.get(k, 0), lambda: view(*last())
-        )
-      carry, g = c.carry, c.stop
-      tally.reallocations += c.reallocations
-      tally.chunk_times.append(time.perf_counter() - c.t_start)
-      report(g, max(c.stop - c.start, 1), tally.chunk_times[-1], [m.rec for m in live])
-      if leaving:
+    while True:
+      leaving, lim = [], jnp.asarray(limits, opts[0].dtype)
+      for c in eng.simulate_chunks(engine, carry, g, opts[0].total_steps, extra, lim):
+        leaving = _leaving(c, members, batch, uncertainty, potential, late)
+        _record(c, members, batch, leaving, at)
+        carry, g, extra = c.carry, c.stop, c.extra
+        tally.reallocations += c.reallocations
+        tally.chunk_times.append(time.perf_counter() - c.t_start)
+        report(g, max(c.stop - c.start, 1), tally.chunk_times[-1], _running(members))
+        if leaving:
+          break
+      tally.compilations = engine.traces[0] - traces0
+      view = at(carry)
+      for k, code, reason in leaving:
+        _drop(members[k], code, reason, g, tally, view(k))
+      if not leaving or not _running(members):
         break
+      carry = mrep.park(carry, [k for k, _, _ in leaving])
+      limits[[k for k, _, _ in leaving], 2] = 0.0
   finally:
-    tally.compilations += engine.traces[0] - traces0
-  state, obs, boxes = observed_all(carry)
-  return g, leaving, lambda k: views[k][2](state, obs, boxes)
+    tally.compilations = engine.traces[0] - traces0
+  for k, m in enumerate(members):
+    if m.result is None:
+      m.result = _member_result(m, g, tally, view(k))
 
 
-def _leaving(c: eng.Chunk, live: List[_Member], sizes, uncertainty, potential):
+def _running(members: List[_Member]) -> List["_Recorder"]:
+  return [m.rec for m in members if m.result is None]
+
+
+def _record(c: eng.Chunk, members: List[_Member], batch: mrep.Batch, leaving, at) -> None:
+  """Chunk ``c``'s rows and frames for each running system (and the last good state of
+  those ``leaving``; ``at(carry)(k)``: system ``k``'s state there)."""
+  codes = {k: code for k, code, _ in leaving}
+  write = any(m.rec.traj is not None for m in members if m.result is None)
+  fr = jax.device_get(c.frames) if write else None
+  last = functools.lru_cache(maxsize=1)(lambda: at(c.carry))  # observed once, if needed
+  for k, m in enumerate(members):
+    if m.result is not None:
+      continue
+    lg, frames, _ = _replica_view(batch, k)
+    m.rec.chunk(
+      lg(c.logs),
+      c.num_logs,
+      lambda frames=frames: frames(fr, int(c.num_frames)),
+      c.stop,
+      codes.get(k, 0),
+      lambda k=k: last()(k),
+    )
+
+
+def _leaving(c: eng.Chunk, members: List[_Member], batch, uncertainty, potential, late):
   """``(k, guard code, reason)`` of the systems that leave the batch after chunk ``c``: the
   one whose runaway guard fired, else (``uncertainty = (check, action)``) those whose force
-  uncertainty exceeds the limit when the action is "stop" (flagged ones are recorded)."""
+  uncertainty exceeds the limit when the action is "stop" (flagged ones are recorded), else
+  all of them once ``late()`` gives the wall-time limit before the end."""
   if c.guard:
-    limits = live[c.where].rec.limits
+    limits = members[c.where].rec.limits
     return [(c.where, c.guard, guards.reason(c.guard, c.stop + 1, c.value, **limits))]
-  if uncertainty is None:
-    return []
-  check, action = uncertainty
-  state, nbrs, _ = c.carry
-  u = np.asarray(_replica_uncertainty(potential)(state.position, nbrs))
+  running = [k for k, m in enumerate(members) if m.result is None]
   out = []
-  for k, m in enumerate(live):
-    event = check(u[k, : int(sizes[k])], c.stop, f"system {m.index}: ")
-    if event is not None:
-      m.uncertain.append(event)
-      if action == "stop":
-        out.append((k, guards.UNCERTAIN, event["reason"]))
+  if uncertainty is not None:
+    check, action = uncertainty
+    state, nbrs, _ = c.carry
+    u = np.asarray(_replica_uncertainty(potential)(state.position, nbrs))
+    for k in running:
+      m = members[k]
+      event = check(u[k, : int(batch.sizes[k])], c.stop, f"system {m.index}: ")
+      if event is not None:
+        m.uncertain.append(event)
+        if action == "stop":
+          out.append((k, guards.UNCERTAIN, event["reason"]))
+  limit = None if out or c.stop >= members[0].opts.total_steps else late()
+  if limit is not None:
+    out = [(k, guards.WALL_TIME, guards.wall_time_reason(c.stop, limit)) for k in running]
   return out
 
 
@@ -761,19 +790,6 @@ def _drop(m: _Member, code: int, reason: str, g: int, tally: _Tally, observed) -
   """A system leaves the batch with its result (a warning names it)."""
   warnings.warn(f"system {m.index}: {reason}", RuntimeWarning, stacklevel=5)
   m.result = _member_result(m, g, tally, observed, stopped=guards.NAMES[code], reason=reason)
-
-
-def _carried_on(rec: "_Recorder", observed, g: int, cutoff: float) -> _Start:
-  """Where a system that goes on in a new batch starts: its state at step ``g`` (integrator
-  variables included), as a resumed run starts from its last frame."""
-  state, obs, box = observed
-  frame = rec.frame(state, obs["epot"], box, g, obs.get("virial"), obs.get("charges"))
-  saved = frame.info.pop("md_state")
-  reference = None if rec.start.system.periodic else rec.start.system
-  system = msys.from_atoms(frame, cutoff, rec.opts.dr_threshold, reference=reference)
-  if system.momenta is None:
-    system = dataclasses.replace(system, momenta=np.zeros_like(system.R))
-  return _Start(system, g, rec.time_fs(g), saved, frame)
 
 
 def _member_result(m: _Member, g: int, tally: _Tally, observed, **stop) -> MDResult:

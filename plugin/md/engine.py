@@ -431,13 +431,21 @@ def force_uncertainty_fn(engine: Engine) -> Callable:
 
 
 def allocate(
-  engine: Engine, R: Array, box: Optional[np.ndarray], extra: int, min_capacity: int = 0
+  engine: Engine,
+  R: Array,
+  box: Optional[np.ndarray],
+  extra: int,
+  min_capacity: int = 0,
+  like: Any = None,
 ) -> Tuple[Any, int]:
   """A list for positions ``R`` (and variable ``box``) with at least ``min_capacity`` pairs, and
-  the ``extra_capacity`` it took (JAX-MD adds it per cell, and ``N *`` it to the pairs)."""
+  the ``extra_capacity`` it took (JAX-MD adds it per cell, and ``N *`` it to the pairs).
+  ``like``: the list it replaces; a replica list keeps its geometry (parked replicas)."""
   if engine.neighbor_fn is None:
     return None, extra
   kw = {} if box is None else {"box": jnp.asarray(box, R.dtype)}
+  if getattr(like, "geometry", None) is not None:
+    kw["geometry"] = like.geometry
   n = R.shape[-2]  # atoms (per replica for a batch)
   nbrs = engine.neighbor_fn.allocate(R, extra, **kw)
   # JAX-MD's lists hold at most n (n - 1) pairs; image lists (small boxes) and replica lists
@@ -528,7 +536,7 @@ def _regrow(engine: Engine, carry, out, extra: int):
     aux0 = (jnp.asarray(s, dtype), jnp.asarray(scale0, dtype))
   extra += 1  # also grows the cell list's per-cell capacity
   capacity = math.ceil(DEFAULTS.capacity_growth * nbrs0.max_occupancy) if overflow else 0
-  nbrs, extra = allocate(engine, state0.position, box_alloc, extra, capacity)
+  nbrs, extra = allocate(engine, state0.position, box_alloc, extra, capacity, like=nbrs0)
   return (state0, nbrs, aux0), extra
 
 
@@ -576,6 +584,7 @@ class Chunk:
   num_frames: Any
   t_start: float  # time.perf_counter() at its start: the caller adds its output to the time
   reallocations: int  # neighbour-list reallocations (each followed by a replay)
+  extra: int = 0  # the list's extra capacity after it (the next advance's ``extra``)
   guard: int = 0
   value: float = 0.0
   where: int = 0  # the replica the guard fired in (batches)
@@ -603,6 +612,7 @@ def simulate_chunks(
       n_frames,
       t_start,
       realloc,
+      extra,
       int(code),
       float(value),
       int(where),

@@ -21,14 +21,23 @@ from plugin.md.settings import DEFAULTS, guard_limits
 # Codes the compiled loop returns (0: no guard fired); the reasons are worded here only.
 OK, NON_FINITE, HOT, FORCE, NON_FINITE_ENERGY = range(5)
 # checked on the host between chunks (plugin.md.driver), not in the compiled loop
-UNCERTAIN = 5
+UNCERTAIN, WALL_TIME = 5, 6
 NAMES = {
   NON_FINITE: "non_finite",
   HOT: "max_temperature",
   FORCE: "max_force",
   NON_FINITE_ENERGY: "non_finite",
   UNCERTAIN: "max_uncertainty",
+  WALL_TIME: "max_wall_time",
 }
+
+
+def wall_time_reason(step: int, limit: float) -> str:
+  """The one-line reason of a run stopped by its ``max_wall_time``."""
+  return (
+    f"MD stopped at step {step}: max_wall_time {limit:g} s reached; the frame of step {step} "
+    f"is the last one written (resume=True continues from it)"
+  )
 
 
 def uncertain_atoms(forces_uncertainty: np.ndarray, limit: float) -> np.ndarray:

@@ -79,6 +79,9 @@ class MDOptions:
       "max_uncertainty"``, that frame written, the atoms named in ``reason``; in a batch that
       system leaves and the others go on); ``"flag"``: it warns, records the step and atoms
       in ``MDResult.uncertain`` and goes on.
+    max_wall_time: seconds (compilation included); a run (every system of a batch) stops at
+      the end of the first chunk past it (``stopped = "max_wall_time"``, that step's frame
+      written, so ``resume=True`` continues there). None (default): off.
   """
 
   ensemble: str = DEFAULTS.ensemble
@@ -105,6 +108,7 @@ class MDOptions:
   max_force: Optional[float] = DEFAULTS.max_force
   max_uncertainty: Optional[float] = None
   uncertainty_action: str = "stop"
+  max_wall_time: Optional[float] = None
 
   def __post_init__(self):
     for name in ("temperature", "seed", "traj", "log_file"):  # lists become tuples
@@ -114,6 +118,8 @@ class MDOptions:
     for t in _values(self.temperature):  # each system's own checks run in for_system
       _finite("temperature", t, strict=False)
     _check_uncertainty(self.max_uncertainty, self.uncertainty_action)
+    if self.max_wall_time is not None:
+      _finite("max_wall_time", self.max_wall_time, strict=True)
     _check_folders(self)
     _run_options(self, temperature=_values(self.temperature)[0], seed=0)  # the shared checks
 

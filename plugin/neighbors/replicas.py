@@ -213,8 +213,12 @@ class ReplicaNeighborFns:
 
     self.update = update
 
-  def allocate(self, R: Array, extra_capacity: int = 0, **kwargs) -> ReplicaList:
-    geom = jax.tree.map(lambda x: jnp.asarray(x), self.geometry)
+  def allocate(
+    self, R: Array, extra_capacity: int = 0, geometry: Optional[Geometry] = None, **kwargs
+  ) -> ReplicaList:
+    """A list for ``R`` (``geometry``: the batch's now, e.g. with parked replicas; default
+    the one it started with)."""
+    geom = jax.tree.map(lambda x: jnp.asarray(x), self.geometry if geometry is None else geometry)
     B, n = R.shape[:2]
     count = int(jnp.max(self._build(R, geom, 0)[3]))
     full = n * n * len(self.table)
