@@ -14,6 +14,7 @@ from pathlib import Path
 
 import ase
 import ase.build
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -104,6 +105,18 @@ def test_every_replica_equals_its_run_alone(batch, alone):
   periodic = batch[1]
   np.testing.assert_allclose(periodic.atoms.get_stress(), alone[1].atoms.get_stress(), atol=1e-10)
   np.testing.assert_allclose(periodic.log.pressure, alone[1].log.pressure, rtol=1e-9)
+
+
+def test_a_model_of_the_same_shape_reuses_the_batch_program(pot, batch):
+  """The parameters are an argument of the batch program, not constants in it: another model
+  of the same shape (an active-learning round's) compiles nothing and moves by its own
+  forces, as it does alone."""
+  other = pot.replace(params=jax.tree.map(lambda x: 1.1 * x, pot.params))
+  again = md.run(mixed_systems(), other, seed=[0, 1, 2], **NVE)
+  assert again[0].num_compilations == 0
+  alone = md.run(mixed_systems()[0], other, seed=0, **NVE)
+  assert position_difference(again[0].atoms, alone.atoms) < 1e-10
+  assert position_difference(again[0].atoms, batch[0].atoms) > 1e-6  # not the first model's
 
 
 @pytest.mark.slow  # two minutes cold; tests/test_md.py replays an overflow by default
@@ -247,7 +260,7 @@ def test_a_parked_replica_stands_still_and_keeps_no_pairs(pot):
   batch = replicas.stack(systems, momenta, pot)
   key = driver._batch_key([md.MDOptions(**NVE).for_system(i, 3) for i in range(3)], systems)
   engine = driver._batch_engine(pot, key, batch)
-  carry, extra = replicas.start(engine, batch, [0, 1, 2], jnp.float64)
+  carry, extra = replicas.start(engine, batch, [0, 1, 2], jnp.float64, pot.params)
   parked = replicas.park(carry, [1])
   assert int(parked[1].count[1]) == 0 and np.all(np.asarray(parked[1].dst[1]) == batch.num_atoms)
   grown, _ = eng.allocate(engine, parked[0].position, None, extra + 1, like=parked[1])

@@ -24,7 +24,7 @@ from plugin.md import guards, output, replicas as mrep, system as msys
 from plugin.md.ensembles import TABLE, Params
 from plugin.md.output import MDLog, Progress
 from plugin.md.options import MDOptions
-from plugin.registry import COMPILED, registered
+from plugin.registry import COMPILED
 from plugin.md.settings import DEFAULTS, RunOptions, guard_limits
 
 PathLike = Union[str, os.PathLike]
@@ -309,8 +309,8 @@ class _Recorder:
 
 def _observed(engine: eng.Engine, carry):
   """``(state, observables, box)`` of a carry, on the host."""
-  state, nbrs, _ = carry
-  return (state, jax.device_get(engine.observe_fn(state, nbrs)), np.asarray(engine.box_fn(state)))
+  state = carry[0]
+  return (state, jax.device_get(engine.observe_fn(*carry)), np.asarray(engine.box_fn(state)))
 
 
 def _frames(c: eng.Chunk) -> List[tuple]:
@@ -558,10 +558,18 @@ def _batch_key(opts: List[RunOptions], systems: List[msys.System]) -> mrep.Batch
 
 
 def _batch_engine(potential, key: mrep.BatchKey, batch: mrep.Batch) -> eng.Engine:
-  """One engine per potential and key (the key fixes every system's geometry)."""
-  return COMPILED.get(
-    "batch-engine", (potential, key), lambda: mrep.make_engine(potential, key, batch)
-  )
+  """One engine per model shape and key (the key fixes every system's geometry; the
+  parameters travel in the carry, so a retrained model of the same shape compiles nothing)."""
+  make = lambda: mrep.make_engine(potential, key, batch)
+  return COMPILED.get("batch-engine", (mrep.model_key(potential), key), make)
+
+
+def _replica_uncertainty(potential) -> Callable:
+  """``(R, nbrs, params) -> (B, N)``: every replica's force uncertainty (one program per
+  model shape, as the batch engine)."""
+  make = lambda: mrep.force_uncertainty_fn(potential)
+  fn = COMPILED.get("replica-uncertainty", mrep.model_key(potential), make)
+  return lambda R, nbrs, params: fn(R, nbrs, params, potential.uncertainty_scales[1])
 
 
 def _restore_replicas(state, starts: List[_Start]):
@@ -685,7 +693,8 @@ def _batch(potential, members: List[_Member], g: int, report, uncertainty, late)
   batch = mrep.stack([st.system for st in starts], momenta, potential)
   engine = _batch_engine(potential, _batch_key(opts, [st.system for st in starts]), batch)
   tally, traces0 = _Tally(), engine.traces[0]
-  carry, extra = mrep.start(engine, batch, [m.seed for m in members], opts[0].dtype)
+  seeds = [m.seed for m in members]
+  carry, extra = mrep.start(engine, batch, seeds, opts[0].dtype, potential.params)
   carry = (_restore_replicas(carry[0], starts),) + carry[1:]
   views = [_replica_view(batch, i)[2] for i in range(len(members))]
 
@@ -767,8 +776,8 @@ def _leaving(c: eng.Chunk, members: List[_Member], batch, uncertainty, potential
   out = []
   if uncertainty is not None:
     check, action = uncertainty
-    state, nbrs, _ = c.carry
-    u = np.asarray(_replica_uncertainty(potential)(state.position, nbrs))
+    state, nbrs, params = c.carry
+    u = np.asarray(_replica_uncertainty(potential)(state.position, nbrs, params))
     for k in running:
       m = members[k]
       event = check(u[k, : int(batch.sizes[k])], c.stop, f"system {m.index}: ")
@@ -780,10 +789,6 @@ def _leaving(c: eng.Chunk, members: List[_Member], batch, uncertainty, potential
   if limit is not None:
     out = [(k, guards.WALL_TIME, guards.wall_time_reason(c.stop, limit)) for k in running]
   return out
-
-
-# the jitted per-replica uncertainty of a potential (batch shapes retrace inside the jit)
-_replica_uncertainty = registered("replica-uncertainty")(mrep.force_uncertainty_fn)
 
 
 def _drop(m: _Member, code: int, reason: str, g: int, tally: _Tally, observed) -> None:

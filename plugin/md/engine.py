@@ -75,7 +75,7 @@ class Engine:
   neighbor_fn: Optional[partition.NeighborListFns]  # None: an energy without pair list
   energy_fn: Callable
   init_fn: Callable  # jitted (key, R, box, mass, momenta, nbrs) -> state
-  observe_fn: Callable  # jitted (state, nbrs) -> dict of scalars
+  observe_fn: Callable  # jitted (state, nbrs, aux) -> dict of scalars (aux: the carry's third)
   chunk_fn: Callable  # jitted, see chunk_fn
   box_fn: Callable  # state -> (3, 3) box
   traces: List[int]  # [number of chunk_fn traces]
@@ -147,8 +147,9 @@ def observables(key: EngineKey) -> Tuple[str, ...]:
 
 
 def observe_fn(key: EngineKey, energy_fn: Callable, box_fn: Callable) -> Callable:
-  """``(state, nbrs) -> {epot, ekin[, conserved][, pressure, volume, virial][, charges]}`` in
-  eV, eV/Å^3, Å^3, eV, e (``charges (N,)``: a model with learnt charges).
+  """``(state, nbrs, aux=None) -> {epot, ekin[, conserved][, pressure, volume, virial][,
+  charges]}`` in eV, eV/Å^3, Å^3, eV, e (``charges (N,)``: a model with learnt charges);
+  ``aux``, the carry's third part, is not needed here (a batch engine's holds parameters).
 
   Pressure (periodic) is ``(2 E_kin - tr dU/d eps) / (3 V)`` with ``eps`` a strain (JAX-MD's
   ``quantity.pressure``); ``virial`` is the symmetric ``dU/d eps`` (3, 3) (ASE's stress is
@@ -157,7 +158,7 @@ def observe_fn(key: EngineKey, energy_fn: Callable, box_fn: Callable) -> Callabl
   invariant = TABLE[key.ensemble].invariant
   charges = _charges_fn(energy_fn)
 
-  def observe(state, nbrs):
+  def observe(state, nbrs, aux=None):
     R = state.position
     # not quantity.kinetic_energy: its float64 accumulator warns in every float32 run
     ekin = 0.5 * jnp.sum(state.momentum**2 / state.mass)
@@ -259,8 +260,9 @@ def chunk_fn(
   # what observe gives of these (virial: periodic; charges: a model with learnt charges)
   frame_keys = ("epot", "virial", "charges")
 
-  def buffers(state, nbrs):
-    obs_shape = jax.eval_shape(observe, state, nbrs)  # one trace of observe, not two
+  def buffers(carry):
+    state = carry[0]
+    obs_shape = jax.eval_shape(observe, *carry)  # one trace of observe, not two
     frame_shape = dict(
       {k: obs_shape[k] for k in frame_keys if k in obs_shape},
       state=state,
@@ -274,8 +276,8 @@ def chunk_fn(
 
   def record(args):
     carry, logs, il, frames, ifr, g = args
-    state, nbrs, _ = carry
-    obs = observe(state, nbrs)
+    state = carry[0]
+    obs = observe(*carry)
     put = lambda buf, i, tree: jax.tree.map(lambda b, v: b.at[i].set(v), buf, tree)
     # Written unconditionally; a slot whose counter is not advanced is overwritten later.
     logs = put(logs, jnp.minimum(il, n_logs - 1), dict(obs, step=g))
@@ -292,7 +294,7 @@ def chunk_fn(
 
   def chunk(carry, g0, n, g_end, limits):
     traces[0] += 1  # runs at trace time only: counts compilations
-    logs, frames = buffers(carry[0], carry[1])
+    logs, frames = buffers(carry)
 
     def body(c):
       carry, logs, il, frames, ifr, j, _, _, _ = c
@@ -564,8 +566,7 @@ def advance(engine: Engine, carry, g: int, n: int, g_end: int, extra: int, limit
 
 def start_logs(engine: Engine, carry, step: int) -> dict:
   """The observables of the start state, shaped like one chunk's log buffers (one row)."""
-  state, nbrs, _ = carry
-  obs = jax.device_get(engine.observe_fn(state, nbrs))
+  obs = jax.device_get(engine.observe_fn(*carry))
   return dict(jax.tree.map(lambda x: np.asarray(x)[None], obs), step=np.array([step]))
 
 

@@ -13,6 +13,11 @@ only for replicas whose atoms moved half the skin. Batches are for many small sy
 (molecules, cells of a few hundred atoms); one large system belongs to ``plugin.md.run`` on a
 single ``Atoms``, whose cell list scales as ``N``.
 
+The model's parameters are an argument of the compiled programs (the carry's third part),
+not constants in them: another model of the same shape (an active-learning round's) reuses
+them. A replica that leaves a batch is parked in its slot (:func:`park`), so the batch keeps
+its shape and program.
+
 Overflow: a replica whose pairs exceed the capacity marks the list; the host then replays the
 chunk for the whole batch with a larger capacity (:func:`plugin.md.engine.advance`), which
 gives every other replica the same numbers it had (the extra slots are padding).
@@ -76,35 +81,36 @@ def _model_inputs(cutoff: float) -> Callable:
 
 
 def energy_fn(potential: potentials.Potential) -> Callable:
-  """``energy(R, neighbor, perturbation=None, **ignored) -> ()`` eV of one replica (element
-  shifts included, as ``plugin.jax_md``'s energy; with a model's learnt charges, their
-  electrostatics)."""
+  """``energy(R, neighbor, perturbation=None, params=None, **ignored) -> ()`` eV of one
+  replica (element shifts included, as ``plugin.jax_md``'s energy; with a model's learnt
+  charges, their electrostatics). ``params``: the model's (default ``potential.params``); a
+  batch engine passes them as an argument, so one program serves every model of a shape."""
   if potential.config.electrostatics:
     atom_energies = charged_energies_fn(potential)
-    return lambda R, neighbor, perturbation=None, **kw: jnp.sum(
-      atom_energies(R, neighbor, perturbation)[0]
+    return lambda R, neighbor, perturbation=None, params=None, **kw: jnp.sum(
+      atom_energies(R, neighbor, perturbation, params)[0]
     )
-  pair_fn, params = potential.atomic_energies_from_pairs_fn(), potential.params
+  pair_fn = potential.atomic_energies_from_pairs_fn()
   inputs = _model_inputs(float(potential.cutoff))
 
-  def energy(R, neighbor, perturbation=None, **kwargs):
+  def energy(R, neighbor, perturbation=None, params=None, **kwargs):
     r, kw = inputs(R, neighbor, perturbation)
-    return jnp.sum(pair_fn(params, r=r, **kw))
+    return jnp.sum(pair_fn(potential.params if params is None else params, r=r, **kw))
 
   return energy
 
 
 def charged_energies_fn(potential: potentials.Potential) -> Callable:
-  """``(R, neighbor, perturbation=None) -> (energies (N,), charges (N,))`` of one replica for
-  a model with learnt charges: local energies plus the open sum or Ewald sum (the
+  """``(R, neighbor, perturbation=None, params=None) -> (energies (N,), charges (N,))`` of one
+  replica for a model with learnt charges: local energies plus the open sum or Ewald sum (the
   replica's ``Geometry`` holds its total charge and reciprocal vectors)."""
-  pair_fn, params = potential.energies_and_charges_from_pairs_fn(), potential.params
+  pair_fn = potential.energies_and_charges_from_pairs_fn()
   inputs = _model_inputs(float(potential.cutoff))
   config = potential.config
 
-  def energies(R, neighbor, perturbation=None):
+  def energies(R, neighbor, perturbation=None, params=None):
     r, kw = inputs(R, neighbor, perturbation)
-    local, raw = pair_fn(params, r=r, **kw)
+    local, raw = pair_fn(potential.params if params is None else params, r=r, **kw)
     geom = neighbor.geometry
     # fractional (periodic) positions as real ones, with the pair vectors' derivatives
     positions = jnp.where(geom.periodic, space.transform(geom.box, R), R)
@@ -123,17 +129,18 @@ def charged_energies_fn(potential: potentials.Potential) -> Callable:
 
 
 def force_uncertainty_fn(potential: potentials.Potential) -> Callable:
-  """Jitted ``(R (B, N, 3), neighbor) -> (B, N)``: every replica's calibrated per-atom force
-  uncertainty (eV/Å; padding atoms 0) of an ensemble potential, as
-  :func:`plugin.jax_md.uncertainty_fn` gives for one system."""
-  params, committee = potential.params, potential.config.committee
-  scale = potential.uncertainty_scales[1]
+  """Jitted ``(R (B, N, 3), neighbor, params, scale) -> (B, N)``: every replica's calibrated
+  per-atom force uncertainty (eV/Å; padding atoms 0) of an ensemble potential with
+  ``params`` and force calibration ``scale`` (``potential.uncertainty_scales[1]``), as
+  :func:`plugin.jax_md.uncertainty_fn` gives for one system; one program for every model
+  of ``potential``'s shape (:func:`model_key`)."""
+  committee = potential.config.committee
   inputs = _model_inputs(float(potential.cutoff))
   members = (
     potential.member_forces_fn() if potential.config.force_heads else potential.member_energies_fn()
   )
 
-  def one(R, neighbor):
+  def one(R, neighbor, params, scale):
     r, kw = inputs(R, neighbor)
     if potential.config.force_heads:  # read out in the forward pass
       member_e, deviations = members(params, r=r, **kw)
@@ -145,7 +152,16 @@ def force_uncertainty_fn(potential: potentials.Potential) -> Callable:
       spread = ensemble.spread(*ensemble.member_forces(totals, R, committee), forces_scale=scale)
     return spread.forces * neighbor.geometry.mask
 
-  return jax.jit(jax.vmap(one))
+  return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None)))
+
+
+def model_key(potential: potentials.Potential) -> tuple:
+  """What a batch program depends on of a model besides its parameters' values: its
+  configuration, species and the parameters' structure, shapes and dtypes. Models that
+  share it (an active-learning run's rounds) share compiled programs."""
+  leaves, tree = jax.tree_util.tree_flatten(potential.params)
+  shapes = tuple((np.shape(x), str(np.asarray(x).dtype)) for x in leaves)
+  return potential.config, tuple(potential.species), tree, shapes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,19 +258,20 @@ def mapped(fn: Callable, group: Optional[int]) -> Callable:
 
 
 def _integrator(key: BatchKey, energy: Callable, group: Optional[int]):
-  """Mapped ``(init(keys, R, mass, momenta, nbrs), apply(state, neighbor))``; thermostats get
-  each replica's ``kT``."""
+  """Mapped ``(init(keys, R, mass, momenta, nbrs, params), apply(state, neighbor, params))``;
+  thermostats get each replica's ``kT``, the energy the model's ``params``."""
   ens = TABLE[key.ensemble]
   init1, apply1 = ens.integrator(key.params, energy, shift)
   kTs = _per_replica_kT(key)
   kw = (lambda kT: {"kT": kT}) if ens.thermostat else (lambda kT: {})
 
-  def init(keys, R, mass, momenta, nbrs):
-    one = lambda k, r, m, p, nb, kT: init1(k, r, None, m, p, nb, **kw(kT))
+  def init(keys, R, mass, momenta, nbrs, params):
+    one = lambda k, r, m, p, nb, kT: init1(k, r, None, m, p, nb, params=params, **kw(kT))
     return jax.vmap(one)(keys, R, mass, momenta, nbrs, kTs)
 
-  def apply(state, neighbor):
-    new = mapped(lambda s, nb, kT: apply1(s, neighbor=nb, **kw(kT)), group)(state, neighbor, kTs)
+  def apply(state, neighbor, params):
+    one = lambda s, nb, kT: apply1(s, neighbor=nb, params=params, **kw(kT))
+    new = mapped(one, group)(state, neighbor, kTs)
     # padding atoms never move (Langevin noise would give them momentum; they have no pairs)
     return new.set(momentum=new.momentum * neighbor.geometry.mask[..., None])
 
@@ -264,17 +281,17 @@ def _integrator(key: BatchKey, energy: Callable, group: Optional[int]):
 def _observe(
   key: BatchKey, energy: Callable, group: Optional[int], charges: Optional[Callable] = None
 ) -> Callable:
-  """Vmapped observables (each ``(B,)``, ``virial (B, 3, 3)``, ``charges (B, N)`` with a
-  model's learnt charges): those of :func:`plugin.md.engine.observe_fn`,
-  ``pressure``/``volume`` NaN for open replicas."""
+  """Vmapped ``observe(state, nbrs, params)`` (each ``(B,)``, ``virial (B, 3, 3)``,
+  ``charges (B, N)`` with a model's learnt charges): those of
+  :func:`plugin.md.engine.observe_fn`, ``pressure``/``volume`` NaN for open replicas."""
   invariant = TABLE[key.ensemble].invariant
   kTs = _per_replica_kT(key)
 
-  def one(state, nbrs, kT):
+  def one(state, nbrs, kT, params):
     R, geom = state.position, nbrs.geometry
     ekin = 0.5 * jnp.sum(state.momentum**2 / state.mass)
     eye = jnp.eye(3, dtype=R.dtype)
-    u = lambda eps: energy(R, nbrs, perturbation=eye + eps)
+    u = lambda eps: energy(R, nbrs, perturbation=eye + eps, params=params)
     epot, dU = jax.value_and_grad(u)(jnp.zeros((3, 3), R.dtype))
     volume = jnp.where(geom.periodic, jnp.abs(jnp.linalg.det(geom.box)), jnp.nan)
     out = {
@@ -285,12 +302,14 @@ def _observe(
       "virial": 0.5 * (dU + dU.T),
     }
     if charges is not None:
-      out["charges"] = charges(R, nbrs)[1]
+      out["charges"] = charges(R, nbrs, params=params)[1]
     if invariant is not None:
       out["conserved"] = invariant(state, epot, ekin, dataclasses.replace(key.params, kT=kT))
     return out
 
-  return lambda state, nbrs: mapped(one, group)(state, nbrs, kTs)
+  return lambda state, nbrs, params: mapped(lambda s, nb, kT: one(s, nb, kT, params), group)(
+    state, nbrs, kTs
+  )
 
 
 def _guard(sizes: Array) -> Callable:
@@ -340,7 +359,12 @@ def make_engine(potential: potentials.Potential, key: BatchKey, batch: Batch) ->
   charged = charged_energies_fn(potential) if potential.config.electrostatics else None
   observe = _observe(key, energy, group, charged)
   traces = [0]
-  step = eng.step_fn(key, apply, None, float(potential.cutoff))
+
+  def step(carry):  # the carry's third part: the model's parameters
+    state, nbrs, params = carry
+    nbrs = nbrs.update(state.position)
+    return eng.keep_dtypes(apply(state, nbrs, params), state), nbrs, params
+
   chunk = eng.chunk_fn(key, step, observe, box_fn, traces, guard=_guard(jnp.asarray(batch.sizes)))
   return eng.Engine(key, neighbor_fn, energy, init, jax.jit(observe), chunk, box_fn, traces)
 
@@ -360,17 +384,18 @@ def placement(B: int) -> Callable:
   return lambda tree: jax.tree.map(put, tree)
 
 
-def start(engine: eng.Engine, batch: Batch, seeds: Sequence[int], dtype):
-  """``(carry, extra)`` of a batch: the list, and each replica's state from its seed (placed
-  on the devices by :func:`placement`)."""
+def start(engine: eng.Engine, batch: Batch, seeds: Sequence[int], dtype, params):
+  """``(carry, extra)`` of a batch: each replica's state from its seed (placed on the devices
+  by :func:`placement`), the list, and the model's ``params`` (an argument of the compiled
+  programs, not a constant in them)."""
   place = engine.neighbor_fn.place
   R = place(jnp.asarray(batch.R, dtype))
   nbrs, extra = eng.allocate(engine, R, None, 0)
   keys = place(jnp.stack([jax.random.PRNGKey(s) for s in seeds]))
-  state = engine.init_fn(
-    keys, R, place(jnp.asarray(batch.masses, dtype)), place(jnp.asarray(batch.momenta, dtype)), nbrs
-  )
-  return (place(eng.in_dtype(state, dtype)), nbrs, ()), extra
+  mass, momenta = (place(jnp.asarray(x, dtype)) for x in (batch.masses, batch.momenta))
+  params = jax.tree.map(jnp.asarray, params)
+  state = engine.init_fn(keys, R, mass, momenta, nbrs, params)
+  return (place(eng.in_dtype(state, dtype)), nbrs, params), extra
 
 
 def park(carry, slots: Sequence[int]):
@@ -477,7 +502,7 @@ def stacked_engine(key, *, energy_fn: Callable, neighbor_fn, shift_fn: Callable)
     return jax.vmap(lambda s, n: apply1(s, **nb_kw(n)))(state, nb)
 
   observe1 = eng.observe_fn(key, energy_fn, lambda s: jnp.asarray(box, s.position.dtype))
-  observe = lambda state, nbrs: jax.vmap(observe1)(state, inner(nbrs))
+  observe = lambda state, nbrs, aux=None: jax.vmap(observe1)(state, inner(nbrs))
 
   def guard(state, limits):
     codes, values = jax.vmap(eng.guard_code, in_axes=(0, None))(state, limits)
