@@ -14,6 +14,8 @@ import potentials
 from plugin import cli
 from plugin.learn import LearnOptions, learn, loop
 from plugin.learn import explore as explore_lib
+from plugin.learn import seed as seed_lib
+from plugin.learn.labels import LabelFile
 from plugin.learn.select import fingerprint, select
 
 # a model and budgets small enough for a loop in well under a minute on 2 cores
@@ -25,6 +27,7 @@ QUICK = dict(
   max_labels=22,
   uncertainty_target=0.01,  # below what this model reaches: every round labels
   seed_labels=8,
+  seed_md=False,  # rattles only: the call counts below (FlakyEMT) are those of labels
   per_round=6,
   check_per_round=2,
   replicas=1,
@@ -139,6 +142,44 @@ def test_rounds_fit_their_fixed_costs():
   state.rounds, now[0] = [round_0, {**round_1, "train_minutes": 1.6}], 6.6  # 1.2 fixed
   assert loop.affordable_rounds(ctx, state) == 1 and loop.shares_left(ctx, state) == 1
   assert loop.share_minutes(ctx, state) == pytest.approx(3.9)
+
+
+def test_seed_md_only_where_the_reference_is_cheap(tmp_path):
+  """Seed labels from MD with the reference where its calls fit 5 % of the time limit (one
+  call timed on the start, kept as a label), else rattles only; MD frames carry the
+  reference's labels and are spread over the ladder."""
+  assert seed_lib.md_frames(0.002, 24, 15.0) == 16  # GFN2 on glycine: 0.6 s of MD
+  assert seed_lib.md_frames(30.0, 24, 60.0) == 0  # a DFT call: 9600 s > 3 minutes
+  plan = seed_lib.md_plan([copper(), copper()], (300.0, 700.0), 5)
+  assert [n for _, _, n in plan] == [2, 1, 1, 1] and {(i, t) for i, t, _ in plan} == {
+    (0, 300.0),
+    (0, 700.0),
+    (1, 300.0),
+    (1, 700.0),
+  }
+  options = LearnOptions(**{**QUICK, "seed_md": None, "seed_labels": 8})
+  ctx = types.SimpleNamespace(
+    options=options, starts=[copper()], pool=types.SimpleNamespace(calc=EMT()),
+    labels=LabelFile(tmp_path / "labels.extxyz"), reference_name="emt", folder=tmp_path,
+    log=print,
+  )  # fmt: skip
+  state = types.SimpleNamespace(current={})
+  count = loop._seed_md_count(ctx, state)
+  assert count == 5 and state.current["seed_md_frames"] == 5  # 2/3 of the 7 after the start
+  loop.seed_md(ctx, count)
+  labels = ctx.labels.read()
+  assert [a.info["source"] for a in labels] == ["start:0"] + [f"md:{k}" for k in range(5)]
+  for a in labels[1:]:
+    ref = a.copy()
+    ref.calc = EMT()
+    np.testing.assert_allclose(a.get_forces(), ref.get_forces(), atol=1e-6)
+    assert np.abs(a.positions - copper().positions).max() > 0.01  # moved: thermal frames
+  assert (
+    loop._seed_md_count(
+      types.SimpleNamespace(**{**vars(ctx), "options": LearnOptions(**QUICK)}), state
+    )
+    == 0
+  )  # seed_md=False
 
 
 def test_exploration_stops_at_its_deadline(tmp_path):

@@ -54,7 +54,7 @@ def label_one(calc, atoms: Atoms, *, stress: bool) -> dict:
   return result
 
 
-def _reason(e: BaseException) -> str:
+def failure_reason(e: BaseException) -> str:
   """One line for failures.jsonl: the exception type and the start of its message."""
   text = " ".join(str(e).split()) or repr(e)
   return f"{type(e).__name__}: {text}"[:_REASON_CHARS]
@@ -95,7 +95,7 @@ def _worker(conn, spec: str, path: list, threads: int) -> None:
   try:
     calc = reference_from_spec(spec)
   except BaseException as e:  # reported to the parent, which raises it
-    conn.send(("fatal", _reason(e)))
+    conn.send(("fatal", failure_reason(e)))
     return
   conn.send(("ready",))
   while True:
@@ -109,7 +109,7 @@ def _worker(conn, spec: str, path: list, threads: int) -> None:
     try:
       conn.send((task, label_one(calc, _atoms(payload), stress=stress), None))
     except Exception as e:  # any reference failure fails this frame only
-      conn.send((task, None, _reason(e)))
+      conn.send((task, None, failure_reason(e)))
 
 
 @contextlib.contextmanager
@@ -236,7 +236,7 @@ class LabelPool:
       try:
         yield i, label_one(self.calc, atoms, stress=stress), None
       except Exception as e:  # one frame's failure is recorded, not fatal
-        yield i, None, _reason(e)
+        yield i, None, failure_reason(e)
 
   def _replace(self, k: int) -> None:
     self._slots[k].stop()

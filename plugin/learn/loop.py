@@ -24,7 +24,7 @@ from potentials import training
 
 from . import explore as explore_lib
 from . import seed as seed_lib
-from .labels import LabelFile, LabelPool, isolated_atom_energies
+from .labels import LabelFile, LabelPool, failure_reason, isolated_atom_energies, label_one
 from .options import LearnOptions
 from .select import fingerprint, select
 from .state import LearnState
@@ -91,9 +91,9 @@ def label_pending(ctx: Context, state: LearnState) -> dict:
 
   round_ = state.pending["round"]
   frames = ase.io.read(ctx.folder / PENDING, ":")
-  done = {_source_index(a.info) for a in ctx.labels.read() if a.info.get("round") == round_}
-  done |= {_source_index(f) for f in ctx.labels.failures() if f.get("round") == round_}
-  todo = [a for a in frames if a.info["pending"] not in done]
+  done = {str(a.info.get("source")) for a in ctx.labels.read() if a.info.get("round") == round_}
+  done |= {str(f.get("source")) for f in ctx.labels.failures() if f.get("round") == round_}
+  todo = [a for a in frames if _source(a.info) not in done]
   stress = all(np.all(a.pbc) for a in todo)
   counts = {"labelled": 0, "failed": 0}
   for k, result, reason in ctx.pool.label(todo, stress=stress):
@@ -113,10 +113,6 @@ def label_pending(ctx: Context, state: LearnState) -> dict:
 def _source(info: dict) -> str:
   """``kind:index`` (kind: seed, select, check): the frame's place in its round's list."""
   return f"{info['source']}:{info['pending']}"
-
-
-def _source_index(info: dict) -> int:
-  return int(str(info.get("source", "x:-1")).rsplit(":", 1)[1])
 
 
 def frames_of(ctx: Context, potential: potentials.Potential, where=lambda info: True):
@@ -170,13 +166,66 @@ def errors(potential, frames) -> dict:
 
 
 def seed_round(ctx: Context, state: LearnState) -> None:
-  """Round 0: rattled copies of the starts, to be labelled and trained on (finish_round)."""
+  """Round 0: rattled copies of the starts, queued for labels, and where the reference is
+  cheap enough (:func:`plugin.learn.seed.md_frames`) frames of MD with it, labelled as they
+  come; finish_round labels the rest and trains on them."""
   o = ctx.options
-  frames = seed_lib.rattled(ctx.starts, o.seed_labels, o.rattle, o.seed)
+  state.current = {"round": 0, "started_minutes": round(ctx.minutes(), 2)}
+  count = _seed_md_count(ctx, state)
+  frames = seed_lib.rattled(ctx.starts, o.seed_labels - count, o.rattle, o.seed)
   for a in frames:
     a.info["source"] = "seed"
-  state.current = {"round": 0, "started_minutes": round(ctx.minutes(), 2)}
   write_pending(ctx, state, frames, 0)
+  if count:
+    seed_md(ctx, count)
+
+
+def _seed_md_count(ctx: Context, state: LearnState) -> int:
+  """Seed labels to take from reference MD (``LearnOptions.seed_md``; None: by the cost of
+  one reference call on the first start, timed here and kept as a label)."""
+  o = ctx.options
+  if o.seed_md is False or o.seed_labels < 2:
+    return 0
+  if o.seed_md is True:
+    return seed_lib.md_frames(0.0, o.seed_labels, o.time_limit)
+  start = ctx.starts[0]
+  t0 = time.perf_counter()
+  stress = bool(np.all(start.pbc))
+  try:
+    result = label_one(ctx.pool.calc, start, stress=stress)
+  except Exception as e:  # noqa: BLE001 - the reference fails on the start: no MD with it
+    reason = failure_reason(e)
+    ctx.labels.fail(start, reason, reference=ctx.reference_name, round=0, source="start:0")
+    return 0
+  seconds = time.perf_counter() - t0
+  ctx.labels.append(start, result, reference=ctx.reference_name, round=0, source="start:0")
+  state.current["reference_call_seconds"] = round(seconds, 4)
+  count = seed_lib.md_frames(seconds, o.seed_labels - 1, o.time_limit)
+  state.current["seed_md_frames"] = count
+  return count
+
+
+def seed_md(ctx: Context, count: int) -> None:
+  """``count`` labels from MD with the reference (in this process) at every temperature of the
+  ladder from every start, appended as each run ends (its frames are on disk as they come)."""
+  o = ctx.options
+  folder = ctx.folder / "seed-md"
+  folder.mkdir(exist_ok=True)
+  k = 0
+  for run, (i, t, n) in enumerate(seed_lib.md_plan(ctx.starts, o.temperatures, count)):
+    start = ctx.starts[i]
+    dt = o.timestep_for(start.numbers)
+    traj = folder / f"md-{run}.extxyz"
+    frames, failure = seed_lib.reference_md(start, ctx.pool.calc, temperature=t, frames=n,
+                                            timestep=dt, seed=o.seed + run, traj=traj)  # fmt: skip
+    if failure:
+      ctx.log(f"seed MD at {t:g} K ended after {len(frames)} of {n} frames: {failure}")
+    for a in frames:
+      result = {"energy": a.get_potential_energy(), "forces": a.get_forces()}
+      if np.all(a.pbc):
+        result["stress"] = a.get_stress(voigt=False)
+      ctx.labels.append(a, result, reference=ctx.reference_name, round=0, source=f"md:{k}")
+      k += 1
 
 
 def fresh_model(ctx: Context, state: LearnState) -> potentials.Potential:

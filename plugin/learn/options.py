@@ -36,7 +36,11 @@ class LearnOptions:
       whole exploration round at the top temperature stays under it.
     workers: label worker processes (0: label in this process, no timeout).
     label_timeout: seconds per reference call; a call past it is killed and recorded.
-    seed_labels: rattled copies of the start structures labelled before the first model.
+    seed_labels: labels before the first model: rattled copies of the start structures and,
+      with ``seed_md``, frames of MD with the reference (two thirds of them).
+    seed_md: take seed labels from MD with the reference at the ladder's temperatures (in
+      this process, one frame per 20 steps); None (default): when one reference call on the
+      first start shows that MD fits 5 % of ``time_limit``.
     rattle: largest displacement amplitude of the seed copies (Å; a ladder up to it).
     rounds: exploration rounds planned (None: a quarter of ``time_limit`` in minutes, 3 to
       12); each gets an equal share of the exploration time and of the labels left, and the
@@ -65,6 +69,7 @@ class LearnOptions:
   workers: int = dataclasses.field(default_factory=default_workers)
   label_timeout: float = 600.0
   seed_labels: int = 24
+  seed_md: Optional[bool] = None
   rattle: float = 0.15
   rounds: Optional[int] = None
   per_round: int = 100
@@ -92,6 +97,8 @@ class LearnOptions:
         raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
     if self.readout_heads < 2:
       raise ValueError("readout_heads must be >= 2: the uncertainty is the heads' spread")
+    if self.seed_md is not None and not isinstance(self.seed_md, bool):
+      raise ValueError(f"seed_md must be True, False or None (by cost), got {self.seed_md!r}")
     if not isinstance(self.workers, int) or self.workers < 0:
       raise ValueError(f"workers must be an integer >= 0, got {self.workers!r}")
     if self.rounds is not None and (not isinstance(self.rounds, int) or self.rounds < 1):

@@ -1,20 +1,33 @@
-"""The first labels: rattled copies of the start structures.
+"""The first labels: rattled copies of the start structures, and (when the reference is cheap)
+frames of a short MD with the reference itself.
 
 Copies displaced by a ladder of amplitudes (from a tenth of ``rattle`` up to it) give the
 first model the curvature around the start and some of the repulsive wall; periodic cells are
-also strained a little (up to 2 %) so the stress has something to fit. A short MD with the
-reference would add correlated frames at the price of many more reference calls; rattles
-cost one call each and the exploration rounds reach the thermal region anyway.
+also strained a little (up to 2 %) so the stress has something to fit. Reference MD frames
+(every ``MD_INTERVAL`` steps, at each temperature of the ladder) put the first model where
+the exploration starts: in the thermal region. Rattles alone left it there blind: on glycine
+with GFN2-xTB its replicas ran away within 0.025 ps and every later round labelled runaways
+(docs' benchmarks, active learning). MD costs ``MD_INTERVAL`` reference calls per frame, so it
+is used only where those fit ``MD_FRACTION`` of the time limit (:func:`md_frames`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import List, Sequence
 
 import numpy as np
 from ase import Atoms
 
+from plugin.data import read_images
+from plugin.md.ase_engine import run_ase
+
+from .labels import failure_reason
+
 _STRAIN = 0.02
+MD_INTERVAL = 20  # reference MD steps between kept frames (closer ones are nearly copies)
+MD_FRACTION = 0.05  # of the time limit, the most the seed MD may be expected to take
+MD_SHARE = 2 / 3  # of the seed labels, from MD where it is affordable (the rest rattled)
 
 
 def rattled(starts: Sequence[Atoms], count: int, rattle: float, seed: int) -> List[Atoms]:
@@ -33,3 +46,39 @@ def rattled(starts: Sequence[Atoms], count: int, rattle: float, seed: int) -> Li
     a.info = {"start": i % len(starts), "rattle": float(amp)}
     out.append(a)
   return out
+
+
+def md_frames(call_seconds: float, seed_labels: int, time_limit_minutes: float) -> int:
+  """Seed labels to take from reference MD: ``MD_SHARE`` of ``seed_labels`` if their
+  ``MD_INTERVAL`` calls each, at ``call_seconds`` a call, fit ``MD_FRACTION`` of the time
+  limit, else 0 (a DFT reference: rattles only)."""
+  wanted = int(round(MD_SHARE * seed_labels))
+  affordable = wanted * MD_INTERVAL * call_seconds <= MD_FRACTION * 60.0 * time_limit_minutes
+  return wanted if affordable else 0
+
+
+def md_plan(starts: Sequence[Atoms], temperatures: Sequence[float], count: int) -> List[tuple]:
+  """``(start index, temperature, frames)`` runs sharing ``count`` frames, every start at
+  every temperature (at least one frame each)."""
+  runs = [(i, t) for i in range(len(starts)) for t in temperatures]
+  share = np.full(len(runs), count // len(runs))
+  share[: count % len(runs)] += 1
+  return [(i, t, max(1, int(n))) for (i, t), n in zip(runs, share)]
+
+
+def reference_md(
+  start: Atoms, calc, *, temperature: float, frames: int, timestep: float, seed: int, traj: Path
+) -> List[Atoms]:
+  """``(frames, failure)``: up to ``frames`` frames (energy, forces, stress where periodic: the
+  reference's) of NVT Langevin MD with ``calc`` from ``start``, one every ``MD_INTERVAL``
+  steps after the start, written to ``traj`` as they come; a reference call that fails
+  (``failure``: its reason, else None) or a runaway guard ends the run with the frames so far."""
+  failure = None
+  try:
+    run_ase(
+      start, calc, ensemble="nvt_langevin", timestep=timestep, steps=frames * MD_INTERVAL,
+      temperature=temperature, interval=MD_INTERVAL, seed=seed, traj=str(traj),
+    )  # fmt: skip
+  except Exception as e:  # noqa: BLE001 - an SCF failure mid-MD costs that run, not the loop
+    failure = failure_reason(e)
+  return (read_images(traj)[1:] if traj.exists() else []), failure
