@@ -15,7 +15,8 @@ from plugin import cli
 from plugin.learn import LearnOptions, learn, loop
 from plugin.learn import explore as explore_lib
 from plugin.learn import seed as seed_lib
-from plugin.learn.labels import LabelFile
+from plugin.learn.labels import LabelFile, LabelPool
+from plugin.learn.state import LearnState
 from plugin.learn.select import fingerprint, select
 
 # a model and budgets small enough for a loop in well under a minute on 2 cores
@@ -147,7 +148,7 @@ def test_rounds_fit_their_fixed_costs():
 def test_seed_md_only_where_the_reference_is_cheap(tmp_path):
   """Seed labels from MD with the reference where its calls fit 5 % of the time limit (one
   call timed on the start, kept as a label), else rattles only; MD frames carry the
-  reference's labels and are spread over the ladder."""
+  reference's labels, are spread over the ladder, and a kill mid-MD loses no finished run."""
   assert seed_lib.md_frames(0.002, 24, 15.0) == 16  # GFN2 on glycine: 0.6 s of MD
   assert seed_lib.md_frames(30.0, 24, 60.0) == 0  # a DFT call: 9600 s > 3 minutes
   plan = seed_lib.md_plan([copper(), copper()], (300.0, 700.0), 5)
@@ -157,16 +158,20 @@ def test_seed_md_only_where_the_reference_is_cheap(tmp_path):
     (1, 300.0),
     (1, 700.0),
   }
+  assert [n for _, _, n in seed_lib.md_plan([copper()] * 3, (300.0, 700.0), 2)] == [1, 1]
   options = LearnOptions(**{**QUICK, "seed_md": None, "seed_labels": 8})
+  calls = FlakyEMT(interrupt_at=80)  # a kill in the second MD run (calls 1: start, 2-62: run 1)
   ctx = types.SimpleNamespace(
-    options=options, starts=[copper()], pool=types.SimpleNamespace(calc=EMT()),
-    labels=LabelFile(tmp_path / "labels.extxyz"), reference_name="emt", folder=tmp_path,
-    log=print,
+    options=options, starts=[copper()], pool=LabelPool(calls), log=print, folder=tmp_path,
+    labels=LabelFile(tmp_path / "labels.extxyz"), reference_name="emt", minutes=lambda: 0.0,
   )  # fmt: skip
-  state = types.SimpleNamespace(current={})
-  count = loop._seed_md_count(ctx, state)
-  assert count == 5 and state.current["seed_md_frames"] == 5  # 2/3 of the 7 after the start
-  loop.seed_md(ctx, count)
+  state = LearnState(fingerprint={}, species=[29], current={"round": 0})
+  assert loop._seed_md_count(ctx, state) == 5  # 2/3 of the 7 after the start
+  with pytest.raises(KeyboardInterrupt):
+    loop.seed_md(ctx, state)
+  assert state.current["seed_md_runs"] == 1 and len(ctx.labels.read()) == 1 + 3
+  ctx.pool = LabelPool(EMT())
+  loop.seed_md(ctx, state)  # the resumed round runs what is left
   labels = ctx.labels.read()
   assert [a.info["source"] for a in labels] == ["start:0"] + [f"md:{k}" for k in range(5)]
   for a in labels[1:]:
@@ -174,12 +179,9 @@ def test_seed_md_only_where_the_reference_is_cheap(tmp_path):
     ref.calc = EMT()
     np.testing.assert_allclose(a.get_forces(), ref.get_forces(), atol=1e-6)
     assert np.abs(a.positions - copper().positions).max() > 0.01  # moved: thermal frames
-  assert (
-    loop._seed_md_count(
-      types.SimpleNamespace(**{**vars(ctx), "options": LearnOptions(**QUICK)}), state
-    )
-    == 0
-  )  # seed_md=False
+  assert loop._seed_md_count(ctx, state) == 0  # the start was called once: not again
+  never = types.SimpleNamespace(**{**vars(ctx), "options": LearnOptions(**QUICK)})
+  assert loop._seed_md_count(never, state) == 0  # seed_md=False
 
 
 def test_exploration_stops_at_its_deadline(tmp_path):

@@ -48,6 +48,11 @@ def label_one(calc, atoms: Atoms, *, stress: bool) -> dict:
   }
   if stress and np.all(a.pbc):
     result["stress"] = np.array(a.get_stress(voigt=False), np.float64).reshape(3, 3)
+  return checked(result)
+
+
+def checked(result: dict) -> dict:
+  """``result`` (energy, forces[, stress]) if every value is finite, else LabelError."""
   bad = [k for k, v in result.items() if not np.all(np.isfinite(v))]
   if bad:
     raise LabelError(f"non-finite {', '.join(bad)} from the reference")

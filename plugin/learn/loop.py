@@ -24,7 +24,7 @@ from potentials import training
 
 from . import explore as explore_lib
 from . import seed as seed_lib
-from .labels import LabelFile, LabelPool, failure_reason, isolated_atom_energies, label_one
+from .labels import LabelError, LabelFile, LabelPool, failure_reason, isolated_atom_energies
 from .options import LearnOptions
 from .select import fingerprint, select
 from .state import LearnState
@@ -167,65 +167,80 @@ def errors(potential, frames) -> dict:
 
 def seed_round(ctx: Context, state: LearnState) -> None:
   """Round 0: rattled copies of the starts, queued for labels, and where the reference is
-  cheap enough (:func:`plugin.learn.seed.md_frames`) frames of MD with it, labelled as they
-  come; finish_round labels the rest and trains on them."""
+  cheap enough (:func:`plugin.learn.seed.md_frames`) frames of MD with it (:func:`seed_md`);
+  finish_round labels the rest and trains on them."""
   o = ctx.options
   state.current = {"round": 0, "started_minutes": round(ctx.minutes(), 2)}
   count = _seed_md_count(ctx, state)
-  frames = seed_lib.rattled(ctx.starts, o.seed_labels - count, o.rattle, o.seed)
+  timed = 1 if "reference_call_seconds" in state.current else 0  # the start, labelled
+  frames = seed_lib.rattled(ctx.starts, max(0, o.seed_labels - timed - count), o.rattle, o.seed)
   for a in frames:
     a.info["source"] = "seed"
   write_pending(ctx, state, frames, 0)
-  if count:
-    seed_md(ctx, count)
+  seed_md(ctx, state)
 
 
 def _seed_md_count(ctx: Context, state: LearnState) -> int:
-  """Seed labels to take from reference MD (``LearnOptions.seed_md``; None: by the cost of
-  one reference call on the first start, timed here and kept as a label)."""
+  """Seed labels to take from reference MD (``LearnOptions.seed_md``; None: by the time of
+  one reference call on the first start, made through the pool and kept as a label), also
+  recorded in ``state.current["seed_md_frames"]``."""
   o = ctx.options
-  if o.seed_md is False or o.seed_labels < 2:
-    return 0
+  count = 0
   if o.seed_md is True:
-    return seed_lib.md_frames(0.0, o.seed_labels, o.time_limit)
-  start = ctx.starts[0]
-  t0 = time.perf_counter()
-  stress = bool(np.all(start.pbc))
-  try:
-    result = label_one(ctx.pool.calc, start, stress=stress)
-  except Exception as e:  # noqa: BLE001 - the reference fails on the start: no MD with it
-    reason = failure_reason(e)
-    ctx.labels.fail(start, reason, reference=ctx.reference_name, round=0, source="start:0")
-    return 0
-  seconds = time.perf_counter() - t0
-  ctx.labels.append(start, result, reference=ctx.reference_name, round=0, source="start:0")
-  state.current["reference_call_seconds"] = round(seconds, 4)
-  count = seed_lib.md_frames(seconds, o.seed_labels - 1, o.time_limit)
+    count = seed_lib.md_frames(0.0, o.seed_labels, o.time_limit)
+  elif o.seed_md is None and o.seed_labels >= 2 and not _start_tried(ctx):
+    start = ctx.starts[0]
+    t0 = time.perf_counter()
+    ((_, result, reason),) = list(ctx.pool.label([start], stress=bool(np.all(start.pbc))))
+    seconds = time.perf_counter() - t0
+    tag = dict(reference=ctx.reference_name, round=0, source="start:0")
+    if result is None:
+      ctx.labels.fail(start, reason, **tag)
+    else:
+      ctx.labels.append(start, result, **tag)
+      state.current["reference_call_seconds"] = round(seconds, 4)
+      count = seed_lib.md_frames(seconds, o.seed_labels - 1, o.time_limit)
   state.current["seed_md_frames"] = count
   return count
 
 
-def seed_md(ctx: Context, count: int) -> None:
-  """``count`` labels from MD with the reference (in this process) at every temperature of the
-  ladder from every start, appended as each run ends (its frames are on disk as they come)."""
-  o = ctx.options
+def _start_tried(ctx: Context) -> bool:
+  """Whether a seed round cut by a kill before its state was saved called the reference on
+  the start already (it is not called twice; that round seeds without MD)."""
+  tried = [a.info for a in ctx.labels.read()] + ctx.labels.failures()
+  return any(i.get("round") == 0 and i.get("source") == "start:0" for i in tried)
+
+
+def seed_md(ctx: Context, state: LearnState) -> None:
+  """The seed MD runs with the reference (in this process) that are not done yet: every start
+  at every temperature of the ladder; each run's frames are labelled when it ends (a run cut
+  by a kill is run again on resume: the rule only allows MD for a cheap reference)."""
+  o, record = ctx.options, state.current
+  plan = seed_lib.md_plan(ctx.starts, o.temperatures, record.get("seed_md_frames", 0))
+  done = record.get("seed_md_runs", 0)
+  if done >= len(plan):
+    return
   folder = ctx.folder / "seed-md"
   folder.mkdir(exist_ok=True)
-  k = 0
-  for run, (i, t, n) in enumerate(seed_lib.md_plan(ctx.starts, o.temperatures, count)):
+  k = sum(n for _, _, n in plan[:done])  # label indices stay those of a run without a kill
+  for run in range(done, len(plan)):
+    i, t, n = plan[run]
     start = ctx.starts[i]
-    dt = o.timestep_for(start.numbers)
-    traj = folder / f"md-{run}.extxyz"
-    frames, failure = seed_lib.reference_md(start, ctx.pool.calc, temperature=t, frames=n,
-                                            timestep=dt, seed=o.seed + run, traj=traj)  # fmt: skip
+    frames, failure = seed_lib.reference_md(
+      start, ctx.pool.calc, temperature=t, frames=n, timestep=o.timestep_for(start.numbers),
+      seed=o.seed + run, traj=folder / f"md-{run}.extxyz",
+    )  # fmt: skip
     if failure:
       ctx.log(f"seed MD at {t:g} K ended after {len(frames)} of {n} frames: {failure}")
-    for a in frames:
-      result = {"energy": a.get_potential_energy(), "forces": a.get_forces()}
-      if np.all(a.pbc):
-        result["stress"] = a.get_stress(voigt=False)
-      ctx.labels.append(a, result, reference=ctx.reference_name, round=0, source=f"md:{k}")
-      k += 1
+    for j, a in enumerate(frames):
+      tag = dict(reference=ctx.reference_name, round=0, source=f"md:{k + j}")
+      try:
+        ctx.labels.append(a, seed_lib.frame_label(a), **tag)
+      except LabelError as e:
+        ctx.labels.fail(a, failure_reason(e), **tag)
+    k += n
+    record["seed_md_runs"] = run + 1
+    save(ctx, state)
 
 
 def fresh_model(ctx: Context, state: LearnState) -> potentials.Potential:
@@ -241,6 +256,8 @@ def finish_round(ctx: Context, state: LearnState, potential) -> potentials.Poten
   """Label the round's pending frames, check the model that chose them on them, train on
   every label and close the round's record; resumable at each step."""
   record, r = state.current, state.current["round"]
+  if r == 0:  # seed MD runs a kill cut short
+    seed_md(ctx, state)
   if state.pending is not None:
     record.update(label_pending(ctx, state))
   if r > 0 and "next_round" not in record:

@@ -14,7 +14,7 @@ is used only where those fit ``MD_FRACTION`` of the time limit (:func:`md_frames
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from ase import Atoms
@@ -22,7 +22,7 @@ from ase import Atoms
 from plugin.data import read_images
 from plugin.md.ase_engine import run_ase
 
-from .labels import failure_reason
+from .labels import LabelError, checked, failure_reason
 
 _STRAIN = 0.02
 MD_INTERVAL = 20  # reference MD steps between kept frames (closer ones are nearly copies)
@@ -58,17 +58,19 @@ def md_frames(call_seconds: float, seed_labels: int, time_limit_minutes: float) 
 
 
 def md_plan(starts: Sequence[Atoms], temperatures: Sequence[float], count: int) -> List[tuple]:
-  """``(start index, temperature, frames)`` runs sharing ``count`` frames, every start at
-  every temperature (at least one frame each)."""
-  runs = [(i, t) for i in range(len(starts)) for t in temperatures]
+  """``(start index, temperature, frames)`` runs sharing ``count`` frames: every start at
+  every temperature (the first ``count`` of those pairs when there are more)."""
+  runs = [(i, t) for i in range(len(starts)) for t in temperatures][:count]
+  if not runs:
+    return []
   share = np.full(len(runs), count // len(runs))
   share[: count % len(runs)] += 1
-  return [(i, t, max(1, int(n))) for (i, t), n in zip(runs, share)]
+  return [(i, t, int(n)) for (i, t), n in zip(runs, share)]
 
 
 def reference_md(
   start: Atoms, calc, *, temperature: float, frames: int, timestep: float, seed: int, traj: Path
-) -> List[Atoms]:
+) -> Tuple[List[Atoms], Optional[str]]:
   """``(frames, failure)``: up to ``frames`` frames (energy, forces, stress where periodic: the
   reference's) of NVT Langevin MD with ``calc`` from ``start``, one every ``MD_INTERVAL``
   steps after the start, written to ``traj`` as they come; a reference call that fails
@@ -82,3 +84,17 @@ def reference_md(
   except Exception as e:  # noqa: BLE001 - an SCF failure mid-MD costs that run, not the loop
     failure = failure_reason(e)
   return (read_images(traj)[1:] if traj.exists() else []), failure
+
+
+def frame_label(atoms: Atoms) -> dict:
+  """The reference's energy, forces (and stress, periodic) an MD frame carries, checked as
+  :func:`plugin.learn.labels.label_one` checks a call's; LabelError otherwise."""
+  from ase.calculators.calculator import PropertyNotImplementedError
+
+  result = {"energy": float(atoms.get_potential_energy()), "forces": atoms.get_forces()}
+  if np.all(atoms.pbc):
+    try:
+      result["stress"] = atoms.get_stress(voigt=False)
+    except PropertyNotImplementedError as e:
+      raise LabelError("the reference gave no stress for a periodic cell") from e
+  return checked(result)

@@ -397,17 +397,18 @@ def run(
     :class:`MDResult`, or a list of them for a list of structures.
   """
   opts = MDOptions.make(options, **overrides)
+  late = _deadline(opts.max_wall_time)  # from the call: compilation included
   check = _uncertainty_check(potential, opts)
   if not isinstance(atoms, ase.Atoms) and isinstance(atoms, (list, tuple)):
-    return _run_many(list(atoms), potential, opts, check)
+    return _run_many(list(atoms), potential, opts, check, late)
   if isinstance(opts.temperature, tuple) or isinstance(opts.seed, tuple):
     raise ValueError("one temperature or seed per system is for a list of systems")
   if isinstance(opts.traj, tuple) or isinstance(opts.log_file, tuple):
     raise ValueError("one traj or log_file per system is for a list of systems")
-  return _run_one(atoms, potential, opts, check)
+  return _run_one(atoms, potential, opts, check, late)
 
 
-def _run_one(atoms: ase.Atoms, potential, options: MDOptions, check_uncertain) -> MDResult:
+def _run_one(atoms: ase.Atoms, potential, options: MDOptions, check_uncertain, late) -> MDResult:
   """One system in one compiled program, chunk by chunk."""
   opts = options.for_system(0, 1)
   traj_path = None if options.traj is None else Path(options.traj)
@@ -424,7 +425,7 @@ def _run_one(atoms: ase.Atoms, potential, options: MDOptions, check_uncertain) -
   report = _reporter(options.progress, opts, start)
   g, reallocations, chunk_times, stopped, reason = start.first_step, 0, [], None, None
   limits = jnp.asarray([rec.limits["max_temperature"], rec.limits["max_force"]], opts.dtype)
-  uncertain, late = [], _deadline(options.max_wall_time)
+  uncertain = []
   try:
     for c in eng.simulate_chunks(engine, carry, start.first_step, opts.total_steps, extra, limits):
       code = c.guard
@@ -651,7 +652,9 @@ class _Tally:
 
 
 @_quiet_float64_requests
-def _run_many(systems: List[ase.Atoms], potential, options: MDOptions, check) -> List[MDResult]:
+def _run_many(
+  systems: List[ase.Atoms], potential, options: MDOptions, check, late
+) -> List[MDResult]:
   """Systems in one compiled program; a system that runs away (or, with ``check`` and
   ``uncertainty_action="stop"``, whose force uncertainty is too high) leaves the batch (its
   result names the guard, its last good frame is written) and is parked
@@ -665,7 +668,7 @@ def _run_many(systems: List[ase.Atoms], potential, options: MDOptions, check) ->
   ]
   report = _batch_reporter(options.progress, opts[0], first, [len(a) for a in systems])
   try:
-    _batch(potential, members, first, report, uncertainty, _deadline(options.max_wall_time))
+    _batch(potential, members, first, report, uncertainty, late)
   finally:
     report.close()
   return [m.result for m in members]
@@ -770,6 +773,8 @@ def _leaving(c: eng.Chunk, members: List[_Member], batch, uncertainty, potential
   uncertainty exceeds the limit when the action is "stop" (flagged ones are recorded), else
   all of them once ``late()`` gives the wall-time limit before the end."""
   if c.guard:
+    if members[c.where].result is not None:  # a parked system cannot fire: a defect, not a loop
+      raise RuntimeError(f"a guard fired for system {c.where}, which had left the batch")
     limits = members[c.where].rec.limits
     return [(c.where, c.guard, guards.reason(c.guard, c.stop + 1, c.value, **limits))]
   running = [k for k, m in enumerate(members) if m.result is None]

@@ -287,10 +287,10 @@ def chunk_fn(
         jnp.minimum(ifr, n_frames - 1),
         dict({k: obs[k] for k in frame_keys if k in obs}, state=state, box=box_fn(state), step=g),
       )
-    return logs, frames, jnp.all(jnp.isfinite(obs["epot"]))
+    return logs, frames, jnp.isfinite(obs["epot"])  # () alone, (B,) for a batch
 
   def skip(args):
-    return args[1], args[3], jnp.ones((), bool)
+    return args[1], args[3], jnp.ones(args[1]["epot"].shape[1:], bool)
 
   def chunk(carry, g0, n, g_end, limits):
     traces[0] += 1  # runs at trace time only: counts compilations
@@ -304,10 +304,15 @@ def chunk_fn(
       do_log = (g % li == 0) | last
       do_frame = ((g % ti == 0) | last) if ti else jnp.zeros((), bool)
       code, value, where = guard(new[0], limits)
-      logs, frames, energy_ok = lax.cond(
+      logs, frames, finite = lax.cond(
         (code == 0) & (do_log | do_frame), record, skip, (new, logs, il, frames, ifr, g)
       )
-      code = jnp.where((code == 0) & ~energy_ok, guards.NON_FINITE_ENERGY, code)
+      bad = ~finite
+      if bad.ndim:  # a batch: the replica whose energy failed; parked ones (limits[:, 2] 0) not
+        bad = bad & (limits[:, 2] > 0)
+      energy_bad = (code == 0) & jnp.any(bad)
+      code = jnp.where(energy_bad, guards.NON_FINITE_ENERGY, code)
+      where = jnp.where(energy_bad, jnp.argmax(bad).astype(where.dtype), where)
       ok = code == 0
       # a failed step is not taken: the carry stays the last good state
       carry = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, carry)

@@ -79,9 +79,9 @@ class MDOptions:
       "max_uncertainty"``, that frame written, the atoms named in ``reason``; in a batch that
       system leaves and the others go on); ``"flag"``: it warns, records the step and atoms
       in ``MDResult.uncertain`` and goes on.
-    max_wall_time: seconds (compilation included); a run (every system of a batch) stops at
-      the end of the first chunk past it (``stopped = "max_wall_time"``, that step's frame
-      written, so ``resume=True`` continues there). None (default): off.
+    max_wall_time: seconds from the call (compilation included); a run (every system of a
+      batch) stops at the end of the first chunk past it (``stopped = "max_wall_time"``, that
+      step's frame written, so ``resume=True`` continues there). None (default): off.
   """
 
   ensemble: str = DEFAULTS.ensemble

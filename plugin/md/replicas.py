@@ -160,7 +160,7 @@ def model_key(potential: potentials.Potential) -> tuple:
   configuration, species and the parameters' structure, shapes and dtypes. Models that
   share it (an active-learning run's rounds) share compiled programs."""
   leaves, tree = jax.tree_util.tree_flatten(potential.params)
-  shapes = tuple((np.shape(x), str(np.asarray(x).dtype)) for x in leaves)
+  shapes = tuple((tuple(x.shape), str(x.dtype)) for x in leaves)  # no copy to the host
   return potential.config, tuple(potential.species), tree, shapes
 
 
