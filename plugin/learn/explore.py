@@ -22,6 +22,7 @@ from ase import Atoms
 
 import potentials
 from plugin import md
+from plugin.md import guards
 from plugin.data import frame_from_atoms, read_images
 from potentials import training
 
@@ -30,6 +31,7 @@ from .options import LearnOptions
 STOP_FACTOR = 10.0  # a replica this far past the target is off the map: harvest and stop it
 FRAMES_PER_REPLICA = 40  # frames written per replica and pass (the candidates)
 MAX_PASSES = 4
+_DEADLINE = guards.NAMES[guards.WALL_TIME]  # a replica's ``stopped`` at the round's deadline
 
 
 @dataclasses.dataclass
@@ -54,12 +56,12 @@ class Exploration:
   @property
   def cut(self) -> bool:
     """Whether the round's deadline stopped its MD."""
-    return "max_wall_time" in self.stopped
+    return _DEADLINE in self.stopped
 
   @property
   def runaways(self) -> int:
     """Replicas that left the batch early (guard or uncertainty; not the deadline)."""
-    return sum(s is not None and s != "max_wall_time" for s in self.stopped)
+    return sum(s is not None and s != _DEADLINE for s in self.stopped)
 
   def top_max(self, top: float) -> float:
     """The largest score at the top temperature (inf if a replica there stopped early)."""

@@ -699,12 +699,12 @@ def _batch(potential, members: List[_Member], g: int, report, uncertainty, late)
   seeds = [m.seed for m in members]
   carry, extra = mrep.start(engine, batch, seeds, opts[0].dtype, potential.params)
   carry = (_restore_replicas(carry[0], starts),) + carry[1:]
-  views = [_replica_view(batch, i)[2] for i in range(len(members))]
+  views = [_replica_view(batch, i) for i in range(len(members))]  # (logs, frames, observed)
 
   def at(carry):  # view(k): system k's (state, observables, box) in ``carry``
     state, obs, boxes = _observed(engine, carry)
     state = jax.device_get(state)
-    return lambda k: views[k](state, obs, boxes)
+    return lambda k: views[k][2](state, obs, boxes)
 
   if all(st.last is None for st in starts):
     view = at(carry)
@@ -720,7 +720,7 @@ def _batch(potential, members: List[_Member], g: int, report, uncertainty, late)
       leaving, lim = [], jnp.asarray(limits, opts[0].dtype)
       for c in eng.simulate_chunks(engine, carry, g, opts[0].total_steps, extra, lim):
         leaving = _leaving(c, members, batch, uncertainty, potential, late)
-        _record(c, members, batch, leaving, at)
+        _record(c, members, views, leaving, at)
         carry, g, extra = c.carry, c.stop, c.extra
         tally.reallocations += c.reallocations
         tally.chunk_times.append(time.perf_counter() - c.t_start)
@@ -746,7 +746,7 @@ def _running(members: List[_Member]) -> List["_Recorder"]:
   return [m.rec for m in members if m.result is None]
 
 
-def _record(c: eng.Chunk, members: List[_Member], batch: mrep.Batch, leaving, at) -> None:
+def _record(c: eng.Chunk, members: List[_Member], views, leaving, at) -> None:
   """Chunk ``c``'s rows and frames for each running system (and the last good state of
   those ``leaving``; ``at(carry)(k)``: system ``k``'s state there)."""
   codes = {k: code for k, code, _ in leaving}
@@ -756,7 +756,7 @@ def _record(c: eng.Chunk, members: List[_Member], batch: mrep.Batch, leaving, at
   for k, m in enumerate(members):
     if m.result is not None:
       continue
-    lg, frames, _ = _replica_view(batch, k)
+    lg, frames, _ = views[k]
     m.rec.chunk(
       lg(c.logs),
       c.num_logs,
