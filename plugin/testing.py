@@ -216,10 +216,10 @@ def _run_jax_md(
       shift_fn=shift_fn,
       cutoff=0.0,
     )
-  carry, extra = eng.start(engine, jnp.asarray(R, dtype), np.eye(3), masses, momenta, seed=0)
+  carry, extra, known = eng.start(engine, jnp.asarray(R, dtype), np.eye(3), masses, momenta, seed=0)
   columns = output.columns_for(eng.observables(key))
   context = output.RowContext(len(atoms), lambda step: step * timestep_fs)
-  logs = [eng.start_logs(engine, carry, 0)]
+  logs = [eng.start_logs(engine, carry, 0, known)]
   counts = [1]
   for c in eng.simulate_chunks(engine, carry, 0, steps, extra):
     if c.guard:  # non-finite state: a conservation figure from a cut-short run would mislead

@@ -29,7 +29,8 @@ from jax_md import simulate, space
 import potentials
 import plugin.md as md
 from plugin import thermo
-from plugin.md.ensembles import npt_fractional_shift
+from plugin.md import engine as eng
+from plugin.md.ensembles import Params, npt_fractional_shift
 
 RC = 3.0
 SKIN = 0.2  # box widths >= 2 * (RC + SKIN) = 6.4 Å
@@ -179,6 +180,49 @@ def test_trajectory_frames(reference):
   assert last.info["md_time_fs"] == pytest.approx(STEPS * 1.0)
   # frame energies are the log's potential energies
   np.testing.assert_allclose([f.get_potential_energy() for f in fr], result.log.epot, rtol=1e-12)
+
+
+def test_recorded_energy_and_stress_are_the_models_at_those_positions(pot, reference):
+  # a recorded step's energy and stress come from that step's own force pass (engine.
+  # energy_tap; the start's from init's), not a second evaluation: still the calculator's
+  from plugin.ase import Calculator
+
+  for f in frames(reference[1])[::4]:
+    a = f.copy()
+    a.calc = Calculator(pot, dtype="float64")
+    assert a.get_potential_energy() == pytest.approx(f.get_potential_energy(), rel=1e-12)
+    np.testing.assert_allclose(a.get_stress(), f.get_stress(), rtol=0, atol=1e-12)
+
+
+def test_the_chunk_program_holds_the_model_once():
+  # the chunk traces the energy for the step's forces (and once for its shapes), never again
+  # for the energies (and virials, periodic) it records
+  traced = []
+
+  def energy_fn(R, **kw):
+    traced.append(1)
+    return 0.5 * jnp.sum(R**2)
+
+  params = Params.from_user(
+    timestep=0.5, temperature=300.0, friction=0.01, tau_t=100.0, tau_p=1000.0, pressure=0.0
+  )
+  for ensemble, periodic in (("nvt_langevin", True), ("nve", False)):
+    key = eng.EngineKey(
+      ensemble=ensemble, params=params, numbers=(29, 29), periodic=periodic,
+      box=tuple(np.eye(3).ravel()), dr_threshold=0.2, capacity_multiplier=1.0, chunk=10,
+      log_interval=5, traj_interval=5,
+    )  # fmt: skip
+    shift_fn = (space.periodic_general(np.eye(3)) if periodic else space.free())[1]
+    engine = eng.make_engine(
+      key, energy_fn=energy_fn, neighbor_fn=None, displacement_fn=None, shift_fn=shift_fn,
+      cutoff=0.0,
+    )  # fmt: skip
+    R = jnp.asarray([[0.1, 0.2, 0.3], [0.5, 0.5, 0.5]])
+    carry, _, known = eng.start(engine, R, np.eye(3), np.ones(2), np.zeros((2, 3)), seed=0)
+    assert set(known) == ({"epot", "virial"} if periodic else {"epot"})
+    traced.clear()
+    engine.chunk_fn.trace(carry, 0, 10, 10, eng.no_limits(R.dtype))
+    assert len(traced) == 2, ensemble
 
 
 def test_interrupted_run_resumes_to_the_same_trajectory(pot, reference, tmp_path):

@@ -113,7 +113,7 @@ def test_non_finite_forces_stop_the_compiled_loop_at_the_last_good_step():
     shift_fn=space.free()[1],
     cutoff=0.0,
   )
-  carry, extra = eng.start(
+  carry, extra, _ = eng.start(
     engine, jnp.zeros((1, 3)), np.eye(3), np.ones(1), np.array([[3.0, 0.0, 0.0]]), seed=0
   )
   chunks = list(eng.simulate_chunks(engine, carry, 0, 1000, extra))

@@ -22,6 +22,7 @@ from conftest import tiny_copper_potential
 
 import potentials
 import plugin.md as md
+from plugin.ase import Calculator
 from plugin.md import driver, replicas
 from plugin.md import engine as eng
 from plugin.md import system as msys
@@ -232,6 +233,10 @@ def test_a_runaway_replica_leaves_the_batch_and_the_others_finish(tmp_path):
     last = md.read_trajectory(md.driver.replica_path(out, i))[-1]
     assert last.info["md_step"] == r.total_steps == r.log.step[-1]
     assert last.get_temperature() <= 5000.0 and np.all(np.isfinite(last.positions))
+    # the energy of the last good step (no recorded step) is that step's own
+    fresh = last.copy()
+    fresh.calc = Calculator(exploding, dtype="float64")
+    assert fresh.get_potential_energy() == pytest.approx(last.get_potential_energy(), rel=1e-10)
   for i in (0, 2):
     assert res[i].stopped is None and res[i].total_steps == 200
     alone = md.run(calm, exploding, temperature=[1.0, 300.0, 2.0][i], seed=i, **kw)
@@ -260,7 +265,7 @@ def test_a_parked_replica_stands_still_and_keeps_no_pairs(pot):
   batch = replicas.stack(systems, momenta, pot)
   key = driver._batch_key([md.MDOptions(**NVE).for_system(i, 3) for i in range(3)], systems)
   engine = driver._batch_engine(pot, key, batch)
-  carry, extra = replicas.start(engine, batch, [0, 1, 2], jnp.float64, pot.params)
+  carry, extra, _ = replicas.start(engine, batch, [0, 1, 2], jnp.float64, pot.params)
   parked = replicas.park(carry, [1])
   assert int(parked[1].count[1]) == 0 and np.all(np.asarray(parked[1].dst[1]) == batch.num_atoms)
   grown, _ = eng.allocate(engine, parked[0].position, None, extra + 1, like=parked[1])

@@ -150,11 +150,14 @@ def _engine_key(opts: RunOptions, system: msys.System) -> eng.EngineKey:
 
 
 def _start_carry(engine: eng.Engine, start: _Start, opts: RunOptions):
-  """``(carry, extra)``: the integrator state (saved variables restored), list and aux."""
+  """``(carry, extra, known)``: the integrator state (saved variables restored), list and aux,
+  and what the start forces computed (:func:`plugin.md.engine.start`)."""
   system = start.system
   R = jnp.asarray(system.R, opts.dtype)
   momenta = msys.start_momenta(system, opts.init_temperature, opts.seed)
-  (state, nbrs, _), extra = eng.start(engine, R, system.box, system.masses, momenta, opts.seed)
+  (state, nbrs, _), extra, known = eng.start(
+    engine, R, system.box, system.masses, momenta, opts.seed
+  )
   if start.saved_state is not None:
     state, ok = msys.restore_extended(state, start.saved_state)
     if not ok:
@@ -166,13 +169,14 @@ def _start_carry(engine: eng.Engine, start: _Start, opts: RunOptions):
     elif engine.ensemble.variable_box:
       # Positions were read back through the frame's cell; use the restored box exactly.
       nbrs, extra = eng.allocate(engine, R, np.asarray(simulate.npt_box(state), np.float64), extra)
+      known = None
   elif start.last is not None and opts.ensemble != "nve":
     warnings.warn(
       f"resuming {opts.ensemble} from a frame without its integrator state (other "
       f"ensemble or extxyz file): thermostat/barostat variables start afresh",
       stacklevel=3,
     )
-  return (state, nbrs, eng.initial_aux(engine, state)), extra
+  return (state, nbrs, eng.initial_aux(engine, state)), extra, known
 
 
 def _limits(opts: RunOptions, start: _Start) -> Dict[str, float]:
@@ -307,10 +311,12 @@ class _Recorder:
     return final
 
 
-def _observed(engine: eng.Engine, carry):
-  """``(state, observables, box)`` of a carry, on the host."""
+def _observed(engine: eng.Engine, carry, known=None):
+  """``(state, observables, box)`` of a carry, on the host (``known``: what its step computed,
+  :attr:`plugin.md.engine.Chunk.known`; None: evaluated here)."""
   state = carry[0]
-  return (state, jax.device_get(engine.observe_fn(*carry)), np.asarray(engine.box_fn(state)))
+  obs = jax.device_get(engine.observe_fn(*carry, known))
+  return state, obs, np.asarray(engine.box_fn(state))
 
 
 def _frames(c: eng.Chunk) -> List[tuple]:
@@ -417,11 +423,12 @@ def _run_one(atoms: ase.Atoms, potential, options: MDOptions, check_uncertain, l
   start = _start(atoms, traj_path, options.resume, opts, potential)
   engine = eng.engine(potential, _engine_key(opts, start.system))
   traces0 = engine.traces[0]
-  carry, extra = _start_carry(engine, start, opts)
+  carry, extra, known = _start_carry(engine, start, opts)
   columns = output.columns_for(eng.observables(engine.key))
   rec = _Recorder(columns, start, opts, traj_path, options.log_file)
   if start.last is None:
-    rec.first(carry[0], eng.start_logs(engine, carry, start.first_step), engine.box_fn(carry[0]))
+    first = eng.start_logs(engine, carry, start.first_step, known)
+    rec.first(carry[0], first, engine.box_fn(carry[0]))
   report = _reporter(options.progress, opts, start)
   g, reallocations, chunk_times, stopped, reason = start.first_step, 0, [], None, None
   limits = jnp.asarray([rec.limits["max_temperature"], rec.limits["max_force"]], opts.dtype)
@@ -438,9 +445,14 @@ def _run_one(atoms: ase.Atoms, potential, options: MDOptions, check_uncertain, l
       limit = None if code or c.stop >= opts.total_steps else late()
       code = guards.WALL_TIME if limit is not None else code
       rec.chunk(
-        c.logs, c.num_logs, lambda: _frames(c), c.stop, code, lambda: _observed(engine, c.carry)
+        c.logs,
+        c.num_logs,
+        lambda: _frames(c),
+        c.stop,
+        code,
+        lambda: _observed(engine, c.carry, c.known),
       )
-      carry, g = c.carry, c.stop
+      carry, g, known = c.carry, c.stop, c.known
       reallocations += c.reallocations
       chunk_times.append(time.perf_counter() - c.t_start)
       report(g, max(c.stop - c.start, 1), carry[0], rec.rows, chunk_times[-1])
@@ -456,7 +468,7 @@ def _run_one(atoms: ase.Atoms, potential, options: MDOptions, check_uncertain, l
   finally:
     report.close()
   return MDResult(
-    atoms=rec.final(g, lambda: _observed(engine, carry)),
+    atoms=rec.final(g, lambda: _observed(engine, carry, known)),
     log=MDLog.from_rows(rec.columns, rec.rows),
     steps=g - start.first_step,
     first_step=start.first_step,
@@ -697,17 +709,17 @@ def _batch(potential, members: List[_Member], g: int, report, uncertainty, late)
   engine = _batch_engine(potential, _batch_key(opts, [st.system for st in starts]), batch)
   tally, traces0 = _Tally(), engine.traces[0]
   seeds = [m.seed for m in members]
-  carry, extra = mrep.start(engine, batch, seeds, opts[0].dtype, potential.params)
+  carry, extra, known = mrep.start(engine, batch, seeds, opts[0].dtype, potential.params)
   carry = (_restore_replicas(carry[0], starts),) + carry[1:]
   views = [_replica_view(batch, i) for i in range(len(members))]  # (logs, frames, observed)
 
-  def at(carry):  # view(k): system k's (state, observables, box) in ``carry``
-    state, obs, boxes = _observed(engine, carry)
+  def at(carry, known):  # view(k): system k's (state, observables, box) in ``carry``
+    state, obs, boxes = _observed(engine, carry, known)
     state = jax.device_get(state)
     return lambda k: views[k][2](state, obs, boxes)
 
   if all(st.last is None for st in starts):
-    view = at(carry)
+    view = at(carry, known)
     for k, m in enumerate(members):
       s_k, o_k, b_k = view(k)
       m.rec.first(
@@ -721,14 +733,14 @@ def _batch(potential, members: List[_Member], g: int, report, uncertainty, late)
       for c in eng.simulate_chunks(engine, carry, g, opts[0].total_steps, extra, lim):
         leaving = _leaving(c, members, batch, uncertainty, potential, late)
         _record(c, members, views, leaving, at)
-        carry, g, extra = c.carry, c.stop, c.extra
+        carry, g, extra, known = c.carry, c.stop, c.extra, c.known
         tally.reallocations += c.reallocations
         tally.chunk_times.append(time.perf_counter() - c.t_start)
         report(g, max(c.stop - c.start, 1), tally.chunk_times[-1], _running(members))
         if leaving:
           break
       tally.compilations = engine.traces[0] - traces0
-      view = at(carry)
+      view = at(carry, known)
       for k, code, reason in leaving:
         _drop(members[k], code, reason, g, tally, view(k))
       if not leaving or not _running(members):
@@ -748,11 +760,11 @@ def _running(members: List[_Member]) -> List["_Recorder"]:
 
 def _record(c: eng.Chunk, members: List[_Member], views, leaving, at) -> None:
   """Chunk ``c``'s rows and frames for each running system (and the last good state of
-  those ``leaving``; ``at(carry)(k)``: system ``k``'s state there)."""
+  those ``leaving``; ``at(carry, known)(k)``: system ``k``'s state there)."""
   codes = {k: code for k, code, _ in leaving}
   write = any(m.rec.traj is not None for m in members if m.result is None)
   fr = jax.device_get(c.frames) if write else None
-  last = functools.lru_cache(maxsize=1)(lambda: at(c.carry))  # observed once, if needed
+  last = functools.lru_cache(maxsize=1)(lambda: at(c.carry, c.known))  # once, if needed
   for k, m in enumerate(members):
     if m.result is not None:
       continue

@@ -3,8 +3,10 @@
 Steps run on the device in chunks of ``chunk`` steps: one jitted call per chunk, a
 ``lax.fori_loop`` whose body updates JAX-MD's neighbour list (``nbrs.update``, as in JAX-MD's
 examples: update, then integrate) and takes one integrator step. Log rows and trajectory frames
-are recorded inside the loop into fixed-size buffers (``lax.cond``, so the energy is evaluated
-only at the recorded steps) and copied to the host once per chunk.
+are recorded inside the loop into fixed-size buffers (``lax.cond``: only at the recorded steps)
+and copied to the host once per chunk. A recorded energy (and virial) is the one the step's
+force pass computed on the way (:func:`energy_tap`, fixed boxes): the model appears once in
+the compiled chunk, not twice (the second copy was about half of its compile time).
 
 After each chunk the host reads JAX-MD's error bits. If the neighbour (or cell) list overflowed
 at any step of the chunk, the steps after it were computed with a truncated list, so the chunk is
@@ -74,8 +76,8 @@ class Engine:
   key: EngineKey
   neighbor_fn: Optional[partition.NeighborListFns]  # None: an energy without pair list
   energy_fn: Callable
-  init_fn: Callable  # jitted (key, R, box, mass, momenta, nbrs) -> state
-  observe_fn: Callable  # jitted (state, nbrs, aux) -> dict of scalars (aux: the carry's third)
+  init_fn: Callable  # jitted (key, R, box, mass, momenta, nbrs) -> (state, known)
+  observe_fn: Callable  # jitted (state, nbrs, aux, known=None) -> dict (aux: the carry's third)
   chunk_fn: Callable  # jitted, see chunk_fn
   box_fn: Callable  # state -> (3, 3) box
   traces: List[int]  # [number of chunk_fn traces]
@@ -92,10 +94,47 @@ def keep_dtypes(new, old):
   return jax.tree.map(lambda n, o: n.astype(jnp.result_type(o)), new, old)
 
 
+def energy_tap(energy_fn: Callable, *, virial: bool) -> Tuple[Callable, Callable]:
+  """``(force_fn, take)``: ``force_fn(R, **kwargs) = -dU/dR`` for a JAX-MD integrator that also
+  keeps the energy it computed on the way (``virial``: and the symmetric ``dU/d eps`` of a
+  strain ``1 + eps``, from the same reverse pass); ``take()`` hands over what the last call kept
+  (``{"epot"[, "virial"]}``; ``{}`` if none) and forgets it.
+
+  Why: a step's forces evaluate the model at its new positions anyway; a recorded step's energy
+  from a second evaluation would put the model into the compiled chunk twice (measured: about
+  half its compile time). ``take`` must run in the trace of the call (the same step, inside the
+  same ``vmap``/``lax.map`` body).
+  """
+  kept: List[dict] = []
+
+  def force_fn(R, **kwargs):
+    if virial:
+      eye = jnp.eye(3, dtype=R.dtype)
+      u = lambda R, eps: energy_fn(R, perturbation=eye + eps, **kwargs)
+      epot, (dR, dU) = jax.value_and_grad(u, argnums=(0, 1))(R, jnp.zeros((3, 3), R.dtype))
+      kept[:] = [{"epot": epot, "virial": 0.5 * (dU + dU.T)}]
+    else:
+      epot, dR = jax.value_and_grad(energy_fn)(R, **kwargs)
+      kept[:] = [{"epot": epot}]
+    return -dR
+
+  def take() -> dict:
+    out = kept[0] if kept else {}
+    kept.clear()
+    return out
+
+  return force_fn, take
+
+
 def step_fn(
-  key: EngineKey, apply_fn: Callable, displacement_fn: Callable, cutoff: float
+  key: EngineKey,
+  apply_fn: Callable,
+  displacement_fn: Callable,
+  cutoff: float,
+  take: Callable = dict,
 ) -> Callable:
-  """One MD step on the carry ``(state, nbrs, aux)``: update the list, then integrate.
+  """One MD step on the carry ``(state, nbrs, aux)``: update the list, then integrate; returns
+  ``(carry, known)``, ``known`` what ``take()`` gives of the new state (:func:`energy_tap`).
 
   ``aux`` is ``(ref_scale, min_scale)`` for variable boxes (linear box scale at the last list
   rebuild, smallest scale seen), else ``()``.
@@ -106,7 +145,8 @@ def step_fn(
       state, nbrs, aux = carry
       if nbrs is not None:
         nbrs = nbrs.update(state.position)
-      return keep_dtypes(apply_fn(state, **neighbor_kwargs(nbrs)), state), nbrs, aux
+      new = keep_dtypes(apply_fn(state, **neighbor_kwargs(nbrs)), state)
+      return (new, nbrs, aux), take()
 
     return step
 
@@ -132,7 +172,7 @@ def step_fn(
     ref_scale = jnp.where(rebuilt, scale, ref_scale)
     state = keep_dtypes(apply_fn(state, neighbor=new), state)
     min_scale = jnp.minimum(min_scale, jnp.exp(state.box_position))
-    return state, new, (ref_scale, min_scale)
+    return (state, new, (ref_scale, min_scale)), take()
 
   return step
 
@@ -147,9 +187,11 @@ def observables(key: EngineKey) -> Tuple[str, ...]:
 
 
 def observe_fn(key: EngineKey, energy_fn: Callable, box_fn: Callable) -> Callable:
-  """``(state, nbrs, aux=None) -> {epot, ekin[, conserved][, pressure, volume, virial][,
-  charges]}`` in eV, eV/Å^3, Å^3, eV, e (``charges (N,)``: a model with learnt charges);
-  ``aux``, the carry's third part, is not needed here (a batch engine's holds parameters).
+  """``(state, nbrs, aux=None, known=None) -> {epot, ekin[, conserved][, pressure, volume,
+  virial][, charges]}`` in eV, eV/Å^3, Å^3, eV, e (``charges (N,)``: a model with learnt
+  charges); ``aux``, the carry's third part, is not needed here (a batch engine's holds
+  parameters); ``known``: what the step's forces computed of ``state`` (:func:`energy_tap`),
+  evaluated again only where missing.
 
   Pressure (periodic) is ``(2 E_kin - tr dU/d eps) / (3 V)`` with ``eps`` a strain (JAX-MD's
   ``quantity.pressure``); ``virial`` is the symmetric ``dU/d eps`` (3, 3) (ASE's stress is
@@ -158,24 +200,31 @@ def observe_fn(key: EngineKey, energy_fn: Callable, box_fn: Callable) -> Callabl
   invariant = TABLE[key.ensemble].invariant
   charges = _charges_fn(energy_fn)
 
-  def observe(state, nbrs, aux=None):
+  def observe(state, nbrs, aux=None, known=None):
     R = state.position
+    known = known or {}
     # not quantity.kinetic_energy: its float64 accumulator warns in every float32 run
     ekin = 0.5 * jnp.sum(state.momentum**2 / state.mass)
     out = {"ekin": ekin}
     if key.periodic:
       box = box_fn(state)
-      # One reverse pass gives E and the virial dU/d(eps) of a strain (1 + eps): its trace is
-      # the uniform-strain derivative, the whole (ASE's stress times V) goes into frames.
-      eye = jnp.eye(3, dtype=R.dtype)
-      u = lambda eps: energy_fn(R, neighbor=nbrs, box=box, perturbation=eye + eps)
-      epot, dU = jax.value_and_grad(u)(jnp.zeros((3, 3), R.dtype))
+      if "virial" in known:
+        epot, virial = known["epot"], known["virial"]
+      else:
+        # One reverse pass gives E and the virial dU/d(eps) of a strain (1 + eps): its trace
+        # is the uniform-strain derivative, the whole (ASE's stress times V) goes into frames.
+        eye = jnp.eye(3, dtype=R.dtype)
+        u = lambda eps: energy_fn(R, neighbor=nbrs, box=box, perturbation=eye + eps)
+        epot, dU = jax.value_and_grad(u)(jnp.zeros((3, 3), R.dtype))
+        virial = 0.5 * (dU + dU.T)
       volume = jnp.abs(jnp.linalg.det(box))
       out.update(
-        pressure=(2.0 * ekin - jnp.trace(dU)) / (3.0 * volume),
+        pressure=(2.0 * ekin - jnp.trace(virial)) / (3.0 * volume),
         volume=volume,
-        virial=0.5 * (dU + dU.T),
+        virial=virial,
       )
+    elif "epot" in known:
+      epot = known["epot"]
     else:
       epot = energy_fn(R, **neighbor_kwargs(nbrs))
     out["epot"] = epot
@@ -236,7 +285,7 @@ def chunk_fn(
   jit: Callable = jax.jit,
 ) -> Callable:
   """``chunk(carry, g0, n, g_end, limits) -> (carry, logs, num_logs, frames, num_frames,
-  num_steps, guard, value, where)``.
+  num_steps, guard, value, where, known)``.
 
   Runs up to ``n <= chunk`` steps from global step ``g0``. After a step that lands on global
   step ``g``, it records a log row if ``g % log_interval == 0 or g == g_end`` and a frame (full
@@ -252,6 +301,10 @@ def chunk_fn(
   ``guard(state, limits) -> (code, value, where)`` replaces :func:`guard_code` for batches of
   systems (``where``: the replica that fired; :mod:`plugin.md.replicas`). ``jit`` compiles
   the chunk (:func:`make_engine` passes one that keeps programs on disk).
+
+  ``step(carry) -> (carry, known)``: ``known`` (:func:`energy_tap`) is what ``observe`` needs
+  not compute again; the result's ``known`` is that of the returned carry (meaningless when
+  ``num_steps`` is 0).
   """
   guard = guard or (lambda state, limits: guard_code(state, limits) + (jnp.zeros((), jnp.int32),))
   li, ti = key.log_interval, key.traj_interval
@@ -260,9 +313,9 @@ def chunk_fn(
   # what observe gives of these (virial: periodic; charges: a model with learnt charges)
   frame_keys = ("epot", "virial", "charges")
 
-  def buffers(carry):
+  def buffers(carry, known):
     state = carry[0]
-    obs_shape = jax.eval_shape(observe, *carry)  # one trace of observe, not two
+    obs_shape = jax.eval_shape(observe, *carry, known)  # one trace of observe, not two
     frame_shape = dict(
       {k: obs_shape[k] for k in frame_keys if k in obs_shape},
       state=state,
@@ -275,9 +328,9 @@ def chunk_fn(
     )
 
   def record(args):
-    carry, logs, il, frames, ifr, g = args
+    carry, logs, il, frames, ifr, g, known = args
     state = carry[0]
-    obs = observe(*carry)
+    obs = observe(*carry, known)
     put = lambda buf, i, tree: jax.tree.map(lambda b, v: b.at[i].set(v), buf, tree)
     # Written unconditionally; a slot whose counter is not advanced is overwritten later.
     logs = put(logs, jnp.minimum(il, n_logs - 1), dict(obs, step=g))
@@ -294,18 +347,22 @@ def chunk_fn(
 
   def chunk(carry, g0, n, g_end, limits):
     traces[0] += 1  # runs at trace time only: counts compilations
-    logs, frames = buffers(carry)
+    # in the run's dtype (under x64 a Langevin step computes its forces in float64)
+    dtype = carry[0].position.dtype
+    known0 = jax.tree.map(lambda x: jnp.zeros(x.shape, dtype), jax.eval_shape(step, carry)[1])
+    logs, frames = buffers(carry, known0)
 
     def body(c):
-      carry, logs, il, frames, ifr, j, _, _, _ = c
-      new = step(carry)
+      carry, logs, il, frames, ifr, j, _, _, _, known = c
+      new, new_known = step(carry)
+      new_known = jax.tree.map(lambda x: x.astype(dtype), new_known)
       g = g0 + j + 1
       last = g == g_end
       do_log = (g % li == 0) | last
       do_frame = ((g % ti == 0) | last) if ti else jnp.zeros((), bool)
       code, value, where = guard(new[0], limits)
       logs, frames, finite = lax.cond(
-        (code == 0) & (do_log | do_frame), record, skip, (new, logs, il, frames, ifr, g)
+        (code == 0) & (do_log | do_frame), record, skip, (new, logs, il, frames, ifr, g, new_known)
       )
       bad = ~finite
       if bad.ndim:  # a batch: the replica whose energy failed; parked ones (limits[:, 2] 0) not
@@ -315,7 +372,9 @@ def chunk_fn(
       where = jnp.where(energy_bad, jnp.argmax(bad).astype(where.dtype), where)
       ok = code == 0
       # a failed step is not taken: the carry stays the last good state
-      carry = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, carry)
+      carry, known = jax.tree.map(
+        lambda a, b: jnp.where(ok, a, b), (new, new_known), (carry, known)
+      )
       return (
         carry,
         logs,
@@ -326,10 +385,11 @@ def chunk_fn(
         code,
         value.astype(limits.dtype),
         where,
+        known,
       )
 
     zero = jnp.zeros((), jnp.int32)
-    init = (carry, logs, zero, frames, zero, zero, zero, jnp.zeros((), limits.dtype), zero)
+    init = (carry, logs, zero, frames, zero, zero, zero, jnp.zeros((), limits.dtype), zero, known0)
     return lax.while_loop(lambda c: (c[5] < n) & (c[6] == 0), body, init)
 
   return jit(chunk)
@@ -349,8 +409,11 @@ def make_engine(
   None for an energy without pair list). ``stored_as``: a key naming everything the functions
   close over beyond ``key`` (e.g. the model and its parameters); with it, and eqattn's cache
   enabled, the traced programs are kept on disk (:mod:`plugin.exported`)."""
-  init_fn, apply_fn = TABLE[key.ensemble].integrator(key.params, energy_fn, shift_fn)
-  if TABLE[key.ensemble].variable_box:
+  variable_box = TABLE[key.ensemble].variable_box
+  # NPT's integrator differentiates the energy by the box itself: it gets the energy
+  force_fn, take = (energy_fn, dict) if variable_box else energy_tap(energy_fn, virial=key.periodic)
+  init_fn, apply_fn = TABLE[key.ensemble].integrator(key.params, force_fn, shift_fn)
+  if variable_box:
     box_fn = simulate.npt_box
   else:
     box = np.asarray(key.box, np.float64).reshape(3, 3)
@@ -360,11 +423,11 @@ def make_engine(
   jit = jax.jit
   if stored_as is not None:
     jit = functools.partial(_stored, key=(stored_as, key), traces=traces)
-  step = step_fn(key, apply_fn, displacement_fn, cutoff)
+  step = step_fn(key, apply_fn, displacement_fn, cutoff, take)
   chunk = chunk_fn(key, step, observe, box_fn, traces, jit=jit)
   # init computes the first forces: jitted it is one program to compile (or load from the
   # persistent cache), not dozens of op-by-op ones.
-  init = lambda *args: init_fn(*args)  # noqa: E731  (named for the stored program)
+  init = lambda *args: (init_fn(*args), take())  # noqa: E731  (named for the stored program)
   init.__name__ = "init"
   return Engine(key, neighbor_fn, energy_fn, jit(init), jit(observe), chunk, box_fn, traces)
 
@@ -483,9 +546,10 @@ def init_state(
   nbrs,
   seed: int,
 ):
-  """The integrator state in ``R``'s dtype (every floating leaf, and every leaf an array)."""
+  """``(state, known)``: the integrator state in ``R``'s dtype (every floating leaf, and every
+  leaf an array) and what its forces computed on the way (:func:`energy_tap`)."""
   dtype = R.dtype
-  state = engine.init_fn(
+  state, known = engine.init_fn(
     jax.random.PRNGKey(seed),
     R,
     jnp.asarray(box, dtype),
@@ -493,7 +557,7 @@ def init_state(
     jnp.asarray(momenta, dtype),
     nbrs,
   )
-  return in_dtype(state, dtype)
+  return in_dtype(state, dtype), known
 
 
 def in_dtype(state, dtype):
@@ -519,11 +583,12 @@ def initial_aux(engine: Engine, state):
 def start(
   engine: Engine, R: Array, box: np.ndarray, masses: np.ndarray, momenta: np.ndarray, seed: int
 ):
-  """The init half of the engine: ``(carry, extra)`` for positions ``R`` (their dtype is the
-  run's), ``box`` (3, 3), masses and momenta; ``extra`` is the list's extra capacity."""
+  """The init half of the engine: ``(carry, extra, known)`` for positions ``R`` (their dtype is
+  the run's), ``box`` (3, 3), masses and momenta; ``extra`` is the list's extra capacity,
+  ``known`` what the start forces computed (for :func:`start_logs`)."""
   nbrs, extra = allocate(engine, R, box if engine.ensemble.variable_box else None, 0)
-  state = init_state(engine, R, box, masses, momenta, nbrs, seed)
-  return (state, nbrs, initial_aux(engine, state)), extra
+  state, known = init_state(engine, R, box, masses, momenta, nbrs, seed)
+  return (state, nbrs, initial_aux(engine, state)), extra, known
 
 
 def _regrow(engine: Engine, carry, out, extra: int):
@@ -569,9 +634,11 @@ def advance(engine: Engine, carry, g: int, n: int, g_end: int, extra: int, limit
   )
 
 
-def start_logs(engine: Engine, carry, step: int) -> dict:
-  """The observables of the start state, shaped like one chunk's log buffers (one row)."""
-  obs = jax.device_get(engine.observe_fn(*carry))
+def start_logs(engine: Engine, carry, step: int, known=None) -> dict:
+  """The observables of the start state, shaped like one chunk's log buffers (one row);
+  ``known``: :func:`start`'s (without it the model is evaluated again, in a program of its
+  own)."""
+  obs = jax.device_get(engine.observe_fn(*carry, known))
   return dict(jax.tree.map(lambda x: np.asarray(x)[None], obs), step=np.array([step]))
 
 
@@ -594,6 +661,7 @@ class Chunk:
   guard: int = 0
   value: float = 0.0
   where: int = 0  # the replica the guard fired in (batches)
+  known: Optional[dict] = None  # what the last step computed of ``carry`` (None: no step)
 
 
 def simulate_chunks(
@@ -606,7 +674,7 @@ def simulate_chunks(
     n = min(engine.key.chunk, steps - g)
     t_start = time.perf_counter()
     out, extra, realloc = advance(engine, carry, g, n, steps, extra, limits)
-    carry, logs, n_logs, frames, n_frames, done, code, value, where = out
+    carry, logs, n_logs, frames, n_frames, done, code, value, where, known = out
     logs = jax.device_get(logs)
     yield Chunk(
       g,
@@ -622,6 +690,7 @@ def simulate_chunks(
       int(code),
       float(value),
       int(where),
+      known if int(done) else None,
     )
     if int(code):
       return

@@ -84,7 +84,7 @@ def _fixed_box(make: Callable) -> Integrator:
   apply)`` whose ``init(key, R, mass=, momenta=, **nbr)``."""
 
   def integrator(p: Params, energy_fn: Callable, shift_fn: Callable):
-    init, apply = make(energy_fn, shift_fn, p)
+    init, apply = map(_inline, make(energy_fn, shift_fn, p))
     # **kwargs: e.g. a per-replica kT (plugin.md.replicas)
     init_fn = lambda key, R, box, mass, momenta, nbrs, **kwargs: init(
       key, R, mass=mass, momenta=momenta, **neighbor_kwargs(nbrs), **kwargs
@@ -92,6 +92,15 @@ def _fixed_box(make: Callable) -> Integrator:
     return init_fn, apply
 
   return integrator
+
+
+def _inline(fn: Callable) -> Callable:
+  """JAX-MD's ``init``/``apply`` without the ``jax.jit`` it wraps them in: our compiled chunk
+  inlines them anyway, and the energy tap (:func:`plugin.md.engine.energy_tap`) must see the
+  force call in the step's own trace, not inside a nested one."""
+  if isinstance(fn, functools.partial):
+    return functools.partial(_inline(fn.func), *fn.args, **fn.keywords)
+  return getattr(fn, "__wrapped__", fn)
 
 
 def _nve(energy_fn: Callable, shift_fn: Callable, p: Params):

@@ -258,22 +258,27 @@ def mapped(fn: Callable, group: Optional[int]) -> Callable:
 
 
 def _integrator(key: BatchKey, energy: Callable, group: Optional[int]):
-  """Mapped ``(init(keys, R, mass, momenta, nbrs, params), apply(state, neighbor, params))``;
-  thermostats get each replica's ``kT``, the energy the model's ``params``."""
+  """Mapped ``(init(keys, R, mass, momenta, nbrs, params), apply(state, neighbor, params))``,
+  each returning ``(state, known)`` (:func:`plugin.md.engine.energy_tap`: energy and virial
+  from the forces' pass); thermostats get each replica's ``kT``, the energy the model's
+  ``params``."""
   ens = TABLE[key.ensemble]
-  init1, apply1 = ens.integrator(key.params, energy, shift)
+  force, take = eng.energy_tap(energy, virial=True)
+  init1, apply1 = ens.integrator(key.params, force, shift)
   kTs = _per_replica_kT(key)
   kw = (lambda kT: {"kT": kT}) if ens.thermostat else (lambda kT: {})
 
   def init(keys, R, mass, momenta, nbrs, params):
-    one = lambda k, r, m, p, nb, kT: init1(k, r, None, m, p, nb, params=params, **kw(kT))
+    def one(k, r, m, p, nb, kT):
+      return init1(k, r, None, m, p, nb, params=params, **kw(kT)), take()
+
     return jax.vmap(one)(keys, R, mass, momenta, nbrs, kTs)
 
   def apply(state, neighbor, params):
-    one = lambda s, nb, kT: apply1(s, neighbor=nb, params=params, **kw(kT))
-    new = mapped(one, group)(state, neighbor, kTs)
+    one = lambda s, nb, kT: (apply1(s, neighbor=nb, params=params, **kw(kT)), take())
+    new, known = mapped(one, group)(state, neighbor, kTs)
     # padding atoms never move (Langevin noise would give them momentum; they have no pairs)
-    return new.set(momentum=new.momentum * neighbor.geometry.mask[..., None])
+    return new.set(momentum=new.momentum * neighbor.geometry.mask[..., None]), known
 
   return jax.jit(init), apply
 
@@ -281,25 +286,29 @@ def _integrator(key: BatchKey, energy: Callable, group: Optional[int]):
 def _observe(
   key: BatchKey, energy: Callable, group: Optional[int], charges: Optional[Callable] = None
 ) -> Callable:
-  """Vmapped ``observe(state, nbrs, params)`` (each ``(B,)``, ``virial (B, 3, 3)``,
+  """Vmapped ``observe(state, nbrs, params, known=None)`` (each ``(B,)``, ``virial (B, 3, 3)``,
   ``charges (B, N)`` with a model's learnt charges): those of
   :func:`plugin.md.engine.observe_fn`, ``pressure``/``volume`` NaN for open replicas."""
   invariant = TABLE[key.ensemble].invariant
   kTs = _per_replica_kT(key)
 
-  def one(state, nbrs, kT, params):
+  def one(state, nbrs, kT, params, known):
     R, geom = state.position, nbrs.geometry
     ekin = 0.5 * jnp.sum(state.momentum**2 / state.mass)
-    eye = jnp.eye(3, dtype=R.dtype)
-    u = lambda eps: energy(R, nbrs, perturbation=eye + eps, params=params)
-    epot, dU = jax.value_and_grad(u)(jnp.zeros((3, 3), R.dtype))
+    if known:
+      epot, virial = known["epot"], known["virial"]
+    else:
+      eye = jnp.eye(3, dtype=R.dtype)
+      u = lambda eps: energy(R, nbrs, perturbation=eye + eps, params=params)
+      epot, dU = jax.value_and_grad(u)(jnp.zeros((3, 3), R.dtype))
+      virial = 0.5 * (dU + dU.T)
     volume = jnp.where(geom.periodic, jnp.abs(jnp.linalg.det(geom.box)), jnp.nan)
     out = {
       "ekin": ekin,
       "epot": epot,
-      "pressure": (2.0 * ekin - jnp.trace(dU)) / (3.0 * volume),
+      "pressure": (2.0 * ekin - jnp.trace(virial)) / (3.0 * volume),
       "volume": volume,
-      "virial": 0.5 * (dU + dU.T),
+      "virial": virial,
     }
     if charges is not None:
       out["charges"] = charges(R, nbrs, params=params)[1]
@@ -307,9 +316,11 @@ def _observe(
       out["conserved"] = invariant(state, epot, ekin, dataclasses.replace(key.params, kT=kT))
     return out
 
-  return lambda state, nbrs, params: mapped(lambda s, nb, kT: one(s, nb, kT, params), group)(
-    state, nbrs, kTs
-  )
+  def observe(state, nbrs, params, known=None):
+    known = known or {}
+    return mapped(lambda s, nb, kT, kn: one(s, nb, kT, params, kn), group)(state, nbrs, kTs, known)
+
+  return observe
 
 
 def _guard(sizes: Array) -> Callable:
@@ -363,7 +374,8 @@ def make_engine(potential: potentials.Potential, key: BatchKey, batch: Batch) ->
   def step(carry):  # the carry's third part: the model's parameters
     state, nbrs, params = carry
     nbrs = nbrs.update(state.position)
-    return eng.keep_dtypes(apply(state, nbrs, params), state), nbrs, params
+    new, known = apply(state, nbrs, params)
+    return (eng.keep_dtypes(new, state), nbrs, params), known
 
   chunk = eng.chunk_fn(key, step, observe, box_fn, traces, guard=_guard(jnp.asarray(batch.sizes)))
   return eng.Engine(key, neighbor_fn, energy, init, jax.jit(observe), chunk, box_fn, traces)
@@ -385,17 +397,17 @@ def placement(B: int) -> Callable:
 
 
 def start(engine: eng.Engine, batch: Batch, seeds: Sequence[int], dtype, params):
-  """``(carry, extra)`` of a batch: each replica's state from its seed (placed on the devices
-  by :func:`placement`), the list, and the model's ``params`` (an argument of the compiled
-  programs, not a constant in them)."""
+  """``(carry, extra, known)`` of a batch: each replica's state from its seed (placed on the
+  devices by :func:`placement`), the list, and the model's ``params`` (an argument of the
+  compiled programs, not a constant in them); ``known``: what the start forces computed."""
   place = engine.neighbor_fn.place
   R = place(jnp.asarray(batch.R, dtype))
   nbrs, extra = eng.allocate(engine, R, None, 0)
   keys = place(jnp.stack([jax.random.PRNGKey(s) for s in seeds]))
   mass, momenta = (place(jnp.asarray(x, dtype)) for x in (batch.masses, batch.momenta))
   params = jax.tree.map(jnp.asarray, params)
-  state = engine.init_fn(keys, R, mass, momenta, nbrs, params)
-  return (place(eng.in_dtype(state, dtype)), nbrs, params), extra
+  state, known = engine.init_fn(keys, R, mass, momenta, nbrs, params)
+  return (place(eng.in_dtype(state, dtype)), nbrs, params), extra, known
 
 
 def park(carry, slots: Sequence[int]):
@@ -483,7 +495,8 @@ def stacked_engine(key, *, energy_fn: Callable, neighbor_fn, shift_fn: Callable)
   from the user's JAX-MD functions (``neighbor_fn`` None for a pair-list-free energy): each
   step is the single-system step (:func:`plugin.md.engine.step_fn`) mapped over replicas.
   Fixed-box ensembles only. ``key``: a :class:`plugin.md.engine.EngineKey`."""
-  init1, apply1 = TABLE[key.ensemble].integrator(key.params, energy_fn, shift_fn)
+  force1, take1 = eng.energy_tap(energy_fn, virial=key.periodic)
+  init1, apply1 = TABLE[key.ensemble].integrator(key.params, force1, shift_fn)
   box = np.asarray(key.box, np.float64).reshape(3, 3)
   box_fn = lambda state: jnp.broadcast_to(
     jnp.asarray(box, state.position.dtype), state.position.shape[:1] + (3, 3)
@@ -494,15 +507,21 @@ def stacked_engine(key, *, energy_fn: Callable, neighbor_fn, shift_fn: Callable)
   def init(keys, R, box_, mass, momenta, nbrs):
     if keys.ndim == 1:  # one key (plugin.md.engine.start): one per replica from it
       keys = jax.random.split(keys, R.shape[0])
-    one = lambda k, r, m, p, nb: init1(k, r, box_, m, p, nb)
+    one = lambda k, r, m, p, nb: (init1(k, r, box_, m, p, nb), take1())
     return jax.vmap(one)(keys, R, mass, momenta, inner(nbrs))
+
+  kept = []  # the step's known, from inside the vmap to step_fn's take (the same trace)
 
   def apply(state, **kw):
     nb = inner(kw.get("neighbor"))
-    return jax.vmap(lambda s, n: apply1(s, **nb_kw(n)))(state, nb)
+    new, known = jax.vmap(lambda s, n: (apply1(s, **nb_kw(n)), take1()))(state, nb)
+    kept[:] = [known]
+    return new
 
   observe1 = eng.observe_fn(key, energy_fn, lambda s: jnp.asarray(box, s.position.dtype))
-  observe = lambda state, nbrs, aux=None: jax.vmap(observe1)(state, inner(nbrs))
+
+  def observe(state, nbrs, aux=None, known=None):
+    return jax.vmap(observe1)(state, inner(nbrs), None, known or {})
 
   def guard(state, limits):
     codes, values = jax.vmap(eng.guard_code, in_axes=(0, None))(state, limits)
@@ -510,7 +529,7 @@ def stacked_engine(key, *, energy_fn: Callable, neighbor_fn, shift_fn: Callable)
     return codes[where], values[where], where
 
   traces = [0]
-  step = eng.step_fn(key, apply, None, 0.0)
+  step = eng.step_fn(key, apply, None, 0.0, take=lambda: kept.pop() if kept else {})
   chunk = eng.chunk_fn(key, step, observe, box_fn, traces, guard=guard)
   neighbors = None if neighbor_fn is None else StackedNeighborFns(neighbor_fn)
   return eng.Engine(
