@@ -156,6 +156,11 @@ def test_rounds_fit_their_fixed_costs():
   assert budget(3.8) == pytest.approx(1.5)
   now[0] = 5.9  # glycine's round 1: 1.7 spent, 2.9 minutes after 1.7 more hold none
   assert budget(4.2) == 0.0
+  # and no round explores after it with the same model (4.6 minutes would afford one)
+  state.rounds = [round_0, {**round_1, "started_minutes": 4.2, "minutes": 5.9}]
+  state.rounds[1].update(train_minutes=0.0, train_budget=0.0)
+  assert loop.affordable_rounds(ctx, state) == 1
+  assert loop.explore_round(ctx, state, None) == "time"
 
 
 def test_seed_md_only_where_the_reference_is_cheap(tmp_path):

@@ -286,7 +286,8 @@ def round_train_minutes(ctx: Context, state: LearnState, record: dict) -> float:
   the round's other costs took (a shorter fine-tune explores the next round with nearly the
   model before it: glycine's round 2 after 0.25 minutes ran 32 of 32 replicas away), and 0
   when no round could follow it (:func:`affordable_rounds`' rule): its labels then wait for
-  the final training, which trains on every label anyway."""
+  the final training, which trains on every label anyway, and exploration ends there
+  (:func:`explore_round`: a round with the same model again would repeat its choices)."""
   spent = ctx.minutes() - record.get("started_minutes", ctx.minutes())
   budget = max(MIN_TRAIN_MINUTES, share_minutes(ctx, state) - spent)
   if record["round"] == 0:
@@ -361,6 +362,8 @@ def explore_round(ctx: Context, state: LearnState, potential) -> Optional[str]:
   if exploration_minutes_left(ctx) < 2 * MIN_TRAIN_MINUTES:
     return "time"
   if affordable_rounds(ctx, state) == 0:  # no round left whose training would pay
+    return "time"
+  if state.rounds and state.rounds[-1].get("train_budget") == 0:  # see round_train_minutes
     return "time"
   record = {"round": r, "started_minutes": round(ctx.minutes(), 2)}
   wanted = labels_wanted(ctx, state)
