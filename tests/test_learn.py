@@ -143,24 +143,6 @@ def test_rounds_fit_their_fixed_costs():
   state.rounds, now[0] = [round_0, {**round_1, "train_minutes": 1.6}], 6.6  # 1.2 fixed
   assert loop.affordable_rounds(ctx, state) == 1 and loop.shares_left(ctx, state) == 1
   assert loop.share_minutes(ctx, state) == pytest.approx(3.9)
-  # a round's training: round 0 what its share leaves; later ones at least as long as their
-  # other costs, and none when no round could follow (the final training takes the time)
-  budget = lambda started, r=1: loop.round_train_minutes(
-    ctx, state, {"round": r, "started_minutes": started}
-  )
-  state.rounds, now[0] = [], 1.0
-  assert budget(0.0, r=0) == pytest.approx(2 * 9.5 / 5 - 1.0)
-  state.rounds, now[0] = [round_0], 4.1  # 0.3 spent: the rest of the share
-  assert budget(3.8) == pytest.approx((10.5 - 4.1) / 3 - 0.3)
-  now[0] = 5.3  # 1.5 spent of a 1.73 share: 1.5, and 3.7 minutes after it hold a round
-  assert budget(3.8) == pytest.approx(1.5)
-  now[0] = 5.9  # glycine's round 1: 1.7 spent, 2.9 minutes after 1.7 more hold none
-  assert budget(4.2) == 0.0
-  # and no round explores after it with the same model (4.6 minutes would afford one)
-  state.rounds = [round_0, {**round_1, "started_minutes": 4.2, "minutes": 5.9}]
-  state.rounds[1].update(train_minutes=0.0, train_budget=0.0)
-  assert loop.affordable_rounds(ctx, state) == 1
-  assert loop.explore_round(ctx, state, None) == "time"
 
 
 def test_seed_md_only_where_the_reference_is_cheap(tmp_path):

@@ -264,38 +264,20 @@ def finish_round(ctx: Context, state: LearnState, potential) -> potentials.Poten
     new = lambda kind: frames_of(ctx, potential, lambda i: _is(i, r, kind))  # noqa: E731
     record["next_round"] = {k: errors(potential, new(k)) for k in ("select", "check")}
     save(ctx, state)
-  if state.training is None and "train_budget" not in record:
-    record["train_budget"] = round_train_minutes(ctx, state, record)
-    save(ctx, state)
+  if state.training is None:
+    spent = ctx.minutes() - record.get("started_minutes", ctx.minutes())
+    record["train_budget"] = max(MIN_TRAIN_MINUTES, share_minutes(ctx, state) - spent)
   t0 = ctx.minutes()
-  if record["train_budget"] > 0:
-    model = potential if r > 0 else fresh_model(ctx, state)
-    potential = train(ctx, state, model, record["train_budget"], r).potential
+  result = train(ctx, state, potential if r > 0 else fresh_model(ctx, state),
+                 record["train_budget"], r)  # fmt: skip
   record["train_minutes"] = round(ctx.minutes() - t0, 2)
-  record["test"] = errors(potential, ctx.test)
+  record["test"] = errors(result.potential, ctx.test)
   record.update(labels=labels_used(ctx), minutes=round(ctx.minutes(), 2))
   state.rounds.append(record)
   state.current = None
   save(ctx, state)
   ctx.log(_line(record))
-  return potential
-
-
-def round_train_minutes(ctx: Context, state: LearnState, record: dict) -> float:
-  """The round's training minutes: what its share leaves (round 0), else at least as long as
-  the round's other costs took (a shorter fine-tune explores the next round with nearly the
-  model before it: glycine's round 2 after 0.25 minutes ran 32 of 32 replicas away), and 0
-  when no round could follow it (:func:`affordable_rounds`' rule): its labels then wait for
-  the final training, which trains on every label anyway, and exploration ends there
-  (:func:`explore_round`: a round with the same model again would repeat its choices)."""
-  spent = ctx.minutes() - record.get("started_minutes", ctx.minutes())
-  budget = max(MIN_TRAIN_MINUTES, share_minutes(ctx, state) - spent)
-  if record["round"] == 0:
-    return budget
-  budget = max(budget, spent)
-  if exploration_minutes_left(ctx) - budget < 2 * max(spent, MIN_TRAIN_MINUTES):
-    return 0.0
-  return budget
+  return result.potential
 
 
 def shares_left(ctx: Context, state: LearnState) -> int:
@@ -362,8 +344,6 @@ def explore_round(ctx: Context, state: LearnState, potential) -> Optional[str]:
   if exploration_minutes_left(ctx) < 2 * MIN_TRAIN_MINUTES:
     return "time"
   if affordable_rounds(ctx, state) == 0:  # no round left whose training would pay
-    return "time"
-  if state.rounds and state.rounds[-1].get("train_budget") == 0:  # see round_train_minutes
     return "time"
   record = {"round": r, "started_minutes": round(ctx.minutes(), 2)}
   wanted = labels_wanted(ctx, state)
