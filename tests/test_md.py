@@ -221,7 +221,7 @@ def test_the_chunk_program_holds_the_model_once():
     carry, _, known = eng.start(engine, R, np.eye(3), np.ones(2), np.zeros((2, 3)), seed=0)
     assert set(known) == ({"epot", "virial"} if periodic else {"epot"})
     traced.clear()
-    engine.chunk_fn.trace(carry, 0, 10, 10, eng.no_limits(R.dtype))
+    engine.chunk_fn.lower(carry, 0, 10, 10, eng.no_limits(R.dtype))
     assert len(traced) == 2, ensemble
 
 
